@@ -1,0 +1,308 @@
+"""
+The task buffer: ExIt's curriculum (§4.1 of the paper, §5 of PAPER.md).
+
+Every GRPO group that exit.py runs leaves behind G new answers. Each answer, with the request it
+answers, is a partial history τ, and "improve τ" is a new self-iteration task instance (m, k, τ).
+This buffer keeps the N instances most worth training on, judged by learnability: the variance of
+the rewards of the group that last tried them. exit.py uses it like this, once per episode:
+
+    if buf.should_replay():  entry = buf.sample()[0]       # iterate a buffered partial history
+    else:                    draw a fresh base task from tasks.py
+    ... roll out a group of G, get rewards r ...
+    S = learnability(r)
+    buf.update_score(entry.uid, S)                          # the sampled instance: its fresh S
+    buf.insert(..., score=S, parent=entry.uid)              # its children: they inherit S
+
+Time. The buffer keeps a clock (an int) that advances by exactly one on every call to sample(),
+as PLR counts episodes. Entries are stamped with the clock when inserted and when sampled;
+staleness = clock - last_sampled. Nothing else moves the clock.
+
+Randomness. One numpy Generator, owned by the buffer and seeded at construction, is the only
+source: should_replay() draws exactly one uniform per call (even below B_min, so the stream does
+not depend on the buffer's size), sample(n) makes one rng.choice of size n. Its state is part of
+state_dict(), so a restored buffer continues the same curriculum.
+
+The PLR extensions (Jiang et al. 2021), rank weights and staleness mixing, are off by default;
+the paper uses neither.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import numbers
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# the math, as pure functions of arrays
+
+
+def learnability(rewards) -> float:
+    """S = Var(r) = mean((r - mean(r))^2), the population variance of a group's rewards (§4.1).
+    Rewards lie in [0, 1], so S ∈ [0, 0.25]; for 0/1 rewards S = p(1 - p), highest for tasks
+    solved half the time and zero for tasks always or never solved (no GRPO signal)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.size == 0:
+        raise ValueError("learnability: rewards is empty")
+    return float(np.var(r))  # ddof=0: population variance [open in the paper]
+
+
+def sampling_probs(scores, kappa, *, rank_temperature=None) -> np.ndarray:
+    """P(i) = exp(κ S_i) / Σ_j exp(κ S_j) (§4.1), κ >= 0 the inverse temperature.
+    If rank_temperature T is given, use PLR's rank weights instead (κ is then ignored):
+    P(i) ∝ (1 / rank(S_i))^(1/T), rank 1 = highest score, ties ranked by position (earlier first)."""
+    s = np.asarray(scores, dtype=np.float64)  # float64 always: integer scores must not floor-divide
+    if s.size == 0:
+        return s
+    if rank_temperature is not None:
+        order = np.argsort(-s, kind="stable")  # stable: equal scores keep their insertion order
+        ranks = np.empty(len(s), dtype=np.float64)
+        ranks[order] = np.arange(1, len(s) + 1)
+        w = (1.0 / ranks) ** (1.0 / rank_temperature)  # T is an exponent, not a divisor
+    else:
+        z = kappa * s
+        w = np.exp(z - z.max())  # subtracting the max keeps exp() <= 1: no overflow for large κS
+    return w / w.sum()
+
+
+def staleness_probs(last_sampled, clock) -> np.ndarray:
+    """PLR's staleness distribution: P_C(i) = (c - C_i) / Σ_j (c - C_j), c the clock, C_i when i was
+    last sampled. Uniform when nothing is stale yet (all staleness zero), as in jaxued."""
+    stale = clock - np.asarray(last_sampled, dtype=np.float64)
+    if stale.size == 0:
+        return stale
+    total = stale.sum()
+    return stale / total if total > 0 else np.full(len(stale), 1.0 / len(stale))
+
+
+def entropy(p) -> float:
+    """H(P) = -Σ p log p in nats; log(n) for uniform over n. Falling entropy = a narrowing curriculum."""
+    p = np.asarray(p, dtype=np.float64)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+# -----------------------------------------------------------------------------
+# argument checks: a clear message naming the argument, at construction rather than mid-run
+
+
+def _range(lo, hi):
+    return f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+
+
+def _check_real(name, value, lo=None, hi=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not np.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be finite and in {_range(lo, hi)}, got {value}")
+    return float(value)
+
+
+def _check_int(name, value, lo=None, hi=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in {_range(lo, hi)}, got {value}")
+    return int(value)
+
+
+def _content_key(base_id, turns, name="turns") -> str:
+    """De-duplication key: the base task id plus the partial history's content (not its identity).
+    sort_keys makes two dicts equal by value give the same key whatever their key order."""
+    try:
+        return json.dumps([base_id, turns], sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be JSON-serialisable (dicts, lists, str, numbers): {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# the buffer
+
+
+@dataclass
+class Entry:
+    """One self-iteration task instance (m, k, τ) (§2 of PAPER.md)."""
+    uid: int               # unique, increasing id assigned by the buffer (also insertion order)
+    base_id: str           # id of the base task m this history belongs to
+    task: dict             # the base task itself, opaque and JSON-able: a checkpoint is self-contained
+    turns: list            # partial history τ as given by the caller, one dict per turn
+    depth: int             # iteration depth k of the latest iterate
+    parent: int | None     # uid of the entry it was expanded from (None: child of a fresh base task)
+    score: float           # learnability S: inherited from the parent, then measured when sampled
+    inserted_at: int       # buffer clock at insertion
+    last_sampled: int      # buffer clock when last sampled (= inserted_at until sampled)
+
+
+class TaskBuffer:
+    """Top-N buffer of self-iteration task instances, sampled by softmax(κ S) (§4.1).
+
+    Rules, each in one place:
+      capacity   when full, a new entry enters only if its score >= the lowest score, and replaces
+                 that lowest entry; among equal lowest scores the oldest inserted (smallest uid) goes.
+      dedupe     an instance with the same (base_id, turns content) as a stored one is not stored
+                 again: the stored entry keeps the higher of the two scores and its own lineage
+                 (uid, parent, depth, clocks). So a duplicate can raise a score, never lower it.
+      replay     with probability p, and only once len(buffer) >= B_min (min_size).
+    """
+
+    def __init__(self, capacity: int, min_size: int, replay_prob: float, kappa: float, *,
+                 seed: int = 0, rank_temperature: float | None = None, staleness_coef: float = 0.0):
+        self.capacity = _check_int("capacity", capacity, lo=1)
+        self.min_size = _check_int("min_size", min_size, lo=1, hi=self.capacity)  # B_min <= N
+        self.replay_prob = _check_real("replay_prob", replay_prob, lo=0.0, hi=1.0)
+        self.kappa = _check_real("kappa", kappa, lo=0.0)
+        self.seed = _check_int("seed", seed, lo=0)
+        self.rank_temperature = (None if rank_temperature is None else
+                                 _check_real("rank_temperature", rank_temperature, lo=0.0))
+        if self.rank_temperature == 0.0:
+            raise ValueError("rank_temperature must be > 0 (it is used as the exponent 1/T)")
+        self.staleness_coef = _check_real("staleness_coef", staleness_coef, lo=0.0, hi=1.0)
+        self.rng = np.random.default_rng(self.seed)
+        self.entries: dict[int, Entry] = {}  # uid -> Entry; dict order = insertion order
+        self._keys: dict[str, int] = {}      # content key -> uid, for de-duplication
+        self.clock = 0
+        self.next_uid = 0
+        self.gate_calls = 0
+        self.gate_replays = 0
+
+    def __len__(self):
+        return len(self.entries)
+
+    # --- replay gate -------------------------------------------------------------
+
+    def should_replay(self) -> bool:
+        """True: sample a buffered instance; False: the caller draws a fresh base task (§4.1).
+        Always consumes exactly one uniform from the buffer's generator."""
+        u = self.rng.random()
+        replay = len(self) >= self.min_size and u < self.replay_prob
+        self.gate_calls += 1
+        self.gate_replays += int(replay)
+        return replay
+
+    # --- insertion ---------------------------------------------------------------
+
+    def insert(self, base_id, task, turns, depth, score, parent=None) -> Entry | None:
+        """Insert one instance with the score it inherits from its parent (§4.1).
+        Returns the stored entry (the existing one for a duplicate) or None if rejected at capacity."""
+        if not isinstance(base_id, str):
+            raise TypeError(f"base_id must be a str, got {type(base_id).__name__}")
+        if not isinstance(turns, list):
+            raise TypeError(f"turns must be a list of turns, got {type(turns).__name__}")
+        depth = _check_int("depth", depth, lo=0)
+        score = _check_real("score", score)
+        key = _content_key(base_id, turns)
+        if key in self._keys:  # dedupe: keep the higher score
+            old = self.entries[self._keys[key]]
+            old.score = max(old.score, score)
+            return old
+        _content_key(base_id, task, "task")  # checks the task is JSON-able too, so checkpoints never fail
+        if len(self) >= self.capacity and not self._evict_lowest(score):
+            return None
+        entry = Entry(uid=self.next_uid, base_id=base_id, task=copy.deepcopy(task),
+                      turns=copy.deepcopy(turns), depth=depth, parent=parent, score=score,
+                      inserted_at=self.clock, last_sampled=self.clock)
+        self.next_uid += 1
+        self.entries[entry.uid] = entry
+        self._keys[key] = entry.uid
+        return entry
+
+    def _evict_lowest(self, score) -> bool:
+        """Top-N rule: make room for a newcomer scoring >= the minimum by evicting the minimum.
+        min() over uid order returns the first minimum, i.e. the oldest among tied lowest scores."""
+        victim = min(self.entries.values(), key=lambda e: e.score)
+        if score < victim.score:
+            return False
+        del self.entries[victim.uid]
+        del self._keys[_content_key(victim.base_id, victim.turns)]
+        return True
+
+    def insert_history(self, base_id, task, turns, depths, score, parent=None) -> list:
+        """Multi-turn tasks (§4.1): every turn prefix turns[:t+1] is its own instance ("iterate turn
+        t's answer"), with depth depths[t]; all share the score and the parent they were expanded
+        from. Returns one Entry-or-None per prefix. Shared prefixes de-duplicate against the buffer."""
+        if len(depths) != len(turns):
+            raise ValueError(f"depths has {len(depths)} items but turns has {len(turns)}")
+        return [self.insert(base_id, task, turns[:t + 1], depths[t], score, parent)
+                for t in range(len(turns))]
+
+    # --- scores and sampling -----------------------------------------------------
+
+    def update_score(self, uid: int, score: float) -> None:
+        """The sampled instance gets its fresh learnability (§4.1). A no-op if uid was evicted."""
+        score = _check_real("score", score)
+        if uid in self.entries:
+            self.entries[uid].score = score
+
+    def probs(self) -> np.ndarray:
+        """Sampling distribution over entries in uid order:
+        P = (1 - ρ) P_score + ρ P_staleness, with ρ = staleness_coef (0 by default: pure §4.1)."""
+        es = list(self.entries.values())
+        p = sampling_probs([e.score for e in es], self.kappa, rank_temperature=self.rank_temperature)
+        if self.staleness_coef > 0 and es:
+            p_c = staleness_probs([e.last_sampled for e in es], self.clock)
+            p = (1.0 - self.staleness_coef) * p + self.staleness_coef * p_c
+        return p
+
+    def sample(self, n: int = 1) -> list[Entry]:
+        """Draw n entries with replacement from probs(). Advances the clock by one (per call, not
+        per draw) and stamps the drawn entries' last_sampled with it. Returns the live entries."""
+        n = _check_int("n", n, lo=1)
+        if not self.entries:
+            raise ValueError("sample: the buffer is empty (gate replay with should_replay())")
+        es = list(self.entries.values())
+        idx = self.rng.choice(len(es), size=n, p=self.probs())
+        self.clock += 1
+        for i in idx:
+            es[i].last_sampled = self.clock
+        return [es[i] for i in idx]
+
+    # --- logging -----------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Plain numbers for the logger. depth_mean and depth_hist track how deep the curriculum
+        grows (Claim 1 and 4); distinct_base and entropy track its diversity (Claim 3)."""
+        es = list(self.entries.values())
+        scores = [e.score for e in es]
+        depth_hist = {}
+        for e in es:
+            depth_hist[e.depth] = depth_hist.get(e.depth, 0) + 1
+        return {
+            "size": len(es),
+            "score_mean": float(np.mean(scores)) if es else 0.0,
+            "score_max": float(np.max(scores)) if es else 0.0,
+            "depth_mean": float(np.mean([e.depth for e in es])) if es else 0.0,
+            "depth_hist": dict(sorted(depth_hist.items())),
+            "distinct_base": len({e.base_id for e in es}),
+            "entropy": entropy(self.probs()),
+            "replay_frac": self.gate_replays / self.gate_calls if self.gate_calls else 0.0,
+            "clock": self.clock,
+        }
+
+    # --- checkpointing: the buffer is the curriculum, so it round-trips exactly ---------
+
+    def state_dict(self) -> dict:
+        """Everything, in plain JSON-able Python types, including the generator's state."""
+        return {
+            "config": {"capacity": self.capacity, "min_size": self.min_size,
+                       "replay_prob": self.replay_prob, "kappa": self.kappa, "seed": self.seed,
+                       "rank_temperature": self.rank_temperature,
+                       "staleness_coef": self.staleness_coef},
+            "entries": [copy.deepcopy(asdict(e)) for e in self.entries.values()],
+            "clock": self.clock,
+            "next_uid": self.next_uid,
+            "gate_calls": self.gate_calls,
+            "gate_replays": self.gate_replays,
+            "rng": copy.deepcopy(self.rng.bit_generator.state),  # ints may exceed 64 bits: JSON is fine
+        }
+
+    def load_state_dict(self, d) -> None:
+        """Restore exactly, configuration included (the checkpoint wins over constructor args)."""
+        self.__init__(**d["config"])
+        for e in d["entries"]:
+            entry = Entry(**copy.deepcopy(e))
+            self.entries[entry.uid] = entry
+            self._keys[_content_key(entry.base_id, entry.turns)] = entry.uid
+        self.clock, self.next_uid = d["clock"], d["next_uid"]
+        self.gate_calls, self.gate_replays = d["gate_calls"], d["gate_replays"]
+        self.rng.bit_generator.state = copy.deepcopy(d["rng"])

@@ -1,0 +1,578 @@
+"""
+Held-out K-step self-improvement evaluation, comparisons over methods and seeds, plots, and the
+ablation ladder in one command (PAPER.md §2, §7, §9).
+
+At test time ExIt only ever uses the improve prompt: a first answer (k = 0), then K improve
+steps, each seeing the request and the latest iterate. This file runs that protocol on held-out
+base tasks (never trained on: tasks.py keeps the splits disjoint) and reports, per step k, the
+mean score, Δ_K = score(K) - score(0), and the paper's net corrections (wrong -> right minus
+right -> wrong, cumulative over steps, Fig. 4), overall and by difficulty.
+
+Top to bottom:
+  the K-step evaluation    `evaluate_policy` (exit.py calls it at the end of a run, writing eval.json)
+  what is on disk          `evaluate_checkpoint` (a run's ckpt.pt, its warm-started base, a base file),
+                           `load_run` (a run folder: its eval.json, else evaluate ckpt.pt and write it)
+  the comparison           `comparison_table`: Table 1's shape, one row per method (and Base), mean ± std
+                           over seeds of the score at k = 0 and k = K and of Δ_K; `format_table`
+  plots                    `plot_table`: accuracy and net corrections vs k, training curves, curriculum
+  the command line         `compare`: runs -> table, results.json, plots (what `python eval.py RUN ...` does)
+  the ladder               `ladder`: GRPO / Curriculum / Improve / Diverge / ExIt x seeds through exit.main
+
+    python eval.py runs/ladder/*-s*         # table + plots of finished runs (eval.json reused)
+    python eval.py --table results.json     # reprint (and redraw) a saved comparison
+    python eval.py --ladder --seeds=3       # the whole reproduction, resumable
+
+The K-step evaluation needs only model.py and tasks.py. exit.py imports this file, so exit is
+imported lazily, inside the functions that load checkpoints or train, never at the top.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import model as model_lib
+import tasks as tasks_lib
+
+
+def prompt_ids(tok, text: str) -> list[int]:
+    """Token ids of a compact prompt: begin-of-text, then the text with its markers as special tokens."""
+    return ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(text, special=True)
+
+
+def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temperature: float = 1.0,
+                 max_new_tokens: int = 48, seed: int = 0, batch_prompts: int = 128):
+    """Run n_samples independent improve chains per problem for K steps.
+
+    Returns scores (K + 1, P * n_samples) in [0, 1], chains ordered problem-major, and the final
+    answers. Step 0 uses the base prompt; step k >= 1 the improve prompt on the answer of step k - 1."""
+    gen = torch.Generator(device=policy.inv_freq.device).manual_seed(seed)
+    rows = [p for p in problems for _ in range(n_samples)]
+    answers = [None] * len(rows)
+    scores = np.zeros((K + 1, len(rows)))
+
+    def run(prompts, num_samples):
+        out = []
+        for s in range(0, len(prompts), batch_prompts):
+            ro = model_lib.generate(policy, prompts[s:s + batch_prompts], num_samples, max_new_tokens,
+                                    temperature=temperature, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                                    generator=gen)
+            out += [tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
+        return out
+
+    for k in range(K + 1):
+        if k == 0:  # one prefill per problem, n_samples rows each
+            answers = run([prompt_ids(tok, family.prompt(p)) for p in problems], n_samples)
+        else:
+            answers = run([prompt_ids(tok, family.prompt(p, a, "improve"))
+                           for p, a in zip(rows, answers)], 1)
+        scores[k] = [family.score(p, a) for p, a in zip(rows, answers)]
+    return scores, answers
+
+
+def net_corrections(correct: np.ndarray) -> np.ndarray:
+    """Cumulative (wrong -> right) - (right -> wrong) transitions, per step k: (K+1, N) bool -> (K+1,)
+    as a fraction of chains. Step 0 is 0 by definition."""
+    c = correct.astype(int)
+    per_step = (c[1:] - c[:-1]).sum(axis=1) / c.shape[1]  # +1 for each fix, -1 for each break
+    return np.concatenate([[0.0], np.cumsum(per_step)])
+
+
+def summarise(scores: np.ndarray, difficulties: list, binary: bool) -> dict:
+    """Per-step means, Δ_K, net corrections and a breakdown by difficulty, in plain Python types."""
+    correct = scores >= 1.0 - 1e-9
+    acc = scores.mean(axis=1)
+    res = dict(score=acc.tolist(), delta=float(acc[-1] - acc[0]), K=scores.shape[0] - 1, n=scores.shape[1],
+               solved=correct.mean(axis=1).tolist())
+    if binary:
+        res["net_corrections"] = net_corrections(correct).tolist()
+    d = np.array(difficulties)
+    res["by_difficulty"] = {str(v): scores[:, d == v].mean(axis=1).tolist() for v in sorted(set(difficulties))}
+    return res
+
+
+def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = False):
+    """The held-out set: test-split instances (never trained on) of the training difficulty mix, in
+    equal shares; harder=True adds the family's harder held-out difficulties (e.g. longer math chains,
+    which a small model trained on short ones does not length-generalise to). The seed is fixed across
+    runs so every method is evaluated on the same tasks."""
+    diffs = list(family.train_difficulties)
+    if harder:
+        diffs += [d for d in family.heldout_difficulties if d not in diffs]
+    per = [n_problems // len(diffs) + (i < n_problems % len(diffs)) for i in range(len(diffs))]
+    return [p for d, n in zip(diffs, per) if n for p in family.sample("test", n, seed=seed, difficulty=d)]
+
+
+def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temperature=1.0,
+                    max_new_tokens=48, seed=0, harder=False) -> dict:
+    """The held-out K-step evaluation of one policy: `summarise` of n_problems x n_samples chains."""
+    problems = heldout_problems(family, n_problems, harder=harder)
+    was_training = policy.training
+    policy.eval()
+    scores, _ = chain_scores(policy, tok, family, problems, K, n_samples, temperature, max_new_tokens, seed)
+    policy.train(was_training)
+    res = summarise(scores, [p.difficulty for p in problems for _ in range(n_samples)], not family.graded)
+    res["settings"] = dict(n_problems=n_problems, K=K, n_samples=n_samples, temperature=temperature,
+                           max_new_tokens=max_new_tokens, seed=seed, harder=harder)
+    return res
+
+
+def eval_settings(cfg: dict) -> dict:
+    """evaluate_policy's keyword arguments from a run's config (a dict)."""
+    return dict(n_problems=cfg["eval_problems"] or 200, K=cfg["eval_k"], n_samples=cfg["eval_samples"],
+                temperature=cfg["eval_temperature"], max_new_tokens=cfg["max_new_tokens"], seed=cfg["seed"],
+                harder=cfg.get("eval_harder", False))
+
+
+def evaluate_base(base_path: str, tok, family, device, policy_from_state, load_checkpoint, **settings) -> dict:
+    """The evaluation of a warm-started base policy, cached next to it (keyed by the settings): every
+    rung of a ladder starts from the same base, so it is evaluated once, not once per method."""
+    key = json.dumps(dict(family=family.name, **settings), sort_keys=True)
+    cache = f"{base_path}.eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            return json.load(f)
+    base, _ = policy_from_state(load_checkpoint(base_path)["policy"], device)
+    res = evaluate_policy(base, tok, family, **settings)
+    write_json(res, cache)
+    return res
+
+
+def summary(results: dict) -> str:
+    """A small table: one row per evaluated policy, score at k = 0, 1, 4, K and Δ_K."""
+    lines = []
+    for name, r in results.items():
+        s, K = r["score"], r["K"]
+        picks = [k for k in (0, 1, 4, K) if k <= K]
+        cells = "  ".join(f"k={k}: {100 * s[k]:5.1f}" for k in dict.fromkeys(picks))
+        lines.append(f"{name:>12}  {cells}  Δ{K}: {100 * r['delta']:+5.1f}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# What is on disk: a run folder (config.json, log.jsonl, ckpt.pt, eval.json), a checkpoint file,
+# and the warm-started base policy a run started from (its base_path).
+
+
+def _exit():
+    """exit.py, imported on first use: it imports this file at its top, so importing it here at
+    module level would be circular."""
+    import exit as exit_lib
+    return exit_lib
+
+
+def truncate(res: dict, K: int) -> dict:
+    """An evaluation cut to its first K steps. Exact, not an approximation: step k of a chain only
+    depends on steps 0..k-1 (and the sampler's stream up to there), never on how many follow."""
+    if K > res["K"]:
+        raise ValueError(f"asked for K = {K}, but this evaluation has only {res['K']} steps; pass --recompute")
+    out = dict(res, K=K, score=res["score"][:K + 1], solved=res["solved"][:K + 1])
+    out["delta"] = out["score"][K] - out["score"][0]
+    if "net_corrections" in res:
+        out["net_corrections"] = res["net_corrections"][:K + 1]
+    out["by_difficulty"] = {d: v[:K + 1] for d, v in res.get("by_difficulty", {}).items()}
+    return out
+
+
+def _task_from_name(path: str):
+    """A warm-start cache file is named {task}-{key}.pt (exit.warm_start); it records no config."""
+    task = os.path.basename(path).split("-")[0]
+    return task if task in tasks_lib.FAMILIES else None
+
+
+def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None, n_problems: int | None = None,
+                        n_samples: int | None = None, device: str = "auto", with_base: bool = True) -> dict:
+    """{"policy": ..., "base": ...} for a checkpoint file, as exit.main writes eval.json.
+
+    A run checkpoint brings its config: its eval_* settings and seed are the defaults, so this
+    recomputes exactly what the run's own final evaluation did. Its base is the warm-started
+    policy at ckpt["base_path"] (None, with a warning, if that file is gone). A warm-start cache
+    file is a policy of its own, with no base."""
+    exit_lib = _exit()
+    ck = exit_lib.load_checkpoint(path)
+    # a run's saved config, with today's defaults for what it lacks (a base file has no config at all)
+    cfg = {**dataclasses.asdict(exit_lib.Config()), **(ck.get("config") or {})}
+    task = task or (ck.get("config") or {}).get("task") or _task_from_name(path)
+    if task is None:
+        raise ValueError(f"{path} records no task (not a run checkpoint); pass --task")
+    family = tasks_lib.get_family(task)
+    dev = model_lib.pick_device(device)
+    settings = eval_settings(cfg)
+    settings.update({k: v for k, v in dict(n_problems=n_problems, K=K, n_samples=n_samples).items() if v})
+    policy, tok = exit_lib.policy_from_state(ck["policy"], dev)
+    out = dict(policy=evaluate_policy(policy, tok, family, **settings), base=None)
+    base_path = ck.get("base_path")
+    if with_base and ck.get("kind") == "run":
+        if base_path and os.path.isfile(base_path):
+            out["base"] = evaluate_base(base_path, tok, family, dev, exit_lib.policy_from_state,
+                                        exit_lib.load_checkpoint, **settings)
+        else:
+            print(f"warning: {path}: its base policy {base_path!r} is gone; no Base evaluation", file=sys.stderr)
+    return out
+
+
+def read_log(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_json(obj, path: str):
+    """Write then rename, so an interrupted evaluation never leaves half an eval.json to be trusted."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# the settings that make two runs' Base evaluations the same evaluation of the same policy
+BASE_KEYS = ("task", "seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps",
+             "warm_batch", "warm_lr", "max_new_tokens", "eval_problems", "eval_k", "eval_samples",
+             "eval_temperature")
+
+
+def load_run(path: str, recompute: bool = False, task: str | None = None, K: int | None = None,
+             n_problems: int | None = None, n_samples: int | None = None, device: str = "auto") -> dict:
+    """One run for the comparison: {path, method, seed, base_key, policy, base, log}.
+
+    `path` is a run folder or a checkpoint file. Its eval.json (for a loose checkpoint file
+    X.pt: X.eval.json) is used as it is; only when there is none, or with recompute, is the
+    checkpoint evaluated, and the result written there for next time."""
+    if os.path.isfile(path) and os.path.basename(path) == "ckpt.pt":
+        path = os.path.dirname(path) or "."  # a run's own checkpoint: the run folder says more
+    if os.path.isdir(path):
+        ev_file, ck_file = os.path.join(path, "eval.json"), os.path.join(path, "ckpt.pt")
+        if not os.path.isfile(ev_file) and not os.path.isfile(ck_file):
+            raise FileNotFoundError(f"{path} has neither eval.json nor ckpt.pt: is it a run folder (exit.py --out_dir)?")
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{path} has no config.json, so its method is unknown")
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+        method, log = cfg.get("method", "?"), read_log(path)
+    elif os.path.isfile(path):
+        ck = _exit().load_checkpoint(path)
+        cfg = ck.get("config") or {"task": task or _task_from_name(path)}
+        method = cfg.get("method", "?") if ck.get("kind") == "run" else "base"
+        ev_file, ck_file, log = os.path.splitext(path)[0] + ".eval.json", path, []
+    else:
+        raise FileNotFoundError(f"no run folder or checkpoint at {path}")
+
+    ev = None
+    if os.path.isfile(ev_file) and not recompute:
+        with open(ev_file) as f:
+            ev = json.load(f)
+        if K is not None and K > ev["policy"]["K"]:
+            raise ValueError(f"{ev_file} has K = {ev['policy']['K']} < --k={K}; pass --recompute to evaluate again")
+    if ev is None:
+        if not os.path.isfile(ck_file):
+            raise FileNotFoundError(f"{path}: no ckpt.pt to evaluate")
+        print(f"evaluating {ck_file} ...", flush=True)
+        ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples, device=device)
+        write_json(ev, ev_file)
+    base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS}, sort_keys=True)
+    if method == "base":
+        base_key = os.path.abspath(path)
+    return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key,
+                policy=ev["policy"], base=ev.get("base"), log=log)
+
+
+# -----------------------------------------------------------------------------
+# The comparison: Table 1's shape, mean ± std over seeds (PAPER.md §9).
+
+LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve": "Improve",
+          "diverge": "Diverge", "exit": "ExIt (full)"}  # the ladder's order (exit.METHODS, PAPER.md §7)
+CURVE_KEYS = ("reward_base", "reward_improve", "reward_diverge", "zero_var_frac",   # training
+              "depth", "difficulty", "buf_score_mean", "buf_distinct")              # the curriculum
+
+
+def mean_std(values) -> list[float]:
+    """[mean, sample std (n - 1)] over runs; the std of a single run is 0, not NaN."""
+    v = np.asarray(values, dtype=float)
+    return [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
+
+
+def _mean_curve(logs: list[list[dict]], key: str) -> list:
+    """Per iteration, the mean over runs of log[key] (None where a run did not log it, e.g. no
+    improve steps yet); runs of different lengths are cut to the shortest."""
+    T = min(len(log) for log in logs)
+    v = np.array([[np.nan if log[t].get(key) is None else log[t][key] for t in range(T)] for log in logs], float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column (nothing logged) has mean NaN: fine
+        m = np.nanmean(v, axis=0) if T else np.zeros(0)
+    return [None if np.isnan(x) else float(x) for x in m]
+
+
+def comparison_table(runs: list[dict], K: int | None = None) -> dict:
+    """Group runs by method, Base from the runs' base evaluations (one per distinct base), and
+    give each row mean ± std over its runs of score(0), score(K), Δ_K, plus the mean ± std curves
+    of score and net corrections vs k and the mean training curves, so plots need nothing else.
+    K defaults to the smallest K among the runs (longer evaluations are truncated, exactly)."""
+    groups, logs, seen = {}, {}, set()
+    for r in runs:
+        if r["method"] != "base":
+            groups.setdefault(r["method"], []).append(r["policy"])
+            if r.get("log"):
+                logs.setdefault(r["method"], []).append(r["log"])
+        base, key = (r["policy"], r["base_key"]) if r["method"] == "base" else (r.get("base"), r["base_key"])
+        if base is not None and key not in seen:  # runs of one seed share one base: count it once
+            seen.add(key)
+            groups.setdefault("base", []).append(base)
+    if not groups:
+        raise ValueError("no evaluations to compare")
+    K = min(res["K"] for rs in groups.values() for res in rs) if K is None else K
+    order = [m for m in LABELS if m in groups] + sorted(set(groups) - set(LABELS))
+    rows = []
+    for m in order:
+        res = [truncate(x, K) for x in groups[m]]
+        score = np.array([x["score"] for x in res])  # (runs, K + 1)
+        row = dict(method=m, label=LABELS.get(m, m), runs=len(res), n=[x["n"] for x in res],
+                   k0=mean_std(score[:, 0]), kK=mean_std(score[:, K]), delta=mean_std(score[:, K] - score[:, 0]),
+                   score_mean=score.mean(0).tolist(), score_std=[mean_std(c)[1] for c in score.T])
+        if all("net_corrections" in x for x in res):  # binary families only
+            net = np.array([x["net_corrections"] for x in res])
+            row.update(net_mean=net.mean(0).tolist(), net_std=[mean_std(c)[1] for c in net.T])
+        if m in logs:
+            row["curves"] = {k: _mean_curve(logs[m], k) for k in CURVE_KEYS}
+        rows.append(row)
+    tasks = sorted({r["task"] for r in runs if r.get("task")})
+    return dict(K=K, task=",".join(tasks) or "?", rows=rows)
+
+
+def format_table(table: dict) -> str:
+    """The table as text, scores in % like PAPER.md §9."""
+    K = table["K"]
+    pct = lambda ms, sign="": f"{100 * ms[0]:{sign}5.1f} ± {100 * ms[1]:4.1f}"
+    lines = [f"held-out {table['task']}, K = {K}: score in % (mean ± std over runs)",
+             f"{'method':<12} {'runs':>4}  {'k = 0':>12}  {f'k = {K}':>12}  {f'Δ{K}':>12}"]
+    for r in table["rows"]:
+        lines.append(f"{r['label']:<12} {r['runs']:>4}  {pct(r['k0']):>12}  {pct(r['kK']):>12}  {pct(r['delta'], '+'):>12}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Plots, from the table alone (so a saved results.json redraws them). matplotlib's object API
+# (Figure + savefig, which renders PNGs with Agg) changes no global backend state.
+
+
+def smooth(y, window: int) -> np.ndarray:
+    """Moving average over the last `window` iterations that skips missing values (NaN)."""
+    y = np.array([np.nan if v is None else v for v in y], dtype=float)
+    ok = ~np.isnan(y)
+    c = np.concatenate([[0], np.cumsum(np.where(ok, y, 0.0))])
+    n = np.concatenate([[0], np.cumsum(ok)])
+    lo = np.maximum(np.arange(len(y)) + 1 - window, 0)
+    hi = np.arange(len(y)) + 1
+    cnt = n[hi] - n[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, (c[hi] - c[lo]) / np.maximum(cnt, 1), np.nan)
+
+
+def _colour(method: str) -> str:
+    names = list(LABELS)
+    return f"C{names.index(method) if method in names else len(names)}"  # the same colour in every plot
+
+
+def _plot_vs_k(fig, table, mean_key, std_key, ylabel, title, scale=100.0):
+    ax = fig.add_subplot(1, 1, 1)
+    for r in table["rows"]:
+        if mean_key not in r:
+            continue
+        m, s, k = scale * np.array(r[mean_key]), scale * np.array(r[std_key]), np.arange(len(r[mean_key]))
+        ax.plot(k, m, marker=".", color=_colour(r["method"]), label=f"{r['label']} (n={r['runs']})")
+        ax.fill_between(k, m - s, m + s, color=_colour(r["method"]), alpha=0.15)
+    ax.set(xlabel="improve step k", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_curves(fig, table, keys, titles, window):
+    for i, (key, title) in enumerate(zip(keys, titles)):
+        ax = fig.add_subplot(2, 2, i + 1)
+        for r in table["rows"]:
+            y = r.get("curves", {}).get(key)
+            if y and any(v is not None for v in y):
+                ax.plot(np.arange(1, len(y) + 1), smooth(y, window), color=_colour(r["method"]), label=r["label"])
+        ax.set(xlabel="RL iteration", title=title)
+        ax.grid(alpha=0.3)
+        if ax.lines and i == 0:
+            ax.legend(fontsize=7)
+
+
+def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | None:
+    """PNG plots of a comparison in `out`; None (and nothing written) without matplotlib.
+    Training curves are smoothed over `window` iterations (default: 1/25 of the run)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    if window is None:
+        T = max((len(c) for r in table["rows"] for c in r.get("curves", {}).values()), default=0)
+        window = max(1, T // 25)
+    os.makedirs(out, exist_ok=True)
+    K, task, paths = table["K"], table["task"], []
+
+    def save(name, draw, size=(6, 4.5)):
+        fig = Figure(figsize=size, layout="constrained")
+        draw(fig)
+        paths.append(os.path.join(out, name))
+        fig.savefig(paths[-1], dpi=110)
+
+    save("accuracy_vs_k.png", lambda f: _plot_vs_k(
+        f, table, "score_mean", "score_std", "held-out score (%)", f"{task}: score vs improve steps (mean ± std)"))
+    if any("net_mean" in r for r in table["rows"]):
+        save("net_corrections.png", lambda f: _plot_vs_k(
+            f, table, "net_mean", "net_std", "net corrections (% of chains)",
+            f"{task}: cumulative (wrong→right) − (right→wrong)"))
+    if any("curves" in r for r in table["rows"]):
+        save("training.png", lambda f: _plot_curves(
+            f, table, CURVE_KEYS[:4], ("reward, base tasks", "reward, improve steps", "reward, diverge steps",
+                                       "zero-variance groups (fraction)"), window), size=(9, 6.5))
+        save("curriculum.png", lambda f: _plot_curves(
+            f, table, CURVE_KEYS[4:], ("mean depth of sampled instances", "mean difficulty of sampled instances",
+                                       "buffer: mean learnability score", "buffer: distinct base tasks"), window),
+             size=(9, 6.5))
+    return paths
+
+
+def compare(paths: list[str], out: str | None = None, K: int | None = None, **load_kw) -> dict:
+    """Load (or evaluate) each run, print the table, write results.json and the plots in `out`
+    (default: the runs' common parent folder, else runs/compare)."""
+    runs = [load_run(p, K=K, **load_kw) for p in paths]
+    table = comparison_table(runs, K)
+    if out is None:
+        parents = [os.path.dirname(os.path.abspath(r["path"])) for r in runs]
+        common = os.path.commonpath(parents)
+        out = common if common not in (os.path.abspath(os.sep), os.getcwd()) else os.path.join("runs", "compare")
+    return report(table, out)
+
+
+def report(table: dict, out: str) -> dict:
+    print(format_table(table))
+    os.makedirs(out, exist_ok=True)
+    write_json(table, os.path.join(out, "results.json"))
+    plots = plot_table(table, out)
+    print(f"results: {os.path.join(out, 'results.json')}")
+    if plots is None:
+        print("(no plots: pip install matplotlib to get them)")
+    else:
+        print("plots: " + ", ".join(plots))
+    return table
+
+
+# -----------------------------------------------------------------------------
+# The reproduction: the ablation ladder x seeds, each run exactly as `python exit.py` does it.
+
+MINUTES_PER_RUN = 6  # one run at exit.py's defaults on a 2-core CPU (warm start included once per seed)
+LADDER_SETS = ("method", "seed", "out_dir", "resume")  # the ladder sets these itself
+
+
+def train_and_evaluate(argv: list[str]):
+    """Train + final evaluation + eval.json for one run: exit.main itself, so the ladder can never
+    drift from what `python exit.py` does."""
+    _exit().main(argv)
+
+
+def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", methods=None) -> dict:
+    """Every rung x seeds 0..seeds-1, in out/{method}-s{seed}; then the table and plots in out.
+
+    A run whose eval.json exists is skipped, and one with only a ckpt.pt (interrupted) is resumed,
+    so the same command continues an interrupted ladder. Runs of one seed share one warm-started
+    base (exit.py caches it under base_dir, keyed by its settings and the seed), so Base costs
+    nothing extra: its row comes from the runs' own base evaluations."""
+    exit_lib = _exit()
+    methods = list(methods or exit_lib.METHODS)
+    clash = [a for a in overrides if a[2:].partition("=")[0] in LADDER_SETS]
+    if clash:
+        raise ValueError(f"the ladder sets {', '.join(LADDER_SETS)} itself; drop {' '.join(clash)}")
+    cfg, _ = exit_lib.parse_args(overrides)  # bad keys or values fail now, not after an hour
+    if not cfg.eval_problems:
+        raise ValueError("the ladder needs the final evaluation: --eval_problems must be > 0")
+    plan = [(m, s, os.path.join(out, f"{m}-s{s}")) for s in range(seeds) for m in methods]
+    todo = [p for p in plan if not os.path.isfile(os.path.join(p[2], "eval.json"))]
+    est = MINUTES_PER_RUN * cfg.iters / 300
+    print(f"ladder: {len(methods)} methods x {seeds} seeds = {len(plan)} runs in {out}; {len(plan) - len(todo)} done, "
+          f"{len(todo)} to run, ~{est * len(todo):.0f} min at ~{est:.1f} min a run (2-core CPU)", flush=True)
+    t0 = time.time()
+    for i, (m, s, d) in enumerate(todo):
+        left = ((time.time() - t0) / i * (len(todo) - i) / 60) if i else est * len(todo)
+        print(f"\n[{i + 1}/{len(todo)}] {m} seed {s} -> {d}   (~{left:.0f} min left)", flush=True)
+        resume = ["--resume"] if os.path.isfile(os.path.join(d, "ckpt.pt")) else []
+        train_and_evaluate([*overrides, f"--method={m}", f"--seed={s}", f"--out_dir={d}", *resume])
+        if not os.path.isfile(os.path.join(d, "eval.json")):
+            raise RuntimeError(f"{d}: the run ended without eval.json")
+    return compare([d for _, _, d in plan], out=out)
+
+
+# -----------------------------------------------------------------------------
+# The command line.
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(
+        prog="python eval.py", allow_abbrev=False,
+        description="Compare ExIt runs in the shape of the paper's Table 1 (mean ± std over seeds of the held-out "
+                    "score at k = 0 and k = K, and Δ_K), with plots; or run the whole ablation ladder.",
+        epilog="examples:\n  python eval.py runs/ladder/*-s*\n  python eval.py runs/exit/ckpt.pt runs/base/math-0123abcd.pt"
+               "\n  python eval.py --table runs/ladder/results.json\n  python eval.py --ladder --seeds=3 --task=math "
+               "--iters=300   (any exit.py --key=value passes through)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run folders (exit.py --out_dir) or checkpoint files")
+    p.add_argument("--out", metavar="DIR", help="where results.json and the plots go (default: the runs' common "
+                   "parent folder, else runs/compare; with --ladder: runs/ladder)")
+    p.add_argument("--k", type=int, metavar="K", help="improve steps K (default: the runs' own eval_k; a "
+                   "stored evaluation with more steps is cut to K, exactly)")
+    p.add_argument("--problems", type=int, metavar="N", help="held-out tasks, when evaluating (default: the run's eval_problems)")
+    p.add_argument("--samples", type=int, metavar="N", help="chains per task, when evaluating (default: the run's eval_samples)")
+    p.add_argument("--recompute", action="store_true", help="evaluate again even where eval.json exists")
+    p.add_argument("--task", help="task family of a checkpoint that records none; with --ladder, exit.py's --task")
+    p.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
+    p.add_argument("--table", metavar="FILE", help="reprint a saved results.json (and redraw its plots next to it)")
+    p.add_argument("--ladder", action="store_true", help="train and evaluate GRPO / Curriculum / Improve / Diverge / "
+                   "ExIt x seeds via exit.py, skipping finished runs, then the table and plots")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="with --ladder: seeds 0..N-1 (default 3)")
+    args, extra = p.parse_known_args(argv)
+    if extra and not args.ladder:
+        p.error(f"unrecognized arguments: {' '.join(extra)} (exit.py settings go with --ladder)")
+    bad = [a for a in extra if not a.startswith("--")] + (args.runs if args.ladder else [])
+    if bad:  # e.g. "--iters 5": argparse would take the 5 for a RUN
+        p.error(f"with --ladder, exit.py settings are written --key=value (no RUN arguments); got {' '.join(bad)}")
+    return args, extra
+
+
+def main(argv=None):
+    args, extra = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.table:
+            with open(args.table) as f:
+                table = json.load(f)
+            print(format_table(table))
+            plots = plot_table(table, args.out or os.path.dirname(os.path.abspath(args.table)))
+            print("(no plots: pip install matplotlib to get them)" if plots is None else "plots: " + ", ".join(plots))
+        elif args.ladder:
+            passed = dict(task=args.task, device=args.device, eval_k=args.k, eval_problems=args.problems,
+                          eval_samples=args.samples)
+            overrides = [f"--{k}={v}" for k, v in passed.items() if v is not None] + extra
+            ladder(overrides, seeds=args.seeds, out=args.out or os.path.join("runs", "ladder"))
+        elif args.runs:
+            compare(args.runs, out=args.out, K=args.k, recompute=args.recompute, task=args.task,
+                    n_problems=args.problems, n_samples=args.samples, device=args.device or "auto")
+        else:
+            print("nothing to do: give run folders, --table FILE or --ladder (see -h)", file=sys.stderr)
+            raise SystemExit(2)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

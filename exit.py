@@ -1,0 +1,678 @@
+"""
+Exploratory Iteration (ExIt): warm start, GRPO, and the self-iteration curriculum. `python exit.py`.
+
+This is the training loop of "Bootstrapping Task Spaces for Self-Improvement" (Jiang, Lupu,
+Bachrach 2025; PAPER.md in ../shared restates it). It joins the other files, data flowing one way:
+
+    tasks.py   base tasks, the base / improve / diverge prompts, step rewards (PAPER.md §2-3)
+    model.py   the policy: sampling G rollouts per prompt, log-probs, embeddings
+    buffer.py  the task buffer of partial histories, scored by learnability (PAPER.md §5)
+    eval.py    the held-out K-step self-improvement evaluation, run at the end
+
+Top to bottom: the config (one dataclass, parsed from --key=value), the GRPO math as pure
+functions (Eq. 3-6), stage 1 (supervised warm start, cached), stage 2 (the ExIt loop), checkpoints.
+
+One RL iteration:
+  1. draw `tasks_per_iter` task instances: with prob. p (once the buffer holds B_min entries) a
+     buffered partial history, iterated with the improve prompt (diverge with prob. p_div);
+     otherwise a fresh base task;
+  2. sample G rollouts for each, score them with the family's step reward;
+  3. group-normalised advantages (Eq. 3), times the diversity coefficient (Eq. 6) for full ExIt;
+  4. `epochs` clipped policy-gradient steps on Eq. 4 against the sampling policy's log-probs;
+  5. the buffer learns: a replayed instance gets its fresh learnability var(r); the new answers
+     become new instances "improve this" that inherit it (and so the curriculum grows deeper).
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import buffer as buffer_lib
+import eval as eval_lib
+import model as model_lib
+import tasks as tasks_lib
+
+METHODS = ("grpo", "curriculum", "improve", "diverge", "exit")  # the ablation ladder, PAPER.md §7
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # ---- run
+    task: str = _f("math", "task family (tasks.FAMILIES): math | subset")
+    method: str = _f("exit", "rung of the ablation ladder (PAPER.md §7): grpo | curriculum | improve | diverge | exit")
+    seed: int = _f(0, "seed of everything: tasks, sampling, buffer, initialisation")
+    out_dir: str = _f("runs/exit", "run folder: config.json, log.jsonl, ckpt.pt, eval.json")
+    resume: bool = _f(False, "continue the run in out_dir from its ckpt.pt (exactly)")
+    device: str = _f("auto", "auto | cpu | cuda | mps")
+    init: str = _f("", "a real checkpoint to start from instead of the warm start (a run's ckpt.pt)")
+    # ---- the toy policy and its warm start (stage 1)
+    n_layer: int = _f(4, "toy policy: transformer blocks")
+    n_embd: int = _f(128, "toy policy: width")
+    n_head: int = _f(4, "toy policy: query heads")
+    n_kv_head: int = _f(2, "toy policy: key/value heads (grouped-query attention)")
+    warm_examples: int = _f(20000, "warm start: number of supervised demonstrations")
+    warm_steps: int = _f(1500, "warm start: optimiser steps")
+    warm_batch: int = _f(64, "warm start: sequences per step")
+    warm_lr: float = _f(3e-3, "warm start: peak learning rate (cosine decay)")
+    base_dir: str = _f("runs/base", "cache of warm-started base policies, keyed by their settings")
+    # ---- GRPO (stage 2), PAPER.md §4
+    iters: int = _f(300, "RL iterations (one batch of task instances each)")
+    tasks_per_iter: int = _f(16, "task instances (prompts) per iteration")
+    group_size: int = _f(8, "G: rollouts per task instance")
+    epochs: int = _f(1, "policy-gradient epochs over each batch (ratio against the sampling policy)")
+    lr: float = _f(2e-4, "AdamW learning rate of the RL stage (constant)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient norm clip [open: PAPER.md §4]")
+    clip_eps: float = _f(0.2, "ε of the clipped ratio (Eq. 4)")
+    beta: float = _f(0.0, "β: weight of the k3 KL to the reference policy (0 = no reference model)")
+    ref_every: int = _f(100, "M: refresh the reference policy every M iterations")
+    ref_alpha: float = _f(1.0, "α: ref <- α θ + (1 - α) ref at each refresh (1 = hard reset)")
+    dr_grpo: bool = _f(False, "Dr. GRPO: no division by std(r), constant normaliser instead of 1/|o_i|")
+    temperature: float = _f(1.0, "sampling temperature in training")
+    max_new_tokens: int = _f(48, "generation budget per rollout")
+    micro_batch: int = _f(0, "rows per forward/backward (0 = the whole batch); same update either way")
+    # ---- the task buffer, PAPER.md §5
+    buffer_size: int = _f(256, "N: capacity of the task buffer")
+    min_size: int = _f(32, "B_min: replay only once the buffer holds this many entries")
+    replay_prob: float = _f(0.5, "p: probability that a task instance is drawn from the buffer")
+    kappa: float = _f(10.0, "κ: inverse temperature of P(i) ∝ exp(κ S_i) [open: PAPER.md §5]")
+    rank_temperature: float = _f(0.0, "PLR extension: rank weights (1/rank)^(1/T) instead of exp(κ S) when > 0 (off)")
+    staleness_coef: float = _f(0.0, "PLR extension: ρ, mix (1 - ρ) P_score + ρ P_staleness (off)")
+    children: str = _f("all", "which rollouts of a group enter the buffer: all | one [open: PAPER.md §5]")
+    p_div: float = _f(0.2, "probability that a buffered instance is iterated with the diverge prompt (§4.2)")
+    div_minmax: bool = _f(False, "diversity bonus: min-max form of Eq. 6 instead of the printed form")
+    # ---- what a run shows and keeps
+    log_every: int = _f(10, "print a log line every this many iterations (log.jsonl gets every one)")
+    show_every: int = _f(100, "print a few sampled episodes every this many iterations (0 = never)")
+    ckpt_every: int = _f(100, "write ckpt.pt every this many iterations (and at the end)")
+    # ---- final evaluation (eval.py), PAPER.md §9
+    eval_problems: int = _f(200, "held-out base tasks in the final evaluation (0 = skip it)")
+    eval_k: int = _f(16, "K: improve steps in the final evaluation")
+    eval_samples: int = _f(2, "independent chains per held-out task (avg@n)")
+    eval_temperature: float = _f(1.0, "sampling temperature of the evaluation")
+    eval_harder: bool = _f(False, "also evaluate on the family's harder held-out difficulties")
+
+    # derived from `method`, once: which parts of ExIt are on (PAPER.md §7)
+    @property
+    def uses_buffer(self) -> bool:
+        return self.method != "grpo"
+
+    @property
+    def self_iterates(self) -> bool:
+        return self.method in ("improve", "diverge", "exit")
+
+    @property
+    def diverge_prob(self) -> float:
+        return self.p_div if self.method in ("diverge", "exit") else 0.0
+
+    @property
+    def diversity_bonus(self) -> bool:
+        return self.method == "exit"
+
+    def validate(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"config: {msg}")
+        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        need(self.task in tasks_lib.FAMILIES, f"task must be one of {sorted(tasks_lib.FAMILIES)}, got {self.task!r}")
+        need(self.children in ("all", "one"), f"children must be 'all' or 'one', got {self.children!r}")
+        need(self.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
+        for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size",
+                  "ref_every", "warm_steps", "warm_batch", "warm_examples", "log_every", "ckpt_every"):
+            need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("replay_prob", "p_div", "ref_alpha", "staleness_coef"):
+            need(0.0 <= getattr(self, k) <= 1.0, f"{k} must be in [0, 1], got {getattr(self, k)}")
+        for k in ("lr", "warm_lr", "clip_eps"):
+            need(getattr(self, k) > 0, f"{k} must be > 0, got {getattr(self, k)}")
+        for k in ("beta", "kappa", "temperature", "eval_temperature", "micro_batch", "eval_problems",
+                  "rank_temperature"):
+            need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
+        need(self.min_size <= self.buffer_size, f"min_size ({self.min_size}) must be <= buffer_size ({self.buffer_size})")
+        return self
+
+
+def _parse_value(name, typ, text):
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} expects a bool (true/false), got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"--{name} expects {typ.__name__}, got {text!r}") from None
+
+
+def config_help() -> str:
+    lines = ["usage: python exit.py [--key=value ...]   (a bare --flag sets a bool to true)", ""]
+    for f in dataclasses.fields(Config):
+        typ = f.type if isinstance(f.type, str) else f.type.__name__
+        lines.append(f"  {f'--{f.name}={f.default}':<26} {typ:<5} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv) -> tuple[Config, set]:
+    """--key=value pairs -> (Config, the set of keys given). Unknown keys or bad values -> ValueError."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    types = {"str": str, "int": int, "float": float, "bool": bool}
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ValueError(f"arguments look like --key=value, got {arg!r}")
+        key, eq, text = arg[2:].partition("=")
+        if key not in fields:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
+        typ = fields[key].type
+        typ = types[typ] if isinstance(typ, str) else typ
+        if not eq:
+            if typ is not bool:
+                raise ValueError(f"--{key} needs a value: --{key}=...")
+            text = "true"
+        values[key] = _parse_value(key, typ, text)
+    return Config(**values).validate(), set(values)
+
+
+# -----------------------------------------------------------------------------
+# The GRPO math (PAPER.md §4, §4.2): pure functions of tensors, tested against hand formulas.
+
+
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, tol: float = 1e-6) -> torch.Tensor:
+    """Eq. 3: A_i = (r_i - mean(r)) / std(r) within each group; rewards (P, G) -> (P, G).
+
+    A group whose rewards are all equal carries no signal: A = 0. "All equal" is max - min <= tol,
+    never std == 0, so a group like (0.5, 0.5 + 1e-9) is not blown up by a tiny std. std is the
+    population std [open]. Dr. GRPO (scale_by_std=False) keeps only the centring."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    flat = (rewards.amax(dim=1, keepdim=True) - rewards.amin(dim=1, keepdim=True)) <= tol
+    if scale_by_std:
+        centred = centred / rewards.std(dim=1, unbiased=False, keepdim=True).clamp_min(tol)
+    return centred.masked_fill(flat, 0.0)
+
+
+def diversity_coefficients(emb: torch.Tensor, minmax: bool = False) -> torch.Tensor:
+    """Eq. 6: d_i = ||e_i - ē|| / (max_j ||e_j - ē|| - min_j ||e_j - ē||) for one group's
+    embeddings (G, D) -> (G,). As printed the numerator is not shifted by the minimum; minmax=True
+    uses (||e_i - ē|| - min) / (max - min). A zero range (all equally far) gives d_i = 1."""
+    dist = (emb - emb.mean(dim=0, keepdim=True)).norm(dim=1)  # (G,)
+    lo, hi = dist.min(), dist.max()
+    if float(hi - lo) <= 1e-12:
+        return torch.ones_like(dist)
+    return ((dist - lo) if minmax else dist) / (hi - lo)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+              clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
+              dr_grpo: bool = False, dr_norm: float | None = None):
+    """The negated GRPO objective, Eq. 4, as a loss to minimise, plus diagnostics.
+
+    logp, old_logp, ref_logp, mask: (N, T) per completion token; adv: (N,) one advantage per rollout.
+      ρ = exp(logp - old_logp)                                      Eq. 5
+      per token: min(ρ A, clip(ρ, 1-ε, 1+ε) A) - β KL_t,  KL_t = exp(ref - logp) - (ref - logp) - 1   (k3)
+      GRPO:     mean over rollouts of (1/|o_i|) Σ_t  (groups are equal-sized, so this is the mean over
+                groups of the mean over the group)
+      Dr. GRPO: Σ_t / dr_norm (a constant, e.g. the generation budget), then the mean over rollouts.
+    Returns (loss, stats) with the clip fraction and mean KL over completion tokens."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    per_token = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and beta > 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_token = per_token - beta * kl
+    if dr_grpo:
+        per_seq = (per_token * mask).sum(1) / (dr_norm if dr_norm else mask.shape[1])
+    else:
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)
+    loss = -per_seq.mean()
+    with torch.no_grad():
+        n = mask.sum().clamp_min(1)
+        clipped = ((ratio - 1).abs() > clip_eps).float()
+        stats = dict(clip_frac=float((clipped * mask).sum() / n), kl=float((kl * mask).sum() / n),
+                     ratio_mean=float((ratio * mask).sum() / n))
+    return loss, stats
+
+
+@torch.no_grad()
+def ema_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float):
+    """ref <- α θ + (1 - α) ref (PAPER.md §4; α = 1 copies θ)."""
+    for r, p in zip(ref.parameters(), policy.parameters()):
+        r.lerp_(p.detach(), alpha)
+
+
+# -----------------------------------------------------------------------------
+# Policies on disk: the weights, their config and how to rebuild the tokenizer.
+
+
+def policy_state(policy, tokenizer_spec) -> dict:
+    return dict(model_config=dataclasses.asdict(policy.config), tokenizer=tokenizer_spec,
+                model={k: v.detach().cpu() for k, v in policy.state_dict().items()})
+
+
+def build_tokenizer(spec: dict):
+    if spec["kind"] == "byte":
+        return model_lib.byte_tokenizer(spec["markers"])
+    raise ValueError(f"unknown tokenizer kind {spec['kind']!r}")
+
+
+def policy_from_state(state: dict, device):
+    policy = model_lib.Transformer(model_lib.ModelConfig(**state["model_config"]))
+    policy.load_state_dict(state["model"])
+    return policy.to(device), build_tokenizer(state["tokenizer"])
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint, or a clear error: missing, truncated/corrupt, or not one of ours."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, garbage bytes, pickle errors
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "policy" not in ckpt:
+        raise ValueError(f"{path} is not an exit checkpoint (no 'policy' entry)")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: the warm start. A randomly initialised transformer cannot attempt a task or follow an
+# "improve" request, so it first imitates the family's demonstrations, whose documented error
+# model makes it a weak instruct model (tasks.py). Cached, so every method starts from the same base.
+
+
+def warm_start_key(cfg: Config, family) -> str:
+    keys = dict(task=cfg.task, error_model=family.error_model, seed=cfg.seed,
+                arch=[cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head],
+                sft=[cfg.warm_examples, cfg.warm_steps, cfg.warm_batch, cfg.warm_lr], markers=tasks_lib.MARKERS)
+    return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def encode_pair(tok, prompt: str, response: str | None = None):
+    """Token ids of a compact prompt (markers -> special tokens), and of a response + end of text."""
+    p = eval_lib.prompt_ids(tok, prompt)
+    return p if response is None else (p, tok.encode(response) + [tok.eos_id])
+
+
+def warm_start(cfg: Config, family, device, quiet=False):
+    """Supervised training on demonstrations; loss on the response tokens (and their end of text) only."""
+    tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+    path = os.path.join(cfg.base_dir, f"{cfg.task}-{warm_start_key(cfg, family)}.pt")
+    spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
+    if os.path.exists(path):
+        policy, tok = policy_from_state(load_checkpoint(path)["policy"], device)
+        if not quiet:
+            print(f"warm start: reusing {path}")
+        return policy, tok, path
+    torch.manual_seed(cfg.seed)
+    mcfg = model_lib.toy_config(tok.vocab_size)
+    mcfg = dataclasses.replace(mcfg, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                               n_kv_head=cfg.n_kv_head, intermediate_size=3 * cfg.n_embd)
+    policy = model_lib.Transformer(mcfg).to(device)
+    pairs = [encode_pair(tok, p, r) for p, r in family.demonstrations(cfg.warm_examples, seed=cfg.seed)]
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.warm_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    rng = np.random.default_rng(cfg.seed)
+    bar = tqdm(range(cfg.warm_steps), desc="warm start", disable=quiet, dynamic_ncols=True)
+    for step in bar:
+        # cosine decay after a short linear warm-up
+        warm = min(1.0, (step + 1) / 50)
+        lr = cfg.warm_lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.warm_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = [pairs[i] for i in rng.integers(0, len(pairs), cfg.warm_batch)]
+        T = max(len(p) + len(r) for p, r in batch)
+        idx = torch.full((len(batch), T), tok.pad_id, dtype=torch.long)
+        tgt = torch.full((len(batch), T), -100, dtype=torch.long)
+        for i, (p, r) in enumerate(batch):
+            seq = torch.tensor(p + r)
+            idx[i, :len(seq)] = seq
+            tgt[i, len(p) - 1:len(seq) - 1] = torch.tensor(r)  # position t predicts token t + 1
+        with model_lib.autocast(device):
+            _, loss = policy(idx.to(device), tgt.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    policy.eval()
+    atomic_save(dict(policy=policy_state(policy, spec), kind="base", key=warm_start_key(cfg, family)), path)
+    if not quiet:
+        print(f"warm start: saved {path}")
+    return policy, tok, path
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: ExIt.
+
+
+class Trainer:
+    """Everything a run holds. state_dict() is a complete checkpoint: resuming from it continues the
+    run exactly (bit-identical on a CPU)."""
+
+    def __init__(self, cfg: Config, quiet: bool = False):
+        self.cfg, self.quiet = cfg, quiet
+        self.device = model_lib.pick_device(cfg.device)
+        self.family = tasks_lib.get_family(cfg.task)
+        if cfg.init:
+            base = load_checkpoint(cfg.init)
+            self.policy, self.tok = policy_from_state(base["policy"], self.device)
+            self.base_path = os.path.abspath(cfg.init)
+        else:
+            self.policy, self.tok, self.base_path = warm_start(cfg, self.family, self.device, quiet)
+            self.base_path = os.path.abspath(self.base_path)  # eval.py may run from another folder
+        self.tok_spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
+        self.policy.train()
+        # the frozen initial policy: reference for the KL (β > 0) and embedder for the diversity bonus
+        self.ref = None
+        if cfg.beta > 0 or cfg.diversity_bonus:
+            self.ref = model_lib.Transformer(self.policy.config).to(self.device)
+            self.ref.load_state_dict(self.policy.state_dict())
+            self.ref.eval().requires_grad_(False)
+        self.embedder = self.ref
+        if cfg.diversity_bonus and cfg.beta > 0:  # the reference moves every M iterations; embeddings should not
+            self.embedder = model_lib.Transformer(self.policy.config).to(self.device)
+            self.embedder.load_state_dict(self.policy.state_dict())
+            self.embedder.eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+                                     weight_decay=cfg.weight_decay)
+        self.buffer = buffer_lib.TaskBuffer(cfg.buffer_size, cfg.min_size, cfg.replay_prob, cfg.kappa,
+                                            seed=cfg.seed, rank_temperature=cfg.rank_temperature or None,
+                                            staleness_coef=cfg.staleness_coef)
+        self.train_pool = self.family.sample("train", 5000, seed=cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed + 1)          # task choice, improve/diverge, children
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)  # rollouts
+        self.iter = 0
+        self.skipped = 0            # updates skipped for a non-finite loss or gradient
+        self.elapsed = 0.0          # seconds of RL so far, across resumes
+
+    # ---- checkpoints
+    def state_dict(self) -> dict:
+        return dict(
+            kind="run", config=dataclasses.asdict(self.cfg), iter=self.iter, skipped=self.skipped,
+            elapsed=self.elapsed, base_path=self.base_path,
+            policy=policy_state(self.policy, self.tok_spec), optimizer=self.opt.state_dict(),
+            ref=None if self.ref is None else self.ref.state_dict(),
+            embedder=None if self.embedder is None or self.embedder is self.ref else self.embedder.state_dict(),
+            buffer=self.buffer.state_dict(),
+            rng=dict(numpy=self.rng.bit_generator.state, gen=self.gen.get_state(),
+                     torch=torch.get_rng_state(), python=random.getstate()))
+
+    def load_state_dict(self, ck: dict):
+        self.policy.load_state_dict(ck["policy"]["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        if ck["ref"] is not None:
+            self.ref.load_state_dict(ck["ref"])
+        if ck["embedder"] is not None:
+            self.embedder.load_state_dict(ck["embedder"])
+        self.buffer.load_state_dict(ck["buffer"])
+        self.rng.bit_generator.state = ck["rng"]["numpy"]
+        self.gen.set_state(ck["rng"]["gen"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        random.setstate(ck["rng"]["python"])
+        self.iter, self.skipped, self.elapsed = ck["iter"], ck["skipped"], ck["elapsed"]
+
+    def save(self, path=None):
+        atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
+
+    # ---- step 1: which task instances to train on
+    def draw_instances(self) -> list[dict]:
+        """PAPER.md §5: replay a buffered instance with prob. p (once |B| >= B_min), else a fresh base task."""
+        cfg, out = self.cfg, []
+        for _ in range(cfg.tasks_per_iter):
+            if cfg.uses_buffer and self.buffer.should_replay():
+                e = self.buffer.sample(1)[0]
+                answer = e.turns[-1]["answer"] if e.turns else None
+                mode = "base" if answer is None else ("diverge" if self.rng.random() < cfg.diverge_prob else "improve")
+                out.append(dict(problem=tasks_lib.Problem(**e.task), answer=answer, mode=mode,
+                                depth=e.depth, uid=e.uid, replay=True))
+            else:
+                p = self.train_pool[int(self.rng.integers(len(self.train_pool)))]
+                out.append(dict(problem=p, answer=None, mode="base", depth=0, uid=None, replay=False))
+        return out
+
+    def prompt_ids(self, inst) -> list[int]:
+        return encode_pair(self.tok, self.family.prompt(inst["problem"], inst["answer"], inst["mode"]))
+
+    # ---- steps 2-5
+    def iteration(self) -> dict:
+        cfg, G = self.cfg, self.cfg.group_size
+        t0 = time.time()
+        insts = self.draw_instances()
+        prompts = [self.prompt_ids(i) for i in insts]
+        ro = model_lib.generate(self.policy, prompts, G, cfg.max_new_tokens, temperature=cfg.temperature,
+                                stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, generator=self.gen)
+        t_sample = time.time() - t0
+        responses = [self.tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
+        rewards = torch.tensor([[self.family.step_reward(inst["problem"], responses[i * G + j], inst["mode"],
+                                                         inst["answer"]) for j in range(G)]
+                                for i, inst in enumerate(insts)])  # (P, G)
+        adv = group_advantages(rewards, scale_by_std=not cfg.dr_grpo)
+        if cfg.diversity_bonus:  # Eq. 6: d_i A_i
+            sols = [self.tok.encode(self.family.solution_text(r)) or [self.tok.eos_id] for r in responses]
+            emb = model_lib.embed(self.embedder, sols).view(len(insts), G, -1).cpu()
+            adv = adv * torch.stack([diversity_coefficients(e, cfg.div_minmax) for e in emb])
+        stats = self.update(prompts, ro, adv.flatten())
+        self.update_buffer(insts, responses, rewards)
+        if cfg.beta > 0 and (self.iter + 1) % cfg.ref_every == 0:
+            ema_update(self.ref, self.policy, cfg.ref_alpha)
+        self.iter += 1
+        dt = time.time() - t0
+        self.elapsed += dt
+
+        # ---- the log line (PAPER.md §9's curriculum signals included)
+        def mean_where(mode):
+            rows = [i for i, x in enumerate(insts) if x["mode"] == mode]
+            return float(rewards[rows].mean()) if rows else None
+        bstats = self.buffer.stats()
+        n_tok = int(ro.lengths.sum())
+        log = dict(iter=self.iter, reward=float(rewards.mean()), reward_base=mean_where("base"),
+                   reward_improve=mean_where("improve"), reward_diverge=mean_where("diverge"),
+                   zero_var_frac=float(((rewards.amax(1) - rewards.amin(1)) <= 1e-6).float().mean()),
+                   replay_frac=float(np.mean([i["replay"] for i in insts])),
+                   depth=float(np.mean([i["depth"] for i in insts])),
+                   difficulty=float(np.mean([i["problem"].difficulty for i in insts])),
+                   buf_size=bstats["size"], buf_score_mean=bstats["score_mean"], buf_score_max=bstats["score_max"],
+                   buf_entropy=bstats["entropy"], buf_distinct=bstats["distinct_base"],
+                   buf_depth=bstats.get("depth_mean", 0.0), resp_len=n_tok / len(responses),
+                   tok_per_s=n_tok / dt, sample_frac=t_sample / dt, skipped=self.skipped,
+                   elapsed=self.elapsed, **stats)
+        return dict(log=log, insts=insts, responses=responses, rewards=rewards)
+
+    def update(self, prompts, ro, adv) -> dict:
+        """`epochs` optimiser steps on Eq. 4; each step accumulates gradients over micro-batches, so the
+        update does not depend on micro_batch. A non-finite loss or gradient skips that step."""
+        cfg, N, G = self.cfg, len(adv), self.cfg.group_size
+        mb = cfg.micro_batch or N
+        mb = max(G, mb - mb % G)  # whole groups per micro-batch: rows of one prompt stay together
+        adv = adv.to(self.device)
+        old = ro.logprobs.to(self.device)
+        mask = ro.mask.to(self.device)
+        agg = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0)
+        for _ in range(cfg.epochs):
+            self.opt.zero_grad(set_to_none=True)
+            loss_total = 0.0
+            for s in range(0, N, mb):
+                rows = slice(s, min(N, s + mb))
+                p_rows = prompts[s // G:(rows.stop + G - 1) // G]
+                logp = model_lib.completion_logprobs(self.policy, p_rows, ro.tokens[rows], ro.lengths[rows], G)
+                ref_logp = None
+                if cfg.beta > 0:
+                    with torch.no_grad():
+                        ref_logp = model_lib.completion_logprobs(self.ref, p_rows, ro.tokens[rows], ro.lengths[rows], G)
+                loss, st = grpo_loss(logp, old[rows], adv[rows], mask[rows], cfg.clip_eps, ref_logp, cfg.beta,
+                                     cfg.dr_grpo, cfg.max_new_tokens)
+                frac = (rows.stop - rows.start) / N  # the mean over rollouts, split across micro-batches
+                (loss * frac).backward()
+                loss_total += loss.item() * frac
+                for k in ("clip_frac", "kl", "ratio_mean"):
+                    agg[k] += st[k] * frac / cfg.epochs
+            gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+            if not (math.isfinite(loss_total) and torch.isfinite(gn)):
+                self.skipped += 1
+                self.opt.zero_grad(set_to_none=True)
+                continue
+            self.opt.step()
+            agg["loss"] += loss_total / cfg.epochs
+            agg["grad_norm"] += float(gn) / cfg.epochs
+        return agg
+
+    def update_buffer(self, insts, responses, rewards):
+        """PAPER.md §5: fresh learnability for what was trained on; children inherit it."""
+        cfg, G = self.cfg, self.cfg.group_size
+        if not cfg.uses_buffer:
+            return
+        for i, inst in enumerate(insts):
+            p, r = inst["problem"], rewards[i].tolist()
+            score = buffer_lib.learnability(r)
+            task = dataclasses.asdict(p)
+            if inst["replay"]:
+                self.buffer.update_score(inst["uid"], score)
+                parent = inst["uid"]
+            else:  # a fresh base task enters as an instance of its own (the curriculum over base tasks)
+                base = self.buffer.insert(p.id, task, [], 0, score)
+                parent = None if base is None else base.uid
+            if not cfg.self_iterates:
+                continue
+            js = range(G) if cfg.children == "all" else [int(self.rng.integers(G))]
+            for j in js:
+                answer = responses[i * G + j]
+                turn = dict(answer=answer, feedback=self.family.feedback(p, answer))
+                self.buffer.insert(p.id, task, [turn], inst["depth"] + 1, score, parent=parent)
+
+    def show(self, out, n=3):
+        for i in range(min(n, len(out["insts"]))):
+            inst, G = out["insts"][i], self.cfg.group_size
+            prompt = self.family.prompt(inst["problem"], inst["answer"], inst["mode"])
+            tqdm.write(f"  [{inst['mode']} d={inst['depth']}] {prompt!r} -> {out['responses'][i * G]!r} "
+                       f"reward {float(out['rewards'][i, 0]):.2f}")
+
+
+def format_log(log: dict) -> str:
+    def f(k, fmt=".3f"):
+        v = log.get(k)
+        return "-" if v is None else format(v, fmt)
+    return (f"it {log['iter']:4d} | r {f('reward')} base {f('reward_base')} imp {f('reward_improve')} "
+            f"div {f('reward_diverge')} | 0var {f('zero_var_frac', '.2f')} depth {f('depth', '.2f')} "
+            f"| buf {log['buf_size']} S {f('buf_score_mean')} H {f('buf_entropy', '.2f')} "
+            f"| clip {f('clip_frac')} kl {f('kl', '.4f')} len {f('resp_len', '.1f')} "
+            f"{f('tok_per_s', '.0f')} tok/s {f('elapsed', '.0f')}s")
+
+
+RESUMABLE_OVERRIDES = {"iters", "resume", "out_dir", "device", "log_every", "show_every", "ckpt_every",
+                       "eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_harder"}
+
+
+def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer:
+    """A Trainer, fresh or resumed from out_dir/ckpt.pt. Resuming never silently starts afresh."""
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:
+        ck = load_checkpoint(ckpt_path)
+        if ck.get("kind") != "run":
+            raise ValueError(f"{ckpt_path} is not a run checkpoint")
+        saved = ck["config"]
+        clash = {k: (saved[k], getattr(cfg, k)) for k in given - RESUMABLE_OVERRIDES
+                 if k in saved and saved[k] != getattr(cfg, k)}
+        if clash:
+            raise ValueError("--resume with settings that differ from the checkpoint's: "
+                             + ", ".join(f"{k} (checkpoint {a!r}, given {b!r})" for k, (a, b) in clash.items()))
+        unknown = set(saved) - {f.name for f in dataclasses.fields(Config)}
+        if unknown:
+            raise ValueError(f"{ckpt_path} has config keys this version does not know: {sorted(unknown)}")
+        cfg = dataclasses.replace(Config(**saved), **{k: getattr(cfg, k) for k in given & RESUMABLE_OVERRIDES})
+        cfg.resume = True
+        trainer = Trainer(cfg, quiet)
+        try:
+            trainer.load_state_dict(ck)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{ckpt_path} does not match this run ({type(e).__name__}: {e})") from None
+        return trainer
+    if os.path.exists(ckpt_path):
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out_dir")
+    return Trainer(cfg, quiet)
+
+
+def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer:
+    """Stage 1 + stage 2 (+ the final evaluation in main). Returns the trainer at the end."""
+    trainer = prepare(cfg, given, quiet)
+    cfg = trainer.cfg
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if not cfg.resume and os.path.exists(log_path):
+        os.remove(log_path)
+    bar = tqdm(total=cfg.iters, initial=trainer.iter, desc=f"ExIt[{cfg.method}]", disable=quiet, dynamic_ncols=True)
+    try:
+        while trainer.iter < cfg.iters:
+            out = trainer.iteration()
+            log = out["log"]
+            with open(log_path, "a") as f:
+                f.write(json.dumps(log) + "\n")
+            bar.update(1)
+            bar.set_postfix(r=f"{log['reward']:.3f}", buf=log["buf_size"])
+            if not quiet and (trainer.iter % cfg.log_every == 0 or trainer.iter == 1):
+                tqdm.write(format_log(log))
+            if not quiet and cfg.show_every and trainer.iter % cfg.show_every == 0:
+                trainer.show(out)
+            if trainer.iter % cfg.ckpt_every == 0:
+                trainer.save()
+    except KeyboardInterrupt:
+        trainer.save()
+        bar.close()
+        print(f"\ninterrupted at iteration {trainer.iter}: checkpoint written; continue with --resume")
+        raise SystemExit(130)
+    bar.close()
+    trainer.save()
+    return trainer
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help())
+        return
+    try:
+        cfg, given = parse_args(argv)
+        trainer = train(cfg, given)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    cfg = trainer.cfg
+    if cfg.eval_problems:
+        settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
+        res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.family, **settings)
+        base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.family, trainer.device,
+                                      policy_from_state, load_checkpoint, **settings)
+        eval_lib.write_json(dict(policy=res, base=base), os.path.join(cfg.out_dir, "eval.json"))
+        print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
+    print(f"done: {trainer.iter} iterations in {trainer.elapsed:.0f}s of RL; run folder {cfg.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,854 @@
+"""
+The policy: a small Llama-family transformer, its tokenizers, and a batched sampler.
+
+ExIt (PAPER.md) needs three things from the policy in every GRPO iteration, and this file
+provides exactly those to exit.py:
+
+  generate()            G completions for each self-iteration prompt, sampled from pi_old,
+                        with their log-probs (the denominator of the GRPO ratio, Eq. 5);
+  completion_logprobs() log pi_theta of the same completions, with gradients (Eq. 4-5);
+  embed()               mean-pooled final hidden states, for the diversity bonus (§4.3).
+
+tasks.py turns requests and answers into token ids with a Tokenizer from here, and decodes the
+completions it scores. The same Transformer runs the toy policy (toy_config + byte_tokenizer,
+trained from scratch on CPU) and real Llama / Qwen2 checkpoints (load_hf), so the loop that
+trains one can train the other.
+
+Contents, top to bottom: config, modules, sampler (KV cache, generate), log-probs and
+embeddings, tokenizers, Hugging Face checkpoints, devices.
+"""
+
+import base64
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 512
+    """number of token ids the embedding and the output layer cover"""
+    n_layer: int = 4
+    """transformer blocks"""
+    n_head: int = 4
+    """query heads; head_dim = n_embd // n_head"""
+    n_kv_head: int = 2
+    """key/value heads, shared by n_head // n_kv_head query heads each (grouped-query attention)"""
+    n_embd: int = 128
+    """width of the residual stream"""
+    intermediate_size: int = 384
+    """hidden width of the SwiGLU MLP"""
+    max_seq_len: int = 256
+    """longest prompt + completion the sampler accepts (rotary positions are computed on the fly)"""
+    rope_theta: float = 10000.0
+    """rotary base frequency"""
+    rope_scaling: dict | None = None
+    """None, or Hugging Face's dict with rope_type "llama3" (Llama 3.1+ long-context scaling)"""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon"""
+    qkv_bias: bool = False
+    """biases on the q/k/v projections (Qwen2 has them, Llama does not)"""
+    tie_embeddings: bool = False
+    """the output layer reuses the token embedding matrix"""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def toy_config(vocab_size: int) -> ModelConfig:
+    """The toy policy: ~0.8M parameters, small enough to train with GRPO on two CPU cores.
+    Prompts are ~60-120 byte tokens and answers at most ~60, so 256 positions is plenty."""
+    return ModelConfig(vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+                       intermediate_size=384, max_seq_len=256)
+
+
+# -----------------------------------------------------------------------------
+# Modules. Parameter names are Hugging Face's without the leading "model." (see _hf_name),
+# so reading and writing checkpoints needs no renaming table.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 and cast back before the gain, exactly as HF Llama does, so that
+        # logits match transformers to ~1e-6 and bf16 activations do not lose the mean square
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary frequencies, (head_dim/2,), with Llama 3's scaling when cfg.rope_scaling asks for it."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    rope_type = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
+    if rope_type != "llama3":
+        raise ValueError(f"rope_type {rope_type!r} is not supported (only the default and 'llama3')")
+    # Llama 3.1: keep high frequencies (short wavelengths), divide low ones by `factor`, and
+    # interpolate smoothly in between, so the model reaches long contexts without forgetting
+    # local order. Same formula as transformers' _compute_llama3_parameters.
+    s = cfg.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq, positions):
+    """positions (B or 1, T) -> cos, sin (B or 1, 1, T, head_dim), in fp32. Computed per call
+    rather than tabulated, so rows may sit at different positions (left-padded prompts)."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
+    return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def apply_rope(x, cos, sin):
+    # HF's "rotate_half" convention (pairs i and i + hd/2), so HF q/k weights load unpermuted
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, Tk, hd): every cached position so far
+        # mask None means plain causal attention (training, prefill) or, for one new token, the
+        # whole cache; an explicit mask is only needed when the sampler's rows are left-padded
+        if T == 1 and cache is not None:
+            # decoding, one query per row: two small matmuls beat the CPU sdpa kernel here (~10%
+            # of the sampler). Query heads sharing a key/value head are stacked (GQA) so that
+            # k and v are read once, not repeated.
+            qg = q.view(B, self.n_kv_head, -1, self.head_dim)  # (B, nkv, nh/nkv, hd)
+            att = (qg @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, nkv, nh/nkv, Tk)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            y = (att.softmax(-1) @ v).view(B, self.n_head, 1, self.head_dim)  # (B, nh, 1, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # not persistent: derived from the config, never stored in a checkpoint
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # nanoGPT init: N(0, 0.02), and the projections that write into the residual stream
+        # scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def hidden_states(self, idx, positions=None, mask=None, cache=None):
+        """Final hidden states after the last norm, (B, T, n_embd).
+
+        positions: (B or 1, T) rotary positions; default 0..T-1 after what the cache holds.
+        mask: bool (B, 1, T, Tk), True = may attend; None means causal (or, for a single new
+              token, the whole cache).
+        cache: a KVCache to append this call's keys and values to."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        if mask is None and T > 1 and start > 0:
+            raise ValueError("several new tokens on a non-empty cache need an explicit mask")
+        if positions is None:
+            if start + T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            positions = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
+        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, **kwargs):
+        """Logits (B, T, vocab) in fp32, and the mean next-token loss over targets != -100 when
+        targets (B, T) are given (else None). kwargs go to hidden_states."""
+        logits = self.lm_head(self.hidden_states(idx, **kwargs)).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+
+# -----------------------------------------------------------------------------
+# Sampler
+
+
+class KVCache:
+    """Keys and values of every layer in two preallocated tensors,
+    (n_layer, B, n_kv_head, max_len, head_dim) each; `pos` columns are filled.
+    Allocated on the first write, so it takes the dtype the layers produce (bf16 under autocast)."""
+
+    def __init__(self, n_layer: int, batch: int, max_len: int):
+        self.n_layer, self.batch, self.max_len, self.pos = n_layer, batch, max_len, 0
+        self.k = self.v = None
+
+    def update(self, layer, k, v):
+        """Write (B, nkv, T, hd) at columns pos..pos+T; return the filled part (B, nkv, pos+T, hd).
+        `pos` itself advances once per forward, in Transformer.hidden_states."""
+        if self.k is None:
+            shape = (self.n_layer, self.batch, k.shape[1], self.max_len, k.shape[3])
+            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def repeat_rows(self, n: int):
+        """Row i becomes rows i*n .. i*n+n-1: one prefilled prompt serves its whole GRPO group."""
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+        self.batch *= n
+
+
+@dataclass
+class Rollouts:
+    """Completions of a generate() call, rows group-major (prompt i owns rows i*G .. i*G+G-1)."""
+    tokens: torch.Tensor
+    """(N, T) long, completion tokens, right-padded with pad_id"""
+    lengths: torch.Tensor
+    """(N,) long, completion tokens per row, counting the stop token when one was sampled"""
+    logprobs: torch.Tensor
+    """(N, T) float, log pi_old(token) at temperature 1 without top-k/top-p (the policy's own
+    log-softmax, whatever the sampling settings were: GRPO's ratio needs pi_old), 0 past lengths"""
+    mask: torch.Tensor
+    """(N, T) float, 1 on the first lengths[i] tokens: the stop token is inside, so the policy is
+    credited for stopping"""
+    finished: torch.Tensor
+    """(N,) bool, True when a stop token ended the row, False when the budget did"""
+
+
+def token_logprobs(logits, tokens):
+    """log_softmax(logits)[token] over the last dim: (..., V), (...) -> (...). Shared by the
+    sampler and completion_logprobs so the two agree to float rounding."""
+    return logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (N, V) -> (N,). temperature 0 is argmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p
+        # (a token is dropped when the mass before it already does; the top token always stays)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    # inverse-CDF sampling: one uniform per row. Same distribution as torch.multinomial, which
+    # draws an exponential per vocabulary entry and was 10% of the whole sampler's time on CPU.
+    cdf = logits.softmax(-1).cumsum(-1)  # (N, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    # right=True: the first token whose cdf exceeds u, so zero-probability tokens are never picked
+    # (the clamp only guards against u rounding up to the total)
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+@torch.no_grad()  # not inference_mode: exit.py uses these tensors inside the autograd graph
+def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max_new_tokens: int, *,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             stop_ids, pad_id: int, generator: torch.Generator | None = None) -> Rollouts:
+    """Sample num_samples completions for each prompt: N = len(prompts) * num_samples rows.
+
+    Each prompt is prefilled once and its cache copied to its G rows, then all rows decode
+    together until every row has produced a token in stop_ids or max_new_tokens tokens.
+    Prompts of different lengths are right-aligned (left-padded) so that every row writes its
+    next token into the same cache column; per-row rotary positions and a key mask make each
+    row compute what it would alone. The generator (on the model's device) makes samples
+    reproducible: same seed, same rows."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("generate needs at least one prompt, and no empty prompt")
+    if max_new_tokens < 1 or num_samples < 1:
+        raise ValueError("max_new_tokens and num_samples must be >= 1")
+    was_training = model.training
+    model.eval()
+    device = model.inv_freq.device
+    P, G, N = len(prompts), num_samples, len(prompts) * num_samples
+    plen = torch.tensor([len(p) for p in prompts], device=device)
+    L = int(plen.max())
+    total = L + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.config.max_seq_len}")
+
+    # Right-align the prompts. Column c of row r holds its token at position c - pad[r].
+    idx = torch.full((P, L), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, L - len(p):] = torch.tensor(p)
+    idx = idx.to(device)
+    pad = L - plen  # (P,)
+    cols = torch.arange(total, device=device)
+    ragged = bool((pad > 0).any())
+    positions = key_ok = mask = None  # equal lengths: default positions, no mask
+    if ragged:
+        positions = (cols[None] - pad[:, None]).clamp(min=0)  # (P, total)
+        key_ok = cols[None] >= pad[:, None]  # (P, total): False on left padding
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        # the diagonal keeps a padding query from seeing no key at all (a NaN softmax)
+        mask = (causal & key_ok[:, None, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
+
+    cache = KVCache(model.config.n_layer, P, total)
+    with autocast(device):
+        h = model.hidden_states(idx, positions=None if positions is None else positions[:, :L],
+                                mask=mask, cache=cache)
+        logits = model.lm_head(h[:, -1]).float()  # (P, V)
+    # one prefill per prompt, copied to its G rows
+    cache.repeat_rows(G)
+    logits = logits.repeat_interleave(G, dim=0)  # (N, V)
+    if ragged:
+        positions, key_ok = positions.repeat_interleave(G, 0), key_ok.repeat_interleave(G, 0)
+
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((N, max_new_tokens), device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (N,)
+        nxt = nxt.masked_fill(done, pad_id)
+        tokens[:, t] = nxt
+        logprobs[:, t] = token_logprobs(logits, nxt).masked_fill(done, 0.0)
+        lengths += ~done  # before updating done: the stop token counts
+        done |= torch.isin(nxt, stop)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        c = L + t  # the cache column this token goes to
+        with autocast(device):
+            h = model.hidden_states(
+                nxt[:, None], cache=cache,
+                positions=None if positions is None else positions[:, c:c + 1],
+                mask=None if key_ok is None else key_ok[:, None, None, :c + 1])
+            logits = model.lm_head(h[:, -1]).float()  # (N, V)
+    model.train(was_training)
+
+    T = t + 1
+    mask = (torch.arange(T, device=device)[None] < lengths[:, None]).float()
+    return Rollouts(tokens=tokens[:, :T], lengths=lengths, logprobs=logprobs[:, :T], mask=mask, finished=done)
+
+
+# -----------------------------------------------------------------------------
+# Log-probs and embeddings of given sequences
+
+
+def completion_logprobs(model: Transformer, prompts: list[list[int]], completions: torch.Tensor,
+                        lengths: torch.Tensor, prompt_repeat: int = 1) -> torch.Tensor:
+    """log pi_theta of each completion token, (N, T), with gradients; 0 past lengths[i].
+
+    Row i is prompts[i // prompt_repeat] followed by completions[i] (group-major, as generate
+    returns them). All rows go through one forward, right-padded: with causal attention the
+    padding after a row's tokens cannot change them, so no mask is needed. Only the hidden states
+    at completion positions go through the output layer, which is where the memory would go."""
+    N, T = completions.shape
+    if len(prompts) * prompt_repeat != N:
+        raise ValueError(f"{len(prompts)} prompts x {prompt_repeat} != {N} completions")
+    device = model.inv_freq.device
+    completions, lengths = completions.to(device), lengths.to(device)
+    plen = torch.tensor([len(p) for p in prompts]).repeat_interleave(prompt_repeat)  # (N,)
+    idx = torch.zeros((N, int(plen.max()) + T), dtype=torch.long)
+    for i, p in enumerate(prompts):  # built on the CPU, moved once
+        idx[i * prompt_repeat:(i + 1) * prompt_repeat, :len(p)] = torch.tensor(p)
+    idx, plen = idx.to(device), plen.to(device)
+    cols = plen[:, None] + torch.arange(T, device=device)  # (N, T): column of completion token j
+    idx.scatter_(1, cols, completions)
+    with autocast(device):
+        h = model.hidden_states(idx)  # (N, S, C)
+        # the token at column c is predicted from column c - 1
+        h = h.gather(1, (cols - 1)[..., None].expand(-1, -1, h.shape[-1]))  # (N, T, C)
+        logits = model.lm_head(h)  # (N, T, V)
+    logp = token_logprobs(logits, completions)  # (N, T)
+    inside = torch.arange(T, device=device)[None] < lengths[:, None]
+    return logp.masked_fill(~inside, 0.0)
+
+
+@torch.no_grad()
+def embed(model: Transformer, seqs: list[list[int]]) -> torch.Tensor:
+    """Mean of the final hidden states (after the last norm) over each sequence's tokens,
+    (N, n_embd) fp32. The diversity bonus (§4.3) compares answers by these vectors."""
+    if min(len(s) for s in seqs) == 0:
+        raise ValueError("embed needs non-empty sequences")
+    device = model.inv_freq.device
+    lens = torch.tensor([len(s) for s in seqs])
+    idx = torch.zeros((len(seqs), int(lens.max())), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = torch.tensor(s)
+    idx, lens = idx.to(device), lens.to(device)
+    with autocast(device):
+        h = model.hidden_states(idx).float()  # (N, S, C); right padding is causally invisible
+    real = (torch.arange(idx.shape[1], device=device)[None] < lens[:, None]).float()  # (N, S)
+    return (h * real[..., None]).sum(1) / lens[:, None]
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers: one small interface, three backends.
+#   byte_tokenizer(markers)  the toy policy's: 256 byte tokens + a few special strings (tiktoken)
+#   Llama 3 tokenizer.model  a tiktoken BPE file ("base64token rank" lines) in a checkpoint
+#   anything else            the checkpoint's own tokenizer through transformers.AutoTokenizer
+# Conventions, the same for all three:
+#   encode(text, special=False): special strings in the text are plain text, so user or model
+#       text can never smuggle in a control token; special=True turns them into their ids.
+#   decode(ids, special=False): pad ids are always dropped; other special ids are dropped too,
+#       unless special=True renders them as their strings. So decode(encode(s)) == s, and a
+#       completion decodes without its stop token.
+
+
+class Tokenizer:
+    bos_id: int | None  # None when the tokenizer has none (Qwen2)
+    eos_id: int
+    pad_id: int
+    stop_ids: set[int]  # any of them ends a completion: eos, plus end-of-turn ids of chat models
+    vocab_size: int
+
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids, special: bool = False) -> str:
+        raise NotImplementedError
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """A plain rendering for tokenizers without a chat format: "role: content" lines."""
+        ids = [] if self.bos_id is None else [self.bos_id]
+        for m in messages:
+            ids += self.encode(f"{m['role']}: {m['content']}\n")
+        if add_generation_prompt:
+            ids += self.encode("assistant: ")
+        return ids
+
+    def save(self, path: str):
+        raise NotImplementedError
+
+
+BYTE_PAT = r"\S+|\s+"  # with only single-byte ranks the split changes nothing but speed
+LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Meta's Llama 3.1 special tokens, numbered from len(ranks), for a tokenizer.model without a
+# tokenizer_config.json beside it
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+                   "<|python_tag|>"] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
+END_OF_TURN = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Backends 1 and 2: a tiktoken.Encoding built from ranks in memory (never downloaded)."""
+
+    def __init__(self, ranks: dict[bytes, int], specials: dict[str, int], pat_str: str,
+                 bos: str, eos: str, pad: str, stops=(), chat_format: str = "plain", name="exit"):
+        import tiktoken  # imported here so that importing model.py stays cheap
+        self.enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
+        self.ranks, self.specials, self.pat_str, self.chat_format = ranks, specials, pat_str, chat_format
+        self.special_ids = set(specials.values())
+        self.bos_id, self.eos_id, self.pad_id = specials[bos], specials[eos], specials[pad]
+        self.stop_ids = {self.eos_id} | {specials[s] for s in stops if s in specials}
+        self.vocab_size = self.enc.n_vocab
+
+    def encode(self, text, special=False):
+        if special:
+            return self.enc.encode(text, allowed_special="all")
+        return self.enc.encode(text, allowed_special=set(), disallowed_special=())
+
+    def decode(self, ids, special=False):
+        if torch.is_tensor(ids):
+            ids = ids.tolist()
+        drop = {self.pad_id} if special else self.special_ids
+        return self.enc.decode([i for i in ids if i not in drop])
+
+    def render_chat(self, messages, add_generation_prompt=True):
+        if self.chat_format != "llama3":
+            return super().render_chat(messages, add_generation_prompt)
+        # Meta's Llama 3 format: a header per turn, content as plain text, <|eot_id|> after it
+        def header(role):
+            return self.encode(f"<|start_header_id|>{role}<|end_header_id|>\n\n", special=True)
+        ids = [self.bos_id]
+        for m in messages:
+            ids += header(m["role"]) + self.encode(m["content"].strip()) + [self.specials["<|eot_id|>"]]
+        if add_generation_prompt:
+            ids += header("assistant")
+        return ids
+
+    def save(self, path):
+        """tokenizer.model (Llama 3's format) + tokenizer_config.json; load_tokenizer reads them back."""
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "tokenizer.model"), "w") as f:
+            for tok, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+                f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+        names = {v: k for k, v in self.specials.items()}
+        config = {
+            "added_tokens_decoder": {str(i): {"content": s, "special": True} for s, i in self.specials.items()},
+            "bos_token": names[self.bos_id], "eos_token": names[self.eos_id], "pad_token": names[self.pad_id],
+            "stop_tokens": sorted(names[i] for i in self.stop_ids),  # ours, not a transformers field
+            "pat_str": self.pat_str, "chat_format": self.chat_format,  # ours too
+        }
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def byte_tokenizer(markers: list[str] = ()) -> TiktokenTokenizer:
+    """The toy policy's tokenizer: ids 0-255 are bytes, then <|bos|>, <|eos|>, <|pad|> and the
+    marker strings (tasks.py's <|request|>, <|answer|>, ...) as special tokens, in that order."""
+    names = list(dict.fromkeys(["<|bos|>", "<|eos|>", "<|pad|>", *markers]))
+    if any(not m for m in names):
+        raise ValueError("marker strings must be non-empty")
+    return TiktokenTokenizer(ranks={bytes([i]): i for i in range(256)},
+                             specials={s: 256 + j for j, s in enumerate(names)}, pat_str=BYTE_PAT,
+                             bos="<|bos|>", eos="<|eos|>", pad="<|pad|>", name="exit-bytes")
+
+
+class HFTokenizer(Tokenizer):
+    """Backend 3: the checkpoint's own tokenizer, with its chat template, via transformers."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: transformers could not load the tokenizer ({e})") from None
+        t = self.tok
+        if t.eos_token_id is None:
+            raise ValueError(f"{path}: the tokenizer defines no eos token")
+        self.bos_id, self.eos_id = t.bos_token_id, t.eos_token_id
+        self.pad_id = t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
+        vocab = t.get_vocab()
+        self.stop_ids = {self.eos_id} | {vocab[s] for s in END_OF_TURN if s in vocab} | _config_eos_ids(path)
+        self.special_ids = set(t.all_special_ids)
+        self.vocab_size = len(t)
+
+    def encode(self, text, special=False):
+        return self.tok.encode(text, add_special_tokens=False, split_special_tokens=not special)
+
+    def decode(self, ids, special=False):
+        if torch.is_tensor(ids):
+            ids = ids.tolist()
+        return self.tok.decode([i for i in ids if i != self.pad_id], skip_special_tokens=not special)
+
+    def render_chat(self, messages, add_generation_prompt=True):
+        if not self.tok.chat_template:
+            return super().render_chat(messages, add_generation_prompt)
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)  # transformers 5 returns a dict
+
+    def save(self, path):
+        self.tok.save_pretrained(path)
+
+
+def _config_eos_ids(path) -> set[int]:
+    """eos_token_id(s) named by config.json / generation_config.json (instruct models list their
+    end-of-turn ids there)."""
+    ids = set()
+    for name in ("config.json", "generation_config.json"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                eos = json.load(fh).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return ids
+
+
+def _read_tiktoken_ranks(file) -> dict[bytes, int] | None:
+    """Llama 3's tokenizer.model: "base64token rank" per line. None if the file is not in that
+    format (Llama 2 and others keep a binary sentencepiece model under the same name)."""
+    if not os.path.isfile(file):
+        return None
+    ranks = {}
+    try:
+        with open(file, "rb") as f:
+            for line in f:
+                if line.strip():
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return ranks or None
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer of a checkpoint directory: a Llama 3 style tokenizer.model through tiktoken
+    when there is one, otherwise transformers' AutoTokenizer (local files only)."""
+    ranks = _read_tiktoken_ranks(os.path.join(path, "tokenizer.model"))
+    if ranks is not None:
+        return _tiktoken_from_dir(path, ranks)
+    if not _has_tokenizer_files(path):
+        raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.model, tokenizer.json, tokenizer_config.json)")
+    return HFTokenizer(path)
+
+
+def _has_tokenizer_files(path):
+    names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "vocab.json")
+    return any(os.path.isfile(os.path.join(path, n)) for n in names)
+
+
+def _tiktoken_from_dir(path, ranks) -> TiktokenTokenizer:
+    config = {}
+    f = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(f):
+        with open(f) as fh:
+            config = json.load(fh)
+    added = config.get("added_tokens_decoder")
+    if added:
+        specials = {t["content"]: int(i) for i, t in added.items()}
+    else:
+        specials = {s: len(ranks) + j for j, s in enumerate(LLAMA3_SPECIALS)}
+
+    def name(key, default):
+        v = config.get(key) or default
+        return v["content"] if isinstance(v, dict) else v
+
+    bos = name("bos_token", "<|begin_of_text|>")
+    eos = name("eos_token", "<|end_of_text|>")
+    pad = name("pad_token", "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in specials else eos)
+    for s in (bos, eos, pad):
+        if s not in specials:
+            raise ValueError(f"{path}: special token {s!r} is not among the tokenizer's special tokens")
+    names = {i: s for s, i in specials.items()}
+    stops = [*config.get("stop_tokens", END_OF_TURN), *(names[i] for i in _config_eos_ids(path) if i in names)]
+    chat = config.get("chat_format", "llama3" if "<|start_header_id|>" in specials else "plain")
+    return TiktokenTokenizer(ranks, specials, config.get("pat_str", LLAMA3_PAT), bos, eos, pad, stops, chat,
+                             name=os.path.basename(os.path.normpath(path)) or "checkpoint")
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face checkpoints (Llama and Qwen2 families, safetensors only)
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _hf_name(name: str) -> str:
+    """Our parameter name -> the checkpoint's: HF nests everything but lm_head under "model."."""
+    return name if name.startswith("lm_head") else "model." + name
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """Translate a Llama / Qwen2 config.json (a dict) into ModelConfig, or say what is unsupported."""
+    family = hf.get("model_type")
+    if family not in SUPPORTED:
+        raise ValueError(f"{where}: model_type {family!r} is not supported; load_hf reads the Llama "
+                         f"('llama', including Llama 3.x rope scaling) and Qwen2 ('qwen2') families")
+
+    def need(key):
+        if key not in hf:
+            raise ValueError(f"{where}: missing {key!r}")
+        return hf[key]
+
+    n_embd, n_head = need("hidden_size"), need("num_attention_heads")
+    unsupported = [k for k in ("attention_bias", "mlp_bias", "use_sliding_window") if hf.get(k)]
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={hf['hidden_act']}")
+    if hf.get("head_dim") not in (None, n_embd // n_head):
+        unsupported.append(f"head_dim={hf['head_dim']} != hidden_size / num_attention_heads")
+    if unsupported:
+        raise ValueError(f"{where}: unsupported options {unsupported}")
+    # transformers 5 writes "rope_parameters" (theta inside); older files "rope_theta" + "rope_scaling"
+    params = hf.get("rope_parameters") or {}
+    rope = dict(hf.get("rope_scaling") or params)
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    rope.pop("rope_theta", None)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (only the default and 'llama3')")
+    return ModelConfig(
+        vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"), n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+        intermediate_size=need("intermediate_size"), max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(theta), rope_scaling=rope if rope_type == "llama3" else None,
+        norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=family == "qwen2",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def _read_safetensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a single or sharded (model.safetensors.index.json) checkpoint."""
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (only safetensors checkpoints are read)")
+    tensors = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: listed in model.safetensors.index.json but missing")
+        try:
+            tensors.update(load_file(file))
+        except Exception as e:  # truncated or corrupt: safetensors' own error names no file
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    return tensors
+
+
+def load_hf(path: str, device=None, dtype=None) -> tuple[Transformer, Tokenizer | None]:
+    """A local Hugging Face checkpoint directory (config.json + safetensors) of the Llama or Qwen2
+    family as our Transformer, with its tokenizer (None if the directory has no tokenizer files).
+    device None picks one (pick_device); dtype None keeps fp32 weights (autocast gives bf16
+    compute on GPU while the optimizer keeps fp32 masters)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{config_file}: not found; load_hf needs a Hugging Face checkpoint directory")
+    with open(config_file) as f:
+        cfg = config_from_hf(json.load(f), where=config_file)
+    tensors = _read_safetensors(path)
+
+    model = Transformer(cfg)
+    state, missing = {}, []
+    for name, p in model.state_dict().items():
+        if cfg.tie_embeddings and name == "lm_head.weight":
+            continue  # shares embed_tokens.weight; some tied checkpoints still store a copy
+        t = tensors.pop(_hf_name(name), None)
+        if t is None:
+            missing.append(_hf_name(name))
+        elif t.shape != p.shape:
+            raise ValueError(f"{path}: tensor {_hf_name(name)} has shape {tuple(t.shape)}, "
+                             f"config.json implies {tuple(p.shape)}")
+        else:
+            state[name] = t
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    extra = [k for k in tensors if not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"]
+    if extra:
+        raise ValueError(f"{path}: checkpoint has {len(extra)} tensor(s) this model does not, e.g. {extra[:3]}")
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state)
+    model.to(device=pick_device() if device is None else device, dtype=dtype or torch.float32)
+    tokenizer = load_tokenizer(path) if _has_tokenizer_files(path) else None
+    return model, tokenizer
+
+
+def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str):
+    """Write config.json + model.safetensors (+ the tokenizer) so that both load_hf and
+    transformers.AutoModelForCausalLM.from_pretrained read it back with the same logits.
+    Llama layout, or Qwen2 when the model has q/k/v biases."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    family = "qwen2" if cfg.qkv_bias else "llama"
+    hf = {
+        "architectures": [SUPPORTED[family]], "model_type": family,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        # the pre-transformers-5 spelling, which both 4.x and 5.x read
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+    }
+    if family == "llama":
+        hf |= {"attention_bias": False, "mlp_bias": False}
+    else:
+        hf |= {"use_sliding_window": False, "sliding_window": None}
+    if tokenizer is not None:
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {cfg.vocab_size}")
+        hf |= {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    tensors = {_hf_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+               if not (cfg.tie_embeddings and k == "lm_head.weight")}  # safetensors refuses shared memory
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(path)
+
+
+# -----------------------------------------------------------------------------
+# Devices
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" -> cuda, else mps, else cpu; any other name is taken as is."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (weights stay fp32); plain fp32 elsewhere, where bf16 is slow or
+    not reliably supported."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

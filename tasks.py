@@ -1,0 +1,619 @@
+"""
+Task spaces, prompts, rewards and warm-start demonstrations for ExIt.
+
+A task family is one task space M of the paper (§2): it samples base tasks m (`Problem`), writes the
+three prompts ExIt needs (base, self-improve, self-diverge), scores answers, and turns scores into
+the per-step rewards of PAPER.md §3. exit.py only calls into this file (data flows one way: no torch,
+no model here): it samples problems, builds prompts from the request and the latest iterate, and
+asks for `step_reward` of each rollout; the buffer stores partial histories as (problem, answer).
+
+Families:
+  math     binary, no feedback: a left-to-right integer chain "7+5*2-9" (the competition-math analogue)
+  subset   graded, with feedback: pick numbers whose sum hits a target (the ML-engineering analogue)
+  realmath binary: GSM8K/MATH-style problems read from a JSONL file, for real instruct checkpoints
+
+Two prompt styles: "compact" strings with MARKERS for the toy byte-level policy (one marker = one
+token), and "chat" plain-text user messages that exit.py wraps in a real model's chat template.
+
+The toy policy starts from supervised `demonstrations` that follow a documented error model, so that
+it behaves like the paper's instruct models: it can attempt a task and follow an improve/diverge
+request, but it is a weak self-improver (its accuracy barely moves over K improve steps).
+"""
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+
+MARKERS = ["<|request|>", "<|answer|>", "<|feedback|>", "<|improve|>", "<|diverge|>"]
+ALT_TAG = "~"  # first character of an answer written in a family's alternative solution style
+MODES = ("base", "improve", "diverge")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One base task m. JSON-able: Problem(**dataclasses.asdict(p)) == p (so `data` holds lists, not tuples)."""
+    id: str
+    family: str
+    request: str      # the plain request text, verbatim inside every prompt
+    difficulty: int   # the family's difficulty knob (math: steps; subset: list length; MATH: level)
+    target: str       # a reference answer
+    data: dict        # whatever else scoring needs
+
+
+def n_tokens(text: str) -> int:
+    """Length under the toy byte-level tokenizer: one token per UTF-8 byte, one per marker."""
+    return len(text.encode()) - sum(text.count(m) * (len(m.encode()) - 1) for m in MARKERS)
+
+
+# ---------------------------------------------------------------- rewards (PAPER.md §3), pure functions
+
+def graded_step_reward(r_new: float, r_prev: float | None, mode: str) -> float:
+    """Graded domains: base/diverge -> r_k; improve -> max(0, (r_k - r_{k-1}) / (1 - r_{k-1})).
+    r_{k-1} = 1 divides by zero ([open] in PAPER.md §3): 1 if r_k >= r_{k-1} else 0."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if mode != "improve" or r_prev is None:  # an improve step without a previous answer is a first attempt
+        return r_new
+    if r_prev >= 1.0:
+        return 1.0 if r_new >= r_prev else 0.0
+    return max(0.0, (r_new - r_prev) / (1.0 - r_prev))
+
+
+def binary_step_reward(correct: float) -> float:
+    """Binary domains: every step, whatever its mode, earns the correctness of the new answer."""
+    return 1.0 if correct >= 1.0 else 0.0
+
+
+def expected_accuracy(a0: float, p_fix_eff: float, p_break: float, k: int) -> float:
+    """Accuracy after k improve steps of the demonstrated policy, a Markov chain on right/wrong:
+    a_{k+1} = a_k (1 - p_break) + (1 - a_k) p_fix_eff, with fixed point a* = p_fix_eff / (p_fix_eff + p_break)."""
+    a = a0
+    for _ in range(k):
+        a = a * (1 - p_break) + (1 - a) * p_fix_eff
+    return a
+
+
+# ---------------------------------------------------------------- splits
+
+def _digest(text: str) -> int:
+    # md5, not hash(): Python salts str hashes per process, and splits must be identical across runs
+    return int(hashlib.md5(text.encode()).hexdigest(), 16)
+
+
+def split_of(request: str) -> str:
+    """Train and test are disjoint by construction: a request belongs to exactly one split."""
+    return "test" if _digest(request) % 5 == 0 else "train"
+
+
+# ---------------------------------------------------------------- the family interface
+
+class TaskFamily:
+    name = "base"
+    graded = False
+    has_feedback = False
+    train_difficulties: tuple = ()     # the training mix (difficulty=None samples uniformly from it)
+    heldout_difficulties: tuple = ()   # harder settings for held-out evaluation
+    answer_format = "give the final answer as \\boxed{...}"
+    # Error model of the warm-start demonstrations (see `attempt`, `revise`); each family sets q, q_break.
+    # Per difficulty d: a0 = (1-q)^d, p_fix_eff = p_fix + 0.2 a0, p_break = 1 - (1-q_break)^d, and the
+    # improve chain settles at a* = p_fix_eff / (p_fix_eff + p_break). q_break is chosen so that a* is
+    # a little below a0 on the training mix and about a0 on harder held-out problems: a weak
+    # self-improver that RL can make stronger (raise p_fix, lower p_break). A constant p_break would
+    # instead let hard problems drift UP towards the middle, i.e. a base policy that "self-improves".
+    ERROR_MODEL = dict(
+        q=0.0,             # slip rate of a first attempt (per step / per item, see the family)
+        p_alt_style=0.25,  # first attempts written in the alternative style: gives diverge something to switch to
+        p_fix=0.10,        # wrong current answer -> written correctly (recomputed from the first mistake)
+        p_copy=0.70,       # wrong current answer -> copied verbatim (the typical weak "improvement")
+                           # otherwise (0.20): re-attempted from scratch with first-attempt slips
+        q_break=0.0,       # right current answer -> each step / item re-checked wrongly with this chance
+                           # (one mistake introduced), else kept verbatim; more steps, more to break
+        max_depth=2,       # the current answer of an improve/diverge demo has been revised 0..max_depth times
+        mix_base=0.50, mix_improve=0.35,  # share of base and improve prompts in the demos; diverge: the rest
+    )
+
+    def __init__(self, error_model: dict | None = None):
+        self.error_model = {**self.ERROR_MODEL, **(error_model or {})}
+
+    # ---- sampling
+    def make(self, rng: random.Random, difficulty: int) -> Problem | None:
+        """One candidate problem (id filled in by `sample`), or None to reject and redraw."""
+        raise NotImplementedError
+
+    def sample(self, split: str, n: int, seed: int, difficulty: int | None = None) -> list[Problem]:
+        """n distinct problems of one split; the same (split, n, seed, difficulty) gives the same list."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        rng = random.Random(f"{self.name}/{split}/{seed}/{difficulty}")  # str seeds are stable across runs
+        out, seen = [], set()
+        for _ in range(200 * n + 1000):
+            if len(out) == n:
+                return out
+            d = difficulty if difficulty is not None else rng.choice(self.train_difficulties)
+            p = self.make(rng, d)
+            if p is None or p.request in seen or split_of(p.request) != split:
+                continue
+            seen.add(p.request)
+            out.append(Problem(f"{self.name}/{split}/{_digest(p.request) % 10**10:010d}",
+                               p.family, p.request, p.difficulty, p.target, p.data))
+        if len(out) < n:
+            raise RuntimeError(f"{self.name}: could not draw {n} distinct {split} problems (got {len(out)})")
+        return out
+
+    # ---- prompts
+    def chat_request(self, problem: Problem) -> str:
+        return f"{problem.request}\n\nPlease {self.answer_format}."
+
+    def prompt(self, problem: Problem, answer: str | None = None, mode: str = "base",
+               feedback: str | None = None, style: str = "compact") -> str:
+        """The prompt of a base (k=0), self-improve or self-diverge step (PAPER.md §2).
+        Families with feedback fill it in from `answer` when it is not given."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if style not in ("compact", "chat"):
+            raise ValueError(f"unknown style {style!r}; expected 'compact' or 'chat'")
+        if mode != "base" and answer is None:
+            raise ValueError(f"a {mode} prompt needs the current answer")
+        if mode != "base" and feedback is None and self.has_feedback:
+            feedback = self.feedback(problem, answer)
+        if style == "compact":
+            if mode == "base":
+                return f"<|request|>{problem.request}<|answer|>"
+            fb = f"<|feedback|>{feedback}" if feedback is not None else ""
+            return f"<|request|>{problem.request}<|answer|>{answer}{fb}<|{mode}|>"
+        text = self.chat_request(problem)
+        if mode == "base":
+            return text
+        text += f"\n\nCurrent answer:\n{answer}"
+        if feedback is not None:
+            text += f"\n\nFeedback on the current answer: {feedback}"
+        if mode == "improve":
+            return text + (f"\n\nImprove the current answer: check it, fix any mistakes, keep what is "
+                           f"right, then {self.answer_format}.")
+        return text + ("\n\nGive a new answer that takes a significantly different approach. First, "
+                       "briefly summarise the approach of the current answer. Then describe a "
+                       "significantly different approach. Then solve the problem with that new "
+                       f"approach and {self.answer_format}.")
+
+    # ---- scoring
+    def score(self, problem: Problem, response: str) -> float:
+        """Quality in [0, 1]; anything unparseable scores 0 and never raises."""
+        raise NotImplementedError
+
+    def feedback(self, problem: Problem, response: str) -> str | None:
+        return None
+
+    def step_reward(self, problem: Problem, response: str, mode: str, prev_response: str | None) -> float:
+        r_new = self.score(problem, response)
+        if not self.graded:
+            return binary_step_reward(r_new)
+        r_prev = self.score(problem, prev_response) if prev_response is not None else None
+        return graded_step_reward(r_new, r_prev, mode)
+
+    def solution_text(self, response: str) -> str:
+        """The part of a response the diversity bonus (Eq. 6) embeds."""
+        return response if isinstance(response, str) else ""
+
+    # ---- warm-start demonstrations; a family supplies attempt / solve / break_answer / a0
+    def a0(self, difficulty: int) -> float:
+        """Probability that a first attempt is right: no slip in any of its `difficulty` steps or items."""
+        return (1 - self.error_model["q"]) ** difficulty
+
+    def p_fix_eff(self, difficulty: int) -> float:
+        """Chance a revision turns a wrong answer right: a fix, or a lucky re-attempt."""
+        em = self.error_model
+        return em["p_fix"] + (1 - em["p_fix"] - em["p_copy"]) * self.a0(difficulty)
+
+    def p_break(self, difficulty: int) -> float:
+        """Chance a revision breaks a right answer."""
+        return 1 - (1 - self.error_model["q_break"]) ** difficulty
+
+    def expected_accuracy(self, k: int, difficulties=None) -> float:
+        """Expected accuracy of the demonstrated policy after k improve steps, averaged over difficulties."""
+        ds = difficulties or self.train_difficulties
+        return sum(expected_accuracy(self.a0(d), self.p_fix_eff(d), self.p_break(d), k)
+                   for d in ds) / len(ds)
+
+    def revise(self, problem: Problem, answer: str, rng: random.Random) -> str:
+        """The demonstrated improve step. A right answer is kept verbatim, or broken with p_break(d); a wrong
+        one is fixed (p_fix), copied verbatim (p_copy), or else re-attempted from scratch with slips."""
+        em, u, style = self.error_model, rng.random(), answer.startswith(ALT_TAG)
+        if self.score(problem, answer) >= 1.0:
+            return self.break_answer(problem, style, rng) if u < self.p_break(problem.difficulty) else answer
+        if u < em["p_fix"]:
+            return self.solve(problem, style)
+        if u < em["p_fix"] + em["p_copy"]:
+            return answer
+        return self.attempt(problem, rng, style)
+
+    def demo_records(self, n: int, seed: int) -> list[dict]:
+        """Demonstrations with their provenance (problem, mode, current answer), for tests and analysis."""
+        em, rng = self.error_model, random.Random(f"{self.name}/demos/{seed}")
+        records = []
+        for p in self.sample("train", n, seed):
+            u = rng.random()
+            mode = "base" if u < em["mix_base"] else "improve" if u < em["mix_base"] + em["mix_improve"] else "diverge"
+            answer = self.attempt(p, rng, rng.random() < em["p_alt_style"])
+            if mode == "base":
+                answer, response = None, answer
+            else:
+                for _ in range(rng.randint(0, em["max_depth"])):
+                    answer = self.revise(p, answer, rng)
+                if mode == "improve":
+                    response = self.revise(p, answer, rng)
+                else:  # diverge: a fresh attempt in the other style, with first-attempt slips
+                    response = self.attempt(p, rng, not answer.startswith(ALT_TAG))
+            records.append(dict(problem=p, mode=mode, answer=answer, response=response,
+                                prompt=self.prompt(p, answer, mode)))
+        return records
+
+    def demonstrations(self, n: int, seed: int) -> list[tuple[str, str]]:
+        """(compact prompt, response) pairs for warm-start SFT; the model appends end-of-text itself."""
+        return [(r["prompt"], r["response"]) for r in self.demo_records(n, seed)]
+
+
+# ---------------------------------------------------------------- math: binary, no feedback
+
+_INT = re.compile(r"\s*(-?[0-9]{1,9})\s*")  # at most 9 digits: int() of huge strings is slow or raises
+
+
+class MathFamily(TaskFamily):
+    """Integer chains evaluated strictly LEFT TO RIGHT (no precedence): 7+5*2-9 = ((7+5)*2)-9 = 15.
+    Every intermediate value stays in 0..99 and operands are small (+/- 1..9, * 2..3), so a ~1M-param
+    byte model can learn each step. Two solution styles, the same work in different layouts:
+      main  7+5=12,12*2=24,24-9=15#15   (one equation per step)
+      alt  ~7+5=12*2=24-9=15#15         (one running chain)
+    The final number follows the last '#' (or sits in the last \\boxed{} of a chat answer).
+    First-attempt slips: each step is wrong with probability q, by 1..3; later steps compute correctly
+    from the wrong value, and a slip never lands back on the true value, so a0 = (1 - q)^steps."""
+    name, graded, has_feedback = "math", False, False
+    train_difficulties, heldout_difficulties = (2, 3, 4), (5, 6)
+    answer_format = "give the final number as \\boxed{N}"
+    ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.21, "q_break": 0.09}  # a0 over 2..4 steps = 0.502
+
+    def make(self, rng, difficulty):
+        start, ops = rng.randint(1, 20), []
+        v = start
+        while len(ops) < difficulty:
+            op = rng.choice("+-*")
+            x = rng.randint(2, 3) if op == "*" else rng.randint(1, 9)
+            w = _apply(op, v, x)
+            if 0 <= w <= 99:  # resample the step, not the chain, when it leaves the range
+                ops.append([op, x])
+                v = w
+        request = str(start) + "".join(f"{op}{x}" for op, x in ops)
+        return Problem("", self.name, request, difficulty, str(v), {"start": start, "ops": ops})
+
+    def chat_request(self, problem):
+        return (f"Compute {problem.request}, applying the operations strictly from left to right "
+                f"(ignore the usual precedence: 1+2*3 means (1+2)*3 = 9). Show each step, then "
+                f"{self.answer_format}.")
+
+    def final_number(self, response: str) -> int | None:
+        if not isinstance(response, str):
+            return None
+        boxed = _last_boxed(response)
+        tail = boxed if boxed is not None else response.rsplit("#", 1)[1] if "#" in response else None
+        m = _INT.fullmatch(tail) if tail is not None else None
+        return int(m.group(1)) if m else None
+
+    def score(self, problem, response):
+        return 1.0 if self.final_number(response) == int(problem.target) else 0.0
+
+    def solution_text(self, response):
+        return response.rsplit("#", 1)[0] if isinstance(response, str) else ""
+
+    # -- demonstrations
+    def _work(self, problem, alt, slip_steps, rng):
+        """Write the worked solution, slipping at the given steps."""
+        v = true = problem.data["start"]
+        parts = []
+        for i, (op, x) in enumerate(problem.data["ops"]):
+            w, true = _apply(op, v, x), _apply(op, true, x)
+            if i in slip_steps:  # off by 1..3, never below 0 (or, once negative, further down), never back on true
+                w += rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if (w + d >= 0 or d > 0) and w + d != true])
+            parts.append(f"{op}{x}={w}" if alt else f"{v}{op}{x}={w}")
+            v = w
+        body = ALT_TAG + str(problem.data["start"]) + "".join(parts) if alt else ",".join(parts)
+        return f"{body}#{v}"
+
+    def attempt(self, problem, rng, alt):
+        slips = {i for i in range(problem.difficulty) if rng.random() < self.error_model["q"]}
+        return self._work(problem, alt, slips, rng)
+
+    def solve(self, problem, alt):
+        return self._work(problem, alt, set(), None)
+
+    def break_answer(self, problem, alt, rng):
+        return self._work(problem, alt, {rng.randrange(problem.difficulty)}, rng)
+
+
+def _apply(op: str, v: int, x: int) -> int:
+    return v + x if op == "+" else v - x if op == "-" else v * x
+
+
+# ---------------------------------------------------------------- subset: graded, with feedback
+
+_PICKS = re.compile(r"([0-9]{1,4}(?:\+[0-9]{1,4})*)(?:=(-?[0-9]{1,6}))?")
+
+
+class SubsetFamily(TaskFamily):
+    """Request "3 9 14 22 31>40": pick numbers from the list (each at most once) whose sum is as close as
+    possible to the target. Quality = max(0, 1 - |sum - target| / target), sum = the TRUE sum of the picks
+    (a wrong written sum after '=' is ignored; the feedback reports the true one). A pick not in the list,
+    or used twice, or unreadable text scores 0. Targets are built so exactly one subset hits them (so the
+    optimum is 1 and "right" means that subset). Styles: main "9+31=40" (ascending), alt "~31+9=40"
+    (largest first). First-attempt slips: each list number's in/out choice is flipped with probability q,
+    so a0 = (1 - q)^list_length. Difficulty = list length."""
+    name, graded, has_feedback = "subset", True, True
+    train_difficulties, heldout_difficulties = (5, 6, 7), (8,)
+    answer_format = "give the chosen numbers joined by + as \\boxed{...}, e.g. \\boxed{3+9}"
+    ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.11, "q_break": 0.045}  # a0 over lists of 5..7 = 0.499
+
+    def make(self, rng, difficulty):
+        numbers = sorted(rng.sample(range(1, 41), difficulty))
+        best = sorted(rng.sample(numbers, rng.randint(2, min(4, difficulty - 1))))
+        target = sum(best)
+        hits = sum(sum(c) == target for r in range(1, difficulty + 1) for c in itertools.combinations(numbers, r))
+        if hits != 1:
+            return None
+        request = " ".join(map(str, numbers)) + f">{target}"
+        return Problem("", self.name, request, difficulty, _render(best, False),
+                       {"numbers": numbers, "target": target, "best": best})
+
+    def chat_request(self, problem):
+        return (f"Task {problem.request}: choose numbers from the list before '>', each at most once, "
+                f"so that their sum is as close as possible to the number after '>'. Then "
+                f"{self.answer_format}.")
+
+    def picks(self, problem, response: str):
+        """(picks, true sum), or (None, why) when the answer is unreadable or picks illegally."""
+        if not isinstance(response, str):
+            return None, "unreadable"
+        boxed = _last_boxed(response)
+        text = (boxed if boxed is not None else response).replace(" ", "").strip().removeprefix(ALT_TAG)
+        m = _PICKS.fullmatch(text)
+        if not m:
+            return None, "unreadable"
+        picks = [int(x) for x in m.group(1).split("+")]
+        for x in picks:
+            if x not in problem.data["numbers"] or picks.count(x) > 1:
+                return None, f"bad pick {x}"
+        return picks, sum(picks)
+
+    def score(self, problem, response):
+        picks, s = self.picks(problem, response)
+        t = problem.data["target"]
+        return 0.0 if picks is None else max(0.0, 1.0 - abs(s - t) / t)
+
+    def feedback(self, problem, response):
+        picks, s = self.picks(problem, response)
+        if picks is None:
+            return s
+        t = problem.data["target"]
+        return f"sum {s}, " + ("exact" if s == t else f"{t - s} short" if s < t else f"{s - t} over")
+
+    def solution_text(self, response):
+        return response.split("=", 1)[0] if isinstance(response, str) else ""
+
+    # -- demonstrations
+    def attempt(self, problem, rng, alt):
+        picks = {x for x in problem.data["numbers"]
+                 if (x in problem.data["best"]) != (rng.random() < self.error_model["q"])}
+        if not picks:  # an empty answer is unwritable; any single number is still wrong (best has >= 2)
+            picks = {rng.choice(problem.data["numbers"])}
+        return _render(picks, alt)
+
+    def solve(self, problem, alt):
+        return _render(problem.data["best"], alt)
+
+    def break_answer(self, problem, alt, rng):
+        return _render(set(problem.data["best"]) ^ {rng.choice(problem.data["numbers"])}, alt)
+
+
+def _render(picks, alt: bool) -> str:
+    picks = sorted(picks, reverse=alt)
+    return (ALT_TAG if alt else "") + "+".join(map(str, picks)) + f"={sum(picks)}"
+
+
+# ---------------------------------------------------------------- real data (GSM8K / MATH JSONL)
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (nested braces allowed), or None."""
+    i = text.rfind("\\boxed")
+    if i < 0:
+        return None
+    rest = text[i + len("\\boxed"):]
+    if not rest.lstrip().startswith("{"):  # "\boxed 5"
+        m = re.match(r"\s+([^\s$]+)", rest)
+        return m.group(1) if m else None
+    depth, j = 0, rest.index("{")
+    for k in range(j, len(rest)):
+        depth += {"{": 1, "}": -1}.get(rest[k], 0)
+        if depth == 0:
+            return rest[j + 1:k]
+    return None  # unbalanced
+
+
+def extract_answer(text: str) -> str:
+    """The final answer of a response: the last \\boxed{}, else what follows '####', else the last number."""
+    if not isinstance(text, str):
+        return ""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    if "####" in text:
+        lines = text.rsplit("####", 1)[1].strip().splitlines()
+        return lines[0].strip() if lines else ""
+    numbers = re.findall(r"-?[0-9][0-9,]*(?:\.[0-9]+)?", text)
+    return numbers[-1].rstrip(",") if numbers else ""
+
+
+def _normalise(s: str) -> str:
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    for a, b in [("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("$", ""),
+                 ("\\!", ""), ("\\,", ""), ("\\ ", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", "")]:
+        s = s.replace(a, b)
+    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))", "", s)  # 1,234 -> 1234
+    s = s.rstrip(".")
+    return re.sub(r"^(-?[0-9]+)\.0+$", r"\1", s)
+
+
+def _brace_group(s: str, i: int) -> tuple[str, int]:
+    """The argument starting at s[i]: a {...} group or a single character; returns (content, next index)."""
+    if i >= len(s):
+        raise ValueError("missing argument")
+    if s[i] != "{":
+        return s[i], i + 1
+    depth = 0
+    for k in range(i, len(s)):
+        depth += {"{": 1, "}": -1}.get(s[k], 0)
+        if depth == 0:
+            return s[i + 1:k], k + 1
+    raise ValueError("unbalanced braces")
+
+
+def _latex_to_python(s: str) -> str:
+    for cmd, fmt in (("\\frac", "(({})/({}))"), ("\\sqrt", "sqrt({})")):
+        while cmd in s:
+            i = s.index(cmd) + len(cmd)
+            a, i = _brace_group(s, i)
+            if cmd == "\\frac":
+                b, i = _brace_group(s, i)
+                s = s[:s.index(cmd)] + fmt.format(_latex_to_python(a), _latex_to_python(b)) + s[i:]
+            else:
+                s = s[:s.index(cmd)] + fmt.format(_latex_to_python(a)) + s[i:]
+    for a, b in [("\\cdot", "*"), ("\\times", "*"), ("\\pi", "pi"), ("^", "**"), ("{", "("), ("}", ")")]:
+        s = s.replace(a, b)
+    return s
+
+
+# an exponent must be a tiny literal or one letter, and never itself raised: 9**99**99 would never finish
+_POW = re.compile(r"\*\*(\(-?[0-9]{1,2}(/[0-9]{1,2})?\)|-?[0-9]{1,2}(?![0-9.])|[A-Za-z](?![A-Za-z0-9]))(?!\*\*)")
+
+
+def _to_sympy(s: str):
+    """A sympy expression, or None when the text is not a small, safe arithmetic expression.
+    sympy parses with eval(), so only digits, operators, single-letter symbols, sqrt and pi pass."""
+    if len(s) > 120:
+        return None
+    try:
+        py = _latex_to_python(s)
+    except (ValueError, RecursionError):
+        return None
+    if (len(py) > 120 or not re.fullmatch(r"[0-9A-Za-z+\-*/(). ]+", py) or re.search(r"[A-Za-z_]\.", py)
+            or any(len(w) > 1 and w not in ("sqrt", "pi") for w in re.findall(r"[A-Za-z]+", py))
+            or py.count("**") > 2 or any(not _POW.match(py, m.start()) for m in re.finditer(r"\*\*", py))):
+        return None
+    from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication
+    try:
+        return parse_expr(py, transformations=standard_transformations + (implicit_multiplication,))
+    except Exception:  # sympy raises many types (SyntaxError, TypeError, TokenError...)
+        return None
+
+
+def answers_equal(a: str, b: str) -> bool:
+    """Same final answer? String normalisation first, then sympy equivalence. Never raises."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    na, nb = _normalise(a), _normalise(b)
+    if not na or not nb:
+        return False
+    if na == nb:
+        return True
+    ea, eb = _to_sympy(na), _to_sympy(nb)
+    if ea is None or eb is None:
+        return False
+    try:
+        import sympy
+        d = sympy.simplify(ea - eb)
+        return bool(d == 0 or (d.is_number and abs(complex(d)) < 1e-9))
+    except Exception:
+        return False
+
+
+def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
+    """GSM8K lines {"question", "answer": "... #### 42"} or MATH lines {"problem", "solution" with \\boxed{}
+    or "answer"}. A malformed line raises ValueError naming file and line."""
+    if fmt not in ("auto", "gsm8k", "math"):
+        raise ValueError(f"fmt must be 'auto', 'gsm8k' or 'math', got {fmt!r}")
+    stem, out = os.path.splitext(os.path.basename(path))[0], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_no}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            kind = fmt if fmt != "auto" else "gsm8k" if "question" in d else "math" if "problem" in d else None
+            if kind == "gsm8k" and isinstance(d.get("question"), str) and "####" in str(d.get("answer", "")):
+                request, target = d["question"], d["answer"].rsplit("####", 1)[1].strip()
+            elif kind == "math" and isinstance(d.get("problem"), str):
+                request = d["problem"]
+                target = str(d["answer"]) if "answer" in d else _last_boxed(str(d.get("solution", ""))) or ""
+            else:
+                raise ValueError(f"{where}: need 'question' + 'answer' with '####' (GSM8K) or "
+                                 f"'problem' + 'solution' with \\boxed{{}} or 'answer' (MATH)")
+            if not target.strip():
+                raise ValueError(f"{where}: no final answer found")
+            level = re.search(r"[0-9]+", str(d.get("level", "")))
+            out.append(Problem(f"{stem}/{line_no}", "realmath", request, int(level.group()) if level else 0,
+                               target.strip(), {"line": line_no}))
+    return out
+
+
+class RealMath(TaskFamily):
+    """Real math problems for instruct checkpoints; binary reward = the final answer is equivalent."""
+    name, graded, has_feedback = "realmath", False, False
+    answer_format = "put the final answer in \\boxed{}"
+
+    def __init__(self, problems: list[Problem] | None = None, path: str | None = None, error_model=None):
+        super().__init__(error_model)
+        if problems is None and path is None:
+            raise ValueError("realmath needs problems=[...] or path='file.jsonl'")
+        self.problems = list(problems) if problems is not None else load_jsonl(path)
+
+    def sample(self, split, n, seed, difficulty=None):
+        """n problems of the split (by the same request hash); when n exceeds the pool, it is cycled
+        through again in a new order, so repeats appear only then."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        pool = [p for p in self.problems if split_of(p.request) == split
+                and (difficulty is None or p.difficulty == difficulty)]
+        if not pool:
+            raise ValueError(f"realmath: no {split} problems (difficulty={difficulty})")
+        rng, out = random.Random(f"{self.name}/{split}/{seed}/{difficulty}"), []
+        while len(out) < n:
+            out += rng.sample(pool, len(pool))
+        return out[:n]
+
+    def score(self, problem, response):
+        return 1.0 if answers_equal(extract_answer(response), problem.target) else 0.0
+
+    def solution_text(self, response):
+        if not isinstance(response, str):
+            return ""
+        i = response.rfind("\\boxed")
+        return response[:i] if i > 0 else response
+
+    def demonstrations(self, n, seed):
+        raise NotImplementedError("realmath has no warm-start demonstrations: start from an instruct checkpoint")
+
+
+# ---------------------------------------------------------------- registry: add a family here
+
+FAMILIES = {"math": MathFamily, "subset": SubsetFamily, "realmath": RealMath}
+
+
+def get_family(name: str, **kwargs) -> TaskFamily:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown task family {name!r}; valid names: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name](**kwargs)

@@ -1,0 +1,1490 @@
+"""
+Tests of exit: every file against an independent reference (transformers' models, formulas written
+out by hand, the rules of PAPER.md), plus short end-to-end runs of exit.py and eval.py on tiny
+policies. Fast on a 2-core CPU; nothing is downloaded (HF_HUB_OFFLINE is set below, before
+transformers is imported anywhere).
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import base64
+import dataclasses
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from buffer import TaskBuffer, learnability, sampling_probs, staleness_probs
+import buffer
+import eval as eval_lib
+import exit as exit_lib
+import model
+import model as model_lib
+import tasks
+import tasks as tasks_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ===============================================================================================
+# model.py: the policy, its tokenizers and sampler, against transformers
+# ===============================================================================================
+
+V = 96  # vocab of the tiny models below: large enough for distinct tokens, small enough to be fast
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64, max_seq_len=128)
+    m = model.Transformer(model.ModelConfig(**(cfg | kw)))
+    # sharper logits than the 0.02 init gives, so greedy choices are not near-ties
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)
+    return m.eval()
+
+
+def rand_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
+
+
+def greedy_by_recompute(m, prompt, n):
+    """The reference decoder: a full forward over the whole sequence for every new token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(m(torch.tensor([seq]))[0][0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+# ----------------------------------------------------------------------------- transformer
+
+def test_causality():
+    m = tiny()
+    x = torch.tensor(rand_prompts([20])[0])[None]
+    y = x.clone()
+    y[0, 12:] = (y[0, 12:] + 1) % V
+    with torch.no_grad():
+        a, b = m(x)[0], m(y)[0]
+    assert torch.equal(a[0, :12], b[0, :12])
+    assert not torch.allclose(a[0, 12:], b[0, 12:])
+
+
+def test_loss_ignores_minus_100():
+    m = tiny()
+    x = torch.tensor(rand_prompts([10])[0])[None]
+    t = x.roll(-1, 1)
+    t[0, 5:] = -100
+    logits, loss = m(x, t)
+    ref = torch.nn.functional.cross_entropy(logits[0, :5], t[0, :5])
+    assert torch.allclose(loss, ref)
+
+
+def test_kv_cache_equals_full_recompute():
+    m = tiny()
+    prompt = rand_prompts([9])[0]
+    seq = prompt + rand_prompts([6], seed=1)[0]
+    with torch.no_grad():
+        full = m(torch.tensor([seq]))[0][0]  # (T, V)
+        cache = model.KVCache(m.config.n_layer, 1, len(seq))
+        steps = [m(torch.tensor([prompt]), cache=cache)[0][0]]
+        for tok in seq[len(prompt):]:
+            steps.append(m(torch.tensor([[tok]]), cache=cache)[0][0])
+    assert torch.allclose(torch.cat(steps), full, atol=1e-5)
+    out = model.generate(m, [prompt], 1, 12, temperature=0, stop_ids=(), pad_id=0)
+    assert out.tokens[0].tolist() == greedy_by_recompute(m, prompt, 12)
+
+
+def test_mixed_length_batch_equals_one_at_a_time():
+    m = tiny()
+    prompts = rand_prompts([3, 11, 7])
+    kw = dict(temperature=0, stop_ids=(), pad_id=0)
+    batch = model.generate(m, prompts, 2, 10, **kw)
+    for i, p in enumerate(prompts):
+        alone = model.generate(m, [p], 1, 10, **kw)
+        for r in (2 * i, 2 * i + 1):
+            assert batch.tokens[r].tolist() == alone.tokens[0].tolist()
+            assert torch.allclose(batch.logprobs[r], alone.logprobs[0], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def test_stop_lengths_and_masks():
+    m = tiny()
+    prompt = rand_prompts([5], seed=2)[0]  # a prompt whose greedy continuation does not loop
+    free = greedy_by_recompute(m, prompt, 8)
+    k = next(j for j in range(2, 8) if free[j] not in free[:j])  # first new token from step 2 on
+    PAD = V - 1
+    out = model.generate(m, [prompt], 3, 8, temperature=0, stop_ids={free[k]}, pad_id=PAD)
+    assert out.tokens.shape == (3, k + 1)  # everyone stopped: decoding ends early
+    assert out.lengths.tolist() == [k + 1] * 3 and out.finished.all()
+    assert out.tokens[0].tolist() == free[:k + 1]  # the stop token is kept
+    assert out.mask.sum().item() == 3 * (k + 1)
+    # a stop id that never comes: the budget ends every row, nothing is finished
+    out = model.generate(m, [prompt], 2, 8, temperature=0, stop_ids={V + 5}, pad_id=PAD)
+    assert out.lengths.tolist() == [8, 8] and not out.finished.any() and out.mask.all()
+
+
+def test_forced_eos_first_token():
+    m = tiny()
+    EOS = 7
+    m.lm_head = torch.nn.Linear(32, V)  # a test-only head whose bias forces EOS whatever h is
+    with torch.no_grad():
+        m.lm_head.weight.zero_()
+        m.lm_head.bias.zero_()
+        m.lm_head.bias[EOS] = 30.0
+    out = model.generate(m, rand_prompts([4, 6]), 3, 5, stop_ids=[EOS], pad_id=0,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.tokens.shape == (6, 1) and (out.tokens == EOS).all()
+    assert out.lengths.tolist() == [1] * 6 and out.finished.all() and out.mask.eq(1).all()
+
+
+def test_ragged_rows_pad_and_mask():
+    m = tiny()
+    with torch.no_grad():
+        m.lm_head.weight.div_(20)  # flat distribution: rows stop at different steps
+    STOPS, PAD = {1, 2, 3, 4, 5, 6, 7, 8}, 0
+    out = model.generate(m, rand_prompts([5, 9]), 16, 12, stop_ids=STOPS, pad_id=PAD,
+                         generator=torch.Generator().manual_seed(1))
+    assert len(set(out.lengths.tolist())) > 2
+    T = out.tokens.shape[1]
+    for i in range(out.tokens.shape[0]):
+        n = int(out.lengths[i])
+        row = out.tokens[i].tolist()
+        assert all(t == PAD for t in row[n:])
+        assert out.mask[i].tolist() == [1.0] * n + [0.0] * (T - n)
+        assert (out.logprobs[i, n:] == 0).all() and (out.logprobs[i, :n] < 0).all()
+        if out.finished[i]:
+            assert row[n - 1] in STOPS and not any(t in STOPS for t in row[:n - 1])
+        else:
+            assert n == 12 and not any(t in STOPS for t in row)
+
+
+def test_seeded_sampling_is_reproducible():
+    m = tiny()
+    prompts = rand_prompts([4, 8])
+
+    def run(seed, **kw):
+        return model.generate(m, prompts, 4, 10, stop_ids=(), pad_id=0,
+                              generator=torch.Generator().manual_seed(seed), **kw)
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+    assert torch.equal(run(3, top_k=5).tokens, run(3, top_k=5).tokens)
+
+
+def test_greedy_and_group_replication():
+    m = tiny()
+    prompts = rand_prompts([4, 8])
+    out = model.generate(m, prompts, 3, 6, temperature=0, stop_ids=(), pad_id=0)
+    for i, p in enumerate(prompts):
+        ref = greedy_by_recompute(m, p, 6)
+        for r in range(3 * i, 3 * i + 3):  # group-major rows
+            assert out.tokens[r].tolist() == ref
+    # top_k=1 and a tiny top_p reduce sampling to greedy
+    g = torch.Generator().manual_seed(0)
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        s = model.generate(m, prompts, 3, 6, stop_ids=(), pad_id=0, generator=g, **kw)
+        assert torch.equal(s.tokens, out.tokens)
+        assert torch.allclose(s.logprobs, out.logprobs)  # temperature-1 log-probs either way
+
+
+def test_generate_logprobs_equal_completion_logprobs():
+    m = tiny()
+    with torch.no_grad():
+        m.lm_head.weight.div_(10)
+    m.train()  # generate switches to eval and back
+    prompts = rand_prompts([3, 10, 6])
+    out = model.generate(m, prompts, 4, 12, temperature=0.7, top_k=20, stop_ids={1, 2, 3}, pad_id=0,
+                         generator=torch.Generator().manual_seed(0))
+    assert m.training
+    lp = model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=4)
+    assert lp.shape == out.tokens.shape
+    assert torch.allclose(lp, out.logprobs, atol=1e-5)
+    (lp * out.mask).sum().backward()  # gradients reach the weights
+    assert m.embed_tokens.weight.grad is not None and m.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_embed_ignores_padding():
+    m = tiny()
+    seqs = rand_prompts([3, 9, 5])
+    e = model.embed(m, seqs)
+    assert e.shape == (3, 32)
+    for i, s in enumerate(seqs):
+        with torch.no_grad():
+            h = m.hidden_states(torch.tensor([s]))[0]
+        assert torch.allclose(e[i], h.mean(0), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- vs transformers
+
+def hf_model(kind, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=tie, initializer_range=0.2, bos_token_id=None, eos_token_id=None,
+                  pad_token_id=None)
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=10000.0)).eval()
+    rope = None
+    if kind == "llama3":  # a small original context so that the scaling changes these positions
+        rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=16)
+    return LlamaForCausalLM(LlamaConfig(**common, rope_theta=500000.0, rope_scaling=rope)).eval()
+
+
+@pytest.mark.parametrize("kind,tie", [("llama", False), ("qwen2", False), ("llama3", True)])
+def test_load_hf_matches_transformers(tmp_path, kind, tie):
+    ref = hf_model(kind, tie)
+    ref.save_pretrained(tmp_path)
+    m, tok = model.load_hf(str(tmp_path), device="cpu")
+    assert tok is None and m.config.tie_embeddings == tie and m.config.qkv_bias == (kind == "qwen2")
+    x = torch.tensor(rand_prompts([40, 40]))
+    with torch.no_grad():
+        assert torch.allclose(m(x)[0], ref(x).logits, atol=1e-4)
+    prompt = x[:1, :7]
+    with torch.no_grad():
+        hf = ref.generate(prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt))
+    ours = model.generate(m, prompt.tolist(), 1, 10, temperature=0, stop_ids=(), pad_id=0)
+    assert ours.tokens[0].tolist() == hf[0, 7:].tolist()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=True),
+                                dict(rope_theta=500000.0, rope_scaling=dict(
+                                    rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                    high_freq_factor=4.0, original_max_position_embeddings=16))])
+def test_save_hf_loads_in_transformers(tmp_path, kw):
+    from transformers import AutoModelForCausalLM
+    tok = model.byte_tokenizer(["<|answer|>"]) if not kw else None
+    m = tiny(**kw, vocab_size=tok.vocab_size if tok else V)
+    model.save_hf(m, tok, str(tmp_path))
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    x = torch.tensor(rand_prompts([30, 30]))
+    with torch.no_grad():
+        assert torch.allclose(m(x)[0], ref(x).logits, atol=1e-4)
+    back, tok2 = model.load_hf(str(tmp_path), device="cpu")
+    with torch.no_grad():
+        assert torch.equal(back(x)[0], m(x)[0])
+    if tok is not None:  # the byte tokenizer round-trips through tokenizer.model + tokenizer_config.json
+        s = "x <|answer|> é"
+        assert tok2.encode(s, special=True) == tok.encode(s, special=True)
+        assert (tok2.bos_id, tok2.eos_id, tok2.pad_id, tok2.stop_ids) == (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids)
+
+
+def test_sharded_checkpoint(tmp_path):
+    from safetensors.torch import load_file, save_file
+    m = tiny()
+    model.save_hf(m, None, str(tmp_path))
+    tensors = load_file(tmp_path / "model.safetensors")
+    os.remove(tmp_path / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, ks in shards.items():
+        save_file({k: tensors[k] for k in ks}, tmp_path / f)
+    index = {"weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    back, _ = model.load_hf(str(tmp_path), device="cpu")
+    x = torch.tensor(rand_prompts([12]))
+    with torch.no_grad():
+        assert torch.equal(back(x)[0], m(x)[0])
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        model.load_hf(str(tmp_path), device="cpu")
+
+
+def test_broken_checkpoints_give_clear_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        model.load_hf(str(tmp_path))
+    model.save_hf(tiny(), None, str(tmp_path))
+    weights = tmp_path / "model.safetensors"
+    full = weights.read_bytes()
+    weights.write_bytes(full[:len(full) // 2])  # truncated download
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        model.load_hf(str(tmp_path))
+    weights.write_bytes(full)
+    tensors = load_file(weights)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"lacks 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        model.load_hf(str(tmp_path))
+    os.remove(weights)
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        model.load_hf(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*'llama'.*'qwen2'"):
+        model.load_hf(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+MARKERS = ["<|request|>", "<|answer|>", "<|feedback|>", "<|improve|>", "<|diverge|>"]
+
+
+def test_byte_tokenizer_round_trip_and_markers():
+    tok = model.byte_tokenizer(MARKERS)
+    assert tok.vocab_size == 256 + 3 + len(MARKERS)
+    for s in ["", "hello world", "naïve café ∑ 日本語 🙂", "a\n\tb  c", "<|answer|> 42 <|eos|>"]:
+        ids = tok.encode(s)
+        assert all(i < 256 for i in ids)  # plain text never yields a special id
+        assert tok.decode(ids) == s
+    ids = tok.encode("<|request|>2+2<|answer|>4", special=True)
+    assert ids[0] == tok.encode("<|request|>", special=True)[0] >= 256 and len(ids) == 6
+    assert tok.decode(ids, special=True) == "<|request|>2+2<|answer|>4"
+    assert tok.decode(ids) == "2+24"  # special=False drops special ids
+    assert tok.decode([52, tok.eos_id, tok.pad_id, tok.pad_id]) == "4"
+    assert tok.decode([52, tok.eos_id, tok.pad_id], special=True) == "4<|eos|>"  # pad is always dropped
+    assert tok.stop_ids == {tok.eos_id} and len({tok.bos_id, tok.eos_id, tok.pad_id}) == 3
+    chat = tok.render_chat([{"role": "user", "content": "hi"}])
+    assert chat[0] == tok.bos_id and tok.decode(chat) == "user: hi\nassistant: "
+
+
+def train_bpe_ranks(text: bytes, merges: int) -> dict[bytes, int]:
+    """A few BPE merges learnt from text: a valid tiktoken rank table, built offline."""
+    ranks = {bytes([i]): i for i in range(256)}
+    words = [[bytes([b]) for b in w] for w in text.split(b" ")]
+    for _ in range(merges):
+        counts = {}
+        for w in words:
+            for a, b in zip(w, w[1:]):
+                counts[a + b] = counts.get(a + b, 0) + 1
+        if not counts:
+            break
+        best = max(counts, key=counts.get)
+        ranks[best] = len(ranks)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if w[i] + w[i + 1] == best:
+                    w[i:i + 2] = [best]
+                i += 1
+    return ranks
+
+
+def test_llama3_tiktoken_file(tmp_path):
+    import tiktoken
+    text = b"the quick brown fox jumps over the lazy dog while the other fox sleeps " * 3
+    text += "naïve café 123 4567 they're".encode()
+    ranks = train_bpe_ranks(text, 200)
+    assert len(ranks) > 280
+    (tmp_path / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    tok = model.load_tokenizer(str(tmp_path))  # no tokenizer_config.json: Meta's special tokens
+    ref = tiktoken.Encoding("ref", pat_str=model.LLAMA3_PAT, mergeable_ranks=ranks, special_tokens={})
+    for s in ["the quick brown fox", "The lazy dog's 12345 naïve café!\n\n  ok", "<|eot_id|> x 日本"]:
+        assert tok.encode(s) == ref.encode(s, disallowed_special=()) and tok.decode(tok.encode(s)) == s
+    n = len(ranks)
+    assert (tok.bos_id, tok.eos_id) == (n, n + 1)
+    eot = n + model.LLAMA3_SPECIALS.index("<|eot_id|>")
+    assert eot in tok.stop_ids and tok.encode("<|eot_id|>", special=True) == [eot]
+    chat = tok.render_chat([{"role": "user", "content": "hi"}])
+    assert chat[0] == tok.bos_id and eot in chat
+    assert tok.decode(chat, special=True) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi"
+                                              "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    # with a tokenizer_config.json (as in HF repos) the special tokens and eos come from it
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": {str(n): {"content": "<|begin_of_text|>"}, str(n + 1): {"content": "<|eot_id|>"},
+                                 str(n + 2): {"content": "<|end_of_text|>"}},
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    tok = model.load_tokenizer(str(tmp_path))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (n, n + 1, n + 1) and tok.stop_ids == {n + 1, n + 2}
+
+
+def test_hf_tokenizer_backend(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["hello world, the quick brown fox"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast.save_pretrained(tmp_path)
+    tok = model.load_tokenizer(str(tmp_path))
+    assert isinstance(tok, model.HFTokenizer)
+    s = "hello <|im_end|> wörld"
+    assert tok.eos_id not in tok.encode(s) and tok.decode(tok.encode(s)) == s
+    assert tok.eos_id in tok.encode(s, special=True)
+    assert tok.eos_id in tok.stop_ids and tok.pad_id == fast.pad_token_id
+    chat = tok.render_chat([{"role": "user", "content": "hello"}])
+    assert tok.decode(chat, special=True) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ===============================================================================================
+# tasks.py: task families, prompts, rewards, demonstrations, real data
+# ===============================================================================================
+
+SYNTHETIC = ["math", "subset"]
+
+
+def mathp(request, start, ops):
+    """A math problem by hand, its target computed left to right independently of tasks.py."""
+    v = start
+    for op, x in ops:
+        v = {"+": v + x, "-": v - x, "*": v * x}[op]
+    return tasks.Problem("m/1", "math", request, len(ops), str(v), {"start": start, "ops": ops})
+
+
+def subp(numbers, target, best):
+    return tasks.Problem("s/1", "subset", " ".join(map(str, numbers)) + f">{target}", len(numbers),
+                         "+".join(map(str, best)) + f"={target}", {"numbers": numbers, "target": target, "best": best})
+
+
+P_MATH = mathp("7+5*2-9", 7, [["+", 5], ["*", 2], ["-", 9]])
+P_SUB = subp([3, 9, 14, 22, 31], 40, [9, 31])
+
+
+def within(actual, expected_sum, var_sum, n, slack=0.0):
+    """|mean - expectation| within 4 sigma of a sum of independent Bernoullis."""
+    assert n > 100
+    assert abs(actual - expected_sum) <= 4 * math.sqrt(var_sum) + slack * n, (actual, expected_sum, var_sum)
+
+
+# ---------------------------------------------------------------- pure reward functions
+
+def test_graded_step_reward_formulas():
+    g = tasks.graded_step_reward
+    assert g(0.3, 0.9, "base") == 0.3 and g(0.3, 0.9, "diverge") == 0.3  # base/diverge: r_k itself
+    assert g(0.75, 0.5, "improve") == pytest.approx(0.5)                 # (0.75-0.5)/(1-0.5)
+    assert g(1.0, 0.2, "improve") == pytest.approx(1.0)
+    assert g(0.4, 0.6, "improve") == 0.0                                 # never negative
+    assert g(0.6, 0.6, "improve") == 0.0
+    assert g(1.0, 1.0, "improve") == 1.0 and g(0.9, 1.0, "improve") == 0.0  # the [open] r_{k-1} = 1 case
+    assert g(0.7, None, "improve") == 0.7
+    with pytest.raises(ValueError):
+        g(0.5, 0.5, "fix")
+    assert tasks.binary_step_reward(1.0) == 1.0 and tasks.binary_step_reward(0.0) == 0.0
+
+
+def test_expected_accuracy_markov_chain_by_hand():
+    e = tasks.expected_accuracy
+    assert e(0.5, 0.2, 0.3, 0) == 0.5
+    assert e(0.5, 0.2, 0.3, 1) == pytest.approx(0.5 * 0.7 + 0.5 * 0.2)       # 0.45
+    assert e(0.5, 0.2, 0.3, 2) == pytest.approx(0.45 * 0.7 + 0.55 * 0.2)     # 0.425
+    assert e(0.5, 0.2, 0.3, 500) == pytest.approx(0.2 / (0.2 + 0.3))         # the fixed point a*
+
+
+# ---------------------------------------------------------------- math
+
+def test_math_score_left_to_right_and_final_number_only():
+    f = tasks.get_family("math")
+    assert P_MATH.target == "15"  # (7+5)*2-9, not 7+10-9
+    assert f.score(P_MATH, "7+5=12,12*2=24,24-9=15#15") == 1.0
+    assert f.score(P_MATH, "~7+5=12*2=24-9=15#15") == 1.0
+    assert f.score(P_MATH, "7+5=12,12*2=24,24-9=15#8") == 0.0      # the last '#' decides
+    assert f.score(P_MATH, "#8#15") == 1.0
+    assert f.score(P_MATH, "the answer is \\boxed{15}.") == 1.0     # chat form
+    assert f.score(P_MATH, "7+5=12,12*2=24,24-9=15") == 0.0         # no separator: malformed
+    for junk in ["", "#", "#15.0", "#1 5", "#８", "#١٥", "15", "\x00#\xff", "#" + "9" * 5000, "\\boxed{", None]:
+        assert f.score(P_MATH, junk) == 0.0, junk
+    for mode in tasks.MODES:  # binary: correctness of the new answer, whatever the mode or the previous one
+        assert f.step_reward(P_MATH, "#15", mode, "#15") == 1.0
+        assert f.step_reward(P_MATH, "#14", mode, "#15") == 0.0
+        assert f.step_reward(P_MATH, "#15", mode, None) == 1.0
+    assert f.feedback(P_MATH, "#15") is None and not f.graded and not f.has_feedback
+    assert f.solution_text("7+5=12,12*2=24,24-9=15#15") == "7+5=12,12*2=24,24-9=15"
+
+
+def test_math_problems_stay_in_range_and_match_their_request():
+    f = tasks.get_family("math")
+    for p in f.sample("train", 300, 3) + f.sample("test", 100, 3, difficulty=6):
+        v = int(p.request[:len(str(p.data["start"]))])
+        for op, x in p.data["ops"]:
+            v = {"+": v + x, "-": v - x, "*": v * x}[op]
+            assert 0 <= v <= 99
+        assert str(v) == p.target and len(p.data["ops"]) == p.difficulty
+        assert p.request == str(p.data["start"]) + "".join(f"{o}{x}" for o, x in p.data["ops"])
+        assert f.score(p, f.solve(p, False)) == 1.0 and f.score(p, f.solve(p, True)) == 1.0
+
+
+# ---------------------------------------------------------------- subset
+
+def test_subset_score_feedback_and_step_reward():
+    f = tasks.get_family("subset")
+    assert f.graded and f.has_feedback
+    assert f.score(P_SUB, "9+31=40") == 1.0
+    assert f.score(P_SUB, "~31+9=40") == 1.0
+    assert f.score(P_SUB, "9+31=41") == 1.0                      # a wrong written sum: the true sum counts
+    assert f.score(P_SUB, "9+31") == 1.0 and f.score(P_SUB, "so \\boxed{9+31}") == 1.0
+    assert f.score(P_SUB, "9+22=31") == pytest.approx(1 - 9 / 40)
+    assert f.score(P_SUB, "3+9+14+22+31=79") == pytest.approx(1 - 39 / 40)
+    assert f.score(subp([3, 9, 14, 22, 31], 12, [3, 9]), "22+31=53") == 0.0  # clipped at 0
+    for junk in ["9+9=18", "17+23=40", "0+40=40", "", "=40", "9+", "+9", "9 31", "９+31", "\udcff", "9+" * 3000, None]:
+        assert f.score(P_SUB, junk) == 0.0, junk
+    assert f.feedback(P_SUB, "9+22=31") == "sum 31, 9 short"
+    assert f.feedback(P_SUB, "9+31=41") == "sum 40, exact"
+    assert f.feedback(P_SUB, "9+14+22=45") == "sum 45, 5 over"
+    assert f.feedback(P_SUB, "9+17=26") == "bad pick 17"
+    assert f.feedback(P_SUB, "nine") == "unreadable"
+    r = f.step_reward
+    assert r(P_SUB, "9+22=31", "base", None) == pytest.approx(0.775)
+    assert r(P_SUB, "9+22=31", "diverge", "9+31=40") == pytest.approx(0.775)  # diverge: r_k, not a gain
+    assert r(P_SUB, "9+31=40", "improve", "9+22=31") == pytest.approx(1.0)
+    assert r(P_SUB, "3+9+22=34", "improve", "3+22=25") == pytest.approx((0.85 - 0.625) / 0.375)
+    assert r(P_SUB, "9+22=31", "improve", "3+9+22=34") == 0.0
+    assert r(P_SUB, "9+31=40", "improve", "31+9=40") == 1.0 and r(P_SUB, "9+22=31", "improve", "9+31=40") == 0.0
+    assert r(P_SUB, "garbage", "improve", "9+31=40") == 0.0 and r(P_SUB, "9+31=40", "improve", "garbage") == 1.0
+
+
+def test_subset_problems_have_a_unique_exact_answer():
+    f = tasks.get_family("subset")
+    for p in f.sample("train", 100, 5) + f.sample("test", 30, 5, difficulty=8):
+        nums, t = p.data["numbers"], p.data["target"]
+        hits = [m for m in range(1, 2 ** len(nums)) if sum(x for i, x in enumerate(nums) if m >> i & 1) == t]
+        assert len(hits) == 1 and f.score(p, p.target) == 1.0 and len(nums) == p.difficulty
+
+
+# ---------------------------------------------------------------- parsers never raise
+
+def random_texts(seed, n=400):
+    rng = random.Random(seed)
+    alphabet = "0123456789+-*/=#~{}()\\^$., boxedfracsqrt\n\u00e9\u4e00\U0001f600"
+    for _ in range(n):
+        yield bytes(rng.randrange(256) for _ in range(rng.randrange(40))).decode("utf-8", errors="replace")
+        yield "".join(rng.choice(alphabet) for _ in range(rng.randrange(60)))
+        yield "\\boxed{" * rng.randrange(5) + "".join(rng.choice(alphabet) for _ in range(10)) + "}" * rng.randrange(5)
+
+
+@pytest.mark.parametrize("name", SYNTHETIC + ["realmath"])
+def test_parsers_never_raise_on_junk(name):
+    f = tasks.get_family(name, problems=[tasks.Problem("r/1", "realmath", "1+1?", 0, "2", {})]) \
+        if name == "realmath" else tasks.get_family(name)
+    p = f.sample("train", 1, 0)[0] if name != "realmath" else f.problems[0]
+    for text in random_texts(name):
+        s = f.score(p, text)
+        assert 0.0 <= s <= 1.0
+        for mode in tasks.MODES:
+            assert 0.0 <= f.step_reward(p, text, mode, text[::-1]) <= 1.0
+        f.feedback(p, text), f.solution_text(text)
+        assert isinstance(tasks.extract_answer(text), str)
+        assert tasks.answers_equal(text, "2") in (True, False)
+
+
+# ---------------------------------------------------------------- splits and prompts
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_splits_disjoint_and_reproducible(name):
+    f = tasks.get_family(name)
+    train, test = f.sample("train", 600, 0), f.sample("test", 200, 0)
+    assert train == f.sample("train", 600, 0) and test == f.sample("test", 200, 0)
+    assert train != f.sample("train", 600, 1)
+    assert not {p.request for p in train} & {p.request for p in test}
+    assert not {p.request for p in train} & {p.request for p in f.sample("test", 200, 1)}
+    assert len({p.id for p in train + test}) == 800 and len({p.request for p in train}) == 600
+    assert {p.difficulty for p in train} == set(f.train_difficulties)
+    hard = f.heldout_difficulties[-1]
+    assert all(p.difficulty == hard for p in f.sample("test", 50, 0, difficulty=hard))
+    p = train[0]
+    assert tasks.Problem(**json.loads(json.dumps(dataclasses.asdict(p)))) == p
+    with pytest.raises(ValueError):
+        f.sample("valid", 1, 0)
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_prompts_contain_request_and_answer(name):
+    f = tasks.get_family(name)
+    p = f.sample("test", 1, 0)[0]
+    ans = f.attempt(p, random.Random(0), False)
+    assert f.prompt(p) == f"<|request|>{p.request}<|answer|>"
+    for style in ("compact", "chat"):
+        for mode in tasks.MODES:
+            text = f.prompt(p, None if mode == "base" else ans, mode, style=style)
+            assert p.request in text
+            if mode != "base":
+                assert ans in text
+                if f.has_feedback:
+                    assert f.feedback(p, ans) in text
+            if style == "chat":
+                assert "\\boxed" in text and "<|" not in text
+        with pytest.raises(ValueError):
+            f.prompt(p, None, "improve", style=style)
+    assert f.prompt(p, ans, "improve").endswith("<|improve|>")
+    assert f.prompt(p, ans, "diverge").endswith("<|diverge|>")
+    chat = f.prompt(p, ans, "diverge", style="chat").lower()
+    assert "summarise" in chat and "significantly different approach" in chat
+    assert tasks.n_tokens(f.prompt(p)) == len(p.request) + 2
+
+
+# ---------------------------------------------------------------- warm-start demonstrations
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_demonstrations_follow_the_error_model(name):
+    f = tasks.get_family(name)
+    em, recs = f.error_model, f.demo_records(4000, 0)
+    assert [(r["prompt"], r["response"]) for r in recs] == f.demonstrations(4000, 0)
+    right = lambda r, key="response": f.score(r["problem"], r[key]) == 1.0
+    by = {m: [r for r in recs if r["mode"] == m] for m in tasks.MODES}
+    within(len(by["base"]), 0.5 * 4000, 4000 * 0.25, 4000)
+    within(len(by["improve"]), 0.35 * 4000, 4000 * 0.35 * 0.65, 4000)
+    # first attempts: P(right) = a0(d) exactly
+    a = [f.a0(r["problem"].difficulty) for r in by["base"]]
+    within(sum(map(right, by["base"])), sum(a), sum(x * (1 - x) for x in a), len(a))
+    # revisions of a wrong answer: fixed with p_fix_eff(d), copied verbatim with ~p_copy
+    wrong = [r for r in by["improve"] if not right(r, "answer")]
+    pf = [f.p_fix_eff(r["problem"].difficulty) for r in wrong]
+    within(sum(map(right, wrong)), sum(pf), sum(x * (1 - x) for x in pf), len(wrong))
+    copies = sum(r["response"] == r["answer"] for r in wrong)
+    within(copies, em["p_copy"] * len(wrong), len(wrong) * em["p_copy"] * (1 - em["p_copy"]), len(wrong), 0.01)
+    # revisions of a right answer: kept verbatim with 1 - p_break(d), else broken
+    ok = [r for r in by["improve"] if right(r, "answer")]
+    kept = sum(r["response"] == r["answer"] for r in ok)
+    assert kept == sum(map(right, ok))
+    pb = [f.p_break(r["problem"].difficulty) for r in ok]
+    within(kept, len(ok) - sum(pb), sum(x * (1 - x) for x in pb), len(ok))
+    # diverge: always the other style, first-attempt accuracy
+    assert all(r["response"].startswith("~") != r["answer"].startswith("~") for r in by["diverge"])
+    a = [f.a0(r["problem"].difficulty) for r in by["diverge"]]
+    within(sum(map(right, by["diverge"])), sum(a), sum(x * (1 - x) for x in a), len(a))
+    # every demo prompt is the family's own prompt, and short enough for the toy model
+    for r in recs:
+        assert r["prompt"] == f.prompt(r["problem"], r["answer"], r["mode"])
+        assert tasks.n_tokens(r["prompt"]) <= 110 and len(r["response"]) <= 50
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_demonstrated_policy_is_a_weak_self_improver(name):
+    """Simulate K revisions with `revise`: the Markov-chain prediction must match, and accuracy must not climb."""
+    f = tasks.get_family(name)
+    rng, probs = random.Random(1), f.sample("train", 3000, 7)
+    answers = [f.attempt(p, rng, rng.random() < 0.25) for p in probs]
+    a0 = [f.a0(p.difficulty) for p in probs]
+    for k in range(5):
+        exp = [tasks.expected_accuracy(x, f.p_fix_eff(p.difficulty), f.p_break(p.difficulty), k) for x, p in zip(a0, probs)]
+        within(sum(f.score(p, a) == 1.0 for p, a in zip(probs, answers)), sum(exp), sum(e * (1 - e) for e in exp), 3000)
+        answers = [f.revise(p, a, rng) for p, a in zip(probs, answers)]
+    assert 0.45 <= f.expected_accuracy(0) <= 0.55
+    assert f.expected_accuracy(0) - 0.08 <= f.expected_accuracy(16) <= f.expected_accuracy(0)  # drifts down a little
+    hard = f.heldout_difficulties
+    assert f.expected_accuracy(16, hard) <= f.expected_accuracy(0, hard) + 0.02  # no free gains on held-out
+
+
+def test_error_model_is_settable():
+    f = tasks.get_family("math", error_model={"q": 0.0, "q_break": 1.0})
+    recs = f.demo_records(300, 0)
+    assert all(f.score(r["problem"], r["response"]) == 1.0 for r in recs if r["mode"] == "base")
+    assert f.expected_accuracy(0) == 1.0 and f.expected_accuracy(1) == 0.0  # every right answer broken
+    assert f.expected_accuracy(2) == pytest.approx(f.error_model["p_fix"] + 0.2 * 1.0)  # fix, or a re-attempt (a0 = 1)
+    assert tasks.get_family("math").error_model["q"] == tasks.MathFamily.ERROR_MODEL["q"]  # class default untouched
+    for name in SYNTHETIC:  # a slip never cancels an earlier one: slipping everywhere is always wrong
+        f, rng = tasks.get_family(name, error_model={"q": 1.0}), random.Random(0)
+        for p in f.sample("train", 500, 2):
+            assert f.score(p, f.attempt(p, rng, rng.random() < 0.5)) < 1.0
+            assert f.score(p, f.break_answer(p, False, rng)) < 1.0
+
+
+# ---------------------------------------------------------------- real data
+
+def test_extract_answer():
+    e = tasks.extract_answer
+    assert e("so \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
+    assert e("\\boxed{1} then \\boxed{\\frac{a^{2}}{\\sqrt{b}}}") == "\\frac{a^{2}}{\\sqrt{b}}"
+    assert e("Total is 5 apples.\n#### 1,234") == "1,234"
+    assert e("it is 3, then 42.") == "42"
+    assert e("no numbers") == "" and e("") == "" and e("\\boxed{1") == "1"
+
+
+def test_answers_equal():
+    eq = tasks.answers_equal
+    assert eq("\\frac{1}{2}", "0.5") and eq("\\dfrac{1}{2}", "1/2") and eq("\\frac12", "0.5")
+    assert eq("1,234", "1234") and eq("$10$", "10.0") and eq("\\text{5}", "5") and eq(" 7 ", "7.")
+    assert eq("2\\sqrt{2}", "\\sqrt{8}") and eq("x^2+2x+1", "(x+1)^2") and eq("\\left(3\\right)", "3")
+    assert not eq("1/3", "0.33") and not eq("12", "21") and not eq("", "") and not eq(None, "1")
+    t = time.time()
+    assert not eq("9^{9^{9}}", "1") and not eq("9**99**99", "1") and not eq("__import__('os')", "0")
+    assert time.time() - t < 2
+
+
+def test_load_jsonl_and_realmath(tmp_path):
+    gsm = tmp_path / "gsm.jsonl"
+    lines = [{"question": f"What is {i}*1000+234?", "answer": f"work\n#### {i},234"} for i in range(1, 41)]
+    gsm.write_text("\n".join(map(json.dumps, lines)) + "\n\n")
+    probs = tasks.load_jsonl(str(gsm))
+    assert len(probs) == 40 and probs[0].target == "1,234" and probs[0].id == "gsm/1"
+    mth = tmp_path / "math.jsonl"
+    mth.write_text(json.dumps({"problem": "Half?", "solution": "It is \\boxed{\\frac{1}{2}}.", "level": "Level 3"})
+                   + "\n" + json.dumps({"problem": "Two?", "answer": "2"}) + "\n")
+    m = tasks.load_jsonl(str(mth))
+    assert [(p.target, p.difficulty) for p in m] == [("\\frac{1}{2}", 3), ("2", 0)]
+    bad = tmp_path / "bad.jsonl"
+    for body, line in [('{"question": "q", "answer": "#### 1"}\n{"question": \n', 2),
+                       ('{"question": "q", "answer": "#### 1"}\n\n{"problem": "p", "solution": "no box"}\n', 3),
+                       ('{"question": "q", "answer": "no hashes"}\n', 1), ('[1, 2]\n', 1)]:
+        bad.write_text(body)
+        with pytest.raises(ValueError, match=f"bad.jsonl, line {line}"):
+            tasks.load_jsonl(str(bad))
+    f = tasks.get_family("realmath", path=str(gsm))
+    train, test = f.sample("train", 100, 0), f.sample("test", 100, 0)
+    assert not {p.request for p in train} & {p.request for p in test} and len(train) == 100
+    assert f.sample("train", 100, 0) == train
+    p = probs[0]
+    assert f.score(p, "... so \\boxed{1234}") == 1.0 and f.score(p, "#### 1234") == 1.0
+    assert f.score(p, "\\boxed{1235}") == 0.0 and f.score(p, "") == 0.0
+    assert p.request in f.prompt(p, "x", "improve", style="chat")
+    with pytest.raises(NotImplementedError):
+        f.demonstrations(10, 0)
+
+
+def test_get_family_registry():
+    assert set(tasks.FAMILIES) >= {"math", "subset", "realmath"}
+    with pytest.raises(ValueError, match="math"):
+        tasks.get_family("chess")
+    assert all(len(m) > 3 and m.startswith("<|") for m in tasks.MARKERS)
+
+
+# ===============================================================================================
+# buffer.py: the task buffer against the rules of PAPER.md §5
+# ===============================================================================================
+
+def make(capacity=8, min_size=1, replay_prob=0.5, kappa=10.0, **kw):
+    return TaskBuffer(capacity, min_size, replay_prob, kappa, **kw)
+
+
+def put(buf, name, score, depth=0, base="b0", parent=None):
+    """Insert a one-turn history whose content is `name`."""
+    return buf.insert(base, {"q": base}, [{"answer": name, "feedback": None}], depth, score, parent)
+
+
+# --- learnability and probabilities ---------------------------------------------------------
+
+
+def test_learnability_is_population_variance():
+    assert learnability([0, 1, 0, 1]) == pytest.approx(0.25)          # p(1-p), not 0.333 (ddof=1)
+    assert learnability([1, 1, 1, 0, 0]) == pytest.approx(0.6 * 0.4)
+    assert learnability([1, 1, 1]) == 0.0 and learnability([0.0]) == 0.0
+    assert learnability([0.2, 0.4]) == pytest.approx(0.01)
+    assert isinstance(learnability(np.array([0, 1])), float)
+    with pytest.raises(ValueError):
+        learnability([])
+
+
+def test_softmax_probs_match_hand_formula():
+    s, kappa = [0.0, 0.1, 0.25, 0.1], 10.0
+    w = [math.exp(kappa * x) for x in s]
+    expected = [x / sum(w) for x in w]
+    p = sampling_probs(s, kappa)
+    assert p.dtype == np.float64
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+    np.testing.assert_allclose(sampling_probs(s, 0.0), [0.25] * 4)     # κ = 0: uniform
+
+
+def test_large_kappa_concentrates_without_overflow():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                 # an overflow warning fails
+        p = sampling_probs([0.1, 0.25, 0.2], 1e4)
+        tied = sampling_probs([0.25, 0.1, 0.25], 1e6)
+    assert np.all(np.isfinite(p)) and p[1] == pytest.approx(1.0) and p.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(tied, [0.5, 0.0, 0.5], atol=1e-12)
+
+
+def test_rank_weights_use_temperature_as_exponent():
+    s, T = [0.3, 0.1, 0.2], 0.5                                        # ranks 1, 3, 2
+    w = np.array([1.0, (1 / 3) ** (1 / T), (1 / 2) ** (1 / T)])
+    p = sampling_probs(s, kappa=123.0, rank_temperature=T)             # κ ignored under ranks
+    np.testing.assert_allclose(p, w / w.sum(), rtol=1e-12)
+    # a divisor would give p ∝ 1/rank, the same as T = 1: make sure it does not
+    assert not np.allclose(p, sampling_probs(s, 0.0, rank_temperature=1.0))
+    # integer scores, tiny T: float dtype, finite, rank 1 gets (nearly) everything
+    q = sampling_probs([3, 1, 2], 0.0, rank_temperature=0.01)
+    assert q.dtype == np.float64 and np.all(np.isfinite(q)) and q[0] == pytest.approx(1.0)
+    # ties keep insertion order: the earlier of two equal scores gets the better rank
+    r = sampling_probs([0.2, 0.2], 0.0, rank_temperature=1.0)
+    np.testing.assert_allclose(r, [2 / 3, 1 / 3])
+
+
+def test_staleness_probs_and_mixing():
+    np.testing.assert_allclose(staleness_probs([0, 3, 4], clock=4), [4 / 5, 1 / 5, 0.0])
+    np.testing.assert_allclose(staleness_probs([2, 2], clock=2), [0.5, 0.5])   # none stale: uniform
+    buf = make(kappa=10.0, staleness_coef=0.3)
+    for i, sc in enumerate([0.0, 0.1, 0.25]):
+        put(buf, f"a{i}", sc)
+    es = list(buf.entries.values())
+    es[0].last_sampled, es[1].last_sampled, es[2].last_sampled = 1, 5, 6
+    buf.clock = 6
+    p_s = sampling_probs([0.0, 0.1, 0.25], 10.0)
+    p_c = np.array([5, 1, 0]) / 6
+    np.testing.assert_allclose(buf.probs(), 0.7 * p_s + 0.3 * p_c, rtol=1e-12)
+    assert buf.probs().sum() == pytest.approx(1.0)
+
+
+def test_sample_advances_clock_and_stamps_last_sampled():
+    buf = make(kappa=0.0, staleness_coef=1.0, seed=3)                  # pure staleness
+    a, b = put(buf, "a", 0.1), put(buf, "b", 0.1)
+    assert buf.clock == 0 and a.inserted_at == a.last_sampled == 0
+    (got,) = buf.sample()
+    assert buf.clock == 1 and got.last_sampled == 1
+    other = b if got is a else a
+    assert other.last_sampled == 0
+    np.testing.assert_allclose(buf.probs(), [0.0, 1.0] if got is a else [1.0, 0.0])
+    buf.sample(5)
+    assert buf.clock == 2                                              # one tick per call
+
+
+def test_sampling_frequencies_match_probs():
+    buf = make(kappa=10.0, seed=0)
+    for i, sc in enumerate([0.0, 0.05, 0.1, 0.2, 0.25]):
+        put(buf, f"x{i}", sc)
+    p, n = buf.probs(), 40_000
+    uids = [e.uid for e in buf.sample(n)]
+    counts = np.bincount(uids, minlength=5)
+    sigma = np.sqrt(n * p * (1 - p))
+    assert np.all(np.abs(counts - n * p) <= 4 * sigma), (counts, n * p)
+    assert abs(counts[4] - n / 5) > 10 * np.sqrt(n * 0.2 * 0.8)       # and it is not uniform
+
+
+# --- insertion, capacity, de-duplication ----------------------------------------------------
+
+
+def test_eviction_at_capacity_with_ties():
+    buf = make(capacity=3)
+    e0, e1, e2 = put(buf, "a", 0.1), put(buf, "b", 0.2), put(buf, "c", 0.1)
+    assert put(buf, "d", 0.05) is None                                 # below the minimum: rejected
+    assert [e.uid for e in buf.entries.values()] == [0, 1, 2]
+    e3 = put(buf, "e", 0.1)                                            # equal to the min: enters,
+    assert e3 is not None and set(buf.entries) == {1, 2, 3}            # evicting the oldest min (0)
+    put(buf, "f", 0.1)
+    assert set(buf.entries) == {1, 3, 4}                               # next oldest min (2) goes
+    put(buf, "g", 0.3)
+    assert set(buf.entries) == {1, 4, 5} and len(buf) == 3
+    assert put(buf, "a", 0.3) is not None                              # evicted content may return
+
+
+def test_inheritance_and_score_update():
+    buf = make()
+    root = put(buf, "first", 0.1, depth=0)
+    (drawn,) = buf.sample()
+    assert drawn is root
+    S = learnability([0, 1, 1, 0])
+    buf.update_score(root.uid, S)                                      # fresh S for the parent
+    child = put(buf, "better", S, depth=1, parent=root.uid)           # the child inherits it
+    assert root.score == child.score == 0.25 and child.parent == root.uid and child.depth == 1
+    buf.update_score(12345, 0.2)                                       # unknown/evicted uid: no-op
+    assert [e.score for e in buf.entries.values()] == [0.25, 0.25]
+
+
+def test_deduplication_keeps_higher_score():
+    buf = make()
+    a = buf.insert("b0", {}, [{"answer": "x", "feedback": None}], 0, 0.1)
+    same = buf.insert("b0", {}, [{"feedback": None, "answer": "x"}], 2, 0.2, parent=7)
+    assert same is a and len(buf) == 1 and a.score == 0.2              # higher score kept
+    assert a.depth == 0 and a.parent is None                           # original lineage kept
+    buf.insert("b0", {}, [{"answer": "x", "feedback": None}], 0, 0.05)
+    assert a.score == 0.2                                              # never lowered
+    buf.insert("b1", {}, [{"answer": "x", "feedback": None}], 0, 0.1)  # other base task: distinct
+    assert len(buf) == 2
+    full = make(capacity=2)
+    put(full, "p", 0.1), put(full, "q", 0.2)
+    assert put(full, "p", 0.3).uid == 0 and set(full.entries) == {0, 1}  # dup never evicts
+
+
+def test_multi_turn_prefixes():
+    buf = make()
+    turns = [{"answer": f"t{i}", "feedback": None} for i in range(3)]
+    got = buf.insert_history("b0", {"q": 1}, turns, [0, 1, 2], 0.2, parent=None)
+    assert [len(e.turns) for e in got] == [1, 2, 3] and [e.depth for e in got] == [0, 1, 2]
+    assert all(e.turns == turns[:i + 1] and e.score == 0.2 for i, e in enumerate(got))
+    more = turns + [{"answer": "t3", "feedback": "err"}]
+    again = buf.insert_history("b0", {"q": 1}, more, [0, 1, 2, 0], 0.1)
+    assert len(buf) == 4 and again[:3] == got                          # shared prefixes deduped
+    with pytest.raises(ValueError, match="depths"):
+        buf.insert_history("b0", {}, turns, [0, 1], 0.1)
+
+
+def test_entry_stores_a_copy_of_the_history():
+    buf = make()
+    turns = [{"answer": "x", "feedback": None}]
+    e = buf.insert("b0", {"q": 1}, turns, 0, 0.1)
+    turns[0]["answer"] = "changed"
+    assert e.turns == [{"answer": "x", "feedback": None}]
+
+
+# --- replay gate ------------------------------------------------------------------------------
+
+
+def test_replay_gate_respects_min_size_and_p():
+    buf = make(capacity=10, min_size=3, replay_prob=1.0)
+    put(buf, "a", 0.1), put(buf, "b", 0.1)
+    assert not any(buf.should_replay() for _ in range(200))            # below B_min: never
+    put(buf, "c", 0.1)
+    assert all(buf.should_replay() for _ in range(200))
+    assert buf.stats()["replay_frac"] == pytest.approx(0.5)
+    buf = make(capacity=10, min_size=1, replay_prob=0.3, seed=1)
+    put(buf, "a", 0.1)
+    n = 20_000
+    k = sum(buf.should_replay() for _ in range(n))
+    assert abs(k - 0.3 * n) <= 4 * math.sqrt(n * 0.3 * 0.7)
+    assert make(replay_prob=0.0).should_replay() is False
+
+
+def test_gate_consumes_one_uniform_per_call():
+    buf = make(min_size=1, replay_prob=0.5, seed=5)
+    ref = np.random.default_rng(5)
+    for i in range(50):                                                # empty at first, then not
+        if i == 25:
+            put(buf, "a", 0.1)
+        u = ref.random()                                               # drawn even while empty
+        assert buf.should_replay() == (len(buf) >= 1 and u < 0.5)
+    assert buf.rng.bit_generator.state == ref.bit_generator.state
+
+
+# --- stats and checkpoints ----------------------------------------------------------------------
+
+
+def test_stats():
+    buf = make(kappa=0.0)
+    assert buf.stats()["size"] == 0 and buf.stats()["entropy"] == 0.0
+    put(buf, "a", 0.1, depth=0, base="p"), put(buf, "b", 0.2, depth=0, base="p")
+    put(buf, "c", 0.3, depth=1, base="q")
+    st = buf.stats()
+    assert st["size"] == 3 and st["distinct_base"] == 2 and st["depth_hist"] == {0: 2, 1: 1}
+    assert st["score_mean"] == pytest.approx(0.2) and st["score_max"] == pytest.approx(0.3)
+    assert st["entropy"] == pytest.approx(math.log(3))                 # κ = 0: uniform
+    buf.kappa = 10.0
+    p = sampling_probs([0.1, 0.2, 0.3], 10.0)
+    assert buf.stats()["entropy"] == pytest.approx(-(p * np.log(p)).sum())
+    assert all(isinstance(v, (int, float, dict)) for v in st.values())
+
+
+def test_state_dict_round_trip_is_exact():
+    buf = make(capacity=5, min_size=2, kappa=7.0, seed=11, rank_temperature=0.3, staleness_coef=0.2)
+    for i in range(8):
+        buf.insert_history(f"b{i % 3}", {"q": i}, [{"answer": f"a{i}"}, {"answer": f"z{i}"}],
+                           [0, 1], 0.02 * i + 0.1 / 3)
+        buf.should_replay()
+        buf.sample(2)
+    state = json.loads(json.dumps(buf.state_dict()))                  # plain JSON types only
+    fresh = make(capacity=1, kappa=0.0, seed=999)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == buf.state_dict()
+    state["entries"][0]["score"] = -1.0                                # load copied the state
+    assert fresh.entries[state["entries"][0]["uid"]].score != -1.0
+    for _ in range(20):
+        assert fresh.should_replay() == buf.should_replay()
+        assert [e.uid for e in fresh.sample(3)] == [e.uid for e in buf.sample(3)]
+        np.testing.assert_array_equal(fresh.probs(), buf.probs())
+    assert put(fresh, "new", 1.0).uid == put(buf, "new", 1.0).uid
+    assert fresh.stats() == buf.stats()
+
+
+# --- bad arguments ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(capacity=0), ValueError, "capacity"),
+    (dict(capacity=2.5), TypeError, "capacity"),
+    (dict(capacity=True), TypeError, "capacity"),
+    (dict(min_size=9), ValueError, "min_size"),                        # B_min > N
+    (dict(min_size=0), ValueError, "min_size"),
+    (dict(replay_prob=1.5), ValueError, "replay_prob"),
+    (dict(replay_prob=-0.1), ValueError, "replay_prob"),
+    (dict(replay_prob="0.5"), TypeError, "replay_prob"),
+    (dict(kappa=-1.0), ValueError, "kappa"),
+    (dict(kappa=float("nan")), ValueError, "kappa"),
+    (dict(kappa=None), TypeError, "kappa"),
+    (dict(seed=1.0), TypeError, "seed"),
+    (dict(rank_temperature=0.0), ValueError, "rank_temperature"),
+    (dict(staleness_coef=2.0), ValueError, "staleness_coef"),
+])
+def test_bad_constructor_arguments(kw, exc, name):
+    with pytest.raises(exc, match=name):
+        make(**kw)
+
+
+def test_bad_insert_arguments():
+    buf = make()
+    with pytest.raises(TypeError, match="turns"):
+        buf.insert("b0", {}, [{"answer": object()}], 0, 0.1)
+    with pytest.raises(TypeError, match="task"):
+        buf.insert("b0", {"x": object()}, [{"answer": "a"}], 0, 0.1)
+    with pytest.raises(TypeError, match="base_id"):
+        buf.insert(3, {}, [{"answer": "a"}], 0, 0.1)
+    with pytest.raises(ValueError, match="score"):
+        buf.insert("b0", {}, [{"answer": "a"}], 0, float("nan"))
+    with pytest.raises(ValueError, match="empty"):
+        buf.sample()
+    assert len(buf) == 0 and buffer.Entry is type(put(buf, "a", 0.1))
+
+
+# ===============================================================================================
+# exit.py: the GRPO math against hand-written formulas, and the training loop
+# ===============================================================================================
+
+def hand_advantages(rewards, scale=True):
+    """Eq. 3 written out one group at a time, in plain Python."""
+    out = []
+    for g in rewards:
+        m = sum(g) / len(g)
+        sd = (sum((x - m) ** 2 for x in g) / len(g)) ** 0.5
+        if max(g) - min(g) <= 1e-6:
+            out.append([0.0] * len(g))
+        else:
+            out.append([(x - m) / sd if scale else x - m for x in g])
+    return out
+
+
+def test_group_advantages_match_hand_formula():
+    r = [[1.0, 0.0, 0.0, 1.0], [0.2, 0.9, 0.4, 0.4], [1.0, 1.0, 1.0, 1.0]]
+    for scale in (True, False):
+        got = exit_lib.group_advantages(torch.tensor(r), scale_by_std=scale)
+        assert torch.allclose(got, torch.tensor(hand_advantages(r, scale)), atol=1e-6)
+    # a 0/1 group solved half the time: A = +-1 exactly
+    assert exit_lib.group_advantages(torch.tensor([[1.0, 0.0, 1.0, 0.0]])).tolist() == [[1.0, -1.0, 1.0, -1.0]]
+
+
+def test_group_advantages_equal_rewards_are_zero_not_nan():
+    r = torch.tensor([[0.3] * 8, [0.0] * 8, [1.0] * 8, [0.5, 0.5 + 1e-9, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])
+    a = exit_lib.group_advantages(r)
+    assert torch.isfinite(a).all() and (a == 0).all()
+
+
+def test_diversity_coefficients_eq6():
+    e = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [1.0, 1.0]])
+    mean = e.mean(0)
+    dist = [((row - mean) ** 2).sum().sqrt().item() for row in e]
+    rng = max(dist) - min(dist)
+    printed = exit_lib.diversity_coefficients(e)
+    minmax = exit_lib.diversity_coefficients(e, minmax=True)
+    assert torch.allclose(printed, torch.tensor([d / rng for d in dist]), atol=1e-6)
+    assert torch.allclose(minmax, torch.tensor([(d - min(dist)) / rng for d in dist]), atol=1e-6)
+    assert minmax.min() == 0 and abs(minmax.max() - 1) < 1e-6
+    # all rollouts equally far from the mean (here: identical) -> d_i = 1
+    same = torch.ones(4, 3)
+    assert exit_lib.diversity_coefficients(same).tolist() == [1.0] * 4
+    sym = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    assert exit_lib.diversity_coefficients(sym, minmax=True).tolist() == [1.0] * 4
+
+
+def hand_grpo_objective(logp, old, adv, mask, eps, ref=None, beta=0.0, dr_norm=None):
+    """Eq. 4 with plain loops: mean over rollouts of (1/|o_i|) sum_t [min(rho A, clip(rho) A) - beta KL_t]."""
+    total = 0.0
+    N, T = logp.shape
+    for i in range(N):
+        s, n = 0.0, 0
+        for t in range(T):
+            if mask[i][t] == 0:
+                continue
+            rho = torch.exp(logp[i, t] - old[i, t])
+            term = torch.minimum(rho * adv[i], torch.clamp(rho, 1 - eps, 1 + eps) * adv[i])
+            if ref is not None:
+                d = ref[i, t] - logp[i, t]
+                term = term - beta * (torch.exp(d) - d - 1)
+            s = s + term
+            n += 1
+        total = total + s / (dr_norm if dr_norm else n)
+    return total / N
+
+
+@pytest.mark.parametrize("variant", ["plain", "kl", "dr"])
+def test_grpo_loss_matches_hand_formula_values_and_gradients(variant):
+    g = torch.Generator().manual_seed(0)
+    N, T, eps = 6, 5, 0.2
+    old = -torch.rand(N, T, generator=g) * 2
+    # ratios spread over [0.5, 1.6]: both clipped and unclipped cells, for positive and negative A
+    logp0 = old + torch.log(torch.linspace(0.5, 1.6, N * T)).view(N, T)
+    adv = torch.tensor([1.5, -1.0, 0.5, -0.3, 0.0, 2.0])
+    lengths = torch.tensor([5, 3, 4, 1, 5, 2])
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    ref = old - 0.1 * torch.rand(N, T, generator=g)
+    kw = dict(plain={}, kl=dict(ref_logp=ref, beta=0.05), dr=dict(dr_grpo=True, dr_norm=7.0))[variant]
+    a = logp0.clone().requires_grad_(True)
+    loss, stats = exit_lib.grpo_loss(a, old, adv, mask, eps, **kw)
+    b = logp0.clone().requires_grad_(True)
+    want = -hand_grpo_objective(b, old, adv, mask, eps, ref=kw.get("ref_logp"), beta=kw.get("beta", 0.0),
+                                dr_norm=kw.get("dr_norm"))
+    loss.backward()
+    want.backward()
+    assert torch.allclose(loss, want, atol=1e-6)
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    # clipped cells get no gradient from the surrogate (when it is the minimum); padding never does
+    assert (a.grad[mask == 0] == 0).all()
+    ratio = torch.exp(logp0 - old)
+    assert abs(stats["clip_frac"] - float((((ratio - 1).abs() > eps).float() * mask).sum() / mask.sum())) < 1e-6
+    if variant == "plain":  # spot-check one clipped cell by hand: A > 0 and rho > 1 + eps -> zero gradient
+        i, t = 5, 0
+        assert ratio[i, t] > 1 + eps and adv[i] > 0 and a.grad[i, t] == 0
+
+
+def test_grpo_loss_at_ratio_one_is_the_policy_gradient():
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]])).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 2)
+    loss, _ = exit_lib.grpo_loss(logp, logp.detach(), adv, mask)
+    loss.backward()
+    # d/dlogp of -(1/N) sum_i (1/|o_i|) sum_t rho A at rho = 1 is -A_i / (N |o_i|)
+    assert torch.allclose(logp.grad, torch.tensor([[-0.25, -0.25], [0.25, 0.25]]))
+
+
+def test_ema_update():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    wa, wb = a.weight.detach().clone(), b.weight.detach().clone()
+    exit_lib.ema_update(a, b, 0.25)
+    assert torch.allclose(a.weight, 0.25 * wb + 0.75 * wa)
+    exit_lib.ema_update(a, b, 1.0)
+    assert torch.equal(a.weight, b.weight)
+
+
+# ---- config
+
+def test_config_parsing_and_errors():
+    cfg, given = exit_lib.parse_args(["--iters=7", "--lr=0.001", "--dr_grpo", "--method=grpo"])
+    assert (cfg.iters, cfg.lr, cfg.dr_grpo, cfg.method) == (7, 0.001, True, "grpo") and "iters" in given
+    with pytest.raises(ValueError, match="unknown config key 'itres'.*valid keys:.*iters"):
+        exit_lib.parse_args(["--itres=3"])
+    with pytest.raises(ValueError, match="--iters expects int, got 'many'"):
+        exit_lib.parse_args(["--iters=many"])
+    with pytest.raises(ValueError, match="method must be one of"):
+        exit_lib.parse_args(["--method=ppo"])
+    with pytest.raises(ValueError, match="min_size .* must be <= buffer_size"):
+        exit_lib.parse_args(["--min_size=10", "--buffer_size=5"])
+    with pytest.raises(ValueError, match="expects a bool"):
+        exit_lib.parse_args(["--resume=maybe"])
+    assert "--kappa" in exit_lib.config_help() and "inverse temperature" in exit_lib.config_help()
+
+
+def test_method_ladder_switches():
+    on = {m: exit_lib.Config(method=m) for m in exit_lib.METHODS}
+    assert [on[m].uses_buffer for m in exit_lib.METHODS] == [False, True, True, True, True]
+    assert [on[m].self_iterates for m in exit_lib.METHODS] == [False, False, True, True, True]
+    assert [on[m].diverge_prob > 0 for m in exit_lib.METHODS] == [False, False, False, True, True]
+    assert [on[m].diversity_bonus for m in exit_lib.METHODS] == [False, False, False, False, True]
+
+
+# ---- the loop, on a tiny policy
+
+def tiny_cfg(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path / "run"), base_dir=str(tmp_path / "base"), n_layer=1, n_embd=32, n_head=2,
+                n_kv_head=1, warm_examples=64, warm_steps=3, warm_batch=8, iters=4, tasks_per_iter=3,
+                group_size=4, max_new_tokens=12, buffer_size=16, min_size=2, replay_prob=0.7, ckpt_every=2,
+                eval_problems=0, show_every=0, lr=1e-3, device="cpu")
+    base.update(kw)
+    return exit_lib.Config(**base).validate()
+
+
+def test_one_iteration_changes_parameters(tmp_path):
+    tr = exit_lib.prepare(tiny_cfg(tmp_path, beta=0.01), quiet=True)
+    before = [p.detach().clone() for p in tr.policy.parameters()]
+    out = tr.iteration()
+    log = out["log"]
+    assert all(map(lambda v: v is None or isinstance(v, str) or torch.isfinite(torch.tensor(float(v))),
+                   [log[k] for k in ("loss", "kl", "clip_frac", "reward", "grad_norm")]))
+    changed = sum(not torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
+    if (out["rewards"].amax(1) - out["rewards"].amin(1)).max() > 0:  # some group carried signal
+        assert changed > 0
+    assert len(tr.buffer) > 0 and log["iter"] == 1
+
+
+def test_micro_batches_give_the_same_update(tmp_path):
+    states = []
+    for mb in (0, 4):
+        tr = exit_lib.prepare(tiny_cfg(tmp_path / f"mb{mb}", micro_batch=mb, method="grpo"), quiet=True)
+        # plain SGD, so the update is the (clipped) gradient itself; Adam's first step, ~lr * sign(g),
+        # would magnify float rounding in near-zero gradients
+        tr.opt = torch.optim.SGD(tr.policy.parameters(), lr=0.1)
+        torch.manual_seed(0)
+        prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
+        import model as model_lib
+        ro = model_lib.generate(tr.policy, prompts, 4, 10, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id,
+                                generator=torch.Generator().manual_seed(1))
+        adv = torch.linspace(-1, 1, len(ro.lengths))
+        initial = [p.detach().clone() for p in tr.policy.parameters()]
+        tr.update(prompts, ro, adv)
+        states.append([p.detach().clone() for p in tr.policy.parameters()])
+    for a, b, c in zip(*states, initial):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(states[0], initial))  # the update did something
+
+
+def test_nonfinite_update_is_skipped(tmp_path):
+    tr = exit_lib.prepare(tiny_cfg(tmp_path, method="grpo"), quiet=True)
+    prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
+    import model as model_lib
+    ro = model_lib.generate(tr.policy, prompts, 4, 8, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id)
+    before = [p.detach().clone() for p in tr.policy.parameters()]
+    adv = torch.full((len(ro.lengths),), float("nan"))
+    tr.update(prompts, ro, adv)
+    assert tr.skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
+
+
+def run_state(tr):
+    return [p.detach().clone() for p in tr.policy.parameters()], tr.buffer.state_dict()
+
+
+@pytest.mark.parametrize("method", ["exit", "curriculum"])
+def test_resume_is_bit_identical(tmp_path, method):
+    full = exit_lib.train(tiny_cfg(tmp_path / "a", iters=4, method=method, beta=0.01, ref_every=2), quiet=True)
+    exit_lib.train(tiny_cfg(tmp_path / "b", iters=2, method=method, beta=0.01, ref_every=2, base_dir=str(tmp_path / "a" / "base")), quiet=True)
+    cfg, given = exit_lib.parse_args([f"--out_dir={tmp_path / 'b' / 'run'}", "--resume", "--iters=4"])
+    resumed = exit_lib.train(cfg, given, quiet=True)
+    assert resumed.iter == 4 and resumed.cfg.method == method
+    pa, ba = run_state(full)
+    pb, bb = run_state(resumed)
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert json.dumps(ba, sort_keys=True) == json.dumps(bb, sort_keys=True)
+    la = [json.loads(l) for l in open(tmp_path / "a" / "run" / "log.jsonl")]
+    lb = [json.loads(l) for l in open(tmp_path / "b" / "run" / "log.jsonl")]
+    strip = lambda l: {k: v for k, v in l.items() if k not in ("tok_per_s", "elapsed", "sample_frac")}
+    assert [strip(l) for l in la] == [strip(l) for l in lb]
+
+
+def test_checkpoint_errors(tmp_path):
+    cfg = tiny_cfg(tmp_path, resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        exit_lib.prepare(cfg, quiet=True)
+    exit_lib.train(tiny_cfg(tmp_path, iters=1), quiet=True)
+    ck = os.path.join(cfg.out_dir, "ckpt.pt")
+    with pytest.raises(FileExistsError, match="--resume"):  # never silently overwrite a run
+        exit_lib.prepare(tiny_cfg(tmp_path), quiet=True)
+    with pytest.raises(ValueError, match="differ from the checkpoint's: lr"):
+        exit_lib.prepare(dataclasses.replace(cfg, lr=0.5), {"lr", "resume"}, quiet=True)
+    data = open(ck, "rb").read()
+    open(ck, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        exit_lib.prepare(cfg, quiet=True)
+    torch.save({"hello": 1}, ck)
+    with pytest.raises(ValueError, match="not an exit checkpoint"):
+        exit_lib.prepare(cfg, quiet=True)
+
+
+def test_script_end_to_end(tmp_path):
+    args = [f"--{k}={v}" for k, v in dict(out_dir=tmp_path / "run", base_dir=tmp_path / "base", n_layer=1, n_embd=32,
+                                          n_head=2, n_kv_head=1, warm_examples=64, warm_steps=3, warm_batch=8, iters=2,
+                                          tasks_per_iter=2, group_size=4, max_new_tokens=12, min_size=2,
+                                          eval_problems=4, eval_k=2, eval_samples=1, device="cpu").items()]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "exit.py"), *args], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    run = tmp_path / "run"
+    assert {"config.json", "log.jsonl", "ckpt.pt", "eval.json"} <= set(os.listdir(run))
+    assert json.load(open(run / "config.json"))["iters"] == 2
+    assert len(open(run / "log.jsonl").read().splitlines()) == 2
+    res = json.load(open(run / "eval.json"))
+    assert len(res["policy"]["score"]) == 3 and "done: 2 iterations" in p.stdout
+    bad = subprocess.run([sys.executable, os.path.join(HERE, "exit.py"), "--itres=3"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "unknown config key 'itres'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ===============================================================================================
+# eval.py: K-step evaluation, comparison tables, plots, the ladder
+# ===============================================================================================
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the K-step bookkeeping, on hand-made chains
+
+def test_summarise_and_net_corrections_by_hand():
+    # 4 chains (columns) over K = 3 improve steps (rows k = 0..3); 1 = right, 0 = wrong
+    scores = np.array([[1, 0, 0, 1],
+                       [1, 1, 0, 0],    # chain 1 fixed (+1), chain 3 broken (-1): net 0
+                       [0, 1, 1, 0],    # chain 0 broken (-1), chain 2 fixed (+1): net 0
+                       [1, 1, 1, 1]],   # chains 0 and 3 fixed: +2
+                      dtype=float)
+    res = eval_lib.summarise(scores, difficulties=[2, 2, 5, 5], binary=True)
+    assert res["score"] == [0.5, 0.5, 0.5, 1.0] and res["solved"] == [0.5, 0.5, 0.5, 1.0]
+    assert res["K"] == 3 and res["n"] == 4 and res["delta"] == 0.5
+    assert res["net_corrections"] == [0.0, 0.0, 0.0, 0.5]  # cumulative, as a fraction of the 4 chains
+    assert res["by_difficulty"] == {"2": [0.5, 1.0, 0.5, 1.0], "5": [0.5, 0.0, 0.5, 1.0]}
+    # a graded family has no net corrections; "solved" counts only full scores
+    graded = eval_lib.summarise(np.array([[0.5, 1.0], [0.75, 1.0]]), [1, 1], binary=False)
+    assert "net_corrections" not in graded and graded["solved"] == [0.5, 0.5] and graded["delta"] == 0.125
+
+
+def test_truncate_equals_a_shorter_evaluation():
+    rng = np.random.default_rng(0)
+    scores = (rng.random((6, 10)) < 0.5).astype(float)
+    diffs = [2, 3] * 5
+    full = eval_lib.summarise(scores, diffs, binary=True)
+    cut = eval_lib.truncate(full, 2)
+    assert cut == eval_lib.summarise(scores[:3], diffs, binary=True)
+    with pytest.raises(ValueError, match="--recompute"):
+        eval_lib.truncate(full, 6)
+
+
+def test_mean_std_and_smooth():
+    assert eval_lib.mean_std([0.2, 0.4]) == pytest.approx([0.3, 0.1 * 2 ** 0.5])  # sample std (n - 1)
+    assert eval_lib.mean_std([0.7]) == [0.7, 0.0]
+    y = eval_lib.smooth([1.0, None, 3.0, 5.0], window=2)  # missing values are skipped, not zeros
+    assert np.allclose(y, [1.0, 1.0, 3.0, 4.0])
+    assert np.isnan(eval_lib.smooth([None, None], 3)).all()
+
+
+def test_evaluate_policy_shapes_on_a_tiny_random_policy():
+    torch.manual_seed(0)
+    tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+    cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
+                                intermediate_size=64, max_seq_len=256)
+    policy = model_lib.Transformer(cfg).train()
+    family = tasks_lib.get_family("math")
+    res = eval_lib.evaluate_policy(policy, tok, family, n_problems=3, K=2, n_samples=2, max_new_tokens=8)
+    assert res["K"] == 2 and res["n"] == 6  # problems x samples chains
+    for key in ("score", "solved", "net_corrections"):
+        assert len(res[key]) == 3  # k = 0..K
+    assert res["net_corrections"][0] == 0.0 and all(0 <= s <= 1 for s in res["score"])
+    # the held-out set spreads 3 problems over the easiest difficulties of train + held-out
+    assert set(res["by_difficulty"]) == {"2", "3", "4"}
+    assert policy.training  # the caller's train/eval mode is restored
+
+
+# ---- the comparison table, from saved eval.json + config.json + log.jsonl
+
+def fake_eval(s0, sK, K=2):
+    """An evaluation whose score goes linearly from s0 to sK (binary family: net corrections too)."""
+    score = list(np.linspace(s0, sK, K + 1))
+    return dict(score=score, solved=score, delta=sK - s0, K=K, n=4, net_corrections=[x - s0 for x in score],
+                by_difficulty={"2": score})
+
+
+def write_run(folder, method, seed, policy, base, iters=5):
+    os.makedirs(folder)
+    json.dump(dict(method=method, seed=seed, task="math", eval_k=policy["K"]), open(folder / "config.json", "w"))
+    json.dump(dict(policy=policy, base=base), open(folder / "eval.json", "w"))
+    with open(folder / "log.jsonl", "w") as f:
+        for t in range(iters):
+            f.write(json.dumps(dict(iter=t + 1, reward_base=0.1 * t, reward_improve=None if t < 2 else 0.5,
+                                    reward_diverge=None, zero_var_frac=0.5, depth=0.1 * t, difficulty=3.0,
+                                    buf_score_mean=0.2, buf_distinct=t)) + "\n")
+
+
+@pytest.fixture
+def four_runs(tmp_path):
+    """GRPO and ExIt x seeds 0, 1; runs of one seed share one base (the same base evaluation)."""
+    base = {0: fake_eval(0.10, 0.08), 1: fake_eval(0.20, 0.20)}
+    runs = {("grpo", 0): (0.30, 0.30), ("grpo", 1): (0.40, 0.36),
+            ("exit", 0): (0.40, 0.50), ("exit", 1): (0.50, 0.70)}
+    for (m, s), (s0, sK) in runs.items():
+        write_run(tmp_path / "sweep" / f"{m}-s{s}", m, s, fake_eval(s0, sK), base[s])
+    return tmp_path / "sweep"
+
+
+def test_comparison_table_from_saved_json_by_hand(four_runs, monkeypatch):
+    def no_eval(*a, **k):
+        raise AssertionError("eval.json exists: nothing may be recomputed")
+    monkeypatch.setattr(eval_lib, "evaluate_checkpoint", no_eval)
+    runs = sorted(str(p) for p in four_runs.iterdir())
+    eval_lib.main(runs)  # out defaults to the common parent: the sweep folder
+    table = json.load(open(four_runs / "results.json"))
+    rows = {r["method"]: r for r in table["rows"]}
+    assert [r["method"] for r in table["rows"]] == ["base", "grpo", "exit"]  # the ladder's order
+    sd = lambda a, b: abs(a - b) / 2 ** 0.5  # sample std of two numbers
+    assert rows["base"]["runs"] == 2  # one base per seed, not one per run
+    assert rows["base"]["k0"] == pytest.approx([0.15, sd(0.10, 0.20)])
+    assert rows["base"]["delta"] == pytest.approx([-0.01, sd(-0.02, 0.0)])
+    assert rows["grpo"]["k0"] == pytest.approx([0.35, sd(0.30, 0.40)])
+    assert rows["grpo"]["kK"] == pytest.approx([0.33, sd(0.30, 0.36)])
+    assert rows["grpo"]["delta"] == pytest.approx([-0.02, sd(0.0, -0.04)])
+    assert rows["exit"]["kK"] == pytest.approx([0.60, sd(0.50, 0.70)])
+    assert rows["exit"]["delta"] == pytest.approx([0.15, sd(0.10, 0.20)])
+    assert rows["exit"]["net_mean"] == pytest.approx([0.0, 0.075, 0.15])
+    # the training curves are the per-iteration mean over seeds; None where nothing was logged
+    assert rows["exit"]["curves"]["reward_improve"] == [None, None, 0.5, 0.5, 0.5]
+    assert rows["exit"]["curves"]["buf_distinct"] == [0, 1, 2, 3, 4]
+    # the table as text, in %, and the same text again from the saved JSON
+    text = eval_lib.format_table(table)
+    assert "ExIt (full)" in text and "60.0 ±" in text and "+15.0 ±" in text and "Δ2" in text
+    assert eval_lib.format_table(json.load(open(four_runs / "results.json"))) == text
+
+
+def test_table_is_reprinted_from_results_json(four_runs, capsys):
+    eval_lib.main([str(p) for p in four_runs.iterdir()] + ["--out", str(four_runs / "cmp")])
+    first = capsys.readouterr().out
+    eval_lib.main(["--table", str(four_runs / "cmp" / "results.json")])
+    again = capsys.readouterr().out
+    table_text = first.split("results:")[0].strip()
+    assert table_text and table_text in again
+
+
+def test_k_cuts_stored_evaluations_and_refuses_more_steps(four_runs, capsys):
+    eval_lib.main([str(four_runs / "exit-s0"), "--k=1", "--out", str(four_runs / "k1")])
+    row = json.load(open(four_runs / "k1" / "results.json"))["rows"][-1]
+    assert row["kK"] == pytest.approx([0.45, 0.0]) and len(row["score_mean"]) == 2
+    with pytest.raises(SystemExit) as e:
+        eval_lib.main([str(four_runs / "exit-s0"), "--k=5"])
+    assert e.value.code == 2 and "--recompute" in capsys.readouterr().err
+
+
+def test_plots_are_png_files(four_runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    table = eval_lib.comparison_table([eval_lib.load_run(str(p)) for p in four_runs.iterdir()])
+    paths = eval_lib.plot_table(table, str(tmp_path / "plots"))
+    names = {os.path.basename(p) for p in paths}
+    assert names == {"accuracy_vs_k.png", "net_corrections.png", "training.png", "curriculum.png"}
+    for p in paths:
+        with open(p, "rb") as f:
+            head = f.read(8)
+        assert head == PNG and os.path.getsize(p) > 1000
+
+
+# ---- the command line on bad input: a clear message and exit code 2, never a traceback
+
+def test_cli_bad_input(tmp_path, capsys):
+    def fails(argv):
+        with pytest.raises(SystemExit) as e:
+            eval_lib.main(argv)
+        assert e.value.code == 2
+        return capsys.readouterr().err
+    assert "no run folder or checkpoint at" in fails([str(tmp_path / "missing")])
+    os.makedirs(tmp_path / "empty")
+    assert "neither eval.json nor ckpt.pt" in fails([str(tmp_path / "empty")])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert "corrupt or truncated" in fails([str(tmp_path / "junk.pt")])
+    assert "exit.py settings go with --ladder" in fails([str(tmp_path), "--lr=0.1"])
+    assert "unknown config key 'itres'" in fails(["--ladder", "--itres=3"])
+    assert "sets method, seed" in fails(["--ladder", "--seed=3"])
+    assert "nothing to do" in fails([])
+
+
+def test_cli_missing_folder_as_a_script(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no run folder or checkpoint" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---- the ladder, on a tiny policy: two rungs, one seed
+
+TINY = dict(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, warm_examples=64, warm_steps=3, warm_batch=8, iters=2,
+            tasks_per_iter=2, group_size=4, max_new_tokens=10, buffer_size=16, min_size=2, show_every=0,
+            eval_problems=3, eval_k=2, eval_samples=1, device="cpu")
+
+
+def test_ladder_runs_resumes_and_recomputes_exactly(tmp_path, monkeypatch):
+    out = tmp_path / "ladder"
+    overrides = [f"--{k}={v}" for k, v in TINY.items()] + [f"--base_dir={tmp_path / 'base'}"]
+    table = eval_lib.ladder(overrides, seeds=1, out=str(out), methods=["grpo", "exit"])
+    assert [r["method"] for r in table["rows"]] == ["base", "grpo", "exit"]
+    assert table["rows"][0]["runs"] == 1  # both rungs of seed 0 started from one cached base
+    bases = os.listdir(tmp_path / "base")
+    assert len([f for f in bases if f.endswith(".pt")]) == 1
+    assert len([f for f in bases if ".eval-" in f]) == 1  # the base was evaluated once, for both rungs
+    assert (out / "results.json").is_file() and (out / "exit-s0" / "eval.json").is_file()
+    # run again: finished runs are skipped, nothing is trained
+    monkeypatch.setattr(eval_lib, "train_and_evaluate", lambda argv: pytest.fail(f"retrained {argv}"))
+    eval_lib.ladder(overrides, seeds=1, out=str(out), methods=["grpo", "exit"])
+    # evaluating the checkpoint again gives exactly the run's own final evaluation (CPU, same seeds)
+    saved = json.load(open(out / "exit-s0" / "eval.json"))
+    again = eval_lib.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), device="cpu")
+    assert again == saved
+
+
+def test_without_matplotlib_the_table_still_prints(four_runs, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
+    eval_lib.main([str(p) for p in four_runs.iterdir()] + ["--out", str(four_runs / "noplots")])
+    out = capsys.readouterr().out
+    assert "ExIt (full)" in out and "pip install matplotlib" in out
+    assert sorted(os.listdir(four_runs / "noplots")) == ["results.json"]
