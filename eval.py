@@ -47,12 +47,30 @@ def prompt_ids(tok, text: str) -> list[int]:
     return ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(text, special=True)
 
 
+def prompt_style(tok) -> str:
+    """"compact" for a tokenizer that has tasks.py's markers as special tokens (the toy byte
+    tokenizer, also after a round trip through save_hf), else "chat": a real checkpoint's
+    tokenizer, whose chat template wraps the plain-text prompt as a user message."""
+    return "compact" if all(len(tok.encode(m, special=True)) == 1 for m in tasks_lib.MARKERS) else "chat"
+
+
+def encode_prompt(tok, family, problem, answer=None, mode="base", style="compact") -> list[int]:
+    """Token ids of a base / improve / diverge prompt (PAPER.md §2), the one place both training
+    (exit.py) and evaluation build them: compact marker prompts, or the chat-style text rendered
+    by the tokenizer's chat template."""
+    if style == "compact":
+        return prompt_ids(tok, family.prompt(problem, answer, mode))
+    return tok.render_chat([{"role": "user", "content": family.prompt(problem, answer, mode, style="chat")}])
+
+
 def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temperature: float = 1.0,
-                 max_new_tokens: int = 48, seed: int = 0, batch_prompts: int = 128):
+                 max_new_tokens: int = 48, seed: int = 0, batch_prompts: int = 128, style: str | None = None):
     """Run n_samples independent improve chains per problem for K steps.
 
     Returns scores (K + 1, P * n_samples) in [0, 1], chains ordered problem-major, and the final
-    answers. Step 0 uses the base prompt; step k >= 1 the improve prompt on the answer of step k - 1."""
+    answers. Step 0 uses the base prompt; step k >= 1 the improve prompt on the answer of step k - 1.
+    style: "compact" | "chat" (encode_prompt); None picks by the tokenizer (prompt_style)."""
+    style = style or prompt_style(tok)
     gen = torch.Generator(device=policy.inv_freq.device).manual_seed(seed)
     rows = [p for p in problems for _ in range(n_samples)]
     answers = [None] * len(rows)
@@ -69,10 +87,9 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
 
     for k in range(K + 1):
         if k == 0:  # one prefill per problem, n_samples rows each
-            answers = run([prompt_ids(tok, family.prompt(p)) for p in problems], n_samples)
+            answers = run([encode_prompt(tok, family, p, style=style) for p in problems], n_samples)
         else:
-            answers = run([prompt_ids(tok, family.prompt(p, a, "improve"))
-                           for p, a in zip(rows, answers)], 1)
+            answers = run([encode_prompt(tok, family, p, a, "improve", style) for p, a in zip(rows, answers)], 1)
         scores[k] = [family.score(p, a) for p, a in zip(rows, answers)]
     return scores, answers
 
@@ -102,7 +119,10 @@ def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = Fals
     """The held-out set: test-split instances (never trained on) of the training difficulty mix, in
     equal shares; harder=True adds the family's harder held-out difficulties (e.g. longer math chains,
     which a small model trained on short ones does not length-generalise to). The seed is fixed across
-    runs so every method is evaluated on the same tasks."""
+    runs so every method is evaluated on the same tasks. A family without difficulty settings (real
+    data: realmath) gives n_problems of its test split (its file's held-out fifth)."""
+    if not family.train_difficulties:
+        return family.sample("test", n_problems, seed=seed)
     diffs = list(family.train_difficulties)
     if harder:
         diffs += [d for d in family.heldout_difficulties if d not in diffs]
@@ -111,12 +131,14 @@ def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = Fals
 
 
 def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temperature=1.0,
-                    max_new_tokens=48, seed=0, harder=False) -> dict:
-    """The held-out K-step evaluation of one policy: `summarise` of n_problems x n_samples chains."""
+                    max_new_tokens=48, seed=0, harder=False, style=None) -> dict:
+    """The held-out K-step evaluation of one policy: `summarise` of n_problems x n_samples chains.
+    style None: compact or chat prompts as the tokenizer says (prompt_style)."""
     problems = heldout_problems(family, n_problems, harder=harder)
     was_training = policy.training
     policy.eval()
-    scores, _ = chain_scores(policy, tok, family, problems, K, n_samples, temperature, max_new_tokens, seed)
+    scores, _ = chain_scores(policy, tok, family, problems, K, n_samples, temperature, max_new_tokens, seed,
+                             style=style)
     policy.train(was_training)
     res = summarise(scores, [p.difficulty for p in problems for _ in range(n_samples)], not family.graded)
     res["settings"] = dict(n_problems=n_problems, K=K, n_samples=n_samples, temperature=temperature,
@@ -131,17 +153,22 @@ def eval_settings(cfg: dict) -> dict:
                 harder=cfg.get("eval_harder", False))
 
 
-def evaluate_base(base_path: str, tok, family, device, policy_from_state, load_checkpoint, **settings) -> dict:
-    """The evaluation of a warm-started base policy, cached next to it (keyed by the settings): every
-    rung of a ladder starts from the same base, so it is evaluated once, not once per method."""
+def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) -> dict:
+    """The evaluation of the base policy a run started from (a warm-start file, or a Hugging Face
+    directory), cached next to it (keyed by the settings): every rung of a ladder starts from the
+    same base, so it is evaluated once, not once per method. load_policy(path, device) -> (policy, ...)
+    is exit.load_policy. Where the cache cannot be written (a read-only model folder) it is skipped."""
     key = json.dumps(dict(family=family.name, **settings), sort_keys=True)
-    cache = f"{base_path}.eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
+    cache = f"{os.path.normpath(base_path)}.eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
     if os.path.isfile(cache):
         with open(cache) as f:
             return json.load(f)
-    base, _ = policy_from_state(load_checkpoint(base_path)["policy"], device)
+    base = load_policy(base_path, device)[0]
     res = evaluate_policy(base, tok, family, **settings)
-    write_json(res, cache)
+    try:
+        write_json(res, cache)
+    except OSError:
+        pass
     return res
 
 
@@ -202,7 +229,7 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     task = task or (ck.get("config") or {}).get("task") or _task_from_name(path)
     if task is None:
         raise ValueError(f"{path} records no task (not a run checkpoint); pass --task")
-    family = tasks_lib.get_family(task)
+    family = exit_lib.make_family(task, cfg.get("data", ""))
     dev = model_lib.pick_device(device)
     settings = eval_settings(cfg)
     settings.update({k: v for k, v in dict(n_problems=n_problems, K=K, n_samples=n_samples).items() if v})
@@ -210,9 +237,8 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     out = dict(policy=evaluate_policy(policy, tok, family, **settings), base=None)
     base_path = ck.get("base_path")
     if with_base and ck.get("kind") == "run":
-        if base_path and os.path.isfile(base_path):
-            out["base"] = evaluate_base(base_path, tok, family, dev, exit_lib.policy_from_state,
-                                        exit_lib.load_checkpoint, **settings)
+        if base_path and os.path.exists(base_path):
+            out["base"] = evaluate_base(base_path, tok, family, dev, exit_lib.load_policy, **settings)
         else:
             print(f"warning: {path}: its base policy {base_path!r} is gone; no Base evaluation", file=sys.stderr)
     return out
@@ -235,7 +261,7 @@ def write_json(obj, path: str):
 
 
 # the settings that make two runs' Base evaluations the same evaluation of the same policy
-BASE_KEYS = ("task", "seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps",
+BASE_KEYS = ("task", "data", "seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps",
              "warm_batch", "warm_lr", "max_new_tokens", "eval_problems", "eval_k", "eval_samples",
              "eval_temperature")
 
@@ -279,7 +305,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         print(f"evaluating {ck_file} ...", flush=True)
         ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples, device=device)
         write_json(ev, ev_file)
-    base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS}, sort_keys=True)
+    # unset keys are left out, so runs from before a key existed still share their base
+    base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "")}, sort_keys=True)
     if method == "base":
         base_key = os.path.abspath(path)
     return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key,

@@ -7,7 +7,11 @@ Bachrach 2025; PAPER.md in ../shared restates it). It joins the other files, dat
     tasks.py   base tasks, the base / improve / diverge prompts, step rewards (PAPER.md §2-3)
     model.py   the policy: sampling G rollouts per prompt, log-probs, embeddings
     buffer.py  the task buffer of partial histories, scored by learnability (PAPER.md §5)
-    eval.py    the held-out K-step self-improvement evaluation, run at the end
+    eval.py    the held-out K-step self-improvement evaluation, run at the end; prompt token ids
+
+The policy is either the toy (stage 1 below trains it) or a real instruct checkpoint, `--init=HF_DIR
+--task=realmath --data=FILE`: then prompts go through its chat template, and the run also writes
+the trained policy as a Hugging Face directory (out_dir/hf).
 
 Top to bottom: the config (one dataclass, parsed from --key=value), the GRPO math as pure
 functions (Eq. 3-6), stage 1 (supervised warm start, cached), stage 2 (the ExIt loop), checkpoints.
@@ -30,6 +34,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -43,6 +48,7 @@ import model as model_lib
 import tasks as tasks_lib
 
 METHODS = ("grpo", "curriculum", "improve", "diverge", "exit")  # the ablation ladder, PAPER.md §7
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _f(default, help):
@@ -52,13 +58,14 @@ def _f(default, help):
 @dataclass
 class Config:
     # ---- run
-    task: str = _f("math", "task family (tasks.FAMILIES): math | subset")
+    task: str = _f("math", "task family (tasks.FAMILIES): math | subset | realmath (needs --data and --init)")
     method: str = _f("exit", "rung of the ablation ladder (PAPER.md §7): grpo | curriculum | improve | diverge | exit")
     seed: int = _f(0, "seed of everything: tasks, sampling, buffer, initialisation")
     out_dir: str = _f("runs/exit", "run folder: config.json, log.jsonl, ckpt.pt, eval.json")
     resume: bool = _f(False, "continue the run in out_dir from its ckpt.pt (exactly)")
     device: str = _f("auto", "auto | cpu | cuda | mps")
-    init: str = _f("", "a real checkpoint to start from instead of the warm start (a run's ckpt.pt)")
+    init: str = _f("", "start from this instead of the warm start: an exit checkpoint (.pt) or a Hugging Face directory")
+    data: str = _f("", "--task=realmath: GSM8K- or MATH-style JSON-lines file (tasks.load_jsonl)")
     # ---- the toy policy and its warm start (stage 1)
     n_layer: int = _f(4, "toy policy: transformer blocks")
     n_embd: int = _f(128, "toy policy: width")
@@ -85,6 +92,8 @@ class Config:
     temperature: float = _f(1.0, "sampling temperature in training")
     max_new_tokens: int = _f(48, "generation budget per rollout")
     micro_batch: int = _f(0, "rows per forward/backward (0 = the whole batch); same update either way")
+    grad_checkpoint: bool = _f(False, "recompute each block in the backward pass: less activation memory, ~1/3 more compute")
+    dtype: str = _f("fp32", "policy weights: fp32 (bf16 autocast on GPU) | bf16 (AdamW on fp32 master copies)")
     # ---- the task buffer, PAPER.md §5
     buffer_size: int = _f(256, "N: capacity of the task buffer")
     min_size: int = _f(32, "B_min: replay only once the buffer holds this many entries")
@@ -130,6 +139,9 @@ class Config:
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         need(self.task in tasks_lib.FAMILIES, f"task must be one of {sorted(tasks_lib.FAMILIES)}, got {self.task!r}")
         need(self.children in ("all", "one"), f"children must be 'all' or 'one', got {self.children!r}")
+        need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        need((self.task == "realmath") == bool(self.data), "--data=FILE goes with --task=realmath, and realmath needs it")
+        need(self.task != "realmath" or bool(self.init), "--task=realmath needs --init=HF_DIR: real data has no warm start")
         need(self.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
         for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size",
                   "ref_every", "warm_steps", "warm_batch", "warm_examples", "log_every", "ckpt_every"):
@@ -264,9 +276,31 @@ def policy_state(policy, tokenizer_spec) -> dict:
                 model={k: v.detach().cpu() for k, v in policy.state_dict().items()})
 
 
+def tokenizer_spec(tok) -> dict:
+    """How a checkpoint rebuilds a real checkpoint's tokenizer: its files (tok.save), kept inside the
+    checkpoint so that a run folder needs nothing else, and its stop ids (some come from the model's
+    config.json, which is not a tokenizer file)."""
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(d)
+        files = {}
+        for name in sorted(os.listdir(d)):
+            if os.path.isfile(os.path.join(d, name)):
+                with open(os.path.join(d, name), "rb") as f:
+                    files[name] = f.read()
+    return dict(kind="files", files=files, stop_ids=sorted(tok.stop_ids))
+
+
 def build_tokenizer(spec: dict):
-    if spec["kind"] == "byte":
+    if spec["kind"] == "byte":  # the toy policy's: rebuilt from its marker list alone
         return model_lib.byte_tokenizer(spec["markers"])
+    if spec["kind"] == "files":
+        with tempfile.TemporaryDirectory() as d:
+            for name, data in spec["files"].items():
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(data)
+            tok = model_lib.load_tokenizer(d)  # read into memory: the folder may go
+        tok.stop_ids = set(spec["stop_ids"])
+        return tok
     raise ValueError(f"unknown tokenizer kind {spec['kind']!r}")
 
 
@@ -274,6 +308,23 @@ def policy_from_state(state: dict, device):
     policy = model_lib.Transformer(model_lib.ModelConfig(**state["model_config"]))
     policy.load_state_dict(state["model"])
     return policy.to(device), build_tokenizer(state["tokenizer"])
+
+
+def load_policy(path: str, device) -> tuple:
+    """(policy, tokenizer, tokenizer spec) from an exit checkpoint file (a run's ckpt.pt or a
+    warm-start file) or a local Hugging Face directory (config.json + safetensors + tokenizer)."""
+    if os.path.isdir(path):
+        policy, tok = model_lib.load_hf(path, device=device)
+        if tok is None:
+            raise ValueError(f"{path}: no tokenizer files; --init needs a checkpoint with its tokenizer")
+        return policy, tok, tokenizer_spec(tok)
+    state = load_checkpoint(path)["policy"]
+    return (*policy_from_state(state, device), state["tokenizer"])
+
+
+def make_family(task: str, data: str = ""):
+    """The task family of a run: realmath reads its problems from the --data file."""
+    return tasks_lib.get_family(task, path=data) if task == "realmath" else tasks_lib.get_family(task)
 
 
 def atomic_save(obj, path: str):
@@ -378,28 +429,45 @@ class Trainer:
     def __init__(self, cfg: Config, quiet: bool = False):
         self.cfg, self.quiet = cfg, quiet
         self.device = model_lib.pick_device(cfg.device)
-        self.family = tasks_lib.get_family(cfg.task)
+        self.family = make_family(cfg.task, cfg.data)
         if cfg.init:
-            base = load_checkpoint(cfg.init)
-            self.policy, self.tok = policy_from_state(base["policy"], self.device)
+            self.policy, self.tok, self.tok_spec = load_policy(cfg.init, self.device)
             self.base_path = os.path.abspath(cfg.init)
         else:
             self.policy, self.tok, self.base_path = warm_start(cfg, self.family, self.device, quiet)
             self.base_path = os.path.abspath(self.base_path)  # eval.py may run from another folder
-        self.tok_spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
-        self.policy.train()
+            self.tok_spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
+        # compact marker prompts for the toy tokenizer, the checkpoint's chat template for a real one
+        self.style = eval_lib.prompt_style(self.tok)
+        dtype = DTYPES[cfg.dtype]
+        self.policy.to(dtype).train()
+        self.policy.grad_checkpoint = cfg.grad_checkpoint
+        # A real checkpoint (a Hugging Face directory) gets no extra copy for the diversity bonus:
+        # it embeds with the reference when β > 0, else with the current policy (no grad). Eq. 6
+        # compares answers within one group at one moment, so a slowly moving embedder is fine,
+        # and a 1B-parameter copy is not free. The toy keeps a frozen copy of its initial policy.
+        shared_embedder = os.path.isdir(cfg.init)
         # the frozen initial policy: reference for the KL (β > 0) and embedder for the diversity bonus
         self.ref = None
-        if cfg.beta > 0 or cfg.diversity_bonus:
-            self.ref = model_lib.Transformer(self.policy.config).to(self.device)
+        if cfg.beta > 0 or (cfg.diversity_bonus and not shared_embedder):
+            self.ref = model_lib.Transformer(self.policy.config).to(self.device, dtype)
             self.ref.load_state_dict(self.policy.state_dict())
             self.ref.eval().requires_grad_(False)
         self.embedder = self.ref
-        if cfg.diversity_bonus and cfg.beta > 0:  # the reference moves every M iterations; embeddings should not
+        if cfg.diversity_bonus and shared_embedder and self.ref is None:
+            self.embedder = self.policy
+        elif cfg.diversity_bonus and cfg.beta > 0 and not shared_embedder:
+            # the reference moves every M iterations; the toy's embeddings should not
             self.embedder = model_lib.Transformer(self.policy.config).to(self.device)
             self.embedder.load_state_dict(self.policy.state_dict())
             self.embedder.eval().requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
+        # --dtype=bf16: the policy samples and trains in bf16, but AdamW steps fp32 master copies.
+        # At the paper's lr 1e-6 an update is ~1e-4 of a weight, below bf16's resolution (2^-8):
+        # bf16 weights updated in place would mostly not move. (fp32: the policy is its own master.)
+        self.master = None
+        if dtype != torch.float32:
+            self.master = [p.detach().float().clone() for p in self.policy.parameters()]
+        self.opt = torch.optim.AdamW(self.master or self.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
                                      weight_decay=cfg.weight_decay)
         self.buffer = buffer_lib.TaskBuffer(cfg.buffer_size, cfg.min_size, cfg.replay_prob, cfg.kappa,
                                             seed=cfg.seed, rank_temperature=cfg.rank_temperature or None,
@@ -418,7 +486,8 @@ class Trainer:
             elapsed=self.elapsed, base_path=self.base_path,
             policy=policy_state(self.policy, self.tok_spec), optimizer=self.opt.state_dict(),
             ref=None if self.ref is None else self.ref.state_dict(),
-            embedder=None if self.embedder is None or self.embedder is self.ref else self.embedder.state_dict(),
+            embedder=None if any(self.embedder is m for m in (None, self.ref, self.policy)) else self.embedder.state_dict(),
+            master=None if self.master is None else [m.cpu() for m in self.master],
             buffer=self.buffer.state_dict(),
             rng=dict(numpy=self.rng.bit_generator.state, gen=self.gen.get_state(),
                      torch=torch.get_rng_state(), python=random.getstate()))
@@ -430,6 +499,10 @@ class Trainer:
             self.ref.load_state_dict(ck["ref"])
         if ck["embedder"] is not None:
             self.embedder.load_state_dict(ck["embedder"])
+        if self.master is not None:
+            with torch.no_grad():
+                for m, saved in zip(self.master, ck["master"]):
+                    m.copy_(saved)
         self.buffer.load_state_dict(ck["buffer"])
         self.rng.bit_generator.state = ck["rng"]["numpy"]
         self.gen.set_state(ck["rng"]["gen"])
@@ -457,7 +530,7 @@ class Trainer:
         return out
 
     def prompt_ids(self, inst) -> list[int]:
-        return encode_pair(self.tok, self.family.prompt(inst["problem"], inst["answer"], inst["mode"]))
+        return eval_lib.encode_prompt(self.tok, self.family, inst["problem"], inst["answer"], inst["mode"], self.style)
 
     # ---- steps 2-5
     def iteration(self) -> dict:
@@ -514,7 +587,9 @@ class Trainer:
         old = ro.logprobs.to(self.device)
         mask = ro.mask.to(self.device)
         agg = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0)
+        params = self.master or list(self.policy.parameters())  # what AdamW steps
         for _ in range(cfg.epochs):
+            self.policy.zero_grad(set_to_none=True)
             self.opt.zero_grad(set_to_none=True)
             loss_total = 0.0
             for s in range(0, N, mb):
@@ -532,12 +607,20 @@ class Trainer:
                 loss_total += loss.item() * frac
                 for k in ("clip_frac", "kl", "ratio_mean"):
                     agg[k] += st[k] * frac / cfg.epochs
-            gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+            if self.master is not None:  # bf16 gradients onto the fp32 masters
+                for m, p in zip(self.master, self.policy.parameters()):
+                    m.grad = None if p.grad is None else p.grad.float()
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if not (math.isfinite(loss_total) and torch.isfinite(gn)):
                 self.skipped += 1
+                self.policy.zero_grad(set_to_none=True)
                 self.opt.zero_grad(set_to_none=True)
                 continue
             self.opt.step()
+            if self.master is not None:
+                with torch.no_grad():
+                    for m, p in zip(self.master, self.policy.parameters()):
+                        p.copy_(m)
             agg["loss"] += loss_total / cfg.epochs
             agg["grad_norm"] += float(gn) / cfg.epochs
         return agg
@@ -568,7 +651,7 @@ class Trainer:
     def show(self, out, n=3):
         for i in range(min(n, len(out["insts"]))):
             inst, G = out["insts"][i], self.cfg.group_size
-            prompt = self.family.prompt(inst["problem"], inst["answer"], inst["mode"])
+            prompt = self.family.prompt(inst["problem"], inst["answer"], inst["mode"], style=self.style)
             tqdm.write(f"  [{inst['mode']} d={inst['depth']}] {prompt!r} -> {out['responses'][i * G]!r} "
                        f"reward {float(out['rewards'][i, 0]):.2f}")
 
@@ -584,13 +667,15 @@ def format_log(log: dict) -> str:
             f"{f('tok_per_s', '.0f')} tok/s {f('elapsed', '.0f')}s")
 
 
-RESUMABLE_OVERRIDES = {"iters", "resume", "out_dir", "device", "log_every", "show_every", "ckpt_every",
+RESUMABLE_OVERRIDES = {"iters", "resume", "out_dir", "device", "log_every", "show_every", "ckpt_every", "grad_checkpoint",
                        "eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_harder"}
 
 
 def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer:
     """A Trainer, fresh or resumed from out_dir/ckpt.pt. Resuming never silently starts afresh."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.data:  # eval.py may evaluate the run from another folder
+        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
     if cfg.resume:
         ck = load_checkpoint(ckpt_path)
         if ck.get("kind") != "run":
@@ -649,6 +734,8 @@ def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer
         raise SystemExit(130)
     bar.close()
     trainer.save()
+    # the trained policy as a Hugging Face directory, for other tools (transformers, vLLM, ...) and --init
+    model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(cfg.out_dir, "hf"))
     return trainer
 
 
@@ -668,7 +755,7 @@ def main(argv=None):
         settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
         res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.family, **settings)
         base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.family, trainer.device,
-                                      policy_from_state, load_checkpoint, **settings)
+                                      load_policy, **settings)
         eval_lib.write_json(dict(policy=res, base=base), os.path.join(cfg.out_dir, "eval.json"))
         print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
     print(f"done: {trainer.iter} iterations in {trainer.elapsed:.0f}s of RL; run folder {cfg.out_dir}")

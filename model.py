@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # Config
@@ -198,6 +199,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # activation checkpointing (exit.py --grad_checkpoint): keep only each block's input in a
+        # training forward and recompute the block in the backward pass. Not part of the config:
+        # it changes memory and time, never the numbers.
+        self.grad_checkpoint = False
         # not persistent: derived from the config, never stored in a checkpoint
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         # nanoGPT init: N(0, 0.02), and the projections that write into the residual stream
@@ -229,8 +234,12 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
         cos, sin = rope_cos_sin(self.inv_freq, positions)
         x = self.embed_tokens(idx)  # (B, T, C)
+        recompute = self.grad_checkpoint and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.pos += T
         return self.norm(x)
@@ -820,7 +829,10 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str):
     if tokenizer is not None:
         if tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model only {cfg.vocab_size}")
-        hf |= {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+        # every stop id (a chat model's end-of-turn too), so transformers' generate stops where ours does
+        eos = [tokenizer.eos_id] + sorted(tokenizer.stop_ids - {tokenizer.eos_id})
+        hf |= {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+               "pad_token_id": tokenizer.pad_id}
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)

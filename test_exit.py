@@ -1488,3 +1488,149 @@ def test_without_matplotlib_the_table_still_prints(four_runs, monkeypatch, capsy
     out = capsys.readouterr().out
     assert "ExIt (full)" in out and "pip install matplotlib" in out
     assert sorted(os.listdir(four_runs / "noplots")) == ["results.json"]
+
+
+# ===============================================================================================
+# A real instruct checkpoint: --init=HF_DIR --task=realmath --data=FILE, chat prompts, export
+# ===============================================================================================
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def gsm_file(path, n=30):
+    """GSM8K-style JSON lines; about a fifth of them land in the test split (tasks.split_of)."""
+    lines = [{"question": f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?",
+              "answer": f"{i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"} for i in range(1, n + 1)]
+    path.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    return path
+
+
+def tiny_instruct(path, data):
+    """A randomly initialised Llama-family checkpoint with a byte-level BPE tokenizer and a chat
+    template, laid out like a Hugging Face download (what --init=DIR reads), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    family = tasks_lib.RealMath(path=str(data))
+    texts = [family.prompt(p, "The answer is \\boxed{7}.", m, style="chat") for p in family.problems[:5]
+             for m in tasks_lib.MODES]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast) + 4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      initializer_range=0.1, bos_token_id=None, eos_token_id=fast.eos_token_id,
+                      pad_token_id=fast.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def instruct(tmp_path):
+    data = gsm_file(tmp_path / "gsm.jsonl")
+    return tiny_instruct(tmp_path / "instruct", data), data
+
+
+def hf_cfg(tmp_path, instruct, **kw):
+    ck, data = instruct
+    base = dict(init=str(ck), task="realmath", data=str(data), out_dir=str(tmp_path / "run"), iters=2,
+                tasks_per_iter=2, group_size=2, max_new_tokens=8, buffer_size=16, min_size=2, lr=1e-3,
+                show_every=0, eval_problems=0, device="cpu")
+    return exit_lib.Config(**(base | kw)).validate()
+
+
+def test_realmath_config_errors():
+    with pytest.raises(ValueError, match="--data=FILE goes with --task=realmath"):
+        exit_lib.parse_args(["--task=realmath", "--init=x"])
+    with pytest.raises(ValueError, match="--data=FILE goes with --task=realmath"):
+        exit_lib.parse_args(["--data=x.jsonl"])
+    with pytest.raises(ValueError, match="needs --init=HF_DIR"):
+        exit_lib.parse_args(["--task=realmath", "--data=x.jsonl"])
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        exit_lib.parse_args(["--dtype=fp16"])
+
+
+def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct):
+    from transformers import AutoModelForCausalLM
+    ck, data = instruct
+    out = tmp_path / "run"
+    args = [f"--{k}={v}" for k, v in dict(
+        init=ck, task="realmath", data=data, out_dir=out, iters=2, tasks_per_iter=2, group_size=2,
+        max_new_tokens=8, buffer_size=16, min_size=2, beta=0.01, micro_batch=2, grad_checkpoint=True,
+        eval_problems=2, eval_k=1, eval_samples=1, show_every=0, device="cpu").items()]
+    exit_lib.main(args)
+    assert {"config.json", "log.jsonl", "ckpt.pt", "eval.json", "hf"} <= set(os.listdir(out))
+    ev = json.load(open(out / "eval.json"))
+    assert ev["policy"]["K"] == 1 and ev["base"]["n"] == 2 and "net_corrections" in ev["policy"]
+    state = exit_lib.load_checkpoint(str(out / "ckpt.pt"))
+    assert state["policy"]["tokenizer"]["kind"] == "files" and state["base_path"] == str(ck)
+    assert state["embedder"] is None  # β > 0: the diversity bonus embeds with the reference, no third copy
+
+    # the run folder is self-contained: the tokenizer, its chat template and stop ids come from ckpt.pt
+    tr = exit_lib.prepare(*exit_lib.parse_args([f"--out_dir={out}", "--resume", "--iters=3"]), quiet=True)
+    assert tr.style == "chat" and tr.tok.stop_ids == model_lib.load_tokenizer(str(ck)).stop_ids
+    p = tr.train_pool[0]
+    ids = tr.prompt_ids(dict(problem=p, answer="It is \\boxed{3}.", mode="improve"))
+    text = tr.tok.decode(ids, special=True)
+    assert text.startswith("<|im_start|>user\n" + p.request) and text.endswith("<|im_start|>assistant\n")
+    assert "Current answer:\nIt is \\boxed{3}." in text and "<|" not in tr.tok.decode(ids)
+
+    exit_lib.main([f"--out_dir={out}", "--resume", "--iters=3"])
+    assert len(open(out / "log.jsonl").read().splitlines()) == 3
+    # eval.py recomputes the run's own final evaluation exactly (chat prompts, realmath from --data)
+    again = eval_lib.evaluate_checkpoint(str(out / "ckpt.pt"), device="cpu")
+    assert again == json.load(open(out / "eval.json"))
+
+    # the exported Hugging Face directory: transformers reads it, same logits as our policy
+    policy, tok, _ = exit_lib.load_policy(str(out / "ckpt.pt"), "cpu")
+    ref = AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
+    x = torch.tensor([ids[:40]])
+    with torch.no_grad():
+        assert torch.allclose(policy(x)[0], ref(x).logits, atol=1e-4)
+        back, tok2, _ = exit_lib.load_policy(str(out / "hf"), "cpu")
+        assert torch.equal(back(x)[0], policy(x)[0])
+    assert tok2.render_chat([{"role": "user", "content": "hi"}]) == tok.render_chat([{"role": "user", "content": "hi"}])
+    assert tok2.stop_ids == tok.stop_ids
+
+
+def test_hf_micro_batches_and_grad_checkpoint_give_the_same_update(tmp_path, instruct):
+    states = []
+    for mb, gc in ((0, False), (2, True)):
+        tr = exit_lib.prepare(hf_cfg(tmp_path / f"mb{mb}", instruct, micro_batch=mb, grad_checkpoint=gc,
+                                     method="grpo", tasks_per_iter=3), quiet=True)
+        assert tr.style == "chat" and tr.policy.grad_checkpoint == gc
+        tr.opt = torch.optim.SGD(tr.policy.parameters(), lr=0.1)  # as in the toy test: the update is the gradient
+        prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
+        ro = model_lib.generate(tr.policy, prompts, 2, 8, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id,
+                                generator=torch.Generator().manual_seed(1))
+        adv = torch.linspace(-1, 1, len(ro.lengths))
+        initial = [p.detach().clone() for p in tr.policy.parameters()]
+        tr.update(prompts, ro, adv)
+        states.append([p.detach().clone() for p in tr.policy.parameters()])
+    for a, b in zip(*states):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(states[0], initial))
+
+
+def test_bf16_policy_steps_fp32_master_weights(tmp_path, instruct):
+    tr = exit_lib.prepare(hf_cfg(tmp_path, instruct, dtype="bf16", method="exit", tasks_per_iter=2), quiet=True)
+    assert tr.ref is None and tr.embedder is tr.policy  # β = 0: no copy of the model at all
+    tr.iteration()
+    prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
+    ro = model_lib.generate(tr.policy, prompts, 2, 8, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id)
+    before = [m.clone() for m in tr.master]
+    tr.update(prompts, ro, torch.linspace(-1, 1, len(ro.lengths)))
+    params = list(tr.policy.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in params) and all(m.dtype == torch.float32 for m in tr.master)
+    assert all(torch.equal(p, m.bfloat16()) for p, m in zip(params, tr.master))
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.master))
+    tr.save()
+    resumed = exit_lib.prepare(dataclasses.replace(tr.cfg, resume=True), quiet=True)
+    assert all(torch.equal(a, b) for a, b in zip(tr.master, resumed.master))
