@@ -6,7 +6,9 @@ At test time ExIt only ever uses the improve prompt: a first answer (k = 0), the
 steps, each seeing the request and the latest iterate. This file runs that protocol on held-out
 base tasks (never trained on: tasks.py keeps the splits disjoint) and reports, per step k, the
 mean score, Δ_K = score(K) - score(0), and the paper's net corrections (wrong -> right minus
-right -> wrong, cumulative over steps, Fig. 4), overall and by difficulty.
+right -> wrong, cumulative over steps, Fig. 4), overall and by difficulty. A multi-turn family
+(tools) is evaluated on whole episodes (`episode_scores`): score = the episode's return, plus the
+first turn's accuracy and the mean per-turn accuracy.
 
 Top to bottom:
   the K-step evaluation    `evaluate_policy` (exit.py calls it at the end of a run, writing eval.json)
@@ -94,6 +96,43 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
     return scores, answers
 
 
+def episode_scores(policy, tok, family, episodes, K: int, n_samples: int = 1, temperature: float = 1.0,
+                   max_new_tokens: int = 48, seed: int = 0, batch_prompts: int = 128, style: str | None = None):
+    """The K-step protocol on a multi-turn family (tasks.ToolsFamily), n_samples chains per episode.
+
+    Step 0 plays the episode: each turn answered with the base prompt, seeing the state the earlier
+    answers left. Step k >= 1 is one improve pass over the episode, turn by turn in order: turn t's
+    step-(k-1) answer is improved given the state the step-k answers of turns < t leave (so a fix
+    upstream is seen downstream). Turn 1 thus follows exactly the single-turn protocol (the paper's
+    BFCL setting evaluates the first request).
+    Returns three (K + 1, chains) arrays: the episode's binary reward (its return), the first turn's
+    correctness, and the mean per-turn correctness (each turn judged from the state it started in)."""
+    style = style or prompt_style(tok)
+    gen = torch.Generator(device=policy.inv_freq.device).manual_seed(seed)
+    rows = [ep for ep in episodes for _ in range(n_samples)]
+    T = [family.n_turns(ep) for ep in rows]
+    prev = [[] for _ in rows]
+    ret, first, per_turn = (np.zeros((K + 1, len(rows))) for _ in range(3))
+    for k in range(K + 1):
+        cur = [[] for _ in rows]
+        for t in range(max(T)):
+            live = [r for r in range(len(rows)) if t < T[r]]
+            prompts = [encode_prompt(tok, family, family.turn_problem(rows[r], t, cur[r]),
+                                     None if k == 0 else prev[r][t], "base" if k == 0 else "improve", style)
+                       for r in live]
+            for s in range(0, len(prompts), batch_prompts):
+                ro = model_lib.generate(policy, prompts[s:s + batch_prompts], 1, max_new_tokens, temperature=temperature,
+                                        stop_ids=tok.stop_ids, pad_id=tok.pad_id, generator=gen)
+                for i, r in enumerate(live[s:s + batch_prompts]):
+                    cur[r].append(tok.decode(ro.tokens[i, :ro.lengths[i]].tolist()))
+        prev = cur
+        ret[k] = [family.episode_reward(ep, a) for ep, a in zip(rows, cur)]
+        turn_ok = [[family.score(family.turn_problem(ep, t, a), a[t]) for t in range(len(a))] for ep, a in zip(rows, cur)]
+        first[k] = [ok[0] for ok in turn_ok]
+        per_turn[k] = [np.mean(ok) for ok in turn_ok]
+    return ret, first, per_turn
+
+
 def net_corrections(correct: np.ndarray) -> np.ndarray:
     """Cumulative (wrong -> right) - (right -> wrong) transitions, per step k: (K+1, N) bool -> (K+1,)
     as a fraction of chains. Step 0 is 0 by definition."""
@@ -137,10 +176,18 @@ def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temp
     problems = heldout_problems(family, n_problems, harder=harder)
     was_training = policy.training
     policy.eval()
-    scores, _ = chain_scores(policy, tok, family, problems, K, n_samples, temperature, max_new_tokens, seed,
-                             style=style)
+    diffs = [p.difficulty for p in problems for _ in range(n_samples)]
+    if family.multi_turn:  # score = the episode's return; plus first-turn accuracy and per-turn accuracy
+        scores, first, per_turn = episode_scores(policy, tok, family, problems, K, n_samples, temperature,
+                                                 max_new_tokens, seed, style=style)
+    else:
+        scores, _ = chain_scores(policy, tok, family, problems, K, n_samples, temperature, max_new_tokens, seed,
+                                 style=style)
     policy.train(was_training)
-    res = summarise(scores, [p.difficulty for p in problems for _ in range(n_samples)], not family.graded)
+    res = summarise(scores, diffs, not family.graded)
+    if family.multi_turn:
+        res["first_turn"] = summarise(first, diffs, True)
+        res["turn_acc"] = per_turn.mean(axis=1).tolist()
     res["settings"] = dict(n_problems=n_problems, K=K, n_samples=n_samples, temperature=temperature,
                            max_new_tokens=max_new_tokens, seed=seed, harder=harder)
     return res
@@ -180,6 +227,8 @@ def summary(results: dict) -> str:
         picks = [k for k in (0, 1, 4, K) if k <= K]
         cells = "  ".join(f"k={k}: {100 * s[k]:5.1f}" for k in dict.fromkeys(picks))
         lines.append(f"{name:>12}  {cells}  Δ{K}: {100 * r['delta']:+5.1f}")
+        if "first_turn" in r:  # multi-turn: the row above is the episode's return, this one its first turn
+            lines.append(summary({f"{name} turn 1": r["first_turn"]}))
     return "\n".join(lines)
 
 
@@ -205,6 +254,8 @@ def truncate(res: dict, K: int) -> dict:
     if "net_corrections" in res:
         out["net_corrections"] = res["net_corrections"][:K + 1]
     out["by_difficulty"] = {d: v[:K + 1] for d, v in res.get("by_difficulty", {}).items()}
+    if "first_turn" in res:  # a multi-turn family's extra curves
+        out["first_turn"], out["turn_acc"] = truncate(res["first_turn"], K), res["turn_acc"][:K + 1]
     return out
 
 

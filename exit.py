@@ -25,6 +25,11 @@ One RL iteration:
   4. `epochs` clipped policy-gradient steps on Eq. 4 against the sampling policy's log-probs;
   5. the buffer learns: a replayed instance gets its fresh learnability var(r); the new answers
      become new instances "improve this" that inherit it (and so the curriculum grows deeper).
+
+A multi-turn family (tasks.ToolsFamily, `family.multi_turn`) takes a separate path through the same
+steps (`iteration_turns`): an instance iterates one turn of an episode given the earlier turns'
+final answers, each row's episode is then finished by the policy and scored as a whole, and every
+turn prefix of the result enters the buffer (buffer.insert_history).
 """
 
 import dataclasses
@@ -58,7 +63,7 @@ def _f(default, help):
 @dataclass
 class Config:
     # ---- run
-    task: str = _f("math", "task family (tasks.FAMILIES): math | subset | realmath (needs --data and --init)")
+    task: str = _f("math", "task family (tasks.FAMILIES): math | subset | tools (multi-turn) | realmath (needs --data and --init)")
     method: str = _f("exit", "rung of the ablation ladder (PAPER.md §7): grpo | curriculum | improve | diverge | exit")
     seed: int = _f(0, "seed of everything: tasks, sampling, buffer, initialisation")
     out_dir: str = _f("runs/exit", "run folder: config.json, log.jsonl, ckpt.pt, eval.json")
@@ -89,6 +94,7 @@ class Config:
     ref_every: int = _f(100, "M: refresh the reference policy every M iterations")
     ref_alpha: float = _f(1.0, "α: ref <- α θ + (1 - α) ref at each refresh (1 = hard reset)")
     dr_grpo: bool = _f(False, "Dr. GRPO: no division by std(r), constant normaliser instead of 1/|o_i|")
+    filter_malformed: bool = _f(False, "zero advantage for responses of no valid type (tasks: TaskFamily.valid), as the paper's tool-use runs")
     temperature: float = _f(1.0, "sampling temperature in training")
     max_new_tokens: int = _f(48, "generation budget per rollout")
     micro_batch: int = _f(0, "rows per forward/backward (0 = the whole batch); same update either way")
@@ -534,6 +540,8 @@ class Trainer:
 
     # ---- steps 2-5
     def iteration(self) -> dict:
+        if self.family.multi_turn:
+            return self.iteration_turns()
         cfg, G = self.cfg, self.cfg.group_size
         t0 = time.time()
         insts = self.draw_instances()
@@ -545,13 +553,26 @@ class Trainer:
         rewards = torch.tensor([[self.family.step_reward(inst["problem"], responses[i * G + j], inst["mode"],
                                                          inst["answer"]) for j in range(G)]
                                 for i, inst in enumerate(insts)])  # (P, G)
+        adv = self.advantages(rewards, responses)
+        stats = self.update(prompts, ro, adv.flatten())
+        self.update_buffer(insts, responses, rewards)
+        return self.finish_iteration(insts, responses, rewards, ro, stats, t0, t_sample)
+
+    def advantages(self, rewards, responses) -> torch.Tensor:
+        """Eq. 3 within each group, times the diversity coefficients of Eq. 6 for full ExIt; (P, G)."""
+        cfg, G = self.cfg, self.cfg.group_size
         adv = group_advantages(rewards, scale_by_std=not cfg.dr_grpo)
         if cfg.diversity_bonus:  # Eq. 6: d_i A_i
             sols = [self.tok.encode(self.family.solution_text(r)) or [self.tok.eos_id] for r in responses]
-            emb = model_lib.embed(self.embedder, sols).view(len(insts), G, -1).cpu()
+            emb = model_lib.embed(self.embedder, sols).view(len(rewards), G, -1).cpu()
             adv = adv * torch.stack([diversity_coefficients(e, cfg.div_minmax) for e in emb])
-        stats = self.update(prompts, ro, adv.flatten())
-        self.update_buffer(insts, responses, rewards)
+        if cfg.filter_malformed:  # §4: no gradient from responses of no valid type
+            adv = adv * torch.tensor([self.family.valid(r) for r in responses], dtype=adv.dtype).view_as(adv)
+        return adv
+
+    def finish_iteration(self, insts, responses, rewards, ro, stats, t0, t_sample) -> dict:
+        """The reference refresh, the clock, and the log line."""
+        cfg = self.cfg
         if cfg.beta > 0 and (self.iter + 1) % cfg.ref_every == 0:
             ema_update(self.ref, self.policy, cfg.ref_alpha)
         self.iter += 1
@@ -648,10 +669,107 @@ class Trainer:
                 turn = dict(answer=answer, feedback=self.family.feedback(p, answer))
                 self.buffer.insert(p.id, task, [turn], inst["depth"] + 1, score, parent=parent)
 
+    # ---- multi-turn families (tasks.ToolsFamily): a partial history is a prefix of turns (PAPER.md §2, §5)
+    #
+    # A buffered history is [{"answer", "depth"} for turns 0..t]: the final iterate of every earlier turn
+    # and the current iterate of turn t. Iterating it samples G new answers to turn t (given the state the
+    # earlier turns left), then finishes each row's episode with the policy, one sample per later turn,
+    # and scores the whole episode. GRPO trains on turn t's tokens only: the continuation turns are part
+    # of the environment of that step (they are trained on when a history ending at their turn is
+    # replayed), which keeps one completion per row, as in the single-turn loop.
+
+    def draw_turn_instances(self) -> list[dict]:
+        """As draw_instances, for episodes: (episode, turn t, the history before t, turn t's iterate, mode)."""
+        cfg, out = self.cfg, []
+        for _ in range(cfg.tasks_per_iter):
+            if cfg.uses_buffer and self.buffer.should_replay():
+                e = self.buffer.sample(1)[0]
+                answer = e.turns[-1]["answer"] if e.turns else None
+                mode = "base" if answer is None else ("diverge" if self.rng.random() < cfg.diverge_prob else "improve")
+                out.append(dict(problem=tasks_lib.Problem(**e.task), turn=max(0, len(e.turns) - 1), prev=e.turns[:-1],
+                                answer=answer, mode=mode, depth=e.depth, uid=e.uid, replay=True))
+            else:
+                p = self.train_pool[int(self.rng.integers(len(self.train_pool)))]
+                out.append(dict(problem=p, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None, replay=False))
+        for inst in out:
+            inst["turn_problem"] = self.family.turn_problem(inst["problem"], inst["turn"],
+                                                            [h["answer"] for h in inst["prev"]])
+        return out
+
+    def finish_episodes(self, insts, responses) -> list[list[str]]:
+        """Every row's answers to all turns: the history before turn t, the row's answer to turn t, then
+        one policy sample per later turn (base prompt, the state the earlier answers left), all rows
+        batched turn by turn."""
+        cfg, G, fam = self.cfg, self.cfg.group_size, self.family
+        episodes = [inst["problem"] for inst in insts for _ in range(G)]
+        answers = [[h["answer"] for h in inst["prev"]] + [responses[i * G + j]]
+                   for i, inst in enumerate(insts) for j in range(G)]
+        while True:
+            rows = [r for r, (ep, a) in enumerate(zip(episodes, answers)) if len(a) < fam.n_turns(ep)]
+            if not rows:
+                return answers
+            prompts = [eval_lib.encode_prompt(self.tok, fam, fam.turn_problem(episodes[r], len(answers[r]), answers[r]),
+                                              style=self.style) for r in rows]
+            ro = model_lib.generate(self.policy, prompts, 1, cfg.max_new_tokens, temperature=cfg.temperature,
+                                    stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, generator=self.gen)
+            for k, r in enumerate(rows):
+                answers[r].append(self.tok.decode(ro.tokens[k, :ro.lengths[k]].tolist()))
+
+    def iteration_turns(self) -> dict:
+        """One RL iteration on a multi-turn family; reward = the binary reward of the finished episode."""
+        cfg, G = self.cfg, self.cfg.group_size
+        t0 = time.time()
+        insts = self.draw_turn_instances()
+        prompts = [eval_lib.encode_prompt(self.tok, self.family, i["turn_problem"], i["answer"], i["mode"], self.style)
+                   for i in insts]
+        ro = model_lib.generate(self.policy, prompts, G, cfg.max_new_tokens, temperature=cfg.temperature,
+                                stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, generator=self.gen)
+        responses = [self.tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
+        answers = self.finish_episodes(insts, responses)
+        t_sample = time.time() - t0
+        rewards = torch.tensor([[self.family.episode_reward(inst["problem"], answers[i * G + j]) for j in range(G)]
+                                for i, inst in enumerate(insts)])  # (P, G)
+        adv = self.advantages(rewards, responses)
+        stats = self.update(prompts, ro, adv.flatten())
+        self.update_buffer_turns(insts, answers, rewards)
+        out = self.finish_iteration(insts, responses, rewards, ro, stats, t0, t_sample)
+        replayed = [i["turn"] + 1 for i in insts if i["replay"]]
+        out["log"].update(turn=float(np.mean(replayed)) if replayed else None,  # Fig. 6: mean starting turn (1-based)
+                          malformed_frac=float(np.mean([not self.family.valid(r) for r in responses])))
+        out["answers"] = answers
+        return out
+
+    def update_buffer_turns(self, insts, answers, rewards):
+        """PAPER.md §5 for multi-turn tasks: the sampled instance gets its fresh learnability; each child
+        history (earlier turns, the new answer to turn t, the continuation) enters with every turn prefix
+        (buffer.insert_history), inheriting it. Depths: turn t's new answer k + 1, later turns 1 (first attempts)."""
+        cfg, G = self.cfg, self.cfg.group_size
+        if not cfg.uses_buffer:
+            return
+        for i, inst in enumerate(insts):
+            p, r, t = inst["problem"], rewards[i].tolist(), inst["turn"]
+            score = buffer_lib.learnability(r)
+            task = dataclasses.asdict(p)
+            if inst["replay"]:
+                self.buffer.update_score(inst["uid"], score)
+                parent = inst["uid"]
+            else:
+                base = self.buffer.insert(p.id, task, [], 0, score)
+                parent = None if base is None else base.uid
+            if not cfg.self_iterates:
+                continue
+            js = range(G) if cfg.children == "all" else [int(self.rng.integers(G))]
+            for j in js:
+                a = answers[i * G + j]
+                turns = (list(inst["prev"]) + [dict(answer=a[t], depth=inst["depth"] + 1)]
+                         + [dict(answer=x, depth=1) for x in a[t + 1:]])
+                self.buffer.insert_history(p.id, task, turns, [h["depth"] for h in turns], score, parent=parent)
+
     def show(self, out, n=3):
         for i in range(min(n, len(out["insts"]))):
             inst, G = out["insts"][i], self.cfg.group_size
-            prompt = self.family.prompt(inst["problem"], inst["answer"], inst["mode"], style=self.style)
+            problem = inst.get("turn_problem", inst["problem"])  # a multi-turn instance shows its turn
+            prompt = self.family.prompt(problem, inst["answer"], inst["mode"], style=self.style)
             tqdm.write(f"  [{inst['mode']} d={inst['depth']}] {prompt!r} -> {out['responses'][i * G]!r} "
                        f"reward {float(out['rewards'][i, 0]):.2f}")
 
@@ -664,7 +782,8 @@ def format_log(log: dict) -> str:
             f"div {f('reward_diverge')} | 0var {f('zero_var_frac', '.2f')} depth {f('depth', '.2f')} "
             f"| buf {log['buf_size']} S {f('buf_score_mean')} H {f('buf_entropy', '.2f')} "
             f"| clip {f('clip_frac')} kl {f('kl', '.4f')} len {f('resp_len', '.1f')} "
-            f"{f('tok_per_s', '.0f')} tok/s {f('elapsed', '.0f')}s")
+            f"{f('tok_per_s', '.0f')} tok/s {f('elapsed', '.0f')}s"
+            + (f" | turn {f('turn', '.2f')}" if "turn" in log else ""))  # multi-turn: mean starting turn (Fig. 6)
 
 
 RESUMABLE_OVERRIDES = {"iters", "resume", "out_dir", "device", "log_every", "show_every", "ckpt_every", "grad_checkpoint",

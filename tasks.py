@@ -11,6 +11,7 @@ Families:
   math     binary, no feedback: a left-to-right integer chain "7+5*2-9" (the competition-math analogue)
   subset   graded, with feedback: pick numbers whose sum hits a target (the ML-engineering analogue)
   realmath binary: GSM8K/MATH-style problems read from a JSONL file, for real instruct checkpoints
+  tools    binary, multi-turn: requests to a tiny bank served by tool calls (the BFCL v3 analogue)
 
 Two prompt styles: "compact" strings with MARKERS for the toy byte-level policy (one marker = one
 token), and "chat" plain-text user messages that exit.py wraps in a real model's chat template.
@@ -94,6 +95,7 @@ class TaskFamily:
     name = "base"
     graded = False
     has_feedback = False
+    multi_turn = False  # True: a base task is an episode of turns (ToolsFamily; exit.py and eval.py branch on it)
     train_difficulties: tuple = ()     # the training mix (difficulty=None samples uniformly from it)
     heldout_difficulties: tuple = ()   # harder settings for held-out evaluation
     answer_format = "give the final answer as \\boxed{...}"
@@ -197,6 +199,10 @@ class TaskFamily:
         """The part of a response the diversity bonus (Eq. 6) embeds."""
         return response if isinstance(response, str) else ""
 
+    def valid(self, response: str) -> bool:
+        """Is the response of a valid type at all? (--filter_malformed zeroes the advantage of those that are not.)"""
+        return isinstance(response, str)
+
     # ---- warm-start demonstrations; a family supplies attempt / solve / break_answer / a0
     def a0(self, difficulty: int) -> float:
         """Probability that a first attempt is right: no slip in any of its `difficulty` steps or items."""
@@ -231,24 +237,25 @@ class TaskFamily:
 
     def demo_records(self, n: int, seed: int) -> list[dict]:
         """Demonstrations with their provenance (problem, mode, current answer), for tests and analysis."""
-        em, rng = self.error_model, random.Random(f"{self.name}/demos/{seed}")
-        records = []
-        for p in self.sample("train", n, seed):
-            u = rng.random()
-            mode = "base" if u < em["mix_base"] else "improve" if u < em["mix_base"] + em["mix_improve"] else "diverge"
-            answer = self.attempt(p, rng, rng.random() < em["p_alt_style"])
-            if mode == "base":
-                answer, response = None, answer
-            else:
-                for _ in range(rng.randint(0, em["max_depth"])):
-                    answer = self.revise(p, answer, rng)
-                if mode == "improve":
-                    response = self.revise(p, answer, rng)
-                else:  # diverge: a fresh attempt in the other style, with first-attempt slips
-                    response = self.attempt(p, rng, not answer.startswith(ALT_TAG))
-            records.append(dict(problem=p, mode=mode, answer=answer, response=response,
-                                prompt=self.prompt(p, answer, mode)))
-        return records
+        rng = random.Random(f"{self.name}/demos/{seed}")
+        return [self.demo_record(p, rng) for p in self.sample("train", n, seed)]
+
+    def demo_record(self, p: Problem, rng: random.Random) -> dict:
+        """One demonstration on problem p: a base, improve or diverge step under the error model."""
+        em = self.error_model
+        u = rng.random()
+        mode = "base" if u < em["mix_base"] else "improve" if u < em["mix_base"] + em["mix_improve"] else "diverge"
+        answer = self.attempt(p, rng, rng.random() < em["p_alt_style"])
+        if mode == "base":
+            answer, response = None, answer
+        else:
+            for _ in range(rng.randint(0, em["max_depth"])):
+                answer = self.revise(p, answer, rng)
+            if mode == "improve":
+                response = self.revise(p, answer, rng)
+            else:  # diverge: a fresh attempt in the other style, with first-attempt slips
+                response = self.attempt(p, rng, not answer.startswith(ALT_TAG))
+        return dict(problem=p, mode=mode, answer=answer, response=response, prompt=self.prompt(p, answer, mode))
 
     def demonstrations(self, n: int, seed: int) -> list[tuple[str, str]]:
         """(compact prompt, response) pairs for warm-start SFT; the model appends end-of-text itself."""
@@ -608,9 +615,226 @@ class RealMath(TaskFamily):
         raise NotImplementedError("realmath has no warm-start demonstrations: start from an instruct checkpoint")
 
 
+# ---------------------------------------------------------------- tools: multi-turn function calling
+
+ACCOUNTS = "abc"
+END_MARKERS = ("done", "err")  # end of a request: fulfilled, or cannot be fulfilled
+BUDGET = 4                     # assistant messages per request (calls + the end marker); the rest is ignored
+_CALL = re.compile(r"(dep|wd|set) ([abc]) ([0-9]{1,2})")
+_REQ = re.compile(r"([+-])([abc])([0-9]+)|([abc])>([abc])([0-9]+)|([abc])=([0-9]+)")
+
+
+def render_state(state) -> str:
+    return " ".join(f"{a}{v}" for a, v in zip(ACCOUNTS, state))
+
+
+def run_calls(state, response) -> tuple[list, list, list]:
+    """The environment: execute one turn's assistant messages ("wd a 3;dep b 3;done") against the accounts,
+    one message at a time, as a tool-calling loop would. Returns (new state, the messages as executed:
+    normalised calls then the end marker if one came, the tool outputs). A malformed message gets the
+    output "err:bad" and changes nothing; a withdrawal beyond the balance gets "err:low"; nothing raises."""
+    state, seq, outs = list(state), [], []
+    if not isinstance(response, str):
+        return state, seq, ["err:bad"]
+    for msg in response.removeprefix(ALT_TAG).split(";")[:BUDGET]:
+        msg = msg.strip()
+        if msg in END_MARKERS:
+            seq.append(msg)
+            break
+        m = _CALL.fullmatch(msg)
+        if m is None:
+            outs.append("err:bad")
+            continue
+        op, acct, x = m.group(1), m.group(2), int(m.group(3))
+        i = ACCOUNTS.index(acct)
+        seq.append(f"{op} {acct} {x}")
+        if op == "wd" and state[i] < x:
+            outs.append("err:low")
+            continue
+        state[i] = x if op == "set" else state[i] + x if op == "dep" else state[i] - x
+        outs.append(f"{acct}={state[i]}")
+    return state, seq, outs
+
+
+def reference(state, request: str) -> tuple[list, list]:
+    """The reference of one request from one state: (state after it, [main calls, alternative calls]),
+    each call list ending with its end marker. Main style: the request's own verb (dep / wd, a move as
+    wd + dep, set for "="); alternative style: the same effect the other way (absolute set, or relative
+    dep / wd). A request that cannot be fulfilled has the single reference ["err"] and changes nothing."""
+    m, s = _REQ.fullmatch(request), list(state)
+    if m is None:
+        raise ValueError(f"not a request: {request!r}")
+    if m.group(1):  # +a3 / -a3
+        op, a, x = m.group(1), m.group(2), int(m.group(3))
+        i = ACCOUNTS.index(a)
+        if op == "-" and s[i] < x:
+            return s, [["err"]]
+        s[i] += x if op == "+" else -x
+        return s, [[f"{'dep' if op == '+' else 'wd'} {a} {x}", "done"], [f"set {a} {s[i]}", "done"]]
+    if m.group(4):  # a>b3: move 3 from a to b
+        a, b, x = m.group(4), m.group(5), int(m.group(6))
+        i, j = ACCOUNTS.index(a), ACCOUNTS.index(b)
+        if s[i] < x:
+            return s, [["err"]]
+        s[i], s[j] = s[i] - x, s[j] + x
+        return s, [[f"wd {a} {x}", f"dep {b} {x}", "done"], [f"set {a} {s[i]}", f"set {b} {s[j]}", "done"]]
+    a, x = m.group(7), int(m.group(8))  # a=5
+    i = ACCOUNTS.index(a)
+    d, s[i] = x - s[i], x
+    return s, [[f"set {a} {x}", "done"], [f"{'dep' if d > 0 else 'wd'} {a} {abs(d)}", "done"]]
+
+
+def contains(seq: list, ref: list) -> bool:
+    """Is ref a subsequence of seq (its items in order, others allowed in between)? (BFCL's call check.)"""
+    it = iter(seq)
+    return all(any(x == y for y in it) for x in ref)
+
+
+class ToolsFamily(TaskFamily):
+    """Multi-turn function calling on a tiny bank (the paper's BFCL v3 analogue, PAPER.md §2, §8).
+
+    An episode (the base task m) is a starting state of three accounts and 2-4 user requests, one per
+    turn: "+a3" deposit, "-a3" withdraw, "a>b3" move, "a=5" set. The tools are `dep a 3`, `wd a 3` and
+    `set a 5`; the environment answers each call ("a=7", "err:low", "err:bad": `run_calls`). The policy
+    answers one turn with its assistant messages joined by ';': calls, then "done", or "err" when the
+    request cannot be fulfilled (too little money), at most BUDGET messages. Simplification: the whole
+    turn is one completion, executed call by call afterwards; the environment's outputs reach the policy
+    as the state shown in the next turn's prompt, and as feedback when it iterates this turn's answer.
+
+    The turn prompt (`turn_problem`) holds the current state and the current request,
+    "a3 b7 c0|a>b3", not the earlier turns' text: the state is what they left, and it is shorter.
+    Reward (binary, `episode_reward`): 1 if the final state equals the reference final state AND every
+    turn's reference sequence (calls and end marker, either style) is contained, in order, in what the
+    policy sent in that turn; else 0. `score` is the same check for one turn from its own start state.
+    Difficulty = number of turns."""
+    name, graded, has_feedback, multi_turn = "tools", False, True, True
+    train_difficulties, heldout_difficulties = (2, 3), (4,)
+    answer_format = "give the tool calls then done (or err), joined by ';'"
+    # per call q: a turn of 1 call is right 80% of the time, of 2 calls 64%: an episode ~45%
+    ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.2, "q_break": 0.08}
+
+    # ---- episodes and turns
+    def make(self, rng, difficulty):
+        start = [rng.randint(0, 9) for _ in ACCOUNTS]
+        s, requests = start, []
+        for _ in range(difficulty):
+            kind, a = rng.choice("+->="), rng.choice(ACCOUNTS)
+            i = ACCOUNTS.index(a)
+            if kind == "+":
+                req = f"+{a}{rng.randint(1, 9)}"
+            elif kind == "=":
+                req = f"{a}={rng.choice([v for v in range(0, 20) if v != s[i]])}"
+            else:  # a withdrawal or move: fulfillable with the money there, else (or 1 in 5) beyond it
+                x = rng.randint(1, s[i]) if s[i] and rng.random() > 0.2 else rng.randint(s[i] + 1, s[i] + 5)
+                req = f"-{a}{x}" if kind == "-" else f"{a}>{rng.choice([b for b in ACCOUNTS if b != a])}{x}"
+            requests.append(req)
+            s = reference(s, req)[0]
+        answers = self.reference_answers(start, requests)
+        return Problem("", self.name, "|".join([render_state(start)] + requests), difficulty, "|".join(answers),
+                       {"start": start, "requests": requests})
+
+    @staticmethod
+    def reference_answers(start, requests) -> list[str]:
+        s, out = start, []
+        for req in requests:
+            s, refs = reference(s, req)
+            out.append(";".join(refs[0]))
+        return out
+
+    def expected_accuracy(self, k, difficulties=None):
+        """Per turn: a turn's difficulty is its number of calls (1 or 2), not the episode's number of turns."""
+        return super().expected_accuracy(k, difficulties or (1, 2))
+
+    def n_turns(self, episode: Problem) -> int:
+        return len(episode.data["requests"])
+
+    def turn_problem(self, episode: Problem, t: int, prev_answers: list) -> Problem:
+        """Turn t of an episode after the earlier turns' answers: the state they left (executed by the
+        environment, mistakes included) and request t. Its prompts are the family's usual prompts."""
+        state = episode.data["start"]
+        for a in prev_answers[:t]:
+            state = run_calls(state, a)[0]
+        req = episode.data["requests"][t]
+        _, refs = reference(state, req)
+        return Problem(f"{episode.id}/{t}", self.name, f"{render_state(state)}|{req}", len(refs[0]) - 1 or 1,
+                       ";".join(refs[0]), {"state": list(state), "request": req, "turn": t})
+
+    def chat_request(self, problem):
+        return (f"Accounts {render_state(problem.data['state'])}. Request {problem.data['request']} "
+                f"(+a3 deposit, -a3 withdraw, a>b3 move, a=5 set). Tools: dep a N, wd a N, set a N. Call them, "
+                f"one per message, end with done, or err if the request cannot be fulfilled; "
+                f"{self.answer_format}.")
+
+    # ---- scoring
+    def score(self, problem, response):
+        """One turn, from its own start state: the state it leaves and its calls match the reference."""
+        new, seq, _ = run_calls(problem.data["state"], response)
+        ref_state, refs = reference(problem.data["state"], problem.data["request"])
+        return 1.0 if new == ref_state and any(contains(seq, r) for r in refs) else 0.0
+
+    def episode_reward(self, episode: Problem, answers: list) -> float:
+        """The binary reward of a whole episode (§3): final state = the reference final state, and in
+        every turn the reference calls are contained, in order, in the policy's calls."""
+        if len(answers) != self.n_turns(episode):
+            return 0.0
+        state = ref_state = episode.data["start"]
+        for req, answer in zip(episode.data["requests"], answers):
+            ref_state, refs = reference(ref_state, req)
+            state, seq, _ = run_calls(state, answer)
+            if not any(contains(seq, r) for r in refs):
+                return 0.0
+        return 1.0 if state == ref_state else 0.0
+
+    def feedback(self, problem, response):
+        """The environment's outputs to the current iterate's calls, which the policy saw."""
+        outs = run_calls(problem.data["state"], response)[2]
+        return " ".join(outs) or "none"
+
+    def valid(self, response):
+        """A response of no valid type: not a single well-formed call or end marker."""
+        return bool(run_calls([0] * len(ACCOUNTS), response)[1])
+
+    # ---- demonstrations: per turn, on turns reached by the demonstrated policy's own first attempts
+    def _calls(self, problem, alt, slip_at, rng):
+        s, req = problem.data["state"], problem.data["request"]
+        _, refs = reference(s, req)
+        if refs[0] == ["err"]:  # the slip: trying the request anyway, as if there were enough money
+            if not slip_at:
+                return ALT_TAG + "err" if alt else "err"
+            calls = reference([99] * len(ACCOUNTS), req)[1][0][:-1]
+            return (ALT_TAG if alt else "") + ";".join(calls + ["done"])
+        calls = refs[1 if alt else 0][:-1]
+        for k in slip_at:  # an amount off by 1 or 2 (never below 0): a different state, never right
+            op, a, x = calls[k].split()
+            x = int(x) + rng.choice([d for d in (-2, -1, 1, 2) if int(x) + d >= (0 if op == "set" else 1)])
+            calls[k] = f"{op} {a} {x}"
+        return (ALT_TAG if alt else "") + ";".join(calls + ["done"])
+
+    def attempt(self, problem, rng, alt):
+        return self._calls(problem, alt, [k for k in range(problem.difficulty) if rng.random() < self.error_model["q"]], rng)
+
+    def solve(self, problem, alt):
+        return self._calls(problem, alt, [], None)
+
+    def break_answer(self, problem, alt, rng):
+        return self._calls(problem, alt, [rng.randrange(problem.difficulty)], rng)
+
+    def demo_records(self, n, seed):
+        """Each demonstration is one turn of an episode, the earlier turns answered with first attempts
+        (so the states seen include ones a mistake left); then the usual base / improve / diverge step."""
+        rng = random.Random(f"{self.name}/demos/{seed}")
+        records = []
+        for ep in self.sample("train", n, seed):
+            t, prev = rng.randrange(self.n_turns(ep)), []
+            for i in range(t):
+                prev.append(self.attempt(self.turn_problem(ep, i, prev), rng, rng.random() < self.error_model["p_alt_style"]))
+            records.append(self.demo_record(self.turn_problem(ep, t, prev), rng))
+        return records
+
+
 # ---------------------------------------------------------------- registry: add a family here
 
-FAMILIES = {"math": MathFamily, "subset": SubsetFamily, "realmath": RealMath}
+FAMILIES = {"math": MathFamily, "subset": SubsetFamily, "realmath": RealMath, "tools": ToolsFamily}
 
 
 def get_family(name: str, **kwargs) -> TaskFamily:

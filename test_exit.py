@@ -18,6 +18,7 @@ import random
 import subprocess
 import sys
 import time
+import types
 import warnings
 
 import numpy as np
@@ -1634,3 +1635,186 @@ def test_bf16_policy_steps_fp32_master_weights(tmp_path, instruct):
     tr.save()
     resumed = exit_lib.prepare(dataclasses.replace(tr.cfg, resume=True), quiet=True)
     assert all(torch.equal(a, b) for a, b in zip(tr.master, resumed.master))
+
+
+# ===============================================================================================
+# the multi-turn tool-use family (tasks.ToolsFamily) and ExIt on turns (PAPER.md §2, §5, §8)
+# ===============================================================================================
+
+def episode(start, *requests):
+    """A hand-made episode: a starting state of accounts a, b, c and its requests."""
+    return tasks.Problem("tools/hand", "tools", "|".join([tasks.render_state(start), *requests]), len(requests), "",
+                         {"start": list(start), "requests": list(requests)})
+
+
+def test_tools_environment_executes_calls_one_message_at_a_time():
+    run = tasks.run_calls
+    assert run([3, 0, 5], "dep a 4;wd c 2;done") == ([7, 0, 3], ["dep a 4", "wd c 2", "done"], ["a=7", "c=3"])
+    assert run([3, 0, 5], "wd a 9;err") == ([3, 0, 5], ["wd a 9", "err"], ["err:low"])  # too little money: no change
+    assert run([3, 0, 5], "set b 12;done;dep a 1") == ([3, 12, 5], ["set b 12", "done"], ["b=12"])  # stops at done
+    assert run([3, 0, 5], "~set b 1; done ") == ([3, 1, 5], ["set b 1", "done"], ["b=1"])  # alt-style tag, spaces
+    # malformed calls: an error message from the environment, nothing changes, the episode goes on
+    assert run([3, 0, 5], "dep d 1;pay a 2;dep a 1;done") == ([4, 0, 5], ["dep a 1", "done"], ["err:bad", "err:bad", "a=4"])
+    assert run([3, 0, 5], "dep a;dep a 123") == ([3, 0, 5], [], ["err:bad", "err:bad"])
+    # the budget: 4 assistant messages; a fifth (here the end marker) is never read
+    assert run([0, 0, 0], "dep a 1;dep a 1;dep a 1;dep a 1;done") == ([4, 0, 0], ["dep a 1"] * 4, ["a=1", "a=2", "a=3", "a=4"])
+    f, p = tasks.get_family("tools"), None
+    p = f.turn_problem(episode([3, 0, 5], "-a2"), 0, [])
+    for text in random_texts("tools", 200):  # junk never raises
+        assert f.score(p, text) in (0.0, 1.0) and isinstance(f.feedback(p, text), str) and f.valid(text) in (True, False)
+    assert not f.valid("hello") and not f.valid(None) and f.valid("err") and f.valid("xx;wd a 1")
+
+
+def test_tools_reward_state_match_and_call_containment():
+    f = tasks.get_family("tools")
+    ep = episode([3, 0, 5], "a>b2", "-c9", "a=4")  # move 2 a->b; withdraw 9 from c (cannot: 5); set a to 4
+    ref = ["wd a 2;dep b 2;done", "err", "set a 4;done"]
+    assert f.reference_answers(ep.data["start"], ep.data["requests"]) == ref
+    R = lambda *answers: f.episode_reward(ep, list(answers))
+    assert R(*ref) == 1.0
+    assert R("~set a 1;set b 2;done", "~err", "~dep a 3;done") == 1.0              # the other valid call sequences
+    assert R("wd a 2;set c 5;dep b 2;done", "err", "set a 4;done") == 1.0          # an extra harmless call: contained
+    assert R("wd a 2;oops;dep b 2;done", "err", "set a 4;done") == 1.0             # a malformed message in between
+    assert R("dep b 2;wd a 2;done", "err", "set a 4;done") == 0.0                  # same state, calls out of order
+    assert R("wd a 2;dep b 2", "err", "set a 4;done") == 0.0                       # no end marker
+    assert R("wd a 2;dep b 2;done", "wd c 9;done", "set a 4;done") == 0.0          # tried the impossible: done, not err
+    assert R("wd a 2;dep b 2;done", "err", "set a 4;dep c 1;done") == 0.0          # calls contained, state differs
+    assert R("wd a 2;dep b 3;done", "err", "dep a 3;done") == 0.0                  # a wrong turn cannot be undone later
+    assert R(*ref[:2]) == 0.0 and R(*ref, "done") == 0.0                           # one answer per turn
+    # turns: the state the earlier answers left (mistakes included), and a turn's own score from there
+    tp = f.turn_problem(ep, 2, ["wd a 2;dep b 3;done", "err"])
+    assert tp.request == "a1 b3 c5|a=4" and tp.data["state"] == [1, 3, 5] and tp.target == "set a 4;done"
+    assert f.score(tp, "set a 4;done") == 1.0 and f.score(tp, "dep a 3;done") == 1.0 and f.score(tp, "dep a 4;done") == 0.0
+    assert f.feedback(tp, "dep a 4;wd b 9;x;done") == "a=5 err:low err:bad"
+    assert f.prompt(tp, "dep a 4;done", "improve") == "<|request|>a1 b3 c5|a=4<|answer|>dep a 4;done<|feedback|>a=5<|improve|>"
+
+
+def test_tools_episodes_and_demonstrations():
+    f = tasks.get_family("tools")
+    eps = f.sample("train", 300, 0)
+    assert {p.difficulty for p in eps} == {2, 3} and all(f.n_turns(p) == p.difficulty for p in eps)
+    assert all(f.episode_reward(p, p.target.split("|")) == 1.0 for p in eps)
+    assert any("err" in p.target.split("|") for p in eps)  # some requests cannot be fulfilled
+    assert tasks.Problem(**json.loads(json.dumps(dataclasses.asdict(eps[0])))) == eps[0]
+    assert not {p.request for p in eps} & {p.request for p in f.sample("test", 100, 0)}
+    recs = f.demo_records(2000, 0)
+    right = lambda r, key="response": f.score(r["problem"], r[key]) == 1.0
+    base = [r for r in recs if r["mode"] == "base"]
+    a = [f.a0(r["problem"].difficulty) for r in base]  # first attempts: right with (1 - q)^calls
+    within(sum(map(right, base)), sum(a), sum(x * (1 - x) for x in a), len(base))
+    imp = [r for r in recs if r["mode"] == "improve" and right(r, "answer")]
+    assert all(r["response"] == r["answer"] or not right(r) for r in imp)  # a right answer is kept or broken
+    assert all(r["response"].startswith("~") != r["answer"].startswith("~") for r in recs if r["mode"] == "diverge")
+    assert {r["problem"].data["turn"] for r in recs} == {0, 1, 2}  # demos on every turn, not only the first
+    assert max(tasks.n_tokens(r["prompt"]) for r in recs) <= 80 and max(len(r["response"]) for r in recs) <= 40
+
+
+def tools_trainer(tmp_path, **kw):
+    return exit_lib.prepare(tiny_cfg(tmp_path, task="tools", **kw), quiet=True)
+
+
+def test_tools_turn_prefix_histories_and_replay(tmp_path):
+    tr = tools_trainer(tmp_path, min_size=1, replay_prob=1.0, p_div=0.0, method="improve", tasks_per_iter=2, group_size=2)
+    ep = episode([3, 0, 5], "a>b2", "-c9", "a=4")
+    task = dataclasses.asdict(ep)
+    # a fresh episode played to its end by two rows: every turn prefix of each row enters the buffer
+    inst = dict(problem=ep, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None, replay=False)
+    answers = [["wd a 2;dep b 2;done", "err", "set a 4;done"], ["wd a 2;dep b 2;done", "wd c 9;done", "set a 4;done"]]
+    tr.update_buffer_turns([inst], answers, torch.tensor([[1.0, 0.0]]))
+    es = list(tr.buffer.entries.values())
+    assert [len(e.turns) for e in es] == [0, 1, 2, 3, 2, 3]  # the base task, then prefixes; turn 1 is shared (deduped)
+    assert all(e.score == 0.25 and e.base_id == ep.id for e in es)
+    assert [e.depth for e in es] == [0, 1, 1, 1, 1, 1] and es[2].turns == [dict(answer=answers[0][0], depth=1),
+                                                                           dict(answer="err", depth=1)]
+    # replaying a prefix that ends at the middle turn: improve turn 2 of 3, given turn 1's final answer
+    tr.buffer.entries = {es[4].uid: es[4]}
+    tr.buffer._keys = {k: u for k, u in tr.buffer._keys.items() if u == es[4].uid}
+    for inst in tr.draw_turn_instances():
+        assert (inst["turn"], inst["mode"], inst["answer"], inst["replay"]) == (1, "improve", "wd c 9;done", True)
+        assert [h["answer"] for h in inst["prev"]] == [answers[0][0]] and inst["turn_problem"].data["state"] == [1, 2, 5]
+        assert inst["turn_problem"].request == "a1 b2 c5|-c9"
+
+
+def test_tools_self_iteration_on_a_middle_turn_rerolls_the_rest(tmp_path):
+    tr = tools_trainer(tmp_path, min_size=1, replay_prob=1.0, p_div=0.0, method="improve", tasks_per_iter=2, group_size=3)
+    ep = episode([3, 0, 5], "a>b2", "-c9", "a=4")
+    hist = [dict(answer="wd a 2;dep b 2;done", depth=1), dict(answer="wd c 9;done", depth=2)]
+    tr.buffer.insert_history(ep.id, dataclasses.asdict(ep), hist, [1, 2], 0.2)
+    del tr.buffer.entries[0], tr.buffer._keys[next(iter(tr.buffer._keys))]  # keep only the 2-turn prefix
+    out = tr.iteration()
+    G, log = 3, out["log"]
+    assert log["turn"] == 2.0 and log["replay_frac"] == 1.0 and log["depth"] == 2.0 and log["reward_improve"] is not None
+    for i, inst in enumerate(out["insts"]):
+        assert inst["turn"] == 1 and inst["mode"] == "improve"
+        for j in range(G):
+            a = out["answers"][i * G + j]
+            assert len(a) == 3 and a[0] == hist[0]["answer"]        # turn 1 kept, as the history says
+            assert a[1] == out["responses"][i * G + j]                # turn 2: this row's new iterate (trained on)
+            assert float(out["rewards"][i, j]) == tr.family.episode_reward(ep, a)  # turn 3 re-rolled, episode scored
+    # the children: every prefix of every row's episode, the new turn-2 answer one level deeper
+    kids = [e for e in tr.buffer.entries.values() if e.parent == 1]
+    assert kids and all(e.turns[0] == hist[0] for e in kids)
+    assert {len(e.turns) for e in kids} == {1, 2, 3}  # the 1-turn prefix was removed above, so it re-enters
+    assert all(e.depth == e.turns[-1]["depth"] for e in kids) and all(e.turns[1]["depth"] == 3 for e in kids if len(e.turns) > 1)
+    assert all(e.turns[2]["depth"] == 1 for e in kids if len(e.turns) == 3)
+
+
+def test_tools_filter_malformed_zeroes_their_advantage(tmp_path):
+    tr = tools_trainer(tmp_path, filter_malformed=True, method="grpo", group_size=2, tasks_per_iter=1)
+    adv = tr.advantages(torch.tensor([[1.0, 0.0]]), ["dep a 1;done", "garbage"])
+    assert adv.tolist() == [[1.0, 0.0]]
+    tr.cfg.filter_malformed = False
+    assert tr.advantages(torch.tensor([[1.0, 0.0]]), ["dep a 1;done", "garbage"]).tolist() == [[1.0, -1.0]]
+
+
+def test_tools_tiny_exit_run_resumes_and_evaluates(tmp_path):
+    full = exit_lib.train(tiny_cfg(tmp_path / "a", task="tools", iters=4, beta=0.01, ref_every=2), quiet=True)
+    exit_lib.train(tiny_cfg(tmp_path / "b", task="tools", iters=2, beta=0.01, ref_every=2,
+                            base_dir=str(tmp_path / "a" / "base")), quiet=True)
+    cfg, given = exit_lib.parse_args([f"--out_dir={tmp_path / 'b' / 'run'}", "--resume", "--iters=4"])
+    resumed = exit_lib.train(cfg, given, quiet=True)
+    (pa, ba), (pb, bb) = run_state(full), run_state(resumed)
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb)) and json.dumps(ba, sort_keys=True) == json.dumps(bb, sort_keys=True)
+    logs = [json.loads(l) for l in open(tmp_path / "a" / "run" / "log.jsonl")]
+    assert len(logs) == 4 and all("turn" in l and "malformed_frac" in l for l in logs)
+    assert any(len(e["turns"]) > 1 for e in ba["entries"])  # multi-turn histories reached the buffer
+    res = eval_lib.evaluate_policy(full.policy, full.tok, full.family, n_problems=3, K=2, n_samples=2, max_new_tokens=12)
+    assert res["K"] == 2 and res["n"] == 6 and len(res["score"]) == len(res["turn_acc"]) == 3
+    assert len(res["first_turn"]["score"]) == 3 and "net_corrections" in res["first_turn"]
+    assert set(res["by_difficulty"]) == {"2", "3"}
+    cut = eval_lib.truncate(res, 1)
+    assert cut["first_turn"]["score"] == res["first_turn"]["score"][:2] and len(cut["turn_acc"]) == 2
+    assert "turn 1" in eval_lib.summary({"exit": res})
+
+
+def test_tools_evaluation_protocol_with_a_scripted_policy(monkeypatch):
+    """k = 0 plays the episode with base prompts; each k >= 1 improves every turn in order, each seeing the
+    state the already-improved earlier turns left. A scripted 'policy': base answers are wrong, improve
+    answers are the reference from the state in the prompt."""
+    tok, f = model_lib.byte_tokenizer(tasks_lib.MARKERS), tasks.get_family("tools")
+    seen = []
+
+    def scripted(policy, prompts, num_samples, max_new_tokens, **kw):
+        texts = []
+        for p in prompts:
+            text = tok.decode(p, special=True)
+            seen.append(text)
+            state, req = text.split("<|request|>")[1].split("<|answer|>")[0].split("|")
+            state = [int(x[1:]) for x in state.split()]
+            texts += [("dep a 1;done" if text.endswith("<|answer|>") else ";".join(tasks.reference(state, req)[1][0]))] * num_samples
+        ids = [tok.encode(t) for t in texts]
+        tokens = torch.full((len(ids), max(map(len, ids))), tok.pad_id)
+        for i, x in enumerate(ids):
+            tokens[i, :len(x)] = torch.tensor(x)
+        return types.SimpleNamespace(tokens=tokens, lengths=torch.tensor([len(x) for x in ids]))
+
+    monkeypatch.setattr(eval_lib.model_lib, "generate", scripted)
+    policy = model_lib.Transformer(model_lib.ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1,
+                                                         n_embd=32, intermediate_size=64, max_seq_len=256))
+    ep = episode([3, 0, 5], "a>b2", "-c9", "a=4")
+    ret, first, per_turn = eval_lib.episode_scores(policy, tok, f, [ep, episode([1, 1, 1], "+a2", "b=3")], K=2,
+                                                   style="compact")
+    assert ret.tolist() == [[0, 0], [1, 1], [1, 1]] and first.tolist() == [[0, 0], [1, 1], [1, 1]]
+    assert per_turn[0].tolist() == [0, 0] and per_turn[1:].tolist() == [[1, 1], [1, 1]]
+    # step 1, turn 2 of the first episode: the state the improved turn 1 left (a1 b2 c5), not step 0's (a4 b0 c5)
+    assert any(s.endswith("<|request|>a1 b2 c5|-c9<|answer|>dep a 1;done<|feedback|>a=2<|improve|>") for s in seen)
