@@ -141,6 +141,17 @@ def net_corrections(correct: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(per_step)])
 
 
+def transition_rates(correct: np.ndarray) -> tuple[list, list]:
+    """Per improve step k -> k+1: P(right at k+1 | wrong at k) and P(wrong at k+1 | right at k).
+    A chain's accuracy drifts towards the fixed point fix / (fix + break), so these two say whether
+    iterating can help (None where no chain was in the conditioning state)."""
+    fix, brk = [], []
+    for a, b in zip(correct[:-1], correct[1:]):
+        fix.append(float((b & ~a).sum() / (~a).sum()) if (~a).any() else None)
+        brk.append(float((~b & a).sum() / a.sum()) if a.any() else None)
+    return fix, brk
+
+
 def summarise(scores: np.ndarray, difficulties: list, binary: bool) -> dict:
     """Per-step means, Δ_K, net corrections and a breakdown by difficulty, in plain Python types."""
     correct = scores >= 1.0 - 1e-9
@@ -149,6 +160,7 @@ def summarise(scores: np.ndarray, difficulties: list, binary: bool) -> dict:
                solved=correct.mean(axis=1).tolist())
     if binary:
         res["net_corrections"] = net_corrections(correct).tolist()
+        res["fix_rate"], res["break_rate"] = transition_rates(correct)
     d = np.array(difficulties)
     res["by_difficulty"] = {str(v): scores[:, d == v].mean(axis=1).tolist() for v in sorted(set(difficulties))}
     return res
@@ -226,7 +238,12 @@ def summary(results: dict) -> str:
         s, K = r["score"], r["K"]
         picks = [k for k in (0, 1, 4, K) if k <= K]
         cells = "  ".join(f"k={k}: {100 * s[k]:5.1f}" for k in dict.fromkeys(picks))
-        lines.append(f"{name:>12}  {cells}  Δ{K}: {100 * r['delta']:+5.1f}")
+        line = f"{name:>12}  {cells}  Δ{K}: {100 * r['delta']:+5.1f}"
+        rates = [(f, b) for f, b in zip(r.get("fix_rate", []), r.get("break_rate", [])) if f is not None and b is not None]
+        if rates:  # mean over the K steps: iterating helps only while fix/(fix+break) is above the accuracy
+            line += (f"  P(fix|wrong) {sum(f for f, _ in rates) / len(rates):.2f}"
+                     f"  P(break|right) {sum(b for _, b in rates) / len(rates):.3f}")
+        lines.append(line)
         if "first_turn" in r:  # multi-turn: the row above is the episode's return, this one its first turn
             lines.append(summary({f"{name} turn 1": r["first_turn"]}))
     return "\n".join(lines)
@@ -253,6 +270,9 @@ def truncate(res: dict, K: int) -> dict:
     out["delta"] = out["score"][K] - out["score"][0]
     if "net_corrections" in res:
         out["net_corrections"] = res["net_corrections"][:K + 1]
+    for key in ("fix_rate", "break_rate"):  # one entry per step k -> k+1
+        if key in res:
+            out[key] = res[key][:K]
     out["by_difficulty"] = {d: v[:K + 1] for d, v in res.get("by_difficulty", {}).items()}
     if "first_turn" in res:  # a multi-turn family's extra curves
         out["first_turn"], out["turn_acc"] = truncate(res["first_turn"], K), res["turn_acc"][:K + 1]

@@ -1818,3 +1818,14 @@ def test_tools_evaluation_protocol_with_a_scripted_policy(monkeypatch):
     assert per_turn[0].tolist() == [0, 0] and per_turn[1:].tolist() == [[1, 1], [1, 1]]
     # step 1, turn 2 of the first episode: the state the improved turn 1 left (a1 b2 c5), not step 0's (a4 b0 c5)
     assert any(s.endswith("<|request|>a1 b2 c5|-c9<|answer|>dep a 1;done<|feedback|>a=2<|improve|>") for s in seen)
+
+
+def test_transition_rates_by_hand():
+    # 4 chains over 3 steps: k=0 right for chains 0,1; k=1: 0 stays, 1 breaks, 2 fixed, 3 stays wrong
+    correct = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=bool)
+    fix, brk = eval_lib.transition_rates(correct)
+    assert fix == [0.5, 1.0] and brk == [0.5, 0.0]
+    res = eval_lib.summarise(correct.astype(float), [2, 2, 3, 3], binary=True)
+    assert res["fix_rate"] == fix and res["break_rate"] == brk
+    assert eval_lib.transition_rates(np.ones((2, 3), dtype=bool)) == ([None], [0.0])
+
