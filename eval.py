@@ -217,7 +217,9 @@ def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) 
     directory), cached next to it (keyed by the settings): every rung of a ladder starts from the
     same base, so it is evaluated once, not once per method. load_policy(path, device) -> (policy, ...)
     is exit.load_policy. Where the cache cannot be written (a read-only model folder) it is skipped."""
-    key = json.dumps(dict(family=family.name, **settings), sort_keys=True)
+    # the problems too: two realmath runs from one checkpoint with different --data files differ
+    problems = [p.request for p in heldout_problems(family, settings["n_problems"], harder=settings["harder"])]
+    key = json.dumps(dict(family=family.name, problems=problems, **settings), sort_keys=True)
     cache = f"{os.path.normpath(base_path)}.eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
     if os.path.isfile(cache):
         with open(cache) as f:

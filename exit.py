@@ -38,8 +38,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -154,7 +156,7 @@ class Config:
             need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
         for k in ("replay_prob", "p_div", "ref_alpha", "staleness_coef"):
             need(0.0 <= getattr(self, k) <= 1.0, f"{k} must be in [0, 1], got {getattr(self, k)}")
-        for k in ("lr", "warm_lr", "clip_eps"):
+        for k in ("lr", "warm_lr", "clip_eps", "grad_clip"):
             need(getattr(self, k) > 0, f"{k} must be > 0, got {getattr(self, k)}")
         for k in ("beta", "kappa", "temperature", "eval_temperature", "micro_batch", "eval_problems",
                   "rank_temperature"):
@@ -228,7 +230,9 @@ def diversity_coefficients(emb: torch.Tensor, minmax: bool = False) -> torch.Ten
     uses (||e_i - ē|| - min) / (max - min). A zero range (all equally far) gives d_i = 1."""
     dist = (emb - emb.mean(dim=0, keepdim=True)).norm(dim=1)  # (G,)
     lo, hi = dist.min(), dist.max()
-    if float(hi - lo) <= 1e-12:
+    # "zero range" is relative: two clusters of 4 identical answers are equally far from the mean,
+    # but float rounding leaves hi - lo ~ 1e-7, and dividing by it would make d_i ~ 1e7
+    if float(hi - lo) <= 1e-4 * float(hi) + 1e-12:
         return torch.ones_like(dist)
     return ((dist - lo) if minmax else dist) / (hi - lo)
 
@@ -511,6 +515,9 @@ class Trainer:
                     m.copy_(saved)
         self.buffer.load_state_dict(ck["buffer"])
         self.rng.bit_generator.state = ck["rng"]["numpy"]
+        if ck["rng"]["gen"].numel() != self.gen.get_state().numel():
+            raise ValueError(f"its sampling generator was saved on another kind of device than {self.device}: "
+                             "resume on the device type the run was trained on (--device)")
         self.gen.set_state(ck["rng"]["gen"])
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
@@ -795,6 +802,8 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Train
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.data:  # eval.py may evaluate the run from another folder
         cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
+    if cfg.init:  # and a resume may start from another working directory
+        cfg = dataclasses.replace(cfg, init=os.path.abspath(cfg.init))
     if cfg.resume:
         ck = load_checkpoint(ckpt_path)
         if ck.get("kind") != "run":
@@ -831,9 +840,26 @@ def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if not cfg.resume and os.path.exists(log_path):
         os.remove(log_path)
+    if cfg.resume and os.path.exists(log_path):  # drop lines of iterations the checkpoint does not hold
+        with open(log_path) as f:
+            kept = [l for l in f if l.strip() and json.loads(l)["iter"] <= trainer.iter]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+    # Ctrl-C finishes the iteration in flight, then saves and stops: a checkpoint taken halfway
+    # through an iteration (RNGs advanced, buffer half updated) would not resume exactly.
+    stop = []
+
+    def on_sigint(signum, frame):
+        if stop:  # a second Ctrl-C: stop at once, without a checkpoint
+            raise KeyboardInterrupt
+        stop.append(True)
+        tqdm.write("Ctrl-C: finishing this iteration, then saving (Ctrl-C again to stop without saving)")
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
     bar = tqdm(total=cfg.iters, initial=trainer.iter, desc=f"ExIt[{cfg.method}]", disable=quiet, dynamic_ncols=True)
     try:
-        while trainer.iter < cfg.iters:
+        while trainer.iter < cfg.iters and not stop:
             out = trainer.iteration()
             log = out["log"]
             with open(log_path, "a") as f:
@@ -846,10 +872,13 @@ def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer
                 trainer.show(out)
             if trainer.iter % cfg.ckpt_every == 0:
                 trainer.save()
-    except KeyboardInterrupt:
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if stop:
         trainer.save()
         bar.close()
-        print(f"\ninterrupted at iteration {trainer.iter}: checkpoint written; continue with --resume")
+        print(f"\ninterrupted after iteration {trainer.iter}: checkpoint written; continue with --resume")
         raise SystemExit(130)
     bar.close()
     trainer.save()

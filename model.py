@@ -7,7 +7,7 @@ provides exactly those to exit.py:
   generate()            G completions for each self-iteration prompt, sampled from pi_old,
                         with their log-probs (the denominator of the GRPO ratio, Eq. 5);
   completion_logprobs() log pi_theta of the same completions, with gradients (Eq. 4-5);
-  embed()               mean-pooled final hidden states, for the diversity bonus (§4.3).
+  embed()               mean-pooled final hidden states, for the diversity bonus (§4.2).
 
 tasks.py turns requests and answers into token ids with a Tokenizer from here, and decodes the
 completions it scores. The same Transformer runs the toy policy (toy_config + byte_tokenizer,
@@ -452,7 +452,7 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
 @torch.no_grad()
 def embed(model: Transformer, seqs: list[list[int]]) -> torch.Tensor:
     """Mean of the final hidden states (after the last norm) over each sequence's tokens,
-    (N, n_embd) fp32. The diversity bonus (§4.3) compares answers by these vectors."""
+    (N, n_embd) fp32. The diversity bonus (§4.2) compares answers by these vectors."""
     if min(len(s) for s in seqs) == 0:
         raise ValueError("embed needs non-empty sequences")
     device = model.inv_freq.device

@@ -1065,6 +1065,14 @@ def test_diversity_coefficients_eq6():
     # all rollouts equally far from the mean (here: identical) -> d_i = 1
     same = torch.ones(4, 3)
     assert exit_lib.diversity_coefficients(same).tolist() == [1.0] * 4
+    # a 4/4 split between two answers (the most learnable binary group): equal distances up to
+    # float rounding must still count as a zero range
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        a, b = torch.randn(1, 64, generator=g), torch.randn(1, 64, generator=g)
+        two = torch.cat([a.expand(4, -1), b.expand(4, -1)])
+        assert exit_lib.diversity_coefficients(two).tolist() == [1.0] * 8
+        assert exit_lib.diversity_coefficients(two, minmax=True).tolist() == [1.0] * 8
     sym = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
     assert exit_lib.diversity_coefficients(sym, minmax=True).tolist() == [1.0] * 4
 
@@ -1829,3 +1837,39 @@ def test_transition_rates_by_hand():
     assert res["fix_rate"] == fix and res["break_rate"] == brk
     assert eval_lib.transition_rates(np.ones((2, 3), dtype=bool)) == ([None], [0.0])
 
+
+
+def test_ctrl_c_saves_a_whole_iteration_and_resumes(tmp_path):
+    """SIGINT mid-run: the iteration in flight finishes, the checkpoint matches the log, resume completes."""
+    import signal as signal_lib
+    run = tmp_path / "run"
+    args = [f"--{k}={v}" for k, v in dict(out_dir=run, base_dir=tmp_path / "base", n_layer=1, n_embd=32, n_head=2,
+                                          n_kv_head=1, warm_examples=64, warm_steps=3, warm_batch=8, iters=100000,
+                                          tasks_per_iter=2, group_size=4, max_new_tokens=12, min_size=2,
+                                          eval_problems=0, device="cpu", ckpt_every=1000).items()]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "exit.py"), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    log = run / "log.jsonl"
+    t0 = time.time()
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        assert p.poll() is None and time.time() - t0 < 120, p.stderr.read()[-2000:] if p.poll() is not None else "timeout"
+        time.sleep(0.1)
+    p.send_signal(signal_lib.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "continue with --resume" in out, err[-2000:]
+    ck = exit_lib.load_checkpoint(str(run / "ckpt.pt"))
+    lines = [json.loads(l) for l in log.read_text().splitlines()]
+    assert ck["iter"] == len(lines) == lines[-1]["iter"]
+    # a log line beyond the checkpoint (a crash between the two) is dropped on resume
+    with open(log, "a") as f:
+        f.write(json.dumps(dict(lines[-1], iter=ck["iter"] + 1)) + "\n")
+    cfg, given = exit_lib.parse_args([f"--out_dir={run}", "--resume", f"--iters={ck['iter'] + 2}"])
+    exit_lib.train(cfg, given, quiet=True)
+    iters = [json.loads(l)["iter"] for l in log.read_text().splitlines()]
+    assert iters == list(range(1, ck["iter"] + 3))
+
+
+def test_grad_clip_must_be_positive():
+    with pytest.raises(ValueError, match="grad_clip must be > 0"):
+        exit_lib.parse_args(["--grad_clip=0"])
