@@ -668,6 +668,8 @@ class Trainer:
             else:  # a fresh base task enters as an instance of its own (the curriculum over base tasks)
                 base = self.buffer.insert(p.id, task, [], 0, score)
                 parent = None if base is None else base.uid
+                if base is not None:  # already buffered (de-duplicated): its score is the fresh one
+                    self.buffer.update_score(base.uid, score)
             if not cfg.self_iterates:
                 continue
             js = range(G) if cfg.children == "all" else [int(self.rng.integers(G))]
@@ -763,6 +765,8 @@ class Trainer:
             else:
                 base = self.buffer.insert(p.id, task, [], 0, score)
                 parent = None if base is None else base.uid
+                if base is not None:  # already buffered (de-duplicated): its score is the fresh one
+                    self.buffer.update_score(base.uid, score)
             if not cfg.self_iterates:
                 continue
             js = range(G) if cfg.children == "all" else [int(self.rng.integers(G))]

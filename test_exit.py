@@ -1873,3 +1873,13 @@ def test_ctrl_c_saves_a_whole_iteration_and_resumes(tmp_path):
 def test_grad_clip_must_be_positive():
     with pytest.raises(ValueError, match="grad_clip must be > 0"):
         exit_lib.parse_args(["--grad_clip=0"])
+
+
+def test_a_fresh_base_task_already_buffered_gets_its_fresh_score(tmp_path):
+    """PAPER.md §5: the instance m' itself gets its fresh empirical S (not max(old, new))."""
+    tr = exit_lib.prepare(tiny_cfg(tmp_path, method="curriculum"), quiet=True)
+    p = tr.train_pool[0]
+    e = tr.buffer.insert(p.id, dataclasses.asdict(p), [], 0, 0.25)
+    inst = dict(problem=p, answer=None, mode="base", depth=0, uid=None, replay=False)
+    tr.update_buffer([inst], ["x"] * 4, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert tr.buffer.entries[e.uid].score == pytest.approx(0.1875)  # var(1, 1, 1, 0) = 3/16
