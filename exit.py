@@ -653,6 +653,21 @@ class Trainer:
             agg["grad_norm"] += float(gn) / cfg.epochs
         return agg
 
+    def score_instance(self, inst, rewards) -> tuple:
+        """PAPER.md §5 for the instance just trained on: its fresh learnability S = var(r). A replayed
+        instance is updated; a fresh base task enters as an instance of its own (the curriculum over
+        base tasks), or, if already buffered, takes the fresh S. Returns (S, task dict, parent uid)."""
+        p, score = inst["problem"], buffer_lib.learnability(rewards)
+        task = dataclasses.asdict(p)
+        if inst["replay"]:
+            self.buffer.update_score(inst["uid"], score)
+            return score, task, inst["uid"]
+        base = self.buffer.insert(p.id, task, [], 0, score)
+        if base is None:
+            return score, task, None
+        self.buffer.update_score(base.uid, score)
+        return score, task, base.uid
+
     def update_buffer(self, insts, responses, rewards):
         """PAPER.md §5: fresh learnability for what was trained on; children inherit it."""
         cfg, G = self.cfg, self.cfg.group_size
@@ -660,16 +675,7 @@ class Trainer:
             return
         for i, inst in enumerate(insts):
             p, r = inst["problem"], rewards[i].tolist()
-            score = buffer_lib.learnability(r)
-            task = dataclasses.asdict(p)
-            if inst["replay"]:
-                self.buffer.update_score(inst["uid"], score)
-                parent = inst["uid"]
-            else:  # a fresh base task enters as an instance of its own (the curriculum over base tasks)
-                base = self.buffer.insert(p.id, task, [], 0, score)
-                parent = None if base is None else base.uid
-                if base is not None:  # already buffered (de-duplicated): its score is the fresh one
-                    self.buffer.update_score(base.uid, score)
+            score, task, parent = self.score_instance(inst, r)
             if not cfg.self_iterates:
                 continue
             js = range(G) if cfg.children == "all" else [int(self.rng.integers(G))]
@@ -757,16 +763,7 @@ class Trainer:
             return
         for i, inst in enumerate(insts):
             p, r, t = inst["problem"], rewards[i].tolist(), inst["turn"]
-            score = buffer_lib.learnability(r)
-            task = dataclasses.asdict(p)
-            if inst["replay"]:
-                self.buffer.update_score(inst["uid"], score)
-                parent = inst["uid"]
-            else:
-                base = self.buffer.insert(p.id, task, [], 0, score)
-                parent = None if base is None else base.uid
-                if base is not None:  # already buffered (de-duplicated): its score is the fresh one
-                    self.buffer.update_score(base.uid, score)
+            score, task, parent = self.score_instance(inst, r)
             if not cfg.self_iterates:
                 continue
             js = range(G) if cfg.children == "all" else [int(self.rng.integers(G))]
