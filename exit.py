@@ -535,11 +535,13 @@ class Trainer:
                 e = self.buffer.sample(1)[0]
                 answer = e.turns[-1]["answer"] if e.turns else None
                 mode = "base" if answer is None else ("diverge" if self.rng.random() < cfg.diverge_prob else "improve")
-                out.append(dict(problem=tasks_lib.Problem(**e.task), answer=answer, mode=mode,
-                                depth=e.depth, uid=e.uid, replay=True))
+                # turn t is the last of the history (always 0 for single-turn families); prev: turns before it
+                out.append(dict(problem=tasks_lib.Problem(**e.task), turn=max(0, len(e.turns) - 1),
+                                prev=e.turns[:-1], answer=answer, mode=mode, depth=e.depth, uid=e.uid, replay=True))
             else:
                 p = self.train_pool[int(self.rng.integers(len(self.train_pool)))]
-                out.append(dict(problem=p, answer=None, mode="base", depth=0, uid=None, replay=False))
+                out.append(dict(problem=p, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None,
+                                replay=False))
         return out
 
     def prompt_ids(self, inst) -> list[int]:
@@ -695,17 +697,7 @@ class Trainer:
 
     def draw_turn_instances(self) -> list[dict]:
         """As draw_instances, for episodes: (episode, turn t, the history before t, turn t's iterate, mode)."""
-        cfg, out = self.cfg, []
-        for _ in range(cfg.tasks_per_iter):
-            if cfg.uses_buffer and self.buffer.should_replay():
-                e = self.buffer.sample(1)[0]
-                answer = e.turns[-1]["answer"] if e.turns else None
-                mode = "base" if answer is None else ("diverge" if self.rng.random() < cfg.diverge_prob else "improve")
-                out.append(dict(problem=tasks_lib.Problem(**e.task), turn=max(0, len(e.turns) - 1), prev=e.turns[:-1],
-                                answer=answer, mode=mode, depth=e.depth, uid=e.uid, replay=True))
-            else:
-                p = self.train_pool[int(self.rng.integers(len(self.train_pool)))]
-                out.append(dict(problem=p, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None, replay=False))
+        out = self.draw_instances()
         for inst in out:
             inst["turn_problem"] = self.family.turn_problem(inst["problem"], inst["turn"],
                                                             [h["answer"] for h in inst["prev"]])

@@ -1196,22 +1196,26 @@ def test_one_iteration_changes_parameters(tmp_path):
     assert len(tr.buffer) > 0 and log["iter"] == 1
 
 
+def one_sgd_update(tr, group, new_tokens):
+    """The parameters before and after one update on a fixed batch. Plain SGD, so the update is the
+    (clipped) gradient itself; Adam's first step, ~lr * sign(g), would magnify float rounding in
+    near-zero gradients."""
+    tr.opt = torch.optim.SGD(tr.policy.parameters(), lr=0.1)
+    prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
+    ro = model_lib.generate(tr.policy, prompts, group, new_tokens, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id,
+                            generator=torch.Generator().manual_seed(1))
+    initial = [p.detach().clone() for p in tr.policy.parameters()]
+    tr.update(prompts, ro, torch.linspace(-1, 1, len(ro.lengths)))
+    return initial, [p.detach().clone() for p in tr.policy.parameters()]
+
+
 def test_micro_batches_give_the_same_update(tmp_path):
     states = []
     for mb in (0, 4):
         tr = exit_lib.prepare(tiny_cfg(tmp_path / f"mb{mb}", micro_batch=mb, method="grpo"), quiet=True)
-        # plain SGD, so the update is the (clipped) gradient itself; Adam's first step, ~lr * sign(g),
-        # would magnify float rounding in near-zero gradients
-        tr.opt = torch.optim.SGD(tr.policy.parameters(), lr=0.1)
         torch.manual_seed(0)
-        prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
-        import model as model_lib
-        ro = model_lib.generate(tr.policy, prompts, 4, 10, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id,
-                                generator=torch.Generator().manual_seed(1))
-        adv = torch.linspace(-1, 1, len(ro.lengths))
-        initial = [p.detach().clone() for p in tr.policy.parameters()]
-        tr.update(prompts, ro, adv)
-        states.append([p.detach().clone() for p in tr.policy.parameters()])
+        initial, after = one_sgd_update(tr, group=4, new_tokens=10)
+        states.append(after)
     for a, b, c in zip(*states, initial):
         assert torch.allclose(a, b, atol=1e-6)
     assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(states[0], initial))  # the update did something
@@ -1615,14 +1619,8 @@ def test_hf_micro_batches_and_grad_checkpoint_give_the_same_update(tmp_path, ins
         tr = exit_lib.prepare(hf_cfg(tmp_path / f"mb{mb}", instruct, micro_batch=mb, grad_checkpoint=gc,
                                      method="grpo", tasks_per_iter=3), quiet=True)
         assert tr.style == "chat" and tr.policy.grad_checkpoint == gc
-        tr.opt = torch.optim.SGD(tr.policy.parameters(), lr=0.1)  # as in the toy test: the update is the gradient
-        prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
-        ro = model_lib.generate(tr.policy, prompts, 2, 8, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id,
-                                generator=torch.Generator().manual_seed(1))
-        adv = torch.linspace(-1, 1, len(ro.lengths))
-        initial = [p.detach().clone() for p in tr.policy.parameters()]
-        tr.update(prompts, ro, adv)
-        states.append([p.detach().clone() for p in tr.policy.parameters()])
+        initial, after = one_sgd_update(tr, group=2, new_tokens=8)
+        states.append(after)
     for a, b in zip(*states):
         assert torch.allclose(a, b, atol=1e-6)
     assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(states[0], initial))
