@@ -302,7 +302,7 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     task = task or (ck.get("config") or {}).get("task") or _task_from_name(path)
     if task is None:
         raise ValueError(f"{path} records no task (not a run checkpoint); pass --task")
-    family = exit_lib.make_family(task, cfg.get("data", ""))
+    family = exit_lib.make_family(task, cfg.get("data", ""), cfg.get("difficulties", ""))
     dev = model_lib.pick_device(device)
     settings = eval_settings(cfg)
     settings.update({k: v for k, v in dict(n_problems=n_problems, K=K, n_samples=n_samples).items() if v})

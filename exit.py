@@ -68,6 +68,7 @@ class Config:
     task: str = _f("math", "task family (tasks.FAMILIES): math | subset | tools (multi-turn) | realmath (needs --data and --init)")
     method: str = _f("exit", "rung of the ablation ladder (PAPER.md §7): grpo | curriculum | improve | diverge | exit")
     seed: int = _f(0, "seed of everything: tasks, sampling, buffer, initialisation")
+    difficulties: str = _f("", "training mix of base-task difficulties, e.g. 2-6 or 2,3,5 ('' = the family's own)")
     out_dir: str = _f("runs/exit", "run folder: config.json, log.jsonl, ckpt.pt, eval.json")
     resume: bool = _f(False, "continue the run in out_dir from its ckpt.pt (exactly)")
     device: str = _f("auto", "auto | cpu | cuda | mps")
@@ -150,6 +151,9 @@ class Config:
         need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         need((self.task == "realmath") == bool(self.data), "--data=FILE goes with --task=realmath, and realmath needs it")
         need(self.task != "realmath" or bool(self.init), "--task=realmath needs --init=HF_DIR: real data has no warm start")
+        if self.difficulties:
+            parse_difficulties(self.difficulties)  # raises a config error naming the bad text
+            need(self.task != "realmath", "--difficulties does not apply to realmath (its file sets the levels)")
         need(self.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
         for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size",
                   "ref_every", "warm_steps", "warm_batch", "warm_examples", "log_every", "ckpt_every"):
@@ -332,9 +336,28 @@ def load_policy(path: str, device) -> tuple:
     return (*policy_from_state(state, device), state["tokenizer"])
 
 
-def make_family(task: str, data: str = ""):
-    """The task family of a run: realmath reads its problems from the --data file."""
-    return tasks_lib.get_family(task, path=data) if task == "realmath" else tasks_lib.get_family(task)
+def parse_difficulties(text: str) -> tuple:
+    """'2-6' -> (2, 3, 4, 5, 6); '2,3,5' -> (2, 3, 5)."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            out = tuple(range(lo, hi + 1))
+        else:
+            out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise ValueError(f"config: difficulties looks like '2-6' or '2,3,5' (positive integers), got {text!r}")
+    return out
+
+
+def make_family(task: str, data: str = "", difficulties: str = ""):
+    """The task family of a run: realmath reads its problems from the --data file; --difficulties
+    replaces the family's training mix (and so the held-out evaluation mix)."""
+    family = tasks_lib.get_family(task, path=data) if task == "realmath" else tasks_lib.get_family(task)
+    if difficulties:
+        family.train_difficulties = parse_difficulties(difficulties)
+    return family
 
 
 def atomic_save(obj, path: str):
@@ -371,6 +394,8 @@ def warm_start_key(cfg: Config, family) -> str:
     keys = dict(task=cfg.task, error_model=family.error_model, seed=cfg.seed,
                 arch=[cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head],
                 sft=[cfg.warm_examples, cfg.warm_steps, cfg.warm_batch, cfg.warm_lr], markers=tasks_lib.MARKERS)
+    if cfg.difficulties:  # only when set, so the caches of default-mix bases keep their names
+        keys["difficulties"] = list(family.train_difficulties)
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -439,7 +464,7 @@ class Trainer:
     def __init__(self, cfg: Config, quiet: bool = False):
         self.cfg, self.quiet = cfg, quiet
         self.device = model_lib.pick_device(cfg.device)
-        self.family = make_family(cfg.task, cfg.data)
+        self.family = make_family(cfg.task, cfg.data, cfg.difficulties)
         if cfg.init:
             self.policy, self.tok, self.tok_spec = load_policy(cfg.init, self.device)
             self.base_path = os.path.abspath(cfg.init)

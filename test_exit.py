@@ -12,6 +12,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import base64
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -1171,6 +1172,28 @@ def test_method_ladder_switches():
     assert [on[m].diverge_prob > 0 for m in exit_lib.METHODS] == [False, False, False, True, True]
     assert [on[m].diversity_bonus for m in exit_lib.METHODS] == [False, False, False, False, True]
 
+
+
+def test_difficulty_mix_option():
+    assert exit_lib.parse_difficulties("2-6") == (2, 3, 4, 5, 6)
+    assert exit_lib.parse_difficulties("2,3,5") == (2, 3, 5)
+    for bad in ("a", "0-3", "6-2", "2,,3", "-"):
+        with pytest.raises(ValueError, match="difficulties looks like"):
+            exit_lib.parse_args([f"--difficulties={bad}"])
+    with pytest.raises(ValueError, match="does not apply to realmath"):
+        exit_lib.parse_args(["--task=realmath", "--data=x.jsonl", "--init=x", "--difficulties=2-3"])
+    fam = exit_lib.make_family("math", difficulties="5,7")
+    assert fam.train_difficulties == (5, 7) and tasks_lib.get_family("math").train_difficulties == (2, 3, 4)
+    assert {p.difficulty for p in fam.sample("train", 40, seed=0)} == {5, 7}
+    assert sorted({p.difficulty for p in eval_lib.heldout_problems(fam, 10)}) == [5, 7]  # the held-out mix follows
+    # the warm-start cache is keyed by the mix, and a default-mix base keeps its old name
+    default, mixed = exit_lib.Config(), exit_lib.Config(difficulties="5,7")
+    key = exit_lib.warm_start_key
+    assert key(mixed, fam) != key(default, tasks_lib.get_family("math"))
+    legacy = dict(task="math", error_model=tasks_lib.get_family("math").error_model, seed=0,
+                  arch=[4, 128, 4, 2], sft=[20000, 1500, 64, 0.003], markers=tasks_lib.MARKERS)
+    assert key(default, tasks_lib.get_family("math")) == \
+        hashlib.sha1(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:12]
 
 # ---- the loop, on a tiny policy
 
