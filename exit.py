@@ -463,6 +463,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, quiet: bool = False):
         self.cfg, self.quiet = cfg, quiet
+        self.div_stats = {}  # Eq. 6 coefficients of the current iteration, for its log line
         self.device = model_lib.pick_device(cfg.device)
         self.family = make_family(cfg.task, cfg.data, cfg.difficulties)
         if cfg.init:
@@ -599,7 +600,10 @@ class Trainer:
         if cfg.diversity_bonus:  # Eq. 6: d_i A_i
             sols = [self.tok.encode(self.family.solution_text(r)) or [self.tok.eos_id] for r in responses]
             emb = model_lib.embed(self.embedder, sols).view(len(rewards), G, -1).cpu()
-            adv = adv * torch.stack([diversity_coefficients(e, cfg.div_minmax) for e in emb])
+            d = torch.stack([diversity_coefficients(e, cfg.div_minmax) for e in emb])
+            adv = adv * d
+            # logged: the printed form of Eq. 6 is unbounded (d_i = dist_i / range), so its scale is worth watching
+            self.div_stats = dict(div_mean=float(d.mean()), div_max=float(d.max()))
         if cfg.filter_malformed:  # §4: no gradient from responses of no valid type
             adv = adv * torch.tensor([self.family.valid(r) for r in responses], dtype=adv.dtype).view_as(adv)
         return adv
@@ -629,7 +633,8 @@ class Trainer:
                    buf_entropy=bstats["entropy"], buf_distinct=bstats["distinct_base"],
                    buf_depth=bstats.get("depth_mean", 0.0), resp_len=n_tok / len(responses),
                    tok_per_s=n_tok / dt, sample_frac=t_sample / dt, skipped=self.skipped,
-                   elapsed=self.elapsed, **stats)
+                   elapsed=self.elapsed, **self.div_stats, **stats)
+        self.div_stats = {}
         return dict(log=log, insts=insts, responses=responses, rewards=rewards)
 
     def update(self, prompts, ro, adv) -> dict:

@@ -1217,6 +1217,8 @@ def test_one_iteration_changes_parameters(tmp_path):
     if (out["rewards"].amax(1) - out["rewards"].amin(1)).max() > 0:  # some group carried signal
         assert changed > 0
     assert len(tr.buffer) > 0 and log["iter"] == 1
+    assert log["div_max"] >= log["div_mean"] > 0  # full ExIt logs the scale of its Eq. 6 coefficients
+    assert "div_mean" not in exit_lib.prepare(tiny_cfg(tmp_path / "g", method="improve"), quiet=True).iteration()["log"]
 
 
 def one_sgd_update(tr, group, new_tokens):
