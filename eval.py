@@ -437,7 +437,8 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
         score = np.array([x["score"] for x in res])  # (runs, K + 1)
         row = dict(method=m, label=LABELS.get(m, m), runs=len(res), n=[x["n"] for x in res],
                    k0=mean_std(score[:, 0]), kK=mean_std(score[:, K]), delta=mean_std(score[:, K] - score[:, 0]),
-                   score_mean=score.mean(0).tolist(), score_std=[mean_std(c)[1] for c in score.T])
+                   score_mean=score.mean(0).tolist(), score_std=[mean_std(c)[1] for c in score.T],
+                   score_runs=score.tolist())
         if all("net_corrections" in x for x in res):  # binary families only
             net = np.array([x["net_corrections"] for x in res])
             row.update(net_mean=net.mean(0).tolist(), net_std=[mean_std(c)[1] for c in net.T])
@@ -482,14 +483,20 @@ def _colour(method: str) -> str:
     return f"C{names.index(method) if method in names else len(names)}"  # the same colour in every plot
 
 
-def _plot_vs_k(fig, table, mean_key, std_key, ylabel, title, scale=100.0):
+def _plot_vs_k(fig, table, mean_key, std_key, ylabel, title, scale=100.0, runs_key=None):
+    """Mean over runs with a ± std band; with runs_key, each run also as a thin line (seeds can differ
+    so much that the band alone hides what happened)."""
     ax = fig.add_subplot(1, 1, 1)
     for r in table["rows"]:
         if mean_key not in r:
             continue
         m, s, k = scale * np.array(r[mean_key]), scale * np.array(r[std_key]), np.arange(len(r[mean_key]))
-        ax.plot(k, m, marker=".", color=_colour(r["method"]), label=f"{r['label']} (n={r['runs']})")
-        ax.fill_between(k, m - s, m + s, color=_colour(r["method"]), alpha=0.15)
+        c, single = _colour(r["method"]), r.get(runs_key) if runs_key else None
+        ax.plot(k, m, marker=".", color=c, label=f"{r['label']} (n={r['runs']})")
+        if single and len(single) > 1:
+            for y in single:
+                ax.plot(k, scale * np.array(y)[:len(k)], color=c, lw=0.7, alpha=0.45)
+        ax.fill_between(k, m - s, m + s, color=c, alpha=0.08 if single else 0.15)
     ax.set(xlabel="improve step k", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -528,7 +535,8 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
         fig.savefig(paths[-1], dpi=110)
 
     save("accuracy_vs_k.png", lambda f: _plot_vs_k(
-        f, table, "score_mean", "score_std", "held-out score (%)", f"{task}: score vs improve steps (mean ± std)"))
+        f, table, "score_mean", "score_std", "held-out score (%)",
+        f"{task}: score vs improve steps (mean ± std; thin: single runs)", runs_key="score_runs"))
     if any("net_mean" in r for r in table["rows"]):
         save("net_corrections.png", lambda f: _plot_vs_k(
             f, table, "net_mean", "net_std", "net corrections (% of chains)",

@@ -1430,6 +1430,7 @@ def test_comparison_table_from_saved_json_by_hand(four_runs, monkeypatch):
     assert rows["exit"]["kK"] == pytest.approx([0.60, sd(0.50, 0.70)])
     assert rows["exit"]["delta"] == pytest.approx([0.15, sd(0.10, 0.20)])
     assert rows["exit"]["net_mean"] == pytest.approx([0.0, 0.075, 0.15])
+    assert sorted(r[-1] for r in rows["exit"]["score_runs"]) == pytest.approx([0.50, 0.70])  # each run, for the plot
     # the training curves are the per-iteration mean over seeds; None where nothing was logged
     assert rows["exit"]["curves"]["reward_improve"] == [None, None, 0.5, 0.5, 0.5]
     assert rows["exit"]["curves"]["buf_distinct"] == [0, 1, 2, 3, 4]
