@@ -288,7 +288,8 @@ def _task_from_name(path: str):
 
 
 def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None, n_problems: int | None = None,
-                        n_samples: int | None = None, device: str = "auto", with_base: bool = True) -> dict:
+                        n_samples: int | None = None, device: str = "auto", with_base: bool = True,
+                        temperature: float | None = None) -> dict:
     """{"policy": ..., "base": ...} for a checkpoint file, as exit.main writes eval.json.
 
     A run checkpoint brings its config: its eval_* settings and seed are the defaults, so this
@@ -306,6 +307,8 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     dev = model_lib.pick_device(device)
     settings = eval_settings(cfg)
     settings.update({k: v for k, v in dict(n_problems=n_problems, K=K, n_samples=n_samples).items() if v})
+    if temperature is not None:  # 0 is a real choice (greedy), so not "if temperature"
+        settings["temperature"] = temperature
     policy, tok = exit_lib.policy_from_state(ck["policy"], dev)
     out = dict(policy=evaluate_policy(policy, tok, family, **settings), base=None)
     base_path = ck.get("base_path")
@@ -340,12 +343,14 @@ BASE_KEYS = ("task", "data", "seed", "init", "n_layer", "n_embd", "n_head", "n_k
 
 
 def load_run(path: str, recompute: bool = False, task: str | None = None, K: int | None = None,
-             n_problems: int | None = None, n_samples: int | None = None, device: str = "auto") -> dict:
+             n_problems: int | None = None, n_samples: int | None = None, device: str = "auto",
+             temperature: float | None = None) -> dict:
     """One run for the comparison: {path, method, seed, base_key, policy, base, log}.
 
     `path` is a run folder or a checkpoint file. Its eval.json (for a loose checkpoint file
     X.pt: X.eval.json) is used as it is; only when there is none, or with recompute, is the
-    checkpoint evaluated, and the result written there for next time."""
+    checkpoint evaluated, and the result written there for next time. An evaluation at another
+    temperature than the run's own goes to eval.T{temperature}.json, so eval.json stays the run's."""
     if os.path.isfile(path) and os.path.basename(path) == "ckpt.pt":
         path = os.path.dirname(path) or "."  # a run's own checkpoint: the run folder says more
     if os.path.isdir(path):
@@ -366,6 +371,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     else:
         raise FileNotFoundError(f"no run folder or checkpoint at {path}")
 
+    if temperature is not None:
+        ev_file = f"{ev_file[:-len('.json')]}.T{temperature:g}.json"
     ev = None
     if os.path.isfile(ev_file) and not recompute:
         with open(ev_file) as f:
@@ -376,7 +383,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         if not os.path.isfile(ck_file):
             raise FileNotFoundError(f"{path}: no ckpt.pt to evaluate")
         print(f"evaluating {ck_file} ...", flush=True)
-        ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples, device=device)
+        ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples, device=device,
+                                 temperature=temperature)
         write_json(ev, ev_file)
     # unset keys are left out, so runs from before a key existed still share their base
     base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "")}, sort_keys=True)
@@ -641,6 +649,9 @@ def parse(argv):
                    "stored evaluation with more steps is cut to K, exactly)")
     p.add_argument("--problems", type=int, metavar="N", help="held-out tasks, when evaluating (default: the run's eval_problems)")
     p.add_argument("--samples", type=int, metavar="N", help="chains per task, when evaluating (default: the run's eval_samples)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="sampling temperature of the evaluation (default: the run's eval_temperature; 0 = greedy); "
+                        "results go to eval.T{T}.json beside the run's eval.json")
     p.add_argument("--recompute", action="store_true", help="evaluate again even where eval.json exists")
     p.add_argument("--task", help="task family of a checkpoint that records none; with --ladder, exit.py's --task")
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
@@ -668,12 +679,13 @@ def main(argv=None):
             print("(no plots: pip install matplotlib to get them)" if plots is None else "plots: " + ", ".join(plots))
         elif args.ladder:
             passed = dict(task=args.task, device=args.device, eval_k=args.k, eval_problems=args.problems,
-                          eval_samples=args.samples)
+                          eval_samples=args.samples, eval_temperature=args.temperature)
             overrides = [f"--{k}={v}" for k, v in passed.items() if v is not None] + extra
             ladder(overrides, seeds=args.seeds, out=args.out or os.path.join("runs", "ladder"))
         elif args.runs:
             compare(args.runs, out=args.out, K=args.k, recompute=args.recompute, task=args.task,
-                    n_problems=args.problems, n_samples=args.samples, device=args.device or "auto")
+                    n_problems=args.problems, n_samples=args.samples, device=args.device or "auto",
+                    temperature=args.temperature)
         else:
             print("nothing to do: give run folders, --table FILE or --ladder (see -h)", file=sys.stderr)
             raise SystemExit(2)

@@ -1519,6 +1519,12 @@ def test_ladder_runs_resumes_and_recomputes_exactly(tmp_path, monkeypatch):
     saved = json.load(open(out / "exit-s0" / "eval.json"))
     again = eval_lib.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), device="cpu")
     assert again == saved
+    # another temperature goes to its own file; the run's eval.json is left as it was
+    eval_lib.main([str(out / "exit-s0"), "--temperature=0", "--out", str(tmp_path / "greedy"), "--device=cpu"])
+    greedy = json.load(open(out / "exit-s0" / "eval.T0.json"))
+    assert greedy["policy"]["settings"]["temperature"] == 0.0 == greedy["base"]["settings"]["temperature"]
+    assert json.load(open(out / "exit-s0" / "eval.json")) == saved
+    assert (tmp_path / "greedy" / "results.json").is_file()
 
 
 def test_without_matplotlib_the_table_still_prints(four_runs, monkeypatch, capsys):
