@@ -597,6 +597,7 @@ class Trainer:
         """Eq. 3 within each group, times the diversity coefficients of Eq. 6 for full ExIt; (P, G)."""
         cfg, G = self.cfg, self.cfg.group_size
         adv = group_advantages(rewards, scale_by_std=not cfg.dr_grpo)
+        self.div_stats = {}
         if cfg.diversity_bonus:  # Eq. 6: d_i A_i
             sols = [self.tok.encode(self.family.solution_text(r)) or [self.tok.eos_id] for r in responses]
             emb = model_lib.embed(self.embedder, sols).view(len(rewards), G, -1).cpu()
@@ -634,7 +635,6 @@ class Trainer:
                    buf_depth=bstats.get("depth_mean", 0.0), resp_len=n_tok / len(responses),
                    tok_per_s=n_tok / dt, sample_frac=t_sample / dt, skipped=self.skipped,
                    elapsed=self.elapsed, **self.div_stats, **stats)
-        self.div_stats = {}
         return dict(log=log, insts=insts, responses=responses, rewards=rewards)
 
     def update(self, prompts, ro, adv) -> dict:

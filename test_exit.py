@@ -1173,7 +1173,6 @@ def test_method_ladder_switches():
     assert [on[m].diversity_bonus for m in exit_lib.METHODS] == [False, False, False, False, True]
 
 
-
 def test_difficulty_mix_option():
     assert exit_lib.parse_difficulties("2-6") == (2, 3, 4, 5, 6)
     assert exit_lib.parse_difficulties("2,3,5") == (2, 3, 5)
@@ -1194,6 +1193,7 @@ def test_difficulty_mix_option():
                   arch=[4, 128, 4, 2], sft=[20000, 1500, 64, 0.003], markers=tasks_lib.MARKERS)
     assert key(default, tasks_lib.get_family("math")) == \
         hashlib.sha1(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:12]
+
 
 # ---- the loop, on a tiny policy
 
