@@ -65,7 +65,7 @@ def _f(default, help):
 @dataclass
 class Config:
     # ---- run
-    task: str = _f("math", "task family (tasks.FAMILIES): math | subset | tools (multi-turn) | realmath (needs --data and --init)")
+    task: str = _f("math", "task family (tasks.FAMILIES): math | exactsum | subset | tools (multi-turn) | realmath (needs --data and --init)")
     method: str = _f("exit", "rung of the ablation ladder (PAPER.md §7): grpo | curriculum | improve | diverge | exit")
     seed: int = _f(0, "seed of everything: tasks, sampling, buffer, initialisation")
     difficulties: str = _f("", "training mix of base-task difficulties, e.g. 2-6 or 2,3,5 ('' = the family's own)")
@@ -394,8 +394,11 @@ def warm_start_key(cfg: Config, family) -> str:
     keys = dict(task=cfg.task, error_model=family.error_model, seed=cfg.seed,
                 arch=[cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head],
                 sft=[cfg.warm_examples, cfg.warm_steps, cfg.warm_batch, cfg.warm_lr], markers=tasks_lib.MARKERS)
-    if cfg.difficulties:  # only when set, so the caches of default-mix bases keep their names
+    if cfg.difficulties:
         keys["difficulties"] = list(family.train_difficulties)
+    # a sample of the demonstrations themselves: editing a family's prompts or answer format (not only
+    # its error model) must not silently reuse a base trained on the old ones
+    keys["demos"] = hashlib.sha1(json.dumps(family.demonstrations(32, cfg.seed)).encode()).hexdigest()
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -9,6 +9,8 @@ asks for `step_reward` of each rollout; the buffer stores partial histories as (
 
 Families:
   math     binary, no feedback: a left-to-right integer chain "7+5*2-9" (the competition-math analogue)
+  exactsum binary, no feedback, cheap to check: pick numbers that sum exactly to a target, counted down
+           to 0 in the answer (math with a generation-verification gap)
   subset   graded, with feedback: pick numbers whose sum hits a target (the ML-engineering analogue)
   realmath binary: GSM8K/MATH-style problems read from a JSONL file, for real instruct checkpoints
   tools    binary, multi-turn: requests to a tiny bank served by tool calls (the BFCL v3 analogue)
@@ -426,6 +428,130 @@ def _render(picks, alt: bool) -> str:
     return (ALT_TAG if alt else "") + "+".join(map(str, picks)) + f"={sum(picks)}"
 
 
+# ---------------------------------------------------------------- exactsum: binary, no feedback, cheap to check
+
+_COUNTDOWN = re.compile(r"([0-9]{1,3})((?:-[0-9]{1,2}=-?[0-9]{1,3})*)")
+
+
+class ExactSumFamily(TaskFamily):
+    """Request "3 7 11 14 17>31": pick numbers from the list, each at most once, whose sum is EXACTLY the
+    target. Binary, no feedback, like `math`, but with a generation-verification gap. An answer counts
+    the target down by its picks, "31-3=28-11=17-17=0": it is right iff every subtraction is right, the
+    picks are legal, and it ends at 0. So CHECKING an answer is reading its last number, while FINDING
+    one is a search over subsets. Iteration can therefore help where it cannot on math chains (there,
+    checking a step costs exactly what computing it costs): an improve step can keep an answer that ends
+    at 0 and repair one that ends at r != 0 by a LOCAL MOVE, pick r when r is an unpicked number of the
+    list (append "-r=0"), or drop the pick -r when it overshot by -r (`local_move`).
+    Styles: main ascending "31-3=28-11=17-17=0", alt descending "~31-17=14-11=3-3=0". Numbers 1..19; the
+    target is the sum of a planted subset of 2-4 of them (any exact subset is right).
+    Demonstrations (a weak self-improver, like the other families): first attempts flip each number's
+    in/out choice of the planted subset with probability q, so a wrong one is often ONE move from right.
+    The demonstrated improve step (`revise`) keeps an answer that ends at 0, except that w.p. p_break(d)
+    it flips one number anyway (over-editing); one that does not is repaired by the local move w.p.
+    p_fix (re-attempted when no single move exists), copied w.p. p_copy, else re-attempted. RL can learn
+    what the demos do only sometimes: keep what checks out, and always move."""
+    name, graded, has_feedback = "exactsum", False, False
+    train_difficulties, heldout_difficulties = (4, 5, 6), (7, 8)
+    answer_format = "count the target down by the chosen numbers and box it, e.g. \\boxed{31-3=28-11=17-17=0}"
+    ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.12, "p_fix": 0.30, "p_copy": 0.50, "q_break": 0.09}
+
+    def make(self, rng, difficulty):
+        numbers = sorted(rng.sample(range(1, 20), difficulty))
+        best = sorted(rng.sample(numbers, rng.randint(2, min(4, difficulty - 1))))
+        request = " ".join(map(str, numbers)) + f">{sum(best)}"
+        return Problem("", self.name, request, difficulty, _countdown(best, sum(best), False),
+                       {"numbers": numbers, "target": sum(best), "best": best})
+
+    def chat_request(self, problem):
+        return (f"Task {problem.request}: choose numbers from the list before '>', each at most once, "
+                f"whose sum is exactly the number after '>'. Then {self.answer_format}.")
+
+    def picks(self, problem, response: str) -> list[int] | None:
+        """The numbers of a well-formed answer (it starts at the target, every subtraction is right, every
+        pick is a distinct number of the list), or None. Right iff also sum(picks) == target."""
+        if not isinstance(response, str):
+            return None
+        boxed = _last_boxed(response)
+        m = _COUNTDOWN.fullmatch((boxed if boxed is not None else response).replace(" ", "").removeprefix(ALT_TAG))
+        if not m or int(m.group(1)) != problem.data["target"]:
+            return None
+        r, picks = problem.data["target"], []
+        for x, rest in re.findall(r"-([0-9]+)=(-?[0-9]+)", m.group(2)):
+            r -= int(x)
+            if int(rest) != r or int(x) not in problem.data["numbers"] or int(x) in picks:
+                return None
+            picks.append(int(x))
+        return picks
+
+    def score(self, problem, response):
+        picks = self.picks(problem, response)
+        return 1.0 if picks and sum(picks) == problem.data["target"] else 0.0
+
+    def local_move(self, problem, picks: list[int]) -> list[int] | None:
+        """The one-number repair of an answer that ends at r = target - sum: pick r if it is an unpicked
+        number of the list, drop -r if it is a pick; None when no single move hits the target."""
+        r = problem.data["target"] - sum(picks)
+        if r > 0 and r in problem.data["numbers"] and r not in picks:
+            return picks + [r]
+        if r < 0 and -r in picks and len(picks) > 1:
+            return [x for x in picks if x != -r]
+        return None
+
+    # -- demonstrations
+    def render(self, problem, picks, alt):
+        return _countdown(picks, problem.data["target"], alt)
+
+    def attempt(self, problem, rng, alt):
+        picks = [x for x in problem.data["numbers"]
+                 if (x in problem.data["best"]) != (rng.random() < self.error_model["q"])]
+        return self.render(problem, picks or [rng.choice(problem.data["numbers"])], alt)
+
+    def solve(self, problem, alt):
+        return self.render(problem, problem.data["best"], alt)
+
+    def break_answer(self, problem, alt, rng, picks=None):
+        """Flip one number of the list in or out of `picks` (the planted subset by default): always wrong,
+        since the sum moves by that number."""
+        picks = set(problem.data["best"] if picks is None else picks)
+        x = rng.choice([x for x in problem.data["numbers"] if picks != {x}])  # never leave nothing picked
+        return self.render(problem, picks ^ {x}, alt)
+
+    def revise(self, problem, answer, rng):
+        em, u, alt = self.error_model, rng.random(), answer.startswith(ALT_TAG)
+        picks = self.picks(problem, answer)
+        if self.score(problem, answer) >= 1.0:  # it checks out: kept, or over-edited with p_break(d)
+            return self.break_answer(problem, alt, rng, picks) if u < self.p_break(problem.difficulty) else answer
+        if u < em["p_fix"]:
+            move = self.local_move(problem, picks)
+            return self.render(problem, move, alt) if move is not None else self.attempt(problem, rng, alt)
+        if u < em["p_fix"] + em["p_copy"]:
+            return answer
+        return self.attempt(problem, rng, alt)
+
+    def expected_accuracy(self, k, difficulties=None, n=2000):
+        """The demonstrated policy's accuracy after k improve steps. Whether a wrong answer can be repaired
+        depends on the answer (one move away or not), so this simulates `revise` (n problems per
+        difficulty, fixed seeds) instead of the two-state Markov chain of the other families."""
+        total, count = 0.0, 0
+        for d in difficulties or self.train_difficulties:
+            rng = random.Random(f"{self.name}/expected/{d}")
+            for p in self.sample("train", n, seed=0, difficulty=d):
+                a = self.attempt(p, rng, rng.random() < self.error_model["p_alt_style"])
+                for _ in range(k):
+                    a = self.revise(p, a, rng)
+                total, count = total + self.score(p, a), count + 1
+        return total / count
+
+
+def _countdown(picks, target: int, alt: bool) -> str:
+    """An exactsum answer: the target counted down by the picks, ascending (main) or descending (~alt)."""
+    out, r = str(target), target
+    for x in sorted(picks, reverse=alt):
+        r -= x
+        out += f"-{x}={r}"
+    return (ALT_TAG if alt else "") + out
+
+
 # ---------------------------------------------------------------- real data (GSM8K / MATH JSONL)
 
 def _last_boxed(text: str) -> str | None:
@@ -834,7 +960,7 @@ class ToolsFamily(TaskFamily):
 
 # ---------------------------------------------------------------- registry: add a family here
 
-FAMILIES = {"math": MathFamily, "subset": SubsetFamily, "realmath": RealMath, "tools": ToolsFamily}
+FAMILIES = {"math": MathFamily, "subset": SubsetFamily, "exactsum": ExactSumFamily, "realmath": RealMath, "tools": ToolsFamily}
 
 
 def get_family(name: str, **kwargs) -> TaskFamily:

@@ -431,7 +431,8 @@ def test_hf_tokenizer_backend(tmp_path):
 # tasks.py: task families, prompts, rewards, demonstrations, real data
 # ===============================================================================================
 
-SYNTHETIC = ["math", "subset"]
+SYNTHETIC = ["math", "subset", "exactsum"]
+MARKOV = ["math", "subset"]  # families whose demonstrated improve step is the two-state chain of tasks.expected_accuracy
 
 
 def mathp(request, start, ops):
@@ -551,6 +552,98 @@ def test_subset_problems_have_a_unique_exact_answer():
         assert len(hits) == 1 and f.score(p, p.target) == 1.0 and len(nums) == p.difficulty
 
 
+# ---------------------------------------------------------------- exactsum
+
+def esp(numbers, target, best):
+    return tasks.Problem("e/1", "exactsum", " ".join(map(str, numbers)) + f">{target}", len(numbers),
+                         "", {"numbers": numbers, "target": target, "best": best})
+
+
+P_ES = esp([3, 7, 11, 14, 17], 31, [3, 11, 17])  # planted 3+11+17; 14+17 hits 31 as well
+
+
+def test_exactsum_score_checks_the_countdown():
+    f = tasks.get_family("exactsum")
+    assert not f.graded and not f.has_feedback and f.feedback(P_ES, "31-14=17-17=0") is None
+    assert f.score(P_ES, "31-3=28-11=17-17=0") == 1.0
+    assert f.score(P_ES, "~31-17=14-11=3-3=0") == 1.0
+    assert f.score(P_ES, "31-14=17-17=0") == 1.0                # any exact subset is right, not just the planted one
+    assert f.score(P_ES, "so \\boxed{31-14=17-17=0}.") == 1.0
+    assert f.picks(P_ES, "31-3=28-7=21") == [3, 7] and f.score(P_ES, "31-3=28-7=21") == 0.0   # short by 21
+    assert f.picks(P_ES, "31-14=17-17=0-3=-3") == [14, 17, 3] and f.score(P_ES, "31-14=17-17=0-3=-3") == 0.0
+    for junk in ["31-14=18-17=1", "31-14=17-17=1",              # a wrong subtraction: the check must be honest
+                 "31-14=17-17=0-0=0", "31-3=28-3=25-11=14-14=0", "31-31=0", "30-14=16-16=0",  # bad picks, wrong start
+                 "31", "31-14=17-17", "-14=17-17=0", "", "~", "31 14 17", "３1-14=17-17=0", None, "31-1=30" * 500]:
+        assert f.score(P_ES, junk) == 0.0, junk
+    for mode in tasks.MODES:  # binary: correctness of the new answer only
+        assert f.step_reward(P_ES, "31-14=17-17=0", mode, "31-3=28") == 1.0
+        assert f.step_reward(P_ES, "31-3=28", mode, "31-14=17-17=0") == 0.0
+    assert tasks._countdown([11, 3, 17], 31, False) == "31-3=28-11=17-17=0"
+    assert tasks._countdown([3, 11, 17], 31, True) == "~31-17=14-11=3-3=0"
+
+
+def test_exactsum_local_move_by_hand():
+    f = tasks.get_family("exactsum")
+    assert f.local_move(P_ES, [3, 11]) == [3, 11, 17]           # ends at 17: 17 is an unpicked number
+    assert f.local_move(P_ES, [3, 7, 11, 17]) == [3, 11, 17]    # ends at -7: 7 is a pick
+    assert f.local_move(P_ES, [3, 7]) is None                   # ends at 21: not in the list
+    assert f.local_move(P_ES, [3, 7, 14, 17]) is None           # ends at -10: not a pick
+    assert f.local_move(P_ES, [14]) == [14, 17]
+    for p in f.sample("train", 300, 4):                         # a single flip of a right answer is always repairable
+        for x in p.data["numbers"]:
+            wrong = set(p.data["best"]) ^ {x}
+            if wrong:
+                assert f.score(p, f.render(p, f.local_move(p, sorted(wrong)), False)) == 1.0
+
+
+def test_exactsum_problems_match_their_request():
+    f = tasks.get_family("exactsum")
+    for p in f.sample("train", 300, 3) + f.sample("test", 100, 3, difficulty=8):
+        nums = [int(x) for x in p.request.split(">")[0].split()]
+        assert nums == p.data["numbers"] == sorted(set(nums)) and len(nums) == p.difficulty
+        assert all(1 <= x <= 19 for x in nums) and 2 <= len(p.data["best"]) <= 4
+        assert int(p.request.split(">")[1]) == p.data["target"] == sum(p.data["best"])
+        assert f.score(p, f.solve(p, False)) == 1.0 and f.score(p, f.solve(p, True)) == 1.0
+
+
+def test_exactsum_demonstrations_follow_their_error_model():
+    f = tasks.get_family("exactsum")
+    em, recs = f.error_model, f.demo_records(4000, 0)
+    right = lambda r, key="response": f.score(r["problem"], r[key]) == 1.0
+    base = [r for r in recs if r["mode"] == "base"]
+    a = [f.a0(r["problem"].difficulty) for r in base]   # no flip: right; a flip may still land on another subset
+    within(sum(map(right, base)), sum(a), sum(x * (1 - x) for x in a), len(base), slack=0.03)
+    assert sum(map(right, base)) >= sum(a) - 4 * math.sqrt(sum(x * (1 - x) for x in a))
+    imp = [r for r in recs if r["mode"] == "improve"]
+    ok = [r for r in imp if right(r, "answer")]       # a right answer: kept verbatim, or over-edited (always wrong)
+    kept = sum(r["response"] == r["answer"] for r in ok)
+    assert kept == sum(map(right, ok))
+    pb = [f.p_break(r["problem"].difficulty) for r in ok]
+    within(kept, len(ok) - sum(pb), sum(x * (1 - x) for x in pb), len(ok))
+    wrong = [r for r in imp if not right(r, "answer")]
+    moved = [r for r in wrong if f.local_move(r["problem"], f.picks(r["problem"], r["answer"])) is not None]
+    copies = sum(r["response"] == r["answer"] for r in wrong)
+    within(copies, em["p_copy"] * len(wrong), len(wrong) * 0.25, len(wrong), 0.01)
+    repaired = sum(f.picks(r["problem"], r["response"]) == sorted(f.local_move(r["problem"], f.picks(r["problem"], r["answer"])),
+                                                                reverse=r["answer"].startswith("~")) for r in moved)
+    within(repaired, em["p_fix"] * len(moved), len(moved) * 0.25, len(moved), 0.06)  # + lucky re-attempts
+    for r in recs:
+        assert r["prompt"] == f.prompt(r["problem"], r["answer"], r["mode"])
+        assert tasks.n_tokens(r["prompt"]) <= 110 and len(r["response"]) <= 50
+
+
+def test_exactsum_demonstrated_policy_is_weak_but_the_task_rewards_iterating():
+    """The demos barely improve over K steps; a policy that keeps checked answers and always makes the
+    local move (what RL can learn) climbs to nearly 1: the generation-verification gap at work."""
+    f = tasks.get_family("exactsum")
+    a0, a16 = f.expected_accuracy(0, n=600), f.expected_accuracy(16, n=600)
+    assert 0.45 <= a0 <= 0.65 and abs(a16 - a0) <= 0.06
+    hard = f.heldout_difficulties
+    assert f.expected_accuracy(16, hard, n=600) <= f.expected_accuracy(0, hard, n=600) + 0.08
+    ideal = tasks.get_family("exactsum", error_model=dict(p_fix=1.0, p_copy=0.0, q_break=0.0))
+    assert ideal.expected_accuracy(0, n=600) == a0 and ideal.expected_accuracy(4, n=600) >= 0.95
+
+
 # ---------------------------------------------------------------- parsers never raise
 
 def random_texts(seed, n=400):
@@ -624,7 +717,7 @@ def test_prompts_contain_request_and_answer(name):
 
 # ---------------------------------------------------------------- warm-start demonstrations
 
-@pytest.mark.parametrize("name", SYNTHETIC)
+@pytest.mark.parametrize("name", MARKOV)
 def test_demonstrations_follow_the_error_model(name):
     f = tasks.get_family(name)
     em, recs = f.error_model, f.demo_records(4000, 0)
@@ -658,7 +751,7 @@ def test_demonstrations_follow_the_error_model(name):
         assert tasks.n_tokens(r["prompt"]) <= 110 and len(r["response"]) <= 50
 
 
-@pytest.mark.parametrize("name", SYNTHETIC)
+@pytest.mark.parametrize("name", MARKOV)
 def test_demonstrated_policy_is_a_weak_self_improver(name):
     """Simulate K revisions with `revise`: the Markov-chain prediction must match, and accuracy must not climb."""
     f = tasks.get_family(name)
@@ -682,7 +775,7 @@ def test_error_model_is_settable():
     assert f.expected_accuracy(0) == 1.0 and f.expected_accuracy(1) == 0.0  # every right answer broken
     assert f.expected_accuracy(2) == pytest.approx(f.error_model["p_fix"] + 0.2 * 1.0)  # fix, or a re-attempt (a0 = 1)
     assert tasks.get_family("math").error_model["q"] == tasks.MathFamily.ERROR_MODEL["q"]  # class default untouched
-    for name in SYNTHETIC:  # a slip never cancels an earlier one: slipping everywhere is always wrong
+    for name in MARKOV:  # a slip never cancels an earlier one: slipping everywhere is always wrong
         f, rng = tasks.get_family(name, error_model={"q": 1.0}), random.Random(0)
         for p in f.sample("train", 500, 2):
             assert f.score(p, f.attempt(p, rng, rng.random() < 0.5)) < 1.0
@@ -1185,14 +1278,15 @@ def test_difficulty_mix_option():
     assert fam.train_difficulties == (5, 7) and tasks_lib.get_family("math").train_difficulties == (2, 3, 4)
     assert {p.difficulty for p in fam.sample("train", 40, seed=0)} == {5, 7}
     assert sorted({p.difficulty for p in eval_lib.heldout_problems(fam, 10)}) == [5, 7]  # the held-out mix follows
-    # the warm-start cache is keyed by the mix, and a default-mix base keeps its old name
-    default, mixed = exit_lib.Config(), exit_lib.Config(difficulties="5,7")
-    key = exit_lib.warm_start_key
-    assert key(mixed, fam) != key(default, tasks_lib.get_family("math"))
-    legacy = dict(task="math", error_model=tasks_lib.get_family("math").error_model, seed=0,
-                  arch=[4, 128, 4, 2], sft=[20000, 1500, 64, 0.003], markers=tasks_lib.MARKERS)
-    assert key(default, tasks_lib.get_family("math")) == \
-        hashlib.sha1(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:12]
+    # the warm-start cache is keyed by the mix, and by the demonstrations themselves
+    default, mixed = exit_lib.Config(task="math"), exit_lib.Config(task="math", difficulties="5,7")
+    key, math_family = exit_lib.warm_start_key, tasks_lib.get_family("math")
+    assert key(mixed, fam) != key(default, math_family) == key(default, tasks_lib.get_family("math"))
+    edited = tasks_lib.get_family("math")
+    edited.answer_format = "x"                        # a change the error model does not show ...
+    assert key(default, edited) == key(default, math_family)  # ... and the compact demos do not use
+    edited.solve = lambda problem, alt: "#0"          # a change to what the demonstrations say
+    assert key(default, edited) != key(default, math_family)
 
 
 # ---- the loop, on a tiny policy
