@@ -91,7 +91,8 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
         if k == 0:  # one prefill per problem, n_samples rows each
             answers = run([encode_prompt(tok, family, p, style=style) for p in problems], n_samples)
         else:
-            answers = run([encode_prompt(tok, family, p, a, "improve", style) for p, a in zip(rows, answers)], 1)
+            responses = run([encode_prompt(tok, family, p, a, "improve", style) for p, a in zip(rows, answers)], 1)
+            answers = [family.next_answer(a, r, "improve") for a, r in zip(answers, responses)]
         scores[k] = [family.score(p, a) for p, a in zip(rows, answers)]
     return scores, answers
 

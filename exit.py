@@ -588,12 +588,15 @@ class Trainer:
                                 stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, generator=self.gen)
         t_sample = time.time() - t0
         responses = [self.tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
-        rewards = torch.tensor([[self.family.step_reward(inst["problem"], responses[i * G + j], inst["mode"],
+        # the new iterates: the responses, except where a family lets one refer to the current answer
+        answers = [self.family.next_answer(insts[r // G]["answer"], resp, insts[r // G]["mode"])
+                   for r, resp in enumerate(responses)]
+        rewards = torch.tensor([[self.family.step_reward(inst["problem"], answers[i * G + j], inst["mode"],
                                                          inst["answer"]) for j in range(G)]
                                 for i, inst in enumerate(insts)])  # (P, G)
         adv = self.advantages(rewards, responses)
         stats = self.update(prompts, ro, adv.flatten())
-        self.update_buffer(insts, responses, rewards)
+        self.update_buffer(insts, answers, rewards)
         return self.finish_iteration(insts, responses, rewards, ro, stats, t0, t_sample)
 
     def advantages(self, rewards, responses) -> torch.Tensor:
@@ -703,8 +706,8 @@ class Trainer:
         self.buffer.update_score(base.uid, score)
         return score, task, base.uid
 
-    def update_buffer(self, insts, responses, rewards):
-        """PAPER.md §5: fresh learnability for what was trained on; children inherit it."""
+    def update_buffer(self, insts, answers, rewards):
+        """PAPER.md §5: fresh learnability for what was trained on; children (the new iterates) inherit it."""
         cfg, G = self.cfg, self.cfg.group_size
         if not cfg.uses_buffer:
             return
@@ -715,7 +718,7 @@ class Trainer:
                 continue
             js = range(G) if cfg.children == "all" else [int(self.rng.integers(G))]
             for j in js:
-                answer = responses[i * G + j]
+                answer = answers[i * G + j]
                 turn = dict(answer=answer, feedback=self.family.feedback(p, answer))
                 self.buffer.insert(p.id, task, [turn], inst["depth"] + 1, score, parent=parent)
 

@@ -197,6 +197,12 @@ class TaskFamily:
         r_prev = self.score(problem, prev_response) if prev_response is not None else None
         return graded_step_reward(r_new, r_prev, mode)
 
+    def next_answer(self, answer: str | None, response: str, mode: str) -> str:
+        """The new iterate after a step: the response itself. (exactsum lets an improve response "="
+        stand for "keep the current answer"; for single-turn families exit.py and eval.py score and
+        store what this returns.)"""
+        return response
+
     def solution_text(self, response: str) -> str:
         """The part of a response the diversity bonus (Eq. 6) embeds."""
         return response if isinstance(response, str) else ""
@@ -430,6 +436,7 @@ def _render(picks, alt: bool) -> str:
 
 # ---------------------------------------------------------------- exactsum: binary, no feedback, cheap to check
 
+KEEP = "="  # exactsum: an improve response that keeps the current answer (`next_answer`)
 _COUNTDOWN = re.compile(r"([0-9]{1,3})((?:-[0-9]{1,2}=-?[0-9]{1,3})*)")
 
 
@@ -442,17 +449,21 @@ class ExactSumFamily(TaskFamily):
     checking a step costs exactly what computing it costs): an improve step can keep an answer that ends
     at 0 and repair one that ends at r != 0 by a LOCAL MOVE, pick r when r is an unpicked number of the
     list (append "-r=0"), or drop the pick -r when it overshot by -r (`local_move`).
+    An improve response of just "=" (KEEP) keeps the current answer: once checked, keeping is one token,
+    where copying a 20-token answer at temperature 1 slips too often for iterating to pay (on `math` the
+    breaks of right answers are what stops iteration, README).
     Styles: main ascending "31-3=28-11=17-17=0", alt descending "~31-17=14-11=3-3=0". Numbers 1..19; the
     target is the sum of a planted subset of 2-4 of them (any exact subset is right).
     Demonstrations (a weak self-improver, like the other families): first attempts flip each number's
     in/out choice of the planted subset with probability q, so a wrong one is often ONE move from right.
     The demonstrated improve step (`revise`) keeps an answer that ends at 0, except that w.p. p_break(d)
     it flips one number anyway (over-editing); one that does not is repaired by the local move w.p.
-    p_fix (re-attempted when no single move exists), copied w.p. p_copy, else re-attempted. RL can learn
-    what the demos do only sometimes: keep what checks out, and always move."""
+    p_fix (re-attempted when no single move exists), kept w.p. p_copy, else re-attempted; a kept answer
+    is written as KEEP. RL can learn what the demos do only sometimes: keep what checks out, and move."""
     name, graded, has_feedback = "exactsum", False, False
     train_difficulties, heldout_difficulties = (4, 5, 6), (7, 8)
-    answer_format = "count the target down by the chosen numbers and box it, e.g. \\boxed{31-3=28-11=17-17=0}"
+    answer_format = ("count the target down by the chosen numbers and box it, e.g. \\boxed{31-3=28-11=17-17=0} "
+                     "(when improving, \\boxed{=} keeps the current answer)")
     ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.12, "p_fix": 0.30, "p_copy": 0.50, "q_break": 0.09}
 
     def make(self, rng, difficulty):
@@ -486,6 +497,10 @@ class ExactSumFamily(TaskFamily):
     def score(self, problem, response):
         picks = self.picks(problem, response)
         return 1.0 if picks and sum(picks) == problem.data["target"] else 0.0
+
+    def next_answer(self, answer, response, mode):
+        keep = isinstance(response, str) and KEEP in (response.strip(), _last_boxed(response))
+        return answer if keep and mode == "improve" and answer is not None else response
 
     def local_move(self, problem, picks: list[int]) -> list[int] | None:
         """The one-number repair of an answer that ends at r = target - sum: pick r if it is an unpicked
@@ -527,6 +542,12 @@ class ExactSumFamily(TaskFamily):
         if u < em["p_fix"] + em["p_copy"]:
             return answer
         return self.attempt(problem, rng, alt)
+
+    def demo_record(self, p, rng):
+        rec = super().demo_record(p, rng)
+        if rec["mode"] == "improve" and rec["response"] == rec["answer"]:
+            rec["response"] = KEEP
+        return rec
 
     def expected_accuracy(self, k, difficulties=None, n=2000):
         """The demonstrated policy's accuracy after k improve steps. Whether a wrong answer can be repaired

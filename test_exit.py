@@ -615,21 +615,84 @@ def test_exactsum_demonstrations_follow_their_error_model():
     within(sum(map(right, base)), sum(a), sum(x * (1 - x) for x in a), len(base), slack=0.03)
     assert sum(map(right, base)) >= sum(a) - 4 * math.sqrt(sum(x * (1 - x) for x in a))
     imp = [r for r in recs if r["mode"] == "improve"]
-    ok = [r for r in imp if right(r, "answer")]       # a right answer: kept verbatim, or over-edited (always wrong)
-    kept = sum(r["response"] == r["answer"] for r in ok)
-    assert kept == sum(map(right, ok))
+    ok = [r for r in imp if right(r, "answer")]       # a right answer: kept (written KEEP), or over-edited (always wrong)
+    kept = sum(r["response"] == tasks.KEEP for r in ok)
+    assert not any(right(r) for r in ok if r["response"] != tasks.KEEP)
     pb = [f.p_break(r["problem"].difficulty) for r in ok]
     within(kept, len(ok) - sum(pb), sum(x * (1 - x) for x in pb), len(ok))
     wrong = [r for r in imp if not right(r, "answer")]
     moved = [r for r in wrong if f.local_move(r["problem"], f.picks(r["problem"], r["answer"])) is not None]
-    copies = sum(r["response"] == r["answer"] for r in wrong)
+    copies = sum(r["response"] == tasks.KEEP for r in wrong)
     within(copies, em["p_copy"] * len(wrong), len(wrong) * 0.25, len(wrong), 0.01)
     repaired = sum(f.picks(r["problem"], r["response"]) == sorted(f.local_move(r["problem"], f.picks(r["problem"], r["answer"])),
                                                                 reverse=r["answer"].startswith("~")) for r in moved)
     within(repaired, em["p_fix"] * len(moved), len(moved) * 0.25, len(moved), 0.06)  # + lucky re-attempts
+    assert all(r["response"] != tasks.KEEP for r in recs if r["mode"] != "improve")
     for r in recs:
         assert r["prompt"] == f.prompt(r["problem"], r["answer"], r["mode"])
         assert tasks.n_tokens(r["prompt"]) <= 110 and len(r["response"]) <= 50
+
+
+def test_exactsum_keep_refers_to_the_current_answer():
+    f, math_f = tasks.get_family("exactsum"), tasks.get_family("math")
+    cur = "31-14=17-17=0"
+    assert f.next_answer(cur, "=", "improve") == cur and f.next_answer(cur, " \\boxed{=} ", "improve") == cur
+    assert f.next_answer(cur, "31-3=28", "improve") == "31-3=28"
+    assert f.next_answer(cur, "=", "diverge") == "=" and f.next_answer(None, "=", "base") == "="  # improve only
+    assert f.score(P_ES, "=") == 0.0 and math_f.next_answer("#15", "=", "improve") == "="        # others: literal
+    assert f.step_reward(P_ES, f.next_answer(cur, "=", "improve"), "improve", cur) == 1.0
+
+
+def rollouts_of(tok, texts) -> model_lib.Rollouts:
+    """What generate() would return had it sampled exactly these texts (for scripted policies)."""
+    rows = [tok.encode(s) for s in texts]
+    tokens = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        tokens[r, :len(ids)] = torch.tensor(ids)
+    mask = (torch.arange(tokens.shape[1]) < torch.tensor([len(x) for x in rows])[:, None]).float()
+    return model_lib.Rollouts(tokens, torch.tensor([len(x) for x in rows]), torch.zeros(tokens.shape), mask,
+                              torch.ones(len(rows), dtype=torch.bool))
+
+
+def test_training_scores_and_buffers_the_kept_answer(tmp_path, monkeypatch):
+    """An exactsum improve step answered "=": rewarded as the current answer, and the buffer's child
+    holds that answer, not the "=" (Trainer.iteration goes through next_answer)."""
+    tr = exit_lib.prepare(tiny_cfg(tmp_path, task="exactsum", method="improve", tasks_per_iter=2), quiet=True)
+    p = tr.family.sample("train", 1, 0)[0]
+    right, wrong = tr.family.solve(p, False), tr.family.render(p, p.data["best"][:1], False)
+    insts = [dict(problem=p, turn=0, prev=[], answer=a, mode="improve", depth=1, uid=None, replay=False)
+             for a in (right, wrong)]
+    monkeypatch.setattr(tr, "draw_instances", lambda: insts)
+    monkeypatch.setattr(exit_lib.model_lib, "generate", lambda *a, **kw: rollouts_of(tr.tok, [tasks.KEEP] * 8))
+    out = tr.iteration()
+    assert out["rewards"].tolist() == [[1.0] * 4, [0.0] * 4]
+    kept = [e.turns[-1]["answer"] for e in tr.buffer.entries.values() if e.turns]
+    assert sorted(set(kept)) == sorted({right, wrong})  # identical histories are one entry
+
+
+def test_evaluation_chains_follow_keep(monkeypatch):
+    """chain_scores scores and iterates what next_answer returns: a scripted 'policy' that answers the
+    planted solution first, then '=' to every improve prompt, holds a perfect score; one that answers a
+    wrong countdown and then '=' holds zero."""
+    f, tok = tasks.get_family("exactsum"), model_lib.byte_tokenizer(tasks.MARKERS)
+    probs = eval_lib.heldout_problems(f, 4)
+    by_request = {p.request: p for p in probs}
+
+    def scripted(first):
+        def generate(policy, prompts, num_samples, max_new_tokens, **kw):
+            texts = []
+            for ids in prompts:
+                prompt = tok.decode(ids, special=True)
+                p = by_request[prompt.split("<|request|>")[1].split("<|answer|>")[0]]
+                texts += [first(p) if prompt.endswith("<|answer|>") else tasks.KEEP] * num_samples
+            return rollouts_of(tok, texts)
+        return generate
+
+    policy = model_lib.Transformer(model_lib.toy_config(tok.vocab_size))
+    for first, want in [(lambda p: f.solve(p, False), 1.0), (lambda p: f.render(p, p.data["best"][:1], True), 0.0)]:
+        monkeypatch.setattr(eval_lib.model_lib, "generate", scripted(first))
+        scores, answers = eval_lib.chain_scores(policy, tok, f, probs, K=3, n_samples=2, style="compact")
+        assert (scores == want).all() and tasks.KEEP not in answers
 
 
 def test_exactsum_demonstrated_policy_is_weak_but_the_task_rewards_iterating():
@@ -733,7 +796,7 @@ def test_demonstrations_follow_the_error_model(name):
     wrong = [r for r in by["improve"] if not right(r, "answer")]
     pf = [f.p_fix_eff(r["problem"].difficulty) for r in wrong]
     within(sum(map(right, wrong)), sum(pf), sum(x * (1 - x) for x in pf), len(wrong))
-    copies = sum(r["response"] == r["answer"] for r in wrong)
+    copies = sum(r["response"] == tasks.KEEP for r in wrong)
     within(copies, em["p_copy"] * len(wrong), len(wrong) * em["p_copy"] * (1 - em["p_copy"]), len(wrong), 0.01)
     # revisions of a right answer: kept verbatim with 1 - p_break(d), else broken
     ok = [r for r in by["improve"] if right(r, "answer")]
