@@ -796,7 +796,7 @@ def test_demonstrations_follow_the_error_model(name):
     wrong = [r for r in by["improve"] if not right(r, "answer")]
     pf = [f.p_fix_eff(r["problem"].difficulty) for r in wrong]
     within(sum(map(right, wrong)), sum(pf), sum(x * (1 - x) for x in pf), len(wrong))
-    copies = sum(r["response"] == tasks.KEEP for r in wrong)
+    copies = sum(r["response"] == r["answer"] for r in wrong)
     within(copies, em["p_copy"] * len(wrong), len(wrong) * em["p_copy"] * (1 - em["p_copy"]), len(wrong), 0.01)
     # revisions of a right answer: kept verbatim with 1 - p_break(d), else broken
     ok = [r for r in by["improve"] if right(r, "answer")]
