@@ -445,8 +445,9 @@ class ExactSumFamily(TaskFamily):
     target. Binary, no feedback, like `math`, but with a generation-verification gap. An answer counts
     the target down by its picks, "31-3=28-11=17-17=0": it is right iff every subtraction is right, the
     picks are legal, and it ends at 0. So CHECKING an answer is reading its last number, while FINDING
-    one is a search over subsets. Iteration can therefore help where it cannot on math chains (there,
-    checking a step costs exactly what computing it costs): an improve step can keep an answer that ends
+    one is a search over subsets. Built so that iteration could help where it cannot on math chains
+    (there, checking a step costs what computing it costs; at this scale it did not help here either:
+    README, "A toy with a generation-verification gap"): an improve step can keep an answer that ends
     at 0 and repair one that ends at r != 0 by a LOCAL MOVE, pick r when r is an unpicked number of the
     list (append "-r=0"), or drop the pick -r when it overshot by -r (`local_move`).
     An improve response of just "=" (KEEP) keeps the current answer: once checked, keeping is one token,
