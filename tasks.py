@@ -10,7 +10,8 @@ asks for `step_reward` of each rollout; the buffer stores partial histories as (
 Families:
   math     binary, no feedback: a left-to-right integer chain "7+5*2-9" (the competition-math analogue)
   exactsum binary, no feedback, cheap to check: pick numbers that sum exactly to a target, counted down
-           to 0 in the answer (math with a generation-verification gap)
+           to 0 in the answer (math with a generation-verification gap); exactsumfb: the same, with
+           the environment's feedback ("sum 14, 17 short") on the current answer
   subset   graded, with feedback: pick numbers whose sum hits a target (the ML-engineering analogue)
   realmath binary: GSM8K/MATH-style problems read from a JSONL file, for real instruct checkpoints
   tools    binary, multi-turn: requests to a tiny bank served by tool calls (the BFCL v3 analogue)
@@ -565,6 +566,20 @@ class ExactSumFamily(TaskFamily):
         return total / count
 
 
+class ExactSumFeedbackFamily(ExactSumFamily):
+    """exactsum with the check done by the environment: improve and diverge prompts carry feedback on
+    the current answer ("sum 28, 3 short", "sum 31, exact", "unreadable"), computed from its true picks,
+    so the policy cannot fake it (on `exactsum` it learns to: README)."""
+    name, has_feedback = "exactsumfb", True
+
+    def feedback(self, problem, response):
+        picks = self.picks(problem, response)
+        if not picks:
+            return "unreadable"
+        r = problem.data["target"] - sum(picks)
+        return f"sum {sum(picks)}, " + ("exact" if r == 0 else f"{r} short" if r > 0 else f"{-r} over")
+
+
 def _countdown(picks, target: int, alt: bool) -> str:
     """An exactsum answer: the target counted down by the picks, ascending (main) or descending (~alt)."""
     out, r = str(target), target
@@ -982,7 +997,7 @@ class ToolsFamily(TaskFamily):
 
 # ---------------------------------------------------------------- registry: add a family here
 
-FAMILIES = {"math": MathFamily, "subset": SubsetFamily, "exactsum": ExactSumFamily, "realmath": RealMath, "tools": ToolsFamily}
+FAMILIES = {"math": MathFamily, "subset": SubsetFamily, "exactsum": ExactSumFamily, "exactsumfb": ExactSumFeedbackFamily, "realmath": RealMath, "tools": ToolsFamily}
 
 
 def get_family(name: str, **kwargs) -> TaskFamily:

@@ -431,7 +431,7 @@ def test_hf_tokenizer_backend(tmp_path):
 # tasks.py: task families, prompts, rewards, demonstrations, real data
 # ===============================================================================================
 
-SYNTHETIC = ["math", "subset", "exactsum"]
+SYNTHETIC = ["math", "subset", "exactsum", "exactsumfb"]
 MARKOV = ["math", "subset"]  # families whose demonstrated improve step is the two-state chain of tasks.expected_accuracy
 
 
@@ -580,6 +580,17 @@ def test_exactsum_score_checks_the_countdown():
         assert f.step_reward(P_ES, "31-3=28", mode, "31-14=17-17=0") == 0.0
     assert tasks._countdown([11, 3, 17], 31, False) == "31-3=28-11=17-17=0"
     assert tasks._countdown([3, 11, 17], 31, True) == "~31-17=14-11=3-3=0"
+
+
+def test_exactsumfb_feedback_comes_from_the_true_picks():
+    f = tasks.get_family("exactsumfb")
+    p = dataclasses.replace(P_ES, family="exactsumfb")
+    assert f.has_feedback and f.score(p, "31-14=17-17=0") == 1.0
+    assert f.feedback(p, "31-14=17-17=0") == "sum 31, exact"
+    assert f.feedback(p, "31-3=28-11=17") == "sum 14, 17 short"
+    assert f.feedback(p, "31-3=28-7=21-11=10-17=-7") == "sum 38, 7 over"
+    assert f.feedback(p, "31-14=17-17=1") == "unreadable" == f.feedback(p, "31-14=18-13=0")  # a faked check
+    assert "<|feedback|>sum 14, 17 short<|improve|>" in f.prompt(p, "31-3=28-11=17", "improve")
 
 
 def test_exactsum_local_move_by_hand():
