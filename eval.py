@@ -22,7 +22,7 @@ Top to bottom:
 
     python eval.py runs/ladder/*-s*         # table + plots of finished runs (eval.json reused)
     python eval.py --table results.json     # reprint (and redraw) a saved comparison
-    python eval.py --ladder --seeds=3       # the whole reproduction, resumable
+    python eval.py --ladder --seeds=3       # the whole reproduction, resumable (--task=math: the README's ladder)
 
 The K-step evaluation needs only model.py and tasks.py. exit.py imports this file, so exit is
 imported lazily, inside the functions that load checkpoints or train, never at the top.
