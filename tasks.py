@@ -536,7 +536,7 @@ class ExactSumFamily(TaskFamily):
     def revise(self, problem, answer, rng):
         em, u, alt = self.error_model, rng.random(), answer.startswith(ALT_TAG)
         picks = self.picks(problem, answer)
-        if self.score(problem, answer) >= 1.0:  # it checks out: kept, or over-edited with p_break(d)
+        if picks and sum(picks) == problem.data["target"]:  # it checks out: kept, or over-edited with p_break(d)
             return self.break_answer(problem, alt, rng, picks) if u < self.p_break(problem.difficulty) else answer
         if u < em["p_fix"]:
             move = self.local_move(problem, picks)

@@ -19,7 +19,6 @@ import random
 import subprocess
 import sys
 import time
-import types
 import warnings
 
 import numpy as np
@@ -2008,11 +2007,7 @@ def test_tools_evaluation_protocol_with_a_scripted_policy(monkeypatch):
             state, req = text.split("<|request|>")[1].split("<|answer|>")[0].split("|")
             state = [int(x[1:]) for x in state.split()]
             texts += [("dep a 1;done" if text.endswith("<|answer|>") else ";".join(tasks.reference(state, req)[1][0]))] * num_samples
-        ids = [tok.encode(t) for t in texts]
-        tokens = torch.full((len(ids), max(map(len, ids))), tok.pad_id)
-        for i, x in enumerate(ids):
-            tokens[i, :len(x)] = torch.tensor(x)
-        return types.SimpleNamespace(tokens=tokens, lengths=torch.tensor([len(x) for x in ids]))
+        return rollouts_of(tok, texts)
 
     monkeypatch.setattr(eval_lib.model_lib, "generate", scripted)
     policy = model_lib.Transformer(model_lib.ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1,
