@@ -13,6 +13,12 @@ the rewards of the group that last tried them. exit.py uses it like this, once p
     buf.update_score(entry.uid, S)                          # the sampled instance: its fresh S
     buf.insert(..., score=S, parent=entry.uid)              # its children: they inherit S
 
+Two kinds of score. A *measured* S is the variance of a group that tried the entry itself
+(update_score); an *inherited* S is a guess, the parent group's S given to a child that has not been
+tried yet (insert). A measurement is evidence about this very instance, so a guess never overwrites
+it; only a newer measurement does. A guess is replaced by the newest guess, since the latest parent
+group is the freshest evidence about how learnable its answers are.
+
 Time. The buffer keeps a clock (an int) that advances by exactly one on every call to sample(),
 as PLR counts episodes. Entries are stamped with the clock when inserted and when sampled;
 staleness = clock - last_sampled. Nothing else moves the clock.
@@ -109,7 +115,11 @@ def _check_int(name, value, lo=None, hi=None):
 
 def _content_key(base_id, turns, name="turns") -> str:
     """De-duplication key: the base task id plus the partial history's content (not its identity).
-    sort_keys makes two dicts equal by value give the same key whatever their key order."""
+    A turn's "depth" is lineage, not content: the same answers reached by another path are the same
+    task instance, so it is left out. sort_keys makes two dicts equal by value give the same key
+    whatever their key order."""
+    if isinstance(turns, list):
+        turns = [{k: v for k, v in t.items() if k != "depth"} if isinstance(t, dict) else t for t in turns]
     try:
         return json.dumps([base_id, turns], sort_keys=True)
     except (TypeError, ValueError) as e:
@@ -132,6 +142,7 @@ class Entry:
     score: float           # learnability S: inherited from the parent, then measured when sampled
     inserted_at: int       # buffer clock at insertion
     last_sampled: int      # buffer clock when last sampled (= inserted_at until sampled)
+    measured: bool = False  # True once S is this entry's own group variance (update_score), not a guess
 
 
 class TaskBuffer:
@@ -140,9 +151,12 @@ class TaskBuffer:
     Rules, each in one place:
       capacity   when full, a new entry enters only if its score >= the lowest score, and replaces
                  that lowest entry; among equal lowest scores the oldest inserted (smallest uid) goes.
-      dedupe     an instance with the same (base_id, turns content) as a stored one is not stored
-                 again: the stored entry keeps the higher of the two scores and its own lineage
-                 (uid, parent, depth, clocks). So a duplicate can raise a score, never lower it.
+      dedupe     an instance with the same content (base_id and its turns' answers and feedback, not
+                 their depths) as a stored one is not stored again: the stored entry keeps its own
+                 lineage (uid, parent, depth, clocks). Its score follows the score rule.
+      score      a measured score (update_score: the entry's own group was just run) is replaced only
+                 by a newer measurement; an inherited score (insert: a guess from the parent's group)
+                 is replaced by the newest inheritance, and never overwrites a measured one.
       replay     with probability p, and only once len(buffer) >= B_min (min_size).
     """
 
@@ -192,9 +206,10 @@ class TaskBuffer:
         depth = _check_int("depth", depth, lo=0)
         score = _check_real("score", score)
         key = _content_key(base_id, turns)
-        if key in self._keys:  # dedupe: keep the higher score
+        if key in self._keys:  # dedupe; a newer guess replaces a guess, never a measurement
             old = self.entries[self._keys[key]]
-            old.score = max(old.score, score)
+            if not old.measured:
+                old.score = score
             return old
         _content_key(base_id, task, "task")  # checks the task is JSON-able too, so checkpoints never fail
         if len(self) >= self.capacity and not self._evict_lowest(score):
@@ -229,10 +244,11 @@ class TaskBuffer:
     # --- scores and sampling -----------------------------------------------------
 
     def update_score(self, uid: int, score: float) -> None:
-        """The sampled instance gets its fresh learnability (§4.1). A no-op if uid was evicted."""
+        """The sampled instance gets its fresh, measured learnability (§4.1). A no-op if uid was evicted."""
         score = _check_real("score", score)
         if uid in self.entries:
             self.entries[uid].score = score
+            self.entries[uid].measured = True
 
     def probs(self) -> np.ndarray:
         """Sampling distribution over entries in uid order:
@@ -271,6 +287,7 @@ class TaskBuffer:
             "size": len(es),
             "score_mean": float(np.mean(scores)) if es else 0.0,
             "score_max": float(np.max(scores)) if es else 0.0,
+            "measured_frac": float(np.mean([e.measured for e in es])) if es else 0.0,
             "depth_mean": float(np.mean([e.depth for e in es])) if es else 0.0,
             "depth_hist": dict(sorted(depth_hist.items())),
             "distinct_base": len({e.base_id for e in es}),

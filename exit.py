@@ -97,7 +97,7 @@ class Config:
     ref_every: int = _f(100, "M: refresh the reference policy every M iterations")
     ref_alpha: float = _f(1.0, "α: ref <- α θ + (1 - α) ref at each refresh (1 = hard reset)")
     dr_grpo: bool = _f(False, "Dr. GRPO: no division by std(r), constant normaliser instead of 1/|o_i|")
-    filter_malformed: bool = _f(False, "zero advantage for responses of no valid type (tasks: TaskFamily.valid), as the paper's tool-use runs")
+    filter_malformed: bool = _f(False, "no gradient (advantage or KL) from responses of no valid type (tasks: TaskFamily.valid), as the paper's tool-use runs")
     temperature: float = _f(1.0, "sampling temperature in training")
     max_new_tokens: int = _f(48, "generation budget per rollout")
     micro_batch: int = _f(0, "rows per forward/backward (0 = the whole batch); same update either way")
@@ -594,26 +594,36 @@ class Trainer:
         rewards = torch.tensor([[self.family.step_reward(inst["problem"], answers[i * G + j], inst["mode"],
                                                          inst["answer"]) for j in range(G)]
                                 for i, inst in enumerate(insts)])  # (P, G)
-        adv = self.advantages(rewards, responses)
-        stats = self.update(prompts, ro, adv.flatten())
+        adv = self.advantages(rewards, answers)
+        stats = self.update(prompts, ro, adv.flatten(), self.kept(responses))
         self.update_buffer(insts, answers, rewards)
         return self.finish_iteration(insts, responses, rewards, ro, stats, t0, t_sample)
 
-    def advantages(self, rewards, responses) -> torch.Tensor:
-        """Eq. 3 within each group, times the diversity coefficients of Eq. 6 for full ExIt; (P, G)."""
+    def advantages(self, rewards, iterates) -> torch.Tensor:
+        """Eq. 3 within each group, times the diversity coefficients of Eq. 6 for full ExIt; (P, G).
+        iterates: what each rollout leaves as the new answer (family.next_answer; a multi-turn row's new
+        answer to its turn). Eq. 6 compares solutions, so it embeds those, not the raw responses: a
+        keep reply "=" is the answer it keeps, not a one-character outlier."""
         cfg, G = self.cfg, self.cfg.group_size
         adv = group_advantages(rewards, scale_by_std=not cfg.dr_grpo)
         self.div_stats = {}
         if cfg.diversity_bonus:  # Eq. 6: d_i A_i
-            sols = [self.tok.encode(self.family.solution_text(r)) or [self.tok.eos_id] for r in responses]
+            sols = [self.tok.encode(self.family.solution_text(r)) or [self.tok.eos_id] for r in iterates]
             emb = model_lib.embed(self.embedder, sols).view(len(rewards), G, -1).cpu()
             d = torch.stack([diversity_coefficients(e, cfg.div_minmax) for e in emb])
             adv = adv * d
             # logged: the printed form of Eq. 6 is unbounded (d_i = dist_i / range), so its scale is worth watching
             self.div_stats = dict(div_mean=float(d.mean()), div_max=float(d.max()))
-        if cfg.filter_malformed:  # §4: no gradient from responses of no valid type
-            adv = adv * torch.tensor([self.family.valid(r) for r in responses], dtype=adv.dtype).view_as(adv)
         return adv
+
+    def kept(self, responses) -> torch.Tensor:
+        """(N,) 1.0 for rollouts that enter the loss, 0.0 for those --filter_malformed drops (§4: the
+        tool-use runs give malformed responses zero gradient). A dropped row loses every token from the
+        loss, its KL term too: "no gradient" means none from that rollout. It still counts in the mean
+        over rollouts, so the normaliser stays constant (Dr. GRPO's point)."""
+        if not self.cfg.filter_malformed:
+            return torch.ones(len(responses))
+        return torch.tensor([float(self.family.valid(r)) for r in responses])
 
     def finish_iteration(self, insts, responses, rewards, ro, stats, t0, t_sample) -> dict:
         """The reference refresh, the clock, and the log line."""
@@ -643,15 +653,19 @@ class Trainer:
                    elapsed=self.elapsed, **self.div_stats, **stats)
         return dict(log=log, insts=insts, responses=responses, rewards=rewards)
 
-    def update(self, prompts, ro, adv) -> dict:
+    def update(self, prompts, ro, adv, kept=None) -> dict:
         """`epochs` optimiser steps on Eq. 4; each step accumulates gradients over micro-batches, so the
-        update does not depend on micro_batch. A non-finite loss or gradient skips that step."""
+        update does not depend on micro_batch. A non-finite loss or gradient skips that step.
+        kept: (N,) 0/1, rows to drop from the loss entirely (--filter_malformed); None keeps all."""
         cfg, N, G = self.cfg, len(adv), self.cfg.group_size
         mb = cfg.micro_batch or N
         mb = max(G, mb - mb % G)  # whole groups per micro-batch: rows of one prompt stay together
         adv = adv.to(self.device)
         old = ro.logprobs.to(self.device)
         mask = ro.mask.to(self.device)
+        if kept is not None:
+            mask = mask * kept.to(self.device, mask.dtype)[:, None]
+            adv = adv * kept.to(self.device, adv.dtype)
         agg = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0)
         params = self.master or list(self.policy.parameters())  # what AdamW steps
         for _ in range(cfg.epochs):
@@ -661,11 +675,16 @@ class Trainer:
             for s in range(0, N, mb):
                 rows = slice(s, min(N, s + mb))
                 p_rows = prompts[s // G:(rows.stop + G - 1) // G]
-                logp = model_lib.completion_logprobs(self.policy, p_rows, ro.tokens[rows], ro.lengths[rows], G)
+                # log-probs of the tempered distribution the rollouts were drawn from (logits / T),
+                # as the sampler stored them: then ρ = 1 on the first epoch, and Eq. 4 is the policy
+                # gradient of what was actually sampled
+                logp = model_lib.completion_logprobs(self.policy, p_rows, ro.tokens[rows], ro.lengths[rows], G,
+                                                     temperature=cfg.temperature)
                 ref_logp = None
                 if cfg.beta > 0:
                     with torch.no_grad():
-                        ref_logp = model_lib.completion_logprobs(self.ref, p_rows, ro.tokens[rows], ro.lengths[rows], G)
+                        ref_logp = model_lib.completion_logprobs(self.ref, p_rows, ro.tokens[rows], ro.lengths[rows], G,
+                                                                 temperature=cfg.temperature)
                 loss, st = grpo_loss(logp, old[rows], adv[rows], mask[rows], cfg.clip_eps, ref_logp, cfg.beta,
                                      cfg.dr_grpo, cfg.max_new_tokens)
                 frac = (rows.stop - rows.start) / N  # the mean over rollouts, split across micro-batches
@@ -772,8 +791,8 @@ class Trainer:
         t_sample = time.time() - t0
         rewards = torch.tensor([[self.family.episode_reward(inst["problem"], answers[i * G + j]) for j in range(G)]
                                 for i, inst in enumerate(insts)])  # (P, G)
-        adv = self.advantages(rewards, responses)
-        stats = self.update(prompts, ro, adv.flatten())
+        adv = self.advantages(rewards, responses)  # a row's new iterate is its answer to turn t: the response
+        stats = self.update(prompts, ro, adv.flatten(), self.kept(responses))
         self.update_buffer_turns(insts, answers, rewards)
         out = self.finish_iteration(insts, responses, rewards, ro, stats, t0, t_sample)
         replayed = [i["turn"] + 1 for i in insts if i["replay"]]

@@ -203,7 +203,7 @@ class Transformer(nn.Module):
         # training forward and recompute the block in the backward pass. Not part of the config:
         # it changes memory and time, never the numbers.
         self.grad_checkpoint = False
-        # not persistent: derived from the config, never stored in a checkpoint
+        # not persistent: derived from the config, never stored in a checkpoint; fp32 always (_apply)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         # nanoGPT init: N(0, 0.02), and the projections that write into the residual stream
         # scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth
@@ -216,6 +216,14 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .bfloat16() all come through here. Casting would round the rotary frequencies
+        # to bf16 (8 bits of mantissa: an angle error of ~1 rad by position 1000 with Llama 3's theta),
+        # so they are recomputed in fp32 on the new device, as transformers keeps them.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
 
     def hidden_states(self, idx, positions=None, mask=None, cache=None):
         """Final hidden states after the last norm, (B, T, n_embd).
@@ -294,8 +302,9 @@ class Rollouts:
     lengths: torch.Tensor
     """(N,) long, completion tokens per row, counting the stop token when one was sampled"""
     logprobs: torch.Tensor
-    """(N, T) float, log pi_old(token) at temperature 1 without top-k/top-p (the policy's own
-    log-softmax, whatever the sampling settings were: GRPO's ratio needs pi_old), 0 past lengths"""
+    """(N, T) float, log pi_old(token) under the tempered distribution the token was drawn from,
+    log_softmax(logits / T) (T = 0, greedy: T = 1), without top-k/top-p truncation (training uses
+    neither); 0 past lengths. GRPO's ratio divides completion_logprobs(..., temperature=T) by it."""
     mask: torch.Tensor
     """(N, T) float, 1 on the first lengths[i] tokens: the stop token is inside, so the policy is
     credited for stopping"""
@@ -396,7 +405,9 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (N,)
         nxt = nxt.masked_fill(done, pad_id)
         tokens[:, t] = nxt
-        logprobs[:, t] = token_logprobs(logits, nxt).masked_fill(done, 0.0)
+        # the log-prob under the distribution actually sampled (logits / T), so that the policy
+        # gradient of Eq. 4 is that of the tempered policy, as in TRL
+        logprobs[:, t] = token_logprobs(logits / (temperature or 1.0), nxt).masked_fill(done, 0.0)
         lengths += ~done  # before updating done: the stop token counts
         done |= torch.isin(nxt, stop)
         if t == max_new_tokens - 1 or bool(done.all()):
@@ -420,8 +431,10 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
 
 
 def completion_logprobs(model: Transformer, prompts: list[list[int]], completions: torch.Tensor,
-                        lengths: torch.Tensor, prompt_repeat: int = 1) -> torch.Tensor:
-    """log pi_theta of each completion token, (N, T), with gradients; 0 past lengths[i].
+                        lengths: torch.Tensor, prompt_repeat: int = 1, temperature: float = 1.0) -> torch.Tensor:
+    """log pi_theta of each completion token, (N, T), with gradients; 0 past lengths[i]. With
+    temperature T, the log-probs of the tempered policy softmax(logits / T): the distribution
+    generate(..., temperature=T) samples from and stores in Rollouts.logprobs.
 
     Row i is prompts[i // prompt_repeat] followed by completions[i] (group-major, as generate
     returns them). All rows go through one forward, right-padded: with causal attention the
@@ -444,6 +457,8 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
         # the token at column c is predicted from column c - 1
         h = h.gather(1, (cols - 1)[..., None].expand(-1, -1, h.shape[-1]))  # (N, T, C)
         logits = model.lm_head(h)  # (N, T, V)
+    if temperature not in (0, 1):
+        logits = logits / temperature
     logp = token_logprobs(logits, completions)  # (N, T)
     inside = torch.arange(T, device=device)[None] < lengths[:, None]
     return logp.masked_fill(~inside, 0.0)

@@ -209,7 +209,7 @@ def test_generate_logprobs_equal_completion_logprobs():
     out = model.generate(m, prompts, 4, 12, temperature=0.7, top_k=20, stop_ids={1, 2, 3}, pad_id=0,
                          generator=torch.Generator().manual_seed(0))
     assert m.training
-    lp = model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=4)
+    lp = model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=4, temperature=0.7)
     assert lp.shape == out.tokens.shape
     assert torch.allclose(lp, out.logprobs, atol=1e-5)
     (lp * out.mask).sum().backward()  # gradients reach the weights
@@ -1044,14 +1044,25 @@ def test_inheritance_and_score_update():
     assert [e.score for e in buf.entries.values()] == [0.25, 0.25]
 
 
-def test_deduplication_keeps_higher_score():
+def test_deduplication_measured_scores_win_over_inherited():
+    """The score rule: a duplicate's inherited guess replaces a guess (the newest wins, up or down), never a
+    measurement; only a newer measurement (update_score) replaces a measured score."""
     buf = make()
     a = buf.insert("b0", {}, [{"answer": "x", "feedback": None}], 0, 0.1)
     same = buf.insert("b0", {}, [{"feedback": None, "answer": "x"}], 2, 0.2, parent=7)
-    assert same is a and len(buf) == 1 and a.score == 0.2              # higher score kept
+    assert same is a and len(buf) == 1 and a.score == 0.2 and not a.measured  # newest guess
     assert a.depth == 0 and a.parent is None                           # original lineage kept
     buf.insert("b0", {}, [{"answer": "x", "feedback": None}], 0, 0.05)
-    assert a.score == 0.2                                              # never lowered
+    assert a.score == 0.05                                             # a guess may go down too
+    buf.update_score(a.uid, 0.0)
+    assert a.score == 0.0 and a.measured                               # measured: never solved half the time
+    buf.insert("b0", {}, [{"answer": "x", "feedback": None}], 1, 0.25)
+    assert a.score == 0.0                                              # a guess never overwrites it
+    buf.update_score(a.uid, 0.1875)
+    assert a.score == 0.1875                                           # a newer measurement does
+    restored = make()
+    restored.load_state_dict(json.loads(json.dumps(buf.state_dict())))
+    assert restored.entries[a.uid].measured                            # the kind of score round-trips
     buf.insert("b1", {}, [{"answer": "x", "feedback": None}], 0, 0.1)  # other base task: distinct
     assert len(buf) == 2
     full = make(capacity=2)
@@ -1966,10 +1977,9 @@ def test_tools_self_iteration_on_a_middle_turn_rerolls_the_rest(tmp_path):
 
 def test_tools_filter_malformed_zeroes_their_advantage(tmp_path):
     tr = tools_trainer(tmp_path, filter_malformed=True, method="grpo", group_size=2, tasks_per_iter=1)
-    adv = tr.advantages(torch.tensor([[1.0, 0.0]]), ["dep a 1;done", "garbage"])
-    assert adv.tolist() == [[1.0, 0.0]]
+    assert tr.kept(["dep a 1;done", "garbage"]).tolist() == [1.0, 0.0]
     tr.cfg.filter_malformed = False
-    assert tr.advantages(torch.tensor([[1.0, 0.0]]), ["dep a 1;done", "garbage"]).tolist() == [[1.0, -1.0]]
+    assert tr.kept(["dep a 1;done", "garbage"]).tolist() == [1.0, 1.0]
 
 
 def test_tools_tiny_exit_run_resumes_and_evaluates(tmp_path):
@@ -2076,3 +2086,142 @@ def test_a_fresh_base_task_already_buffered_gets_its_fresh_score(tmp_path):
     inst = dict(problem=p, answer=None, mode="base", depth=0, uid=None, replay=False)
     tr.update_buffer([inst], ["x"] * 4, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
     assert tr.buffer.entries[e.uid].score == pytest.approx(0.1875)  # var(1, 1, 1, 0) = 3/16
+
+
+# ----------------------------------------------------------------------------- correctness fixes (buffer
+# scores, Eq. 6 input, tempered log-probs, bf16 rotary tables, filtered rows, the KL and its reference)
+
+def test_a_measured_score_survives_reinsertion_single_turn(tmp_path):
+    """A replayed instance measured at S = 0 (always solved) stays at 0 when a later group produces the
+    same answer again and its child inherits that group's S = 0.25."""
+    tr = exit_lib.prepare(tiny_cfg(tmp_path, method="improve", group_size=2), quiet=True)
+    p = tr.train_pool[0]
+    e = tr.buffer.insert(p.id, dataclasses.asdict(p), [dict(answer="x", feedback=tr.family.feedback(p, "x"))], 1, 0.25)
+    replayed = dict(problem=p, turn=0, prev=[], answer="x", mode="improve", depth=1, uid=e.uid, replay=True)
+    tr.update_buffer([replayed], ["y", "y"], torch.tensor([[1.0, 1.0]]))
+    assert e.score == 0.0 and e.measured
+    fresh = dict(problem=p, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None, replay=False)
+    tr.update_buffer([fresh], ["x", "z"], torch.tensor([[1.0, 0.0]]))  # "x" again, from a group with S = 0.25
+    assert e.score == 0.0
+    assert tr.buffer.stats()["measured_frac"] > 0
+
+
+def test_a_measured_score_survives_reinsertion_multi_turn(tmp_path):
+    """Every multi-turn expansion re-inserts the earlier turn prefixes: a prefix measured at 0 must not be
+    raised to the expanding group's 0.25."""
+    tr = tools_trainer(tmp_path, min_size=1, method="improve", group_size=2, tasks_per_iter=1)
+    ep = episode([3, 0, 5], "a>b2", "-c9", "a=4")
+    hist = [dict(answer="wd a 2;dep b 2;done", depth=1), dict(answer="wd c 9;done", depth=1)]
+    first, second = tr.buffer.insert_history(ep.id, dataclasses.asdict(ep), hist, [1, 1], 0.1)
+    tr.buffer.update_score(first.uid, 0.0)
+    inst = dict(problem=ep, turn=1, prev=hist[:1], answer=hist[1]["answer"], mode="improve", depth=1,
+                uid=second.uid, replay=True)
+    answers = [[hist[0]["answer"], "wd c 9;done", "set a 4;done"], [hist[0]["answer"], "err", "set a 4;done"]]
+    tr.update_buffer_turns([inst], answers, torch.tensor([[1.0, 0.0]]))
+    assert first.score == 0.0 and second.score == 0.25 and second.measured
+
+
+def test_multi_turn_deduplication_keys_on_content_not_depth(tmp_path):
+    buf = make()
+    a = buf.insert_history("b0", {}, [dict(answer="x", depth=1), dict(answer="y", depth=1)], [1, 1], 0.1)
+    b = buf.insert_history("b0", {}, [dict(answer="x", depth=1), dict(answer="y", depth=2)], [1, 2], 0.2)
+    assert len(buf) == 2 and b == a and a[1].depth == 1     # same answers: the same instance, lineage kept
+    # through the trainer: a replayed history whose turn-0 answer the policy repeats unchanged
+    tr = tools_trainer(tmp_path, min_size=1, method="improve", group_size=2, tasks_per_iter=1)
+    ep = episode([3, 0, 5], "a>b2")
+    (e,) = tr.buffer.insert_history(ep.id, dataclasses.asdict(ep), [dict(answer="dep a 1;done", depth=2)], [2], 0.1)
+    inst = dict(problem=ep, turn=0, prev=[], answer="dep a 1;done", mode="improve", depth=2, uid=e.uid, replay=True)
+    tr.update_buffer_turns([inst], [["dep a 1;done"], ["wd a 3;done"]], torch.tensor([[1.0, 0.0]]))
+    assert sorted(x.turns[0]["answer"] for x in tr.buffer.entries.values()) == ["dep a 1;done", "wd a 3;done"]
+
+
+def test_eq6_embeds_the_new_iterate_not_the_raw_response(tmp_path, monkeypatch):
+    """A keep reply "=" leaves the current answer as the new iterate: Eq. 6 must compare that answer's
+    solution with the others, not the one-character string "=" (an outlier by construction)."""
+    tr = exit_lib.prepare(tiny_cfg(tmp_path, task="exactsum", method="exit", tasks_per_iter=1), quiet=True)
+    p = tr.family.sample("train", 1, 0)[0]
+    current = tr.family.render(p, p.data["best"][:1], False)
+    inst = dict(problem=p, turn=0, prev=[], answer=current, mode="improve", depth=1, uid=None, replay=False)
+    other = tr.family.solve(p, False)
+    monkeypatch.setattr(tr, "draw_instances", lambda: [inst])
+    monkeypatch.setattr(exit_lib.model_lib, "generate", lambda *a, **kw: rollouts_of(tr.tok, [tasks.KEEP, other] * 2))
+    seen = []
+    real_embed = exit_lib.model_lib.embed
+    monkeypatch.setattr(exit_lib.model_lib, "embed", lambda m, seqs: seen.append(seqs) or real_embed(m, seqs))
+    tr.iteration()
+    keep_sol, other_sol = (tr.tok.encode(tr.family.solution_text(a)) for a in (current, other))
+    assert seen == [[keep_sol, other_sol, keep_sol, other_sol]]
+
+
+def test_stored_logprobs_are_those_of_the_tempered_distribution(tmp_path):
+    """At T = 0.5 the sampler stores log softmax(logits / T) of the sampled tokens (checked against a plain
+    forward written out here), and the update's first-epoch ratio is exactly 1: the training forward uses
+    the same tempered distribution."""
+    T = 0.5
+    tr = exit_lib.prepare(tiny_cfg(tmp_path, temperature=T, epochs=1, method="grpo"), quiet=True)
+    prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
+    ro = model_lib.generate(tr.policy, prompts, 4, 12, temperature=T, stop_ids=tr.tok.stop_ids,
+                            pad_id=tr.tok.pad_id, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for r in range(len(ro.lengths)):
+            p, n = prompts[r // 4], int(ro.lengths[r])
+            seq = torch.tensor([p + ro.tokens[r, :n].tolist()])
+            logits = tr.policy(seq)[0][0, len(p) - 1:len(p) - 1 + n]
+            ref = torch.log_softmax(logits / T, -1).gather(-1, ro.tokens[r, :n, None]).squeeze(-1)
+            assert torch.allclose(ro.logprobs[r, :n], ref, atol=1e-5), r
+    stats = tr.update(prompts, ro, torch.linspace(-1, 1, len(ro.lengths)))
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and stats["clip_frac"] == 0.0
+
+
+def test_bf16_keeps_rotary_tables_fp32_and_matches_transformers_past_1000():
+    """Llama-3.2-1B's rotary settings (θ = 500000, llama3 scaling 32): our bf16 logits at positions 1000-1099
+    equal transformers' bf16 logits. With bf16-rounded frequencies they differ by ~5."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import tempfile
+    torch.manual_seed(0)
+    rope = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=8192)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=rope,
+                      initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                      tie_word_embeddings=False)
+    with tempfile.TemporaryDirectory() as d:
+        LlamaForCausalLM(cfg).save_pretrained(d)
+        ref = LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
+        ours, _ = model.load_hf(d, device="cpu", dtype=torch.bfloat16)
+    assert ours.inv_freq.dtype == torch.float32 and ours.lm_head.weight.dtype == torch.bfloat16
+    assert model.Transformer(ours.config).to(torch.bfloat16).inv_freq.dtype == torch.float32  # any .to()
+    x = torch.randint(0, V, (1, 1100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(x)[0][0, 1000:] - ref(x).logits[0, 1000:].float()).abs().max()
+    assert diff < 1e-2
+
+
+def test_filtered_rollouts_get_no_gradient_not_even_from_the_kl(tmp_path, monkeypatch):
+    """--filter_malformed with β > 0: a batch of malformed responses leaves the policy unchanged, although the
+    policy differs from its reference (so their KL term alone would move it)."""
+    tr = tools_trainer(tmp_path, filter_malformed=True, beta=0.1, method="grpo", group_size=2, tasks_per_iter=2)
+    with torch.no_grad():
+        for q in tr.ref.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    monkeypatch.setattr(exit_lib.model_lib, "generate", lambda m, prompts, n, *a, **kw:
+                        rollouts_of(tr.tok, ["garbage"] * (len(prompts) * n)))
+    before = [q.detach().clone() for q in tr.policy.parameters()]
+    tr.iteration()
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
+    tr.cfg.filter_malformed = False  # the control: the same batch unfiltered moves the policy through the KL
+    tr.iteration()
+    assert not all(torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
+
+
+def test_training_with_kl_refreshes_the_reference(tmp_path):
+    """β > 0, M = 2, α = 1: the KL to the reference is positive once the policy has moved, the reference is
+    the policy itself right after iteration M, and the next iteration starts from KL = 0."""
+    tr = exit_lib.prepare(tiny_cfg(tmp_path, beta=0.01, ref_every=2, ref_alpha=1.0, epochs=1), quiet=True)
+    assert tr.iteration()["log"]["kl"] == 0.0             # iteration 1 starts at ref = θ
+    with torch.no_grad():  # θ moves (by hand: a tiny untrained policy may find no reward signal to move on)
+        for q in tr.policy.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    assert tr.iteration()["log"]["kl"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(tr.ref.parameters(), tr.policy.parameters()))
+    assert tr.iteration()["log"]["kl"] == 0.0             # refreshed: ref = θ again
