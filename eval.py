@@ -66,12 +66,14 @@ def encode_prompt(tok, family, problem, answer=None, mode="base", style="compact
 
 
 def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temperature: float = 1.0,
-                 max_new_tokens: int = 48, seed: int = 0, batch_prompts: int = 128, style: str | None = None):
+                 max_new_tokens: int = 48, seed: int = 0, batch_prompts: int = 128, style: str | None = None,
+                 trace: list | None = None):
     """Run n_samples independent improve chains per problem for K steps.
 
     Returns scores (K + 1, P * n_samples) in [0, 1], chains ordered problem-major, and the final
     answers. Step 0 uses the base prompt; step k >= 1 the improve prompt on the answer of step k - 1.
-    style: "compact" | "chat" (encode_prompt); None picks by the tokenizer (prompt_style)."""
+    style: "compact" | "chat" (encode_prompt); None picks by the tokenizer (prompt_style).
+    trace: a list that receives every step's answers (K + 1 lists), to show a chain as text."""
     style = style or prompt_style(tok)
     gen = torch.Generator(device=policy.inv_freq.device).manual_seed(seed)
     rows = [p for p in problems for _ in range(n_samples)]
@@ -94,7 +96,35 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
             responses = run([encode_prompt(tok, family, p, a, "improve", style) for p, a in zip(rows, answers)], 1)
             answers = [family.next_answer(a, r, "improve") for a, r in zip(answers, responses)]
         scores[k] = [family.score(p, a) for p, a in zip(rows, answers)]
+        if trace is not None:
+            trace.append(list(answers))
     return scores, answers
+
+
+def improvement_chain(policy, tok, family, problem, K: int, temperature: float = 1.0, max_new_tokens: int = 48,
+                      seed: int = 0) -> list[tuple[str, float]]:
+    """One held-out problem's chain as text, [(answer, score)] for k = 0..K: what self-improvement looks
+    like, next to the numbers. The same protocol and sampler as the evaluation."""
+    was_training, trace = policy.training, []
+    policy.eval()
+    scores, _ = chain_scores(policy, tok, family, [problem], K, 1, temperature, max_new_tokens, seed, trace=trace)
+    policy.train(was_training)
+    return [(answers[0], float(scores[k, 0])) for k, answers in enumerate(trace)]
+
+
+def format_chains(problem, chains: dict, width: int = 34) -> str:
+    """Chains of several policies on one problem, one line per step k, side by side:
+    `k | base answer  score | trained answer  score`; long answers are cut to `width` characters."""
+    def cell(answer, score):
+        text = answer.replace("\n", " ")
+        text = text if len(text) <= width else text[:width - 1] + "…"
+        return f"{text:<{width}} {score:4.2f}"
+    names = list(chains)
+    lines = [f"held-out problem {problem.id}: {problem.request!r}",
+             "  k | " + " | ".join(f"{n:<{width + 5}}" for n in names)]
+    for k in range(len(chains[names[0]])):
+        lines.append(f"{k:3d} | " + " | ".join(cell(*chains[n][k]) for n in names))
+    return "\n".join(lines)
 
 
 def episode_scores(policy, tok, family, episodes, K: int, n_samples: int = 1, temperature: float = 1.0,
@@ -561,6 +591,36 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
     return paths
 
 
+def plot_lineage(log: list[dict], path: str, title: str = "") -> str | None:
+    """The curriculum's lineage for one run: what the buffer holds over training, by iteration depth k of
+    its partial histories (k = 0: base tasks; k: answers already improved k - 1 times). A self-iterating
+    run deepens from the bottom up; a curriculum-only run stays at k = 0. None without matplotlib or
+    without buffer data in the log (GRPO)."""
+    hists = [l.get("buf_depth_hist") for l in log]
+    if not any(hists):
+        return None
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    top = 4  # depths >= top share one band, so a long tail stays readable
+    counts = np.zeros((top + 1, len(hists)))
+    for i, h in enumerate(hists):
+        for d, n in (h or {}).items():
+            counts[min(int(d), top), i] += n
+    x = np.arange(1, len(hists) + 1)
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    labels = [f"k = {d}" for d in range(top)] + [f"k ≥ {top}"]
+    ax.stackplot(x, counts, labels=labels, colors=[f"C{d}" for d in range(top + 1)], alpha=0.85)
+    ax.set(xlabel="RL iteration", ylabel="buffered task instances",
+           title=title or "the curriculum's lineage: buffer by iteration depth")
+    ax.legend(loc="upper left", fontsize=8, reverse=True)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def compare(paths: list[str], out: str | None = None, K: int | None = None, **load_kw) -> dict:
     """Load (or evaluate) each run, print the table, write results.json and the plots in `out`
     (default: the runs' common parent folder, else runs/compare)."""
@@ -570,7 +630,16 @@ def compare(paths: list[str], out: str | None = None, K: int | None = None, **lo
         parents = [os.path.dirname(os.path.abspath(r["path"])) for r in runs]
         common = os.path.commonpath(parents)
         out = common if common not in (os.path.abspath(os.sep), os.getcwd()) else os.path.join("runs", "compare")
-    return report(table, out)
+    table = report(table, out)
+    # the lineage of one run that built a curriculum (the most complete rung first), not of every seed
+    order = {m: i for i, m in enumerate(reversed(list(LABELS)))}
+    grown = sorted((r for r in runs if r["log"] and any(l.get("buf_depth_hist") for l in r["log"])),
+                   key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+    if grown and plot_lineage(grown[0]["log"], os.path.join(out, "lineage.png"),
+                              f"lineage of the buffer: {LABELS.get(grown[0]['method'], grown[0]['method'])}, "
+                              f"seed {grown[0]['seed']}"):
+        print(f"lineage: {os.path.join(out, 'lineage.png')} ({grown[0]['path']})")
+    return table
 
 
 def report(table: dict, out: str) -> dict:

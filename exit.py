@@ -648,7 +648,8 @@ class Trainer:
                    difficulty=float(np.mean([i["problem"].difficulty for i in insts])),
                    buf_size=bstats["size"], buf_score_mean=bstats["score_mean"], buf_score_max=bstats["score_max"],
                    buf_entropy=bstats["entropy"], buf_distinct=bstats["distinct_base"],
-                   buf_depth=bstats.get("depth_mean", 0.0), resp_len=n_tok / len(responses),
+                   buf_depth=bstats.get("depth_mean", 0.0), buf_depth_hist=bstats["depth_hist"],
+                   buf_measured=bstats["measured_frac"], resp_len=n_tok / len(responses),
                    tok_per_s=n_tok / dt, sample_frac=t_sample / dt, skipped=self.skipped,
                    elapsed=self.elapsed, **self.div_stats, **stats)
         return dict(log=log, insts=insts, responses=responses, rewards=rewards)
@@ -935,6 +936,22 @@ def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer
     return trainer
 
 
+def show_chain(trainer: Trainer, settings: dict) -> str:
+    """The first held-out problem's improvement chain, k = 0..K, the base policy's beside the trained one's,
+    as text (the first problem, not a chosen one). '' for multi-turn families (their episodes do not fit a
+    line). A real checkpoint's base is not loaded a second time: its column is left out."""
+    if trainer.family.multi_turn:
+        return ""
+    problem = eval_lib.heldout_problems(trainer.family, 1)[0]
+    kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
+    chains = {}
+    if not os.path.isdir(trainer.base_path):
+        base = load_policy(trainer.base_path, trainer.device)[0]
+        chains["base"] = eval_lib.improvement_chain(base, trainer.tok, trainer.family, problem, **kw)
+    chains[trainer.cfg.method] = eval_lib.improvement_chain(trainer.policy, trainer.tok, trainer.family, problem, **kw)
+    return eval_lib.format_chains(problem, chains)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -954,6 +971,14 @@ def main(argv=None):
                                       load_policy, **settings)
         eval_lib.write_json(dict(policy=res, base=base), os.path.join(cfg.out_dir, "eval.json"))
         print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
+        show = show_chain(trainer, settings)
+        if show:
+            print(show)
+            with open(os.path.join(cfg.out_dir, "chain.txt"), "w") as f:
+                f.write(show + "\n")
+    lineage = eval_lib.plot_lineage(eval_lib.read_log(cfg.out_dir), os.path.join(cfg.out_dir, "lineage.png"))
+    if lineage:
+        print(f"the curriculum's lineage: {lineage}")
     print(f"done: {trainer.iter} iterations in {trainer.elapsed:.0f}s of RL; run folder {cfg.out_dir}")
 
 

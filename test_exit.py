@@ -1491,6 +1491,9 @@ def test_script_end_to_end(tmp_path):
     assert len(open(run / "log.jsonl").read().splitlines()) == 2
     res = json.load(open(run / "eval.json"))
     assert len(res["policy"]["score"]) == 3 and "done: 2 iterations" in p.stdout
+    chain = (run / "chain.txt").read_text()  # the first held-out problem's chain, base beside trained, printed too
+    assert chain in p.stdout + "\n" and len(chain.splitlines()) == 2 + 3 and "base" in chain.splitlines()[1]
+    assert (run / "lineage.png").is_file()
     bad = subprocess.run([sys.executable, os.path.join(HERE, "exit.py"), "--itres=3"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "unknown config key 'itres'" in bad.stderr and "Traceback" not in bad.stderr
@@ -2225,3 +2228,31 @@ def test_training_with_kl_refreshes_the_reference(tmp_path):
     assert tr.iteration()["log"]["kl"] > 0
     assert all(torch.equal(a, b) for a, b in zip(tr.ref.parameters(), tr.policy.parameters()))
     assert tr.iteration()["log"]["kl"] == 0.0             # refreshed: ref = θ again
+
+
+# ----------------------------------------------------------------------------- what a run shows
+
+def test_improvement_chain_shows_each_step_as_text(monkeypatch):
+    """A scripted policy: a wrong first answer, then the right one on every improve prompt. The chain has
+    K + 1 steps with the answers and scores the evaluation would give, and formats one line per step."""
+    f, tok = tasks.get_family("exactsum"), model_lib.byte_tokenizer(tasks.MARKERS)
+    p = eval_lib.heldout_problems(f, 1)[0]
+    right, wrong = f.solve(p, False), f.render(p, p.data["best"][:1], False)
+
+    def generate(policy, prompts, num_samples, max_new_tokens, **kw):
+        texts = [wrong if tok.decode(ids, special=True).endswith("<|answer|>") else right for ids in prompts]
+        return rollouts_of(tok, [t for t in texts for _ in range(num_samples)])
+    monkeypatch.setattr(eval_lib.model_lib, "generate", generate)
+    m = model_lib.Transformer(model_lib.toy_config(tok.vocab_size))
+    chain = eval_lib.improvement_chain(m, tok, f, p, K=2)
+    assert chain == [(wrong, 0.0), (right, 1.0), (right, 1.0)]
+    text = eval_lib.format_chains(p, {"base": chain, "exit": chain})
+    assert len(text.splitlines()) == 2 + 3 and p.request in text and "1.00" in text
+
+
+def test_lineage_plot_draws_buffer_depths(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = [dict(buf_depth_hist={"0": 10}), dict(buf_depth_hist={"0": 8, "1": 4}), dict(buf_depth_hist={"0": 6, "1": 4, "5": 2})]
+    path = eval_lib.plot_lineage(log, str(tmp_path / "lineage.png"))
+    assert path and (tmp_path / "lineage.png").stat().st_size > 1000
+    assert eval_lib.plot_lineage([dict(buf_depth_hist={})], str(tmp_path / "none.png")) is None  # GRPO: no buffer
