@@ -24,11 +24,13 @@ it behaves like the paper's instruct models: it can attempt a task and follow an
 request, but it is a weak self-improver (its accuracy barely moves over K improve steps).
 """
 import hashlib
+import inspect
 import itertools
 import json
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 MARKERS = ["<|request|>", "<|answer|>", "<|feedback|>", "<|improve|>", "<|diverge|>"]
@@ -95,10 +97,56 @@ def split_of(request: str) -> str:
 # ---------------------------------------------------------------- the family interface
 
 class TaskFamily:
-    name = "base"
-    graded = False
-    has_feedback = False
-    multi_turn = False  # True: a base task is an episode of turns (ToolsFamily; exit.py and eval.py branch on it)
+    """One task space M (PAPER.md §2). A family is a subclass that sets the class attributes below and
+    provides the methods this class declares as required (they raise NotImplementedError here); the
+    others have working defaults. `check` (run when a family is built) names any piece that is missing.
+    README, "Adding a task family", walks through a complete example; register it in FAMILIES.
+
+    Required of every family:
+      score(problem, response)              quality in [0, 1]; never raises, whatever the text (None too)
+      make(rng, difficulty)                 one candidate problem, drawn from rng only (unless the family
+                                            overrides `sample`, as realmath does with a file of problems)
+    Required of a family with warm-start demonstrations (has_demonstrations, the toy families):
+      attempt(problem, alt, rng)            a first attempt, with the error model's slips
+      solve(problem, alt)                   the right answer (no rng: nothing is drawn)
+      break_answer(problem, alt, rng)       the right answer with exactly one slip
+      (one argument order for all three: problem, the style `alt` (True: the alternative style), rng)
+    Required when has_feedback: feedback(problem, response). When multi_turn: n_turns, turn_problem,
+    episode_reward (ToolsFamily). Optional, with defaults: chat_request, prompt, step_reward, next_answer,
+    solution_text, valid, sample, revise, expected_accuracy, demo_records, demonstrations.
+
+    The rules a family keeps (the contract tests in test_exit.py check them for every family in FAMILIES):
+      1. Problems are JSON-able: `data` holds str / int / float / lists / dicts, never tuples or sets, so
+         Problem(**dataclasses.asdict(p)) == p (the buffer and checkpoints store problems as JSON).
+      2. `make` draws only from the rng it is given, so `sample` is reproducible, and the base `sample`
+         keeps train and test disjoint by the request's hash. Each difficulty should have comfortably more
+         distinct problems than its share of the 5000-problem training pool exit.py draws; `sample` warns
+         when one runs out (the difficulty mix is then skewed).
+      3. `score` never raises and stays in [0, 1]; on a binary family 1.0 means right. `solve` scores 1
+         in both styles. The compact prompt and answers stay short for the toy policy (a prompt of at most
+         ~110 tokens, a response of at most ~50 bytes).
+      4. A slip always makes the answer wrong: slips never cancel each other or land back on the right
+         answer, so a first attempt with `difficulty` independent slip chances q is right with probability
+         exactly a0(d) = (1 - q)^d, and `break_answer` is always wrong. (A family where slips can land on
+         another right answer, as exactsum's on another exact subset, overrides `expected_accuracy` with
+         a simulation, and `revise` too when its improve step is not the two-state chain.)
+      5. Two solution styles: an answer in the alternative style starts with ALT_TAG ("~"), `score` reads
+         both, and a diverge demonstration switches style (it is what diverge can switch to).
+      6. The error model (ERROR_MODEL: q, q_break) puts the demonstrated first-attempt accuracy on the
+         training mix near 0.5 (expected_accuracy(0) in 0.45..0.55: GRPO learns only from groups with
+         both outcomes), and makes the demonstrated policy a weak self-improver: expected_accuracy(16) a
+         little below expected_accuracy(0), and no free gains on the held-out difficulties.
+      7. Demonstrations draw from their rng in a fixed order: family.demonstrations(32, seed) is part of
+         the warm-start cache key (exit.warm_start_key), so a change to what they say retrains the base.
+      8. The chat answer_format asks for the final answer in \\boxed{...}, and `score` reads the last one
+         (a chat model's answer); the multi-turn tools family is the exception.
+    """
+    name = "base"              # the registry key (FAMILIES), also the start of every problem id
+    summary = ""               # one line for `exit.py -h` (default: the docstring's first line)
+    graded = False             # True: scores in [0, 1] and the graded improve reward; False: binary
+    has_feedback = False       # True: improve/diverge prompts carry `feedback` on the current answer
+    multi_turn = False         # True: a base task is an episode of turns (ToolsFamily; exit.py and eval.py branch on it)
+    has_demonstrations = True  # False: no warm-start demonstrations (realmath: start from an instruct checkpoint)
     train_difficulties: tuple = ()     # the training mix (difficulty=None samples uniformly from it)
     heldout_difficulties: tuple = ()   # harder settings for held-out evaluation
     answer_format = "give the final answer as \\boxed{...}"
@@ -119,37 +167,87 @@ class TaskFamily:
         max_depth=2,       # the current answer of an improve/diverge demo has been revised 0..max_depth times
         mix_base=0.50, mix_improve=0.35,  # share of base and improve prompts in the demos; diverge: the rest
     )
+    STALE_DRAWS = 200  # `sample`: this many repeats in a row of one difficulty = it has run out of problems
 
     def __init__(self, error_model: dict | None = None):
         self.error_model = {**self.ERROR_MODEL, **(error_model or {})}
+        self._warned = set()
+        self.check()
+
+    def check(self):
+        """Raise TypeError naming the family and every missing piece (a required method not provided, no
+        training difficulties, an old argument order), so a family fails when it is built, not at warm start."""
+        cls, problems = type(self), []
+        provides = lambda m: getattr(cls, m) is not getattr(TaskFamily, m)
+        required = ["score"]
+        if not provides("sample"):
+            required.append("make")
+            if not self.train_difficulties or not all(isinstance(d, int) for d in self.train_difficulties):
+                problems.append("train_difficulties must be a non-empty tuple of ints (the training mix of `sample`)")
+            if not all(isinstance(d, int) for d in self.heldout_difficulties):
+                problems.append("heldout_difficulties must be a tuple of ints")
+        if self.has_demonstrations:
+            required += ["attempt", "solve", "break_answer"]
+        if self.has_feedback:
+            required.append("feedback")
+        if self.multi_turn:
+            required += ["n_turns", "turn_problem", "episode_reward"]
+        problems += [f"missing method {m}{_signature(getattr(TaskFamily, m))}" for m in required if not provides(m)]
+        for m in ("attempt", "break_answer"):
+            args = list(inspect.signature(getattr(cls, m)).parameters)
+            if provides(m) and "rng" in args and "alt" in args and args.index("rng") < args.index("alt"):
+                problems.append(f"{m} takes (problem, alt, rng), got ({', '.join(args[1:])})")
+        if cls.name == TaskFamily.name:
+            problems.append("set the class attribute `name` (its key in FAMILIES)")
+        if problems:
+            raise TypeError(f"task family {cls.name!r} ({cls.__name__}): " + "; ".join(problems))
 
     # ---- sampling
     def make(self, rng: random.Random, difficulty: int) -> Problem | None:
-        """One candidate problem (id filled in by `sample`), or None to reject and redraw."""
-        raise NotImplementedError
+        """REQUIRED (unless `sample` is overridden). One candidate problem of this difficulty, drawn from
+        `rng` only; `id` may be "" (sample fills it in); None rejects the draw (sample draws again)."""
+        raise NotImplementedError(f"{type(self).__name__} must define make(rng, difficulty)")
 
     def sample(self, split: str, n: int, seed: int, difficulty: int | None = None) -> list[Problem]:
-        """n distinct problems of one split; the same (split, n, seed, difficulty) gives the same list."""
+        """n distinct problems of one split; the same (split, n, seed, difficulty) gives the same list.
+        difficulty=None draws each problem's difficulty uniformly from train_difficulties; when one of them
+        runs out of distinct problems the others fill the list, and this warns (once per difficulty)."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if difficulty is None and not self.train_difficulties:
+            raise ValueError(f"{self.name}: no train_difficulties to draw from; pass difficulty=")
         rng = random.Random(f"{self.name}/{split}/{seed}/{difficulty}")  # str seeds are stable across runs
         out, seen = [], set()
+        stale, got = {}, {}  # per difficulty: repeats in a row, problems accepted (bookkeeping only: no draws)
         for _ in range(200 * n + 1000):
             if len(out) == n:
-                return out
+                break
             d = difficulty if difficulty is not None else rng.choice(self.train_difficulties)
             p = self.make(rng, d)
+            if p is not None and p.request in seen:
+                stale[d] = stale.get(d, 0) + 1
             if p is None or p.request in seen or split_of(p.request) != split:
                 continue
             seen.add(p.request)
+            stale[d], got[d] = 0, got.get(d, 0) + 1
             out.append(Problem(f"{self.name}/{split}/{_digest(p.request) % 10**10:010d}",
                                p.family, p.request, p.difficulty, p.target, p.data))
+        for d, k in stale.items():
+            if k >= self.STALE_DRAWS and difficulty is None and (split, d) not in self._warned:
+                self._warned.add((split, d))
+                warnings.warn(f"{self.name}: difficulty {d} ran out of distinct {split} problems after {got.get(d, 0)} "
+                              f"(its share of the {n} asked is ~{n // len(self.train_difficulties)}); the other "
+                              f"difficulties fill the list, so the mix is skewed: {dict(sorted(got.items()))}",
+                              stacklevel=2)
         if len(out) < n:
-            raise RuntimeError(f"{self.name}: could not draw {n} distinct {split} problems (got {len(out)})")
+            raise RuntimeError(f"{self.name}: could not draw {n} distinct {split} problems (got {len(out)}: "
+                               f"{dict(sorted(got.items()))} by difficulty)")
         return out
 
     # ---- prompts
     def chat_request(self, problem: Problem) -> str:
+        """The request as a chat model reads it: the plain request and `answer_format`. Override to explain
+        the task's notation to a real model."""
         return f"{problem.request}\n\nPlease {self.answer_format}."
 
     def prompt(self, problem: Problem, answer: str | None = None, mode: str = "base",
@@ -185,13 +283,17 @@ class TaskFamily:
 
     # ---- scoring
     def score(self, problem: Problem, response: str) -> float:
-        """Quality in [0, 1]; anything unparseable scores 0 and never raises."""
-        raise NotImplementedError
+        """REQUIRED. Quality in [0, 1] (binary families: 1.0 iff right); anything unparseable, including a
+        response that is not a str, scores 0 and never raises. Read both styles and a chat answer's last \\boxed{}."""
+        raise NotImplementedError(f"{type(self).__name__} must define score(problem, response)")
 
     def feedback(self, problem: Problem, response: str) -> str | None:
+        """REQUIRED when has_feedback. The environment's short comment on an answer, computed from what the
+        answer really does (the policy cannot fake it); shown in improve/diverge prompts. Never raises."""
         return None
 
     def step_reward(self, problem: Problem, response: str, mode: str, prev_response: str | None) -> float:
+        """The per-step reward of PAPER.md §3 from `score` (binary, or graded by improvement)."""
         r_new = self.score(problem, response)
         if not self.graded:
             return binary_step_reward(r_new)
@@ -205,14 +307,41 @@ class TaskFamily:
         return response
 
     def solution_text(self, response: str) -> str:
-        """The part of a response the diversity bonus (Eq. 6) embeds."""
+        """The part of a response the diversity bonus (Eq. 6) embeds (e.g. the work without the final answer)."""
         return response if isinstance(response, str) else ""
 
     def valid(self, response: str) -> bool:
         """Is the response of a valid type at all? (--filter_malformed zeroes the advantage of those that are not.)"""
         return isinstance(response, str)
 
-    # ---- warm-start demonstrations; a family supplies attempt / solve / break_answer / a0
+    # ---- multi-turn families (multi_turn = True): an episode of turns; each turn is a Problem of its own
+    def n_turns(self, episode: Problem) -> int:
+        """REQUIRED when multi_turn. The number of turns of an episode."""
+        raise NotImplementedError(f"{type(self).__name__} is multi_turn and must define n_turns(episode)")
+
+    def turn_problem(self, episode: Problem, t: int, prev_answers: list) -> Problem:
+        """REQUIRED when multi_turn. Turn t as a Problem, after the earlier turns' answers prev_answers[:t]."""
+        raise NotImplementedError(f"{type(self).__name__} is multi_turn and must define turn_problem(episode, t, prev_answers)")
+
+    def episode_reward(self, episode: Problem, answers: list) -> float:
+        """REQUIRED when multi_turn. The binary reward of a whole episode, one answer per turn."""
+        raise NotImplementedError(f"{type(self).__name__} is multi_turn and must define episode_reward(episode, answers)")
+
+    # ---- warm-start demonstrations (has_demonstrations): attempt / solve / break_answer, under ERROR_MODEL
+    def attempt(self, problem: Problem, alt: bool, rng: random.Random) -> str:
+        """REQUIRED for demonstrations. A first attempt in the main (alt=False) or alternative (alt=True,
+        starts with ALT_TAG) style: each of its `difficulty` steps or items slips with probability
+        error_model["q"], and any slip makes it wrong (so it is right with probability exactly a0(d))."""
+        raise NotImplementedError(f"{type(self).__name__} must define attempt(problem, alt, rng)")
+
+    def solve(self, problem: Problem, alt: bool) -> str:
+        """REQUIRED for demonstrations. The right answer in the given style; draws nothing."""
+        raise NotImplementedError(f"{type(self).__name__} must define solve(problem, alt)")
+
+    def break_answer(self, problem: Problem, alt: bool, rng: random.Random) -> str:
+        """REQUIRED for demonstrations. The right answer with exactly one slip: always wrong."""
+        raise NotImplementedError(f"{type(self).__name__} must define break_answer(problem, alt, rng)")
+
     def a0(self, difficulty: int) -> float:
         """Probability that a first attempt is right: no slip in any of its `difficulty` steps or items."""
         return (1 - self.error_model["q"]) ** difficulty
@@ -242,7 +371,7 @@ class TaskFamily:
             return self.solve(problem, style)
         if u < em["p_fix"] + em["p_copy"]:
             return answer
-        return self.attempt(problem, rng, style)
+        return self.attempt(problem, style, rng)
 
     def demo_records(self, n: int, seed: int) -> list[dict]:
         """Demonstrations with their provenance (problem, mode, current answer), for tests and analysis."""
@@ -254,7 +383,7 @@ class TaskFamily:
         em = self.error_model
         u = rng.random()
         mode = "base" if u < em["mix_base"] else "improve" if u < em["mix_base"] + em["mix_improve"] else "diverge"
-        answer = self.attempt(p, rng, rng.random() < em["p_alt_style"])
+        answer = self.attempt(p, rng.random() < em["p_alt_style"], rng)
         if mode == "base":
             answer, response = None, answer
         else:
@@ -263,13 +392,19 @@ class TaskFamily:
             if mode == "improve":
                 response = self.revise(p, answer, rng)
             else:  # diverge: a fresh attempt in the other style, with first-attempt slips
-                response = self.attempt(p, rng, not answer.startswith(ALT_TAG))
+                response = self.attempt(p, not answer.startswith(ALT_TAG), rng)
         return dict(problem=p, mode=mode, answer=answer, response=response, prompt=self.prompt(p, answer, mode))
 
     def demonstrations(self, n: int, seed: int) -> list[tuple[str, str]]:
         """(compact prompt, response) pairs for warm-start SFT; the model appends end-of-text itself."""
+        if not self.has_demonstrations:
+            raise NotImplementedError(f"{self.name} has no warm-start demonstrations: start from an instruct checkpoint")
         return [(r["prompt"], r["response"]) for r in self.demo_records(n, seed)]
 
+
+def _signature(method) -> str:
+    """"(problem, alt)": a method's parameters without self or annotations, for error messages."""
+    return "(" + ", ".join(list(inspect.signature(method).parameters)[1:]) + ")"
 
 # ---------------------------------------------------------------- math: binary, no feedback
 
@@ -286,6 +421,7 @@ class MathFamily(TaskFamily):
     First-attempt slips: each step is wrong with probability q, by 1..3; later steps compute correctly
     from the wrong value, and a slip never lands back on the true value, so a0 = (1 - q)^steps."""
     name, graded, has_feedback = "math", False, False
+    summary = "binary, no feedback: left-to-right integer chains"
     train_difficulties, heldout_difficulties = (2, 3, 4), (5, 6)
     answer_format = "give the final number as \\boxed{N}"
     ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.21, "q_break": 0.09}  # a0 over 2..4 steps = 0.502
@@ -336,7 +472,7 @@ class MathFamily(TaskFamily):
         body = ALT_TAG + str(problem.data["start"]) + "".join(parts) if alt else ",".join(parts)
         return f"{body}#{v}"
 
-    def attempt(self, problem, rng, alt):
+    def attempt(self, problem, alt, rng):
         slips = {i for i in range(problem.difficulty) if rng.random() < self.error_model["q"]}
         return self._work(problem, alt, slips, rng)
 
@@ -365,6 +501,7 @@ class SubsetFamily(TaskFamily):
     (largest first). First-attempt slips: each list number's in/out choice is flipped with probability q,
     so a0 = (1 - q)^list_length. Difficulty = list length."""
     name, graded, has_feedback = "subset", True, True
+    summary = "graded, with feedback: numbers whose sum comes close to a target"
     train_difficulties, heldout_difficulties = (5, 6, 7), (8,)
     answer_format = "give the chosen numbers joined by + as \\boxed{...}, e.g. \\boxed{3+9}"
     ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.11, "q_break": 0.045}  # a0 over lists of 5..7 = 0.499
@@ -416,7 +553,7 @@ class SubsetFamily(TaskFamily):
         return response.split("=", 1)[0] if isinstance(response, str) else ""
 
     # -- demonstrations
-    def attempt(self, problem, rng, alt):
+    def attempt(self, problem, alt, rng):
         picks = {x for x in problem.data["numbers"]
                  if (x in problem.data["best"]) != (rng.random() < self.error_model["q"])}
         if not picks:  # an empty answer is unwritable; any single number is still wrong (best has >= 2)
@@ -463,6 +600,7 @@ class ExactSumFamily(TaskFamily):
     p_fix (re-attempted when no single move exists), kept w.p. p_copy, else re-attempted; a kept answer
     is written as KEEP. RL can learn what the demos do only sometimes: keep what checks out, and move."""
     name, graded, has_feedback = "exactsum", False, False
+    summary = "binary, no feedback: numbers that sum exactly to a target, cheap to check"
     train_difficulties, heldout_difficulties = (4, 5, 6), (7, 8)
     answer_format = ("count the target down by the chosen numbers and box it, e.g. \\boxed{31-3=28-11=17-17=0} "
                      "(when improving, \\boxed{=} keeps the current answer)")
@@ -518,7 +656,7 @@ class ExactSumFamily(TaskFamily):
     def render(self, problem, picks, alt):
         return _countdown(picks, problem.data["target"], alt)
 
-    def attempt(self, problem, rng, alt):
+    def attempt(self, problem, alt, rng):
         picks = [x for x in problem.data["numbers"]
                  if (x in problem.data["best"]) != (rng.random() < self.error_model["q"])]
         return self.render(problem, picks or [rng.choice(problem.data["numbers"])], alt)
@@ -540,10 +678,10 @@ class ExactSumFamily(TaskFamily):
             return self.break_answer(problem, alt, rng, picks) if u < self.p_break(problem.difficulty) else answer
         if u < em["p_fix"]:
             move = self.local_move(problem, picks)
-            return self.render(problem, move, alt) if move is not None else self.attempt(problem, rng, alt)
+            return self.render(problem, move, alt) if move is not None else self.attempt(problem, alt, rng)
         if u < em["p_fix"] + em["p_copy"]:
             return answer
-        return self.attempt(problem, rng, alt)
+        return self.attempt(problem, alt, rng)
 
     def demo_record(self, p, rng):
         rec = super().demo_record(p, rng)
@@ -559,7 +697,7 @@ class ExactSumFamily(TaskFamily):
         for d in difficulties or self.train_difficulties:
             rng = random.Random(f"{self.name}/expected/{d}")
             for p in self.sample("train", n, seed=0, difficulty=d):
-                a = self.attempt(p, rng, rng.random() < self.error_model["p_alt_style"])
+                a = self.attempt(p, rng.random() < self.error_model["p_alt_style"], rng)
                 for _ in range(k):
                     a = self.revise(p, a, rng)
                 total, count = total + self.score(p, a), count + 1
@@ -571,6 +709,7 @@ class ExactSumFeedbackFamily(ExactSumFamily):
     the current answer ("sum 28, 3 short", "sum 31, exact", "unreadable"), computed from its true picks,
     so the policy cannot fake it (on `exactsum` it learns to: README)."""
     name, has_feedback = "exactsumfb", True
+    summary = "exactsum with the environment's feedback on the current answer"
 
     def feedback(self, problem, response):
         picks = self.picks(problem, response)
@@ -742,7 +881,8 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
 
 class RealMath(TaskFamily):
     """Real math problems for instruct checkpoints; binary reward = the final answer is equivalent."""
-    name, graded, has_feedback = "realmath", False, False
+    name, graded, has_feedback, has_demonstrations = "realmath", False, False, False
+    summary = "binary: GSM8K/MATH-style problems from a JSONL file (needs --data and --init)"
     answer_format = "put the final answer in \\boxed{}"
 
     def __init__(self, problems: list[Problem] | None = None, path: str | None = None, error_model=None):
@@ -774,8 +914,6 @@ class RealMath(TaskFamily):
         i = response.rfind("\\boxed")
         return response[:i] if i > 0 else response
 
-    def demonstrations(self, n, seed):
-        raise NotImplementedError("realmath has no warm-start demonstrations: start from an instruct checkpoint")
 
 
 # ---------------------------------------------------------------- tools: multi-turn function calling
@@ -871,6 +1009,7 @@ class ToolsFamily(TaskFamily):
     policy sent in that turn; else 0. `score` is the same check for one turn from its own start state.
     Difficulty = number of turns."""
     name, graded, has_feedback, multi_turn = "tools", False, True, True
+    summary = "binary, multi-turn: tool calls on a tiny bank"
     train_difficulties, heldout_difficulties = (2, 3), (4,)
     answer_format = "give the tool calls then done (or err), joined by ';'"
     # per call q: a turn of 1 call is right 80% of the time, of 2 calls 64%: an episode ~45%
@@ -973,7 +1112,7 @@ class ToolsFamily(TaskFamily):
             calls[k] = f"{op} {a} {x}"
         return (ALT_TAG if alt else "") + ";".join(calls + ["done"])
 
-    def attempt(self, problem, rng, alt):
+    def attempt(self, problem, alt, rng):
         return self._calls(problem, alt, [k for k in range(problem.difficulty) if rng.random() < self.error_model["q"]], rng)
 
     def solve(self, problem, alt):
@@ -990,7 +1129,7 @@ class ToolsFamily(TaskFamily):
         for ep in self.sample("train", n, seed):
             t, prev = rng.randrange(self.n_turns(ep)), []
             for i in range(t):
-                prev.append(self.attempt(self.turn_problem(ep, i, prev), rng, rng.random() < self.error_model["p_alt_style"]))
+                prev.append(self.attempt(self.turn_problem(ep, i, prev), rng.random() < self.error_model["p_alt_style"], rng))
             records.append(self.demo_record(self.turn_problem(ep, t, prev), rng))
         return records
 
@@ -1001,6 +1140,14 @@ FAMILIES = {"math": MathFamily, "subset": SubsetFamily, "exactsum": ExactSumFami
 
 
 def get_family(name: str, **kwargs) -> TaskFamily:
+    """The family registered under `name`, built (and so checked: TaskFamily.check) with kwargs."""
     if name not in FAMILIES:
         raise ValueError(f"unknown task family {name!r}; valid names: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name](**kwargs)
+
+
+def describe_families() -> str:
+    """One line per registered family, "name: summary" (for `exit.py -h`)."""
+    def summary(cls):
+        return cls.summary or (cls.__doc__ or "").strip().split("\n")[0]
+    return "; ".join(f"{name}: {summary(cls)}" for name, cls in FAMILIES.items())
