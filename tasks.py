@@ -7,14 +7,19 @@ the per-step rewards of PAPER.md §3. exit.py only calls into this file (data fl
 no model here): it samples problems, builds prompts from the request and the latest iterate, and
 asks for `step_reward` of each rollout; the buffer stores partial histories as (problem, answer).
 
+Reading order: `Problem`; `TaskFamily`, the interface a family implements and the rules it keeps;
+the per-step rewards and the train/test split it uses; then the families, simplest first; the
+real-data parser last; the registry `FAMILIES` at the end. README, "Adding a task family", has a
+worked example.
+
 Families:
   math     binary, no feedback: a left-to-right integer chain "7+5*2-9" (the competition-math analogue)
   exactsum binary, no feedback, cheap to check: pick numbers that sum exactly to a target, counted down
            to 0 in the answer (math with a generation-verification gap); exactsumfb: the same, with
            the environment's feedback ("sum 14, 17 short") on the current answer
   subset   graded, with feedback: pick numbers whose sum hits a target (the ML-engineering analogue)
-  realmath binary: GSM8K/MATH-style problems read from a JSONL file, for real instruct checkpoints
   tools    binary, multi-turn: requests to a tiny bank served by tool calls (the BFCL v3 analogue)
+  realmath binary: GSM8K/MATH-style problems read from a JSONL file, for real instruct checkpoints
 
 Two prompt styles: "compact" strings with MARKERS for the toy byte-level policy (one marker = one
 token), and "chat" plain-text user messages that exit.py wraps in a real model's chat template.
@@ -54,44 +59,23 @@ def n_tokens(text: str) -> int:
     return len(text.encode()) - sum(text.count(m) * (len(m.encode()) - 1) for m in MARKERS)
 
 
-# ---------------------------------------------------------------- rewards (PAPER.md §3), pure functions
+# ---------------------------------------------------------------- reading answers
 
-def graded_step_reward(r_new: float, r_prev: float | None, mode: str) -> float:
-    """Graded domains: base/diverge -> r_k; improve -> max(0, (r_k - r_{k-1}) / (1 - r_{k-1})).
-    r_{k-1} = 1 divides by zero ([open] in PAPER.md §3): 1 if r_k >= r_{k-1} else 0."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    if mode != "improve" or r_prev is None:  # an improve step without a previous answer is a first attempt
-        return r_new
-    if r_prev >= 1.0:
-        return 1.0 if r_new >= r_prev else 0.0
-    return max(0.0, (r_new - r_prev) / (1.0 - r_prev))
-
-
-def binary_step_reward(correct: float) -> float:
-    """Binary domains: every step, whatever its mode, earns the correctness of the new answer."""
-    return 1.0 if correct >= 1.0 else 0.0
-
-
-def expected_accuracy(a0: float, p_fix_eff: float, p_break: float, k: int) -> float:
-    """Accuracy after k improve steps of the demonstrated policy, a Markov chain on right/wrong:
-    a_{k+1} = a_k (1 - p_break) + (1 - a_k) p_fix_eff, with fixed point a* = p_fix_eff / (p_fix_eff + p_break)."""
-    a = a0
-    for _ in range(k):
-        a = a * (1 - p_break) + (1 - a) * p_fix_eff
-    return a
-
-
-# ---------------------------------------------------------------- splits
-
-def _digest(text: str) -> int:
-    # md5, not hash(): Python salts str hashes per process, and splits must be identical across runs
-    return int(hashlib.md5(text.encode()).hexdigest(), 16)
-
-
-def split_of(request: str) -> str:
-    """Train and test are disjoint by construction: a request belongs to exactly one split."""
-    return "test" if _digest(request) % 5 == 0 else "train"
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (nested braces allowed), or None."""
+    i = text.rfind("\\boxed")
+    if i < 0:
+        return None
+    rest = text[i + len("\\boxed"):]
+    if not rest.lstrip().startswith("{"):  # "\boxed 5"
+        m = re.match(r"\s+([^\s$]+)", rest)
+        return m.group(1) if m else None
+    depth, j = 0, rest.index("{")
+    for k in range(j, len(rest)):
+        depth += {"{": 1, "}": -1}.get(rest[k], 0)
+        if depth == 0:
+            return rest[j + 1:k]
+    return None  # unbalanced
 
 
 # ---------------------------------------------------------------- the family interface
@@ -405,6 +389,47 @@ class TaskFamily:
 def _signature(method) -> str:
     """"(problem, alt)": a method's parameters without self or annotations, for error messages."""
     return "(" + ", ".join(list(inspect.signature(method).parameters)[1:]) + ")"
+
+
+# ---------------------------------------------------------------- rewards (PAPER.md §3), pure functions
+
+def graded_step_reward(r_new: float, r_prev: float | None, mode: str) -> float:
+    """Graded domains: base/diverge -> r_k; improve -> max(0, (r_k - r_{k-1}) / (1 - r_{k-1})).
+    r_{k-1} = 1 divides by zero ([open] in PAPER.md §3): 1 if r_k >= r_{k-1} else 0."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if mode != "improve" or r_prev is None:  # an improve step without a previous answer is a first attempt
+        return r_new
+    if r_prev >= 1.0:
+        return 1.0 if r_new >= r_prev else 0.0
+    return max(0.0, (r_new - r_prev) / (1.0 - r_prev))
+
+
+def binary_step_reward(correct: float) -> float:
+    """Binary domains: every step, whatever its mode, earns the correctness of the new answer."""
+    return 1.0 if correct >= 1.0 else 0.0
+
+
+def expected_accuracy(a0: float, p_fix_eff: float, p_break: float, k: int) -> float:
+    """Accuracy after k improve steps of the demonstrated policy, a Markov chain on right/wrong:
+    a_{k+1} = a_k (1 - p_break) + (1 - a_k) p_fix_eff, with fixed point a* = p_fix_eff / (p_fix_eff + p_break)."""
+    a = a0
+    for _ in range(k):
+        a = a * (1 - p_break) + (1 - a) * p_fix_eff
+    return a
+
+
+# ---------------------------------------------------------------- splits
+
+def _digest(text: str) -> int:
+    # md5, not hash(): Python salts str hashes per process, and splits must be identical across runs
+    return int(hashlib.md5(text.encode()).hexdigest(), 16)
+
+
+def split_of(request: str) -> str:
+    """Train and test are disjoint by construction: a request belongs to exactly one split."""
+    return "test" if _digest(request) % 5 == 0 else "train"
+
 
 # ---------------------------------------------------------------- math: binary, no feedback
 
@@ -728,194 +753,6 @@ def _countdown(picks, target: int, alt: bool) -> str:
     return (ALT_TAG if alt else "") + out
 
 
-# ---------------------------------------------------------------- real data (GSM8K / MATH JSONL)
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (nested braces allowed), or None."""
-    i = text.rfind("\\boxed")
-    if i < 0:
-        return None
-    rest = text[i + len("\\boxed"):]
-    if not rest.lstrip().startswith("{"):  # "\boxed 5"
-        m = re.match(r"\s+([^\s$]+)", rest)
-        return m.group(1) if m else None
-    depth, j = 0, rest.index("{")
-    for k in range(j, len(rest)):
-        depth += {"{": 1, "}": -1}.get(rest[k], 0)
-        if depth == 0:
-            return rest[j + 1:k]
-    return None  # unbalanced
-
-
-def extract_answer(text: str) -> str:
-    """The final answer of a response: the last \\boxed{}, else what follows '####', else the last number."""
-    if not isinstance(text, str):
-        return ""
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    if "####" in text:
-        lines = text.rsplit("####", 1)[1].strip().splitlines()
-        return lines[0].strip() if lines else ""
-    numbers = re.findall(r"-?[0-9][0-9,]*(?:\.[0-9]+)?", text)
-    return numbers[-1].rstrip(",") if numbers else ""
-
-
-def _normalise(s: str) -> str:
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
-    for a, b in [("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("$", ""),
-                 ("\\!", ""), ("\\,", ""), ("\\ ", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", "")]:
-        s = s.replace(a, b)
-    s = re.sub(r"\s+", "", s)
-    s = re.sub(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))", "", s)  # 1,234 -> 1234
-    s = s.rstrip(".")
-    return re.sub(r"^(-?[0-9]+)\.0+$", r"\1", s)
-
-
-def _brace_group(s: str, i: int) -> tuple[str, int]:
-    """The argument starting at s[i]: a {...} group or a single character; returns (content, next index)."""
-    if i >= len(s):
-        raise ValueError("missing argument")
-    if s[i] != "{":
-        return s[i], i + 1
-    depth = 0
-    for k in range(i, len(s)):
-        depth += {"{": 1, "}": -1}.get(s[k], 0)
-        if depth == 0:
-            return s[i + 1:k], k + 1
-    raise ValueError("unbalanced braces")
-
-
-def _latex_to_python(s: str) -> str:
-    for cmd, fmt in (("\\frac", "(({})/({}))"), ("\\sqrt", "sqrt({})")):
-        while cmd in s:
-            i = s.index(cmd) + len(cmd)
-            a, i = _brace_group(s, i)
-            if cmd == "\\frac":
-                b, i = _brace_group(s, i)
-                s = s[:s.index(cmd)] + fmt.format(_latex_to_python(a), _latex_to_python(b)) + s[i:]
-            else:
-                s = s[:s.index(cmd)] + fmt.format(_latex_to_python(a)) + s[i:]
-    for a, b in [("\\cdot", "*"), ("\\times", "*"), ("\\pi", "pi"), ("^", "**"), ("{", "("), ("}", ")")]:
-        s = s.replace(a, b)
-    return s
-
-
-# an exponent must be a tiny literal or one letter, and never itself raised: 9**99**99 would never finish
-_POW = re.compile(r"\*\*(\(-?[0-9]{1,2}(/[0-9]{1,2})?\)|-?[0-9]{1,2}(?![0-9.])|[A-Za-z](?![A-Za-z0-9]))(?!\*\*)")
-
-
-def _to_sympy(s: str):
-    """A sympy expression, or None when the text is not a small, safe arithmetic expression.
-    sympy parses with eval(), so only digits, operators, single-letter symbols, sqrt and pi pass."""
-    if len(s) > 120:
-        return None
-    try:
-        py = _latex_to_python(s)
-    except (ValueError, RecursionError):
-        return None
-    if (len(py) > 120 or not re.fullmatch(r"[0-9A-Za-z+\-*/(). ]+", py) or re.search(r"[A-Za-z_]\.", py)
-            or any(len(w) > 1 and w not in ("sqrt", "pi") for w in re.findall(r"[A-Za-z]+", py))
-            or py.count("**") > 2 or any(not _POW.match(py, m.start()) for m in re.finditer(r"\*\*", py))):
-        return None
-    from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication
-    try:
-        return parse_expr(py, transformations=standard_transformations + (implicit_multiplication,))
-    except Exception:  # sympy raises many types (SyntaxError, TypeError, TokenError...)
-        return None
-
-
-def answers_equal(a: str, b: str) -> bool:
-    """Same final answer? String normalisation first, then sympy equivalence. Never raises."""
-    if not isinstance(a, str) or not isinstance(b, str):
-        return False
-    na, nb = _normalise(a), _normalise(b)
-    if not na or not nb:
-        return False
-    if na == nb:
-        return True
-    ea, eb = _to_sympy(na), _to_sympy(nb)
-    if ea is None or eb is None:
-        return False
-    try:
-        import sympy
-        d = sympy.simplify(ea - eb)
-        return bool(d == 0 or (d.is_number and abs(complex(d)) < 1e-9))
-    except Exception:
-        return False
-
-
-def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
-    """GSM8K lines {"question", "answer": "... #### 42"} or MATH lines {"problem", "solution" with \\boxed{}
-    or "answer"}. A malformed line raises ValueError naming file and line."""
-    if fmt not in ("auto", "gsm8k", "math"):
-        raise ValueError(f"fmt must be 'auto', 'gsm8k' or 'math', got {fmt!r}")
-    stem, out = os.path.splitext(os.path.basename(path))[0], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_no}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(d, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            kind = fmt if fmt != "auto" else "gsm8k" if "question" in d else "math" if "problem" in d else None
-            if kind == "gsm8k" and isinstance(d.get("question"), str) and "####" in str(d.get("answer", "")):
-                request, target = d["question"], d["answer"].rsplit("####", 1)[1].strip()
-            elif kind == "math" and isinstance(d.get("problem"), str):
-                request = d["problem"]
-                target = str(d["answer"]) if "answer" in d else _last_boxed(str(d.get("solution", ""))) or ""
-            else:
-                raise ValueError(f"{where}: need 'question' + 'answer' with '####' (GSM8K) or "
-                                 f"'problem' + 'solution' with \\boxed{{}} or 'answer' (MATH)")
-            if not target.strip():
-                raise ValueError(f"{where}: no final answer found")
-            level = re.search(r"[0-9]+", str(d.get("level", "")))
-            out.append(Problem(f"{stem}/{line_no}", "realmath", request, int(level.group()) if level else 0,
-                               target.strip(), {"line": line_no}))
-    return out
-
-
-class RealMath(TaskFamily):
-    """Real math problems for instruct checkpoints; binary reward = the final answer is equivalent."""
-    name, graded, has_feedback, has_demonstrations = "realmath", False, False, False
-    summary = "binary: GSM8K/MATH-style problems from a JSONL file (needs --data and --init)"
-    answer_format = "put the final answer in \\boxed{}"
-
-    def __init__(self, problems: list[Problem] | None = None, path: str | None = None, error_model=None):
-        super().__init__(error_model)
-        if problems is None and path is None:
-            raise ValueError("realmath needs problems=[...] or path='file.jsonl'")
-        self.problems = list(problems) if problems is not None else load_jsonl(path)
-
-    def sample(self, split, n, seed, difficulty=None):
-        """n problems of the split (by the same request hash); when n exceeds the pool, it is cycled
-        through again in a new order, so repeats appear only then."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        pool = [p for p in self.problems if split_of(p.request) == split
-                and (difficulty is None or p.difficulty == difficulty)]
-        if not pool:
-            raise ValueError(f"realmath: no {split} problems (difficulty={difficulty})")
-        rng, out = random.Random(f"{self.name}/{split}/{seed}/{difficulty}"), []
-        while len(out) < n:
-            out += rng.sample(pool, len(pool))
-        return out[:n]
-
-    def score(self, problem, response):
-        return 1.0 if answers_equal(extract_answer(response), problem.target) else 0.0
-
-    def solution_text(self, response):
-        if not isinstance(response, str):
-            return ""
-        i = response.rfind("\\boxed")
-        return response[:i] if i > 0 else response
-
-
-
 # ---------------------------------------------------------------- tools: multi-turn function calling
 
 ACCOUNTS = "abc"
@@ -1134,9 +971,186 @@ class ToolsFamily(TaskFamily):
         return records
 
 
+# ---------------------------------------------------------------- real data (GSM8K / MATH JSONL)
+
+def extract_answer(text: str) -> str:
+    """The final answer of a response: the last \\boxed{}, else what follows '####', else the last number."""
+    if not isinstance(text, str):
+        return ""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    if "####" in text:
+        lines = text.rsplit("####", 1)[1].strip().splitlines()
+        return lines[0].strip() if lines else ""
+    numbers = re.findall(r"-?[0-9][0-9,]*(?:\.[0-9]+)?", text)
+    return numbers[-1].rstrip(",") if numbers else ""
+
+
+def _normalise(s: str) -> str:
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    for a, b in [("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("$", ""),
+                 ("\\!", ""), ("\\,", ""), ("\\ ", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", "")]:
+        s = s.replace(a, b)
+    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))", "", s)  # 1,234 -> 1234
+    s = s.rstrip(".")
+    return re.sub(r"^(-?[0-9]+)\.0+$", r"\1", s)
+
+
+def _brace_group(s: str, i: int) -> tuple[str, int]:
+    """The argument starting at s[i]: a {...} group or a single character; returns (content, next index)."""
+    if i >= len(s):
+        raise ValueError("missing argument")
+    if s[i] != "{":
+        return s[i], i + 1
+    depth = 0
+    for k in range(i, len(s)):
+        depth += {"{": 1, "}": -1}.get(s[k], 0)
+        if depth == 0:
+            return s[i + 1:k], k + 1
+    raise ValueError("unbalanced braces")
+
+
+def _latex_to_python(s: str) -> str:
+    for cmd, fmt in (("\\frac", "(({})/({}))"), ("\\sqrt", "sqrt({})")):
+        while cmd in s:
+            i = s.index(cmd) + len(cmd)
+            a, i = _brace_group(s, i)
+            if cmd == "\\frac":
+                b, i = _brace_group(s, i)
+                s = s[:s.index(cmd)] + fmt.format(_latex_to_python(a), _latex_to_python(b)) + s[i:]
+            else:
+                s = s[:s.index(cmd)] + fmt.format(_latex_to_python(a)) + s[i:]
+    for a, b in [("\\cdot", "*"), ("\\times", "*"), ("\\pi", "pi"), ("^", "**"), ("{", "("), ("}", ")")]:
+        s = s.replace(a, b)
+    return s
+
+
+# an exponent must be a tiny literal or one letter, and never itself raised: 9**99**99 would never finish
+_POW = re.compile(r"\*\*(\(-?[0-9]{1,2}(/[0-9]{1,2})?\)|-?[0-9]{1,2}(?![0-9.])|[A-Za-z](?![A-Za-z0-9]))(?!\*\*)")
+
+
+def _to_sympy(s: str):
+    """A sympy expression, or None when the text is not a small, safe arithmetic expression.
+    sympy parses with eval(), so only digits, operators, single-letter symbols, sqrt and pi pass."""
+    if len(s) > 120:
+        return None
+    try:
+        py = _latex_to_python(s)
+    except (ValueError, RecursionError):
+        return None
+    if (len(py) > 120 or not re.fullmatch(r"[0-9A-Za-z+\-*/(). ]+", py) or re.search(r"[A-Za-z_]\.", py)
+            or any(len(w) > 1 and w not in ("sqrt", "pi") for w in re.findall(r"[A-Za-z]+", py))
+            or py.count("**") > 2 or any(not _POW.match(py, m.start()) for m in re.finditer(r"\*\*", py))):
+        return None
+    from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication
+    try:
+        return parse_expr(py, transformations=standard_transformations + (implicit_multiplication,))
+    except Exception:  # sympy raises many types (SyntaxError, TypeError, TokenError...)
+        return None
+
+
+def answers_equal(a: str, b: str) -> bool:
+    """Same final answer? String normalisation first, then sympy equivalence. Never raises."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    na, nb = _normalise(a), _normalise(b)
+    if not na or not nb:
+        return False
+    if na == nb:
+        return True
+    ea, eb = _to_sympy(na), _to_sympy(nb)
+    if ea is None or eb is None:
+        return False
+    try:
+        import sympy
+        d = sympy.simplify(ea - eb)
+        return bool(d == 0 or (d.is_number and abs(complex(d)) < 1e-9))
+    except Exception:
+        return False
+
+
+def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
+    """GSM8K lines {"question", "answer": "... #### 42"} or MATH lines {"problem", "solution" with \\boxed{}
+    or "answer"}. A malformed line raises ValueError naming file and line."""
+    if fmt not in ("auto", "gsm8k", "math"):
+        raise ValueError(f"fmt must be 'auto', 'gsm8k' or 'math', got {fmt!r}")
+    stem, out = os.path.splitext(os.path.basename(path))[0], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_no}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            kind = fmt if fmt != "auto" else "gsm8k" if "question" in d else "math" if "problem" in d else None
+            if kind == "gsm8k" and isinstance(d.get("question"), str) and "####" in str(d.get("answer", "")):
+                request, target = d["question"], d["answer"].rsplit("####", 1)[1].strip()
+            elif kind == "math" and isinstance(d.get("problem"), str):
+                request = d["problem"]
+                target = str(d["answer"]) if "answer" in d else _last_boxed(str(d.get("solution", ""))) or ""
+            else:
+                raise ValueError(f"{where}: need 'question' + 'answer' with '####' (GSM8K) or "
+                                 f"'problem' + 'solution' with \\boxed{{}} or 'answer' (MATH)")
+            if not target.strip():
+                raise ValueError(f"{where}: no final answer found")
+            level = re.search(r"[0-9]+", str(d.get("level", "")))
+            out.append(Problem(f"{stem}/{line_no}", "realmath", request, int(level.group()) if level else 0,
+                               target.strip(), {"line": line_no}))
+    return out
+
+
+class RealMath(TaskFamily):
+    """Real math problems for instruct checkpoints; binary reward = the final answer is equivalent."""
+    name, graded, has_feedback, has_demonstrations = "realmath", False, False, False
+    summary = "binary: GSM8K/MATH-style problems from a JSONL file (needs --data and --init)"
+    answer_format = "put the final answer in \\boxed{}"
+
+    def __init__(self, problems: list[Problem] | None = None, path: str | None = None, error_model=None):
+        super().__init__(error_model)
+        if problems is None and path is None:
+            raise ValueError("realmath needs problems=[...] or path='file.jsonl'")
+        self.problems = list(problems) if problems is not None else load_jsonl(path)
+
+    def sample(self, split, n, seed, difficulty=None):
+        """n problems of the split (by the same request hash); when n exceeds the pool, it is cycled
+        through again in a new order, so repeats appear only then."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        pool = [p for p in self.problems if split_of(p.request) == split
+                and (difficulty is None or p.difficulty == difficulty)]
+        if not pool:
+            raise ValueError(f"realmath: no {split} problems (difficulty={difficulty})")
+        rng, out = random.Random(f"{self.name}/{split}/{seed}/{difficulty}"), []
+        while len(out) < n:
+            out += rng.sample(pool, len(pool))
+        return out[:n]
+
+    def score(self, problem, response):
+        return 1.0 if answers_equal(extract_answer(response), problem.target) else 0.0
+
+    def solution_text(self, response):
+        if not isinstance(response, str):
+            return ""
+        i = response.rfind("\\boxed")
+        return response[:i] if i > 0 else response
+
+
 # ---------------------------------------------------------------- registry: add a family here
 
-FAMILIES = {"math": MathFamily, "subset": SubsetFamily, "exactsum": ExactSumFamily, "exactsumfb": ExactSumFeedbackFamily, "realmath": RealMath, "tools": ToolsFamily}
+FAMILIES = {  # name -> class; `exit.py --task=NAME`, `-h` lists them (describe_families)
+    "math": MathFamily,
+    "subset": SubsetFamily,
+    "exactsum": ExactSumFamily,
+    "exactsumfb": ExactSumFeedbackFamily,
+    "tools": ToolsFamily,
+    "realmath": RealMath,
+}
 
 
 def get_family(name: str, **kwargs) -> TaskFamily:
