@@ -65,7 +65,7 @@ def _f(default, help):
 @dataclass
 class Config:
     # ---- run
-    task: str = _f("exactsumfb", "task family (tasks.FAMILIES): math | exactsum | exactsumfb | subset | tools (multi-turn) | realmath (needs --data and --init)")
+    task: str = _f("exactsumfb", "task family (tasks.FAMILIES): " + tasks_lib.describe_families())
     method: str = _f("exit", "rung of the ablation ladder (PAPER.md §7): grpo | curriculum | improve | diverge | exit")
     seed: int = _f(0, "seed of everything: tasks, sampling, buffer, initialisation")
     difficulties: str = _f("", "training mix of base-task difficulties, e.g. 2-6 or 2,3,5 ('' = the family's own)")

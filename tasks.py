@@ -7,14 +7,19 @@ the per-step rewards of PAPER.md §3. exit.py only calls into this file (data fl
 no model here): it samples problems, builds prompts from the request and the latest iterate, and
 asks for `step_reward` of each rollout; the buffer stores partial histories as (problem, answer).
 
+Reading order: `Problem`; `TaskFamily`, the interface a family implements and the rules it keeps;
+the per-step rewards and the train/test split it uses; then the families, simplest first; the
+real-data parser last; the registry `FAMILIES` at the end. README, "Adding a task family", has a
+worked example.
+
 Families:
   math     binary, no feedback: a left-to-right integer chain "7+5*2-9" (the competition-math analogue)
   exactsum binary, no feedback, cheap to check: pick numbers that sum exactly to a target, counted down
            to 0 in the answer (math with a generation-verification gap); exactsumfb: the same, with
            the environment's feedback ("sum 14, 17 short") on the current answer
   subset   graded, with feedback: pick numbers whose sum hits a target (the ML-engineering analogue)
-  realmath binary: GSM8K/MATH-style problems read from a JSONL file, for real instruct checkpoints
   tools    binary, multi-turn: requests to a tiny bank served by tool calls (the BFCL v3 analogue)
+  realmath binary: GSM8K/MATH-style problems read from a JSONL file, for real instruct checkpoints
 
 Two prompt styles: "compact" strings with MARKERS for the toy byte-level policy (one marker = one
 token), and "chat" plain-text user messages that exit.py wraps in a real model's chat template.
@@ -24,11 +29,13 @@ it behaves like the paper's instruct models: it can attempt a task and follow an
 request, but it is a weak self-improver (its accuracy barely moves over K improve steps).
 """
 import hashlib
+import inspect
 import itertools
 import json
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 MARKERS = ["<|request|>", "<|answer|>", "<|feedback|>", "<|improve|>", "<|diverge|>"]
@@ -50,6 +57,338 @@ class Problem:
 def n_tokens(text: str) -> int:
     """Length under the toy byte-level tokenizer: one token per UTF-8 byte, one per marker."""
     return len(text.encode()) - sum(text.count(m) * (len(m.encode()) - 1) for m in MARKERS)
+
+
+# ---------------------------------------------------------------- reading answers
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (nested braces allowed), or None."""
+    i = text.rfind("\\boxed")
+    if i < 0:
+        return None
+    rest = text[i + len("\\boxed"):]
+    if not rest.lstrip().startswith("{"):  # "\boxed 5"
+        m = re.match(r"\s+([^\s$]+)", rest)
+        return m.group(1) if m else None
+    depth, j = 0, rest.index("{")
+    for k in range(j, len(rest)):
+        depth += {"{": 1, "}": -1}.get(rest[k], 0)
+        if depth == 0:
+            return rest[j + 1:k]
+    return None  # unbalanced
+
+
+# ---------------------------------------------------------------- the family interface
+
+class TaskFamily:
+    """One task space M (PAPER.md §2). A family is a subclass that sets the class attributes below and
+    provides the methods this class declares as required (they raise NotImplementedError here); the
+    others have working defaults. `check` (run when a family is built) names any piece that is missing.
+    README, "Adding a task family", walks through a complete example; register it in FAMILIES.
+
+    Required of every family:
+      score(problem, response)              quality in [0, 1]; never raises, whatever the text (None too)
+      make(rng, difficulty)                 one candidate problem, drawn from rng only (unless the family
+                                            overrides `sample`, as realmath does with a file of problems)
+    Required of a family with warm-start demonstrations (has_demonstrations, the toy families):
+      attempt(problem, alt, rng)            a first attempt, with the error model's slips
+      solve(problem, alt)                   the right answer (no rng: nothing is drawn)
+      break_answer(problem, alt, rng)       the right answer with exactly one slip
+      (one argument order for all three: problem, the style `alt` (True: the alternative style), rng)
+    Required when has_feedback: feedback(problem, response). When multi_turn: n_turns, turn_problem,
+    episode_reward (ToolsFamily). Optional, with defaults: chat_request, prompt, step_reward, next_answer,
+    solution_text, valid, sample, revise, expected_accuracy, demo_records, demonstrations.
+
+    The rules a family keeps (the contract tests in test_exit.py check them for every family in FAMILIES):
+      1. Problems are JSON-able: `data` holds str / int / float / lists / dicts, never tuples or sets, so
+         Problem(**dataclasses.asdict(p)) == p (the buffer and checkpoints store problems as JSON).
+      2. `make` draws only from the rng it is given, so `sample` is reproducible, and the base `sample`
+         keeps train and test disjoint by the request's hash. Each difficulty should have comfortably more
+         distinct problems than its share of the 5000-problem training pool exit.py draws; `sample` warns
+         when one runs out (the difficulty mix is then skewed).
+      3. `score` never raises and stays in [0, 1]; on a binary family 1.0 means right. `solve` scores 1
+         in both styles. The compact prompt and answers stay short for the toy policy (a prompt of at most
+         ~110 tokens, a response of at most ~50 bytes).
+      4. A slip always makes the answer wrong: slips never cancel each other or land back on the right
+         answer, so a first attempt with `difficulty` independent slip chances q is right with probability
+         exactly a0(d) = (1 - q)^d, and `break_answer` is always wrong. (A family where slips can land on
+         another right answer, as exactsum's on another exact subset, overrides `expected_accuracy` with
+         a simulation, and `revise` too when its improve step is not the two-state chain.)
+      5. Two solution styles: an answer in the alternative style starts with ALT_TAG ("~"), `score` reads
+         both, and a diverge demonstration switches style (it is what diverge can switch to).
+      6. The error model (ERROR_MODEL: q, q_break) puts the demonstrated first-attempt accuracy on the
+         training mix near 0.5 (expected_accuracy(0) in 0.45..0.55: GRPO learns only from groups with
+         both outcomes), and makes the demonstrated policy a weak self-improver: expected_accuracy(16) a
+         little below expected_accuracy(0), and no free gains on the held-out difficulties.
+      7. Demonstrations draw from their rng in a fixed order: family.demonstrations(32, seed) is part of
+         the warm-start cache key (exit.warm_start_key), so a change to what they say retrains the base.
+      8. The chat answer_format asks for the final answer in \\boxed{...}, and `score` reads the last one
+         (a chat model's answer); the multi-turn tools family is the exception.
+    """
+    name = "base"              # the registry key (FAMILIES), also the start of every problem id
+    summary = ""               # one line for `exit.py -h` (default: the docstring's first line)
+    graded = False             # True: scores in [0, 1] and the graded improve reward; False: binary
+    has_feedback = False       # True: improve/diverge prompts carry `feedback` on the current answer
+    multi_turn = False         # True: a base task is an episode of turns (ToolsFamily; exit.py and eval.py branch on it)
+    has_demonstrations = True  # False: no warm-start demonstrations (realmath: start from an instruct checkpoint)
+    train_difficulties: tuple = ()     # the training mix (difficulty=None samples uniformly from it)
+    heldout_difficulties: tuple = ()   # harder settings for held-out evaluation
+    answer_format = "give the final answer as \\boxed{...}"
+    # Error model of the warm-start demonstrations (see `attempt`, `revise`); each family sets q, q_break.
+    # Per difficulty d: a0 = (1-q)^d, p_fix_eff = p_fix + 0.2 a0, p_break = 1 - (1-q_break)^d, and the
+    # improve chain settles at a* = p_fix_eff / (p_fix_eff + p_break). q_break is chosen so that a* is
+    # a little below a0 on the training mix and about a0 on harder held-out problems: a weak
+    # self-improver that RL can make stronger (raise p_fix, lower p_break). A constant p_break would
+    # instead let hard problems drift UP towards the middle, i.e. a base policy that "self-improves".
+    ERROR_MODEL = dict(
+        q=0.0,             # slip rate of a first attempt (per step / per item, see the family)
+        p_alt_style=0.25,  # first attempts written in the alternative style: gives diverge something to switch to
+        p_fix=0.10,        # wrong current answer -> written correctly (recomputed from the first mistake)
+        p_copy=0.70,       # wrong current answer -> copied verbatim (the typical weak "improvement")
+                           # otherwise (0.20): re-attempted from scratch with first-attempt slips
+        q_break=0.0,       # right current answer -> each step / item re-checked wrongly with this chance
+                           # (one mistake introduced), else kept verbatim; more steps, more to break
+        max_depth=2,       # the current answer of an improve/diverge demo has been revised 0..max_depth times
+        mix_base=0.50, mix_improve=0.35,  # share of base and improve prompts in the demos; diverge: the rest
+    )
+    STALE_DRAWS = 200  # `sample`: this many repeats in a row of one difficulty = it has run out of problems
+
+    def __init__(self, error_model: dict | None = None):
+        self.error_model = {**self.ERROR_MODEL, **(error_model or {})}
+        self._warned = set()
+        self.check()
+
+    def check(self):
+        """Raise TypeError naming the family and every missing piece (a required method not provided, no
+        training difficulties, an old argument order), so a family fails when it is built, not at warm start."""
+        cls, problems = type(self), []
+        provides = lambda m: getattr(cls, m) is not getattr(TaskFamily, m)
+        required = ["score"]
+        if not provides("sample"):
+            required.append("make")
+            if not self.train_difficulties or not all(isinstance(d, int) for d in self.train_difficulties):
+                problems.append("train_difficulties must be a non-empty tuple of ints (the training mix of `sample`)")
+            if not all(isinstance(d, int) for d in self.heldout_difficulties):
+                problems.append("heldout_difficulties must be a tuple of ints")
+        if self.has_demonstrations:
+            required += ["attempt", "solve", "break_answer"]
+        if self.has_feedback:
+            required.append("feedback")
+        if self.multi_turn:
+            required += ["n_turns", "turn_problem", "episode_reward"]
+        problems += [f"missing method {m}{_signature(getattr(TaskFamily, m))}" for m in required if not provides(m)]
+        for m in ("attempt", "break_answer"):
+            args = list(inspect.signature(getattr(cls, m)).parameters)
+            if provides(m) and "rng" in args and "alt" in args and args.index("rng") < args.index("alt"):
+                problems.append(f"{m} takes (problem, alt, rng), got ({', '.join(args[1:])})")
+        if cls.name == TaskFamily.name:
+            problems.append("set the class attribute `name` (its key in FAMILIES)")
+        if problems:
+            raise TypeError(f"task family {cls.name!r} ({cls.__name__}): " + "; ".join(problems))
+
+    # ---- sampling
+    def make(self, rng: random.Random, difficulty: int) -> Problem | None:
+        """REQUIRED (unless `sample` is overridden). One candidate problem of this difficulty, drawn from
+        `rng` only; `id` may be "" (sample fills it in); None rejects the draw (sample draws again)."""
+        raise NotImplementedError(f"{type(self).__name__} must define make(rng, difficulty)")
+
+    def sample(self, split: str, n: int, seed: int, difficulty: int | None = None) -> list[Problem]:
+        """n distinct problems of one split; the same (split, n, seed, difficulty) gives the same list.
+        difficulty=None draws each problem's difficulty uniformly from train_difficulties; when one of them
+        runs out of distinct problems the others fill the list, and this warns (once per difficulty)."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if difficulty is None and not self.train_difficulties:
+            raise ValueError(f"{self.name}: no train_difficulties to draw from; pass difficulty=")
+        rng = random.Random(f"{self.name}/{split}/{seed}/{difficulty}")  # str seeds are stable across runs
+        out, seen = [], set()
+        stale, got = {}, {}  # per difficulty: repeats in a row, problems accepted (bookkeeping only: no draws)
+        for _ in range(200 * n + 1000):
+            if len(out) == n:
+                break
+            d = difficulty if difficulty is not None else rng.choice(self.train_difficulties)
+            p = self.make(rng, d)
+            if p is not None and p.request in seen:
+                stale[d] = stale.get(d, 0) + 1
+            if p is None or p.request in seen or split_of(p.request) != split:
+                continue
+            seen.add(p.request)
+            stale[d], got[d] = 0, got.get(d, 0) + 1
+            out.append(Problem(f"{self.name}/{split}/{_digest(p.request) % 10**10:010d}",
+                               p.family, p.request, p.difficulty, p.target, p.data))
+        for d, k in stale.items():
+            if k >= self.STALE_DRAWS and difficulty is None and (split, d) not in self._warned:
+                self._warned.add((split, d))
+                warnings.warn(f"{self.name}: difficulty {d} ran out of distinct {split} problems after {got.get(d, 0)} "
+                              f"(its share of the {n} asked is ~{n // len(self.train_difficulties)}); the other "
+                              f"difficulties fill the list, so the mix is skewed: {dict(sorted(got.items()))}",
+                              stacklevel=2)
+        if len(out) < n:
+            raise RuntimeError(f"{self.name}: could not draw {n} distinct {split} problems (got {len(out)}: "
+                               f"{dict(sorted(got.items()))} by difficulty)")
+        return out
+
+    # ---- prompts
+    def chat_request(self, problem: Problem) -> str:
+        """The request as a chat model reads it: the plain request and `answer_format`. Override to explain
+        the task's notation to a real model."""
+        return f"{problem.request}\n\nPlease {self.answer_format}."
+
+    def prompt(self, problem: Problem, answer: str | None = None, mode: str = "base",
+               feedback: str | None = None, style: str = "compact") -> str:
+        """The prompt of a base (k=0), self-improve or self-diverge step (PAPER.md §2).
+        Families with feedback fill it in from `answer` when it is not given."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if style not in ("compact", "chat"):
+            raise ValueError(f"unknown style {style!r}; expected 'compact' or 'chat'")
+        if mode != "base" and answer is None:
+            raise ValueError(f"a {mode} prompt needs the current answer")
+        if mode != "base" and feedback is None and self.has_feedback:
+            feedback = self.feedback(problem, answer)
+        if style == "compact":
+            if mode == "base":
+                return f"<|request|>{problem.request}<|answer|>"
+            fb = f"<|feedback|>{feedback}" if feedback is not None else ""
+            return f"<|request|>{problem.request}<|answer|>{answer}{fb}<|{mode}|>"
+        text = self.chat_request(problem)
+        if mode == "base":
+            return text
+        text += f"\n\nCurrent answer:\n{answer}"
+        if feedback is not None:
+            text += f"\n\nFeedback on the current answer: {feedback}"
+        if mode == "improve":
+            return text + (f"\n\nImprove the current answer: check it, fix any mistakes, keep what is "
+                           f"right, then {self.answer_format}.")
+        return text + ("\n\nGive a new answer that takes a significantly different approach. First, "
+                       "briefly summarise the approach of the current answer. Then describe a "
+                       "significantly different approach. Then solve the problem with that new "
+                       f"approach and {self.answer_format}.")
+
+    # ---- scoring
+    def score(self, problem: Problem, response: str) -> float:
+        """REQUIRED. Quality in [0, 1] (binary families: 1.0 iff right); anything unparseable, including a
+        response that is not a str, scores 0 and never raises. Read both styles and a chat answer's last \\boxed{}."""
+        raise NotImplementedError(f"{type(self).__name__} must define score(problem, response)")
+
+    def feedback(self, problem: Problem, response: str) -> str | None:
+        """REQUIRED when has_feedback. The environment's short comment on an answer, computed from what the
+        answer really does (the policy cannot fake it); shown in improve/diverge prompts. Never raises."""
+        return None
+
+    def step_reward(self, problem: Problem, response: str, mode: str, prev_response: str | None) -> float:
+        """The per-step reward of PAPER.md §3 from `score` (binary, or graded by improvement)."""
+        r_new = self.score(problem, response)
+        if not self.graded:
+            return binary_step_reward(r_new)
+        r_prev = self.score(problem, prev_response) if prev_response is not None else None
+        return graded_step_reward(r_new, r_prev, mode)
+
+    def next_answer(self, answer: str | None, response: str, mode: str) -> str:
+        """The new iterate after a step: the response itself. (exactsum lets an improve response "="
+        stand for "keep the current answer"; for single-turn families exit.py and eval.py score and
+        store what this returns.)"""
+        return response
+
+    def solution_text(self, response: str) -> str:
+        """The part of a response the diversity bonus (Eq. 6) embeds (e.g. the work without the final answer)."""
+        return response if isinstance(response, str) else ""
+
+    def valid(self, response: str) -> bool:
+        """Is the response of a valid type at all? (--filter_malformed zeroes the advantage of those that are not.)"""
+        return isinstance(response, str)
+
+    # ---- multi-turn families (multi_turn = True): an episode of turns; each turn is a Problem of its own
+    def n_turns(self, episode: Problem) -> int:
+        """REQUIRED when multi_turn. The number of turns of an episode."""
+        raise NotImplementedError(f"{type(self).__name__} is multi_turn and must define n_turns(episode)")
+
+    def turn_problem(self, episode: Problem, t: int, prev_answers: list) -> Problem:
+        """REQUIRED when multi_turn. Turn t as a Problem, after the earlier turns' answers prev_answers[:t]."""
+        raise NotImplementedError(f"{type(self).__name__} is multi_turn and must define turn_problem(episode, t, prev_answers)")
+
+    def episode_reward(self, episode: Problem, answers: list) -> float:
+        """REQUIRED when multi_turn. The binary reward of a whole episode, one answer per turn."""
+        raise NotImplementedError(f"{type(self).__name__} is multi_turn and must define episode_reward(episode, answers)")
+
+    # ---- warm-start demonstrations (has_demonstrations): attempt / solve / break_answer, under ERROR_MODEL
+    def attempt(self, problem: Problem, alt: bool, rng: random.Random) -> str:
+        """REQUIRED for demonstrations. A first attempt in the main (alt=False) or alternative (alt=True,
+        starts with ALT_TAG) style: each of its `difficulty` steps or items slips with probability
+        error_model["q"], and any slip makes it wrong (so it is right with probability exactly a0(d))."""
+        raise NotImplementedError(f"{type(self).__name__} must define attempt(problem, alt, rng)")
+
+    def solve(self, problem: Problem, alt: bool) -> str:
+        """REQUIRED for demonstrations. The right answer in the given style; draws nothing."""
+        raise NotImplementedError(f"{type(self).__name__} must define solve(problem, alt)")
+
+    def break_answer(self, problem: Problem, alt: bool, rng: random.Random) -> str:
+        """REQUIRED for demonstrations. The right answer with exactly one slip: always wrong."""
+        raise NotImplementedError(f"{type(self).__name__} must define break_answer(problem, alt, rng)")
+
+    def a0(self, difficulty: int) -> float:
+        """Probability that a first attempt is right: no slip in any of its `difficulty` steps or items."""
+        return (1 - self.error_model["q"]) ** difficulty
+
+    def p_fix_eff(self, difficulty: int) -> float:
+        """Chance a revision turns a wrong answer right: a fix, or a lucky re-attempt."""
+        em = self.error_model
+        return em["p_fix"] + (1 - em["p_fix"] - em["p_copy"]) * self.a0(difficulty)
+
+    def p_break(self, difficulty: int) -> float:
+        """Chance a revision breaks a right answer."""
+        return 1 - (1 - self.error_model["q_break"]) ** difficulty
+
+    def expected_accuracy(self, k: int, difficulties=None) -> float:
+        """Expected accuracy of the demonstrated policy after k improve steps, averaged over difficulties."""
+        ds = difficulties or self.train_difficulties
+        return sum(expected_accuracy(self.a0(d), self.p_fix_eff(d), self.p_break(d), k)
+                   for d in ds) / len(ds)
+
+    def revise(self, problem: Problem, answer: str, rng: random.Random) -> str:
+        """The demonstrated improve step. A right answer is kept verbatim, or broken with p_break(d); a wrong
+        one is fixed (p_fix), copied verbatim (p_copy), or else re-attempted from scratch with slips."""
+        em, u, style = self.error_model, rng.random(), answer.startswith(ALT_TAG)
+        if self.score(problem, answer) >= 1.0:
+            return self.break_answer(problem, style, rng) if u < self.p_break(problem.difficulty) else answer
+        if u < em["p_fix"]:
+            return self.solve(problem, style)
+        if u < em["p_fix"] + em["p_copy"]:
+            return answer
+        return self.attempt(problem, style, rng)
+
+    def demo_records(self, n: int, seed: int) -> list[dict]:
+        """Demonstrations with their provenance (problem, mode, current answer), for tests and analysis."""
+        rng = random.Random(f"{self.name}/demos/{seed}")
+        return [self.demo_record(p, rng) for p in self.sample("train", n, seed)]
+
+    def demo_record(self, p: Problem, rng: random.Random) -> dict:
+        """One demonstration on problem p: a base, improve or diverge step under the error model."""
+        em = self.error_model
+        u = rng.random()
+        mode = "base" if u < em["mix_base"] else "improve" if u < em["mix_base"] + em["mix_improve"] else "diverge"
+        answer = self.attempt(p, rng.random() < em["p_alt_style"], rng)
+        if mode == "base":
+            answer, response = None, answer
+        else:
+            for _ in range(rng.randint(0, em["max_depth"])):
+                answer = self.revise(p, answer, rng)
+            if mode == "improve":
+                response = self.revise(p, answer, rng)
+            else:  # diverge: a fresh attempt in the other style, with first-attempt slips
+                response = self.attempt(p, not answer.startswith(ALT_TAG), rng)
+        return dict(problem=p, mode=mode, answer=answer, response=response, prompt=self.prompt(p, answer, mode))
+
+    def demonstrations(self, n: int, seed: int) -> list[tuple[str, str]]:
+        """(compact prompt, response) pairs for warm-start SFT; the model appends end-of-text itself."""
+        if not self.has_demonstrations:
+            raise NotImplementedError(f"{self.name} has no warm-start demonstrations: start from an instruct checkpoint")
+        return [(r["prompt"], r["response"]) for r in self.demo_records(n, seed)]
+
+
+def _signature(method) -> str:
+    """"(problem, alt)": a method's parameters without self or annotations, for error messages."""
+    return "(" + ", ".join(list(inspect.signature(method).parameters)[1:]) + ")"
 
 
 # ---------------------------------------------------------------- rewards (PAPER.md §3), pure functions
@@ -92,185 +431,6 @@ def split_of(request: str) -> str:
     return "test" if _digest(request) % 5 == 0 else "train"
 
 
-# ---------------------------------------------------------------- the family interface
-
-class TaskFamily:
-    name = "base"
-    graded = False
-    has_feedback = False
-    multi_turn = False  # True: a base task is an episode of turns (ToolsFamily; exit.py and eval.py branch on it)
-    train_difficulties: tuple = ()     # the training mix (difficulty=None samples uniformly from it)
-    heldout_difficulties: tuple = ()   # harder settings for held-out evaluation
-    answer_format = "give the final answer as \\boxed{...}"
-    # Error model of the warm-start demonstrations (see `attempt`, `revise`); each family sets q, q_break.
-    # Per difficulty d: a0 = (1-q)^d, p_fix_eff = p_fix + 0.2 a0, p_break = 1 - (1-q_break)^d, and the
-    # improve chain settles at a* = p_fix_eff / (p_fix_eff + p_break). q_break is chosen so that a* is
-    # a little below a0 on the training mix and about a0 on harder held-out problems: a weak
-    # self-improver that RL can make stronger (raise p_fix, lower p_break). A constant p_break would
-    # instead let hard problems drift UP towards the middle, i.e. a base policy that "self-improves".
-    ERROR_MODEL = dict(
-        q=0.0,             # slip rate of a first attempt (per step / per item, see the family)
-        p_alt_style=0.25,  # first attempts written in the alternative style: gives diverge something to switch to
-        p_fix=0.10,        # wrong current answer -> written correctly (recomputed from the first mistake)
-        p_copy=0.70,       # wrong current answer -> copied verbatim (the typical weak "improvement")
-                           # otherwise (0.20): re-attempted from scratch with first-attempt slips
-        q_break=0.0,       # right current answer -> each step / item re-checked wrongly with this chance
-                           # (one mistake introduced), else kept verbatim; more steps, more to break
-        max_depth=2,       # the current answer of an improve/diverge demo has been revised 0..max_depth times
-        mix_base=0.50, mix_improve=0.35,  # share of base and improve prompts in the demos; diverge: the rest
-    )
-
-    def __init__(self, error_model: dict | None = None):
-        self.error_model = {**self.ERROR_MODEL, **(error_model or {})}
-
-    # ---- sampling
-    def make(self, rng: random.Random, difficulty: int) -> Problem | None:
-        """One candidate problem (id filled in by `sample`), or None to reject and redraw."""
-        raise NotImplementedError
-
-    def sample(self, split: str, n: int, seed: int, difficulty: int | None = None) -> list[Problem]:
-        """n distinct problems of one split; the same (split, n, seed, difficulty) gives the same list."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        rng = random.Random(f"{self.name}/{split}/{seed}/{difficulty}")  # str seeds are stable across runs
-        out, seen = [], set()
-        for _ in range(200 * n + 1000):
-            if len(out) == n:
-                return out
-            d = difficulty if difficulty is not None else rng.choice(self.train_difficulties)
-            p = self.make(rng, d)
-            if p is None or p.request in seen or split_of(p.request) != split:
-                continue
-            seen.add(p.request)
-            out.append(Problem(f"{self.name}/{split}/{_digest(p.request) % 10**10:010d}",
-                               p.family, p.request, p.difficulty, p.target, p.data))
-        if len(out) < n:
-            raise RuntimeError(f"{self.name}: could not draw {n} distinct {split} problems (got {len(out)})")
-        return out
-
-    # ---- prompts
-    def chat_request(self, problem: Problem) -> str:
-        return f"{problem.request}\n\nPlease {self.answer_format}."
-
-    def prompt(self, problem: Problem, answer: str | None = None, mode: str = "base",
-               feedback: str | None = None, style: str = "compact") -> str:
-        """The prompt of a base (k=0), self-improve or self-diverge step (PAPER.md §2).
-        Families with feedback fill it in from `answer` when it is not given."""
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-        if style not in ("compact", "chat"):
-            raise ValueError(f"unknown style {style!r}; expected 'compact' or 'chat'")
-        if mode != "base" and answer is None:
-            raise ValueError(f"a {mode} prompt needs the current answer")
-        if mode != "base" and feedback is None and self.has_feedback:
-            feedback = self.feedback(problem, answer)
-        if style == "compact":
-            if mode == "base":
-                return f"<|request|>{problem.request}<|answer|>"
-            fb = f"<|feedback|>{feedback}" if feedback is not None else ""
-            return f"<|request|>{problem.request}<|answer|>{answer}{fb}<|{mode}|>"
-        text = self.chat_request(problem)
-        if mode == "base":
-            return text
-        text += f"\n\nCurrent answer:\n{answer}"
-        if feedback is not None:
-            text += f"\n\nFeedback on the current answer: {feedback}"
-        if mode == "improve":
-            return text + (f"\n\nImprove the current answer: check it, fix any mistakes, keep what is "
-                           f"right, then {self.answer_format}.")
-        return text + ("\n\nGive a new answer that takes a significantly different approach. First, "
-                       "briefly summarise the approach of the current answer. Then describe a "
-                       "significantly different approach. Then solve the problem with that new "
-                       f"approach and {self.answer_format}.")
-
-    # ---- scoring
-    def score(self, problem: Problem, response: str) -> float:
-        """Quality in [0, 1]; anything unparseable scores 0 and never raises."""
-        raise NotImplementedError
-
-    def feedback(self, problem: Problem, response: str) -> str | None:
-        return None
-
-    def step_reward(self, problem: Problem, response: str, mode: str, prev_response: str | None) -> float:
-        r_new = self.score(problem, response)
-        if not self.graded:
-            return binary_step_reward(r_new)
-        r_prev = self.score(problem, prev_response) if prev_response is not None else None
-        return graded_step_reward(r_new, r_prev, mode)
-
-    def next_answer(self, answer: str | None, response: str, mode: str) -> str:
-        """The new iterate after a step: the response itself. (exactsum lets an improve response "="
-        stand for "keep the current answer"; for single-turn families exit.py and eval.py score and
-        store what this returns.)"""
-        return response
-
-    def solution_text(self, response: str) -> str:
-        """The part of a response the diversity bonus (Eq. 6) embeds."""
-        return response if isinstance(response, str) else ""
-
-    def valid(self, response: str) -> bool:
-        """Is the response of a valid type at all? (--filter_malformed zeroes the advantage of those that are not.)"""
-        return isinstance(response, str)
-
-    # ---- warm-start demonstrations; a family supplies attempt / solve / break_answer / a0
-    def a0(self, difficulty: int) -> float:
-        """Probability that a first attempt is right: no slip in any of its `difficulty` steps or items."""
-        return (1 - self.error_model["q"]) ** difficulty
-
-    def p_fix_eff(self, difficulty: int) -> float:
-        """Chance a revision turns a wrong answer right: a fix, or a lucky re-attempt."""
-        em = self.error_model
-        return em["p_fix"] + (1 - em["p_fix"] - em["p_copy"]) * self.a0(difficulty)
-
-    def p_break(self, difficulty: int) -> float:
-        """Chance a revision breaks a right answer."""
-        return 1 - (1 - self.error_model["q_break"]) ** difficulty
-
-    def expected_accuracy(self, k: int, difficulties=None) -> float:
-        """Expected accuracy of the demonstrated policy after k improve steps, averaged over difficulties."""
-        ds = difficulties or self.train_difficulties
-        return sum(expected_accuracy(self.a0(d), self.p_fix_eff(d), self.p_break(d), k)
-                   for d in ds) / len(ds)
-
-    def revise(self, problem: Problem, answer: str, rng: random.Random) -> str:
-        """The demonstrated improve step. A right answer is kept verbatim, or broken with p_break(d); a wrong
-        one is fixed (p_fix), copied verbatim (p_copy), or else re-attempted from scratch with slips."""
-        em, u, style = self.error_model, rng.random(), answer.startswith(ALT_TAG)
-        if self.score(problem, answer) >= 1.0:
-            return self.break_answer(problem, style, rng) if u < self.p_break(problem.difficulty) else answer
-        if u < em["p_fix"]:
-            return self.solve(problem, style)
-        if u < em["p_fix"] + em["p_copy"]:
-            return answer
-        return self.attempt(problem, rng, style)
-
-    def demo_records(self, n: int, seed: int) -> list[dict]:
-        """Demonstrations with their provenance (problem, mode, current answer), for tests and analysis."""
-        rng = random.Random(f"{self.name}/demos/{seed}")
-        return [self.demo_record(p, rng) for p in self.sample("train", n, seed)]
-
-    def demo_record(self, p: Problem, rng: random.Random) -> dict:
-        """One demonstration on problem p: a base, improve or diverge step under the error model."""
-        em = self.error_model
-        u = rng.random()
-        mode = "base" if u < em["mix_base"] else "improve" if u < em["mix_base"] + em["mix_improve"] else "diverge"
-        answer = self.attempt(p, rng, rng.random() < em["p_alt_style"])
-        if mode == "base":
-            answer, response = None, answer
-        else:
-            for _ in range(rng.randint(0, em["max_depth"])):
-                answer = self.revise(p, answer, rng)
-            if mode == "improve":
-                response = self.revise(p, answer, rng)
-            else:  # diverge: a fresh attempt in the other style, with first-attempt slips
-                response = self.attempt(p, rng, not answer.startswith(ALT_TAG))
-        return dict(problem=p, mode=mode, answer=answer, response=response, prompt=self.prompt(p, answer, mode))
-
-    def demonstrations(self, n: int, seed: int) -> list[tuple[str, str]]:
-        """(compact prompt, response) pairs for warm-start SFT; the model appends end-of-text itself."""
-        return [(r["prompt"], r["response"]) for r in self.demo_records(n, seed)]
-
-
 # ---------------------------------------------------------------- math: binary, no feedback
 
 _INT = re.compile(r"\s*(-?[0-9]{1,9})\s*")  # at most 9 digits: int() of huge strings is slow or raises
@@ -286,6 +446,7 @@ class MathFamily(TaskFamily):
     First-attempt slips: each step is wrong with probability q, by 1..3; later steps compute correctly
     from the wrong value, and a slip never lands back on the true value, so a0 = (1 - q)^steps."""
     name, graded, has_feedback = "math", False, False
+    summary = "binary, no feedback: left-to-right integer chains"
     train_difficulties, heldout_difficulties = (2, 3, 4), (5, 6)
     answer_format = "give the final number as \\boxed{N}"
     ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.21, "q_break": 0.09}  # a0 over 2..4 steps = 0.502
@@ -336,7 +497,7 @@ class MathFamily(TaskFamily):
         body = ALT_TAG + str(problem.data["start"]) + "".join(parts) if alt else ",".join(parts)
         return f"{body}#{v}"
 
-    def attempt(self, problem, rng, alt):
+    def attempt(self, problem, alt, rng):
         slips = {i for i in range(problem.difficulty) if rng.random() < self.error_model["q"]}
         return self._work(problem, alt, slips, rng)
 
@@ -365,6 +526,7 @@ class SubsetFamily(TaskFamily):
     (largest first). First-attempt slips: each list number's in/out choice is flipped with probability q,
     so a0 = (1 - q)^list_length. Difficulty = list length."""
     name, graded, has_feedback = "subset", True, True
+    summary = "graded, with feedback: numbers whose sum comes close to a target"
     train_difficulties, heldout_difficulties = (5, 6, 7), (8,)
     answer_format = "give the chosen numbers joined by + as \\boxed{...}, e.g. \\boxed{3+9}"
     ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.11, "q_break": 0.045}  # a0 over lists of 5..7 = 0.499
@@ -416,7 +578,7 @@ class SubsetFamily(TaskFamily):
         return response.split("=", 1)[0] if isinstance(response, str) else ""
 
     # -- demonstrations
-    def attempt(self, problem, rng, alt):
+    def attempt(self, problem, alt, rng):
         picks = {x for x in problem.data["numbers"]
                  if (x in problem.data["best"]) != (rng.random() < self.error_model["q"])}
         if not picks:  # an empty answer is unwritable; any single number is still wrong (best has >= 2)
@@ -463,6 +625,7 @@ class ExactSumFamily(TaskFamily):
     p_fix (re-attempted when no single move exists), kept w.p. p_copy, else re-attempted; a kept answer
     is written as KEEP. RL can learn what the demos do only sometimes: keep what checks out, and move."""
     name, graded, has_feedback = "exactsum", False, False
+    summary = "binary, no feedback: numbers that sum exactly to a target, cheap to check"
     train_difficulties, heldout_difficulties = (4, 5, 6), (7, 8)
     answer_format = ("count the target down by the chosen numbers and box it, e.g. \\boxed{31-3=28-11=17-17=0} "
                      "(when improving, \\boxed{=} keeps the current answer)")
@@ -518,7 +681,7 @@ class ExactSumFamily(TaskFamily):
     def render(self, problem, picks, alt):
         return _countdown(picks, problem.data["target"], alt)
 
-    def attempt(self, problem, rng, alt):
+    def attempt(self, problem, alt, rng):
         picks = [x for x in problem.data["numbers"]
                  if (x in problem.data["best"]) != (rng.random() < self.error_model["q"])]
         return self.render(problem, picks or [rng.choice(problem.data["numbers"])], alt)
@@ -540,10 +703,10 @@ class ExactSumFamily(TaskFamily):
             return self.break_answer(problem, alt, rng, picks) if u < self.p_break(problem.difficulty) else answer
         if u < em["p_fix"]:
             move = self.local_move(problem, picks)
-            return self.render(problem, move, alt) if move is not None else self.attempt(problem, rng, alt)
+            return self.render(problem, move, alt) if move is not None else self.attempt(problem, alt, rng)
         if u < em["p_fix"] + em["p_copy"]:
             return answer
-        return self.attempt(problem, rng, alt)
+        return self.attempt(problem, alt, rng)
 
     def demo_record(self, p, rng):
         rec = super().demo_record(p, rng)
@@ -559,7 +722,7 @@ class ExactSumFamily(TaskFamily):
         for d in difficulties or self.train_difficulties:
             rng = random.Random(f"{self.name}/expected/{d}")
             for p in self.sample("train", n, seed=0, difficulty=d):
-                a = self.attempt(p, rng, rng.random() < self.error_model["p_alt_style"])
+                a = self.attempt(p, rng.random() < self.error_model["p_alt_style"], rng)
                 for _ in range(k):
                     a = self.revise(p, a, rng)
                 total, count = total + self.score(p, a), count + 1
@@ -571,6 +734,7 @@ class ExactSumFeedbackFamily(ExactSumFamily):
     the current answer ("sum 28, 3 short", "sum 31, exact", "unreadable"), computed from its true picks,
     so the policy cannot fake it (on `exactsum` it learns to: README)."""
     name, has_feedback = "exactsumfb", True
+    summary = "exactsum with the environment's feedback on the current answer"
 
     def feedback(self, problem, response):
         picks = self.picks(problem, response)
@@ -589,24 +753,225 @@ def _countdown(picks, target: int, alt: bool) -> str:
     return (ALT_TAG if alt else "") + out
 
 
+# ---------------------------------------------------------------- tools: multi-turn function calling
+
+ACCOUNTS = "abc"
+END_MARKERS = ("done", "err")  # end of a request: fulfilled, or cannot be fulfilled
+BUDGET = 4                     # assistant messages per request (calls + the end marker); the rest is ignored
+_CALL = re.compile(r"(dep|wd|set) ([abc]) ([0-9]{1,2})")
+_REQ = re.compile(r"([+-])([abc])([0-9]+)|([abc])>([abc])([0-9]+)|([abc])=([0-9]+)")
+
+
+def render_state(state) -> str:
+    return " ".join(f"{a}{v}" for a, v in zip(ACCOUNTS, state))
+
+
+def run_calls(state, response) -> tuple[list, list, list]:
+    """The environment: execute one turn's assistant messages ("wd a 3;dep b 3;done") against the accounts,
+    one message at a time, as a tool-calling loop would. Returns (new state, the messages as executed:
+    normalised calls then the end marker if one came, the tool outputs). A malformed message gets the
+    output "err:bad" and changes nothing; a withdrawal beyond the balance gets "err:low"; nothing raises."""
+    state, seq, outs = list(state), [], []
+    if not isinstance(response, str):
+        return state, seq, ["err:bad"]
+    for msg in response.removeprefix(ALT_TAG).split(";")[:BUDGET]:
+        msg = msg.strip()
+        if msg in END_MARKERS:
+            seq.append(msg)
+            break
+        m = _CALL.fullmatch(msg)
+        if m is None:
+            outs.append("err:bad")
+            continue
+        op, acct, x = m.group(1), m.group(2), int(m.group(3))
+        i = ACCOUNTS.index(acct)
+        seq.append(f"{op} {acct} {x}")
+        if op == "wd" and state[i] < x:
+            outs.append("err:low")
+            continue
+        state[i] = x if op == "set" else state[i] + x if op == "dep" else state[i] - x
+        outs.append(f"{acct}={state[i]}")
+    return state, seq, outs
+
+
+def reference(state, request: str) -> tuple[list, list]:
+    """The reference of one request from one state: (state after it, [main calls, alternative calls]),
+    each call list ending with its end marker. Main style: the request's own verb (dep / wd, a move as
+    wd + dep, set for "="); alternative style: the same effect the other way (absolute set, or relative
+    dep / wd). A request that cannot be fulfilled has the single reference ["err"] and changes nothing."""
+    m, s = _REQ.fullmatch(request), list(state)
+    if m is None:
+        raise ValueError(f"not a request: {request!r}")
+    if m.group(1):  # +a3 / -a3
+        op, a, x = m.group(1), m.group(2), int(m.group(3))
+        i = ACCOUNTS.index(a)
+        if op == "-" and s[i] < x:
+            return s, [["err"]]
+        s[i] += x if op == "+" else -x
+        return s, [[f"{'dep' if op == '+' else 'wd'} {a} {x}", "done"], [f"set {a} {s[i]}", "done"]]
+    if m.group(4):  # a>b3: move 3 from a to b
+        a, b, x = m.group(4), m.group(5), int(m.group(6))
+        i, j = ACCOUNTS.index(a), ACCOUNTS.index(b)
+        if s[i] < x:
+            return s, [["err"]]
+        s[i], s[j] = s[i] - x, s[j] + x
+        return s, [[f"wd {a} {x}", f"dep {b} {x}", "done"], [f"set {a} {s[i]}", f"set {b} {s[j]}", "done"]]
+    a, x = m.group(7), int(m.group(8))  # a=5
+    i = ACCOUNTS.index(a)
+    d, s[i] = x - s[i], x
+    return s, [[f"set {a} {x}", "done"], [f"{'dep' if d > 0 else 'wd'} {a} {abs(d)}", "done"]]
+
+
+def contains(seq: list, ref: list) -> bool:
+    """Is ref a subsequence of seq (its items in order, others allowed in between)? (BFCL's call check.)"""
+    it = iter(seq)
+    return all(any(x == y for y in it) for x in ref)
+
+
+class ToolsFamily(TaskFamily):
+    """Multi-turn function calling on a tiny bank (the paper's BFCL v3 analogue, PAPER.md §2, §8).
+
+    An episode (the base task m) is a starting state of three accounts and 2-4 user requests, one per
+    turn: "+a3" deposit, "-a3" withdraw, "a>b3" move, "a=5" set. The tools are `dep a 3`, `wd a 3` and
+    `set a 5`; the environment answers each call ("a=7", "err:low", "err:bad": `run_calls`). The policy
+    answers one turn with its assistant messages joined by ';': calls, then "done", or "err" when the
+    request cannot be fulfilled (too little money), at most BUDGET messages. Simplification: the whole
+    turn is one completion, executed call by call afterwards; the environment's outputs reach the policy
+    as the state shown in the next turn's prompt, and as feedback when it iterates this turn's answer.
+
+    The turn prompt (`turn_problem`) holds the current state and the current request,
+    "a3 b7 c0|a>b3", not the earlier turns' text: the state is what they left, and it is shorter.
+    Reward (binary, `episode_reward`): 1 if the final state equals the reference final state AND every
+    turn's reference sequence (calls and end marker, either style) is contained, in order, in what the
+    policy sent in that turn; else 0. `score` is the same check for one turn from its own start state.
+    Difficulty = number of turns."""
+    name, graded, has_feedback, multi_turn = "tools", False, True, True
+    summary = "binary, multi-turn: tool calls on a tiny bank"
+    train_difficulties, heldout_difficulties = (2, 3), (4,)
+    answer_format = "give the tool calls then done (or err), joined by ';'"
+    # per call q: a turn of 1 call is right 80% of the time, of 2 calls 64%: an episode ~45%
+    ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.2, "q_break": 0.08}
+
+    # ---- episodes and turns
+    def make(self, rng, difficulty):
+        start = [rng.randint(0, 9) for _ in ACCOUNTS]
+        s, requests = start, []
+        for _ in range(difficulty):
+            kind, a = rng.choice("+->="), rng.choice(ACCOUNTS)
+            i = ACCOUNTS.index(a)
+            if kind == "+":
+                req = f"+{a}{rng.randint(1, 9)}"
+            elif kind == "=":
+                req = f"{a}={rng.choice([v for v in range(0, 20) if v != s[i]])}"
+            else:  # a withdrawal or move: fulfillable with the money there, else (or 1 in 5) beyond it
+                x = rng.randint(1, s[i]) if s[i] and rng.random() > 0.2 else rng.randint(s[i] + 1, s[i] + 5)
+                req = f"-{a}{x}" if kind == "-" else f"{a}>{rng.choice([b for b in ACCOUNTS if b != a])}{x}"
+            requests.append(req)
+            s = reference(s, req)[0]
+        answers = self.reference_answers(start, requests)
+        return Problem("", self.name, "|".join([render_state(start)] + requests), difficulty, "|".join(answers),
+                       {"start": start, "requests": requests})
+
+    @staticmethod
+    def reference_answers(start, requests) -> list[str]:
+        s, out = start, []
+        for req in requests:
+            s, refs = reference(s, req)
+            out.append(";".join(refs[0]))
+        return out
+
+    def expected_accuracy(self, k, difficulties=None):
+        """Per turn: a turn's difficulty is its number of calls (1 or 2), not the episode's number of turns."""
+        return super().expected_accuracy(k, difficulties or (1, 2))
+
+    def n_turns(self, episode: Problem) -> int:
+        return len(episode.data["requests"])
+
+    def turn_problem(self, episode: Problem, t: int, prev_answers: list) -> Problem:
+        """Turn t of an episode after the earlier turns' answers: the state they left (executed by the
+        environment, mistakes included) and request t. Its prompts are the family's usual prompts."""
+        state = episode.data["start"]
+        for a in prev_answers[:t]:
+            state = run_calls(state, a)[0]
+        req = episode.data["requests"][t]
+        _, refs = reference(state, req)
+        return Problem(f"{episode.id}/{t}", self.name, f"{render_state(state)}|{req}", len(refs[0]) - 1 or 1,
+                       ";".join(refs[0]), {"state": list(state), "request": req, "turn": t})
+
+    def chat_request(self, problem):
+        return (f"Accounts {render_state(problem.data['state'])}. Request {problem.data['request']} "
+                f"(+a3 deposit, -a3 withdraw, a>b3 move, a=5 set). Tools: dep a N, wd a N, set a N. Call them, "
+                f"one per message, end with done, or err if the request cannot be fulfilled; "
+                f"{self.answer_format}.")
+
+    # ---- scoring
+    def score(self, problem, response):
+        """One turn, from its own start state: the state it leaves and its calls match the reference."""
+        new, seq, _ = run_calls(problem.data["state"], response)
+        ref_state, refs = reference(problem.data["state"], problem.data["request"])
+        return 1.0 if new == ref_state and any(contains(seq, r) for r in refs) else 0.0
+
+    def episode_reward(self, episode: Problem, answers: list) -> float:
+        """The binary reward of a whole episode (§3): final state = the reference final state, and in
+        every turn the reference calls are contained, in order, in the policy's calls."""
+        if len(answers) != self.n_turns(episode):
+            return 0.0
+        state = ref_state = episode.data["start"]
+        for req, answer in zip(episode.data["requests"], answers):
+            ref_state, refs = reference(ref_state, req)
+            state, seq, _ = run_calls(state, answer)
+            if not any(contains(seq, r) for r in refs):
+                return 0.0
+        return 1.0 if state == ref_state else 0.0
+
+    def feedback(self, problem, response):
+        """The environment's outputs to the current iterate's calls, which the policy saw."""
+        outs = run_calls(problem.data["state"], response)[2]
+        return " ".join(outs) or "none"
+
+    def valid(self, response):
+        """A response of no valid type: not a single well-formed call or end marker."""
+        return bool(run_calls([0] * len(ACCOUNTS), response)[1])
+
+    # ---- demonstrations: per turn, on turns reached by the demonstrated policy's own first attempts
+    def _calls(self, problem, alt, slip_at, rng):
+        s, req = problem.data["state"], problem.data["request"]
+        _, refs = reference(s, req)
+        if refs[0] == ["err"]:  # the slip: trying the request anyway, as if there were enough money
+            if not slip_at:
+                return ALT_TAG + "err" if alt else "err"
+            calls = reference([99] * len(ACCOUNTS), req)[1][0][:-1]
+            return (ALT_TAG if alt else "") + ";".join(calls + ["done"])
+        calls = refs[1 if alt else 0][:-1]
+        for k in slip_at:  # an amount off by 1 or 2 (never below 0): a different state, never right
+            op, a, x = calls[k].split()
+            x = int(x) + rng.choice([d for d in (-2, -1, 1, 2) if int(x) + d >= (0 if op == "set" else 1)])
+            calls[k] = f"{op} {a} {x}"
+        return (ALT_TAG if alt else "") + ";".join(calls + ["done"])
+
+    def attempt(self, problem, alt, rng):
+        return self._calls(problem, alt, [k for k in range(problem.difficulty) if rng.random() < self.error_model["q"]], rng)
+
+    def solve(self, problem, alt):
+        return self._calls(problem, alt, [], None)
+
+    def break_answer(self, problem, alt, rng):
+        return self._calls(problem, alt, [rng.randrange(problem.difficulty)], rng)
+
+    def demo_records(self, n, seed):
+        """Each demonstration is one turn of an episode, the earlier turns answered with first attempts
+        (so the states seen include ones a mistake left); then the usual base / improve / diverge step."""
+        rng = random.Random(f"{self.name}/demos/{seed}")
+        records = []
+        for ep in self.sample("train", n, seed):
+            t, prev = rng.randrange(self.n_turns(ep)), []
+            for i in range(t):
+                prev.append(self.attempt(self.turn_problem(ep, i, prev), rng.random() < self.error_model["p_alt_style"], rng))
+            records.append(self.demo_record(self.turn_problem(ep, t, prev), rng))
+        return records
+
+
 # ---------------------------------------------------------------- real data (GSM8K / MATH JSONL)
-
-def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (nested braces allowed), or None."""
-    i = text.rfind("\\boxed")
-    if i < 0:
-        return None
-    rest = text[i + len("\\boxed"):]
-    if not rest.lstrip().startswith("{"):  # "\boxed 5"
-        m = re.match(r"\s+([^\s$]+)", rest)
-        return m.group(1) if m else None
-    depth, j = 0, rest.index("{")
-    for k in range(j, len(rest)):
-        depth += {"{": 1, "}": -1}.get(rest[k], 0)
-        if depth == 0:
-            return rest[j + 1:k]
-    return None  # unbalanced
-
 
 def extract_answer(text: str) -> str:
     """The final answer of a response: the last \\boxed{}, else what follows '####', else the last number."""
@@ -742,7 +1107,8 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
 
 class RealMath(TaskFamily):
     """Real math problems for instruct checkpoints; binary reward = the final answer is equivalent."""
-    name, graded, has_feedback = "realmath", False, False
+    name, graded, has_feedback, has_demonstrations = "realmath", False, False, False
+    summary = "binary: GSM8K/MATH-style problems from a JSONL file (needs --data and --init)"
     answer_format = "put the final answer in \\boxed{}"
 
     def __init__(self, problems: list[Problem] | None = None, path: str | None = None, error_model=None):
@@ -774,233 +1140,28 @@ class RealMath(TaskFamily):
         i = response.rfind("\\boxed")
         return response[:i] if i > 0 else response
 
-    def demonstrations(self, n, seed):
-        raise NotImplementedError("realmath has no warm-start demonstrations: start from an instruct checkpoint")
-
-
-# ---------------------------------------------------------------- tools: multi-turn function calling
-
-ACCOUNTS = "abc"
-END_MARKERS = ("done", "err")  # end of a request: fulfilled, or cannot be fulfilled
-BUDGET = 4                     # assistant messages per request (calls + the end marker); the rest is ignored
-_CALL = re.compile(r"(dep|wd|set) ([abc]) ([0-9]{1,2})")
-_REQ = re.compile(r"([+-])([abc])([0-9]+)|([abc])>([abc])([0-9]+)|([abc])=([0-9]+)")
-
-
-def render_state(state) -> str:
-    return " ".join(f"{a}{v}" for a, v in zip(ACCOUNTS, state))
-
-
-def run_calls(state, response) -> tuple[list, list, list]:
-    """The environment: execute one turn's assistant messages ("wd a 3;dep b 3;done") against the accounts,
-    one message at a time, as a tool-calling loop would. Returns (new state, the messages as executed:
-    normalised calls then the end marker if one came, the tool outputs). A malformed message gets the
-    output "err:bad" and changes nothing; a withdrawal beyond the balance gets "err:low"; nothing raises."""
-    state, seq, outs = list(state), [], []
-    if not isinstance(response, str):
-        return state, seq, ["err:bad"]
-    for msg in response.removeprefix(ALT_TAG).split(";")[:BUDGET]:
-        msg = msg.strip()
-        if msg in END_MARKERS:
-            seq.append(msg)
-            break
-        m = _CALL.fullmatch(msg)
-        if m is None:
-            outs.append("err:bad")
-            continue
-        op, acct, x = m.group(1), m.group(2), int(m.group(3))
-        i = ACCOUNTS.index(acct)
-        seq.append(f"{op} {acct} {x}")
-        if op == "wd" and state[i] < x:
-            outs.append("err:low")
-            continue
-        state[i] = x if op == "set" else state[i] + x if op == "dep" else state[i] - x
-        outs.append(f"{acct}={state[i]}")
-    return state, seq, outs
-
-
-def reference(state, request: str) -> tuple[list, list]:
-    """The reference of one request from one state: (state after it, [main calls, alternative calls]),
-    each call list ending with its end marker. Main style: the request's own verb (dep / wd, a move as
-    wd + dep, set for "="); alternative style: the same effect the other way (absolute set, or relative
-    dep / wd). A request that cannot be fulfilled has the single reference ["err"] and changes nothing."""
-    m, s = _REQ.fullmatch(request), list(state)
-    if m is None:
-        raise ValueError(f"not a request: {request!r}")
-    if m.group(1):  # +a3 / -a3
-        op, a, x = m.group(1), m.group(2), int(m.group(3))
-        i = ACCOUNTS.index(a)
-        if op == "-" and s[i] < x:
-            return s, [["err"]]
-        s[i] += x if op == "+" else -x
-        return s, [[f"{'dep' if op == '+' else 'wd'} {a} {x}", "done"], [f"set {a} {s[i]}", "done"]]
-    if m.group(4):  # a>b3: move 3 from a to b
-        a, b, x = m.group(4), m.group(5), int(m.group(6))
-        i, j = ACCOUNTS.index(a), ACCOUNTS.index(b)
-        if s[i] < x:
-            return s, [["err"]]
-        s[i], s[j] = s[i] - x, s[j] + x
-        return s, [[f"wd {a} {x}", f"dep {b} {x}", "done"], [f"set {a} {s[i]}", f"set {b} {s[j]}", "done"]]
-    a, x = m.group(7), int(m.group(8))  # a=5
-    i = ACCOUNTS.index(a)
-    d, s[i] = x - s[i], x
-    return s, [[f"set {a} {x}", "done"], [f"{'dep' if d > 0 else 'wd'} {a} {abs(d)}", "done"]]
-
-
-def contains(seq: list, ref: list) -> bool:
-    """Is ref a subsequence of seq (its items in order, others allowed in between)? (BFCL's call check.)"""
-    it = iter(seq)
-    return all(any(x == y for y in it) for x in ref)
-
-
-class ToolsFamily(TaskFamily):
-    """Multi-turn function calling on a tiny bank (the paper's BFCL v3 analogue, PAPER.md §2, §8).
-
-    An episode (the base task m) is a starting state of three accounts and 2-4 user requests, one per
-    turn: "+a3" deposit, "-a3" withdraw, "a>b3" move, "a=5" set. The tools are `dep a 3`, `wd a 3` and
-    `set a 5`; the environment answers each call ("a=7", "err:low", "err:bad": `run_calls`). The policy
-    answers one turn with its assistant messages joined by ';': calls, then "done", or "err" when the
-    request cannot be fulfilled (too little money), at most BUDGET messages. Simplification: the whole
-    turn is one completion, executed call by call afterwards; the environment's outputs reach the policy
-    as the state shown in the next turn's prompt, and as feedback when it iterates this turn's answer.
-
-    The turn prompt (`turn_problem`) holds the current state and the current request,
-    "a3 b7 c0|a>b3", not the earlier turns' text: the state is what they left, and it is shorter.
-    Reward (binary, `episode_reward`): 1 if the final state equals the reference final state AND every
-    turn's reference sequence (calls and end marker, either style) is contained, in order, in what the
-    policy sent in that turn; else 0. `score` is the same check for one turn from its own start state.
-    Difficulty = number of turns."""
-    name, graded, has_feedback, multi_turn = "tools", False, True, True
-    train_difficulties, heldout_difficulties = (2, 3), (4,)
-    answer_format = "give the tool calls then done (or err), joined by ';'"
-    # per call q: a turn of 1 call is right 80% of the time, of 2 calls 64%: an episode ~45%
-    ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.2, "q_break": 0.08}
-
-    # ---- episodes and turns
-    def make(self, rng, difficulty):
-        start = [rng.randint(0, 9) for _ in ACCOUNTS]
-        s, requests = start, []
-        for _ in range(difficulty):
-            kind, a = rng.choice("+->="), rng.choice(ACCOUNTS)
-            i = ACCOUNTS.index(a)
-            if kind == "+":
-                req = f"+{a}{rng.randint(1, 9)}"
-            elif kind == "=":
-                req = f"{a}={rng.choice([v for v in range(0, 20) if v != s[i]])}"
-            else:  # a withdrawal or move: fulfillable with the money there, else (or 1 in 5) beyond it
-                x = rng.randint(1, s[i]) if s[i] and rng.random() > 0.2 else rng.randint(s[i] + 1, s[i] + 5)
-                req = f"-{a}{x}" if kind == "-" else f"{a}>{rng.choice([b for b in ACCOUNTS if b != a])}{x}"
-            requests.append(req)
-            s = reference(s, req)[0]
-        answers = self.reference_answers(start, requests)
-        return Problem("", self.name, "|".join([render_state(start)] + requests), difficulty, "|".join(answers),
-                       {"start": start, "requests": requests})
-
-    @staticmethod
-    def reference_answers(start, requests) -> list[str]:
-        s, out = start, []
-        for req in requests:
-            s, refs = reference(s, req)
-            out.append(";".join(refs[0]))
-        return out
-
-    def expected_accuracy(self, k, difficulties=None):
-        """Per turn: a turn's difficulty is its number of calls (1 or 2), not the episode's number of turns."""
-        return super().expected_accuracy(k, difficulties or (1, 2))
-
-    def n_turns(self, episode: Problem) -> int:
-        return len(episode.data["requests"])
-
-    def turn_problem(self, episode: Problem, t: int, prev_answers: list) -> Problem:
-        """Turn t of an episode after the earlier turns' answers: the state they left (executed by the
-        environment, mistakes included) and request t. Its prompts are the family's usual prompts."""
-        state = episode.data["start"]
-        for a in prev_answers[:t]:
-            state = run_calls(state, a)[0]
-        req = episode.data["requests"][t]
-        _, refs = reference(state, req)
-        return Problem(f"{episode.id}/{t}", self.name, f"{render_state(state)}|{req}", len(refs[0]) - 1 or 1,
-                       ";".join(refs[0]), {"state": list(state), "request": req, "turn": t})
-
-    def chat_request(self, problem):
-        return (f"Accounts {render_state(problem.data['state'])}. Request {problem.data['request']} "
-                f"(+a3 deposit, -a3 withdraw, a>b3 move, a=5 set). Tools: dep a N, wd a N, set a N. Call them, "
-                f"one per message, end with done, or err if the request cannot be fulfilled; "
-                f"{self.answer_format}.")
-
-    # ---- scoring
-    def score(self, problem, response):
-        """One turn, from its own start state: the state it leaves and its calls match the reference."""
-        new, seq, _ = run_calls(problem.data["state"], response)
-        ref_state, refs = reference(problem.data["state"], problem.data["request"])
-        return 1.0 if new == ref_state and any(contains(seq, r) for r in refs) else 0.0
-
-    def episode_reward(self, episode: Problem, answers: list) -> float:
-        """The binary reward of a whole episode (§3): final state = the reference final state, and in
-        every turn the reference calls are contained, in order, in the policy's calls."""
-        if len(answers) != self.n_turns(episode):
-            return 0.0
-        state = ref_state = episode.data["start"]
-        for req, answer in zip(episode.data["requests"], answers):
-            ref_state, refs = reference(ref_state, req)
-            state, seq, _ = run_calls(state, answer)
-            if not any(contains(seq, r) for r in refs):
-                return 0.0
-        return 1.0 if state == ref_state else 0.0
-
-    def feedback(self, problem, response):
-        """The environment's outputs to the current iterate's calls, which the policy saw."""
-        outs = run_calls(problem.data["state"], response)[2]
-        return " ".join(outs) or "none"
-
-    def valid(self, response):
-        """A response of no valid type: not a single well-formed call or end marker."""
-        return bool(run_calls([0] * len(ACCOUNTS), response)[1])
-
-    # ---- demonstrations: per turn, on turns reached by the demonstrated policy's own first attempts
-    def _calls(self, problem, alt, slip_at, rng):
-        s, req = problem.data["state"], problem.data["request"]
-        _, refs = reference(s, req)
-        if refs[0] == ["err"]:  # the slip: trying the request anyway, as if there were enough money
-            if not slip_at:
-                return ALT_TAG + "err" if alt else "err"
-            calls = reference([99] * len(ACCOUNTS), req)[1][0][:-1]
-            return (ALT_TAG if alt else "") + ";".join(calls + ["done"])
-        calls = refs[1 if alt else 0][:-1]
-        for k in slip_at:  # an amount off by 1 or 2 (never below 0): a different state, never right
-            op, a, x = calls[k].split()
-            x = int(x) + rng.choice([d for d in (-2, -1, 1, 2) if int(x) + d >= (0 if op == "set" else 1)])
-            calls[k] = f"{op} {a} {x}"
-        return (ALT_TAG if alt else "") + ";".join(calls + ["done"])
-
-    def attempt(self, problem, rng, alt):
-        return self._calls(problem, alt, [k for k in range(problem.difficulty) if rng.random() < self.error_model["q"]], rng)
-
-    def solve(self, problem, alt):
-        return self._calls(problem, alt, [], None)
-
-    def break_answer(self, problem, alt, rng):
-        return self._calls(problem, alt, [rng.randrange(problem.difficulty)], rng)
-
-    def demo_records(self, n, seed):
-        """Each demonstration is one turn of an episode, the earlier turns answered with first attempts
-        (so the states seen include ones a mistake left); then the usual base / improve / diverge step."""
-        rng = random.Random(f"{self.name}/demos/{seed}")
-        records = []
-        for ep in self.sample("train", n, seed):
-            t, prev = rng.randrange(self.n_turns(ep)), []
-            for i in range(t):
-                prev.append(self.attempt(self.turn_problem(ep, i, prev), rng, rng.random() < self.error_model["p_alt_style"]))
-            records.append(self.demo_record(self.turn_problem(ep, t, prev), rng))
-        return records
-
 
 # ---------------------------------------------------------------- registry: add a family here
 
-FAMILIES = {"math": MathFamily, "subset": SubsetFamily, "exactsum": ExactSumFamily, "exactsumfb": ExactSumFeedbackFamily, "realmath": RealMath, "tools": ToolsFamily}
+FAMILIES = {  # name -> class; `exit.py --task=NAME`, `-h` lists them (describe_families)
+    "math": MathFamily,
+    "subset": SubsetFamily,
+    "exactsum": ExactSumFamily,
+    "exactsumfb": ExactSumFeedbackFamily,
+    "tools": ToolsFamily,
+    "realmath": RealMath,
+}
 
 
 def get_family(name: str, **kwargs) -> TaskFamily:
+    """The family registered under `name`, built (and so checked: TaskFamily.check) with kwargs."""
     if name not in FAMILIES:
         raise ValueError(f"unknown task family {name!r}; valid names: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name](**kwargs)
+
+
+def describe_families() -> str:
+    """One line per registered family, "name: summary" (for `exit.py -h`)."""
+    def summary(cls):
+        return cls.summary or (cls.__doc__ or "").strip().split("\n")[0]
+    return "; ".join(f"{name}: {summary(cls)}" for name, cls in FAMILIES.items())

@@ -430,8 +430,23 @@ def test_hf_tokenizer_backend(tmp_path):
 # tasks.py: task families, prompts, rewards, demonstrations, real data
 # ===============================================================================================
 
-SYNTHETIC = ["math", "subset", "exactsum", "exactsumfb"]
-MARKOV = ["math", "subset"]  # families whose demonstrated improve step is the two-state chain of tasks.expected_accuracy
+# Every list of families here is read off the registry, so a newly registered family is tested too.
+ALL_FAMILIES = list(tasks.FAMILIES)
+# single-turn families with warm-start demonstrations (the toy families)
+SYNTHETIC = [n for n, c in tasks.FAMILIES.items() if c.has_demonstrations and not c.multi_turn]
+# families whose demonstrated improve step is the two-state chain of tasks.expected_accuracy
+MARKOV = [n for n, c in tasks.FAMILIES.items() if c.has_demonstrations and c.revise is tasks.TaskFamily.revise
+          and c.expected_accuracy is tasks.TaskFamily.expected_accuracy]
+
+
+def family_for_test(name, tmp_path):
+    """A registered family, built; realmath reads its problems from a file: a tiny generated one."""
+    if name == "realmath":
+        path = tmp_path / "tiny.jsonl"
+        path.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i}+{i}\n#### {2 * i}"}) + "\n"
+                                for i in range(1, 81)))
+        return tasks.get_family(name, path=str(path))
+    return tasks.get_family(name)
 
 
 def mathp(request, start, ops):
@@ -728,11 +743,11 @@ def random_texts(seed, n=400):
         yield "\\boxed{" * rng.randrange(5) + "".join(rng.choice(alphabet) for _ in range(10)) + "}" * rng.randrange(5)
 
 
-@pytest.mark.parametrize("name", SYNTHETIC + ["realmath"])
-def test_parsers_never_raise_on_junk(name):
-    f = tasks.get_family(name, problems=[tasks.Problem("r/1", "realmath", "1+1?", 0, "2", {})]) \
-        if name == "realmath" else tasks.get_family(name)
-    p = f.sample("train", 1, 0)[0] if name != "realmath" else f.problems[0]
+@pytest.mark.parametrize("name", ALL_FAMILIES)
+def test_parsers_never_raise_on_junk(name, tmp_path):
+    f = family_for_test(name, tmp_path)
+    p = f.sample("train", 1, 0)[0]
+    p = f.turn_problem(p, 0, []) if f.multi_turn else p
     for text in random_texts(name):
         s = f.score(p, text)
         assert 0.0 <= s <= 1.0
@@ -767,7 +782,7 @@ def test_splits_disjoint_and_reproducible(name):
 def test_prompts_contain_request_and_answer(name):
     f = tasks.get_family(name)
     p = f.sample("test", 1, 0)[0]
-    ans = f.attempt(p, random.Random(0), False)
+    ans = f.attempt(p, False, random.Random(0))
     assert f.prompt(p) == f"<|request|>{p.request}<|answer|>"
     for style in ("compact", "chat"):
         for mode in tasks.MODES:
@@ -829,7 +844,7 @@ def test_demonstrated_policy_is_a_weak_self_improver(name):
     """Simulate K revisions with `revise`: the Markov-chain prediction must match, and accuracy must not climb."""
     f = tasks.get_family(name)
     rng, probs = random.Random(1), f.sample("train", 3000, 7)
-    answers = [f.attempt(p, rng, rng.random() < 0.25) for p in probs]
+    answers = [f.attempt(p, rng.random() < 0.25, rng) for p in probs]
     a0 = [f.a0(p.difficulty) for p in probs]
     for k in range(5):
         exp = [tasks.expected_accuracy(x, f.p_fix_eff(p.difficulty), f.p_break(p.difficulty), k) for x, p in zip(a0, probs)]
@@ -851,7 +866,7 @@ def test_error_model_is_settable():
     for name in MARKOV:  # a slip never cancels an earlier one: slipping everywhere is always wrong
         f, rng = tasks.get_family(name, error_model={"q": 1.0}), random.Random(0)
         for p in f.sample("train", 500, 2):
-            assert f.score(p, f.attempt(p, rng, rng.random() < 0.5)) < 1.0
+            assert f.score(p, f.attempt(p, rng.random() < 0.5, rng)) < 1.0
             assert f.score(p, f.break_answer(p, False, rng)) < 1.0
 
 
@@ -912,6 +927,131 @@ def test_get_family_registry():
     with pytest.raises(ValueError, match="math"):
         tasks.get_family("chess")
     assert all(len(m) > 3 and m.startswith("<|") for m in tasks.MARKERS)
+
+
+# ---------------------------------------------------------------- the family interface (tasks.TaskFamily)
+
+def check_family_contract(f):
+    """The rules of tasks.TaskFamily's docstring, on one built family: every registered family
+    (test_family_contract) and README's worked example."""
+    f.check()
+    assert tasks.FAMILIES.get(f.name) is type(f) and f.name in tasks.describe_families()
+    train, test = f.sample("train", 200, 0), f.sample("test", 40, 0)
+    assert train == f.sample("train", 200, 0) and len(train) == 200 and len(test) == 40      # reproducible
+    assert not {p.request for p in train} & {p.request for p in test}                       # disjoint splits
+    for p in train[:50] + test[:10]:                                                       # rule 1: JSON-able
+        assert p.family == f.name and tasks.Problem(**json.loads(json.dumps(dataclasses.asdict(p)))) == p
+    probs = [f.turn_problem(p, 0, []) if f.multi_turn else p for p in train[:100]]
+    for text in list(random_texts(f.name, 30)) + [None, "", tasks.ALT_TAG]:                  # rule 3: never raises
+        assert 0.0 <= f.score(probs[0], text) <= 1.0
+        if f.has_feedback:
+            assert isinstance(f.feedback(probs[0], text), str)
+    assert f.score(probs[0], None) == 0.0
+    if not f.multi_turn:                                                                     # rule 8
+        assert "\\boxed" in f.prompt(probs[0], style="chat")
+    if not f.has_demonstrations:
+        with pytest.raises(NotImplementedError, match="no warm-start demonstrations"):
+            f.demonstrations(2, 0)
+        return
+    rng, slippy = random.Random(0), type(f)(error_model={"q": 1.0})
+    for p in probs:
+        for alt in (False, True):
+            right, first = f.solve(p, alt), f.attempt(p, alt, rng)
+            assert f.score(p, right) == 1.0                                                  # rule 3
+            assert right.startswith(tasks.ALT_TAG) == first.startswith(tasks.ALT_TAG) == alt # rule 5
+            assert f.score(p, f.break_answer(p, alt, rng)) < 1.0                             # rule 4
+            if type(f).revise is tasks.TaskFamily.revise:  # the exact a0 of the two-state chain; exactsum
+                assert slippy.score(p, slippy.attempt(p, alt, rng)) < 1.0  # simulates (another subset can be right)
+    recs = f.demo_records(300, 0)
+    assert [(r["prompt"], r["response"]) for r in recs] == f.demonstrations(300, 0)          # rule 7
+    assert f.demonstrations(32, 0) == f.demonstrations(32, 0)
+    for r in recs:
+        assert tasks.n_tokens(r["prompt"]) <= 110 and len(r["response"]) <= 50               # rule 3
+        if r["mode"] == "diverge":                                                           # rule 5
+            assert r["response"].startswith(tasks.ALT_TAG) != r["answer"].startswith(tasks.ALT_TAG)
+    if not f.multi_turn:                                                                     # rule 6
+        a0, a16 = f.expected_accuracy(0), f.expected_accuracy(16)
+        assert 0.45 <= a0 <= 0.55 and a16 <= a0 + 0.02, (a0, a16)
+
+
+@pytest.mark.parametrize("name", ALL_FAMILIES)
+def test_family_contract(name, tmp_path):
+    check_family_contract(family_for_test(name, tmp_path))
+
+
+class _Half(tasks.TaskFamily):
+    """A family that forgot solve and break_answer."""
+    name, train_difficulties = "half", (1, 2)
+
+    def make(self, rng, difficulty):
+        r = "".join(rng.choice("0123456789") for _ in range(difficulty))
+        return tasks.Problem("", self.name, r, difficulty, r, {})
+
+    def score(self, problem, response):
+        return float(response == problem.target)
+
+    def attempt(self, problem, alt, rng):
+        return problem.target
+
+
+def test_a_family_missing_a_piece_fails_when_built():
+    with pytest.raises(TypeError, match=r"'half' \(_Half\): missing method solve\(problem, alt\); "
+                                        r"missing method break_answer\(problem, alt, rng\)"):
+        _Half()
+    done = dict(solve=lambda self, problem, alt: problem.target, break_answer=lambda self, problem, alt, rng: "")
+    Whole = type("Whole", (_Half,), done)
+    assert Whole().sample("train", 3, 0)                                   # complete: builds and samples
+    for extra, why in [(dict(train_difficulties=()), "train_difficulties must be a non-empty tuple of ints"),
+                       (dict(name="base"), "set the class attribute `name`"),
+                       (dict(attempt=lambda self, problem, rng, alt: ""), r"attempt takes \(problem, alt, rng\)"),
+                       (dict(has_feedback=True), r"missing method feedback\(problem, response\)"),
+                       (dict(multi_turn=True), r"missing method n_turns\(episode\); missing method turn_problem"),
+                       (dict(make=tasks.TaskFamily.make), r"missing method make\(rng, difficulty\)")]:
+        with pytest.raises(TypeError, match=why):
+            type("Broken", (Whole,), extra)()
+    assert type("NoDemos", (_Half,), dict(has_demonstrations=False))().sample("test", 2, 0)  # realmath's way
+    with pytest.raises(NotImplementedError, match="no warm-start demonstrations"):
+        type("NoDemos", (_Half,), dict(has_demonstrations=False))().demonstrations(2, 0)
+
+
+def test_sample_warns_once_when_a_difficulty_runs_out():
+    f = type("Few", (_Half,), dict(has_demonstrations=False, train_difficulties=(1, 3)))()  # 1: 10 requests, 3: 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(f.sample("train", 20, 0)) == 20               # enough of both: no warning
+    with pytest.warns(UserWarning, match=r"half: difficulty 1 ran out of distinct train problems after [0-9] "
+                                         r"\(its share of the 300 asked is ~150\)"):
+        ps = f.sample("train", 300, 0)
+    assert len(ps) == 300 and sum(p.difficulty == 1 for p in ps) <= 10  # the mix is skewed, and it said so
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert f.sample("train", 300, 0) == ps                   # once per family and difficulty
+    with pytest.raises(RuntimeError, match="could not draw 50 distinct train problems"):
+        f.sample("train", 50, 0, difficulty=1)
+
+
+def readme_family_example():
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    assert "## Adding a task family" in text, "README.md lost its section 'Adding a task family', tested here"
+    return text.split("## Adding a task family", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_family_passes_the_contract_and_trains(tmp_path, monkeypatch):
+    """README's "Adding a task family" example, run as written: it registers, builds, keeps every rule
+    (including the error-model tests the built-in families run), and trains for two iterations."""
+    monkeypatch.setitem(tasks.FAMILIES, "sort", None)  # the example registers itself; this undoes it afterwards
+    exec(compile(readme_family_example(), "README.md (Adding a task family)", "exec"), {})
+    f = tasks.get_family("sort")
+    check_family_contract(f)
+    test_splits_disjoint_and_reproducible("sort")
+    test_prompts_contain_request_and_answer("sort")
+    if type(f).revise is tasks.TaskFamily.revise:  # the two-state chain of math and subset: their tests too
+        test_demonstrations_follow_the_error_model("sort")
+        test_demonstrated_policy_is_a_weak_self_improver("sort")
+    exit_lib.train(tiny_cfg(tmp_path, task="sort", iters=2), quiet=True)
+    logs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert len(logs) == 2 and all(0.0 <= log["reward"] <= 1.0 for log in logs)
 
 
 # ===============================================================================================
