@@ -460,6 +460,23 @@ def warm_start(cfg: Config, family, device, quiet=False):
 # Stage 2: ExIt.
 
 
+@dataclass
+class Instance:
+    """One self-iteration task instance (m, k, τ) drawn for this iteration (§3 of the paper): iterate turn
+    `turn` of base task `problem`, given the final answers of the turns before it (`prev`) and that turn's
+    latest iterate `answer`, which has been iterated `depth` = k times. A single-turn family's instance is
+    the one-turn case: turn 0, no prev."""
+    problem: tasks_lib.Problem           # the base task m (a whole episode for a multi-turn family)
+    turn: int = 0                        # t, the turn being iterated
+    prev: list = field(default_factory=list)  # turns 0..t-1 of the history, dicts with "answer"
+    answer: str | None = None            # turn t's latest iterate; None for a first attempt
+    mode: str = "base"                   # base | improve | diverge
+    depth: int = 0                       # k
+    uid: int | None = None               # the buffer entry it was drawn from; None for a fresh base task
+    replay: bool = False
+    step_problem: tasks_lib.Problem | None = None  # what this step answers (Trainer.prompt_ids fills it in)
+
+
 class Trainer:
     """Everything a run holds. state_dict() is a complete checkpoint: resuming from it continues the
     run exactly (bit-identical on a CPU)."""
@@ -555,49 +572,77 @@ class Trainer:
     def save(self, path=None):
         atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
 
-    # ---- step 1: which task instances to train on
-    def draw_instances(self) -> list[dict]:
-        """PAPER.md §5: replay a buffered instance with prob. p (once |B| >= B_min), else a fresh base task."""
+    # ---- one RL iteration, steps 1-5 of the module docstring. A single-turn family is the one-turn case
+    # of a multi-turn one: its problem is its only turn, and there is nothing to finish after the step.
+    def iteration(self) -> dict:
+        cfg, G, fam = self.cfg, self.cfg.group_size, self.family
+        t0 = time.time()
+        insts = self.draw_instances()                                                  # 1
+        prompts = [self.prompt_ids(i) for i in insts]
+        ro, responses = self.sample(prompts, G)                                        # 2
+        # the new iterates: the responses, except where a family lets one refer to the current answer ("=")
+        iterates = [fam.next_answer(insts[r // G].answer, resp, insts[r // G].mode) for r, resp in enumerate(responses)]
+        episodes = self.finish_episodes(insts, iterates) if fam.multi_turn else [[a] for a in iterates]
+        t_sample = time.time() - t0
+        rewards = torch.tensor([[self.reward(inst, episodes[i * G + j]) for j in range(G)]
+                                for i, inst in enumerate(insts)])  # (P, G)
+        adv = self.advantages(rewards, iterates)                                       # 3
+        stats = self.update(prompts, ro, adv.flatten(), self.kept(responses))          # 4
+        self.update_buffer(insts, episodes, rewards)                                   # 5
+        out = self.finish_iteration(insts, responses, rewards, ro, stats, t0, t_sample)
+        out["answers"] = episodes
+        return out
+
+    def draw_instances(self) -> list[Instance]:
+        """§4.1: replay a buffered instance with prob. p (once |B| >= B_min), else a fresh base task."""
         cfg, out = self.cfg, []
         for _ in range(cfg.tasks_per_iter):
             if cfg.uses_buffer and self.buffer.should_replay():
                 e = self.buffer.sample(1)[0]
                 answer = e.turns[-1]["answer"] if e.turns else None
                 mode = "base" if answer is None else ("diverge" if self.rng.random() < cfg.diverge_prob else "improve")
-                # turn t is the last of the history (always 0 for single-turn families); prev: turns before it
-                out.append(dict(problem=tasks_lib.Problem(**e.task), turn=max(0, len(e.turns) - 1),
-                                prev=e.turns[:-1], answer=answer, mode=mode, depth=e.depth, uid=e.uid, replay=True))
+                # the last turn of the history is the one iterated (turn 0 for single-turn families)
+                inst = Instance(tasks_lib.Problem(**e.task), turn=max(0, len(e.turns) - 1), prev=e.turns[:-1],
+                                answer=answer, mode=mode, depth=e.depth, uid=e.uid, replay=True)
             else:
-                p = self.train_pool[int(self.rng.integers(len(self.train_pool)))]
-                out.append(dict(problem=p, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None,
-                                replay=False))
+                inst = Instance(self.train_pool[int(self.rng.integers(len(self.train_pool)))])
+            out.append(inst)
         return out
 
-    def prompt_ids(self, inst) -> list[int]:
-        return eval_lib.encode_prompt(self.tok, self.family, inst["problem"], inst["answer"], inst["mode"], self.style)
+    def prompt_ids(self, inst: Instance) -> list[int]:
+        if inst.step_problem is None:  # turn t in the state the earlier turns left (single-turn: the problem)
+            inst.step_problem = self.family.turn_problem(inst.problem, inst.turn, [h["answer"] for h in inst.prev])
+        return eval_lib.encode_prompt(self.tok, self.family, inst.step_problem, inst.answer, inst.mode, self.style)
 
-    # ---- steps 2-5
-    def iteration(self) -> dict:
-        if self.family.multi_turn:
-            return self.iteration_turns()
-        cfg, G = self.cfg, self.cfg.group_size
-        t0 = time.time()
-        insts = self.draw_instances()
-        prompts = [self.prompt_ids(i) for i in insts]
-        ro = model_lib.generate(self.policy, prompts, G, cfg.max_new_tokens, temperature=cfg.temperature,
+    def sample(self, prompts, n) -> tuple:
+        """n rollouts per prompt from the current policy at the training temperature, and their text."""
+        ro = model_lib.generate(self.policy, prompts, n, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                 stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, generator=self.gen)
-        t_sample = time.time() - t0
-        responses = [self.tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
-        # the new iterates: the responses, except where a family lets one refer to the current answer
-        answers = [self.family.next_answer(insts[r // G]["answer"], resp, insts[r // G]["mode"])
-                   for r, resp in enumerate(responses)]
-        rewards = torch.tensor([[self.family.step_reward(inst["problem"], answers[i * G + j], inst["mode"],
-                                                         inst["answer"]) for j in range(G)]
-                                for i, inst in enumerate(insts)])  # (P, G)
-        adv = self.advantages(rewards, answers)
-        stats = self.update(prompts, ro, adv.flatten(), self.kept(responses))
-        self.update_buffer(insts, answers, rewards)
-        return self.finish_iteration(insts, responses, rewards, ro, stats, t0, t_sample)
+        return ro, [self.tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
+
+    def finish_episodes(self, insts, iterates) -> list[list[str]]:
+        """Multi-turn: every row's answers to all turns, the history before turn t, the row's new answer to
+        turn t, then one policy sample per later turn (base prompt, the state the earlier answers left), all
+        rows batched turn by turn. GRPO trains on turn t's tokens only: the later turns are the step's
+        environment (they are trained on when a history ending at their turn is replayed)."""
+        G, fam = self.cfg.group_size, self.family
+        episodes = [inst.problem for inst in insts for _ in range(G)]
+        answers = [[h["answer"] for h in inst.prev] + [iterates[i * G + j]] for i, inst in enumerate(insts) for j in range(G)]
+        while True:
+            rows = [r for r, (ep, a) in enumerate(zip(episodes, answers)) if len(a) < fam.n_turns(ep)]
+            if not rows:
+                return answers
+            prompts = [eval_lib.encode_prompt(self.tok, fam, fam.turn_problem(episodes[r], len(answers[r]), answers[r]),
+                                              style=self.style) for r in rows]
+            for r, text in zip(rows, self.sample(prompts, 1)[1]):
+                answers[r].append(text)
+
+    def reward(self, inst: Instance, episode: list[str]) -> float:
+        """§4, App. A: a single-turn step's reward from its new iterate (binary correctness, or the graded
+        gain over the current answer); a multi-turn step's, the binary reward of the finished episode."""
+        if self.family.multi_turn:
+            return self.family.episode_reward(inst.problem, episode)
+        return self.family.step_reward(inst.problem, episode[0], inst.mode, inst.answer)
 
     def advantages(self, rewards, iterates) -> torch.Tensor:
         """Eq. 3 within each group, times the diversity coefficients of Eq. 6 for full ExIt; (P, G).
@@ -636,22 +681,26 @@ class Trainer:
 
         # ---- the log line (PAPER.md §9's curriculum signals included)
         def mean_where(mode):
-            rows = [i for i, x in enumerate(insts) if x["mode"] == mode]
+            rows = [i for i, x in enumerate(insts) if x.mode == mode]
             return float(rewards[rows].mean()) if rows else None
         bstats = self.buffer.stats()
         n_tok = int(ro.lengths.sum())
         log = dict(iter=self.iter, reward=float(rewards.mean()), reward_base=mean_where("base"),
                    reward_improve=mean_where("improve"), reward_diverge=mean_where("diverge"),
                    zero_var_frac=float(((rewards.amax(1) - rewards.amin(1)) <= 1e-6).float().mean()),
-                   replay_frac=float(np.mean([i["replay"] for i in insts])),
-                   depth=float(np.mean([i["depth"] for i in insts])),
-                   difficulty=float(np.mean([i["problem"].difficulty for i in insts])),
+                   replay_frac=float(np.mean([i.replay for i in insts])),
+                   depth=float(np.mean([i.depth for i in insts])),
+                   difficulty=float(np.mean([i.problem.difficulty for i in insts])),
                    buf_size=bstats["size"], buf_score_mean=bstats["score_mean"], buf_score_max=bstats["score_max"],
                    buf_entropy=bstats["entropy"], buf_distinct=bstats["distinct_base"],
                    buf_depth=bstats.get("depth_mean", 0.0), buf_depth_hist=bstats["depth_hist"],
                    buf_measured=bstats["measured_frac"], resp_len=n_tok / len(responses),
                    tok_per_s=n_tok / dt, sample_frac=t_sample / dt, skipped=self.skipped,
                    elapsed=self.elapsed, **self.div_stats, **stats)
+        if self.family.multi_turn:
+            replayed = [i.turn + 1 for i in insts if i.replay]
+            log.update(turn=float(np.mean(replayed)) if replayed else None,  # Fig. 6: mean starting turn (1-based)
+                       malformed_frac=float(np.mean([not self.family.valid(r) for r in responses])))
         return dict(log=log, insts=insts, responses=responses, rewards=rewards)
 
     def update(self, prompts, ro, adv, kept=None) -> dict:
@@ -711,122 +760,47 @@ class Trainer:
             agg["grad_norm"] += float(gn) / cfg.epochs
         return agg
 
-    def score_instance(self, inst, rewards) -> tuple:
-        """PAPER.md §5 for the instance just trained on: its fresh learnability S = var(r). A replayed
-        instance is updated; a fresh base task enters as an instance of its own (the curriculum over
-        base tasks), or, if already buffered, takes the fresh S. Returns (S, task dict, parent uid)."""
-        p, score = inst["problem"], buffer_lib.learnability(rewards)
+    def score_instance(self, inst: Instance, rewards) -> tuple:
+        """§4.1 for the instance just trained on: its fresh learnability S = var(r). A replayed instance is
+        updated; a fresh base task enters as an instance of its own (the curriculum over base tasks), or, if
+        already buffered, takes the fresh S. Returns (S, task dict, parent uid)."""
+        p, score = inst.problem, buffer_lib.learnability(rewards)
         task = dataclasses.asdict(p)
-        if inst["replay"]:
-            self.buffer.update_score(inst["uid"], score)
-            return score, task, inst["uid"]
+        if inst.replay:
+            self.buffer.update_score(inst.uid, score)
+            return score, task, inst.uid
         base = self.buffer.insert(p.id, task, [], 0, score)
         if base is None:
             return score, task, None
         self.buffer.update_score(base.uid, score)
         return score, task, base.uid
 
-    def update_buffer(self, insts, answers, rewards):
-        """PAPER.md §5: fresh learnability for what was trained on; children (the new iterates) inherit it."""
-        cfg, G = self.cfg, self.cfg.group_size
-        if not cfg.uses_buffer:
-            return
-        for i, inst in enumerate(insts):
-            p, r = inst["problem"], rewards[i].tolist()
-            score, task, parent = self.score_instance(inst, r)
-            if not cfg.self_iterates:
-                continue
-            js = range(G) if cfg.children == "all" else [int(self.rng.integers(G))]
-            for j in js:
-                answer = answers[i * G + j]
-                turn = dict(answer=answer, feedback=self.family.feedback(p, answer))
-                self.buffer.insert(p.id, task, [turn], inst["depth"] + 1, score, parent=parent)
-
-    # ---- multi-turn families (tasks.ToolsFamily): a partial history is a prefix of turns (PAPER.md §2, §5)
-    #
-    # A buffered history is [{"answer", "depth"} for turns 0..t]: the final iterate of every earlier turn
-    # and the current iterate of turn t. Iterating it samples G new answers to turn t (given the state the
-    # earlier turns left), then finishes each row's episode with the policy, one sample per later turn,
-    # and scores the whole episode. GRPO trains on turn t's tokens only: the continuation turns are part
-    # of the environment of that step (they are trained on when a history ending at their turn is
-    # replayed), which keeps one completion per row, as in the single-turn loop.
-
-    def draw_turn_instances(self) -> list[dict]:
-        """As draw_instances, for episodes: (episode, turn t, the history before t, turn t's iterate, mode)."""
-        out = self.draw_instances()
-        for inst in out:
-            inst["turn_problem"] = self.family.turn_problem(inst["problem"], inst["turn"],
-                                                            [h["answer"] for h in inst["prev"]])
-        return out
-
-    def finish_episodes(self, insts, responses) -> list[list[str]]:
-        """Every row's answers to all turns: the history before turn t, the row's answer to turn t, then
-        one policy sample per later turn (base prompt, the state the earlier answers left), all rows
-        batched turn by turn."""
+    def update_buffer(self, insts, episodes, rewards):
+        """§4.1: fresh learnability for what was trained on; its children, the histories its rollouts leave,
+        inherit it (and so the curriculum grows deeper). A child is the history up to the iterated turn t,
+        the row's new answer to turn t (depth k + 1), and, multi-turn, the later turns it played (first
+        attempts, depth 1); every turn prefix is an instance of its own (buffer.insert_history)."""
         cfg, G, fam = self.cfg, self.cfg.group_size, self.family
-        episodes = [inst["problem"] for inst in insts for _ in range(G)]
-        answers = [[h["answer"] for h in inst["prev"]] + [responses[i * G + j]]
-                   for i, inst in enumerate(insts) for j in range(G)]
-        while True:
-            rows = [r for r, (ep, a) in enumerate(zip(episodes, answers)) if len(a) < fam.n_turns(ep)]
-            if not rows:
-                return answers
-            prompts = [eval_lib.encode_prompt(self.tok, fam, fam.turn_problem(episodes[r], len(answers[r]), answers[r]),
-                                              style=self.style) for r in rows]
-            ro = model_lib.generate(self.policy, prompts, 1, cfg.max_new_tokens, temperature=cfg.temperature,
-                                    stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, generator=self.gen)
-            for k, r in enumerate(rows):
-                answers[r].append(self.tok.decode(ro.tokens[k, :ro.lengths[k]].tolist()))
-
-    def iteration_turns(self) -> dict:
-        """One RL iteration on a multi-turn family; reward = the binary reward of the finished episode."""
-        cfg, G = self.cfg, self.cfg.group_size
-        t0 = time.time()
-        insts = self.draw_turn_instances()
-        prompts = [eval_lib.encode_prompt(self.tok, self.family, i["turn_problem"], i["answer"], i["mode"], self.style)
-                   for i in insts]
-        ro = model_lib.generate(self.policy, prompts, G, cfg.max_new_tokens, temperature=cfg.temperature,
-                                stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, generator=self.gen)
-        responses = [self.tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
-        answers = self.finish_episodes(insts, responses)
-        t_sample = time.time() - t0
-        rewards = torch.tensor([[self.family.episode_reward(inst["problem"], answers[i * G + j]) for j in range(G)]
-                                for i, inst in enumerate(insts)])  # (P, G)
-        adv = self.advantages(rewards, responses)  # a row's new iterate is its answer to turn t: the response
-        stats = self.update(prompts, ro, adv.flatten(), self.kept(responses))
-        self.update_buffer_turns(insts, answers, rewards)
-        out = self.finish_iteration(insts, responses, rewards, ro, stats, t0, t_sample)
-        replayed = [i["turn"] + 1 for i in insts if i["replay"]]
-        out["log"].update(turn=float(np.mean(replayed)) if replayed else None,  # Fig. 6: mean starting turn (1-based)
-                          malformed_frac=float(np.mean([not self.family.valid(r) for r in responses])))
-        out["answers"] = answers
-        return out
-
-    def update_buffer_turns(self, insts, answers, rewards):
-        """PAPER.md §5 for multi-turn tasks: the sampled instance gets its fresh learnability; each child
-        history (earlier turns, the new answer to turn t, the continuation) enters with every turn prefix
-        (buffer.insert_history), inheriting it. Depths: turn t's new answer k + 1, later turns 1 (first attempts)."""
-        cfg, G = self.cfg, self.cfg.group_size
         if not cfg.uses_buffer:
             return
         for i, inst in enumerate(insts):
-            p, r, t = inst["problem"], rewards[i].tolist(), inst["turn"]
-            score, task, parent = self.score_instance(inst, r)
+            score, task, parent = self.score_instance(inst, rewards[i].tolist())
             if not cfg.self_iterates:
                 continue
             js = range(G) if cfg.children == "all" else [int(self.rng.integers(G))]
             for j in js:
-                a = answers[i * G + j]
-                turns = (list(inst["prev"]) + [dict(answer=a[t], depth=inst["depth"] + 1)]
-                         + [dict(answer=x, depth=1) for x in a[t + 1:]])
-                self.buffer.insert_history(p.id, task, turns, [h["depth"] for h in turns], score, parent=parent)
+                answers, turns = episodes[i * G + j], list(inst.prev)
+                for t in range(inst.turn, len(answers)):
+                    q = fam.turn_problem(inst.problem, t, answers)
+                    turns.append(dict(answer=answers[t], feedback=fam.feedback(q, answers[t]),
+                                      depth=inst.depth + 1 if t == inst.turn else 1))
+                self.buffer.insert_history(inst.problem.id, task, turns, [h["depth"] for h in turns], score, parent)
 
     def show(self, out, n=3):
         for i in range(min(n, len(out["insts"]))):
             inst, G = out["insts"][i], self.cfg.group_size
-            problem = inst.get("turn_problem", inst["problem"])  # a multi-turn instance shows its turn
-            prompt = self.family.prompt(problem, inst["answer"], inst["mode"], style=self.style)
-            tqdm.write(f"  [{inst['mode']} d={inst['depth']}] {prompt!r} -> {out['responses'][i * G]!r} "
+            prompt = self.family.prompt(inst.step_problem, inst.answer, inst.mode, style=self.style)
+            tqdm.write(f"  [{inst.mode} d={inst.depth}] {prompt!r} -> {out['responses'][i * G]!r} "
                        f"reward {float(out['rewards'][i, 0]):.2f}")
 
 

@@ -300,12 +300,16 @@ class TaskFamily:
 
     # ---- multi-turn families (multi_turn = True): an episode of turns; each turn is a Problem of its own
     def n_turns(self, episode: Problem) -> int:
-        """REQUIRED when multi_turn. The number of turns of an episode."""
-        raise NotImplementedError(f"{type(self).__name__} is multi_turn and must define n_turns(episode)")
+        """REQUIRED when multi_turn. The number of turns of an episode. A single-turn family's problem is a
+        one-turn episode, so exit.py has one iteration path for both."""
+        return 1
 
     def turn_problem(self, episode: Problem, t: int, prev_answers: list) -> Problem:
-        """REQUIRED when multi_turn. Turn t as a Problem, after the earlier turns' answers prev_answers[:t]."""
-        raise NotImplementedError(f"{type(self).__name__} is multi_turn and must define turn_problem(episode, t, prev_answers)")
+        """REQUIRED when multi_turn. Turn t as a Problem, after the earlier turns' answers prev_answers[:t].
+        A single-turn problem is its own only turn."""
+        if t != 0:
+            raise ValueError(f"{type(self).__name__} is single-turn: it has no turn {t}")
+        return episode
 
     def episode_reward(self, episode: Problem, answers: list) -> float:
         """REQUIRED when multi_turn. The binary reward of a whole episode, one answer per turn."""

@@ -685,7 +685,7 @@ def test_training_scores_and_buffers_the_kept_answer(tmp_path, monkeypatch):
     tr = exit_lib.prepare(tiny_cfg(tmp_path, task="exactsum", method="improve", tasks_per_iter=2), quiet=True)
     p = tr.family.sample("train", 1, 0)[0]
     right, wrong = tr.family.solve(p, False), tr.family.render(p, p.data["best"][:1], False)
-    insts = [dict(problem=p, turn=0, prev=[], answer=a, mode="improve", depth=1, uid=None, replay=False)
+    insts = [exit_lib.Instance(problem=p, turn=0, prev=[], answer=a, mode="improve", depth=1, uid=None, replay=False)
              for a in (right, wrong)]
     monkeypatch.setattr(tr, "draw_instances", lambda: insts)
     monkeypatch.setattr(exit_lib.model_lib, "generate", lambda *a, **kw: rollouts_of(tr.tok, [tasks.KEEP] * 8))
@@ -1943,7 +1943,7 @@ def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct)
     tr = exit_lib.prepare(*exit_lib.parse_args([f"--out_dir={out}", "--resume", "--iters=3"]), quiet=True)
     assert tr.style == "chat" and tr.tok.stop_ids == model_lib.load_tokenizer(str(ck)).stop_ids
     p = tr.train_pool[0]
-    ids = tr.prompt_ids(dict(problem=p, answer="It is \\boxed{3}.", mode="improve"))
+    ids = tr.prompt_ids(exit_lib.Instance(problem=p, answer="It is \\boxed{3}.", mode="improve", step_problem=p))
     text = tr.tok.decode(ids, special=True)
     assert text.startswith("<|im_start|>user\n" + p.request) and text.endswith("<|im_start|>assistant\n")
     assert "Current answer:\nIt is \\boxed{3}." in text and "<|" not in tr.tok.decode(ids)
@@ -2077,21 +2077,22 @@ def test_tools_turn_prefix_histories_and_replay(tmp_path):
     ep = episode([3, 0, 5], "a>b2", "-c9", "a=4")
     task = dataclasses.asdict(ep)
     # a fresh episode played to its end by two rows: every turn prefix of each row enters the buffer
-    inst = dict(problem=ep, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None, replay=False)
+    inst = exit_lib.Instance(problem=ep, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None, replay=False)
     answers = [["wd a 2;dep b 2;done", "err", "set a 4;done"], ["wd a 2;dep b 2;done", "wd c 9;done", "set a 4;done"]]
-    tr.update_buffer_turns([inst], answers, torch.tensor([[1.0, 0.0]]))
+    tr.update_buffer([inst], answers, torch.tensor([[1.0, 0.0]]))
     es = list(tr.buffer.entries.values())
     assert [len(e.turns) for e in es] == [0, 1, 2, 3, 2, 3]  # the base task, then prefixes; turn 1 is shared (deduped)
     assert all(e.score == 0.25 and e.base_id == ep.id for e in es)
-    assert [e.depth for e in es] == [0, 1, 1, 1, 1, 1] and es[2].turns == [dict(answer=answers[0][0], depth=1),
-                                                                           dict(answer="err", depth=1)]
+    assert [e.depth for e in es] == [0, 1, 1, 1, 1, 1]
+    assert [(h["answer"], h["depth"]) for h in es[2].turns] == [(answers[0][0], 1), ("err", 1)]
     # replaying a prefix that ends at the middle turn: improve turn 2 of 3, given turn 1's final answer
     tr.buffer.entries = {es[4].uid: es[4]}
     tr.buffer._keys = {k: u for k, u in tr.buffer._keys.items() if u == es[4].uid}
-    for inst in tr.draw_turn_instances():
-        assert (inst["turn"], inst["mode"], inst["answer"], inst["replay"]) == (1, "improve", "wd c 9;done", True)
-        assert [h["answer"] for h in inst["prev"]] == [answers[0][0]] and inst["turn_problem"].data["state"] == [1, 2, 5]
-        assert inst["turn_problem"].request == "a1 b2 c5|-c9"
+    for inst in tr.draw_instances():
+        tr.prompt_ids(inst)
+        assert (inst.turn, inst.mode, inst.answer, inst.replay) == (1, "improve", "wd c 9;done", True)
+        assert [h["answer"] for h in inst.prev] == [answers[0][0]] and inst.step_problem.data["state"] == [1, 2, 5]
+        assert inst.step_problem.request == "a1 b2 c5|-c9"
 
 
 def test_tools_self_iteration_on_a_middle_turn_rerolls_the_rest(tmp_path):
@@ -2104,7 +2105,7 @@ def test_tools_self_iteration_on_a_middle_turn_rerolls_the_rest(tmp_path):
     G, log = 3, out["log"]
     assert log["turn"] == 2.0 and log["replay_frac"] == 1.0 and log["depth"] == 2.0 and log["reward_improve"] is not None
     for i, inst in enumerate(out["insts"]):
-        assert inst["turn"] == 1 and inst["mode"] == "improve"
+        assert inst.turn == 1 and inst.mode == "improve"
         for j in range(G):
             a = out["answers"][i * G + j]
             assert len(a) == 3 and a[0] == hist[0]["answer"]        # turn 1 kept, as the history says
@@ -2226,8 +2227,8 @@ def test_a_fresh_base_task_already_buffered_gets_its_fresh_score(tmp_path):
     tr = exit_lib.prepare(tiny_cfg(tmp_path, method="curriculum"), quiet=True)
     p = tr.train_pool[0]
     e = tr.buffer.insert(p.id, dataclasses.asdict(p), [], 0, 0.25)
-    inst = dict(problem=p, answer=None, mode="base", depth=0, uid=None, replay=False)
-    tr.update_buffer([inst], ["x"] * 4, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    inst = exit_lib.Instance(problem=p, answer=None, mode="base", depth=0, uid=None, replay=False)
+    tr.update_buffer([inst], [["x"]] * 4, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
     assert tr.buffer.entries[e.uid].score == pytest.approx(0.1875)  # var(1, 1, 1, 0) = 3/16
 
 
@@ -2240,11 +2241,11 @@ def test_a_measured_score_survives_reinsertion_single_turn(tmp_path):
     tr = exit_lib.prepare(tiny_cfg(tmp_path, method="improve", group_size=2), quiet=True)
     p = tr.train_pool[0]
     e = tr.buffer.insert(p.id, dataclasses.asdict(p), [dict(answer="x", feedback=tr.family.feedback(p, "x"))], 1, 0.25)
-    replayed = dict(problem=p, turn=0, prev=[], answer="x", mode="improve", depth=1, uid=e.uid, replay=True)
-    tr.update_buffer([replayed], ["y", "y"], torch.tensor([[1.0, 1.0]]))
+    replayed = exit_lib.Instance(problem=p, turn=0, prev=[], answer="x", mode="improve", depth=1, uid=e.uid, replay=True)
+    tr.update_buffer([replayed], [["y"], ["y"]], torch.tensor([[1.0, 1.0]]))
     assert e.score == 0.0 and e.measured
-    fresh = dict(problem=p, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None, replay=False)
-    tr.update_buffer([fresh], ["x", "z"], torch.tensor([[1.0, 0.0]]))  # "x" again, from a group with S = 0.25
+    fresh = exit_lib.Instance(problem=p, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None, replay=False)
+    tr.update_buffer([fresh], [["x"], ["z"]], torch.tensor([[1.0, 0.0]]))  # "x" again, from a group with S = 0.25
     assert e.score == 0.0
     assert tr.buffer.stats()["measured_frac"] > 0
 
@@ -2257,10 +2258,10 @@ def test_a_measured_score_survives_reinsertion_multi_turn(tmp_path):
     hist = [dict(answer="wd a 2;dep b 2;done", depth=1), dict(answer="wd c 9;done", depth=1)]
     first, second = tr.buffer.insert_history(ep.id, dataclasses.asdict(ep), hist, [1, 1], 0.1)
     tr.buffer.update_score(first.uid, 0.0)
-    inst = dict(problem=ep, turn=1, prev=hist[:1], answer=hist[1]["answer"], mode="improve", depth=1,
+    inst = exit_lib.Instance(problem=ep, turn=1, prev=hist[:1], answer=hist[1]["answer"], mode="improve", depth=1,
                 uid=second.uid, replay=True)
     answers = [[hist[0]["answer"], "wd c 9;done", "set a 4;done"], [hist[0]["answer"], "err", "set a 4;done"]]
-    tr.update_buffer_turns([inst], answers, torch.tensor([[1.0, 0.0]]))
+    tr.update_buffer([inst], answers, torch.tensor([[1.0, 0.0]]))
     assert first.score == 0.0 and second.score == 0.25 and second.measured
 
 
@@ -2272,9 +2273,11 @@ def test_multi_turn_deduplication_keys_on_content_not_depth(tmp_path):
     # through the trainer: a replayed history whose turn-0 answer the policy repeats unchanged
     tr = tools_trainer(tmp_path, min_size=1, method="improve", group_size=2, tasks_per_iter=1)
     ep = episode([3, 0, 5], "a>b2")
-    (e,) = tr.buffer.insert_history(ep.id, dataclasses.asdict(ep), [dict(answer="dep a 1;done", depth=2)], [2], 0.1)
-    inst = dict(problem=ep, turn=0, prev=[], answer="dep a 1;done", mode="improve", depth=2, uid=e.uid, replay=True)
-    tr.update_buffer_turns([inst], [["dep a 1;done"], ["wd a 3;done"]], torch.tensor([[1.0, 0.0]]))
+    fb = tr.family.feedback(tr.family.turn_problem(ep, 0, []), "dep a 1;done")
+    (e,) = tr.buffer.insert_history(ep.id, dataclasses.asdict(ep), [dict(answer="dep a 1;done", feedback=fb, depth=2)],
+                                    [2], 0.1)
+    inst = exit_lib.Instance(problem=ep, turn=0, prev=[], answer="dep a 1;done", mode="improve", depth=2, uid=e.uid, replay=True)
+    tr.update_buffer([inst], [["dep a 1;done"], ["wd a 3;done"]], torch.tensor([[1.0, 0.0]]))
     assert sorted(x.turns[0]["answer"] for x in tr.buffer.entries.values()) == ["dep a 1;done", "wd a 3;done"]
 
 
@@ -2284,7 +2287,7 @@ def test_eq6_embeds_the_new_iterate_not_the_raw_response(tmp_path, monkeypatch):
     tr = exit_lib.prepare(tiny_cfg(tmp_path, task="exactsum", method="exit", tasks_per_iter=1), quiet=True)
     p = tr.family.sample("train", 1, 0)[0]
     current = tr.family.render(p, p.data["best"][:1], False)
-    inst = dict(problem=p, turn=0, prev=[], answer=current, mode="improve", depth=1, uid=None, replay=False)
+    inst = exit_lib.Instance(problem=p, turn=0, prev=[], answer=current, mode="improve", depth=1, uid=None, replay=False)
     other = tr.family.solve(p, False)
     monkeypatch.setattr(tr, "draw_instances", lambda: [inst])
     monkeypatch.setattr(exit_lib.model_lib, "generate", lambda *a, **kw: rollouts_of(tr.tok, [tasks.KEEP, other] * 2))
