@@ -167,13 +167,19 @@ def summarise(scores: np.ndarray, difficulties: list, binary: bool) -> dict:
     return res
 
 
-def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = False):
+def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = False, warn: bool = True):
     """The held-out set: test-split instances (never trained on) of the training difficulty mix, in
     equal shares; harder=True adds the family's harder held-out difficulties (e.g. longer math chains,
     which a small model trained on short ones does not length-generalise to). The seed is fixed across
     runs so every method is evaluated on the same tasks. A family without difficulty settings (real
     data: realmath) gives n_problems of its test split (its file's held-out fifth)."""
     if not family.train_difficulties:
+        distinct = len(family.pool("test")) if hasattr(family, "pool") else n_problems
+        if n_problems > distinct:  # cycling through the pool again would count a problem twice
+            if warn:
+                print(f"warning: {getattr(family, 'path', family.name)} has only {distinct} held-out problems; "
+                      f"evaluating on those {distinct}, not {n_problems} (--eval_problems)", file=sys.stderr)
+            n_problems = distinct
         return family.sample("test", n_problems, seed=seed)
     diffs = list(family.train_difficulties)
     if harder:
@@ -219,7 +225,7 @@ def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) 
     same base, so it is evaluated once, not once per method. load_policy(path, device) -> (policy, ...)
     is exit.load_policy. Where the cache cannot be written (a read-only model folder) it is skipped."""
     # the problems too: two realmath runs from one checkpoint with different --data files differ
-    problems = [p.request for p in heldout_problems(family, settings["n_problems"], harder=settings["harder"])]
+    problems = [p.request for p in heldout_problems(family, settings["n_problems"], harder=settings["harder"], warn=False)]
     key = json.dumps(dict(family=family.name, problems=problems, **settings), sort_keys=True)
     cache = f"{os.path.normpath(base_path)}.eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
     if os.path.isfile(cache):
@@ -332,9 +338,14 @@ def read_log(run_dir: str) -> list[dict]:
 def write_json(obj, path: str):
     """Write then rename, so an interrupted evaluation never leaves half an eval.json to be trusted."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # the settings that make two runs' Base evaluations the same evaluation of the same policy

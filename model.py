@@ -505,6 +505,11 @@ class Tokenizer:
     def save(self, path: str):
         raise NotImplementedError
 
+    @property
+    def has_chat_template(self) -> bool:
+        """False: render_chat falls back to plain "role: content" lines."""
+        return False
+
 
 BYTE_PAT = r"\S+|\s+"  # with only single-byte ranks the split changes nothing but speed
 LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -541,6 +546,10 @@ class TiktokenTokenizer(Tokenizer):
             ids = ids.tolist()
         drop = {self.pad_id} if special else self.special_ids
         return self.enc.decode([i for i in ids if i not in drop])
+
+    @property
+    def has_chat_template(self):
+        return self.chat_format == "llama3"
 
     def render_chat(self, messages, add_generation_prompt=True):
         if self.chat_format != "llama3":
@@ -610,6 +619,10 @@ class HFTokenizer(Tokenizer):
             ids = ids.tolist()
         return self.tok.decode([i for i in ids if i != self.pad_id], skip_special_tokens=not special)
 
+    @property
+    def has_chat_template(self):
+        return bool(self.tok.chat_template)
+
     def render_chat(self, messages, add_generation_prompt=True):
         if not self.tok.chat_template:
             return super().render_chat(messages, add_generation_prompt)
@@ -620,6 +633,22 @@ class HFTokenizer(Tokenizer):
         self.tok.save_pretrained(path)
 
 
+def read_json(path: str, kind: type | None = dict):
+    """A JSON file's content, or a ValueError that names the file and what is wrong with it
+    (json's own message names neither the file nor, for a wrong shape, the problem)."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a JSON file (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    if kind is not None and not isinstance(obj, kind):
+        want = {dict: "an object {...}", list: "a list [...]"}.get(kind, kind.__name__)
+        raise ValueError(f"{path}: expected a JSON {want}, got a {type(obj).__name__}")
+    return obj
+
+
 def _config_eos_ids(path) -> set[int]:
     """eos_token_id(s) named by config.json / generation_config.json (instruct models list their
     end-of-turn ids there)."""
@@ -627,8 +656,7 @@ def _config_eos_ids(path) -> set[int]:
     for name in ("config.json", "generation_config.json"):
         f = os.path.join(path, name)
         if os.path.isfile(f):
-            with open(f) as fh:
-                eos = json.load(fh).get("eos_token_id")
+            eos = read_json(f).get("eos_token_id")
             ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return ids
 
@@ -670,8 +698,7 @@ def _tiktoken_from_dir(path, ranks) -> TiktokenTokenizer:
     config = {}
     f = os.path.join(path, "tokenizer_config.json")
     if os.path.isfile(f):
-        with open(f) as fh:
-            config = json.load(fh)
+        config = read_json(f)
     added = config.get("added_tokens_decoder")
     if added:
         specials = {t["content"]: int(i) for i, t in added.items()}
@@ -748,8 +775,10 @@ def _read_safetensors(path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
@@ -774,8 +803,7 @@ def load_hf(path: str, device=None, dtype=None) -> tuple[Transformer, Tokenizer 
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{config_file}: not found; load_hf needs a Hugging Face checkpoint directory")
-    with open(config_file) as f:
-        cfg = config_from_hf(json.load(f), where=config_file)
+    cfg = config_from_hf(read_json(config_file), where=config_file)
     tensors = _read_safetensors(path)
 
     model = Transformer(cfg)
@@ -848,9 +876,24 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda, else mps, else cpu; any other name is taken as is."""
+    """"auto" -> cuda, else mps, else cpu. Any other name must be a device this torch can use now:
+    a typo or --device=cuda on a CPU-only build is a ValueError that says so, not a traceback later."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {name!r} is not a device name: auto | cpu | cuda | cuda:N | mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: this torch sees no CUDA device (torch.cuda.is_available() is "
+                             "False); use --device=cpu or --device=auto")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        mps = getattr(torch.backends, "mps", None)
+        if dev.type == "mps" and not (mps is not None and mps.is_available()):
+            raise ValueError(f"device {name!r}: MPS is not available here; use --device=cpu or --device=auto")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {name!r} is not supported: auto | cpu | cuda | cuda:N | mps")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

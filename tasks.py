@@ -145,7 +145,9 @@ class TaskFamily:
             out.append(Problem(f"{self.name}/{split}/{_digest(p.request) % 10**10:010d}",
                                p.family, p.request, p.difficulty, p.target, p.data))
         if len(out) < n:
-            raise RuntimeError(f"{self.name}: could not draw {n} distinct {split} problems (got {len(out)})")
+            diffs = [difficulty] if difficulty is not None else list(self.train_difficulties)
+            raise ValueError(f"{self.name}: could not draw {n} distinct {split} problems at difficulties {diffs} "
+                             f"(found {len(out)}): too few exist there; widen --difficulties")
         return out
 
     # ---- prompts
@@ -592,11 +594,11 @@ def _countdown(picks, target: int, alt: bool) -> str:
 # ---------------------------------------------------------------- real data (GSM8K / MATH JSONL)
 
 def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (nested braces allowed), or None."""
-    i = text.rfind("\\boxed")
+    """Content of the last \\boxed{...} or \\fbox{...} (MATH uses both; nested braces allowed), or None."""
+    i, cmd = max((text.rfind(c), c) for c in ("\\boxed", "\\fbox"))
     if i < 0:
         return None
-    rest = text[i + len("\\boxed"):]
+    rest = text[i + len(cmd):]
     if not rest.lstrip().startswith("{"):  # "\boxed 5"
         m = re.match(r"\s+([^\s$]+)", rest)
         return m.group(1) if m else None
@@ -712,11 +714,15 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
     if fmt not in ("auto", "gsm8k", "math"):
         raise ValueError(f"fmt must be 'auto', 'gsm8k' or 'math', got {fmt!r}")
     stem, out = os.path.splitext(os.path.basename(path))[0], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            where = f"{path}, line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: not UTF-8 text (is it a JSON-lines file?)") from None
             if not line.strip():
                 continue
-            where = f"{path}, line {line_no}"
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
@@ -737,6 +743,8 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
             level = re.search(r"[0-9]+", str(d.get("level", "")))
             out.append(Problem(f"{stem}/{line_no}", "realmath", request, int(level.group()) if level else 0,
                                target.strip(), {"line": line_no}))
+    if not out:
+        raise ValueError(f"{path}: no problems (the file is empty)")
     return out
 
 
@@ -745,21 +753,34 @@ class RealMath(TaskFamily):
     name, graded, has_feedback = "realmath", False, False
     answer_format = "put the final answer in \\boxed{}"
 
-    def __init__(self, problems: list[Problem] | None = None, path: str | None = None, error_model=None):
+    def __init__(self, problems: list[Problem] | None = None, path: str | None = None, error_model=None,
+                 heldout_file: bool = False):
+        """heldout_file: every problem is a test problem (a separate evaluation file, exit.py --eval_data);
+        otherwise the split is by request hash (split_of): about a fifth of the file is held out."""
         super().__init__(error_model)
         if problems is None and path is None:
             raise ValueError("realmath needs problems=[...] or path='file.jsonl'")
         self.problems = list(problems) if problems is not None else load_jsonl(path)
+        self.path, self.heldout_file = path or "the problems given", heldout_file
+
+    def pool(self, split, difficulty=None) -> list[Problem]:
+        """The distinct problems of a split."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return [p for p in self.problems if (split == "test" if self.heldout_file else split_of(p.request) == split)
+                and (difficulty is None or p.difficulty == difficulty)]
 
     def sample(self, split, n, seed, difficulty=None):
         """n problems of the split (by the same request hash); when n exceeds the pool, it is cycled
         through again in a new order, so repeats appear only then."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        pool = [p for p in self.problems if split_of(p.request) == split
-                and (difficulty is None or p.difficulty == difficulty)]
+        pool = self.pool(split, difficulty)
         if not pool:
-            raise ValueError(f"realmath: no {split} problems (difficulty={difficulty})")
+            how = ("it is an evaluation file" if self.heldout_file else
+                   f"the {split} split is the {'fifth' if split == 'test' else 'four fifths'} of lines whose request "
+                   f"hashes there (tasks.split_of), and none of its {len(self.problems)} did")
+            hint = "; add lines, or give a held-out file with --eval_data" if split == "test" else "; add lines"
+            raise ValueError(f"realmath: {self.path} has no {split} problems"
+                             + (f" at level {difficulty}" if difficulty is not None else "") + f" ({how}){hint}")
         rng, out = random.Random(f"{self.name}/{split}/{seed}/{difficulty}"), []
         while len(out) < n:
             out += rng.sample(pool, len(pool))
