@@ -150,6 +150,9 @@ class Config:
         def need(ok, msg):
             if not ok:
                 raise ValueError(f"config: {msg}")
+        for f in dataclasses.fields(self):  # --lr=inf trains to NaN weights; --kappa=nan samples nothing sensible
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number, got {v}")
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         need(self.task in tasks_lib.FAMILIES, f"task must be one of {sorted(tasks_lib.FAMILIES)}, got {self.task!r}")
         need(self.children in ("all", "one"), f"children must be 'all' or 'one', got {self.children!r}")
@@ -171,9 +174,6 @@ class Config:
                   "rank_temperature"):
             need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
         need(self.min_size <= self.buffer_size, f"min_size ({self.min_size}) must be <= buffer_size ({self.buffer_size})")
-        for f in dataclasses.fields(self):  # --lr=inf trains to NaN weights; --kappa=nan samples nothing sensible
-            v = getattr(self, f.name)
-            need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number, got {v}")
         need(self.temperature > 0, "temperature must be > 0 in training: GRPO learns from the differences between "
                                    "a group's G sampled rollouts, and greedy decoding (0) makes them identical, so "
                                    "every advantage would be 0 and nothing would ever be updated")
@@ -681,6 +681,7 @@ class Trainer:
             self.policy, self.tok, self.tok_spec = load_policy(cfg.init, self.device)
             self.base_path = os.path.abspath(cfg.init)
         else:
+            remove_stale_tmp(cfg.base_dir)  # a warm start killed while saving
             self.policy, self.tok, self.base_path = warm_start(cfg, self.family, self.device, quiet)
             self.base_path = os.path.abspath(self.base_path)  # eval.py may run from another folder
             self.tok_spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
@@ -1085,7 +1086,6 @@ def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer
     check_out_dir(cfg)
     with run_lock(cfg.out_dir):
         remove_stale_tmp(cfg.out_dir)
-        remove_stale_tmp(cfg.base_dir)
         return _train(cfg, given, quiet)
 
 

@@ -138,7 +138,11 @@ class TaskFamily:
             if len(out) == n:
                 return out
             d = difficulty if difficulty is not None else rng.choice(self.train_difficulties)
-            p = self.make(rng, d)
+            try:
+                p = self.make(rng, d)
+            except (ValueError, IndexError) as e:  # e.g. a subset of 1 item: no problem of that size exists
+                raise ValueError(f"{self.name}: cannot make a problem at difficulty {d} ({e}); choose other "
+                                 "--difficulties") from None
             if p is None or p.request in seen or split_of(p.request) != split:
                 continue
             seen.add(p.request)

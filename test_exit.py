@@ -2076,3 +2076,139 @@ def test_a_fresh_base_task_already_buffered_gets_its_fresh_score(tmp_path):
     inst = dict(problem=p, answer=None, mode="base", depth=0, uid=None, replay=False)
     tr.update_buffer([inst], ["x"] * 4, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
     assert tr.buffer.entries[e.uid].score == pytest.approx(0.1875)  # var(1, 1, 1, 0) = 3/16
+
+
+# ===============================================================================================
+# Reliability: a bad input is a clear error before any work; a run folder holds one run, nothing lost
+# ===============================================================================================
+
+def tiny_args(out_dir, base_dir, **kw):
+    d = dict(out_dir=out_dir, base_dir=base_dir, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, warm_examples=64,
+             warm_steps=3, warm_batch=8, iters=1, tasks_per_iter=2, group_size=4, max_new_tokens=12, min_size=2,
+             eval_problems=0, show_every=0, device="cpu")
+    return [f"--{k}={v}" for k, v in (d | kw).items()]
+
+
+def main_fails(capsys, argv, code=2):
+    """exit.main on bad input: the exit code, and stderr (one clear line, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        exit_lib.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code and "Traceback" not in err, err
+    return err
+
+
+def test_a_live_run_folder_is_locked_and_kill_9_leaves_no_stale_lock(tmp_path, capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, exit\nwith exit.run_lock(sys.argv[1]):\n"
+                               "    print('locked', flush=True); time.sleep(120)", str(run)],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = main_fails(capsys, tiny_args(run, tmp_path / "base"))
+        assert "in use by another run" in err and f"pid {holder.pid}" in err
+        err = main_fails(capsys, tiny_args(run, tmp_path / "base") + ["--resume"])  # nor a --resume into it
+        assert f"pid {holder.pid}" in err
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the flock with the process
+        holder.wait()
+    exit_lib.main(tiny_args(run, tmp_path / "base"))  # no stale lock
+    assert (run / "ckpt.pt").is_file() and not exit_lib._held_locks
+    with exit_lib.run_lock(str(run)):  # released on the way out of main
+        pass
+
+
+def test_any_run_artifact_blocks_a_fresh_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    exit_lib.main(tiny_args(run, tmp_path / "base"))
+    os.remove(run / "ckpt.pt")  # a finished run whose big checkpoint was deleted
+    before = {n: (run / n).read_bytes() for n in ("config.json", "log.jsonl")}
+    err = main_fails(capsys, tiny_args(run, tmp_path / "base", seed=1))
+    assert "already holds a run (config.json, hf, log.jsonl)" in err and "no ckpt.pt" in err
+    assert {n: (run / n).read_bytes() for n in before} == before and (run / "hf").is_dir()
+    only_eval = tmp_path / "evalonly"
+    os.makedirs(only_eval)
+    (only_eval / "eval.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"already holds a run \(eval.json\)"):
+        exit_lib.prepare(tiny_cfg(tmp_path, out_dir=str(only_eval)), quiet=True)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    a = exit_lib.train(tiny_cfg(tmp_path / "a", iters=2), quiet=True).cfg.out_dir
+    b = exit_lib.train(tiny_cfg(tmp_path / "b", iters=1, task="math"), quiet=True).cfg.out_dir
+    c = exit_lib.train(tiny_cfg(tmp_path / "c", iters=1, base_dir=str(tmp_path / "a" / "base")),
+                       quiet=True).cfg.out_dir  # a's settings, a shorter run
+    resume = lambda d: exit_lib.parse_args([f"--out_dir={d}", "--resume", "--iters=3"])
+    log_b = open(os.path.join(b, "log.jsonl")).read()
+    import shutil
+    shutil.copy(os.path.join(a, "ckpt.pt"), os.path.join(b, "ckpt.pt"))
+    with pytest.raises(ValueError, match=r"not this folder's run: it differs from .*config.json in .*"
+                                         r"task \('exactsumfb' vs 'math'\)"):
+        exit_lib.train(*resume(b), quiet=True)
+    assert open(os.path.join(b, "log.jsonl")).read() == log_b  # nothing touched
+    shutil.copy(os.path.join(a, "ckpt.pt"), os.path.join(c, "ckpt.pt"))
+    with pytest.raises(ValueError, match=r"at iteration 2, but .*log.jsonl holds iterations \[1\].*different runs"):
+        exit_lib.train(*resume(c), quiet=True)
+    assert exit_lib.train(*resume(a), quiet=True).iter == 3  # its own checkpoint still resumes
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_no_tmp_file(tmp_path):
+    with pytest.raises(Exception):  # an interrupted write (here: an unpicklable object) removes its tmp file
+        exit_lib.atomic_save({"f": lambda: 0}, str(tmp_path / "x.pt"))
+    assert os.listdir(tmp_path) == []
+    cfg = tiny_cfg(tmp_path, iters=1)
+    exit_lib.train(cfg, quiet=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: the writer that was killed with -9
+    (tmp_path / "run" / f"ckpt.pt.tmp{dead.pid}").write_bytes(b"half a checkpoint")
+    (tmp_path / "base" / f"x.pt.tmp{dead.pid}").write_bytes(b"half a warm start")
+    exit_lib.train(*exit_lib.parse_args([f"--out_dir={cfg.out_dir}", "--resume", "--iters=2"]), quiet=True)
+    assert not [n for n in os.listdir(tmp_path / "run") + os.listdir(tmp_path / "base") if ".tmp" in n]
+
+
+def test_config_rejects_bad_values_up_front(monkeypatch):
+    cases = {"--lr=inf": "lr must be a finite number, got inf", "--kappa=inf": "kappa must be a finite number",
+             "--clip_eps=nan": "clip_eps must be a finite number", "--temperature=0": "temperature must be > 0 in training: GRPO",
+             "--eval_k=-1": "eval_k must be >= 0", "--eval_samples=0": "eval_samples must be >= 1",
+             "--n_embd=33": r"n_embd \(33\) must be a multiple of n_head \(4\)",
+             "--n_head=3": r"n_embd \(128\) must be a multiple of n_head \(3\)",
+             "--n_kv_head=3": r"n_head \(4\) must be a multiple of n_kv_head \(3\)",
+             "--device=foo": "device 'foo' is not a device name", "--eval_data=x.jsonl": "--eval_data=FILE goes with"}
+    for arg, msg in cases.items():
+        with pytest.raises(ValueError, match=msg):
+            exit_lib.parse_args([arg])
+    with pytest.raises(ValueError, match="--iters is given twice"):
+        exit_lib.parse_args(["--iters=3", "--iters=4"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda': this torch sees no CUDA device"):
+        exit_lib.parse_args(["--device=cuda"])
+    with pytest.raises(ValueError, match="device 'cuda': this torch sees no CUDA device"):
+        model_lib.pick_device("cuda")
+
+
+def test_bad_inputs_as_scripts_fail_with_one_line_and_no_traceback(tmp_path):
+    for script, args, msg in [("exit.py", ["--lr=inf"], "error: config: lr must be a finite number"),
+                              ("exit.py", ["--device=foo"], "error: config: device 'foo'"),
+                              ("eval.py", [str(tmp_path), "--device=foo"], "error: device 'foo'")]:
+        p = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+        assert p.returncode == 2 and p.stderr.startswith(msg) and "Traceback" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_outside_the_rl_loop_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(exit_lib, "warm_start", interrupted)  # Ctrl-C during the warm start
+    err = main_fails(capsys, tiny_args(tmp_path / "run", tmp_path / "base"), code=130)
+    assert "interrupted" in err and not exit_lib._held_locks
+    assert not exit_lib.run_artifacts(str(tmp_path / "run"))  # nothing half-written
+
+
+def test_preflight_catches_before_the_warm_start_what_used_to_fail_after_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(exit_lib, "warm_start", lambda *a, **k: pytest.fail("warm start before the check"))
+    for kw, msg in [(dict(task="math", difficulties="1"), r"could not draw 5000 distinct train problems at difficulties \[1\]"),
+                    (dict(task="subset", difficulties="1"), "subset: cannot make a problem at difficulty 1"),
+                    (dict(task="math", difficulties="2", eval_problems=5000), "could not draw 5000 distinct test problems")]:
+        with pytest.raises(ValueError, match=msg):
+            exit_lib.prepare(tiny_cfg(tmp_path, **kw), quiet=True)
