@@ -644,7 +644,7 @@ def read_json(path: str, kind: type | None = dict):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
     if kind is not None and not isinstance(obj, kind):
-        want = {dict: "an object {...}", list: "a list [...]"}.get(kind, kind.__name__)
+        want = {dict: "object {...}", list: "list [...]"}.get(kind, kind.__name__)
         raise ValueError(f"{path}: expected a JSON {want}, got a {type(obj).__name__}")
     return obj
 

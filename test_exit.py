@@ -2212,3 +2212,75 @@ def test_preflight_catches_before_the_warm_start_what_used_to_fail_after_trainin
                     (dict(task="math", difficulties="2", eval_problems=5000), "could not draw 5000 distinct test problems")]:
         with pytest.raises(ValueError, match=msg):
             exit_lib.prepare(tiny_cfg(tmp_path, **kw), quiet=True)
+
+
+def test_eval_cli_rejects_bad_numbers_and_names_bad_files(four_runs, capsys):
+    def fails(argv):
+        with pytest.raises(SystemExit) as e:
+            eval_lib.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err
+        return err
+    run = str(four_runs / "exit-s0")
+    assert "--temperature must be a finite number >= 0" in fails([run, "--temperature=-1"])
+    assert "--samples must be >= 1" in fails([run, "--samples=0"])
+    assert "--k must be >= 0" in fails([run, "--k=-1"])
+    assert "--problems must be >= 1" in fails([run, "--problems=-1", "--recompute"])
+    assert "device 'foo'" in fails([run, "--device=foo"])
+    (four_runs / "exit-s0" / "eval.json").write_text("{\n")
+    assert f"{run}/eval.json: not valid JSON" in fails([run])
+    (four_runs / "exit-s0" / "eval.json").write_text("{}")
+    assert f"{run}/eval.json: not eval.json's" in fails([run])
+    (four_runs / "results.json").write_text("[1, 2]")
+    assert "results.json: expected a JSON object {...}, got a list" in fails(["--table", str(four_runs / "results.json")])
+    (four_runs / "results.json").write_text("{}")
+    assert "results.json: not a comparison" in fails(["--table", str(four_runs / "results.json")])
+
+
+def test_one_run_never_replaces_a_comparison_of_many(four_runs, capsys):
+    runs = sorted(str(p) for p in four_runs.iterdir())
+    eval_lib.main(runs)  # the comparison of four runs, in their parent folder
+    table = (four_runs / "results.json").read_text()
+    eval_lib.main([runs[0]])  # "re-print one run": its own folder, the comparison stays
+    assert (four_runs / "results.json").read_text() == table
+    assert len(json.load(open(four_runs / "exit-s0" / "results.json"))["runs"]) == 1
+    with pytest.raises(SystemExit):
+        eval_lib.main(runs[:2] + ["--out", str(four_runs)])  # two runs into the four runs' folder: asked? no
+    assert "holds a comparison of other runs" in capsys.readouterr().err
+    assert (four_runs / "results.json").read_text() == table
+    eval_lib.main(runs[:2] + ["--out", str(four_runs), "--overwrite"])  # asked: replaced
+    assert len(json.load(open(four_runs / "results.json"))["runs"]) == 2
+
+
+def test_recompute_with_other_settings_never_replaces_eval_json(tmp_path):
+    run = tmp_path / "run"
+    exit_lib.main(tiny_args(run, tmp_path / "base", eval_problems=3, eval_k=1, eval_samples=1))
+    own = (run / "eval.json").read_text()
+    eval_lib.main([str(run), "--recompute", "--problems=2", "--device=cpu"])
+    assert (run / "eval.json").read_text() == own
+    assert json.load(open(run / "eval.n2.json"))["policy"]["n"] == 2
+    eval_lib.main([str(run), "--recompute", "--device=cpu"])  # the same settings: the same evaluation
+    assert json.load(open(run / "eval.json")) == json.loads(own)
+
+
+def test_base_evaluation_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
+    fam = tasks_lib.get_family("math")
+    tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+    path = tmp_path / "base.pt"
+    calls = []
+
+    def load(p, device):
+        calls.append(p)
+        torch.manual_seed(len(calls))
+        m = model_lib.Transformer(dataclasses.replace(model_lib.toy_config(tok.vocab_size), n_layer=1, n_embd=32,
+                                                      n_head=2, n_kv_head=1, intermediate_size=64))
+        return (m,)
+    settings = dict(n_problems=2, K=1, n_samples=1, temperature=1.0, max_new_tokens=8, seed=0, harder=False)
+    path.write_bytes(b"weights v1")
+    eval_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
+    eval_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
+    assert len(calls) == 1  # cached beside the weights: BASE.eval-HASH.json
+    assert [n for n in os.listdir(tmp_path) if n.startswith("base.pt.eval-")]
+    path.write_bytes(b"weights v2, retrained")  # new weights under the same name
+    eval_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
+    assert len(calls) == 2
