@@ -410,12 +410,14 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
     heldout = []
     if cfg.eval_problems:
         heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet)
-    tok, max_len = None, None
+    tok, max_len, source_dtype = None, None, None
     if cfg.init and os.path.isdir(cfg.init):
         config_file = os.path.join(cfg.init, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"--init={cfg.init}: no config.json (not a Hugging Face checkpoint directory)")
-        max_len = model_lib.config_from_hf(model_lib.read_json(config_file), where=config_file).max_seq_len
+        hf = model_lib.read_json(config_file)
+        max_len = model_lib.config_from_hf(hf, where=config_file).max_seq_len
+        source_dtype = model_lib.hf_dtype(hf)
         if not model_lib._has_tokenizer_files(cfg.init):
             raise ValueError(f"{cfg.init}: no tokenizer files; --init needs a checkpoint with its tokenizer")
         tok = model_lib.load_tokenizer(cfg.init)
@@ -435,7 +437,7 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
                           family, "--data" if cfg.data else "the task")
             check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in heldout},
                           efam, "--eval_data" if cfg.eval_data else "--data" if cfg.data else "the held-out set")
-    return dict(family=family, eval_family=efam, train_pool=train_pool)
+    return dict(family=family, eval_family=efam, train_pool=train_pool, source_dtype=source_dtype)
 
 
 def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):
@@ -677,6 +679,7 @@ class Trainer:
         self.div_stats = {}  # Eq. 6 coefficients of the current iteration, for its log line
         self.device = model_lib.pick_device(cfg.device)
         self.family, self.eval_family = checked["family"], checked["eval_family"]
+        self.source_dtype = checked.get("source_dtype")  # what hf/ is exported in: a bf16 source stays bf16
         if cfg.init:
             self.policy, self.tok, self.tok_spec = load_policy(cfg.init, self.device)
             self.base_path = os.path.abspath(cfg.init)
@@ -1137,7 +1140,8 @@ def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
     bar.close()
     trainer.save()
     # the trained policy as a Hugging Face directory, for other tools (transformers, vLLM, ...) and --init
-    model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(cfg.out_dir, "hf"))
+    model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(cfg.out_dir, "hf"), dtype=trainer.source_dtype,
+                      temperature=cfg.eval_temperature)
     return trainer
 
 

@@ -520,6 +520,7 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
                    "<|python_tag|>"] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
+CHAT_DATE = "26 Jul 2024"  # the date chat templates that print one (Llama 3.x) show: fixed, not today's
 END_OF_TURN = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
 
 
@@ -624,10 +625,23 @@ class HFTokenizer(Tokenizer):
         return bool(self.tok.chat_template)
 
     def render_chat(self, messages, add_generation_prompt=True):
+        """The chat template's prompt. Message contents are plain text, as on every other path (the toy's
+        compact prompts, the llama3 and plain renderings): a problem or an answer that spells a control
+        token ("<|eot_id|>") must not become one. So the template is rendered as text around placeholders;
+        its own text is encoded with special tokens, the contents without. Templates that print today's
+        date (Llama 3.x) get CHAT_DATE instead, so a prompt, and a resume, is the same on every day."""
         if not self.tok.chat_template:
             return super().render_chat(messages, add_generation_prompt)
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)  # transformers 5 returns a dict
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters: in no real text
+        text = self.tok.apply_chat_template([dict(m, content=k) for m, k in zip(messages, marks)], tokenize=False,
+                                            add_generation_prompt=add_generation_prompt, date_string=CHAT_DATE)
+        ids = []
+        for mark, m in zip(marks, messages):
+            before, found, text = text.partition(mark)
+            if not found:
+                raise ValueError("the chat template does not show every message's content as it is")
+            ids += self.encode(before, special=True) + self.encode(m["content"])
+        return ids + self.encode(text, special=True)
 
     def save(self, path):
         self.tok.save_pretrained(path)
@@ -733,6 +747,14 @@ def _hf_name(name: str) -> str:
     return name if name.startswith("lm_head") else "model." + name
 
 
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_dtype(hf: dict) -> torch.dtype | None:
+    """The dtype a Hugging Face config.json says its weights are stored in (None if it does not say)."""
+    return HF_DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"))
+
+
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     """Translate a Llama / Qwen2 config.json (a dict) into ModelConfig, or say what is unsupported."""
     family = hf.get("model_type")
@@ -832,12 +854,16 @@ def load_hf(path: str, device=None, dtype=None) -> tuple[Transformer, Tokenizer 
     return model, tokenizer
 
 
-def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str):
-    """Write config.json + model.safetensors (+ the tokenizer) so that both load_hf and
-    transformers.AutoModelForCausalLM.from_pretrained read it back with the same logits.
-    Llama layout, or Qwen2 when the model has q/k/v biases."""
+def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str, dtype: torch.dtype | None = None,
+            temperature: float | None = None):
+    """Write config.json + model.safetensors (+ the tokenizer, + generation_config.json with the stop
+    ids and sampling defaults) so that both load_hf and transformers.AutoModelForCausalLM.from_pretrained
+    read it back with the same logits. Llama layout, or Qwen2 when the model has q/k/v biases.
+    dtype: the weights' dtype on disk (e.g. a bf16 source's, trained in fp32); None keeps the model's.
+    temperature: the sampling default (0: greedy; None: transformers' defaults)."""
     from safetensors.torch import save_file
     cfg = model.config
+    dtype = dtype or model.lm_head.weight.dtype
     family = "qwen2" if cfg.qkv_bias else "llama"
     hf = {
         "architectures": [SUPPORTED[family]], "model_type": family,
@@ -848,7 +874,7 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str):
         # the pre-transformers-5 spelling, which both 4.x and 5.x read
         "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
     if family == "llama":
         hf |= {"attention_bias": False, "mlp_bias": False}
@@ -864,7 +890,12 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str):
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-    tensors = {_hf_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+    gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+    if temperature is not None:
+        gen |= dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
+    tensors = {_hf_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
                if not (cfg.tie_embeddings and k == "lm_head.weight")}  # safetensors refuses shared memory
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
