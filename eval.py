@@ -345,7 +345,8 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     task = task or (ck.get("config") or {}).get("task") or _task_from_name(path)
     if task is None:
         raise ValueError(f"{path} records no task (not a run checkpoint); pass --task")
-    family = exit_lib.make_family(task, cfg.get("data", ""), cfg.get("difficulties", ""))
+    family = exit_lib.eval_family(cfg.get("eval_data", ""),
+                                  exit_lib.make_family(task, cfg.get("data", ""), cfg.get("difficulties", "")))
     dev = model_lib.pick_device(device)
     settings = eval_settings(cfg)
     settings.update({k: v for k, v in dict(n_problems=n_problems, K=K, n_samples=n_samples).items() if v is not None})
@@ -383,7 +384,7 @@ def write_json(obj, path: str):
 
 
 # the settings that make two runs' Base evaluations the same evaluation of the same policy
-BASE_KEYS = ("task", "data", "seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps",
+BASE_KEYS = ("task", "data", "eval_data", "seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps",
              "warm_batch", "warm_lr", "max_new_tokens", "eval_problems", "eval_k", "eval_samples",
              "eval_temperature")
 

@@ -390,11 +390,11 @@ def make_family(task: str, data: str = "", difficulties: str = ""):
     return family
 
 
-def eval_family(cfg: Config, family):
+def eval_family(eval_data: str, family):
     """The family the final evaluation draws its held-out set from: --eval_data's file (all of it), else
     the training family's own test split."""
-    if cfg.eval_data:
-        return tasks_lib.RealMath(path=cfg.eval_data, heldout_file=True)
+    if eval_data:
+        return tasks_lib.RealMath(path=eval_data, heldout_file=True)
     return family
 
 
@@ -405,7 +405,7 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
     config.json and tokenizer, and that every prompt fits the model's context.
     Returns the family, the evaluation family and the training pool, for the Trainer."""
     family = make_family(cfg.task, cfg.data, cfg.difficulties)
-    efam = eval_family(cfg, family)
+    efam = eval_family(cfg.eval_data, family)
     train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
     heldout = []
     if cfg.eval_problems:

@@ -2329,6 +2329,7 @@ def test_a_small_heldout_set_is_capped_and_eval_data_is_its_own_file(tmp_path, i
         device="cpu").items()])
     ev = json.load(open(out / "eval.json"))
     assert ev["policy"]["n"] == 3 == ev["base"]["n"]
+    assert eval_lib.evaluate_checkpoint(str(out / "ckpt.pt"), device="cpu") == ev  # eval.py: the same held-out file
     assert json.load(open(out / "config.json"))["eval_data"] == str(tmp_path / "heldout.jsonl")
 
 
