@@ -133,10 +133,13 @@ class TaskFamily:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         rng = random.Random(f"{self.name}/{split}/{seed}/{difficulty}")  # str seeds are stable across runs
-        out, seen = [], set()
+        out, seen, misses = [], set(), 0
         for _ in range(200 * n + 1000):
             if len(out) == n:
                 return out
+            if misses > 20000 + 10 * n:  # nothing new for this long: the space is exhausted, say so now
+                break
+            misses += 1
             d = difficulty if difficulty is not None else rng.choice(self.train_difficulties)
             try:
                 p = self.make(rng, d)
@@ -146,6 +149,7 @@ class TaskFamily:
             if p is None or p.request in seen or split_of(p.request) != split:
                 continue
             seen.add(p.request)
+            misses = 0
             out.append(Problem(f"{self.name}/{split}/{_digest(p.request) % 10**10:010d}",
                                p.family, p.request, p.difficulty, p.target, p.data))
         if len(out) < n:
