@@ -578,18 +578,22 @@ def check_resume_folder(out_dir: str, ck: dict):
 
 
 def read_log_lines(path: str) -> list[dict]:
-    """log.jsonl's entries; a damaged line is an error naming the file and line."""
+    """log.jsonl's entries; a damaged line is an error naming the file and line, except a last line cut
+    off by a kill mid-write (no newline), which is dropped."""
     out = []
     with open(path, errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    entry = json.loads(line)
-                    if not isinstance(entry, dict) or not isinstance(entry.get("iter"), int):
-                        raise ValueError("no 'iter'")
-                except ValueError as e:
-                    raise ValueError(f"{path}, line {i}: not a log entry ({e})") from None
-                out.append(entry)
+        lines = f.readlines()
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not isinstance(entry.get("iter"), int):
+                    raise ValueError("no 'iter'")
+            except ValueError as e:
+                if i == len(lines) and not line.endswith("\n"):
+                    break
+                raise ValueError(f"{path}, line {i}: not a log entry ({e})") from None
+            out.append(entry)
     return out
 
 

@@ -2385,3 +2385,27 @@ def test_hf_export_keeps_the_source_dtype_and_writes_generation_config(tmp_path,
     gen = GenerationConfig.from_pretrained(str(out))
     assert set(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]) == tr.tok.stop_ids
     assert gen.do_sample and gen.temperature == 1.0
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
+    import signal as signal_lib
+    run = tmp_path / "run"
+    args = tiny_args(run, tmp_path / "base", iters=100000, ckpt_every=1000)
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "exit.py"), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log, t0 = run / "log.jsonl", time.time()
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert p.poll() is None and time.time() - t0 < 120
+        time.sleep(0.1)
+    p.send_signal(signal_lib.SIGINT)
+    p.send_signal(signal_lib.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert not [n for n in os.listdir(run) if ".tmp" in n]
+    # a log line cut off by a kill is dropped on resume, not an error
+    with open(log, "a") as f:
+        f.write('{"iter": 99')
+    if (run / "ckpt.pt").exists():
+        exit_lib.train(*exit_lib.parse_args([f"--out_dir={run}", "--resume", "--iters=3"]), quiet=True)
+    else:
+        assert [e["iter"] for e in exit_lib.read_log_lines(str(log))] == list(range(1, len(log.read_text().splitlines())))
