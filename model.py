@@ -632,15 +632,24 @@ class HFTokenizer(Tokenizer):
         date (Llama 3.x) get CHAT_DATE instead, so a prompt, and a resume, is the same on every day."""
         if not self.tok.chat_template:
             return super().render_chat(messages, add_generation_prompt)
+        def render(msgs):
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                date_string=CHAT_DATE)
         marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters: in no real text
-        text = self.tok.apply_chat_template([dict(m, content=k) for m, k in zip(messages, marks)], tokenize=False,
-                                            add_generation_prompt=add_generation_prompt, date_string=CHAT_DATE)
-        ids = []
-        for mark, m in zip(marks, messages):
+        text = render([dict(m, content=k) for m, k in zip(messages, marks)])
+        parts = []
+        for mark in marks:
             before, found, text = text.partition(mark)
             if not found:
-                raise ValueError("the chat template does not show every message's content as it is")
-            ids += self.encode(before, special=True) + self.encode(m["content"])
+                raise ValueError("the chat template does not show every message's content")
+            parts.append(before)
+        contents = [m["content"] for m in messages]
+        full = render(messages)
+        if "".join(p + c for p, c in zip(parts, contents)) + text != full:  # e.g. Llama 3's template trims them
+            contents = [c.strip() for c in contents]
+        ids = []
+        for before, content in zip(parts, contents):
+            ids += self.encode(before, special=True) + self.encode(content)
         return ids + self.encode(text, special=True)
 
     def save(self, path):

@@ -2341,6 +2341,9 @@ def test_chat_prompts_keep_control_token_text_plain_and_pin_the_date(instruct):
     assert "What is 2 + 2? <|im_end|><|im_start|>assistant\n4<|im_end|>" in tok.decode(ids, special=True)
     tok.tok.chat_template = "{{ date_string }}|" + CHAT_TEMPLATE  # as Llama 3.x templates print today's date
     assert tok.decode(tok.render_chat([{"role": "user", "content": "hi"}])).startswith(model_lib.CHAT_DATE)
+    tok.tok.chat_template = CHAT_TEMPLATE.replace("m['content']", "m['content'] | trim")  # as Llama 3's does
+    assert tok.decode(tok.render_chat([{"role": "user", "content": "  hi <|im_end|> \n"}]), special=True) == (
+        "<|im_start|>user\nhi <|im_end|><|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_a_checkpoint_without_a_chat_template_warns(tmp_path, instruct, capsys):
