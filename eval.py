@@ -29,6 +29,7 @@ imported lazily, inside the functions that load checkpoints or train, never at t
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -197,13 +198,19 @@ def summarise(scores: np.ndarray, difficulties: list, binary: bool) -> dict:
     return res
 
 
-def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = False):
+def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = False, warn: bool = True):
     """The held-out set: test-split instances (never trained on) of the training difficulty mix, in
     equal shares; harder=True adds the family's harder held-out difficulties (e.g. longer math chains,
     which a small model trained on short ones does not length-generalise to). The seed is fixed across
     runs so every method is evaluated on the same tasks. A family without difficulty settings (real
     data: realmath) gives n_problems of its test split (its file's held-out fifth)."""
     if not family.train_difficulties:
+        distinct = len(family.pool("test")) if hasattr(family, "pool") else n_problems
+        if n_problems > distinct:  # cycling through the pool again would count a problem twice
+            if warn:
+                print(f"warning: {getattr(family, 'path', family.name)} has only {distinct} held-out problems; "
+                      f"evaluating on those {distinct}, not {n_problems} (--eval_problems)", file=sys.stderr)
+            n_problems = distinct
         return family.sample("test", n_problems, seed=seed)
     diffs = list(family.train_difficulties)
     if harder:
@@ -243,18 +250,32 @@ def eval_settings(cfg: dict) -> dict:
                 harder=cfg.get("eval_harder", False))
 
 
+def weights_fingerprint(path: str) -> list:
+    """What identifies the weights at path (a checkpoint file, or a Hugging Face directory): each weight
+    file's name, size and modification time. Hashing the contents would read 20 GB for a 8B model;
+    replacing or retraining the weights in place changes the modification time."""
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if n.endswith((".safetensors", ".bin", ".pt")) or n == "config.json")
+    return [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+
+
 def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) -> dict:
     """The evaluation of the base policy a run started from (a warm-start file, or a Hugging Face
-    directory), cached next to it (keyed by the settings): every rung of a ladder starts from the
-    same base, so it is evaluated once, not once per method. load_policy(path, device) -> (policy, ...)
-    is exit.load_policy. Where the cache cannot be written (a read-only model folder) it is skipped."""
+    directory), cached beside it as BASE_PATH.eval-HASH.json, HASH keyed by the settings, the held-out
+    problems and the weights (weights_fingerprint): every rung of a ladder starts from the same base,
+    so it is evaluated once, not once per method, and new weights under the same name are evaluated
+    anew. load_policy(path, device) -> (policy, ...) is exit.load_policy. Where the cache cannot be
+    written (a read-only model folder) it is skipped."""
     # the problems too: two realmath runs from one checkpoint with different --data files differ
-    problems = [p.request for p in heldout_problems(family, settings["n_problems"], harder=settings["harder"])]
-    key = json.dumps(dict(family=family.name, problems=problems, **settings), sort_keys=True)
+    problems = [p.request for p in heldout_problems(family, settings["n_problems"], harder=settings["harder"], warn=False)]
+    key = json.dumps(dict(family=family.name, problems=problems, weights=weights_fingerprint(base_path), **settings),
+                     sort_keys=True)
     cache = f"{os.path.normpath(base_path)}.eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
     if os.path.isfile(cache):
-        with open(cache) as f:
-            return json.load(f)
+        return check_evaluation(model_lib.read_json(cache), cache, whole=False)
     base = load_policy(base_path, device)[0]
     res = evaluate_policy(base, tok, family, **settings)
     try:
@@ -285,6 +306,26 @@ def summary(results: dict) -> str:
 # -----------------------------------------------------------------------------
 # What is on disk: a run folder (config.json, log.jsonl, ckpt.pt, eval.json), a checkpoint file,
 # and the warm-started base policy a run started from (its base_path).
+
+
+def check_evaluation(ev, path: str, whole: bool = True) -> dict:
+    """An evaluation read from disk (eval.json: {"policy", "base"}; whole=False: one policy's), or a
+    ValueError naming the file."""
+    res = ev.get("policy") if whole and isinstance(ev, dict) else ev
+    if not isinstance(res, dict) or not all(k in res for k in ("K", "score", "delta", "n")):
+        what = "eval.json's {\"policy\": {\"K\", \"score\", ...}, \"base\": ...}" if whole else "an evaluation"
+        raise ValueError(f"{path}: not {what}; delete it, or pass --recompute to evaluate again")
+    return ev
+
+
+def check_table(table, path: str) -> dict:
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list) or "K" not in table:
+        raise ValueError(f"{path}: not a comparison (results.json with 'K' and 'rows')")
+    return table
+
+
+def _exit_defaults() -> dict:
+    return dataclasses.asdict(_exit().Config())
 
 
 def _exit():
@@ -334,10 +375,11 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     task = task or (ck.get("config") or {}).get("task") or _task_from_name(path)
     if task is None:
         raise ValueError(f"{path} records no task (not a run checkpoint); pass --task")
-    family = exit_lib.make_family(task, cfg.get("data", ""), cfg.get("difficulties", ""))
+    family = exit_lib.eval_family(cfg.get("eval_data", ""),
+                                  exit_lib.make_family(task, cfg.get("data", ""), cfg.get("difficulties", "")))
     dev = model_lib.pick_device(device)
     settings = eval_settings(cfg)
-    settings.update({k: v for k, v in dict(n_problems=n_problems, K=K, n_samples=n_samples).items() if v})
+    settings.update({k: v for k, v in dict(n_problems=n_problems, K=K, n_samples=n_samples).items() if v is not None})
     if temperature is not None:  # 0 is a real choice (greedy), so not "if temperature"
         settings["temperature"] = temperature
     policy, tok = exit_lib.policy_from_state(ck["policy"], dev)
@@ -355,20 +397,24 @@ def read_log(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return _exit().read_log_lines(path)
 
 
 def write_json(obj, path: str):
     """Write then rename, so an interrupted evaluation never leaves half an eval.json to be trusted."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # the settings that make two runs' Base evaluations the same evaluation of the same policy
-BASE_KEYS = ("task", "data", "seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps",
+BASE_KEYS = ("task", "data", "eval_data", "seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps",
              "warm_batch", "warm_lr", "max_new_tokens", "eval_problems", "eval_k", "eval_samples",
              "eval_temperature")
 
@@ -391,8 +437,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{path} has no config.json, so its method is unknown")
-        with open(cfg_file) as f:
-            cfg = json.load(f)
+        cfg = model_lib.read_json(cfg_file)
         method, log = cfg.get("method", "?"), read_log(path)
     elif os.path.isfile(path):
         ck = _exit().load_checkpoint(path)
@@ -402,21 +447,28 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     else:
         raise FileNotFoundError(f"no run folder or checkpoint at {path}")
 
-    if temperature is not None:
-        ev_file = f"{ev_file[:-len('.json')]}.T{temperature:g}.json"
+    # an evaluation with other settings than the run's own goes to a file of its own (eval.T0.json,
+    # eval.K4.n50.json, ...): the run's eval.json is only ever replaced by the same evaluation
+    own = eval_settings({**_exit_defaults(), **cfg})
+    asked = dict(K=K if recompute or not os.path.isfile(ev_file) else None, n=n_problems, s=n_samples, T=temperature)
+    mine = dict(K=own["K"], n=own["n_problems"], s=own["n_samples"], T=own["temperature"])
+    tags = [f"{k}{v:g}" for k, v in asked.items() if v is not None and v != mine[k]]
+    if tags:
+        ev_file = f"{ev_file[:-len('.json')]}.{'.'.join(tags)}.json"
     ev = None
     if os.path.isfile(ev_file) and not recompute:
-        with open(ev_file) as f:
-            ev = json.load(f)
+        ev = check_evaluation(model_lib.read_json(ev_file), ev_file)
         if K is not None and K > ev["policy"]["K"]:
             raise ValueError(f"{ev_file} has K = {ev['policy']['K']} < --k={K}; pass --recompute to evaluate again")
     if ev is None:
         if not os.path.isfile(ck_file):
             raise FileNotFoundError(f"{path}: no ckpt.pt to evaluate")
-        print(f"evaluating {ck_file} ...", flush=True)
-        ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples, device=device,
-                                 temperature=temperature)
-        write_json(ev, ev_file)
+        # a run folder is locked while its run is live: never evaluate a checkpoint that is being replaced
+        with _exit().run_lock(path) if os.path.isdir(path) else contextlib.nullcontext():
+            print(f"evaluating {ck_file} ...", flush=True)
+            ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples,
+                                     device=device, temperature=temperature)
+            write_json(ev, ev_file)
     # unset keys are left out, so runs from before a key existed still share their base
     base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "")}, sort_keys=True)
     if method == "base":
@@ -485,7 +537,7 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
             row["curves"] = {k: _mean_curve(logs[m], k) for k in CURVE_KEYS}
         rows.append(row)
     tasks = sorted({r["task"] for r in runs if r.get("task")})
-    return dict(K=K, task=",".join(tasks) or "?", rows=rows)
+    return dict(K=K, task=",".join(tasks) or "?", rows=rows, runs=[os.path.abspath(r["path"]) for r in runs])
 
 
 def format_table(table: dict) -> str:
@@ -621,16 +673,19 @@ def plot_lineage(log: list[dict], path: str, title: str = "") -> str | None:
     return path
 
 
-def compare(paths: list[str], out: str | None = None, K: int | None = None, **load_kw) -> dict:
+def compare(paths: list[str], out: str | None = None, K: int | None = None, overwrite: bool = False,
+            **load_kw) -> dict:
     """Load (or evaluate) each run, print the table, write results.json and the plots in `out`
-    (default: the runs' common parent folder, else runs/compare)."""
+    (default: one run folder: that folder; several: their common parent folder, else runs/compare)."""
     runs = [load_run(p, K=K, **load_kw) for p in paths]
     table = comparison_table(runs, K)
-    if out is None:
+    if out is None and len(runs) == 1 and os.path.isdir(runs[0]["path"]):
+        out = runs[0]["path"]  # never the parent, which may hold a comparison of many runs (a ladder's)
+    elif out is None:
         parents = [os.path.dirname(os.path.abspath(r["path"])) for r in runs]
         common = os.path.commonpath(parents)
         out = common if common not in (os.path.abspath(os.sep), os.getcwd()) else os.path.join("runs", "compare")
-    table = report(table, out)
+    table = report(table, out, overwrite)
     # the lineage of one run that built a curriculum (the most complete rung first), not of every seed
     order = {m: i for i, m in enumerate(reversed(list(LABELS)))}
     grown = sorted((r for r in runs if r["log"] and any(l.get("buf_depth_hist") for l in r["log"])),
@@ -642,8 +697,17 @@ def compare(paths: list[str], out: str | None = None, K: int | None = None, **lo
     return table
 
 
-def report(table: dict, out: str) -> dict:
+def report(table: dict, out: str, overwrite: bool = False) -> dict:
+    """Print the table; write results.json and the plots in `out`. A results.json there of other runs
+    (another comparison) is never replaced unless overwrite."""
     print(format_table(table))
+    old_file = os.path.join(out, "results.json")
+    if os.path.isfile(old_file) and not overwrite:
+        old = check_table(model_lib.read_json(old_file), old_file)
+        shape = lambda t: t.get("runs") or [(r.get("method"), r.get("runs")) for r in t["rows"]]
+        if shape(old) != shape(table):
+            raise FileExistsError(f"{old_file} holds a comparison of other runs ({len(old['rows'])} rows); "
+                                  "pass --out=DIR to write this one elsewhere, or --overwrite to replace it")
     os.makedirs(out, exist_ok=True)
     write_json(table, os.path.join(out, "results.json"))
     plots = plot_table(table, out)
@@ -696,7 +760,7 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
         train_and_evaluate([*overrides, f"--method={m}", f"--seed={s}", f"--out_dir={d}", *resume])
         if not os.path.isfile(os.path.join(d, "eval.json")):
             raise RuntimeError(f"{d}: the run ended without eval.json")
-    return compare([d for _, _, d in plan], out=out)
+    return compare([d for _, _, d in plan], out=out, overwrite=True)  # the ladder's own comparison
 
 
 # -----------------------------------------------------------------------------
@@ -722,7 +786,9 @@ def parse(argv):
     p.add_argument("--temperature", type=float, metavar="T",
                    help="sampling temperature of the evaluation (default: the run's eval_temperature; 0 = greedy); "
                         "results go to eval.T{T}.json beside the run's eval.json")
-    p.add_argument("--recompute", action="store_true", help="evaluate again even where eval.json exists")
+    p.add_argument("--recompute", action="store_true", help="evaluate again even where eval.json exists (with other "
+                   "settings than the run's own, the result goes to eval.{settings}.json, never eval.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a results.json of other runs in --out")
     p.add_argument("--task", help="task family of a checkpoint that records none; with --ladder, exit.py's --task")
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument("--table", metavar="FILE", help="reprint a saved results.json (and redraw its plots next to it)")
@@ -738,12 +804,27 @@ def parse(argv):
     return args, extra
 
 
+def check_args(args):
+    """Bad numbers are errors before anything loads: --temperature=-1 would sample the least likely tokens."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+    need(args.k is None or args.k >= 0, f"--k must be >= 0 (improve steps), got {args.k}")
+    need(args.problems is None or args.problems >= 1, f"--problems must be >= 1, got {args.problems}")
+    need(args.samples is None or args.samples >= 1, f"--samples must be >= 1, got {args.samples}")
+    need(args.temperature is None or (np.isfinite(args.temperature) and args.temperature >= 0),
+         f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    need(args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}")
+    if args.device:
+        model_lib.pick_device(args.device)
+
+
 def main(argv=None):
     args, extra = parse(sys.argv[1:] if argv is None else argv)
     try:
+        check_args(args)
         if args.table:
-            with open(args.table) as f:
-                table = json.load(f)
+            table = check_table(model_lib.read_json(args.table), args.table)
             print(format_table(table))
             plots = plot_table(table, args.out or os.path.dirname(os.path.abspath(args.table)))
             print("(no plots: pip install matplotlib to get them)" if plots is None else "plots: " + ", ".join(plots))
@@ -753,7 +834,7 @@ def main(argv=None):
             overrides = [f"--{k}={v}" for k, v in passed.items() if v is not None] + extra
             ladder(overrides, seeds=args.seeds, out=args.out or os.path.join("runs", "ladder"))
         elif args.runs:
-            compare(args.runs, out=args.out, K=args.k, recompute=args.recompute, task=args.task,
+            compare(args.runs, out=args.out, K=args.k, overwrite=args.overwrite, recompute=args.recompute, task=args.task,
                     n_problems=args.problems, n_samples=args.samples, device=args.device or "auto",
                     temperature=args.temperature)
         else:
@@ -762,6 +843,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing half-written (evaluations are written whole, at the end)", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,17 @@ final answers, each row's episode is then finished by the policy and scored as a
 turn prefix of the result enters the buffer (buffer.insert_history).
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -74,6 +78,7 @@ class Config:
     device: str = _f("auto", "auto | cpu | cuda | mps")
     init: str = _f("", "start from this instead of the warm start: an exit checkpoint (.pt) or a Hugging Face directory")
     data: str = _f("", "--task=realmath: GSM8K- or MATH-style JSON-lines file (tasks.load_jsonl)")
+    eval_data: str = _f("", "--task=realmath: a separate held-out file for the final evaluation, all of its lines ('' = the test fifth of --data)")
     # ---- the toy policy and its warm start (stage 1)
     n_layer: int = _f(4, "toy policy: transformer blocks")
     n_embd: int = _f(128, "toy policy: width")
@@ -145,6 +150,9 @@ class Config:
         def need(ok, msg):
             if not ok:
                 raise ValueError(f"config: {msg}")
+        for f in dataclasses.fields(self):  # --lr=inf trains to NaN weights; --kappa=nan samples nothing sensible
+            v = getattr(self, f.name)
+            need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number, got {v}")
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         need(self.task in tasks_lib.FAMILIES, f"task must be one of {sorted(tasks_lib.FAMILIES)}, got {self.task!r}")
         need(self.children in ("all", "one"), f"children must be 'all' or 'one', got {self.children!r}")
@@ -166,6 +174,26 @@ class Config:
                   "rank_temperature"):
             need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
         need(self.min_size <= self.buffer_size, f"min_size ({self.min_size}) must be <= buffer_size ({self.buffer_size})")
+        need(self.temperature > 0, "temperature must be > 0 in training: GRPO learns from the differences between "
+                                   "a group's G sampled rollouts, and greedy decoding (0) makes them identical, so "
+                                   "every advantage would be 0 and nothing would ever be updated")
+        # the final evaluation runs after the whole training run: its settings are checked now
+        need(self.eval_k >= 0, f"eval_k must be >= 0 (K improve steps), got {self.eval_k}")
+        need(self.eval_samples >= 1, f"eval_samples must be >= 1 (chains per held-out task), got {self.eval_samples}")
+        need(not self.eval_data or self.task == "realmath", "--eval_data=FILE goes with --task=realmath")
+        need(self.micro_batch >= 0 and self.show_every >= 0, "micro_batch and show_every must be >= 0")
+        if not self.init:  # the toy's shape (a checkpoint brings its own)
+            need(min(self.n_layer, self.n_head, self.n_kv_head, self.n_embd) >= 1,
+                 "n_layer, n_head, n_kv_head and n_embd must be >= 1")
+            need(self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2 == 0,
+                 f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}) with an even quotient "
+                 "(the head width, which rotary embeddings split in halves)")
+            need(self.n_head % self.n_kv_head == 0,
+                 f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}) (grouped-query attention)")
+        try:
+            model_lib.pick_device(self.device)
+        except ValueError as e:
+            need(False, str(e))
         return self
 
 
@@ -201,6 +229,8 @@ def parse_args(argv) -> tuple[Config, set]:
         key, eq, text = arg[2:].partition("=")
         if key not in fields:
             raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
+        if key in values:  # the last one silently winning hides a typo in a long command line
+            raise ValueError(f"--{key} is given twice; give it once")
         typ = fields[key].type
         typ = types[typ] if isinstance(typ, str) else typ
         if not eq:
@@ -360,15 +390,82 @@ def make_family(task: str, data: str = "", difficulties: str = ""):
     return family
 
 
+def eval_family(eval_data: str, family):
+    """The family the final evaluation draws its held-out set from: --eval_data's file (all of it), else
+    the training family's own test split."""
+    if eval_data:
+        return tasks_lib.RealMath(path=eval_data, heldout_file=True)
+    return family
+
+
+def preflight(cfg: Config, quiet: bool = False) -> dict:
+    """Everything the run will need, checked before the warm start or a checkpoint loads (minutes), so
+    a bad input is an error now, not a traceback after training: the data files, enough distinct
+    problems for the training pool and the held-out set (--difficulties), the --init checkpoint's
+    config.json and tokenizer, and that every prompt fits the model's context.
+    Returns the family, the evaluation family and the training pool, for the Trainer."""
+    family = make_family(cfg.task, cfg.data, cfg.difficulties)
+    efam = eval_family(cfg.eval_data, family)
+    train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
+    heldout = []
+    if cfg.eval_problems:
+        heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet)
+    tok, max_len, source_dtype = None, None, None
+    if cfg.init and os.path.isdir(cfg.init):
+        config_file = os.path.join(cfg.init, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"--init={cfg.init}: no config.json (not a Hugging Face checkpoint directory)")
+        hf = model_lib.read_json(config_file)
+        max_len = model_lib.config_from_hf(hf, where=config_file).max_seq_len
+        source_dtype = model_lib.hf_dtype(hf)
+        if not model_lib._has_tokenizer_files(cfg.init):
+            raise ValueError(f"{cfg.init}: no tokenizer files; --init needs a checkpoint with its tokenizer")
+        tok = model_lib.load_tokenizer(cfg.init)
+    elif cfg.init:
+        if not os.path.isfile(cfg.init):
+            raise FileNotFoundError(f"--init={cfg.init}: no such checkpoint file or Hugging Face directory")
+    else:
+        tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+        max_len = model_lib.toy_config(tok.vocab_size).max_seq_len
+    if tok is not None:
+        style = eval_lib.prompt_style(tok)
+        if style == "chat" and not tok.has_chat_template and not quiet:
+            print(f"warning: {cfg.init}: the tokenizer has no chat template, so prompts are plain "
+                  "'user: ... assistant: ' text, which an instruct model was not trained on", file=sys.stderr)
+        if not family.multi_turn:
+            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in train_pool},
+                          family, "--data" if cfg.data else "the task")
+            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in heldout},
+                          efam, "--eval_data" if cfg.eval_data else "--data" if cfg.data else "the held-out set")
+    return dict(family=family, eval_family=efam, train_pool=train_pool, source_dtype=source_dtype)
+
+
+def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):
+    """Every problem's base prompt plus a completion must fit the context (model.generate refuses more)."""
+    for p in problems.values():
+        n = len(eval_lib.encode_prompt(tok, family, p, style=style))
+        if n + max_new_tokens > max_len:
+            line = f", line {p.data['line']}" if isinstance(p.data, dict) and "line" in p.data else ""
+            raise ValueError(f"{what}{line}: the prompt of problem {p.id} is {n} tokens, which with "
+                             f"max_new_tokens={max_new_tokens} exceeds the model's context of {max_len} tokens")
+
+
 def atomic_save(obj, path: str):
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a checkpoint."""
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a checkpoint.
+    An exception (Ctrl-C included) removes the temporary file; after kill -9 the next run in the
+    folder does (remove_stale_tmp)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path: str) -> dict:
@@ -382,6 +479,122 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or "policy" not in ckpt:
         raise ValueError(f"{path} is not an exit checkpoint (no 'policy' entry)")
     return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Run folders: one run per folder, and nothing in it lost or mixed with another run's.
+
+RUN_ARTIFACTS = ("ckpt.pt", "config.json", "log.jsonl", "eval.json", "results.json", "hf")
+LOCK_FILE = ".lock"
+_held_locks = {}  # folder -> [fd, depth] of the locks this process holds (main holds one across train)
+
+
+def run_artifacts(out_dir: str) -> list[str]:
+    """What a run (or eval.py) leaves in its folder. Any of them blocks a fresh run there: a run whose
+    ckpt.pt was deleted (checkpoints are big) still has its log, evaluation and export."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(n for n in os.listdir(out_dir)
+                  if n in RUN_ARTIFACTS or (n.startswith("eval.") and n.endswith(".json")))
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str):
+    """Hold an exclusive lock on out_dir (fcntl.flock on out_dir/.lock) while the block runs, so that a
+    second run, a --resume or an eval.py write into a live folder stops with a message naming the
+    holder. The kernel releases a flock when its process ends, kill -9 included: no stale lock.
+    The file stays (deleting it would race with a process about to lock it); it only says who holds it."""
+    key = os.path.abspath(out_dir)
+    if key in _held_locks:  # re-entrant within this process: main -> train
+        _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key][1] -= 1
+        return
+    os.makedirs(key, exist_ok=True)
+    path = os.path.join(key, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(path, errors="replace") as f:
+            holder = f.read().strip() or "unknown process"
+        os.close(fd)
+        raise FileExistsError(f"{out_dir} is in use by another run ({holder}); wait for it to finish, or "
+                              "choose another --out_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{' '.join(sys.argv[:1] + sys.argv[1:])}\n".encode())
+    _held_locks[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held_locks[key]
+        os.close(fd)  # releases the flock
+
+
+def remove_stale_tmp(folder: str):
+    """Remove what an atomic write killed mid-way left behind (NAME.tmpPID), where process PID is gone."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        m = re.fullmatch(r".+\.tmp([0-9]+)", name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # alive: another process is writing it (a shared base_dir)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+
+
+def check_resume_folder(out_dir: str, ck: dict):
+    """A ckpt.pt resumes only the run whose config.json and log.jsonl lie beside it: a checkpoint copied
+    in from another run would otherwise continue under that run's log."""
+    ckpt_path, saved = os.path.join(out_dir, "ckpt.pt"), ck["config"]
+    cfg_file = os.path.join(out_dir, "config.json")
+    if os.path.isfile(cfg_file):
+        folder = model_lib.read_json(cfg_file)
+        diff = [k for k in sorted(saved) if k in folder and k not in RESUMABLE_OVERRIDES and folder[k] != saved[k]]
+        if diff:
+            raise ValueError(f"{ckpt_path} is not this folder's run: it differs from {cfg_file} in "
+                             + ", ".join(f"{k} ({saved[k]!r} vs {folder[k]!r})" for k in diff[:5])
+                             + "; put it in a folder of its own")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.isfile(log_path):
+        iters = [entry["iter"] for entry in read_log_lines(log_path)]
+        n = ck["iter"]
+        if iters[:n] != list(range(1, n + 1)):
+            raise ValueError(f"{ckpt_path} is at iteration {n}, but {log_path} holds iterations "
+                             f"{iters[:1] + (['...', iters[-1]] if len(iters) > 1 else [])} (not 1..{n}): "
+                             "the checkpoint and the log are of different runs")
+
+
+def read_log_lines(path: str) -> list[dict]:
+    """log.jsonl's entries; a damaged line is an error naming the file and line, except a last line cut
+    off by a kill mid-write (no newline), which is dropped."""
+    out = []
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not isinstance(entry.get("iter"), int):
+                    raise ValueError("no 'iter'")
+            except ValueError as e:
+                if i == len(lines) and not line.endswith("\n"):
+                    break
+                raise ValueError(f"{path}, line {i}: not a log entry ({e})") from None
+            out.append(entry)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -481,15 +694,18 @@ class Trainer:
     """Everything a run holds. state_dict() is a complete checkpoint: resuming from it continues the
     run exactly (bit-identical on a CPU)."""
 
-    def __init__(self, cfg: Config, quiet: bool = False):
+    def __init__(self, cfg: Config, quiet: bool = False, checked: dict | None = None):
         self.cfg, self.quiet = cfg, quiet
+        checked = checked or preflight(cfg, quiet=True)  # the family and pools, checked before any model loads
         self.div_stats = {}  # Eq. 6 coefficients of the current iteration, for its log line
         self.device = model_lib.pick_device(cfg.device)
-        self.family = make_family(cfg.task, cfg.data, cfg.difficulties)
+        self.family, self.eval_family = checked["family"], checked["eval_family"]
+        self.source_dtype = checked.get("source_dtype")  # what hf/ is exported in: a bf16 source stays bf16
         if cfg.init:
             self.policy, self.tok, self.tok_spec = load_policy(cfg.init, self.device)
             self.base_path = os.path.abspath(cfg.init)
         else:
+            remove_stale_tmp(cfg.base_dir)  # a warm start killed while saving
             self.policy, self.tok, self.base_path = warm_start(cfg, self.family, self.device, quiet)
             self.base_path = os.path.abspath(self.base_path)  # eval.py may run from another folder
             self.tok_spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
@@ -528,7 +744,7 @@ class Trainer:
         self.buffer = buffer_lib.TaskBuffer(cfg.buffer_size, cfg.min_size, cfg.replay_prob, cfg.kappa,
                                             seed=cfg.seed, rank_temperature=cfg.rank_temperature or None,
                                             staleness_coef=cfg.staleness_coef)
-        self.train_pool = self.family.sample("train", 5000, seed=cfg.seed)
+        self.train_pool = checked["train_pool"]
         self.rng = np.random.default_rng(cfg.seed + 1)          # task choice, improve/diverge, children
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)  # rollouts
         self.iter = 0
@@ -817,7 +1033,7 @@ def format_log(log: dict) -> str:
 
 
 RESUMABLE_OVERRIDES = {"iters", "resume", "out_dir", "device", "log_every", "show_every", "ckpt_every", "grad_checkpoint",
-                       "eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_harder"}
+                       "eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_harder", "eval_data"}
 
 
 def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer:
@@ -827,6 +1043,8 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Train
         cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
     if cfg.init:  # and a resume may start from another working directory
         cfg = dataclasses.replace(cfg, init=os.path.abspath(cfg.init))
+    if cfg.eval_data:
+        cfg = dataclasses.replace(cfg, eval_data=os.path.abspath(cfg.eval_data))
     if cfg.resume:
         ck = load_checkpoint(ckpt_path)
         if ck.get("kind") != "run":
@@ -842,32 +1060,46 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Train
             raise ValueError(f"{ckpt_path} has config keys this version does not know: {sorted(unknown)}")
         cfg = dataclasses.replace(Config(**saved), **{k: getattr(cfg, k) for k in given & RESUMABLE_OVERRIDES})
         cfg.resume = True
-        trainer = Trainer(cfg, quiet)
+        cfg.validate()
+        check_resume_folder(cfg.out_dir, ck)
+        trainer = Trainer(cfg, quiet, preflight(cfg, quiet))
         try:
             trainer.load_state_dict(ck)
         except (KeyError, RuntimeError, ValueError) as e:
             raise ValueError(f"{ckpt_path} does not match this run ({type(e).__name__}: {e})") from None
         return trainer
-    if os.path.exists(ckpt_path):
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out_dir")
-    return Trainer(cfg, quiet)
+    found = run_artifacts(cfg.out_dir)
+    if found:
+        hint = "pass --resume to continue it" if "ckpt.pt" in found else "it has no ckpt.pt to --resume from"
+        raise FileExistsError(f"{cfg.out_dir} already holds a run ({', '.join(found)}): {hint}, or choose another "
+                              "--out_dir (a fresh run never replaces a run's files)")
+    return Trainer(cfg, quiet, preflight(cfg, quiet))
+
+
+def check_out_dir(cfg: Config):
+    if cfg.resume and not os.path.isdir(cfg.out_dir):  # and the lock would create it
+        raise FileNotFoundError(f"no checkpoint at {os.path.join(cfg.out_dir, 'ckpt.pt')} (no folder {cfg.out_dir})")
 
 
 def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer:
-    """Stage 1 + stage 2 (+ the final evaluation in main). Returns the trainer at the end."""
+    """Stage 1 + stage 2 (+ the final evaluation in main), holding the run folder's lock throughout.
+    Returns the trainer at the end."""
+    check_out_dir(cfg)
+    with run_lock(cfg.out_dir):
+        remove_stale_tmp(cfg.out_dir)
+        return _train(cfg, given, quiet)
+
+
+def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
     trainer = prepare(cfg, given, quiet)
     cfg = trainer.cfg
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    eval_lib.write_json(dataclasses.asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if not cfg.resume and os.path.exists(log_path):
-        os.remove(log_path)
     if cfg.resume and os.path.exists(log_path):  # drop lines of iterations the checkpoint does not hold
-        with open(log_path) as f:
-            kept = [l for l in f if l.strip() and json.loads(l)["iter"] <= trainer.iter]
-        with open(log_path, "w") as f:
+        kept = [json.dumps(e) + "\n" for e in read_log_lines(log_path) if e["iter"] <= trainer.iter]
+        with open(f"{log_path}.tmp{os.getpid()}", "w") as f:
             f.writelines(kept)
+        os.replace(f"{log_path}.tmp{os.getpid()}", log_path)
     # Ctrl-C finishes the iteration in flight, then saves and stops: a checkpoint taken halfway
     # through an iteration (RNGs advanced, buffer half updated) would not resume exactly.
     stop = []
@@ -906,7 +1138,8 @@ def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer
     bar.close()
     trainer.save()
     # the trained policy as a Hugging Face directory, for other tools (transformers, vLLM, ...) and --init
-    model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(cfg.out_dir, "hf"))
+    model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(cfg.out_dir, "hf"), dtype=trainer.source_dtype,
+                      temperature=cfg.eval_temperature)
     return trainer
 
 
@@ -914,15 +1147,16 @@ def show_chain(trainer: Trainer, settings: dict) -> str:
     """The first held-out problem's improvement chain, k = 0..K, the base policy's beside the trained one's,
     as text (the first problem, not a chosen one). '' for multi-turn families (their episodes do not fit a
     line). A real checkpoint's base is not loaded a second time: its column is left out."""
-    if trainer.family.multi_turn:
+    fam = trainer.eval_family
+    if fam.multi_turn:
         return ""
-    problem = eval_lib.heldout_problems(trainer.family, 1)[0]
+    problem = eval_lib.heldout_problems(fam, 1)[0]
     kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
     chains = {}
     if not os.path.isdir(trainer.base_path):
         base = load_policy(trainer.base_path, trainer.device)[0]
-        chains["base"] = eval_lib.improvement_chain(base, trainer.tok, trainer.family, problem, **kw)
-    chains[trainer.cfg.method] = eval_lib.improvement_chain(trainer.policy, trainer.tok, trainer.family, problem, **kw)
+        chains["base"] = eval_lib.improvement_chain(base, trainer.tok, fam, problem, **kw)
+    chains[trainer.cfg.method] = eval_lib.improvement_chain(trainer.policy, trainer.tok, fam, problem, **kw)
     return eval_lib.format_chains(problem, chains)
 
 
@@ -933,27 +1167,40 @@ def main(argv=None):
         return
     try:
         cfg, given = parse_args(argv)
-        trainer = train(cfg, given)
+        check_out_dir(cfg)
+        with run_lock(cfg.out_dir):  # held until eval.json is written
+            trainer = train(cfg, given)
+            final_evaluation(trainer)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:  # a Ctrl-C outside the RL loop (warm start, evaluation), or a second one
+        print("\ninterrupted: stopped at once; the run folder keeps its last checkpoint, if it has one "
+              "(continue with --resume)", file=sys.stderr)
+        raise SystemExit(130)
+    print(f"done: {trainer.iter} iterations in {trainer.elapsed:.0f}s of RL; run folder {trainer.cfg.out_dir}")
+
+
+def final_evaluation(trainer: Trainer):
+    """What a run shows at its end: the curriculum's lineage (lineage.png), the held-out K-step evaluation of
+    the trained policy and of its base (eval.json), and one held-out improvement chain (chain.txt)."""
     cfg = trainer.cfg
-    if cfg.eval_problems:
-        settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
-        res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.family, **settings)
-        base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.family, trainer.device,
-                                      load_policy, **settings)
-        eval_lib.write_json(dict(policy=res, base=base), os.path.join(cfg.out_dir, "eval.json"))
-        print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
-        show = show_chain(trainer, settings)
-        if show:
-            print(show)
-            with open(os.path.join(cfg.out_dir, "chain.txt"), "w") as f:
-                f.write(show + "\n")
     lineage = eval_lib.plot_lineage(eval_lib.read_log(cfg.out_dir), os.path.join(cfg.out_dir, "lineage.png"))
     if lineage:
         print(f"the curriculum's lineage: {lineage}")
-    print(f"done: {trainer.iter} iterations in {trainer.elapsed:.0f}s of RL; run folder {cfg.out_dir}")
+    if not cfg.eval_problems:
+        return
+    settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
+    res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.eval_family, **settings)
+    base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
+                                  load_policy, **settings)
+    eval_lib.write_json(dict(policy=res, base=base), os.path.join(cfg.out_dir, "eval.json"))
+    print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
+    show = show_chain(trainer, settings)
+    if show:
+        print(show)
+        with open(os.path.join(cfg.out_dir, "chain.txt"), "w") as f:
+            f.write(show + "\n")
 
 
 if __name__ == "__main__":

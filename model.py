@@ -520,6 +520,11 @@ class Tokenizer:
     def save(self, path: str):
         raise NotImplementedError
 
+    @property
+    def has_chat_template(self) -> bool:
+        """False: render_chat falls back to plain "role: content" lines."""
+        return False
+
 
 BYTE_PAT = r"\S+|\s+"  # with only single-byte ranks the split changes nothing but speed
 LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -530,6 +535,7 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
                    "<|python_tag|>"] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
+CHAT_DATE = "26 Jul 2024"  # the date chat templates that print one (Llama 3.x) show: fixed, not today's
 END_OF_TURN = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
 
 
@@ -556,6 +562,10 @@ class TiktokenTokenizer(Tokenizer):
             ids = ids.tolist()
         drop = {self.pad_id} if special else self.special_ids
         return self.enc.decode([i for i in ids if i not in drop])
+
+    @property
+    def has_chat_template(self):
+        return self.chat_format == "llama3"
 
     def render_chat(self, messages, add_generation_prompt=True):
         if self.chat_format != "llama3":
@@ -625,14 +635,56 @@ class HFTokenizer(Tokenizer):
             ids = ids.tolist()
         return self.tok.decode([i for i in ids if i != self.pad_id], skip_special_tokens=not special)
 
+    @property
+    def has_chat_template(self):
+        return bool(self.tok.chat_template)
+
     def render_chat(self, messages, add_generation_prompt=True):
+        """The chat template's prompt. Message contents are plain text, as on every other path (the toy's
+        compact prompts, the llama3 and plain renderings): a problem or an answer that spells a control
+        token ("<|eot_id|>") must not become one. So the template is rendered as text around placeholders;
+        its own text is encoded with special tokens, the contents without. Templates that print today's
+        date (Llama 3.x) get CHAT_DATE instead, so a prompt, and a resume, is the same on every day."""
         if not self.tok.chat_template:
             return super().render_chat(messages, add_generation_prompt)
-        out = self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)  # transformers 5 returns a dict
+        def render(msgs):
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                date_string=CHAT_DATE)
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters: in no real text
+        text = render([dict(m, content=k) for m, k in zip(messages, marks)])
+        parts = []
+        for mark in marks:
+            before, found, text = text.partition(mark)
+            if not found:
+                raise ValueError("the chat template does not show every message's content")
+            parts.append(before)
+        contents = [m["content"] for m in messages]
+        full = render(messages)
+        if "".join(p + c for p, c in zip(parts, contents)) + text != full:  # e.g. Llama 3's template trims them
+            contents = [c.strip() for c in contents]
+        ids = []
+        for before, content in zip(parts, contents):
+            ids += self.encode(before, special=True) + self.encode(content)
+        return ids + self.encode(text, special=True)
 
     def save(self, path):
         self.tok.save_pretrained(path)
+
+
+def read_json(path: str, kind: type | None = dict):
+    """A JSON file's content, or a ValueError that names the file and what is wrong with it
+    (json's own message names neither the file nor, for a wrong shape, the problem)."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a JSON file (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    if kind is not None and not isinstance(obj, kind):
+        want = {dict: "object {...}", list: "list [...]"}.get(kind, kind.__name__)
+        raise ValueError(f"{path}: expected a JSON {want}, got a {type(obj).__name__}")
+    return obj
 
 
 def _config_eos_ids(path) -> set[int]:
@@ -642,8 +694,7 @@ def _config_eos_ids(path) -> set[int]:
     for name in ("config.json", "generation_config.json"):
         f = os.path.join(path, name)
         if os.path.isfile(f):
-            with open(f) as fh:
-                eos = json.load(fh).get("eos_token_id")
+            eos = read_json(f).get("eos_token_id")
             ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return ids
 
@@ -685,8 +736,7 @@ def _tiktoken_from_dir(path, ranks) -> TiktokenTokenizer:
     config = {}
     f = os.path.join(path, "tokenizer_config.json")
     if os.path.isfile(f):
-        with open(f) as fh:
-            config = json.load(fh)
+        config = read_json(f)
     added = config.get("added_tokens_decoder")
     if added:
         specials = {t["content"]: int(i) for i, t in added.items()}
@@ -719,6 +769,14 @@ SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 def _hf_name(name: str) -> str:
     """Our parameter name -> the checkpoint's: HF nests everything but lm_head under "model."."""
     return name if name.startswith("lm_head") else "model." + name
+
+
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_dtype(hf: dict) -> torch.dtype | None:
+    """The dtype a Hugging Face config.json says its weights are stored in (None if it does not say)."""
+    return HF_DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"))
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
@@ -763,8 +821,10 @@ def _read_safetensors(path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
@@ -789,8 +849,7 @@ def load_hf(path: str, device=None, dtype=None) -> tuple[Transformer, Tokenizer 
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{config_file}: not found; load_hf needs a Hugging Face checkpoint directory")
-    with open(config_file) as f:
-        cfg = config_from_hf(json.load(f), where=config_file)
+    cfg = config_from_hf(read_json(config_file), where=config_file)
     tensors = _read_safetensors(path)
 
     model = Transformer(cfg)
@@ -819,12 +878,16 @@ def load_hf(path: str, device=None, dtype=None) -> tuple[Transformer, Tokenizer 
     return model, tokenizer
 
 
-def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str):
-    """Write config.json + model.safetensors (+ the tokenizer) so that both load_hf and
-    transformers.AutoModelForCausalLM.from_pretrained read it back with the same logits.
-    Llama layout, or Qwen2 when the model has q/k/v biases."""
+def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str, dtype: torch.dtype | None = None,
+            temperature: float | None = None):
+    """Write config.json + model.safetensors (+ the tokenizer, + generation_config.json with the stop
+    ids and sampling defaults) so that both load_hf and transformers.AutoModelForCausalLM.from_pretrained
+    read it back with the same logits. Llama layout, or Qwen2 when the model has q/k/v biases.
+    dtype: the weights' dtype on disk (e.g. a bf16 source's, trained in fp32); None keeps the model's.
+    temperature: the sampling default (0: greedy; None: transformers' defaults)."""
     from safetensors.torch import save_file
     cfg = model.config
+    dtype = dtype or model.lm_head.weight.dtype
     family = "qwen2" if cfg.qkv_bias else "llama"
     hf = {
         "architectures": [SUPPORTED[family]], "model_type": family,
@@ -835,7 +898,7 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str):
         # the pre-transformers-5 spelling, which both 4.x and 5.x read
         "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
     if family == "llama":
         hf |= {"attention_bias": False, "mlp_bias": False}
@@ -851,7 +914,12 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str):
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-    tensors = {_hf_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+    gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+    if temperature is not None:
+        gen |= dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
+    tensors = {_hf_name(k): v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
                if not (cfg.tie_embeddings and k == "lm_head.weight")}  # safetensors refuses shared memory
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
@@ -863,9 +931,24 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda, else mps, else cpu; any other name is taken as is."""
+    """"auto" -> cuda, else mps, else cpu. Any other name must be a device this torch can use now:
+    a typo or --device=cuda on a CPU-only build is a ValueError that says so, not a traceback later."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {name!r} is not a device name: auto | cpu | cuda | cuda:N | mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: this torch sees no CUDA device (torch.cuda.is_available() is "
+                             "False); use --device=cpu or --device=auto")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        mps = getattr(torch.backends, "mps", None)
+        if dev.type == "mps" and not (mps is not None and mps.is_available()):
+            raise ValueError(f"device {name!r}: MPS is not available here; use --device=cpu or --device=auto")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {name!r} is not supported: auto | cpu | cuda | cuda:N | mps")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -62,11 +62,11 @@ def n_tokens(text: str) -> int:
 # ---------------------------------------------------------------- reading answers
 
 def _last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (nested braces allowed), or None."""
-    i = text.rfind("\\boxed")
+    """Content of the last \\boxed{...} or \\fbox{...} (MATH uses both; nested braces allowed), or None."""
+    i, cmd = max((text.rfind(c), c) for c in ("\\boxed", "\\fbox"))
     if i < 0:
         return None
-    rest = text[i + len("\\boxed"):]
+    rest = text[i + len(cmd):]
     if not rest.lstrip().startswith("{"):  # "\boxed 5"
         m = re.match(r"\s+([^\s$]+)", rest)
         return m.group(1) if m else None
@@ -201,31 +201,42 @@ class TaskFamily:
         if difficulty is None and not self.train_difficulties:
             raise ValueError(f"{self.name}: no train_difficulties to draw from; pass difficulty=")
         rng = random.Random(f"{self.name}/{split}/{seed}/{difficulty}")  # str seeds are stable across runs
-        out, seen = [], set()
+        out, seen, misses = [], set(), 0
         stale, got = {}, {}  # per difficulty: repeats in a row, problems accepted (bookkeeping only: no draws)
         for _ in range(200 * n + 1000):
             if len(out) == n:
                 break
+            if misses > 20000 + 10 * n:  # nothing new for this long: the space is exhausted, say so now
+                break
+            misses += 1
             d = difficulty if difficulty is not None else rng.choice(self.train_difficulties)
-            p = self.make(rng, d)
+            try:
+                p = self.make(rng, d)
+            except (ValueError, IndexError) as e:  # e.g. a subset of 1 item: no problem of that size exists
+                raise ValueError(f"{self.name}: cannot make a problem at difficulty {d} ({e}); choose other "
+                                 "--difficulties") from None
             if p is not None and p.request in seen:
                 stale[d] = stale.get(d, 0) + 1
             if p is None or p.request in seen or split_of(p.request) != split:
                 continue
             seen.add(p.request)
+            misses = 0
             stale[d], got[d] = 0, got.get(d, 0) + 1
             out.append(Problem(f"{self.name}/{split}/{_digest(p.request) % 10**10:010d}",
                                p.family, p.request, p.difficulty, p.target, p.data))
         for d, k in stale.items():
-            if k >= self.STALE_DRAWS and difficulty is None and (split, d) not in self._warned:
+            if (k >= self.STALE_DRAWS and difficulty is None and len(self.train_difficulties) > 1
+                    and (split, d) not in self._warned):  # with one difficulty, running out is the error below
                 self._warned.add((split, d))
                 warnings.warn(f"{self.name}: difficulty {d} ran out of distinct {split} problems after {got.get(d, 0)} "
                               f"(its share of the {n} asked is ~{n // len(self.train_difficulties)}); the other "
                               f"difficulties fill the list, so the mix is skewed: {dict(sorted(got.items()))}",
                               stacklevel=2)
         if len(out) < n:
-            raise RuntimeError(f"{self.name}: could not draw {n} distinct {split} problems (got {len(out)}: "
-                               f"{dict(sorted(got.items()))} by difficulty)")
+            diffs = [difficulty] if difficulty is not None else list(self.train_difficulties)
+            raise ValueError(f"{self.name}: could not draw {n} distinct {split} problems at difficulties {diffs} "
+                             f"(found {len(out)}: {dict(sorted(got.items()))} by difficulty): too few exist there; "
+                             "widen --difficulties")
         return out
 
     # ---- prompts
@@ -1081,11 +1092,15 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
     if fmt not in ("auto", "gsm8k", "math"):
         raise ValueError(f"fmt must be 'auto', 'gsm8k' or 'math', got {fmt!r}")
     stem, out = os.path.splitext(os.path.basename(path))[0], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            where = f"{path}, line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: not UTF-8 text (is it a JSON-lines file?)") from None
             if not line.strip():
                 continue
-            where = f"{path}, line {line_no}"
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
@@ -1106,6 +1121,8 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
             level = re.search(r"[0-9]+", str(d.get("level", "")))
             out.append(Problem(f"{stem}/{line_no}", "realmath", request, int(level.group()) if level else 0,
                                target.strip(), {"line": line_no}))
+    if not out:
+        raise ValueError(f"{path}: no problems (the file is empty)")
     return out
 
 
@@ -1115,21 +1132,34 @@ class RealMath(TaskFamily):
     summary = "binary: GSM8K/MATH-style problems from a JSONL file (needs --data and --init)"
     answer_format = "put the final answer in \\boxed{}"
 
-    def __init__(self, problems: list[Problem] | None = None, path: str | None = None, error_model=None):
+    def __init__(self, problems: list[Problem] | None = None, path: str | None = None, error_model=None,
+                 heldout_file: bool = False):
+        """heldout_file: every problem is a test problem (a separate evaluation file, exit.py --eval_data);
+        otherwise the split is by request hash (split_of): about a fifth of the file is held out."""
         super().__init__(error_model)
         if problems is None and path is None:
             raise ValueError("realmath needs problems=[...] or path='file.jsonl'")
         self.problems = list(problems) if problems is not None else load_jsonl(path)
+        self.path, self.heldout_file = path or "the problems given", heldout_file
+
+    def pool(self, split, difficulty=None) -> list[Problem]:
+        """The distinct problems of a split."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return [p for p in self.problems if (split == "test" if self.heldout_file else split_of(p.request) == split)
+                and (difficulty is None or p.difficulty == difficulty)]
 
     def sample(self, split, n, seed, difficulty=None):
         """n problems of the split (by the same request hash); when n exceeds the pool, it is cycled
         through again in a new order, so repeats appear only then."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        pool = [p for p in self.problems if split_of(p.request) == split
-                and (difficulty is None or p.difficulty == difficulty)]
+        pool = self.pool(split, difficulty)
         if not pool:
-            raise ValueError(f"realmath: no {split} problems (difficulty={difficulty})")
+            how = ("it is an evaluation file" if self.heldout_file else
+                   f"the {split} split is the {'fifth' if split == 'test' else 'four fifths'} of lines whose request "
+                   f"hashes there (tasks.split_of), and none of its {len(self.problems)} did")
+            hint = "; add lines, or give a held-out file with --eval_data" if split == "test" else "; add lines"
+            raise ValueError(f"realmath: {self.path} has no {split} problems"
+                             + (f" at level {difficulty}" if difficulty is not None else "") + f" ({how}){hint}")
         rng, out = random.Random(f"{self.name}/{split}/{seed}/{difficulty}"), []
         while len(out) < n:
             out += rng.sample(pool, len(pool))

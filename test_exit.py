@@ -1026,7 +1026,7 @@ def test_sample_warns_once_when_a_difficulty_runs_out():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert f.sample("train", 300, 0) == ps                   # once per family and difficulty
-    with pytest.raises(RuntimeError, match="could not draw 50 distinct train problems"):
+    with pytest.raises(ValueError, match="could not draw 50 distinct train problems"):
         f.sample("train", 50, 0, difficulty=1)
 
 
@@ -2399,3 +2399,339 @@ def test_lineage_plot_draws_buffer_depths(tmp_path):
     path = eval_lib.plot_lineage(log, str(tmp_path / "lineage.png"))
     assert path and (tmp_path / "lineage.png").stat().st_size > 1000
     assert eval_lib.plot_lineage([dict(buf_depth_hist={})], str(tmp_path / "none.png")) is None  # GRPO: no buffer
+
+
+# ===============================================================================================
+# Reliability: a bad input is a clear error before any work; a run folder holds one run, nothing lost
+# ===============================================================================================
+
+def tiny_args(out_dir, base_dir, **kw):
+    d = dict(out_dir=out_dir, base_dir=base_dir, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, warm_examples=64,
+             warm_steps=3, warm_batch=8, iters=1, tasks_per_iter=2, group_size=4, max_new_tokens=12, min_size=2,
+             eval_problems=0, show_every=0, device="cpu")
+    return [f"--{k}={v}" for k, v in (d | kw).items()]
+
+
+def main_fails(capsys, argv, code=2):
+    """exit.main on bad input: the exit code, and stderr (one clear line, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        exit_lib.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code and "Traceback" not in err, err
+    return err
+
+
+def test_a_live_run_folder_is_locked_and_kill_9_leaves_no_stale_lock(tmp_path, capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, exit\nwith exit.run_lock(sys.argv[1]):\n"
+                               "    print('locked', flush=True); time.sleep(120)", str(run)],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = main_fails(capsys, tiny_args(run, tmp_path / "base"))
+        assert "in use by another run" in err and f"pid {holder.pid}" in err
+        err = main_fails(capsys, tiny_args(run, tmp_path / "base") + ["--resume"])  # nor a --resume into it
+        assert f"pid {holder.pid}" in err
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the flock with the process
+        holder.wait()
+    exit_lib.main(tiny_args(run, tmp_path / "base"))  # no stale lock
+    assert (run / "ckpt.pt").is_file() and not exit_lib._held_locks
+    with exit_lib.run_lock(str(run)):  # released on the way out of main
+        pass
+
+
+def test_any_run_artifact_blocks_a_fresh_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    exit_lib.main(tiny_args(run, tmp_path / "base"))
+    os.remove(run / "ckpt.pt")  # a finished run whose big checkpoint was deleted
+    before = {n: (run / n).read_bytes() for n in ("config.json", "log.jsonl")}
+    err = main_fails(capsys, tiny_args(run, tmp_path / "base", seed=1))
+    assert "already holds a run (config.json, hf, log.jsonl)" in err and "no ckpt.pt" in err
+    assert {n: (run / n).read_bytes() for n in before} == before and (run / "hf").is_dir()
+    only_eval = tmp_path / "evalonly"
+    os.makedirs(only_eval)
+    (only_eval / "eval.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"already holds a run \(eval.json\)"):
+        exit_lib.prepare(tiny_cfg(tmp_path, out_dir=str(only_eval)), quiet=True)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    a = exit_lib.train(tiny_cfg(tmp_path / "a", iters=2), quiet=True).cfg.out_dir
+    b = exit_lib.train(tiny_cfg(tmp_path / "b", iters=1, task="math"), quiet=True).cfg.out_dir
+    c = exit_lib.train(tiny_cfg(tmp_path / "c", iters=1, base_dir=str(tmp_path / "a" / "base")),
+                       quiet=True).cfg.out_dir  # a's settings, a shorter run
+    resume = lambda d: exit_lib.parse_args([f"--out_dir={d}", "--resume", "--iters=3"])
+    log_b = open(os.path.join(b, "log.jsonl")).read()
+    import shutil
+    shutil.copy(os.path.join(a, "ckpt.pt"), os.path.join(b, "ckpt.pt"))
+    with pytest.raises(ValueError, match=r"not this folder's run: it differs from .*config.json in .*"
+                                         r"task \('exactsumfb' vs 'math'\)"):
+        exit_lib.train(*resume(b), quiet=True)
+    assert open(os.path.join(b, "log.jsonl")).read() == log_b  # nothing touched
+    shutil.copy(os.path.join(a, "ckpt.pt"), os.path.join(c, "ckpt.pt"))
+    with pytest.raises(ValueError, match=r"at iteration 2, but .*log.jsonl holds iterations \[1\].*different runs"):
+        exit_lib.train(*resume(c), quiet=True)
+    assert exit_lib.train(*resume(a), quiet=True).iter == 3  # its own checkpoint still resumes
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_no_tmp_file(tmp_path):
+    with pytest.raises(Exception):  # an interrupted write (here: an unpicklable object) removes its tmp file
+        exit_lib.atomic_save({"f": lambda: 0}, str(tmp_path / "x.pt"))
+    assert os.listdir(tmp_path) == []
+    cfg = tiny_cfg(tmp_path, iters=1)
+    exit_lib.train(cfg, quiet=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: the writer that was killed with -9
+    (tmp_path / "run" / f"ckpt.pt.tmp{dead.pid}").write_bytes(b"half a checkpoint")
+    (tmp_path / "base" / f"x.pt.tmp{dead.pid}").write_bytes(b"half a warm start")
+    exit_lib.train(*exit_lib.parse_args([f"--out_dir={cfg.out_dir}", "--resume", "--iters=2"]), quiet=True)
+    assert not [n for n in os.listdir(tmp_path / "run") + os.listdir(tmp_path / "base") if ".tmp" in n]
+
+
+def test_config_rejects_bad_values_up_front(monkeypatch):
+    cases = {"--lr=inf": "lr must be a finite number, got inf", "--kappa=inf": "kappa must be a finite number",
+             "--clip_eps=nan": "clip_eps must be a finite number", "--temperature=0": "temperature must be > 0 in training: GRPO",
+             "--eval_k=-1": "eval_k must be >= 0", "--eval_samples=0": "eval_samples must be >= 1",
+             "--n_embd=33": r"n_embd \(33\) must be a multiple of n_head \(4\)",
+             "--n_head=3": r"n_embd \(128\) must be a multiple of n_head \(3\)",
+             "--n_kv_head=3": r"n_head \(4\) must be a multiple of n_kv_head \(3\)",
+             "--device=foo": "device 'foo' is not a device name", "--eval_data=x.jsonl": "--eval_data=FILE goes with"}
+    for arg, msg in cases.items():
+        with pytest.raises(ValueError, match=msg):
+            exit_lib.parse_args([arg])
+    with pytest.raises(ValueError, match="--iters is given twice"):
+        exit_lib.parse_args(["--iters=3", "--iters=4"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda': this torch sees no CUDA device"):
+        exit_lib.parse_args(["--device=cuda"])
+    with pytest.raises(ValueError, match="device 'cuda': this torch sees no CUDA device"):
+        model_lib.pick_device("cuda")
+
+
+def test_bad_inputs_as_scripts_fail_with_one_line_and_no_traceback(tmp_path):
+    for script, args, msg in [("exit.py", ["--lr=inf"], "error: config: lr must be a finite number"),
+                              ("exit.py", ["--device=foo"], "error: config: device 'foo'"),
+                              ("eval.py", [str(tmp_path), "--device=foo"], "error: device 'foo'")]:
+        p = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+        assert p.returncode == 2 and p.stderr.startswith(msg) and "Traceback" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_outside_the_rl_loop_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(exit_lib, "warm_start", interrupted)  # Ctrl-C during the warm start
+    err = main_fails(capsys, tiny_args(tmp_path / "run", tmp_path / "base"), code=130)
+    assert "interrupted" in err and not exit_lib._held_locks
+    assert not exit_lib.run_artifacts(str(tmp_path / "run"))  # nothing half-written
+
+
+def test_preflight_catches_before_the_warm_start_what_used_to_fail_after_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(exit_lib, "warm_start", lambda *a, **k: pytest.fail("warm start before the check"))
+    for kw, msg in [(dict(task="math", difficulties="1"), r"could not draw 5000 distinct train problems at difficulties \[1\]"),
+                    (dict(task="subset", difficulties="1"), "subset: cannot make a problem at difficulty 1"),
+                    (dict(task="math", difficulties="2", eval_problems=5000), "could not draw 5000 distinct test problems")]:
+        with pytest.raises(ValueError, match=msg):
+            exit_lib.prepare(tiny_cfg(tmp_path, **kw), quiet=True)
+
+
+def test_eval_cli_rejects_bad_numbers_and_names_bad_files(four_runs, capsys):
+    def fails(argv):
+        with pytest.raises(SystemExit) as e:
+            eval_lib.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err
+        return err
+    run = str(four_runs / "exit-s0")
+    assert "--temperature must be a finite number >= 0" in fails([run, "--temperature=-1"])
+    assert "--samples must be >= 1" in fails([run, "--samples=0"])
+    assert "--k must be >= 0" in fails([run, "--k=-1"])
+    assert "--problems must be >= 1" in fails([run, "--problems=-1", "--recompute"])
+    assert "device 'foo'" in fails([run, "--device=foo"])
+    (four_runs / "exit-s0" / "eval.json").write_text("{\n")
+    assert f"{run}/eval.json: not valid JSON" in fails([run])
+    (four_runs / "exit-s0" / "eval.json").write_text("{}")
+    assert f"{run}/eval.json: not eval.json's" in fails([run])
+    (four_runs / "results.json").write_text("[1, 2]")
+    assert "results.json: expected a JSON object {...}, got a list" in fails(["--table", str(four_runs / "results.json")])
+    (four_runs / "results.json").write_text("{}")
+    assert "results.json: not a comparison" in fails(["--table", str(four_runs / "results.json")])
+
+
+def test_one_run_never_replaces_a_comparison_of_many(four_runs, capsys):
+    runs = sorted(str(p) for p in four_runs.iterdir())
+    eval_lib.main(runs)  # the comparison of four runs, in their parent folder
+    table = (four_runs / "results.json").read_text()
+    eval_lib.main([runs[0]])  # "re-print one run": its own folder, the comparison stays
+    assert (four_runs / "results.json").read_text() == table
+    assert len(json.load(open(four_runs / "exit-s0" / "results.json"))["runs"]) == 1
+    with pytest.raises(SystemExit):
+        eval_lib.main(runs[:2] + ["--out", str(four_runs)])  # two runs into the four runs' folder: asked? no
+    assert "holds a comparison of other runs" in capsys.readouterr().err
+    assert (four_runs / "results.json").read_text() == table
+    eval_lib.main(runs[:2] + ["--out", str(four_runs), "--overwrite"])  # asked: replaced
+    assert len(json.load(open(four_runs / "results.json"))["runs"]) == 2
+
+
+def test_recompute_with_other_settings_never_replaces_eval_json(tmp_path):
+    run = tmp_path / "run"
+    exit_lib.main(tiny_args(run, tmp_path / "base", eval_problems=3, eval_k=1, eval_samples=1))
+    own = (run / "eval.json").read_text()
+    eval_lib.main([str(run), "--recompute", "--problems=2", "--device=cpu"])
+    assert (run / "eval.json").read_text() == own
+    assert json.load(open(run / "eval.n2.json"))["policy"]["n"] == 2
+    eval_lib.main([str(run), "--recompute", "--device=cpu"])  # the same settings: the same evaluation
+    assert json.load(open(run / "eval.json")) == json.loads(own)
+
+
+def test_base_evaluation_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
+    fam = tasks_lib.get_family("math")
+    tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+    path = tmp_path / "base.pt"
+    calls = []
+
+    def load(p, device):
+        calls.append(p)
+        torch.manual_seed(len(calls))
+        m = model_lib.Transformer(dataclasses.replace(model_lib.toy_config(tok.vocab_size), n_layer=1, n_embd=32,
+                                                      n_head=2, n_kv_head=1, intermediate_size=64))
+        return (m,)
+    settings = dict(n_problems=2, K=1, n_samples=1, temperature=1.0, max_new_tokens=8, seed=0, harder=False)
+    path.write_bytes(b"weights v1")
+    eval_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
+    eval_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
+    assert len(calls) == 1  # cached beside the weights: BASE.eval-HASH.json
+    assert [n for n in os.listdir(tmp_path) if n.startswith("base.pt.eval-")]
+    path.write_bytes(b"weights v2, retrained")  # new weights under the same name
+    eval_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
+    assert len(calls) == 2
+
+
+def test_real_data_and_checkpoint_problems_are_errors_before_the_model_loads(tmp_path, instruct, monkeypatch):
+    import shutil
+    monkeypatch.setattr(exit_lib, "load_policy", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    ck, data = instruct
+    fails = lambda msg, **kw: pytest.raises(ValueError, match=msg)
+    (tmp_path / "empty.jsonl").write_text("")
+    with fails(r"empty.jsonl: no problems \(the file is empty\)"):
+        exit_lib.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "empty.jsonl")), quiet=True)
+    (tmp_path / "binary.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with fails(r"binary.jsonl, line 1: not UTF-8 text"):
+        exit_lib.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "binary.jsonl")), quiet=True)
+    lines = open(data).read().splitlines()
+    train_only = [l for l in lines if tasks_lib.split_of(json.loads(l)["question"]) == "train"]
+    (tmp_path / "train_only.jsonl").write_text("\n".join(train_only) + "\n")
+    with fails(r"train_only.jsonl has no test problems .*--eval_data"):  # the final evaluation would need them
+        exit_lib.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "train_only.jsonl"), eval_problems=4), quiet=True)
+    long = dict(question="How many apples? " * 400, answer="#### 3")
+    (tmp_path / "long.jsonl").write_text("\n".join(lines + [json.dumps(long)]) + "\n")
+    with fails(r"--data, line 31: the prompt of problem .* exceeds the model's context of 1024 tokens"):
+        exit_lib.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "long.jsonl"), eval_problems=4), quiet=True)
+    bad = tmp_path / "bad_init"
+    shutil.copytree(ck, bad)
+    for text, msg in [("[1, 2]", "config.json: expected a JSON object"), ("{", "config.json: not valid JSON")]:
+        (bad / "config.json").write_text(text)
+        with fails(msg):
+            exit_lib.prepare(hf_cfg(tmp_path, instruct, init=str(bad)), quiet=True)
+
+
+def test_a_small_heldout_set_is_capped_and_eval_data_is_its_own_file(tmp_path, instruct, capsys):
+    ck, data = instruct
+    lines = open(data).read().splitlines()
+    (tmp_path / "heldout.jsonl").write_text("\n".join(lines[:3]) + "\n")  # every line held out, train or not
+    fam = tasks_lib.RealMath(path=str(tmp_path / "heldout.jsonl"), heldout_file=True)
+    probs = eval_lib.heldout_problems(fam, 10)
+    assert len(probs) == 3 == len({p.id for p in probs})  # capped, never a problem twice
+    assert "has only 3 held-out problems; evaluating on those 3, not 10" in capsys.readouterr().err
+    out = tmp_path / "run"
+    exit_lib.main([f"--{k}={v}" for k, v in dict(
+        init=ck, task="realmath", data=data, eval_data=tmp_path / "heldout.jsonl", out_dir=out, iters=1,
+        tasks_per_iter=2, group_size=2, max_new_tokens=6, min_size=2, eval_problems=10, eval_k=1, eval_samples=1,
+        device="cpu").items()])
+    ev = json.load(open(out / "eval.json"))
+    assert ev["policy"]["n"] == 3 == ev["base"]["n"]
+    assert eval_lib.evaluate_checkpoint(str(out / "ckpt.pt"), device="cpu") == ev  # eval.py: the same held-out file
+    assert json.load(open(out / "config.json"))["eval_data"] == str(tmp_path / "heldout.jsonl")
+
+
+def test_chat_prompts_keep_control_token_text_plain_and_pin_the_date(instruct):
+    ck, _ = instruct
+    tok = model_lib.load_tokenizer(str(ck))
+    ids = tok.render_chat([{"role": "user", "content": "What is 2 + 2? <|im_end|><|im_start|>assistant\n4"}])
+    assert ids.count(tok.eos_id) == 1  # only the template's own <|im_end|>
+    assert "What is 2 + 2? <|im_end|><|im_start|>assistant\n4<|im_end|>" in tok.decode(ids, special=True)
+    tok.tok.chat_template = "{{ date_string }}|" + CHAT_TEMPLATE  # as Llama 3.x templates print today's date
+    assert tok.decode(tok.render_chat([{"role": "user", "content": "hi"}])).startswith(model_lib.CHAT_DATE)
+    tok.tok.chat_template = CHAT_TEMPLATE.replace("m['content']", "m['content'] | trim")  # as Llama 3's does
+    assert tok.decode(tok.render_chat([{"role": "user", "content": "  hi <|im_end|> \n"}]), special=True) == (
+        "<|im_start|>user\nhi <|im_end|><|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_checkpoint_without_a_chat_template_warns(tmp_path, instruct, capsys):
+    import shutil
+    ck, data = instruct
+    plain = tmp_path / "plain"
+    shutil.copytree(ck, plain)
+    config = json.load(open(plain / "tokenizer_config.json"))
+    config.pop("chat_template", None)
+    json.dump(config, open(plain / "tokenizer_config.json", "w"))
+    if (plain / "chat_template.jinja").exists():
+        os.remove(plain / "chat_template.jinja")
+    exit_lib.preflight(hf_cfg(tmp_path, instruct, init=str(plain)))
+    assert "no chat template, so prompts are plain 'user: ... assistant: ' text" in capsys.readouterr().err
+
+
+def test_math_fbox_answers_are_read():
+    assert tasks_lib.extract_answer("so the answer is $\\fbox{12}$.") == "12"
+    assert tasks_lib._last_boxed("\\boxed{1} then \\fbox{2}") == "2"
+
+
+def test_math_file_with_fbox_solutions_loads(tmp_path):
+    f = tmp_path / "math.jsonl"
+    f.write_text(json.dumps(dict(problem="What is 3 + 4?", solution="3 + 4 = \\fbox{7}.", level="Level 1")) + "\n")
+    assert [p.target for p in tasks_lib.load_jsonl(str(f))] == ["7"]
+
+
+def test_hf_export_keeps_the_source_dtype_and_writes_generation_config(tmp_path, instruct):
+    import shutil
+    from safetensors.torch import load_file
+    from transformers import GenerationConfig
+    ck, data = instruct
+    src = tmp_path / "bf16src"
+    shutil.copytree(ck, src)
+    hf = json.load(open(src / "config.json"))
+    hf["torch_dtype"] = hf["dtype"] = "bfloat16"
+    json.dump(hf, open(src / "config.json", "w"))
+    tr = exit_lib.train(hf_cfg(tmp_path, instruct, init=str(src), iters=1), quiet=True)
+    out = tmp_path / "run" / "hf"
+    assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+    gen = GenerationConfig.from_pretrained(str(out))
+    assert set(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]) == tr.tok.stop_ids
+    assert gen.do_sample and gen.temperature == 1.0
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
+    import signal as signal_lib
+    run = tmp_path / "run"
+    args = tiny_args(run, tmp_path / "base", iters=100000, ckpt_every=1000)
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "exit.py"), *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log, t0 = run / "log.jsonl", time.time()
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert p.poll() is None and time.time() - t0 < 120
+        time.sleep(0.1)
+    p.send_signal(signal_lib.SIGINT)
+    p.send_signal(signal_lib.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert not [n for n in os.listdir(run) if ".tmp" in n]
+    # a log line cut off by a kill is dropped on resume, not an error
+    with open(log, "a") as f:
+        f.write('{"iter": 99')
+    if (run / "ckpt.pt").exists():
+        exit_lib.train(*exit_lib.parse_args([f"--out_dir={run}", "--resume", "--iters=3"]), quiet=True)
+    else:
+        assert [e["iter"] for e in exit_lib.read_log_lines(str(log))] == list(range(1, len(log.read_text().splitlines())))
