@@ -18,22 +18,28 @@ Top to bottom:
                            over seeds of the score at k = 0 and k = K and of Δ_K; `format_table`
   plots                    `plot_table`: accuracy and net corrections vs k, training curves, curriculum
   the command line         `compare`: runs -> table, results.json, plots (what `python eval.py RUN ...` does)
-  the ladder               `ladder`: GRPO / Curriculum / Improve / Diverge / ExIt x seeds through exit.main
+  the ladder               `ladder`: GRPO / Curriculum / Improve / Diverge / ExIt x seeds, each `python exit.py`
 
     python eval.py runs/ladder/*-s*         # table + plots of finished runs (eval.json reused)
     python eval.py --table results.json     # reprint (and redraw) a saved comparison
     python eval.py --ladder --seeds=3       # the whole reproduction, resumable (--task=math: the README's ladder)
 
-The K-step evaluation needs only model.py and tasks.py. exit.py imports this file, so exit is
-imported lazily, inside the functions that load checkpoints or train, never at the top.
+Imports run one way, tasks -> model -> buffer -> eval -> exit: this file needs only model.py and
+tasks.py (checkpoints load with model.py, prompts are built by tasks.py), and runs exit.py as a program
+for the ladder. Run folders (their lock, their artifacts, log.jsonl) are defined here, in "what is on
+disk"; exit.py uses the same functions.
 """
 
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
+import re
+import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -45,27 +51,6 @@ import model as model_lib
 import tasks as tasks_lib
 
 
-def prompt_ids(tok, text: str) -> list[int]:
-    """Token ids of a compact prompt: begin-of-text, then the text with its markers as special tokens."""
-    return ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(text, special=True)
-
-
-def prompt_style(tok) -> str:
-    """"compact" for a tokenizer that has tasks.py's markers as special tokens (the toy byte
-    tokenizer, also after a round trip through save_hf), else "chat": a real checkpoint's
-    tokenizer, whose chat template wraps the plain-text prompt as a user message."""
-    return "compact" if all(len(tok.encode(m, special=True)) == 1 for m in tasks_lib.MARKERS) else "chat"
-
-
-def encode_prompt(tok, family, problem, answer=None, mode="base", style="compact") -> list[int]:
-    """Token ids of a base / improve / diverge prompt (PAPER.md §2), the one place both training
-    (exit.py) and evaluation build them: compact marker prompts, or the chat-style text rendered
-    by the tokenizer's chat template."""
-    if style == "compact":
-        return prompt_ids(tok, family.prompt(problem, answer, mode))
-    return tok.render_chat([{"role": "user", "content": family.prompt(problem, answer, mode, style="chat")}])
-
-
 def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temperature: float = 1.0,
                  max_new_tokens: int = 48, seed: int = 0, batch_prompts: int = 128, style: str | None = None,
                  trace: list | None = None):
@@ -75,7 +60,7 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
     answers. Step 0 uses the base prompt; step k >= 1 the improve prompt on the answer of step k - 1.
     style: "compact" | "chat" (encode_prompt); None picks by the tokenizer (prompt_style).
     trace: a list that receives every step's answers (K + 1 lists), to show a chain as text."""
-    style = style or prompt_style(tok)
+    style = style or tasks_lib.prompt_style(tok)
     gen = torch.Generator(device=policy.inv_freq.device).manual_seed(seed)
     rows = [p for p in problems for _ in range(n_samples)]
     answers = [None] * len(rows)
@@ -92,9 +77,9 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
 
     for k in range(K + 1):
         if k == 0:  # one prefill per problem, n_samples rows each
-            answers = run([encode_prompt(tok, family, p, style=style) for p in problems], n_samples)
+            answers = run([tasks_lib.encode_prompt(tok, family, p, style=style) for p in problems], n_samples)
         else:
-            responses = run([encode_prompt(tok, family, p, a, "improve", style) for p, a in zip(rows, answers)], 1)
+            responses = run([tasks_lib.encode_prompt(tok, family, p, a, "improve", style) for p, a in zip(rows, answers)], 1)
             answers = [family.next_answer(a, r, "improve") for a, r in zip(answers, responses)]
         scores[k] = [family.score(p, a) for p, a in zip(rows, answers)]
         if trace is not None:
@@ -139,7 +124,7 @@ def episode_scores(policy, tok, family, episodes, K: int, n_samples: int = 1, te
     BFCL setting evaluates the first request).
     Returns three (K + 1, chains) arrays: the episode's binary reward (its return), the first turn's
     correctness, and the mean per-turn correctness (each turn judged from the state it started in)."""
-    style = style or prompt_style(tok)
+    style = style or tasks_lib.prompt_style(tok)
     gen = torch.Generator(device=policy.inv_freq.device).manual_seed(seed)
     rows = [ep for ep in episodes for _ in range(n_samples)]
     T = [family.n_turns(ep) for ep in rows]
@@ -149,7 +134,7 @@ def episode_scores(policy, tok, family, episodes, K: int, n_samples: int = 1, te
         cur = [[] for _ in rows]
         for t in range(max(T)):
             live = [r for r in range(len(rows)) if t < T[r]]
-            prompts = [encode_prompt(tok, family, family.turn_problem(rows[r], t, cur[r]),
+            prompts = [tasks_lib.encode_prompt(tok, family, family.turn_problem(rows[r], t, cur[r]),
                                      None if k == 0 else prev[r][t], "base" if k == 0 else "improve", style)
                        for r in live]
             for s in range(0, len(prompts), batch_prompts):
@@ -262,12 +247,12 @@ def weights_fingerprint(path: str) -> list:
     return [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
 
 
-def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) -> dict:
+def evaluate_base(base_path: str, tok, family, device, load_policy=model_lib.load_policy, **settings) -> dict:
     """The evaluation of the base policy a run started from (a warm-start file, or a Hugging Face
     directory), cached beside it as BASE_PATH.eval-HASH.json, HASH keyed by the settings, the held-out
     problems and the weights (weights_fingerprint): every rung of a ladder starts from the same base,
     so it is evaluated once, not once per method, and new weights under the same name are evaluated
-    anew. load_policy(path, device) -> (policy, ...) is exit.load_policy. Where the cache cannot be
+    anew. load_policy(path, device) -> (policy, ...): model.load_policy unless a test counts calls. Where the cache cannot be
     written (a read-only model folder) it is skipped."""
     # the problems too: two realmath runs from one checkpoint with different --data files differ
     problems = [p.request for p in heldout_problems(family, settings["n_problems"], harder=settings["harder"], warn=False)]
@@ -324,15 +309,11 @@ def check_table(table, path: str) -> dict:
     return table
 
 
-def _exit_defaults() -> dict:
-    return dataclasses.asdict(_exit().Config())
-
-
-def _exit():
-    """exit.py, imported on first use: it imports this file at its top, so importing it here at
-    module level would be circular."""
-    import exit as exit_lib
-    return exit_lib
+# What this file needs of a run's config where a checkpoint lacks it (a warm-start file has none): exit.Config's
+# defaults for these keys. eval.py never imports exit.py (exit.py imports it); a test keeps the two equal.
+RUN_DEFAULTS = dict(eval_problems=200, eval_k=16, eval_samples=2, eval_temperature=1.0, eval_harder=False,
+                    max_new_tokens=48, seed=0, data="", difficulties="", eval_data="")
+METHODS = ("grpo", "curriculum", "improve", "diverge", "exit")  # the ladder's rungs, as exit.METHODS
 
 
 def truncate(res: dict, K: int) -> dict:
@@ -368,28 +349,116 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     recomputes exactly what the run's own final evaluation did. Its base is the warm-started
     policy at ckpt["base_path"] (None, with a warning, if that file is gone). A warm-start cache
     file is a policy of its own, with no base."""
-    exit_lib = _exit()
-    ck = exit_lib.load_checkpoint(path)
+    ck = model_lib.load_checkpoint(path)
     # a run's saved config, with today's defaults for what it lacks (a base file has no config at all)
-    cfg = {**dataclasses.asdict(exit_lib.Config()), **(ck.get("config") or {})}
+    cfg = {**RUN_DEFAULTS, **(ck.get("config") or {})}
     task = task or (ck.get("config") or {}).get("task") or _task_from_name(path)
     if task is None:
         raise ValueError(f"{path} records no task (not a run checkpoint); pass --task")
-    family = exit_lib.eval_family(cfg.get("eval_data", ""),
-                                  exit_lib.make_family(task, cfg.get("data", ""), cfg.get("difficulties", "")))
+    family = tasks_lib.eval_family(cfg.get("eval_data", ""),
+                                   tasks_lib.make_family(task, cfg.get("data", ""), cfg.get("difficulties", "")))
     dev = model_lib.pick_device(device)
     settings = eval_settings(cfg)
     settings.update({k: v for k, v in dict(n_problems=n_problems, K=K, n_samples=n_samples).items() if v is not None})
     if temperature is not None:  # 0 is a real choice (greedy), so not "if temperature"
         settings["temperature"] = temperature
-    policy, tok = exit_lib.policy_from_state(ck["policy"], dev)
+    policy, tok = model_lib.policy_from_state(ck["policy"], dev)
     out = dict(policy=evaluate_policy(policy, tok, family, **settings), base=None)
     base_path = ck.get("base_path")
     if with_base and ck.get("kind") == "run":
         if base_path and os.path.exists(base_path):
-            out["base"] = evaluate_base(base_path, tok, family, dev, exit_lib.load_policy, **settings)
+            out["base"] = evaluate_base(base_path, tok, family, dev, **settings)
         else:
             print(f"warning: {path}: its base policy {base_path!r} is gone; no Base evaluation", file=sys.stderr)
+    return out
+
+
+RUN_ARTIFACTS = ("ckpt.pt", "config.json", "log.jsonl", "eval.json", "results.json", "hf")
+
+LOCK_FILE = ".lock"
+
+_held_locks = {}  # folder -> [fd, depth] of the locks this process holds (main holds one across train)
+
+def run_artifacts(out_dir: str) -> list[str]:
+    """What a run (or eval.py) leaves in its folder. Any of them blocks a fresh run there: a run whose
+    ckpt.pt was deleted (checkpoints are big) still has its log, evaluation and export."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(n for n in os.listdir(out_dir)
+                  if n in RUN_ARTIFACTS or (n.startswith("eval.") and n.endswith(".json")))
+
+@contextlib.contextmanager
+def run_lock(out_dir: str):
+    """Hold an exclusive lock on out_dir (fcntl.flock on out_dir/.lock) while the block runs, so that a
+    second run, a --resume or an eval.py write into a live folder stops with a message naming the
+    holder. The kernel releases a flock when its process ends, kill -9 included: no stale lock.
+    The file stays (deleting it would race with a process about to lock it); it only says who holds it."""
+    key = os.path.abspath(out_dir)
+    if key in _held_locks:  # re-entrant within this process: main -> train
+        _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key][1] -= 1
+        return
+    os.makedirs(key, exist_ok=True)
+    path = os.path.join(key, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(path, errors="replace") as f:
+            holder = f.read().strip() or "unknown process"
+        os.close(fd)
+        raise FileExistsError(f"{out_dir} is in use by another run ({holder}); wait for it to finish, or "
+                              "choose another --out_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{' '.join(sys.argv[:1] + sys.argv[1:])}\n".encode())
+    _held_locks[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held_locks[key]
+        os.close(fd)  # releases the flock
+
+def remove_stale_tmp(folder: str):
+    """Remove what an atomic write killed mid-way left behind (NAME.tmpPID), where process PID is gone."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        m = re.fullmatch(r".+\.tmp([0-9]+)", name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # alive: another process is writing it (a shared base_dir)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+
+def read_log_lines(path: str) -> list[dict]:
+    """log.jsonl's entries; a damaged line is an error naming the file and line, except a last line cut
+    off by a kill mid-write (no newline), which is dropped."""
+    out = []
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not isinstance(entry.get("iter"), int):
+                    raise ValueError("no 'iter'")
+            except ValueError as e:
+                if i == len(lines) and not line.endswith("\n"):
+                    break
+                raise ValueError(f"{path}, line {i}: not a log entry ({e})") from None
+            out.append(entry)
     return out
 
 
@@ -397,7 +466,7 @@ def read_log(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(path):
         return []
-    return _exit().read_log_lines(path)
+    return read_log_lines(path)
 
 
 def write_json(obj, path: str):
@@ -440,7 +509,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         cfg = model_lib.read_json(cfg_file)
         method, log = cfg.get("method", "?"), read_log(path)
     elif os.path.isfile(path):
-        ck = _exit().load_checkpoint(path)
+        ck = model_lib.load_checkpoint(path)
         cfg = ck.get("config") or {"task": task or _task_from_name(path)}
         method = cfg.get("method", "?") if ck.get("kind") == "run" else "base"
         ev_file, ck_file, log = os.path.splitext(path)[0] + ".eval.json", path, []
@@ -449,7 +518,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
 
     # an evaluation with other settings than the run's own goes to a file of its own (eval.T0.json,
     # eval.K4.n50.json, ...): the run's eval.json is only ever replaced by the same evaluation
-    own = eval_settings({**_exit_defaults(), **cfg})
+    own = eval_settings({**RUN_DEFAULTS, **cfg})
     asked = dict(K=K if recompute or not os.path.isfile(ev_file) else None, n=n_problems, s=n_samples, T=temperature)
     mine = dict(K=own["K"], n=own["n_problems"], s=own["n_samples"], T=own["temperature"])
     tags = [f"{k}{v:g}" for k, v in asked.items() if v is not None and v != mine[k]]
@@ -464,7 +533,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         if not os.path.isfile(ck_file):
             raise FileNotFoundError(f"{path}: no ckpt.pt to evaluate")
         # a run folder is locked while its run is live: never evaluate a checkpoint that is being replaced
-        with _exit().run_lock(path) if os.path.isdir(path) else contextlib.nullcontext():
+        with run_lock(path) if os.path.isdir(path) else contextlib.nullcontext():
             print(f"evaluating {ck_file} ...", flush=True)
             ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples,
                                      device=device, temperature=temperature)
@@ -727,9 +796,14 @@ LADDER_SETS = ("method", "seed", "out_dir", "resume")  # the ladder sets these i
 
 
 def train_and_evaluate(argv: list[str]):
-    """Train + final evaluation + eval.json for one run: exit.main itself, so the ladder can never
-    drift from what `python exit.py` does."""
-    _exit().main(argv)
+    """Train + final evaluation + eval.json for one run: `python exit.py ARGS` itself, in a process of its
+    own, so the ladder can never drift from what a user runs (and eval.py never imports exit.py, which
+    imports it). A failed run stops the ladder; its own one-line error is on stderr just above."""
+    code = subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit.py"), *argv])
+    if code == 130:  # Ctrl-C: the run saved its checkpoint; the same ladder command continues it
+        raise KeyboardInterrupt
+    if code != 0:
+        raise ValueError(f"the run `python exit.py {' '.join(argv)}` failed (exit code {code})")
 
 
 def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", methods=None) -> dict:
@@ -739,23 +813,22 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
     so the same command continues an interrupted ladder. Runs of one seed share one warm-started
     base (exit.py caches it under base_dir, keyed by its settings and the seed), so Base costs
     nothing extra: its row comes from the runs' own base evaluations."""
-    exit_lib = _exit()
-    methods = list(methods or exit_lib.METHODS)
-    clash = [a for a in overrides if a[2:].partition("=")[0] in LADDER_SETS]
+    methods = list(methods or METHODS)
+    given = {a[2:].partition("=")[0]: a[2:].partition("=")[2] for a in overrides}
+    clash = [k for k in given if k in LADDER_SETS]
     if clash:
-        raise ValueError(f"the ladder sets {', '.join(LADDER_SETS)} itself; drop {' '.join(clash)}")
-    cfg, _ = exit_lib.parse_args(overrides)  # bad keys or values fail now, not after an hour
-    if not cfg.eval_problems:
+        raise ValueError(f"the ladder sets {', '.join(LADDER_SETS)} itself; drop --{' --'.join(clash)}")
+    if given.get("eval_problems", "1").strip() in ("0", "0.0"):
         raise ValueError("the ladder needs the final evaluation: --eval_problems must be > 0")
+    # every other setting is checked by exit.py itself, before any work: a bad one stops the first run at once
     plan = [(m, s, os.path.join(out, f"{m}-s{s}")) for s in range(seeds) for m in methods]
     todo = [p for p in plan if not os.path.isfile(os.path.join(p[2], "eval.json"))]
-    est = MINUTES_PER_RUN * cfg.iters / 300
     print(f"ladder: {len(methods)} methods x {seeds} seeds = {len(plan)} runs in {out}; {len(plan) - len(todo)} done, "
-          f"{len(todo)} to run, ~{est * len(todo):.0f} min at ~{est:.1f} min a run (2-core CPU)", flush=True)
+          f"{len(todo)} to run (about {MINUTES_PER_RUN} min a run at exit.py's defaults on a 2-core CPU)", flush=True)
     t0 = time.time()
     for i, (m, s, d) in enumerate(todo):
-        left = ((time.time() - t0) / i * (len(todo) - i) / 60) if i else est * len(todo)
-        print(f"\n[{i + 1}/{len(todo)}] {m} seed {s} -> {d}   (~{left:.0f} min left)", flush=True)
+        left = f"~{(time.time() - t0) / i * (len(todo) - i) / 60:.0f} min left" if i else "first run"
+        print(f"\n[{i + 1}/{len(todo)}] {m} seed {s} -> {d}   ({left})", flush=True)
         resume = ["--resume"] if os.path.isfile(os.path.join(d, "ckpt.pt")) else []
         train_and_evaluate([*overrides, f"--method={m}", f"--seed={s}", f"--out_dir={d}", *resume])
         if not os.path.isfile(os.path.join(d, "eval.json")):

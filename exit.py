@@ -2,39 +2,36 @@
 Exploratory Iteration (ExIt): warm start, GRPO, and the self-iteration curriculum. `python exit.py`.
 
 This is the training loop of "Bootstrapping Task Spaces for Self-Improvement" (Jiang, Lupu,
-Bachrach 2025; PAPER.md in ../shared restates it). It joins the other files, data flowing one way:
+Bachrach 2025); METHOD.md restates the method with its equations. It joins the other files,
+imports running one way (tasks -> model -> buffer -> eval -> exit):
 
-    tasks.py   base tasks, the base / improve / diverge prompts, step rewards (PAPER.md §2-3)
-    model.py   the policy: sampling G rollouts per prompt, log-probs, embeddings
-    buffer.py  the task buffer of partial histories, scored by learnability (PAPER.md §5)
-    eval.py    the held-out K-step self-improvement evaluation, run at the end; prompt token ids
+    tasks.py   base tasks, the base / improve / diverge prompts and their token ids, step rewards
+    model.py   the policy: sampling G rollouts per prompt, log-probs, embeddings; checkpoints on disk
+    buffer.py  the task buffer of partial histories, scored by learnability (paper §4.1)
+    eval.py    the held-out K-step self-improvement evaluation, run at the end; run folders on disk
 
 The policy is either the toy (stage 1 below trains it) or a real instruct checkpoint, `--init=HF_DIR
 --task=realmath --data=FILE`: then prompts go through its chat template, and the run also writes
 the trained policy as a Hugging Face directory (out_dir/hf).
 
 Top to bottom: the config (one dataclass, parsed from --key=value), the GRPO math as pure
-functions (Eq. 3-6), stage 1 (supervised warm start, cached), stage 2 (the ExIt loop), checkpoints.
+functions (Eq. 3-6), checks made before any work, stage 1 (supervised warm start, cached),
+stage 2 (the ExIt loop: `Trainer.iteration`), and the run itself (`main`).
 
-One RL iteration:
+One RL iteration (`Trainer.iteration`, the same path for single- and multi-turn families):
   1. draw `tasks_per_iter` task instances: with prob. p (once the buffer holds B_min entries) a
      buffered partial history, iterated with the improve prompt (diverge with prob. p_div);
      otherwise a fresh base task;
-  2. sample G rollouts for each, score them with the family's step reward;
+  2. sample G rollouts for each and score them: the family's step reward, or for a multi-turn
+     family the reward of the episode the policy then finishes from the iterated turn;
   3. group-normalised advantages (Eq. 3), times the diversity coefficient (Eq. 6) for full ExIt;
   4. `epochs` clipped policy-gradient steps on Eq. 4 against the sampling policy's log-probs;
   5. the buffer learns: a replayed instance gets its fresh learnability var(r); the new answers
      become new instances "improve this" that inherit it (and so the curriculum grows deeper).
-
-A multi-turn family (tasks.ToolsFamily, `family.multi_turn`) takes a separate path through the same
-steps (`iteration_turns`): an instance iterates one turn of an episode given the earlier turns'
-final answers, each row's episode is then finished by the policy and scored as a whole, and every
-turn prefix of the result enters the buffer (buffer.insert_history).
 """
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -42,9 +39,7 @@ import os
 import random
 import re
 import signal
-import socket
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -160,7 +155,7 @@ class Config:
         need((self.task == "realmath") == bool(self.data), "--data=FILE goes with --task=realmath, and realmath needs it")
         need(self.task != "realmath" or bool(self.init), "--task=realmath needs --init=HF_DIR: real data has no warm start")
         if self.difficulties:
-            parse_difficulties(self.difficulties)  # raises a config error naming the bad text
+            tasks_lib.parse_difficulties(self.difficulties)  # raises a config error naming the bad text
             need(self.task != "realmath", "--difficulties does not apply to realmath (its file sets the levels)")
         need(self.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
         for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size",
@@ -315,97 +310,14 @@ def ema_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float):
 # Policies on disk: the weights, their config and how to rebuild the tokenizer.
 
 
-def policy_state(policy, tokenizer_spec) -> dict:
-    return dict(model_config=dataclasses.asdict(policy.config), tokenizer=tokenizer_spec,
-                model={k: v.detach().cpu() for k, v in policy.state_dict().items()})
-
-
-def tokenizer_spec(tok) -> dict:
-    """How a checkpoint rebuilds a real checkpoint's tokenizer: its files (tok.save), kept inside the
-    checkpoint so that a run folder needs nothing else, and its stop ids (some come from the model's
-    config.json, which is not a tokenizer file)."""
-    with tempfile.TemporaryDirectory() as d:
-        tok.save(d)
-        files = {}
-        for name in sorted(os.listdir(d)):
-            if os.path.isfile(os.path.join(d, name)):
-                with open(os.path.join(d, name), "rb") as f:
-                    files[name] = f.read()
-    return dict(kind="files", files=files, stop_ids=sorted(tok.stop_ids))
-
-
-def build_tokenizer(spec: dict):
-    if spec["kind"] == "byte":  # the toy policy's: rebuilt from its marker list alone
-        return model_lib.byte_tokenizer(spec["markers"])
-    if spec["kind"] == "files":
-        with tempfile.TemporaryDirectory() as d:
-            for name, data in spec["files"].items():
-                with open(os.path.join(d, name), "wb") as f:
-                    f.write(data)
-            tok = model_lib.load_tokenizer(d)  # read into memory: the folder may go
-        tok.stop_ids = set(spec["stop_ids"])
-        return tok
-    raise ValueError(f"unknown tokenizer kind {spec['kind']!r}")
-
-
-def policy_from_state(state: dict, device):
-    policy = model_lib.Transformer(model_lib.ModelConfig(**state["model_config"]))
-    policy.load_state_dict(state["model"])
-    return policy.to(device), build_tokenizer(state["tokenizer"])
-
-
-def load_policy(path: str, device) -> tuple:
-    """(policy, tokenizer, tokenizer spec) from an exit checkpoint file (a run's ckpt.pt or a
-    warm-start file) or a local Hugging Face directory (config.json + safetensors + tokenizer)."""
-    if os.path.isdir(path):
-        policy, tok = model_lib.load_hf(path, device=device)
-        if tok is None:
-            raise ValueError(f"{path}: no tokenizer files; --init needs a checkpoint with its tokenizer")
-        return policy, tok, tokenizer_spec(tok)
-    state = load_checkpoint(path)["policy"]
-    return (*policy_from_state(state, device), state["tokenizer"])
-
-
-def parse_difficulties(text: str) -> tuple:
-    """'2-6' -> (2, 3, 4, 5, 6); '2,3,5' -> (2, 3, 5)."""
-    try:
-        if "-" in text:
-            lo, hi = (int(x) for x in text.split("-"))
-            out = tuple(range(lo, hi + 1))
-        else:
-            out = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        out = ()
-    if not out or min(out) < 1:
-        raise ValueError(f"config: difficulties looks like '2-6' or '2,3,5' (positive integers), got {text!r}")
-    return out
-
-
-def make_family(task: str, data: str = "", difficulties: str = ""):
-    """The task family of a run: realmath reads its problems from the --data file; --difficulties
-    replaces the family's training mix (and so the held-out evaluation mix)."""
-    family = tasks_lib.get_family(task, path=data) if task == "realmath" else tasks_lib.get_family(task)
-    if difficulties:
-        family.train_difficulties = parse_difficulties(difficulties)
-    return family
-
-
-def eval_family(eval_data: str, family):
-    """The family the final evaluation draws its held-out set from: --eval_data's file (all of it), else
-    the training family's own test split."""
-    if eval_data:
-        return tasks_lib.RealMath(path=eval_data, heldout_file=True)
-    return family
-
-
 def preflight(cfg: Config, quiet: bool = False) -> dict:
     """Everything the run will need, checked before the warm start or a checkpoint loads (minutes), so
     a bad input is an error now, not a traceback after training: the data files, enough distinct
     problems for the training pool and the held-out set (--difficulties), the --init checkpoint's
     config.json and tokenizer, and that every prompt fits the model's context.
     Returns the family, the evaluation family and the training pool, for the Trainer."""
-    family = make_family(cfg.task, cfg.data, cfg.difficulties)
-    efam = eval_family(cfg.eval_data, family)
+    family = tasks_lib.make_family(cfg.task, cfg.data, cfg.difficulties)
+    efam = tasks_lib.eval_family(cfg.eval_data, family)
     train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
     heldout = []
     if cfg.eval_problems:
@@ -428,7 +340,7 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
         tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
         max_len = model_lib.toy_config(tok.vocab_size).max_seq_len
     if tok is not None:
-        style = eval_lib.prompt_style(tok)
+        style = tasks_lib.prompt_style(tok)
         if style == "chat" and not tok.has_chat_template and not quiet:
             print(f"warning: {cfg.init}: the tokenizer has no chat template, so prompts are plain "
                   "'user: ... assistant: ' text, which an instruct model was not trained on", file=sys.stderr)
@@ -443,116 +355,15 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
 def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):
     """Every problem's base prompt plus a completion must fit the context (model.generate refuses more)."""
     for p in problems.values():
-        n = len(eval_lib.encode_prompt(tok, family, p, style=style))
+        n = len(tasks_lib.encode_prompt(tok, family, p, style=style))
         if n + max_new_tokens > max_len:
             line = f", line {p.data['line']}" if isinstance(p.data, dict) and "line" in p.data else ""
             raise ValueError(f"{what}{line}: the prompt of problem {p.id} is {n} tokens, which with "
                              f"max_new_tokens={max_new_tokens} exceeds the model's context of {max_len} tokens")
 
 
-def atomic_save(obj, path: str):
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a checkpoint.
-    An exception (Ctrl-C included) removes the temporary file; after kill -9 the next run in the
-    folder does (remove_stale_tmp)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint, or a clear error: missing, truncated/corrupt, or not one of ours."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, garbage bytes, pickle errors
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "policy" not in ckpt:
-        raise ValueError(f"{path} is not an exit checkpoint (no 'policy' entry)")
-    return ckpt
-
-
 # -----------------------------------------------------------------------------
 # Run folders: one run per folder, and nothing in it lost or mixed with another run's.
-
-RUN_ARTIFACTS = ("ckpt.pt", "config.json", "log.jsonl", "eval.json", "results.json", "hf")
-LOCK_FILE = ".lock"
-_held_locks = {}  # folder -> [fd, depth] of the locks this process holds (main holds one across train)
-
-
-def run_artifacts(out_dir: str) -> list[str]:
-    """What a run (or eval.py) leaves in its folder. Any of them blocks a fresh run there: a run whose
-    ckpt.pt was deleted (checkpoints are big) still has its log, evaluation and export."""
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(n for n in os.listdir(out_dir)
-                  if n in RUN_ARTIFACTS or (n.startswith("eval.") and n.endswith(".json")))
-
-
-@contextlib.contextmanager
-def run_lock(out_dir: str):
-    """Hold an exclusive lock on out_dir (fcntl.flock on out_dir/.lock) while the block runs, so that a
-    second run, a --resume or an eval.py write into a live folder stops with a message naming the
-    holder. The kernel releases a flock when its process ends, kill -9 included: no stale lock.
-    The file stays (deleting it would race with a process about to lock it); it only says who holds it."""
-    key = os.path.abspath(out_dir)
-    if key in _held_locks:  # re-entrant within this process: main -> train
-        _held_locks[key][1] += 1
-        try:
-            yield
-        finally:
-            _held_locks[key][1] -= 1
-        return
-    os.makedirs(key, exist_ok=True)
-    path = os.path.join(key, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        with open(path, errors="replace") as f:
-            holder = f.read().strip() or "unknown process"
-        os.close(fd)
-        raise FileExistsError(f"{out_dir} is in use by another run ({holder}); wait for it to finish, or "
-                              "choose another --out_dir") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                 f"{' '.join(sys.argv[:1] + sys.argv[1:])}\n".encode())
-    _held_locks[key] = [fd, 1]
-    try:
-        yield
-    finally:
-        del _held_locks[key]
-        os.close(fd)  # releases the flock
-
-
-def remove_stale_tmp(folder: str):
-    """Remove what an atomic write killed mid-way left behind (NAME.tmpPID), where process PID is gone."""
-    if not os.path.isdir(folder):
-        return
-    for name in os.listdir(folder):
-        m = re.fullmatch(r".+\.tmp([0-9]+)", name)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-                continue  # alive: another process is writing it (a shared base_dir)
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(folder, name))
 
 
 def check_resume_folder(out_dir: str, ck: dict):
@@ -569,32 +380,12 @@ def check_resume_folder(out_dir: str, ck: dict):
                              + "; put it in a folder of its own")
     log_path = os.path.join(out_dir, "log.jsonl")
     if os.path.isfile(log_path):
-        iters = [entry["iter"] for entry in read_log_lines(log_path)]
+        iters = [entry["iter"] for entry in eval_lib.read_log_lines(log_path)]
         n = ck["iter"]
         if iters[:n] != list(range(1, n + 1)):
             raise ValueError(f"{ckpt_path} is at iteration {n}, but {log_path} holds iterations "
                              f"{iters[:1] + (['...', iters[-1]] if len(iters) > 1 else [])} (not 1..{n}): "
                              "the checkpoint and the log are of different runs")
-
-
-def read_log_lines(path: str) -> list[dict]:
-    """log.jsonl's entries; a damaged line is an error naming the file and line, except a last line cut
-    off by a kill mid-write (no newline), which is dropped."""
-    out = []
-    with open(path, errors="replace") as f:
-        lines = f.readlines()
-    for i, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                entry = json.loads(line)
-                if not isinstance(entry, dict) or not isinstance(entry.get("iter"), int):
-                    raise ValueError("no 'iter'")
-            except ValueError as e:
-                if i == len(lines) and not line.endswith("\n"):
-                    break
-                raise ValueError(f"{path}, line {i}: not a log entry ({e})") from None
-            out.append(entry)
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -617,7 +408,7 @@ def warm_start_key(cfg: Config, family) -> str:
 
 def encode_pair(tok, prompt: str, response: str | None = None):
     """Token ids of a compact prompt (markers -> special tokens), and of a response + end of text."""
-    p = eval_lib.prompt_ids(tok, prompt)
+    p = tasks_lib.prompt_ids(tok, prompt)
     return p if response is None else (p, tok.encode(response) + [tok.eos_id])
 
 
@@ -627,7 +418,7 @@ def warm_start(cfg: Config, family, device, quiet=False):
     path = os.path.join(cfg.base_dir, f"{cfg.task}-{warm_start_key(cfg, family)}.pt")
     spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
     if os.path.exists(path):
-        policy, tok = policy_from_state(load_checkpoint(path)["policy"], device)
+        policy, tok = model_lib.policy_from_state(model_lib.load_checkpoint(path)["policy"], device)
         if not quiet:
             print(f"warm start: reusing {path}")
         return policy, tok, path
@@ -663,7 +454,7 @@ def warm_start(cfg: Config, family, device, quiet=False):
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     policy.eval()
-    atomic_save(dict(policy=policy_state(policy, spec), kind="base", key=warm_start_key(cfg, family)), path)
+    model_lib.atomic_save(dict(policy=model_lib.policy_state(policy, spec), kind="base", key=warm_start_key(cfg, family)), path)
     if not quiet:
         print(f"warm start: saved {path}")
     return policy, tok, path
@@ -702,15 +493,15 @@ class Trainer:
         self.family, self.eval_family = checked["family"], checked["eval_family"]
         self.source_dtype = checked.get("source_dtype")  # what hf/ is exported in: a bf16 source stays bf16
         if cfg.init:
-            self.policy, self.tok, self.tok_spec = load_policy(cfg.init, self.device)
+            self.policy, self.tok, self.tok_spec = model_lib.load_policy(cfg.init, self.device)
             self.base_path = os.path.abspath(cfg.init)
         else:
-            remove_stale_tmp(cfg.base_dir)  # a warm start killed while saving
+            eval_lib.remove_stale_tmp(cfg.base_dir)  # a warm start killed while saving
             self.policy, self.tok, self.base_path = warm_start(cfg, self.family, self.device, quiet)
             self.base_path = os.path.abspath(self.base_path)  # eval.py may run from another folder
             self.tok_spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
         # compact marker prompts for the toy tokenizer, the checkpoint's chat template for a real one
-        self.style = eval_lib.prompt_style(self.tok)
+        self.style = tasks_lib.prompt_style(self.tok)
         dtype = DTYPES[cfg.dtype]
         self.policy.to(dtype).train()
         self.policy.grad_checkpoint = cfg.grad_checkpoint
@@ -756,7 +547,7 @@ class Trainer:
         return dict(
             kind="run", config=dataclasses.asdict(self.cfg), iter=self.iter, skipped=self.skipped,
             elapsed=self.elapsed, base_path=self.base_path,
-            policy=policy_state(self.policy, self.tok_spec), optimizer=self.opt.state_dict(),
+            policy=model_lib.policy_state(self.policy, self.tok_spec), optimizer=self.opt.state_dict(),
             ref=None if self.ref is None else self.ref.state_dict(),
             embedder=None if any(self.embedder is m for m in (None, self.ref, self.policy)) else self.embedder.state_dict(),
             master=None if self.master is None else [m.cpu() for m in self.master],
@@ -786,7 +577,7 @@ class Trainer:
         self.iter, self.skipped, self.elapsed = ck["iter"], ck["skipped"], ck["elapsed"]
 
     def save(self, path=None):
-        atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
+        model_lib.atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
 
     # ---- one RL iteration, steps 1-5 of the module docstring. A single-turn family is the one-turn case
     # of a multi-turn one: its problem is its only turn, and there is nothing to finish after the step.
@@ -828,7 +619,7 @@ class Trainer:
     def prompt_ids(self, inst: Instance) -> list[int]:
         if inst.step_problem is None:  # turn t in the state the earlier turns left (single-turn: the problem)
             inst.step_problem = self.family.turn_problem(inst.problem, inst.turn, [h["answer"] for h in inst.prev])
-        return eval_lib.encode_prompt(self.tok, self.family, inst.step_problem, inst.answer, inst.mode, self.style)
+        return tasks_lib.encode_prompt(self.tok, self.family, inst.step_problem, inst.answer, inst.mode, self.style)
 
     def sample(self, prompts, n) -> tuple:
         """n rollouts per prompt from the current policy at the training temperature, and their text."""
@@ -848,7 +639,7 @@ class Trainer:
             rows = [r for r, (ep, a) in enumerate(zip(episodes, answers)) if len(a) < fam.n_turns(ep)]
             if not rows:
                 return answers
-            prompts = [eval_lib.encode_prompt(self.tok, fam, fam.turn_problem(episodes[r], len(answers[r]), answers[r]),
+            prompts = [tasks_lib.encode_prompt(self.tok, fam, fam.turn_problem(episodes[r], len(answers[r]), answers[r]),
                                               style=self.style) for r in rows]
             for r, text in zip(rows, self.sample(prompts, 1)[1]):
                 answers[r].append(text)
@@ -1046,7 +837,7 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Train
     if cfg.eval_data:
         cfg = dataclasses.replace(cfg, eval_data=os.path.abspath(cfg.eval_data))
     if cfg.resume:
-        ck = load_checkpoint(ckpt_path)
+        ck = model_lib.load_checkpoint(ckpt_path)
         if ck.get("kind") != "run":
             raise ValueError(f"{ckpt_path} is not a run checkpoint")
         saved = ck["config"]
@@ -1068,7 +859,7 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Train
         except (KeyError, RuntimeError, ValueError) as e:
             raise ValueError(f"{ckpt_path} does not match this run ({type(e).__name__}: {e})") from None
         return trainer
-    found = run_artifacts(cfg.out_dir)
+    found = eval_lib.run_artifacts(cfg.out_dir)
     if found:
         hint = "pass --resume to continue it" if "ckpt.pt" in found else "it has no ckpt.pt to --resume from"
         raise FileExistsError(f"{cfg.out_dir} already holds a run ({', '.join(found)}): {hint}, or choose another "
@@ -1085,8 +876,8 @@ def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer
     """Stage 1 + stage 2 (+ the final evaluation in main), holding the run folder's lock throughout.
     Returns the trainer at the end."""
     check_out_dir(cfg)
-    with run_lock(cfg.out_dir):
-        remove_stale_tmp(cfg.out_dir)
+    with eval_lib.run_lock(cfg.out_dir):
+        eval_lib.remove_stale_tmp(cfg.out_dir)
         return _train(cfg, given, quiet)
 
 
@@ -1096,7 +887,7 @@ def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
     eval_lib.write_json(dataclasses.asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if cfg.resume and os.path.exists(log_path):  # drop lines of iterations the checkpoint does not hold
-        kept = [json.dumps(e) + "\n" for e in read_log_lines(log_path) if e["iter"] <= trainer.iter]
+        kept = [json.dumps(e) + "\n" for e in eval_lib.read_log_lines(log_path) if e["iter"] <= trainer.iter]
         with open(f"{log_path}.tmp{os.getpid()}", "w") as f:
             f.writelines(kept)
         os.replace(f"{log_path}.tmp{os.getpid()}", log_path)
@@ -1154,7 +945,7 @@ def show_chain(trainer: Trainer, settings: dict) -> str:
     kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
     chains = {}
     if not os.path.isdir(trainer.base_path):
-        base = load_policy(trainer.base_path, trainer.device)[0]
+        base = model_lib.load_policy(trainer.base_path, trainer.device)[0]
         chains["base"] = eval_lib.improvement_chain(base, trainer.tok, fam, problem, **kw)
     chains[trainer.cfg.method] = eval_lib.improvement_chain(trainer.policy, trainer.tok, fam, problem, **kw)
     return eval_lib.format_chains(problem, chains)
@@ -1168,7 +959,7 @@ def main(argv=None):
     try:
         cfg, given = parse_args(argv)
         check_out_dir(cfg)
-        with run_lock(cfg.out_dir):  # held until eval.json is written
+        with eval_lib.run_lock(cfg.out_dir):  # held until eval.json is written
             trainer = train(cfg, given)
             final_evaluation(trainer)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
@@ -1193,7 +984,7 @@ def final_evaluation(trainer: Trainer):
     settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
     res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.eval_family, **settings)
     base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
-                                  load_policy, **settings)
+                                  model_lib.load_policy, **settings)
     eval_lib.write_json(dict(policy=res, base=base), os.path.join(cfg.out_dir, "eval.json"))
     print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
     show = show_chain(trainer, settings)

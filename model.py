@@ -20,9 +20,11 @@ embeddings, tokenizers, Hugging Face checkpoints, devices.
 
 import base64
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -962,3 +964,90 @@ def autocast(device):
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# exit's own checkpoints: the weights, their config and how to rebuild the tokenizer, in one file that
+# needs nothing else (a run's ckpt.pt, a warm-started base), written atomically.
+
+
+def policy_state(policy, tokenizer_spec) -> dict:
+    return dict(model_config=dataclasses.asdict(policy.config), tokenizer=tokenizer_spec,
+                model={k: v.detach().cpu() for k, v in policy.state_dict().items()})
+
+
+def tokenizer_spec(tok) -> dict:
+    """How a checkpoint rebuilds a real checkpoint's tokenizer: its files (tok.save), kept inside the
+    checkpoint so that a run folder needs nothing else, and its stop ids (some come from the model's
+    config.json, which is not a tokenizer file)."""
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(d)
+        files = {}
+        for name in sorted(os.listdir(d)):
+            if os.path.isfile(os.path.join(d, name)):
+                with open(os.path.join(d, name), "rb") as f:
+                    files[name] = f.read()
+    return dict(kind="files", files=files, stop_ids=sorted(tok.stop_ids))
+
+
+def build_tokenizer(spec: dict):
+    if spec["kind"] == "byte":  # the toy policy's: rebuilt from its marker list alone
+        return byte_tokenizer(spec["markers"])
+    if spec["kind"] == "files":
+        with tempfile.TemporaryDirectory() as d:
+            for name, data in spec["files"].items():
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(data)
+            tok = load_tokenizer(d)  # read into memory: the folder may go
+        tok.stop_ids = set(spec["stop_ids"])
+        return tok
+    raise ValueError(f"unknown tokenizer kind {spec['kind']!r}")
+
+
+def policy_from_state(state: dict, device):
+    policy = Transformer(ModelConfig(**state["model_config"]))
+    policy.load_state_dict(state["model"])
+    return policy.to(device), build_tokenizer(state["tokenizer"])
+
+
+def load_policy(path: str, device) -> tuple:
+    """(policy, tokenizer, tokenizer spec) from an exit checkpoint file (a run's ckpt.pt or a
+    warm-start file) or a local Hugging Face directory (config.json + safetensors + tokenizer)."""
+    if os.path.isdir(path):
+        policy, tok = load_hf(path, device=device)
+        if tok is None:
+            raise ValueError(f"{path}: no tokenizer files; --init needs a checkpoint with its tokenizer")
+        return policy, tok, tokenizer_spec(tok)
+    state = load_checkpoint(path)["policy"]
+    return (*policy_from_state(state, device), state["tokenizer"])
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a checkpoint.
+    An exception (Ctrl-C included) removes the temporary file; after kill -9 the next run in the
+    folder does (remove_stale_tmp)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint, or a clear error: missing, truncated/corrupt, or not one of ours."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, garbage bytes, pickle errors
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "policy" not in ckpt:
+        raise ValueError(f"{path} is not an exit checkpoint (no 'policy' entry)")
+    return ckpt

@@ -1199,3 +1199,60 @@ def describe_families() -> str:
     def summary(cls):
         return cls.summary or (cls.__doc__ or "").strip().split("\n")[0]
     return "; ".join(f"{name}: {summary(cls)}" for name, cls in FAMILIES.items())
+
+
+# -----------------------------------------------------------------------------
+# Prompts as token ids (the one place training and evaluation build them), and a run's family.
+
+
+def prompt_ids(tok, text: str) -> list[int]:
+    """Token ids of a compact prompt: begin-of-text, then the text with its markers as special tokens."""
+    return ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(text, special=True)
+
+
+def prompt_style(tok) -> str:
+    """"compact" for a tokenizer that has tasks.py's markers as special tokens (the toy byte
+    tokenizer, also after a round trip through save_hf), else "chat": a real checkpoint's
+    tokenizer, whose chat template wraps the plain-text prompt as a user message."""
+    return "compact" if all(len(tok.encode(m, special=True)) == 1 for m in MARKERS) else "chat"
+
+
+def encode_prompt(tok, family, problem, answer=None, mode="base", style="compact") -> list[int]:
+    """Token ids of a base / improve / diverge prompt (PAPER.md §2), the one place both training
+    (exit.py) and evaluation build them: compact marker prompts, or the chat-style text rendered
+    by the tokenizer's chat template."""
+    if style == "compact":
+        return prompt_ids(tok, family.prompt(problem, answer, mode))
+    return tok.render_chat([{"role": "user", "content": family.prompt(problem, answer, mode, style="chat")}])
+
+
+def parse_difficulties(text: str) -> tuple:
+    """'2-6' -> (2, 3, 4, 5, 6); '2,3,5' -> (2, 3, 5)."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            out = tuple(range(lo, hi + 1))
+        else:
+            out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise ValueError(f"config: difficulties looks like '2-6' or '2,3,5' (positive integers), got {text!r}")
+    return out
+
+
+def make_family(task: str, data: str = "", difficulties: str = ""):
+    """The task family of a run: realmath reads its problems from the --data file; --difficulties
+    replaces the family's training mix (and so the held-out evaluation mix)."""
+    family = get_family(task, path=data) if task == "realmath" else get_family(task)
+    if difficulties:
+        family.train_difficulties = parse_difficulties(difficulties)
+    return family
+
+
+def eval_family(eval_data: str, family):
+    """The family the final evaluation draws its held-out set from: --eval_data's file (all of it), else
+    the training family's own test split."""
+    if eval_data:
+        return RealMath(path=eval_data, heldout_file=True)
+    return family

@@ -1491,14 +1491,14 @@ def test_method_ladder_switches():
 
 
 def test_difficulty_mix_option():
-    assert exit_lib.parse_difficulties("2-6") == (2, 3, 4, 5, 6)
-    assert exit_lib.parse_difficulties("2,3,5") == (2, 3, 5)
+    assert tasks_lib.parse_difficulties("2-6") == (2, 3, 4, 5, 6)
+    assert tasks_lib.parse_difficulties("2,3,5") == (2, 3, 5)
     for bad in ("a", "0-3", "6-2", "2,,3", "-"):
         with pytest.raises(ValueError, match="difficulties looks like"):
             exit_lib.parse_args([f"--difficulties={bad}"])
     with pytest.raises(ValueError, match="does not apply to realmath"):
         exit_lib.parse_args(["--task=realmath", "--data=x.jsonl", "--init=x", "--difficulties=2-3"])
-    fam = exit_lib.make_family("math", difficulties="5,7")
+    fam = tasks_lib.make_family("math", difficulties="5,7")
     assert fam.train_difficulties == (5, 7) and tasks_lib.get_family("math").train_difficulties == (2, 3, 4)
     assert {p.difficulty for p in fam.sample("train", 40, seed=0)} == {5, 7}
     assert sorted({p.difficulty for p in eval_lib.heldout_problems(fam, 10)}) == [5, 7]  # the held-out mix follows
@@ -1793,12 +1793,12 @@ def test_plots_are_png_files(four_runs, tmp_path):
 
 # ---- the command line on bad input: a clear message and exit code 2, never a traceback
 
-def test_cli_bad_input(tmp_path, capsys):
-    def fails(argv):
+def test_cli_bad_input(tmp_path, capfd):
+    def fails(argv):  # capfd: the ladder's runs are processes of their own, writing to the same stderr
         with pytest.raises(SystemExit) as e:
             eval_lib.main(argv)
         assert e.value.code == 2
-        return capsys.readouterr().err
+        return capfd.readouterr().err
     assert "no run folder or checkpoint at" in fails([str(tmp_path / "missing")])
     os.makedirs(tmp_path / "empty")
     assert "neither eval.json nor ckpt.pt" in fails([str(tmp_path / "empty")])
@@ -1935,7 +1935,7 @@ def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct)
     assert {"config.json", "log.jsonl", "ckpt.pt", "eval.json", "hf"} <= set(os.listdir(out))
     ev = json.load(open(out / "eval.json"))
     assert ev["policy"]["K"] == 1 and ev["base"]["n"] == 2 and "net_corrections" in ev["policy"]
-    state = exit_lib.load_checkpoint(str(out / "ckpt.pt"))
+    state = model_lib.load_checkpoint(str(out / "ckpt.pt"))
     assert state["policy"]["tokenizer"]["kind"] == "files" and state["base_path"] == str(ck)
     assert state["embedder"] is None  # β > 0: the diversity bonus embeds with the reference, no third copy
 
@@ -1955,12 +1955,12 @@ def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct)
     assert again == json.load(open(out / "eval.json"))
 
     # the exported Hugging Face directory: transformers reads it, same logits as our policy
-    policy, tok, _ = exit_lib.load_policy(str(out / "ckpt.pt"), "cpu")
+    policy, tok, _ = model_lib.load_policy(str(out / "ckpt.pt"), "cpu")
     ref = AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
     x = torch.tensor([ids[:40]])
     with torch.no_grad():
         assert torch.allclose(policy(x)[0], ref(x).logits, atol=1e-4)
-        back, tok2, _ = exit_lib.load_policy(str(out / "hf"), "cpu")
+        back, tok2, _ = model_lib.load_policy(str(out / "hf"), "cpu")
         assert torch.equal(back(x)[0], policy(x)[0])
     assert tok2.render_chat([{"role": "user", "content": "hi"}]) == tok.render_chat([{"role": "user", "content": "hi"}])
     assert tok2.stop_ids == tok.stop_ids
@@ -2205,7 +2205,7 @@ def test_ctrl_c_saves_a_whole_iteration_and_resumes(tmp_path):
     p.send_signal(signal_lib.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "continue with --resume" in out, err[-2000:]
-    ck = exit_lib.load_checkpoint(str(run / "ckpt.pt"))
+    ck = model_lib.load_checkpoint(str(run / "ckpt.pt"))
     lines = [json.loads(l) for l in log.read_text().splitlines()]
     assert ck["iter"] == len(lines) == lines[-1]["iter"]
     # a log line beyond the checkpoint (a crash between the two) is dropped on resume
@@ -2423,7 +2423,7 @@ def main_fails(capsys, argv, code=2):
 
 def test_a_live_run_folder_is_locked_and_kill_9_leaves_no_stale_lock(tmp_path, capsys):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, exit\nwith exit.run_lock(sys.argv[1]):\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, eval\nwith eval.run_lock(sys.argv[1]):\n"
                                "    print('locked', flush=True); time.sleep(120)", str(run)],
                               cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
@@ -2436,8 +2436,8 @@ def test_a_live_run_folder_is_locked_and_kill_9_leaves_no_stale_lock(tmp_path, c
         holder.kill()  # SIGKILL: the kernel drops the flock with the process
         holder.wait()
     exit_lib.main(tiny_args(run, tmp_path / "base"))  # no stale lock
-    assert (run / "ckpt.pt").is_file() and not exit_lib._held_locks
-    with exit_lib.run_lock(str(run)):  # released on the way out of main
+    assert (run / "ckpt.pt").is_file() and not eval_lib._held_locks
+    with eval_lib.run_lock(str(run)):  # released on the way out of main
         pass
 
 
@@ -2477,7 +2477,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
 
 def test_a_kill_during_a_checkpoint_write_leaves_no_tmp_file(tmp_path):
     with pytest.raises(Exception):  # an interrupted write (here: an unpicklable object) removes its tmp file
-        exit_lib.atomic_save({"f": lambda: 0}, str(tmp_path / "x.pt"))
+        model_lib.atomic_save({"f": lambda: 0}, str(tmp_path / "x.pt"))
     assert os.listdir(tmp_path) == []
     cfg = tiny_cfg(tmp_path, iters=1)
     exit_lib.train(cfg, quiet=True)
@@ -2524,8 +2524,8 @@ def test_ctrl_c_outside_the_rl_loop_exits_130_without_a_traceback(tmp_path, monk
         raise KeyboardInterrupt
     monkeypatch.setattr(exit_lib, "warm_start", interrupted)  # Ctrl-C during the warm start
     err = main_fails(capsys, tiny_args(tmp_path / "run", tmp_path / "base"), code=130)
-    assert "interrupted" in err and not exit_lib._held_locks
-    assert not exit_lib.run_artifacts(str(tmp_path / "run"))  # nothing half-written
+    assert "interrupted" in err and not eval_lib._held_locks
+    assert not eval_lib.run_artifacts(str(tmp_path / "run"))  # nothing half-written
 
 
 def test_preflight_catches_before_the_warm_start_what_used_to_fail_after_training(tmp_path, monkeypatch):
@@ -2611,7 +2611,7 @@ def test_base_evaluation_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
 
 def test_real_data_and_checkpoint_problems_are_errors_before_the_model_loads(tmp_path, instruct, monkeypatch):
     import shutil
-    monkeypatch.setattr(exit_lib, "load_policy", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    monkeypatch.setattr(model_lib, "load_policy", lambda *a, **k: pytest.fail("loaded the model before the check"))
     ck, data = instruct
     fails = lambda msg, **kw: pytest.raises(ValueError, match=msg)
     (tmp_path / "empty.jsonl").write_text("")
@@ -2734,4 +2734,4 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     if (run / "ckpt.pt").exists():
         exit_lib.train(*exit_lib.parse_args([f"--out_dir={run}", "--resume", "--iters=3"]), quiet=True)
     else:
-        assert [e["iter"] for e in exit_lib.read_log_lines(str(log))] == list(range(1, len(log.read_text().splitlines())))
+        assert [e["iter"] for e in eval_lib.read_log_lines(str(log))] == list(range(1, len(log.read_text().splitlines())))
