@@ -437,14 +437,37 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
     generate(..., temperature=T) samples from and stores in Rollouts.logprobs.
 
     Row i is prompts[i // prompt_repeat] followed by completions[i] (group-major, as generate
-    returns them). All rows go through one forward, right-padded: with causal attention the
-    padding after a row's tokens cannot change them, so no mask is needed. Only the hidden states
-    at completion positions go through the output layer, which is where the memory would go."""
+    returns them). Only the hidden states at completion positions go through the output layer,
+    which is where the memory would go.
+
+    With prompt_repeat = G > 1 (a GRPO group: G completions of one prompt) each prompt goes
+    through the network once, not G times (_grouped_hidden); the numbers are the same as the flat
+    forward's to float rounding (test_exit.py checks values and gradients)."""
     N, T = completions.shape
     if len(prompts) * prompt_repeat != N:
         raise ValueError(f"{len(prompts)} prompts x {prompt_repeat} != {N} completions")
     device = model.inv_freq.device
     completions, lengths = completions.to(device), lengths.to(device)
+    with autocast(device):
+        # grad_checkpoint recomputes blocks of a plain causal forward; keep that path for it
+        if prompt_repeat > 1 and not (model.grad_checkpoint and torch.is_grad_enabled()):
+            h = _grouped_hidden(model, prompts, completions, prompt_repeat)  # (N, T, C)
+        else:
+            h = _flat_hidden(model, prompts, completions, prompt_repeat)  # (N, T, C)
+        logits = model.lm_head(h)  # (N, T, V)
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    logp = token_logprobs(logits, completions)  # (N, T)
+    inside = torch.arange(T, device=device)[None] < lengths[:, None]
+    return logp.masked_fill(~inside, 0.0)
+
+
+def _flat_hidden(model, prompts, completions, prompt_repeat):
+    """Hidden states that predict each completion token, (N, T, C): every row is its whole
+    prompt + completion, right-padded, in one causal forward (the padding after a row's tokens
+    cannot change them, so no mask is needed)."""
+    N, T = completions.shape
+    device = completions.device
     plen = torch.tensor([len(p) for p in prompts]).repeat_interleave(prompt_repeat)  # (N,)
     idx = torch.zeros((N, int(plen.max()) + T), dtype=torch.long)
     for i, p in enumerate(prompts):  # built on the CPU, moved once
@@ -452,16 +475,75 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
     idx, plen = idx.to(device), plen.to(device)
     cols = plen[:, None] + torch.arange(T, device=device)  # (N, T): column of completion token j
     idx.scatter_(1, cols, completions)
-    with autocast(device):
-        h = model.hidden_states(idx)  # (N, S, C)
-        # the token at column c is predicted from column c - 1
-        h = h.gather(1, (cols - 1)[..., None].expand(-1, -1, h.shape[-1]))  # (N, T, C)
-        logits = model.lm_head(h)  # (N, T, V)
-    if temperature not in (0, 1):
-        logits = logits / temperature
-    logp = token_logprobs(logits, completions)  # (N, T)
-    inside = torch.arange(T, device=device)[None] < lengths[:, None]
-    return logp.masked_fill(~inside, 0.0)
+    h = model.hidden_states(idx)  # (N, S, C)
+    # the token at column c is predicted from column c - 1
+    return h.gather(1, (cols - 1)[..., None].expand(-1, -1, h.shape[-1]))  # (N, T, C)
+
+
+class GroupPromptCache:
+    """The KVCache interface (update, pos) for a training forward in two passes: the first pass
+    (the P prompts) stores each layer's keys and values; the second (the N = P*G completions)
+    attends to its prompt's stored keys and values, copied to the G rows of the group, followed
+    by its own. Nothing is written in place, so the prompt's keys and values stay in the autograd
+    graph: the gradient of the G completions flows back into one prompt forward (the copy's
+    backward sums it over the group)."""
+
+    def __init__(self, group_size: int):
+        self.G, self.pos = group_size, 0
+        self.k, self.v = [], []
+
+    def update(self, layer, k, v):
+        if self.pos == 0:  # pass 1, the prompts: (P, nkv, L, hd)
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        # pass 2, the completions: (N, nkv, L + T, hd), prompt columns first
+        return (torch.cat([self.k[layer].repeat_interleave(self.G, dim=0), k], dim=2),
+                torch.cat([self.v[layer].repeat_interleave(self.G, dim=0), v], dim=2))
+
+
+def _grouped_hidden(model, prompts, completions, G):
+    """_flat_hidden's result, (N, T, C), with each prompt computed once for its G completions.
+
+    In the flat forward every prompt token is recomputed G times: with ~80-token prompts and
+    ~30-token completions that is about 3/4 of the update's work, all of it identical. Here the P
+    prompts run alone (right-aligned, as in generate), then the completions run as "new tokens
+    on a cache" holding their prompt's keys and values. Completion token j is predicted by the
+    hidden state of the token before it: the prompt's last one for j = 0, the completion's own
+    for j >= 1, so the completion pass needs only tokens 0..T-2."""
+    N, T = completions.shape
+    P, device = len(prompts), completions.device
+    plen = torch.tensor([len(p) for p in prompts], device=device)  # (P,)
+    L = int(plen.max())
+    idx = torch.zeros((P, L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, L - len(p):] = torch.tensor(p)
+    idx = idx.to(device)
+    pad = L - plen  # (P,) left padding
+    cache = GroupPromptCache(G)
+    if bool((pad > 0).any()):  # ragged prompts: per-row positions and a key mask, as in generate
+        cols = torch.arange(L, device=device)
+        positions = (cols[None] - pad[:, None]).clamp(min=0)  # (P, L)
+        key_ok = cols[None] >= pad[:, None]  # (P, L): False on left padding
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        # the diagonal keeps a padding query from seeing no key at all (a NaN softmax)
+        mask = (causal & key_ok[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
+        h_prompt = model.hidden_states(idx, positions=positions, mask=mask, cache=cache)  # (P, L, C)
+    else:
+        key_ok = torch.ones(P, L, dtype=torch.bool, device=device)
+        h_prompt = model.hidden_states(idx, cache=cache)  # plain causal (P, L, C)
+    first = h_prompt[:, -1:].repeat_interleave(G, dim=0)  # (N, 1, C): predicts completion token 0
+    if T == 1:
+        return first
+    # pass 2: completion tokens 0..T-2 of every row at positions plen, plen+1, ...; each sees its
+    # prompt (minus the padding) and the completion tokens up to itself
+    n_new = T - 1
+    positions = plen.repeat_interleave(G)[:, None] + torch.arange(n_new, device=device)  # (N, T-1)
+    causal = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
+    mask = torch.cat([key_ok.repeat_interleave(G, dim=0)[:, None, None, :].expand(-1, 1, n_new, L),
+                      causal.expand(N, 1, n_new, n_new)], dim=-1)  # (N, 1, T-1, L+T-1)
+    h_new = model.hidden_states(completions[:, :-1], positions=positions, mask=mask, cache=cache)  # (N, T-1, C)
+    return torch.cat([first, h_new], dim=1)  # (N, T, C)
 
 
 @torch.no_grad()

@@ -216,6 +216,46 @@ def test_generate_logprobs_equal_completion_logprobs():
     assert m.embed_tokens.weight.grad is not None and m.embed_tokens.weight.grad.abs().sum() > 0
 
 
+def test_grouped_completion_logprobs_equal_flat_values_and_gradients():
+    # prompt_repeat = G runs each prompt once for its G completions (model._grouped_hidden);
+    # repeating the prompts by hand with prompt_repeat = 1 is the flat forward that recomputes
+    # each prompt G times. Same log-probs and same gradients, ragged prompts and equal ones,
+    # completions of every length down to a single token (T = 1 has no completion pass).
+    for plens, T in (([3, 10, 6], 9), ([5, 5], 7), ([4, 8], 1), ([7, 2], 2)):
+        m = tiny()
+        m.train()
+        prompts = rand_prompts(plens)
+        G = 3
+        out = model.generate(m, prompts, G, T, temperature=0.8, stop_ids={1, 2}, pad_id=0, generator=torch.Generator().manual_seed(1))
+        weights = torch.randn(out.tokens.shape, generator=torch.Generator().manual_seed(2))
+        grads = []
+        for grouped in (True, False):
+            m.zero_grad(set_to_none=True)
+            if grouped:
+                lp = model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=G, temperature=0.8)
+            else:
+                flat = [p for p in prompts for _ in range(G)]
+                lp = model.completion_logprobs(m, flat, out.tokens, out.lengths, prompt_repeat=1, temperature=0.8)
+            (lp * weights).sum().backward()
+            grads.append((lp.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+        (lp_g, g_g), (lp_f, g_f) = grads
+        assert torch.allclose(lp_g, lp_f, atol=1e-5), (plens, T, (lp_g - lp_f).abs().max())
+        assert torch.allclose(lp_g, out.logprobs, atol=1e-5)  # and both equal the sampler's
+        for k in g_f:
+            assert torch.allclose(g_g[k], g_f[k], atol=1e-5, rtol=1e-4), (plens, T, k, (g_g[k] - g_f[k]).abs().max())
+
+
+def test_grouped_completion_logprobs_under_grad_checkpoint_and_no_grad():
+    m = tiny()
+    prompts = rand_prompts([4, 9])
+    out = model.generate(m, prompts, 2, 6, stop_ids=(), pad_id=0, generator=torch.Generator().manual_seed(0))
+    ref = model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=2)
+    m.grad_checkpoint = True  # falls back to the flat forward, which checkpointing recomputes
+    assert torch.allclose(model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=2), ref, atol=1e-5)
+    with torch.no_grad():  # the reference policy's log-probs (beta > 0) take the grouped path too
+        assert torch.allclose(model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=2), ref, atol=1e-5)
+
+
 def test_embed_ignores_padding():
     m = tiny()
     seqs = rand_prompts([3, 9, 5])
