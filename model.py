@@ -440,9 +440,11 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
     returns them). Only the hidden states at completion positions go through the output layer,
     which is where the memory would go.
 
-    With prompt_repeat = G > 1 (a GRPO group: G completions of one prompt) each prompt goes
-    through the network once, not G times (_grouped_hidden); the numbers are the same as the flat
-    forward's to float rounding (test_exit.py checks values and gradients)."""
+    With prompt_repeat = G > 1 (a GRPO group: G completions of one prompt) the update's forward
+    skips two kinds of repeated or wasted work (_grouped_logprobs): each prompt goes through the
+    network once, not G times, and rows are cut to about their own length instead of the
+    longest row's. The numbers are the flat forward's to float rounding (test_exit.py checks
+    values and gradients)."""
     N, T = completions.shape
     if len(prompts) * prompt_repeat != N:
         raise ValueError(f"{len(prompts)} prompts x {prompt_repeat} != {N} completions")
@@ -451,15 +453,20 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
     with autocast(device):
         # grad_checkpoint recomputes blocks of a plain causal forward; keep that path for it
         if prompt_repeat > 1 and not (model.grad_checkpoint and torch.is_grad_enabled()):
-            h = _grouped_hidden(model, prompts, completions, prompt_repeat)  # (N, T, C)
+            logp = _grouped_logprobs(model, prompts, completions, lengths, prompt_repeat, temperature)
         else:
-            h = _flat_hidden(model, prompts, completions, prompt_repeat)  # (N, T, C)
-        logits = model.lm_head(h)  # (N, T, V)
-    if temperature not in (0, 1):
-        logits = logits / temperature
-    logp = token_logprobs(logits, completions)  # (N, T)
+            logp = _tempered_logprobs(model, _flat_hidden(model, prompts, completions, prompt_repeat),
+                                      completions, temperature)
     inside = torch.arange(T, device=device)[None] < lengths[:, None]
     return logp.masked_fill(~inside, 0.0)
+
+
+def _tempered_logprobs(model, h, tokens, temperature):
+    """log softmax(lm_head(h) / temperature)[token]: (n, t, C), (n, t) -> (n, t) fp32."""
+    logits = model.lm_head(h)  # (n, t, V)
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    return token_logprobs(logits, tokens)
 
 
 def _flat_hidden(model, prompts, completions, prompt_repeat):
@@ -481,36 +488,43 @@ def _flat_hidden(model, prompts, completions, prompt_repeat):
 
 
 class GroupPromptCache:
-    """The KVCache interface (update, pos) for a training forward in two passes: the first pass
-    (the P prompts) stores each layer's keys and values; the second (the N = P*G completions)
-    attends to its prompt's stored keys and values, copied to the G rows of the group, followed
+    """The KVCache interface (update, pos) for a training forward in two passes. The first pass
+    (the P prompts, rows is None) stores each layer's keys and values; a later pass (completion
+    rows, rows[i] = the prompt of row i) attends to its prompt's stored keys and values followed
     by its own. Nothing is written in place, so the prompt's keys and values stay in the autograd
-    graph: the gradient of the G completions flows back into one prompt forward (the copy's
-    backward sums it over the group)."""
+    graph: the gradients of a group's G completions flow back into one prompt forward (indexing's
+    backward sums them)."""
 
-    def __init__(self, group_size: int):
-        self.G, self.pos = group_size, 0
-        self.k, self.v = [], []
+    def __init__(self):
+        self.k, self.v, self.pos, self.rows = [], [], 0, None
 
     def update(self, layer, k, v):
-        if self.pos == 0:  # pass 1, the prompts: (P, nkv, L, hd)
+        if self.rows is None:  # the prompts: (P, nkv, L, hd)
             self.k.append(k)
             self.v.append(v)
             return k, v
-        # pass 2, the completions: (N, nkv, L + T, hd), prompt columns first
-        return (torch.cat([self.k[layer].repeat_interleave(self.G, dim=0), k], dim=2),
-                torch.cat([self.v[layer].repeat_interleave(self.G, dim=0), v], dim=2))
+        # completion rows: (n, nkv, L + t, hd), their prompt's columns first
+        return (torch.cat([self.k[layer][self.rows], k], dim=2),
+                torch.cat([self.v[layer][self.rows], v], dim=2))
 
 
-def _grouped_hidden(model, prompts, completions, G):
-    """_flat_hidden's result, (N, T, C), with each prompt computed once for its G completions.
+LENGTH_BUCKETS = 4
+"""_grouped_logprobs cuts the rows, sorted by length, into this many forwards: fewer leaves more
+padding, more costs a forward's fixed overhead each"""
 
-    In the flat forward every prompt token is recomputed G times: with ~80-token prompts and
-    ~30-token completions that is about 3/4 of the update's work, all of it identical. Here the P
-    prompts run alone (right-aligned, as in generate), then the completions run as "new tokens
-    on a cache" holding their prompt's keys and values. Completion token j is predicted by the
-    hidden state of the token before it: the prompt's last one for j = 0, the completion's own
-    for j >= 1, so the completion pass needs only tokens 0..T-2."""
+
+def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
+    """_flat_hidden + _tempered_logprobs, (N, T), without the flat forward's two wastes.
+
+    1. Prompts recomputed G times. Each prompt token would be computed once per rollout of its
+       group, all G times identically. Here the P prompts run alone, once (right-aligned, as in
+       generate), and the completions then run as "new tokens on a cache" (GroupPromptCache)
+       holding their prompt's keys and values.
+    2. Padding. The flat forward runs every row to the longest completion; rows that stopped at
+       end of text early (most of them) are padding beyond that. Here the rows, sorted by
+       length, go in LENGTH_BUCKETS forwards, each as long as its own longest row.
+    Completion token j is predicted by the hidden state of the token before it: the prompt's last
+    one for j = 0, the completion's own for j >= 1, so a row of n tokens runs tokens 0..n-2."""
     N, T = completions.shape
     P, device = len(prompts), completions.device
     plen = torch.tensor([len(p) for p in prompts], device=device)  # (P,)
@@ -520,7 +534,7 @@ def _grouped_hidden(model, prompts, completions, G):
         idx[i, L - len(p):] = torch.tensor(p)
     idx = idx.to(device)
     pad = L - plen  # (P,) left padding
-    cache = GroupPromptCache(G)
+    cache = GroupPromptCache()
     if bool((pad > 0).any()):  # ragged prompts: per-row positions and a key mask, as in generate
         cols = torch.arange(L, device=device)
         positions = (cols[None] - pad[:, None]).clamp(min=0)  # (P, L)
@@ -532,18 +546,27 @@ def _grouped_hidden(model, prompts, completions, G):
     else:
         key_ok = torch.ones(P, L, dtype=torch.bool, device=device)
         h_prompt = model.hidden_states(idx, cache=cache)  # plain causal (P, L, C)
-    first = h_prompt[:, -1:].repeat_interleave(G, dim=0)  # (N, 1, C): predicts completion token 0
-    if T == 1:
-        return first
-    # pass 2: completion tokens 0..T-2 of every row at positions plen, plen+1, ...; each sees its
-    # prompt (minus the padding) and the completion tokens up to itself
-    n_new = T - 1
-    positions = plen.repeat_interleave(G)[:, None] + torch.arange(n_new, device=device)  # (N, T-1)
-    causal = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
-    mask = torch.cat([key_ok.repeat_interleave(G, dim=0)[:, None, None, :].expand(-1, 1, n_new, L),
-                      causal.expand(N, 1, n_new, n_new)], dim=-1)  # (N, 1, T-1, L+T-1)
-    h_new = model.hidden_states(completions[:, :-1], positions=positions, mask=mask, cache=cache)  # (N, T-1, C)
-    return torch.cat([first, h_new], dim=1)  # (N, T, C)
+    last = h_prompt[:, -1]  # (P, C): predicts completion token 0
+
+    order = lengths.argsort(stable=True)  # rows by length, shortest first
+    pieces = []
+    for rows in order.chunk(min(LENGTH_BUCKETS, N)):
+        t = max(1, int(lengths[rows].max()))  # this bucket's longest row
+        prompt = rows // G  # (n,) the prompt of each row
+        h = last[prompt][:, None]  # (n, 1, C)
+        if t > 1:
+            # tokens 0..t-2 at positions plen, plen+1, ...; each sees its prompt (less the padding)
+            # and the completion tokens up to itself
+            cache.rows = prompt
+            positions = plen[prompt][:, None] + torch.arange(t - 1, device=device)  # (n, t-1)
+            causal = torch.ones(t - 1, t - 1, dtype=torch.bool, device=device).tril()
+            mask = torch.cat([key_ok[prompt][:, None, None, :].expand(-1, 1, t - 1, L),
+                              causal.expand(len(rows), 1, t - 1, t - 1)], dim=-1)  # (n, 1, t-1, L+t-1)
+            h_new = model.hidden_states(completions[rows, :t - 1], positions=positions, mask=mask, cache=cache)
+            h = torch.cat([h, h_new], dim=1)  # (n, t, C)
+        logp = _tempered_logprobs(model, h, completions[rows, :t], temperature)  # (n, t)
+        pieces.append(F.pad(logp, (0, T - t)))  # zeros past the bucket's length
+    return torch.cat(pieces)[order.argsort()]  # back to the callers' row order, (N, T)
 
 
 @torch.no_grad()
