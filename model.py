@@ -293,6 +293,11 @@ class KVCache:
         self.v = self.v.repeat_interleave(n, dim=1)
         self.batch *= n
 
+    def keep_rows(self, rows: torch.Tensor):
+        """Keep only these rows (a (B,) bool mask or indices), in order: the sampler drops finished ones."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.batch = self.k.shape[1]
+
 
 @dataclass
 class Rollouts:
@@ -318,8 +323,9 @@ def token_logprobs(logits, tokens):
     return logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row from logits (N, V) -> (N,). temperature 0 is argmax."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, uniform=None):
+    """One token per row from logits (N, V) -> (N,). temperature 0 is argmax. uniform: (N, 1) draws
+    in [0, 1) to sample with (default: drawn here from generator)."""
     if temperature == 0:
         return logits.argmax(-1)
     if temperature != 1.0:
@@ -337,10 +343,16 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     # inverse-CDF sampling: one uniform per row. Same distribution as torch.multinomial, which
     # draws an exponential per vocabulary entry and was 10% of the whole sampler's time on CPU.
     cdf = logits.softmax(-1).cumsum(-1)  # (N, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    if uniform is None:
+        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
+    u = uniform * cdf[:, -1:]
     # right=True: the first token whose cdf exceeds u, so zero-probability tokens are never picked
     # (the clamp only guards against u rounding up to the total)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+DROP_FINISHED_AT = 0.25
+"""generate() drops finished rows from its batch once they are this fraction of it (> 1: never)"""
 
 
 @torch.no_grad()  # not inference_mode: exit.py uses these tensors inside the autograd graph
@@ -401,24 +413,41 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    # The batch shrinks as rows finish. Most completions end well before the budget (the toy's
+    # ~18 of 48 tokens), and decoding a finished row costs as much as a live one, so once a
+    # fraction DROP_FINISHED_AT of the batch is done the finished rows are dropped from it
+    # (cache, positions): `live` holds the original row of each batch row. Each drop copies the
+    # cache once; dropping at every finished row would copy it ~N times.
+    live = torch.arange(N, device=device)
+    fin = torch.zeros(N, dtype=torch.bool, device=device)  # batch rows that finished, not yet dropped
     for t in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (N,)
-        nxt = nxt.masked_fill(done, pad_id)
-        tokens[:, t] = nxt
+        # one uniform for every original row, picked by `live`: each row gets the draw it would
+        # get in the full batch, so dropping rows changes no sample (same seed, same rows)
+        u = None if temperature == 0 else torch.rand(N, 1, generator=generator, device=device)[live]
+        nxt = sample_next(logits, temperature, top_k, top_p, uniform=u)  # (B,), B = len(live)
+        nxt = nxt.masked_fill(fin, pad_id)
+        tokens[live, t] = nxt
         # the log-prob under the distribution actually sampled (logits / T), so that the policy
         # gradient of Eq. 4 is that of the tempered policy, as in TRL
-        logprobs[:, t] = token_logprobs(logits / (temperature or 1.0), nxt).masked_fill(done, 0.0)
-        lengths += ~done  # before updating done: the stop token counts
-        done |= torch.isin(nxt, stop)
-        if t == max_new_tokens - 1 or bool(done.all()):
+        logprobs[live, t] = token_logprobs(logits / (temperature or 1.0), nxt).masked_fill(fin, 0.0)
+        lengths[live] += ~fin  # before updating fin: the stop token counts
+        fin |= torch.isin(nxt, stop)
+        done[live] = fin
+        if t == max_new_tokens - 1 or bool(fin.all()):
             break
+        if int(fin.sum()) >= DROP_FINISHED_AT * len(live):  # enough of the batch has finished: drop those rows
+            keep = ~fin
+            live, nxt, fin = live[keep], nxt[keep], fin[keep]
+            cache.keep_rows(keep)
+            if ragged:
+                positions, key_ok = positions[keep], key_ok[keep]
         c = L + t  # the cache column this token goes to
         with autocast(device):
             h = model.hidden_states(
                 nxt[:, None], cache=cache,
                 positions=None if positions is None else positions[:, c:c + 1],
                 mask=None if key_ok is None else key_ok[:, None, None, :c + 1])
-            logits = model.lm_head(h[:, -1]).float()  # (N, V)
+            logits = model.lm_head(h[:, -1]).float()  # (B, V)
     model.train(was_training)
 
     T = t + 1

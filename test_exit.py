@@ -216,6 +216,29 @@ def test_generate_logprobs_equal_completion_logprobs():
     assert m.embed_tokens.weight.grad is not None and m.embed_tokens.weight.grad.abs().sum() > 0
 
 
+def test_generate_dropping_finished_rows_changes_no_sample(monkeypatch):
+    # generate() drops finished rows from its batch (model.DROP_FINISHED_AT); each row still gets
+    # the uniform it would get in the full batch, so the rollouts equal those of a sampler that
+    # never drops a row (only the float rounding of a smaller batch's matmuls may differ)
+    m = tiny()
+    prompts = rand_prompts([3, 10, 6, 4])
+    outs = []
+    for at in (0.25, 0.01, 2.0):  # drop at a quarter, at every finished row, never
+        monkeypatch.setattr(model, "DROP_FINISHED_AT", at)
+        for kw in (dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.7, top_k=5)):
+            g = torch.Generator().manual_seed(3)
+            outs.append((at, kw, model.generate(m, prompts, 6, 20, stop_ids={1, 2, 3, 4, 5}, pad_id=0, generator=g, **kw)))
+    base = {str(kw): o for at, kw, o in outs if at == 2.0}
+    for at, kw, o in outs:
+        b = base[str(kw)]
+        assert torch.equal(o.tokens, b.tokens) and torch.equal(o.lengths, b.lengths), (at, kw)
+        assert torch.equal(o.finished, b.finished) and torch.equal(o.mask, b.mask)
+        assert torch.allclose(o.logprobs, b.logprobs, atol=1e-5)
+    # the test means something: rows of different lengths, some ended by a stop token
+    b = base[str(dict(temperature=1.0))]
+    assert b.finished.any() and len(set(b.lengths.tolist())) > 2
+
+
 def test_grouped_completion_logprobs_equal_flat_values_and_gradients():
     # prompt_repeat = G runs each prompt once for its G completions (model._grouped_hidden);
     # repeating the prompts by hand with prompt_repeat = 1 is the flat forward that recomputes
