@@ -16,7 +16,8 @@ Two comparisons, each on the same weights and the same work:
              GRPOTrainer configured the same way: num_generations = G, the same completion
              budget, beta = 0 (no reference model), epsilon 0.2, loss_type "grpo" (the mean over
              rollouts of each rollout's token mean, as ours), rewards scaled by the group std,
-             AdamW lr 2e-4, betas (0.9, 0.99), no weight decay, grad clip 1, prompts from the
+             AdamW lr 2e-4, betas (0.9, 0.99), no weight decay, grad clip 1, fp32, no
+             gradient checkpointing (TRL's defaults are bf16 and checkpointing on; ours are off), prompts from the
              same task pool as text, and a reward function that calls the same
              family.step_reward. TRL is an optional dependency: pip install -r requirements-bench.txt
 
@@ -34,10 +35,13 @@ early stopping would not be measured. --warm-steps trades a cheaper warm start f
 """
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import tempfile
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network: everything is local
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -186,7 +190,8 @@ def trl_trainer(tr, args, d, on_step):
         scale_rewards="group", mask_truncated_completions=False, temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=tr.cfg.lr, adam_beta1=0.9, adam_beta2=0.99, weight_decay=tr.cfg.weight_decay,
         max_grad_norm=tr.cfg.grad_clip, lr_scheduler_type="constant", warmup_steps=0, use_cpu=True,
-        bf16=False, report_to="none", save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True,
+        bf16=False, gradient_checkpointing=False, optim="adamw_torch",  # TRL defaults to both off our settings
+        report_to="none", save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True,
         seed=args.seed, dataloader_num_workers=0)
 
     class Clock(TrainerCallback):  # one TRL step: generation, rewards, forward, backward, AdamW
@@ -217,7 +222,9 @@ def bench_iteration(tr, args):
             t, parts = ours()
             rows.append((t, parts, t_peer))
 
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):  # TRL's warnings and its end-of-training log dict
+            warnings.simplefilter("ignore")
             trl_trainer(tr, args, d, after_trl_step).train()
     rows = rows[1:]  # warm-up pair
     parts = {k: statistics.median(r[1][k] for r in rows) for k in ("sampling", "update", "other")}
