@@ -16,10 +16,11 @@ Two comparisons, each on the same weights and the same work:
              GRPOTrainer configured the same way: num_generations = G, the same completion
              budget, beta = 0 (no reference model), epsilon 0.2, loss_type "grpo" (the mean over
              rollouts of each rollout's token mean, as ours), rewards scaled by the group std,
-             AdamW lr 2e-4, betas (0.9, 0.99), no weight decay, grad clip 1, fp32, no
-             gradient checkpointing (TRL's defaults are bf16 and checkpointing on; ours are off), prompts from the
-             same task pool as text, and a reward function that calls the same
-             family.step_reward. TRL is an optional dependency: pip install -r requirements-bench.txt
+             AdamW lr 2e-4, betas (0.9, 0.99), no weight decay, grad clip 1, fp32 and no
+             gradient checkpointing (TRL's defaults are bf16, checkpointing and fused AdamW),
+             prompts from the same task pool as text, and a reward function that calls the
+             same family.step_reward. TRL is an optional dependency (requirements-bench.txt):
+                 pip install --no-deps -r requirements-bench.txt
 
 How the numbers are made honest on a shared machine: both sides run in one process on the same
 number of threads (default 1: two threads on a two-core machine that others use measure the
@@ -190,7 +191,7 @@ def trl_trainer(tr, args, d, on_step):
         scale_rewards="group", mask_truncated_completions=False, temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=tr.cfg.lr, adam_beta1=0.9, adam_beta2=0.99, weight_decay=tr.cfg.weight_decay,
         max_grad_norm=tr.cfg.grad_clip, lr_scheduler_type="constant", warmup_steps=0, use_cpu=True,
-        bf16=False, gradient_checkpointing=False, optim="adamw_torch",  # TRL defaults to both off our settings
+        bf16=False, gradient_checkpointing=False, optim="adamw_torch",  # ours, not TRL's defaults
         report_to="none", save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True,
         seed=args.seed, dataloader_num_workers=0)
 
