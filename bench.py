@@ -68,7 +68,7 @@ def ratios(pairs):
 def make_trainer(args) -> exit_lib.Trainer:
     cfg = exit_lib.Config(task=args.task, method="grpo", seed=args.seed, tasks_per_iter=args.prompts,
                           group_size=args.samples, max_new_tokens=args.new_tokens, base_dir=args.base_dir,
-                          out_dir=tempfile.mkdtemp(prefix="bench-"), device="cpu",
+                          device="cpu",  # out_dir stays unused: iteration() writes nothing
                           **({"warm_steps": args.warm_steps} if args.warm_steps else {}))
     return exit_lib.Trainer(cfg, quiet=False)
 

@@ -2288,3 +2288,20 @@ def test_training_with_kl_refreshes_the_reference(tmp_path):
     assert tr.iteration()["log"]["kl"] > 0
     assert all(torch.equal(a, b) for a, b in zip(tr.ref.parameters(), tr.policy.parameters()))
     assert tr.iteration()["log"]["kl"] == 0.0             # refreshed: ref = θ again
+
+
+def test_bench_runs_end_to_end(tmp_path):
+    # bench.py with a tiny budget, as a subprocess: both comparisons, TRL's GRPOTrainer as the
+    # iteration's peer when the optional requirements (requirements-bench.txt) are installed
+    try:
+        import trl  # noqa: F401
+        peer = "trl"
+    except ImportError:
+        peer = "none"
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--base-dir", str(tmp_path / "base"),
+                        "--warm-steps", "2", "--prompts", "2", "--samples", "2", "--new-tokens", "4",
+                        "--repeats", "1", "--peer", peer], capture_output=True, text=True, timeout=600,
+                       env=os.environ | {"HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("speed-up") == (3 if peer == "trl" else 2), p.stdout
+    assert "sampling" in p.stdout and "update" in p.stdout
