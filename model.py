@@ -362,7 +362,8 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     """Sample num_samples completions for each prompt: N = len(prompts) * num_samples rows.
 
     Each prompt is prefilled once and its cache copied to its G rows, then all rows decode
-    together until every row has produced a token in stop_ids or max_new_tokens tokens.
+    together until every row has produced a token in stop_ids or max_new_tokens tokens; rows
+    that have finished leave the batch in bunches (DROP_FINISHED_AT).
     Prompts of different lengths are right-aligned (left-padded) so that every row writes its
     next token into the same cache column; per-row rotary positions and a key mask make each
     row compute what it would alone. The generator (on the model's device) makes samples
