@@ -295,6 +295,11 @@ class KVCache:
         self.v = self.v.repeat_interleave(n, dim=1)
         self.batch *= n
 
+    def keep_rows(self, rows: torch.Tensor):
+        """Keep only these rows (a (B,) bool mask or indices), in order: the sampler drops finished ones."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.batch = self.k.shape[1]
+
 
 @dataclass
 class Rollouts:
@@ -320,8 +325,9 @@ def token_logprobs(logits, tokens):
     return logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row from logits (N, V) -> (N,). temperature 0 is argmax."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, uniform=None):
+    """One token per row from logits (N, V) -> (N,). temperature 0 is argmax. uniform: (N, 1) draws
+    in [0, 1) to sample with (default: drawn here from generator)."""
     if temperature == 0:
         return logits.argmax(-1)
     if temperature != 1.0:
@@ -339,10 +345,16 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     # inverse-CDF sampling: one uniform per row. Same distribution as torch.multinomial, which
     # draws an exponential per vocabulary entry and was 10% of the whole sampler's time on CPU.
     cdf = logits.softmax(-1).cumsum(-1)  # (N, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    if uniform is None:
+        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
+    u = uniform * cdf[:, -1:]
     # right=True: the first token whose cdf exceeds u, so zero-probability tokens are never picked
     # (the clamp only guards against u rounding up to the total)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+DROP_FINISHED_AT = 0.25
+"""generate() drops finished rows from its batch once they are this fraction of it (> 1: never)"""
 
 
 @torch.no_grad()  # not inference_mode: exit.py uses these tensors inside the autograd graph
@@ -352,7 +364,8 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     """Sample num_samples completions for each prompt: N = len(prompts) * num_samples rows.
 
     Each prompt is prefilled once and its cache copied to its G rows, then all rows decode
-    together until every row has produced a token in stop_ids or max_new_tokens tokens.
+    together until every row has produced a token in stop_ids or max_new_tokens tokens; rows
+    that have finished leave the batch in bunches (DROP_FINISHED_AT).
     Prompts of different lengths are right-aligned (left-padded) so that every row writes its
     next token into the same cache column; per-row rotary positions and a key mask make each
     row compute what it would alone. The generator (on the model's device) makes samples
@@ -403,24 +416,41 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    # The batch shrinks as rows finish. Most completions end well before the budget (the toy's
+    # ~18 of 48 tokens), and decoding a finished row costs as much as a live one, so once a
+    # fraction DROP_FINISHED_AT of the batch is done the finished rows are dropped from it
+    # (cache, positions): `live` holds the original row of each batch row. Each drop copies the
+    # cache once; dropping at every finished row would copy it ~N times.
+    live = torch.arange(N, device=device)
+    fin = torch.zeros(N, dtype=torch.bool, device=device)  # batch rows that finished, not yet dropped
     for t in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (N,)
-        nxt = nxt.masked_fill(done, pad_id)
-        tokens[:, t] = nxt
+        # one uniform for every original row, picked by `live`: each row gets the draw it would
+        # get in the full batch, so dropping rows changes no sample (same seed, same rows)
+        u = None if temperature == 0 else torch.rand(N, 1, generator=generator, device=device)[live]
+        nxt = sample_next(logits, temperature, top_k, top_p, uniform=u)  # (B,), B = len(live)
+        nxt = nxt.masked_fill(fin, pad_id)
+        tokens[live, t] = nxt
         # the log-prob under the distribution actually sampled (logits / T), so that the policy
         # gradient of Eq. 4 is that of the tempered policy, as in TRL
-        logprobs[:, t] = token_logprobs(logits / (temperature or 1.0), nxt).masked_fill(done, 0.0)
-        lengths += ~done  # before updating done: the stop token counts
-        done |= torch.isin(nxt, stop)
-        if t == max_new_tokens - 1 or bool(done.all()):
+        logprobs[live, t] = token_logprobs(logits / (temperature or 1.0), nxt).masked_fill(fin, 0.0)
+        lengths[live] += ~fin  # before updating fin: the stop token counts
+        fin |= torch.isin(nxt, stop)
+        done[live] = fin
+        if t == max_new_tokens - 1 or bool(fin.all()):
             break
+        if int(fin.sum()) >= DROP_FINISHED_AT * len(live):  # enough of the batch has finished: drop those rows
+            keep = ~fin
+            live, nxt, fin = live[keep], nxt[keep], fin[keep]
+            cache.keep_rows(keep)
+            if ragged:
+                positions, key_ok = positions[keep], key_ok[keep]
         c = L + t  # the cache column this token goes to
         with autocast(device):
             h = model.hidden_states(
                 nxt[:, None], cache=cache,
                 positions=None if positions is None else positions[:, c:c + 1],
                 mask=None if key_ok is None else key_ok[:, None, None, :c + 1])
-            logits = model.lm_head(h[:, -1]).float()  # (N, V)
+            logits = model.lm_head(h[:, -1]).float()  # (B, V)
     model.train(was_training)
 
     T = t + 1
@@ -439,14 +469,44 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
     generate(..., temperature=T) samples from and stores in Rollouts.logprobs.
 
     Row i is prompts[i // prompt_repeat] followed by completions[i] (group-major, as generate
-    returns them). All rows go through one forward, right-padded: with causal attention the
-    padding after a row's tokens cannot change them, so no mask is needed. Only the hidden states
-    at completion positions go through the output layer, which is where the memory would go."""
+    returns them). Only the hidden states at completion positions go through the output layer,
+    which is where the memory would go.
+
+    With prompt_repeat = G > 1 (a GRPO group: G completions of one prompt) the update's forward
+    skips two kinds of repeated or wasted work (_grouped_logprobs): each prompt goes through the
+    network once, not G times, and rows are cut to about their own length instead of the
+    longest row's. The numbers are the flat forward's to float rounding (test_exit.py checks
+    values and gradients)."""
     N, T = completions.shape
     if len(prompts) * prompt_repeat != N:
         raise ValueError(f"{len(prompts)} prompts x {prompt_repeat} != {N} completions")
     device = model.inv_freq.device
     completions, lengths = completions.to(device), lengths.to(device)
+    with autocast(device):
+        # grad_checkpoint recomputes blocks of a plain causal forward; keep that path for it
+        if prompt_repeat > 1 and not (model.grad_checkpoint and torch.is_grad_enabled()):
+            logp = _grouped_logprobs(model, prompts, completions, lengths, prompt_repeat, temperature)
+        else:
+            logp = _tempered_logprobs(model, _flat_hidden(model, prompts, completions, prompt_repeat),
+                                      completions, temperature)
+    inside = torch.arange(T, device=device)[None] < lengths[:, None]
+    return logp.masked_fill(~inside, 0.0)
+
+
+def _tempered_logprobs(model, h, tokens, temperature):
+    """log softmax(lm_head(h) / temperature)[token]: (n, t, C), (n, t) -> (n, t) fp32."""
+    logits = model.lm_head(h)  # (n, t, V)
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    return token_logprobs(logits, tokens)
+
+
+def _flat_hidden(model, prompts, completions, prompt_repeat):
+    """Hidden states that predict each completion token, (N, T, C): every row is its whole
+    prompt + completion, right-padded, in one causal forward (the padding after a row's tokens
+    cannot change them, so no mask is needed)."""
+    N, T = completions.shape
+    device = completions.device
     plen = torch.tensor([len(p) for p in prompts]).repeat_interleave(prompt_repeat)  # (N,)
     idx = torch.zeros((N, int(plen.max()) + T), dtype=torch.long)
     for i, p in enumerate(prompts):  # built on the CPU, moved once
@@ -454,16 +514,91 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
     idx, plen = idx.to(device), plen.to(device)
     cols = plen[:, None] + torch.arange(T, device=device)  # (N, T): column of completion token j
     idx.scatter_(1, cols, completions)
-    with autocast(device):
-        h = model.hidden_states(idx)  # (N, S, C)
-        # the token at column c is predicted from column c - 1
-        h = h.gather(1, (cols - 1)[..., None].expand(-1, -1, h.shape[-1]))  # (N, T, C)
-        logits = model.lm_head(h)  # (N, T, V)
-    if temperature not in (0, 1):
-        logits = logits / temperature
-    logp = token_logprobs(logits, completions)  # (N, T)
-    inside = torch.arange(T, device=device)[None] < lengths[:, None]
-    return logp.masked_fill(~inside, 0.0)
+    h = model.hidden_states(idx)  # (N, S, C)
+    # the token at column c is predicted from column c - 1
+    return h.gather(1, (cols - 1)[..., None].expand(-1, -1, h.shape[-1]))  # (N, T, C)
+
+
+class GroupPromptCache:
+    """The KVCache interface (update, pos) for a training forward in two passes. The first pass
+    (the P prompts, rows is None) stores each layer's keys and values; a later pass (completion
+    rows, rows[i] = the prompt of row i) attends to its prompt's stored keys and values followed
+    by its own. Nothing is written in place, so the prompt's keys and values stay in the autograd
+    graph: the gradients of a group's G completions flow back into one prompt forward (indexing's
+    backward sums them)."""
+
+    def __init__(self):
+        self.k, self.v, self.pos, self.rows = [], [], 0, None
+
+    def update(self, layer, k, v):
+        if self.rows is None:  # the prompts: (P, nkv, L, hd)
+            self.k.append(k)
+            self.v.append(v)
+            return k, v
+        # completion rows: (n, nkv, L + t, hd), their prompt's columns first
+        return (torch.cat([self.k[layer][self.rows], k], dim=2),
+                torch.cat([self.v[layer][self.rows], v], dim=2))
+
+
+LENGTH_BUCKETS = 4
+"""_grouped_logprobs cuts the rows, sorted by length, into this many forwards: fewer leaves more
+padding, more costs a forward's fixed overhead each"""
+
+
+def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
+    """_flat_hidden + _tempered_logprobs, (N, T), without the flat forward's two wastes.
+
+    1. Prompts recomputed G times. Each prompt token would be computed once per rollout of its
+       group, all G times identically. Here the P prompts run alone, once (right-aligned, as in
+       generate), and the completions then run as "new tokens on a cache" (GroupPromptCache)
+       holding their prompt's keys and values.
+    2. Padding. The flat forward runs every row to the longest completion; rows that stopped at
+       end of text early (most of them) are padding beyond that. Here the rows, sorted by
+       length, go in LENGTH_BUCKETS forwards, each as long as its own longest row.
+    Completion token j is predicted by the hidden state of the token before it: the prompt's last
+    one for j = 0, the completion's own for j >= 1, so a row of n tokens runs tokens 0..n-2."""
+    N, T = completions.shape
+    P, device = len(prompts), completions.device
+    plen = torch.tensor([len(p) for p in prompts], device=device)  # (P,)
+    L = int(plen.max())
+    idx = torch.zeros((P, L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, L - len(p):] = torch.tensor(p)
+    idx = idx.to(device)
+    pad = L - plen  # (P,) left padding
+    cache = GroupPromptCache()
+    if bool((pad > 0).any()):  # ragged prompts: per-row positions and a key mask, as in generate
+        cols = torch.arange(L, device=device)
+        positions = (cols[None] - pad[:, None]).clamp(min=0)  # (P, L)
+        key_ok = cols[None] >= pad[:, None]  # (P, L): False on left padding
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        # the diagonal keeps a padding query from seeing no key at all (a NaN softmax)
+        mask = (causal & key_ok[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
+        h_prompt = model.hidden_states(idx, positions=positions, mask=mask, cache=cache)  # (P, L, C)
+    else:
+        key_ok = torch.ones(P, L, dtype=torch.bool, device=device)
+        h_prompt = model.hidden_states(idx, cache=cache)  # plain causal (P, L, C)
+    last = h_prompt[:, -1]  # (P, C): predicts completion token 0
+
+    order = lengths.argsort(stable=True)  # rows by length, shortest first
+    pieces = []
+    for rows in order.chunk(min(LENGTH_BUCKETS, N)):
+        t = max(1, int(lengths[rows].max()))  # this bucket's longest row
+        prompt = rows // G  # (n,) the prompt of each row
+        h = last[prompt][:, None]  # (n, 1, C)
+        if t > 1:
+            # tokens 0..t-2 at positions plen, plen+1, ...; each sees its prompt (less the padding)
+            # and the completion tokens up to itself
+            cache.rows = prompt
+            positions = plen[prompt][:, None] + torch.arange(t - 1, device=device)  # (n, t-1)
+            causal = torch.ones(t - 1, t - 1, dtype=torch.bool, device=device).tril()
+            mask = torch.cat([key_ok[prompt][:, None, None, :].expand(-1, 1, t - 1, L),
+                              causal.expand(len(rows), 1, t - 1, t - 1)], dim=-1)  # (n, 1, t-1, L+t-1)
+            h_new = model.hidden_states(completions[rows, :t - 1], positions=positions, mask=mask, cache=cache)
+            h = torch.cat([h, h_new], dim=1)  # (n, t, C)
+        logp = _tempered_logprobs(model, h, completions[rows, :t], temperature)  # (n, t)
+        pieces.append(F.pad(logp, (0, T - t)))  # zeros past the bucket's length
+    return torch.cat(pieces)[order.argsort()]  # back to the callers' row order, (N, T)
 
 
 @torch.no_grad()

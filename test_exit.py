@@ -216,6 +216,69 @@ def test_generate_logprobs_equal_completion_logprobs():
     assert m.embed_tokens.weight.grad is not None and m.embed_tokens.weight.grad.abs().sum() > 0
 
 
+def test_generate_dropping_finished_rows_changes_no_sample(monkeypatch):
+    # generate() drops finished rows from its batch (model.DROP_FINISHED_AT); each row still gets
+    # the uniform it would get in the full batch, so the rollouts equal those of a sampler that
+    # never drops a row (only the float rounding of a smaller batch's matmuls may differ)
+    m = tiny()
+    prompts = rand_prompts([3, 10, 6, 4])
+    outs = []
+    for at in (0.25, 0.01, 2.0):  # drop at a quarter, at every finished row, never
+        monkeypatch.setattr(model, "DROP_FINISHED_AT", at)
+        for kw in (dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.7, top_k=5)):
+            g = torch.Generator().manual_seed(3)
+            outs.append((at, kw, model.generate(m, prompts, 6, 20, stop_ids={1, 2, 3, 4, 5}, pad_id=0, generator=g, **kw)))
+    base = {str(kw): o for at, kw, o in outs if at == 2.0}
+    for at, kw, o in outs:
+        b = base[str(kw)]
+        assert torch.equal(o.tokens, b.tokens) and torch.equal(o.lengths, b.lengths), (at, kw)
+        assert torch.equal(o.finished, b.finished) and torch.equal(o.mask, b.mask)
+        assert torch.allclose(o.logprobs, b.logprobs, atol=1e-5)
+    # the test means something: rows of different lengths, some ended by a stop token
+    b = base[str(dict(temperature=1.0))]
+    assert b.finished.any() and len(set(b.lengths.tolist())) > 2
+
+
+def test_grouped_completion_logprobs_equal_flat_values_and_gradients():
+    # prompt_repeat = G runs each prompt once for its G completions (model._grouped_hidden);
+    # repeating the prompts by hand with prompt_repeat = 1 is the flat forward that recomputes
+    # each prompt G times. Same log-probs and same gradients, ragged prompts and equal ones,
+    # completions of every length down to a single token (T = 1 has no completion pass).
+    for plens, T in (([3, 10, 6], 9), ([5, 5], 7), ([4, 8], 1), ([7, 2], 2)):
+        m = tiny()
+        m.train()
+        prompts = rand_prompts(plens)
+        G = 3
+        out = model.generate(m, prompts, G, T, temperature=0.8, stop_ids={1, 2}, pad_id=0, generator=torch.Generator().manual_seed(1))
+        weights = torch.randn(out.tokens.shape, generator=torch.Generator().manual_seed(2))
+        grads = []
+        for grouped in (True, False):
+            m.zero_grad(set_to_none=True)
+            if grouped:
+                lp = model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=G, temperature=0.8)
+            else:
+                flat = [p for p in prompts for _ in range(G)]
+                lp = model.completion_logprobs(m, flat, out.tokens, out.lengths, prompt_repeat=1, temperature=0.8)
+            (lp * weights).sum().backward()
+            grads.append((lp.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+        (lp_g, g_g), (lp_f, g_f) = grads
+        assert torch.allclose(lp_g, lp_f, atol=1e-5), (plens, T, (lp_g - lp_f).abs().max())
+        assert torch.allclose(lp_g, out.logprobs, atol=1e-5)  # and both equal the sampler's
+        for k in g_f:
+            assert torch.allclose(g_g[k], g_f[k], atol=1e-5, rtol=1e-4), (plens, T, k, (g_g[k] - g_f[k]).abs().max())
+
+
+def test_grouped_completion_logprobs_under_grad_checkpoint_and_no_grad():
+    m = tiny()
+    prompts = rand_prompts([4, 9])
+    out = model.generate(m, prompts, 2, 6, stop_ids=(), pad_id=0, generator=torch.Generator().manual_seed(0))
+    ref = model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=2)
+    m.grad_checkpoint = True  # falls back to the flat forward, which checkpointing recomputes
+    assert torch.allclose(model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=2), ref, atol=1e-5)
+    with torch.no_grad():  # the reference policy's log-probs (beta > 0) take the grouped path too
+        assert torch.allclose(model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=2), ref, atol=1e-5)
+
+
 def test_embed_ignores_padding():
     m = tiny()
     seqs = rand_prompts([3, 9, 5])
@@ -2401,7 +2464,8 @@ def test_lineage_plot_draws_buffer_depths(tmp_path):
     assert eval_lib.plot_lineage([dict(buf_depth_hist={})], str(tmp_path / "none.png")) is None  # GRPO: no buffer
 
 
-# ===============================================================================================
+# ========================================================================================
+
 # Reliability: a bad input is a clear error before any work; a run folder holds one run, nothing lost
 # ===============================================================================================
 
@@ -2735,3 +2799,19 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
         exit_lib.train(*exit_lib.parse_args([f"--out_dir={run}", "--resume", "--iters=3"]), quiet=True)
     else:
         assert [e["iter"] for e in eval_lib.read_log_lines(str(log))] == list(range(1, len(log.read_text().splitlines())))
+
+def test_bench_runs_end_to_end(tmp_path):
+    # bench.py with a tiny budget, as a subprocess: both comparisons, TRL's GRPOTrainer as the
+    # iteration's peer when the optional requirements (requirements-bench.txt) are installed
+    try:
+        import trl  # noqa: F401
+        peer = "trl"
+    except ImportError:
+        peer = "none"
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--base-dir", str(tmp_path / "base"),
+                        "--warm-steps", "2", "--prompts", "2", "--samples", "2", "--new-tokens", "4",
+                        "--repeats", "1", "--peer", peer], capture_output=True, text=True, timeout=600,
+                       env=os.environ | {"HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("speed-up") == (3 if peer == "trl" else 2), p.stdout
+    assert "sampling" in p.stdout and "update" in p.stdout
