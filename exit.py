@@ -492,12 +492,15 @@ class Trainer:
         self.device = model_lib.pick_device(cfg.device)
         self.family, self.eval_family = checked["family"], checked["eval_family"]
         self.source_dtype = checked.get("source_dtype")  # what hf/ is exported in: a bf16 source stays bf16
+        self.warm_seconds = 0.0
         if cfg.init:
             self.policy, self.tok, self.tok_spec = model_lib.load_policy(cfg.init, self.device)
             self.base_path = os.path.abspath(cfg.init)
         else:
             eval_lib.remove_stale_tmp(cfg.base_dir)  # a warm start killed while saving
+            t0 = time.time()
             self.policy, self.tok, self.base_path = warm_start(cfg, self.family, self.device, quiet)
+            self.warm_seconds = time.time() - t0
             self.base_path = os.path.abspath(self.base_path)  # eval.py may run from another folder
             self.tok_spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
         # compact marker prompts for the toy tokenizer, the checkpoint's chat template for a real one
@@ -541,12 +544,13 @@ class Trainer:
         self.iter = 0
         self.skipped = 0            # updates skipped for a non-finite loss or gradient
         self.elapsed = 0.0          # seconds of RL so far, across resumes
+        self.timing = dict(warm_start=self.warm_seconds, sampling=0.0, update=0.0, buffer=0.0)  # the run's summary
 
     # ---- checkpoints
     def state_dict(self) -> dict:
         return dict(
             kind="run", config=dataclasses.asdict(self.cfg), iter=self.iter, skipped=self.skipped,
-            elapsed=self.elapsed, base_path=self.base_path,
+            elapsed=self.elapsed, timing=self.timing, base_path=self.base_path,
             policy=model_lib.policy_state(self.policy, self.tok_spec), optimizer=self.opt.state_dict(),
             ref=None if self.ref is None else self.ref.state_dict(),
             embedder=None if any(self.embedder is m for m in (None, self.ref, self.policy)) else self.embedder.state_dict(),
@@ -575,6 +579,7 @@ class Trainer:
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(ck["rng"]["python"])
         self.iter, self.skipped, self.elapsed = ck["iter"], ck["skipped"], ck["elapsed"]
+        self.timing = dict(ck.get("timing") or self.timing)
 
     def save(self, path=None):
         model_lib.atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
@@ -594,8 +599,13 @@ class Trainer:
         rewards = torch.tensor([[self.reward(inst, episodes[i * G + j]) for j in range(G)]
                                 for i, inst in enumerate(insts)])  # (P, G)
         adv = self.advantages(rewards, iterates)                                       # 3
+        t1 = time.time()
         stats = self.update(prompts, ro, adv.flatten(), self.kept(responses))          # 4
+        t2 = time.time()
         self.update_buffer(insts, episodes, rewards)                                   # 5
+        self.timing["sampling"] += t_sample
+        self.timing["update"] += t2 - t1
+        self.timing["buffer"] += time.time() - t2
         out = self.finish_iteration(insts, responses, rewards, ro, stats, t0, t_sample)
         out["answers"] = episodes
         return out
@@ -969,13 +979,17 @@ def main(argv=None):
         print("\ninterrupted: stopped at once; the run folder keeps its last checkpoint, if it has one "
               "(continue with --resume)", file=sys.stderr)
         raise SystemExit(130)
+    t = trainer.timing
+    other = trainer.elapsed - t["sampling"] - t["update"] - t["buffer"]
+    print(f"time: warm start {t['warm_start']:.0f}s, RL {trainer.elapsed:.0f}s (sampling {t['sampling']:.0f}s, update "
+          f"{t['update']:.0f}s, buffer {t['buffer']:.0f}s, other {other:.0f}s), evaluation {t.get('evaluation', 0):.0f}s")
     print(f"done: {trainer.iter} iterations in {trainer.elapsed:.0f}s of RL; run folder {trainer.cfg.out_dir}")
 
 
 def final_evaluation(trainer: Trainer):
     """What a run shows at its end: the curriculum's lineage (lineage.png), the held-out K-step evaluation of
     the trained policy and of its base (eval.json), and one held-out improvement chain (chain.txt)."""
-    cfg = trainer.cfg
+    cfg, t0 = trainer.cfg, time.time()
     lineage = eval_lib.plot_lineage(eval_lib.read_log(cfg.out_dir), os.path.join(cfg.out_dir, "lineage.png"))
     if lineage:
         print(f"the curriculum's lineage: {lineage}")
@@ -992,6 +1006,7 @@ def final_evaluation(trainer: Trainer):
         print(show)
         with open(os.path.join(cfg.out_dir, "chain.txt"), "w") as f:
             f.write(show + "\n")
+    trainer.timing["evaluation"] = time.time() - t0
 
 
 if __name__ == "__main__":

@@ -1697,6 +1697,7 @@ def test_script_end_to_end(tmp_path):
     chain = (run / "chain.txt").read_text()  # the first held-out problem's chain, base beside trained, printed too
     assert chain in p.stdout + "\n" and len(chain.splitlines()) == 2 + 3 and "base" in chain.splitlines()[1]
     assert (run / "lineage.png").is_file()
+    assert "time: warm start " in p.stdout and "update " in p.stdout and "evaluation " in p.stdout
     bad = subprocess.run([sys.executable, os.path.join(HERE, "exit.py"), "--itres=3"], capture_output=True,
                          text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "unknown config key 'itres'" in bad.stderr and "Traceback" not in bad.stderr
@@ -2815,3 +2816,14 @@ def test_bench_runs_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("speed-up") == (3 if peer == "trl" else 2), p.stdout
     assert "sampling" in p.stdout and "update" in p.stdout
+
+
+def test_eval_keeps_exit_defaults_without_importing_exit():
+    """eval.py never imports exit.py (imports run one way): its copy of the run defaults it needs and of the
+    ladder's rungs must equal exit.Config's and exit.METHODS."""
+    defaults = dataclasses.asdict(exit_lib.Config())
+    assert {k: defaults[k] for k in eval_lib.RUN_DEFAULTS} == eval_lib.RUN_DEFAULTS
+    assert eval_lib.METHODS == exit_lib.METHODS
+    for f in ("tasks.py", "model.py", "buffer.py", "eval.py"):
+        src = open(os.path.join(HERE, f)).read()
+        assert "import exit" not in src and (f == "eval.py" or "import eval" not in src), f
