@@ -1,5 +1,5 @@
 """
-The task buffer: ExIt's curriculum (§4.1 of the paper, §5 of PAPER.md).
+The task buffer: ExIt's curriculum (§4.1 of the paper; METHOD.md, "The task buffer").
 
 Every GRPO group that exit.py runs leaves behind G new answers. Each answer, with the request it
 answers, is a partial history τ, and "improve τ" is a new self-iteration task instance (m, k, τ).
@@ -132,7 +132,7 @@ def _content_key(base_id, turns, name="turns") -> str:
 
 @dataclass
 class Entry:
-    """One self-iteration task instance (m, k, τ) (§2 of PAPER.md)."""
+    """One self-iteration task instance (m, k, τ) (§3 of the paper; METHOD.md)."""
     uid: int               # unique, increasing id assigned by the buffer (also insertion order)
     base_id: str           # id of the base task m this history belongs to
     task: dict             # the base task itself, opaque and JSON-able: a checkpoint is self-contained

@@ -1,6 +1,6 @@
 """
 Held-out K-step self-improvement evaluation, comparisons over methods and seeds, plots, and the
-ablation ladder in one command (PAPER.md §2, §7, §9).
+ablation ladder in one command (the paper's §5, Table 1; METHOD.md).
 
 At test time ExIt only ever uses the improve prompt: a first answer (k = 0), then K improve
 steps, each seeing the request and the latest iterate. This file runs that protocol on held-out
@@ -547,10 +547,10 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
 
 
 # -----------------------------------------------------------------------------
-# The comparison: Table 1's shape, mean ± std over seeds (PAPER.md §9).
+# The comparison: Table 1's shape, mean ± std over seeds (the paper's Table 1).
 
 LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve": "Improve",
-          "diverge": "Diverge", "exit": "ExIt (full)"}  # the ladder's order (exit.METHODS, PAPER.md §7)
+          "diverge": "Diverge", "exit": "ExIt (full)"}  # the ladder's order (exit.METHODS, the paper's §5.2)
 CURVE_KEYS = ("reward_base", "reward_improve", "reward_diverge", "zero_var_frac",   # training
               "depth", "difficulty", "buf_score_mean", "buf_distinct")              # the curriculum
 
@@ -610,7 +610,7 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
 
 
 def format_table(table: dict) -> str:
-    """The table as text, scores in % like PAPER.md §9."""
+    """The table as text, scores in % like the paper's Table 1."""
     K = table["K"]
     pct = lambda ms, sign="": f"{100 * ms[0]:{sign}5.1f} ± {100 * ms[1]:4.1f}"
     lines = [f"held-out {table['task']}, K = {K}: score in % (mean ± std over runs)",

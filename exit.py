@@ -53,7 +53,7 @@ import eval as eval_lib
 import model as model_lib
 import tasks as tasks_lib
 
-METHODS = ("grpo", "curriculum", "improve", "diverge", "exit")  # the ablation ladder, PAPER.md §7
+METHODS = ("grpo", "curriculum", "improve", "diverge", "exit")  # the ablation ladder, the paper's §5.2 (METHOD.md)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -65,15 +65,11 @@ def _f(default, help):
 class Config:
     # ---- run
     task: str = _f("exactsumfb", "task family (tasks.FAMILIES): " + tasks_lib.describe_families())
-    method: str = _f("exit", "rung of the ablation ladder (PAPER.md §7): grpo | curriculum | improve | diverge | exit")
+    method: str = _f("exit", "rung of the ablation ladder (paper §5.2): grpo | curriculum | improve | diverge | exit")
     seed: int = _f(0, "seed of everything: tasks, sampling, buffer, initialisation")
-    difficulties: str = _f("", "training mix of base-task difficulties, e.g. 2-6 or 2,3,5 ('' = the family's own)")
     out_dir: str = _f("runs/exit", "run folder: config.json, log.jsonl, ckpt.pt, eval.json")
     resume: bool = _f(False, "continue the run in out_dir from its ckpt.pt (exactly)")
     device: str = _f("auto", "auto | cpu | cuda | mps")
-    init: str = _f("", "start from this instead of the warm start: an exit checkpoint (.pt) or a Hugging Face directory")
-    data: str = _f("", "--task=realmath: GSM8K- or MATH-style JSON-lines file (tasks.load_jsonl)")
-    eval_data: str = _f("", "--task=realmath: a separate held-out file for the final evaluation, all of its lines ('' = the test fifth of --data)")
     # ---- the toy policy and its warm start (stage 1)
     n_layer: int = _f(4, "toy policy: transformer blocks")
     n_embd: int = _f(128, "toy policy: width")
@@ -84,47 +80,53 @@ class Config:
     warm_batch: int = _f(64, "warm start: sequences per step")
     warm_lr: float = _f(3e-3, "warm start: peak learning rate (cosine decay)")
     base_dir: str = _f("runs/base", "cache of warm-started base policies, keyed by their settings")
-    # ---- GRPO (stage 2), PAPER.md §4
+    # ---- GRPO (stage 2), paper §2.2, Eq. 3-5
     iters: int = _f(300, "RL iterations (one batch of task instances each)")
     tasks_per_iter: int = _f(16, "task instances (prompts) per iteration")
     group_size: int = _f(8, "G: rollouts per task instance")
     epochs: int = _f(1, "policy-gradient epochs over each batch (ratio against the sampling policy)")
     lr: float = _f(2e-4, "AdamW learning rate of the RL stage (constant)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "gradient norm clip [open: PAPER.md §4]")
+    grad_clip: float = _f(1.0, "gradient norm clip [open: METHOD.md]")
     clip_eps: float = _f(0.2, "ε of the clipped ratio (Eq. 4)")
     beta: float = _f(0.0, "β: weight of the k3 KL to the reference policy (0 = no reference model)")
     ref_every: int = _f(100, "M: refresh the reference policy every M iterations")
     ref_alpha: float = _f(1.0, "α: ref <- α θ + (1 - α) ref at each refresh (1 = hard reset)")
-    dr_grpo: bool = _f(False, "Dr. GRPO: no division by std(r), constant normaliser instead of 1/|o_i|")
-    filter_malformed: bool = _f(False, "no gradient (advantage or KL) from responses of no valid type (tasks: TaskFamily.valid), as the paper's tool-use runs")
     temperature: float = _f(1.0, "sampling temperature in training")
     max_new_tokens: int = _f(48, "generation budget per rollout")
-    micro_batch: int = _f(0, "rows per forward/backward (0 = the whole batch); same update either way")
-    grad_checkpoint: bool = _f(False, "recompute each block in the backward pass: less activation memory, ~1/3 more compute")
-    dtype: str = _f("fp32", "policy weights: fp32 (bf16 autocast on GPU) | bf16 (AdamW on fp32 master copies)")
-    # ---- the task buffer, PAPER.md §5
+    # ---- the task buffer, paper §4.1
     buffer_size: int = _f(256, "N: capacity of the task buffer")
     min_size: int = _f(32, "B_min: replay only once the buffer holds this many entries")
     replay_prob: float = _f(0.5, "p: probability that a task instance is drawn from the buffer")
-    kappa: float = _f(10.0, "κ: inverse temperature of P(i) ∝ exp(κ S_i) [open: PAPER.md §5]")
-    rank_temperature: float = _f(0.0, "PLR extension: rank weights (1/rank)^(1/T) instead of exp(κ S) when > 0 (off)")
-    staleness_coef: float = _f(0.0, "PLR extension: ρ, mix (1 - ρ) P_score + ρ P_staleness (off)")
-    children: str = _f("all", "which rollouts of a group enter the buffer: all | one [open: PAPER.md §5]")
+    kappa: float = _f(10.0, "κ: inverse temperature of P(i) ∝ exp(κ S_i) [open: METHOD.md]")
     p_div: float = _f(0.2, "probability that a buffered instance is iterated with the diverge prompt (§4.2)")
-    div_minmax: bool = _f(False, "diversity bonus: min-max form of Eq. 6 instead of the printed form")
     # ---- what a run shows and keeps
     log_every: int = _f(10, "print a log line every this many iterations (log.jsonl gets every one)")
     show_every: int = _f(100, "print a few sampled episodes every this many iterations (0 = never)")
     ckpt_every: int = _f(100, "write ckpt.pt every this many iterations (and at the end)")
-    # ---- final evaluation (eval.py), PAPER.md §9
+    # ---- final evaluation (eval.py), as the paper's Table 1
     eval_problems: int = _f(200, "held-out base tasks in the final evaluation (0 = skip it)")
     eval_k: int = _f(16, "K: improve steps in the final evaluation")
     eval_samples: int = _f(2, "independent chains per held-out task (avg@n)")
     eval_temperature: float = _f(1.0, "sampling temperature of the evaluation")
+    # ---- beyond the default run: real checkpoints and data, variants, extensions, engineering.
+    # No committed default-task result sets these; each is tested, and METHOD.md or README says when to.
+    difficulties: str = _f("", "training mix of base-task difficulties, e.g. 2-6 or 2,3,5 ('' = the family's own)")
+    init: str = _f("", "start from this instead of the warm start: an exit checkpoint (.pt) or a Hugging Face directory")
+    data: str = _f("", "--task=realmath: GSM8K- or MATH-style JSON-lines file (tasks.load_jsonl)")
+    eval_data: str = _f("", "--task=realmath: a separate held-out file for the final evaluation, all of its lines ('' = the test fifth of --data)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    dr_grpo: bool = _f(False, "Dr. GRPO: no division by std(r), constant normaliser instead of 1/|o_i|")
+    filter_malformed: bool = _f(False, "no gradient (advantage or KL) from responses of no valid type (tasks: TaskFamily.valid), as the paper's tool-use runs")
+    micro_batch: int = _f(0, "rows per forward/backward (0 = the whole batch); same update either way")
+    grad_checkpoint: bool = _f(False, "recompute each block in the backward pass: less activation memory, ~1/3 more compute")
+    dtype: str = _f("fp32", "policy weights: fp32 (bf16 autocast on GPU) | bf16 (AdamW on fp32 master copies)")
+    rank_temperature: float = _f(0.0, "PLR extension: rank weights (1/rank)^(1/T) instead of exp(κ S) when > 0 (off)")
+    staleness_coef: float = _f(0.0, "PLR extension: ρ, mix (1 - ρ) P_score + ρ P_staleness (off)")
+    children: str = _f("all", "which rollouts of a group enter the buffer: all | one [open: METHOD.md]")
+    div_minmax: bool = _f(False, "diversity bonus: min-max form of Eq. 6 instead of the printed form")
     eval_harder: bool = _f(False, "also evaluate on the family's harder held-out difficulties")
 
-    # derived from `method`, once: which parts of ExIt are on (PAPER.md §7)
+    # derived from `method`, once: which parts of ExIt are on (paper §5.2)
     @property
     def uses_buffer(self) -> bool:
         return self.method != "grpo"
@@ -237,7 +239,7 @@ def parse_args(argv) -> tuple[Config, set]:
 
 
 # -----------------------------------------------------------------------------
-# The GRPO math (PAPER.md §4, §4.2): pure functions of tensors, tested against hand formulas.
+# The GRPO math (paper §2.2 and §4.2): pure functions of tensors, tested against hand formulas.
 
 
 def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, tol: float = 1e-6) -> torch.Tensor:
@@ -301,7 +303,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
 
 @torch.no_grad()
 def ema_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float):
-    """ref <- α θ + (1 - α) ref (PAPER.md §4; α = 1 copies θ)."""
+    """ref <- α θ + (1 - α) ref (paper §2.2; α = 1 copies θ)."""
     for r, p in zip(ref.parameters(), policy.parameters()):
         r.lerp_(p.detach(), alpha)
 
@@ -696,7 +698,7 @@ class Trainer:
         dt = time.time() - t0
         self.elapsed += dt
 
-        # ---- the log line (PAPER.md §9's curriculum signals included)
+        # ---- the log line (the paper's curriculum signals included)
         def mean_where(mode):
             rows = [i for i, x in enumerate(insts) if x.mode == mode]
             return float(rewards[rows].mean()) if rows else None

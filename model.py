@@ -1,7 +1,7 @@
 """
 The policy: a small Llama-family transformer, its tokenizers, and a batched sampler.
 
-ExIt (PAPER.md) needs three things from the policy in every GRPO iteration, and this file
+ExIt (METHOD.md) needs three things from the policy in every GRPO iteration, and this file
 provides exactly those to exit.py:
 
   generate()            G completions for each self-iteration prompt, sampled from pi_old,
@@ -9,13 +9,14 @@ provides exactly those to exit.py:
   completion_logprobs() log pi_theta of the same completions, with gradients (Eq. 4-5);
   embed()               mean-pooled final hidden states, for the diversity bonus (§4.2).
 
-tasks.py turns requests and answers into token ids with a Tokenizer from here, and decodes the
-completions it scores. The same Transformer runs the toy policy (toy_config + byte_tokenizer,
-trained from scratch on CPU) and real Llama / Qwen2 checkpoints (load_hf), so the loop that
-trains one can train the other.
+tasks.encode_prompt turns prompts into token ids with a Tokenizer from here (passed in: tasks.py
+imports nothing of this file), and exit.py decodes the completions the family scores. The same
+Transformer runs the toy policy (toy_config + byte_tokenizer, 855k parameters, trained from scratch
+on CPU) and real Llama / Qwen2 checkpoints (load_hf), so the loop that trains one can train the other.
 
 Contents, top to bottom: config, modules, sampler (KV cache, generate), log-probs and
-embeddings, tokenizers, Hugging Face checkpoints, devices.
+embeddings, tokenizers, Hugging Face checkpoints, devices, exit's own checkpoints (load_checkpoint,
+load_policy, atomic_save).
 """
 
 import base64
@@ -69,7 +70,7 @@ class ModelConfig:
 
 
 def toy_config(vocab_size: int) -> ModelConfig:
-    """The toy policy: ~0.8M parameters, small enough to train with GRPO on two CPU cores.
+    """The toy policy: 855k parameters at exit.py's defaults, small enough to train with GRPO on two CPU cores.
     Prompts are ~60-120 byte tokens and answers at most ~60, so 256 positions is plenty."""
     return ModelConfig(vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
                        intermediate_size=384, max_seq_len=256)

@@ -3,7 +3,7 @@ Task spaces, prompts, rewards and warm-start demonstrations for ExIt.
 
 A task family is one task space M of the paper (§2): it samples base tasks m (`Problem`), writes the
 three prompts ExIt needs (base, self-improve, self-diverge), scores answers, and turns scores into
-the per-step rewards of PAPER.md §3. exit.py only calls into this file (data flows one way: no torch,
+the per-step rewards of the paper's §4 and Appendix A. exit.py only calls into this file (data flows one way: no torch,
 no model here): it samples problems, builds prompts from the request and the latest iterate, and
 asks for `step_reward` of each rollout; the buffer stores partial histories as (problem, answer).
 
@@ -81,7 +81,7 @@ def _last_boxed(text: str) -> str | None:
 # ---------------------------------------------------------------- the family interface
 
 class TaskFamily:
-    """One task space M (PAPER.md §2). A family is a subclass that sets the class attributes below and
+    """One task space M (paper §3). A family is a subclass that sets the class attributes below and
     provides the methods this class declares as required (they raise NotImplementedError here); the
     others have working defaults. `check` (run when a family is built) names any piece that is missing.
     README, "Adding a task family", walks through a complete example; register it in FAMILIES.
@@ -247,7 +247,7 @@ class TaskFamily:
 
     def prompt(self, problem: Problem, answer: str | None = None, mode: str = "base",
                feedback: str | None = None, style: str = "compact") -> str:
-        """The prompt of a base (k=0), self-improve or self-diverge step (PAPER.md §2).
+        """The prompt of a base (k=0), self-improve or self-diverge step (paper §4).
         Families with feedback fill it in from `answer` when it is not given."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -288,7 +288,7 @@ class TaskFamily:
         return None
 
     def step_reward(self, problem: Problem, response: str, mode: str, prev_response: str | None) -> float:
-        """The per-step reward of PAPER.md §3 from `score` (binary, or graded by improvement)."""
+        """The per-step reward of the paper's §4 from `score` (binary, or graded by improvement)."""
         r_new = self.score(problem, response)
         if not self.graded:
             return binary_step_reward(r_new)
@@ -406,11 +406,11 @@ def _signature(method) -> str:
     return "(" + ", ".join(list(inspect.signature(method).parameters)[1:]) + ")"
 
 
-# ---------------------------------------------------------------- rewards (PAPER.md §3), pure functions
+# ---------------------------------------------------------------- rewards (paper §4, Appendix A), pure functions
 
 def graded_step_reward(r_new: float, r_prev: float | None, mode: str) -> float:
     """Graded domains: base/diverge -> r_k; improve -> max(0, (r_k - r_{k-1}) / (1 - r_{k-1})).
-    r_{k-1} = 1 divides by zero ([open] in PAPER.md §3): 1 if r_k >= r_{k-1} else 0."""
+    r_{k-1} = 1 divides by zero ([open]: see METHOD.md): 1 if r_k >= r_{k-1} else 0."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if mode != "improve" or r_prev is None:  # an improve step without a previous answer is a first attempt
@@ -453,7 +453,7 @@ _INT = re.compile(r"\s*(-?[0-9]{1,9})\s*")  # at most 9 digits: int() of huge st
 
 class MathFamily(TaskFamily):
     """Integer chains evaluated strictly LEFT TO RIGHT (no precedence): 7+5*2-9 = ((7+5)*2)-9 = 15.
-    Every intermediate value stays in 0..99 and operands are small (+/- 1..9, * 2..3), so a ~1M-param
+    Every intermediate value stays in 0..99 and operands are small (+/- 1..9, * 2..3), so a 0.86M-param
     byte model can learn each step. Two solution styles, the same work in different layouts:
       main  7+5=12,12*2=24,24-9=15#15   (one equation per step)
       alt  ~7+5=12*2=24-9=15#15         (one running chain)
@@ -844,7 +844,7 @@ def contains(seq: list, ref: list) -> bool:
 
 
 class ToolsFamily(TaskFamily):
-    """Multi-turn function calling on a tiny bank (the paper's BFCL v3 analogue, PAPER.md §2, §8).
+    """Multi-turn function calling on a tiny bank (the paper's BFCL v3 analogue, paper §5).
 
     An episode (the base task m) is a starting state of three accounts and 2-4 user requests, one per
     turn: "+a3" deposit, "-a3" withdraw, "a>b3" move, "a=5" set. The tools are `dep a 3`, `wd a 3` and
@@ -1218,7 +1218,7 @@ def prompt_style(tok) -> str:
 
 
 def encode_prompt(tok, family, problem, answer=None, mode="base", style="compact") -> list[int]:
-    """Token ids of a base / improve / diverge prompt (PAPER.md §2), the one place both training
+    """Token ids of a base / improve / diverge prompt (paper §4), the one place both training
     (exit.py) and evaluation build them: compact marker prompts, or the chat-style text rendered
     by the tokenizer's chat template."""
     if style == "compact":

@@ -1,6 +1,6 @@
 """
 Tests of exit: every file against an independent reference (transformers' models, formulas written
-out by hand, the rules of PAPER.md), plus short end-to-end runs of exit.py and eval.py on tiny
+out by hand, the rules METHOD.md states), plus short end-to-end runs of exit.py and eval.py on tiny
 policies. Fast on a 2-core CPU; nothing is downloaded (HF_HUB_OFFLINE is set below, before
 transformers is imported anywhere).
 """
@@ -1118,7 +1118,7 @@ def test_readme_example_family_passes_the_contract_and_trains(tmp_path, monkeypa
 
 
 # ===============================================================================================
-# buffer.py: the task buffer against the rules of PAPER.md §5
+# buffer.py: the task buffer against the rules of the paper's §4.1 (METHOD.md)
 # ===============================================================================================
 
 def make(capacity=8, min_size=1, replay_prob=0.5, kappa=10.0, **kw):
@@ -2061,7 +2061,7 @@ def test_bf16_policy_steps_fp32_master_weights(tmp_path, instruct):
 
 
 # ===============================================================================================
-# the multi-turn tool-use family (tasks.ToolsFamily) and ExIt on turns (PAPER.md §2, §5, §8)
+# the multi-turn tool-use family (tasks.ToolsFamily) and ExIt on turns (paper §4.1, §5)
 # ===============================================================================================
 
 def episode(start, *requests):
@@ -2287,7 +2287,7 @@ def test_grad_clip_must_be_positive():
 
 
 def test_a_fresh_base_task_already_buffered_gets_its_fresh_score(tmp_path):
-    """PAPER.md §5: the instance m' itself gets its fresh empirical S (not max(old, new))."""
+    """Paper §4.1: the instance m' itself gets its fresh empirical S (not max(old, new))."""
     tr = exit_lib.prepare(tiny_cfg(tmp_path, method="curriculum"), quiet=True)
     p = tr.train_pool[0]
     e = tr.buffer.insert(p.id, dataclasses.asdict(p), [], 0, 0.25)
