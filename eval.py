@@ -714,7 +714,8 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
 
 def plot_lineage(log: list[dict], path: str, title: str = "") -> str | None:
     """The curriculum's lineage for one run: what the buffer holds over training, by iteration depth k of
-    its partial histories (k = 0: base tasks; k: answers already improved k - 1 times). A self-iterating
+    its partial histories (k = 0: a base task, no answer yet; k = 1: a first attempt; k: an answer that k
+steps produced, so improving it is step k + 1). A self-iterating
     run deepens from the bottom up; a curriculum-only run stays at k = 0. None without matplotlib or
     without buffer data in the log (GRPO)."""
     hists = [l.get("buf_depth_hist") for l in log]
