@@ -7,7 +7,7 @@ steps, each seeing the request and the latest iterate. This file runs that proto
 base tasks (never trained on: tasks.py keeps the splits disjoint) and reports, per step k, the
 mean score, Δ_K = score(K) - score(0), and the paper's net corrections (wrong -> right minus
 right -> wrong, cumulative over steps, Fig. 4), overall and by difficulty. A multi-turn family
-(tools) is evaluated on whole episodes (`episode_scores`): score = the episode's return, plus the
+(tools) is evaluated on whole episodes by the same `chain_scores`: score = the episode's return, plus the
 first turn's accuracy and the mean per-turn accuracy.
 
 Top to bottom:
@@ -54,17 +54,24 @@ import tasks as tasks_lib
 def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temperature: float = 1.0,
                  max_new_tokens: int = 48, seed: int = 0, batch_prompts: int = 128, style: str | None = None,
                  trace: list | None = None):
-    """Run n_samples independent improve chains per problem for K steps.
+    """Run n_samples independent improve chains per problem for K steps; returns three (K + 1, chains)
+    arrays, chains problem-major: the score, the first turn's correctness, the mean per-turn correctness.
 
-    Returns scores (K + 1, P * n_samples) in [0, 1], chains ordered problem-major, and the final
-    answers. Step 0 uses the base prompt; step k >= 1 the improve prompt on the answer of step k - 1.
-    style: "compact" | "chat" (encode_prompt); None picks by the tokenizer (prompt_style).
-    trace: a list that receives every step's answers (K + 1 lists), to show a chain as text."""
+    A single-turn problem is the one-turn case of an episode (tasks.TaskFamily.n_turns), so one protocol
+    serves both. Step 0 answers each turn in order with the base prompt, each seeing the state the earlier
+    answers left. Step k >= 1 is one improve pass over the turns in order: turn t's step-(k-1) answer is
+    improved (`next_answer`: a keep reply keeps it) given the state the step-k answers of turns < t leave,
+    so a fix upstream is seen downstream. The score is the answer's score for a single-turn family, the
+    episode's binary reward (its return) for a multi-turn one; the first turn follows exactly the
+    single-turn protocol (the paper's BFCL setting evaluates the first request).
+    style: "compact" | "chat" (tasks.encode_prompt); None picks by the tokenizer (prompt_style).
+    trace: a list that receives every step's answers (per chain: the answer, or the list of turn answers)."""
     style = style or tasks_lib.prompt_style(tok)
     gen = torch.Generator(device=policy.inv_freq.device).manual_seed(seed)
     rows = [p for p in problems for _ in range(n_samples)]
-    answers = [None] * len(rows)
-    scores = np.zeros((K + 1, len(rows)))
+    T = [family.n_turns(p) for p in rows]
+    prev = [[] for _ in rows]
+    score, first, per_turn = (np.zeros((K + 1, len(rows))) for _ in range(3))
 
     def run(prompts, num_samples):
         out = []
@@ -76,15 +83,26 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
         return out
 
     for k in range(K + 1):
-        if k == 0:  # one prefill per problem, n_samples rows each
-            answers = run([tasks_lib.encode_prompt(tok, family, p, style=style) for p in problems], n_samples)
-        else:
-            responses = run([tasks_lib.encode_prompt(tok, family, p, a, "improve", style) for p, a in zip(rows, answers)], 1)
-            answers = [family.next_answer(a, r, "improve") for a, r in zip(answers, responses)]
-        scores[k] = [family.score(p, a) for p, a in zip(rows, answers)]
+        cur = [[] for _ in rows]
+        for t in range(max(T)):
+            live = [r for r in range(len(rows)) if t < T[r]]
+            if k == 0 and t == 0:  # every chain of a problem starts from the same prompt: one prefill, n_samples rows
+                texts = run([tasks_lib.encode_prompt(tok, family, family.turn_problem(p, 0, []), style=style)
+                             for p in problems], n_samples)
+            else:
+                texts = run([tasks_lib.encode_prompt(tok, family, family.turn_problem(rows[r], t, cur[r]),
+                                                     None if k == 0 else prev[r][t], "base" if k == 0 else "improve",
+                                                     style) for r in live], 1)
+            for r, text in zip(live, texts):
+                cur[r].append(text if k == 0 else family.next_answer(prev[r][t], text, "improve"))
+        prev = cur
+        turn_ok = [[family.score(family.turn_problem(p, t, a), a[t]) for t in range(len(a))] for p, a in zip(rows, cur)]
+        score[k] = [family.episode_reward(p, a) if family.multi_turn else ok[0] for p, a, ok in zip(rows, cur, turn_ok)]
+        first[k] = [ok[0] for ok in turn_ok]
+        per_turn[k] = [np.mean(ok) for ok in turn_ok]
         if trace is not None:
-            trace.append(list(answers))
-    return scores, answers
+            trace.append([a if family.multi_turn else a[0] for a in cur])
+    return score, first, per_turn
 
 
 def improvement_chain(policy, tok, family, problem, K: int, temperature: float = 1.0, max_new_tokens: int = 48,
@@ -93,7 +111,7 @@ def improvement_chain(policy, tok, family, problem, K: int, temperature: float =
     like, next to the numbers. The same protocol and sampler as the evaluation."""
     was_training, trace = policy.training, []
     policy.eval()
-    scores, _ = chain_scores(policy, tok, family, [problem], K, 1, temperature, max_new_tokens, seed, trace=trace)
+    scores, _, _ = chain_scores(policy, tok, family, [problem], K, 1, temperature, max_new_tokens, seed, trace=trace)
     policy.train(was_training)
     return [(answers[0], float(scores[k, 0])) for k, answers in enumerate(trace)]
 
@@ -111,43 +129,6 @@ def format_chains(problem, chains: dict, width: int = 34) -> str:
     for k in range(len(chains[names[0]])):
         lines.append(f"{k:3d} | " + " | ".join(cell(*chains[n][k]) for n in names))
     return "\n".join(lines)
-
-
-def episode_scores(policy, tok, family, episodes, K: int, n_samples: int = 1, temperature: float = 1.0,
-                   max_new_tokens: int = 48, seed: int = 0, batch_prompts: int = 128, style: str | None = None):
-    """The K-step protocol on a multi-turn family (tasks.ToolsFamily), n_samples chains per episode.
-
-    Step 0 plays the episode: each turn answered with the base prompt, seeing the state the earlier
-    answers left. Step k >= 1 is one improve pass over the episode, turn by turn in order: turn t's
-    step-(k-1) answer is improved given the state the step-k answers of turns < t leave (so a fix
-    upstream is seen downstream). Turn 1 thus follows exactly the single-turn protocol (the paper's
-    BFCL setting evaluates the first request).
-    Returns three (K + 1, chains) arrays: the episode's binary reward (its return), the first turn's
-    correctness, and the mean per-turn correctness (each turn judged from the state it started in)."""
-    style = style or tasks_lib.prompt_style(tok)
-    gen = torch.Generator(device=policy.inv_freq.device).manual_seed(seed)
-    rows = [ep for ep in episodes for _ in range(n_samples)]
-    T = [family.n_turns(ep) for ep in rows]
-    prev = [[] for _ in rows]
-    ret, first, per_turn = (np.zeros((K + 1, len(rows))) for _ in range(3))
-    for k in range(K + 1):
-        cur = [[] for _ in rows]
-        for t in range(max(T)):
-            live = [r for r in range(len(rows)) if t < T[r]]
-            prompts = [tasks_lib.encode_prompt(tok, family, family.turn_problem(rows[r], t, cur[r]),
-                                     None if k == 0 else prev[r][t], "base" if k == 0 else "improve", style)
-                       for r in live]
-            for s in range(0, len(prompts), batch_prompts):
-                ro = model_lib.generate(policy, prompts[s:s + batch_prompts], 1, max_new_tokens, temperature=temperature,
-                                        stop_ids=tok.stop_ids, pad_id=tok.pad_id, generator=gen)
-                for i, r in enumerate(live[s:s + batch_prompts]):
-                    cur[r].append(tok.decode(ro.tokens[i, :ro.lengths[i]].tolist()))
-        prev = cur
-        ret[k] = [family.episode_reward(ep, a) for ep, a in zip(rows, cur)]
-        turn_ok = [[family.score(family.turn_problem(ep, t, a), a[t]) for t in range(len(a))] for ep, a in zip(rows, cur)]
-        first[k] = [ok[0] for ok in turn_ok]
-        per_turn[k] = [np.mean(ok) for ok in turn_ok]
-    return ret, first, per_turn
 
 
 def net_corrections(correct: np.ndarray) -> np.ndarray:
@@ -212,15 +193,11 @@ def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temp
     was_training = policy.training
     policy.eval()
     diffs = [p.difficulty for p in problems for _ in range(n_samples)]
-    if family.multi_turn:  # score = the episode's return; plus first-turn accuracy and per-turn accuracy
-        scores, first, per_turn = episode_scores(policy, tok, family, problems, K, n_samples, temperature,
-                                                 max_new_tokens, seed, style=style)
-    else:
-        scores, _ = chain_scores(policy, tok, family, problems, K, n_samples, temperature, max_new_tokens, seed,
-                                 style=style)
+    scores, first, per_turn = chain_scores(policy, tok, family, problems, K, n_samples, temperature,
+                                           max_new_tokens, seed, style=style)
     policy.train(was_training)
     res = summarise(scores, diffs, not family.graded)
-    if family.multi_turn:
+    if family.multi_turn:  # the score is the episode's return; these are its first turn and its turns
         res["first_turn"] = summarise(first, diffs, True)
         res["turn_acc"] = per_turn.mean(axis=1).tolist()
     res["settings"] = dict(n_problems=n_problems, K=K, n_samples=n_samples, temperature=temperature,

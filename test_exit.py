@@ -779,8 +779,9 @@ def test_evaluation_chains_follow_keep(monkeypatch):
     policy = model_lib.Transformer(model_lib.toy_config(tok.vocab_size))
     for first, want in [(lambda p: f.solve(p, False), 1.0), (lambda p: f.render(p, p.data["best"][:1], True), 0.0)]:
         monkeypatch.setattr(eval_lib.model_lib, "generate", scripted(first))
-        scores, answers = eval_lib.chain_scores(policy, tok, f, probs, K=3, n_samples=2, style="compact")
-        assert (scores == want).all() and tasks.KEEP not in answers
+        trace = []
+        scores, _, _ = eval_lib.chain_scores(policy, tok, f, probs, K=3, n_samples=2, style="compact", trace=trace)
+        assert (scores == want).all() and all(tasks.KEEP not in answers for answers in trace)
 
 
 def test_exactsum_demonstrated_policy_is_weak_but_the_task_rewards_iterating():
@@ -2231,7 +2232,7 @@ def test_tools_evaluation_protocol_with_a_scripted_policy(monkeypatch):
     policy = model_lib.Transformer(model_lib.ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1,
                                                          n_embd=32, intermediate_size=64, max_seq_len=256))
     ep = episode([3, 0, 5], "a>b2", "-c9", "a=4")
-    ret, first, per_turn = eval_lib.episode_scores(policy, tok, f, [ep, episode([1, 1, 1], "+a2", "b=3")], K=2,
+    ret, first, per_turn = eval_lib.chain_scores(policy, tok, f, [ep, episode([1, 1, 1], "+a2", "b=3")], K=2,
                                                    style="compact")
     assert ret.tolist() == [[0, 0], [1, 1], [1, 1]] and first.tolist() == [[0, 0], [1, 1], [1, 1]]
     assert per_turn[0].tolist() == [0, 0] and per_turn[1:].tolist() == [[1, 1], [1, 1]]
