@@ -151,6 +151,7 @@ class TaskBuffer:
     Rules, each in one place:
       capacity   when full, a new entry enters only if its score >= the lowest score, and replaces
                  that lowest entry; among equal lowest scores the oldest inserted (smallest uid) goes.
+                 (admission="fifo", a control, not the paper: every newcomer enters, the oldest goes.)
       dedupe     an instance with the same content (base_id and its turns' answers and feedback, not
                  their depths) as a stored one is not stored again: the stored entry keeps its own
                  lineage (uid, parent, depth, clocks). Its score follows the score rule.
@@ -161,7 +162,8 @@ class TaskBuffer:
     """
 
     def __init__(self, capacity: int, min_size: int, replay_prob: float, kappa: float, *,
-                 seed: int = 0, rank_temperature: float | None = None, staleness_coef: float = 0.0):
+                 seed: int = 0, rank_temperature: float | None = None, staleness_coef: float = 0.0,
+                 admission: str = "score"):
         self.capacity = _check_int("capacity", capacity, lo=1)
         self.min_size = _check_int("min_size", min_size, lo=1, hi=self.capacity)  # B_min <= N
         self.replay_prob = _check_real("replay_prob", replay_prob, lo=0.0, hi=1.0)
@@ -172,6 +174,9 @@ class TaskBuffer:
         if self.rank_temperature == 0.0:
             raise ValueError("rank_temperature must be > 0 (it is used as the exponent 1/T)")
         self.staleness_coef = _check_real("staleness_coef", staleness_coef, lo=0.0, hi=1.0)
+        if admission not in ("score", "fifo"):
+            raise ValueError(f"admission must be 'score' or 'fifo', got {admission!r}")
+        self.admission = admission
         self.rng = np.random.default_rng(self.seed)
         self.entries: dict[int, Entry] = {}  # uid -> Entry; dict order = insertion order
         self._keys: dict[str, int] = {}      # content key -> uid, for de-duplication
@@ -224,9 +229,13 @@ class TaskBuffer:
 
     def _evict_lowest(self, score) -> bool:
         """Top-N rule: make room for a newcomer scoring >= the minimum by evicting the minimum.
-        min() over uid order returns the first minimum, i.e. the oldest among tied lowest scores."""
-        victim = min(self.entries.values(), key=lambda e: e.score)
-        if score < victim.score:
+        min() over uid order returns the first minimum, i.e. the oldest among tied lowest scores.
+        admission="fifo", a control blind to learnability: the oldest entry leaves, whatever the scores."""
+        if self.admission == "fifo":
+            victim = next(iter(self.entries.values()))  # dict order = insertion order
+        else:
+            victim = min(self.entries.values(), key=lambda e: e.score)
+        if score < victim.score and self.admission == "score":
             return False
         del self.entries[victim.uid]
         del self._keys[_content_key(victim.base_id, victim.turns)]
@@ -304,7 +313,7 @@ class TaskBuffer:
             "config": {"capacity": self.capacity, "min_size": self.min_size,
                        "replay_prob": self.replay_prob, "kappa": self.kappa, "seed": self.seed,
                        "rank_temperature": self.rank_temperature,
-                       "staleness_coef": self.staleness_coef},
+                       "staleness_coef": self.staleness_coef, "admission": self.admission},
             "entries": [copy.deepcopy(asdict(e)) for e in self.entries.values()],
             "clock": self.clock,
             "next_uid": self.next_uid,

@@ -122,6 +122,7 @@ class Config:
     dtype: str = _f("fp32", "policy weights: fp32 (bf16 autocast on GPU) | bf16 (AdamW on fp32 master copies)")
     rank_temperature: float = _f(0.0, "PLR extension: rank weights (1/rank)^(1/T) instead of exp(κ S) when > 0 (off)")
     staleness_coef: float = _f(0.0, "PLR extension: ρ, mix (1 - ρ) P_score + ρ P_staleness (off)")
+    admission: str = _f("score", "buffer admission when full: score (top-N by learnability, §4.1) | fifo (the oldest leaves: a control blind to learnability)")
     children: str = _f("all", "which rollouts of a group enter the buffer: all | one [open: METHOD.md]")
     div_minmax: bool = _f(False, "diversity bonus: min-max form of Eq. 6 instead of the printed form")
     eval_harder: bool = _f(False, "also evaluate on the family's harder held-out difficulties")
@@ -153,6 +154,7 @@ class Config:
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         need(self.task in tasks_lib.FAMILIES, f"task must be one of {sorted(tasks_lib.FAMILIES)}, got {self.task!r}")
         need(self.children in ("all", "one"), f"children must be 'all' or 'one', got {self.children!r}")
+        need(self.admission in ("score", "fifo"), f"admission must be 'score' or 'fifo', got {self.admission!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         need((self.task == "realmath") == bool(self.data), "--data=FILE goes with --task=realmath, and realmath needs it")
         need(self.task != "realmath" or bool(self.init), "--task=realmath needs --init=HF_DIR: real data has no warm start")
@@ -539,7 +541,7 @@ class Trainer:
                                      weight_decay=cfg.weight_decay)
         self.buffer = buffer_lib.TaskBuffer(cfg.buffer_size, cfg.min_size, cfg.replay_prob, cfg.kappa,
                                             seed=cfg.seed, rank_temperature=cfg.rank_temperature or None,
-                                            staleness_coef=cfg.staleness_coef)
+                                            staleness_coef=cfg.staleness_coef, admission=cfg.admission)
         self.train_pool = checked["train_pool"]
         self.rng = np.random.default_rng(cfg.seed + 1)          # task choice, improve/diverge, children
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)  # rollouts

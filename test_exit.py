@@ -2828,3 +2828,20 @@ def test_eval_keeps_exit_defaults_without_importing_exit():
     for f in ("tasks.py", "model.py", "buffer.py", "eval.py"):
         src = open(os.path.join(HERE, f)).read()
         assert "import exit" not in src and (f == "eval.py" or "import eval" not in src), f
+
+
+def test_fifo_admission_is_blind_to_learnability():
+    """The control of admission="fifo": when full, every newcomer enters and the oldest entry leaves, whatever
+    the scores (the paper's top-N rule would have kept the 0.25 entries and refused the 0.0 newcomer)."""
+    top, fifo = make(capacity=2), make(capacity=2, admission="fifo")
+    for buf in (top, fifo):
+        put(buf, "a", 0.25), put(buf, "b", 0.25)
+    assert put(top, "c", 0.0) is None and [e.turns[0]["answer"] for e in top.entries.values()] == ["a", "b"]
+    assert put(fifo, "c", 0.0).uid == 2 and [e.turns[0]["answer"] for e in fifo.entries.values()] == ["b", "c"]
+    restored = make(capacity=2)
+    restored.load_state_dict(json.loads(json.dumps(fifo.state_dict())))
+    assert restored.admission == "fifo"
+    with pytest.raises(ValueError, match="admission"):
+        make(admission="lifo")
+    with pytest.raises(ValueError, match="admission must be"):
+        exit_lib.parse_args(["--admission=lifo"])
