@@ -569,8 +569,12 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
     K = min(res["K"] for rs in groups.values() for res in rs) if K is None else K
     order = [m for m in LABELS if m in groups] + sorted(set(groups) - set(LABELS))
     rows = []
+    # a multi-turn family's main metric is its first turn's accuracy, as the paper's Table 1 reports tool use;
+    # the episode's return (its Fig. 3) goes beside it
+    multi_turn = all("first_turn" in x for rs in groups.values() for x in rs)
     for m in order:
-        res = [truncate(x, K) for x in groups[m]]
+        whole = [truncate(x, K) for x in groups[m]]
+        res = [x["first_turn"] for x in whole] if multi_turn else whole
         score = np.array([x["score"] for x in res])  # (runs, K + 1)
         row = dict(method=m, label=LABELS.get(m, m), runs=len(res), n=[x["n"] for x in res],
                    k0=mean_std(score[:, 0]), kK=mean_std(score[:, K]), delta=mean_std(score[:, K] - score[:, 0]),
@@ -579,21 +583,31 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
         if all("net_corrections" in x for x in res):  # binary families only
             net = np.array([x["net_corrections"] for x in res])
             row.update(net_mean=net.mean(0).tolist(), net_std=[mean_std(c)[1] for c in net.T])
+        if multi_turn:
+            ret = np.array([x["score"] for x in whole])
+            row["return"] = dict(k0=mean_std(ret[:, 0]), kK=mean_std(ret[:, K]), delta=mean_std(ret[:, K] - ret[:, 0]))
         if m in logs:
             row["curves"] = {k: _mean_curve(logs[m], k) for k in CURVE_KEYS}
         rows.append(row)
     tasks = sorted({r["task"] for r in runs if r.get("task")})
-    return dict(K=K, task=",".join(tasks) or "?", rows=rows, runs=[os.path.abspath(r["path"]) for r in runs])
+    return dict(K=K, task=",".join(tasks) or "?", metric="first-turn accuracy" if multi_turn else "score",
+                rows=rows, runs=[os.path.abspath(r["path"]) for r in runs])
 
 
 def format_table(table: dict) -> str:
     """The table as text, scores in % like the paper's Table 1."""
-    K = table["K"]
+    K, metric = table["K"], table.get("metric", "score")
     pct = lambda ms, sign="": f"{100 * ms[0]:{sign}5.1f} ± {100 * ms[1]:4.1f}"
-    lines = [f"held-out {table['task']}, K = {K}: score in % (mean ± std over runs)",
-             f"{'method':<12} {'runs':>4}  {'k = 0':>12}  {f'k = {K}':>12}  {f'Δ{K}':>12}"]
+    cols = lambda name: f"  {name + ' k = 0':>12}  {f'k = {K}':>12}  {f'Δ{K}':>12}"
+    lines = [f"held-out {table['task']}, K = {K}: {metric} in % (mean ± std over runs)"
+             + ("; the episode's return beside it" if any("return" in r for r in table["rows"]) else ""),
+             f"{'method':<12} {'runs':>4}" + cols("") + (cols("return") if any("return" in r for r in table["rows"]) else "")]
     for r in table["rows"]:
-        lines.append(f"{r['label']:<12} {r['runs']:>4}  {pct(r['k0']):>12}  {pct(r['kK']):>12}  {pct(r['delta'], '+'):>12}")
+        line = f"{r['label']:<12} {r['runs']:>4}  {pct(r['k0']):>12}  {pct(r['kK']):>12}  {pct(r['delta'], '+'):>12}"
+        if "return" in r:
+            ret = r["return"]
+            line += f"  {pct(ret['k0']):>12}  {pct(ret['kK']):>12}  {pct(ret['delta'], '+'):>12}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -672,8 +686,8 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
         fig.savefig(paths[-1], dpi=110)
 
     save("accuracy_vs_k.png", lambda f: _plot_vs_k(
-        f, table, "score_mean", "score_std", "held-out score (%)",
-        f"{task}: score vs improve steps (mean ± std; thin: single runs)", runs_key="score_runs"))
+        f, table, "score_mean", "score_std", f"held-out {table.get('metric', 'score')} (%)",
+        f"{task}: {table.get('metric', 'score')} vs improve steps (mean ± std; thin: single runs)", runs_key="score_runs"))
     if any("net_mean" in r for r in table["rows"]):
         save("net_corrections.png", lambda f: _plot_vs_k(
             f, table, "net_mean", "net_std", "net corrections (% of chains)",

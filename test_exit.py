@@ -2845,3 +2845,23 @@ def test_fifo_admission_is_blind_to_learnability():
         make(admission="lifo")
     with pytest.raises(ValueError, match="admission must be"):
         exit_lib.parse_args(["--admission=lifo"])
+
+
+def test_multi_turn_comparison_reports_first_turn_accuracy_with_the_return_beside_it():
+    """As the paper's Table 1 reports tool use: the main columns are the first turn's accuracy at k = 0, k = K
+    and Δ_K; the episode's return goes beside them. Picked from the evaluations, no flag needed."""
+    def ev(first, ret):
+        return dict(K=2, n=4, score=ret, delta=ret[-1] - ret[0], solved=ret, turn_acc=first,
+                    first_turn=dict(K=2, n=4, score=first, delta=first[-1] - first[0], solved=first))
+    runs = [dict(path="a", method="exit", seed=0, task="tools", base_key="k", policy=ev([0.5, 0.6, 0.75], [0.25, 0.25, 0.5]),
+                 base=ev([0.5, 0.5, 0.25], [0.25, 0.0, 0.0]), log=[])]
+    table = eval_lib.comparison_table(runs)
+    assert table["metric"] == "first-turn accuracy"
+    exit_row = [r for r in table["rows"] if r["method"] == "exit"][0]
+    assert exit_row["k0"][0] == 0.5 and exit_row["kK"][0] == 0.75 and exit_row["delta"][0] == pytest.approx(0.25)
+    assert exit_row["return"]["kK"][0] == 0.5 and exit_row["return"]["delta"][0] == pytest.approx(0.25)
+    text = eval_lib.format_table(table)
+    assert "first-turn accuracy in %" in text and "return k = 0" in text and "+25.0" in text
+    single = eval_lib.comparison_table([dict(runs[0], policy={k: v for k, v in runs[0]["policy"].items() if k != "first_turn"},
+                                             base=None)])
+    assert single["metric"] == "score" and "return" not in single["rows"][0]
