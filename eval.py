@@ -529,7 +529,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
 LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve": "Improve",
           "diverge": "Diverge", "exit": "ExIt (full)"}  # the ladder's order (exit.METHODS, the paper's §5.2)
 CURVE_KEYS = ("reward_base", "reward_improve", "reward_diverge", "zero_var_frac",   # training
-              "depth", "difficulty", "buf_score_mean", "buf_distinct")              # the curriculum
+              "depth", "difficulty", "buf_score_mean", "buf_distinct",              # the curriculum
+              "turn", "ref_calls", "malformed_frac", "buf_depth")                   # multi-turn (Fig. 6)
 
 
 def mean_std(values) -> list[float]:
@@ -697,9 +698,14 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
             f, table, CURVE_KEYS[:4], ("reward, base tasks", "reward, improve steps", "reward, diverge steps",
                                        "zero-variance groups (fraction)"), window), size=(9, 6.5))
         save("curriculum.png", lambda f: _plot_curves(
-            f, table, CURVE_KEYS[4:], ("mean depth of sampled instances", "mean difficulty of sampled instances",
-                                       "buffer: mean learnability score", "buffer: distinct base tasks"), window),
+            f, table, CURVE_KEYS[4:8], ("mean depth of sampled instances", "mean difficulty of sampled instances",
+                                        "buffer: mean learnability score", "buffer: distinct base tasks"), window),
              size=(9, 6.5))
+        if any(any(v is not None for v in r.get("curves", {}).get("turn", [])) for r in table["rows"]):
+            save("multi_turn.png", lambda f: _plot_curves(
+                f, table, CURVE_KEYS[8:], ("mean starting turn of replayed instances", "reference tool calls of "
+                                           "trained episodes", "malformed responses (fraction)",
+                                           "buffer: mean depth"), window), size=(9, 6.5))
     return paths
 
 

@@ -721,6 +721,7 @@ class Trainer:
         if self.family.multi_turn:
             replayed = [i.turn + 1 for i in insts if i.replay]
             log.update(turn=float(np.mean(replayed)) if replayed else None,  # Fig. 6: mean starting turn (1-based)
+                       ref_calls=float(np.mean([self.family.reference_calls(i.problem) for i in insts])),  # and its complexity
                        malformed_frac=float(np.mean([not self.family.valid(r) for r in responses])))
         return dict(log=log, insts=insts, responses=responses, rewards=rewards)
 

@@ -895,6 +895,15 @@ class ToolsFamily(TaskFamily):
             out.append(";".join(refs[0]))
         return out
 
+    def reference_calls(self, episode: Problem) -> int:
+        """How many tool calls the reference makes over the whole episode (end markers and refusals not
+        counted): the complexity of what is being trained on, a curriculum signal (the paper's Fig. 6)."""
+        s, n = episode.data["start"], 0
+        for req in episode.data["requests"]:
+            s, refs = reference(s, req)
+            n += sum(c not in ("done", "err") for c in refs[0])
+        return n
+
     def expected_accuracy(self, k, difficulties=None):
         """Per turn: a turn's difficulty is its number of calls (1 or 2), not the episode's number of turns."""
         return super().expected_accuracy(k, difficulties or (1, 2))

@@ -2200,7 +2200,7 @@ def test_tools_tiny_exit_run_resumes_and_evaluates(tmp_path):
     (pa, ba), (pb, bb) = run_state(full), run_state(resumed)
     assert all(torch.equal(x, y) for x, y in zip(pa, pb)) and json.dumps(ba, sort_keys=True) == json.dumps(bb, sort_keys=True)
     logs = [json.loads(l) for l in open(tmp_path / "a" / "run" / "log.jsonl")]
-    assert len(logs) == 4 and all("turn" in l and "malformed_frac" in l for l in logs)
+    assert len(logs) == 4 and all("turn" in l and "malformed_frac" in l and l["ref_calls"] >= 1 for l in logs)
     assert any(len(e["turns"]) > 1 for e in ba["entries"])  # multi-turn histories reached the buffer
     res = eval_lib.evaluate_policy(full.policy, full.tok, full.family, n_problems=3, K=2, n_samples=2, max_new_tokens=12)
     assert res["K"] == 2 and res["n"] == 6 and len(res["score"]) == len(res["turn_acc"]) == 3
@@ -2865,3 +2865,10 @@ def test_multi_turn_comparison_reports_first_turn_accuracy_with_the_return_besid
     single = eval_lib.comparison_table([dict(runs[0], policy={k: v for k, v in runs[0]["policy"].items() if k != "first_turn"},
                                              base=None)])
     assert single["metric"] == "score" and "return" not in single["rows"][0]
+
+
+def test_tools_reference_calls_count_the_reference_tool_calls():
+    f = tasks.get_family("tools")
+    # a>b2 from a3 b0: wd a 2; dep b 2 (2 calls); -c9 from c5: refused (0); a=4: set a 4 (1 call)
+    assert f.reference_calls(episode([3, 0, 5], "a>b2", "-c9", "a=4")) == 3
+    assert f.reference_calls(episode([1, 1, 1], "+a2")) == 1
