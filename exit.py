@@ -237,7 +237,15 @@ def parse_args(argv) -> tuple[Config, set]:
                 raise ValueError(f"--{key} needs a value: --{key}=...")
             text = "true"
         values[key] = _parse_value(key, typ, text)
-    return Config(**values).validate(), set(values)
+    return Config(**{**family_settings(values), **values}).validate(), set(values)
+
+
+def family_settings(given: dict) -> dict:
+    """The task family's recommended settings (TaskFamily.recommended, e.g. the paper's tool-use recipe for
+    --task=tools) for every key the command line does not set: `python exit.py --task=tools` trains as
+    recommended without a list of flags, and config.json records what was used."""
+    family = tasks_lib.FAMILIES.get(given.get("task", Config.task))
+    return {k: v for k, v in getattr(family, "recommended", {}).items() if k not in given}
 
 
 # -----------------------------------------------------------------------------
@@ -973,6 +981,10 @@ def main(argv=None):
         return
     try:
         cfg, given = parse_args(argv)
+        recommended = family_settings({k: getattr(cfg, k) for k in given} | {"task": cfg.task})
+        if recommended and not cfg.resume:
+            print(f"{cfg.task}: the family's recommended settings: "
+                  + " ".join(f"--{k}={v}" for k, v in recommended.items()) + " (set any of them to override)")
         check_out_dir(cfg)
         with eval_lib.run_lock(cfg.out_dir):  # held until eval.json is written
             trainer = train(cfg, given)

@@ -131,6 +131,7 @@ class TaskFamily:
     has_feedback = False       # True: improve/diverge prompts carry `feedback` on the current answer
     multi_turn = False         # True: a base task is an episode of turns (ToolsFamily; exit.py and eval.py branch on it)
     has_demonstrations = True  # False: no warm-start demonstrations (realmath: start from an instruct checkpoint)
+    recommended: dict = {}     # exit.py settings this family trains with unless the command line sets them
     train_difficulties: tuple = ()     # the training mix (difficulty=None samples uniformly from it)
     heldout_difficulties: tuple = ()   # harder settings for held-out evaluation
     answer_format = "give the final answer as \\boxed{...}"
@@ -861,6 +862,11 @@ class ToolsFamily(TaskFamily):
     policy sent in that turn; else 0. `score` is the same check for one turn from its own start state.
     Difficulty = number of turns."""
     name, graded, has_feedback, multi_turn = "tools", False, True, True
+    # the paper's tool-use recipe (its §5 and Table 5), which exit.py applies unless the command line sets a
+    # key: Dr. GRPO, 2 epochs per batch, p = 0.5, p_div = 0.5, malformed responses filtered, a buffer of
+    # 640 with B_min = 320 at 16 x 8 rollouts (the paper's batch, and exit.py's), and K = 4 at test time
+    recommended = dict(dr_grpo=True, epochs=2, replay_prob=0.5, p_div=0.5, filter_malformed=True,
+                       buffer_size=640, min_size=320, eval_k=4)
     summary = "binary, multi-turn: tool calls on a tiny bank"
     train_difficulties, heldout_difficulties = (2, 3), (4,)
     answer_format = "give the tool calls then done (or err), joined by ';'"

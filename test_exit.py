@@ -2872,3 +2872,14 @@ def test_tools_reference_calls_count_the_reference_tool_calls():
     # a>b2 from a3 b0: wd a 2; dep b 2 (2 calls); -c9 from c5: refused (0); a=4: set a 4 (1 call)
     assert f.reference_calls(episode([3, 0, 5], "a>b2", "-c9", "a=4")) == 3
     assert f.reference_calls(episode([1, 1, 1], "+a2")) == 1
+
+
+def test_a_family_brings_its_recommended_settings_unless_set():
+    """--task=tools trains with the paper's tool-use recipe without a list of flags; a key given on the command
+    line wins; other families are untouched; config.json records the resolved values."""
+    cfg, given = exit_lib.parse_args(["--task=tools"])
+    assert (cfg.dr_grpo, cfg.epochs, cfg.p_div, cfg.filter_malformed, cfg.buffer_size, cfg.min_size, cfg.eval_k) == \
+        (True, 2, 0.5, True, 640, 320, 4) and given == {"task"}
+    cfg, _ = exit_lib.parse_args(["--task=tools", "--epochs=1", "--buffer_size=64", "--min_size=8"])
+    assert (cfg.epochs, cfg.buffer_size, cfg.min_size, cfg.dr_grpo) == (1, 64, 8, True)
+    assert exit_lib.parse_args([])[0] == exit_lib.Config()
