@@ -11,7 +11,9 @@ the rewards of the group that last tried them. exit.py uses it like this, once p
     ... roll out a group of G, get rewards r ...
     S = learnability(r)
     buf.update_score(entry.uid, S)                          # the sampled instance: its fresh S
-    buf.insert(..., score=S, parent=entry.uid)              # its children: they inherit S
+    buf.insert_history(..., score=S, parent=entry.uid)      # its children: they inherit S
+(a child is a list of turns, each {answer, feedback, depth}; a single-turn task's has one turn, and
+insert_history makes every new turn prefix an instance of its own)
 
 Two kinds of score. A *measured* S is the variance of a group that tried the entry itself
 (update_score); an *inherited* S is a guess, the parent group's S given to a child that has not been
@@ -241,14 +243,16 @@ class TaskBuffer:
         del self._keys[_content_key(victim.base_id, victim.turns)]
         return True
 
-    def insert_history(self, base_id, task, turns, depths, score, parent=None) -> list:
-        """Multi-turn tasks (§4.1): every turn prefix turns[:t+1] is its own instance ("iterate turn
-        t's answer"), with depth depths[t]; all share the score and the parent they were expanded
-        from. Returns one Entry-or-None per prefix. Shared prefixes de-duplicate against the buffer."""
+    def insert_history(self, base_id, task, turns, depths, score, parent=None, start=0) -> list:
+        """Multi-turn tasks (§4.1): every turn prefix turns[:t+1], t >= start, is its own instance
+        ("iterate turn t's answer"), with depth depths[t]; all share the score and the parent they were
+        expanded from. Prefixes shorter than start are the history the expanded instance was given, not
+        new answers: they are not inserted (their score is not this group's to give). Returns one
+        Entry-or-None per inserted prefix. Shared prefixes de-duplicate against the buffer."""
         if len(depths) != len(turns):
             raise ValueError(f"depths has {len(depths)} items but turns has {len(turns)}")
         return [self.insert(base_id, task, turns[:t + 1], depths[t], score, parent)
-                for t in range(len(turns))]
+                for t in range(start, len(turns))]
 
     # --- scores and sampling -----------------------------------------------------
 

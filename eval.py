@@ -259,9 +259,10 @@ def summary(results: dict) -> str:
         if rates:  # mean over the K steps: iterating helps only while fix/(fix+break) is above the accuracy
             line += (f"  P(fix|wrong) {sum(f for f, _ in rates) / len(rates):.2f}"
                      f"  P(break|right) {sum(b for _, b in rates) / len(rates):.3f}")
-        lines.append(line)
-        if "first_turn" in r:  # multi-turn: the row above is the episode's return, this one its first turn
+        if "first_turn" in r:  # multi-turn: the first turn's accuracy leads (the paper's metric), then the return
             lines.append(summary({f"{name} turn 1": r["first_turn"]}))
+            line = line.replace(f"{name:>12}", f"{name + ' return':>12}", 1)
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -828,6 +829,9 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
         left = f"~{(time.time() - t0) / i * (len(todo) - i) / 60:.0f} min left" if i else "first run"
         print(f"\n[{i + 1}/{len(todo)}] {m} seed {s} -> {d}   ({left})", flush=True)
         resume = ["--resume"] if os.path.isfile(os.path.join(d, "ckpt.pt")) else []
+        if not resume and run_artifacts(d):  # stopped (kill -9, out of memory) before its first checkpoint
+            raise ValueError(f"{d} was stopped before its first checkpoint ({', '.join(run_artifacts(d))}, no "
+                             f"ckpt.pt): nothing there to resume; delete it (rm -r {d}) and run the same command again")
         train_and_evaluate([*overrides, f"--method={m}", f"--seed={s}", f"--out_dir={d}", *resume])
         if not os.path.isfile(os.path.join(d, "eval.json")):
             raise RuntimeError(f"{d}: the run ended without eval.json")

@@ -118,7 +118,7 @@ class Config:
     dr_grpo: bool = _f(False, "Dr. GRPO: no division by std(r), constant normaliser instead of 1/|o_i|")
     filter_malformed: bool = _f(False, "no gradient (advantage or KL) from responses of no valid type (tasks: TaskFamily.valid), as the paper's tool-use runs")
     micro_batch: int = _f(0, "rows per forward/backward (0 = the whole batch); same update either way")
-    grad_checkpoint: bool = _f(False, "recompute each block in the backward pass: less activation memory, ~1/3 more compute")
+    grad_checkpoint: bool = _f(False, "recompute each block in the backward pass: less activation memory, more compute (the ungrouped forward); numbers equal to float rounding")
     dtype: str = _f("fp32", "policy weights: fp32 (bf16 autocast on GPU) | bf16 (AdamW on fp32 master copies)")
     rank_temperature: float = _f(0.0, "PLR extension: rank weights (1/rank)^(1/T) instead of exp(κ S) when > 0 (off)")
     staleness_coef: float = _f(0.0, "PLR extension: ρ, mix (1 - ρ) P_score + ρ P_staleness (off)")
@@ -245,7 +245,10 @@ def family_settings(given: dict) -> dict:
     --task=tools) for every key the command line does not set: `python exit.py --task=tools` trains as
     recommended without a list of flags, and config.json records what was used."""
     family = tasks_lib.FAMILIES.get(given.get("task", Config.task))
-    return {k: v for k, v in getattr(family, "recommended", {}).items() if k not in given}
+    rec = {k: v for k, v in getattr(family, "recommended", {}).items() if k not in given}
+    if "buffer_size" in given and "min_size" in rec:  # B_min goes with N: keep the recommended proportion
+        rec["min_size"] = max(1, given["buffer_size"] * rec["min_size"] // family.recommended["buffer_size"])
+    return rec
 
 
 # -----------------------------------------------------------------------------
@@ -729,7 +732,7 @@ class Trainer:
         if self.family.multi_turn:
             replayed = [i.turn + 1 for i in insts if i.replay]
             log.update(turn=float(np.mean(replayed)) if replayed else None,  # Fig. 6: mean starting turn (1-based)
-                       ref_calls=float(np.mean([self.family.reference_calls(i.problem) for i in insts])),  # and its complexity
+                       ref_calls=mean_or_none([self.family.reference_calls(i.problem) for i in insts]),  # its complexity
                        malformed_frac=float(np.mean([not self.family.valid(r) for r in responses])))
         return dict(log=log, insts=insts, responses=responses, rewards=rewards)
 
@@ -824,7 +827,8 @@ class Trainer:
                     q = fam.turn_problem(inst.problem, t, answers)
                     turns.append(dict(answer=answers[t], feedback=fam.feedback(q, answers[t]),
                                       depth=inst.depth + 1 if t == inst.turn else 1))
-                self.buffer.insert_history(inst.problem.id, task, turns, [h["depth"] for h in turns], score, parent)
+                self.buffer.insert_history(inst.problem.id, task, turns, [h["depth"] for h in turns], score, parent,
+                                           start=inst.turn)  # the prefixes before turn t were given, not produced
 
     def show(self, out, n=3):
         for i in range(min(n, len(out["insts"]))):
@@ -832,6 +836,11 @@ class Trainer:
             prompt = self.family.prompt(inst.step_problem, inst.answer, inst.mode, style=self.style)
             tqdm.write(f"  [{inst.mode} d={inst.depth}] {prompt!r} -> {out['responses'][i * G]!r} "
                        f"reward {float(out['rewards'][i, 0]):.2f}")
+
+
+def mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def format_log(log: dict) -> str:

@@ -203,8 +203,10 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # activation checkpointing (exit.py --grad_checkpoint): keep only each block's input in a
-        # training forward and recompute the block in the backward pass. Not part of the config:
-        # it changes memory and time, never the numbers.
+        # training forward and recompute the block in the backward pass. Not part of the config: it
+        # changes memory and time, and the numbers only by float rounding (the log-probs then take the
+        # plain forward instead of the grouped one: equal to ~1e-7, so a resume that switches it is not
+        # bit-identical)
         self.grad_checkpoint = False
         # not persistent: derived from the config, never stored in a checkpoint; fp32 always (_apply)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)

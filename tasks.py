@@ -5,7 +5,8 @@ A task family is one task space M of the paper (§2): it samples base tasks m (`
 three prompts ExIt needs (base, self-improve, self-diverge), scores answers, and turns scores into
 the per-step rewards of the paper's §4 and Appendix A. exit.py only calls into this file (data flows one way: no torch,
 no model here): it samples problems, builds prompts from the request and the latest iterate, and
-asks for `step_reward` of each rollout; the buffer stores partial histories as (problem, answer).
+asks for `step_reward` of each rollout; the buffer stores partial histories as turns {answer,
+feedback, depth}.
 
 Reading order: `Problem`; `TaskFamily`, the interface a family implements and the rules it keeps;
 the per-step rewards and the train/test split it uses; then the families, simplest first; the
@@ -22,7 +23,8 @@ Families:
   realmath binary: GSM8K/MATH-style problems read from a JSONL file, for real instruct checkpoints
 
 Two prompt styles: "compact" strings with MARKERS for the toy byte-level policy (one marker = one
-token), and "chat" plain-text user messages that exit.py wraps in a real model's chat template.
+token), and "chat" plain-text user messages that `encode_prompt` (end of this file) wraps in a
+real model's chat template.
 
 The toy policy starts from supervised `demonstrations` that follow a documented error model, so that
 it behaves like the paper's instruct models: it can attempt a task and follow an improve/diverge
@@ -322,6 +324,11 @@ class TaskFamily:
         if t != 0:
             raise ValueError(f"{type(self).__name__} is single-turn: it has no turn {t}")
         return episode
+
+    def reference_calls(self, episode: Problem) -> int | None:
+        """Optional, multi-turn: how many calls the reference makes over the episode (a curriculum signal
+        exit.py logs as ref_calls); None when the family has no such count."""
+        return None
 
     def episode_reward(self, episode: Problem, answers: list) -> float:
         """REQUIRED when multi_turn. The binary reward of a whole episode, one answer per turn."""

@@ -2179,7 +2179,7 @@ def test_tools_self_iteration_on_a_middle_turn_rerolls_the_rest(tmp_path):
     # the children: every prefix of every row's episode, the new turn-2 answer one level deeper
     kids = [e for e in tr.buffer.entries.values() if e.parent == 1]
     assert kids and all(e.turns[0] == hist[0] for e in kids)
-    assert {len(e.turns) for e in kids} == {1, 2, 3}  # the 1-turn prefix was removed above, so it re-enters
+    assert {len(e.turns) for e in kids} == {2, 3}  # from the iterated turn on: the 1-turn history was given, not produced
     assert all(e.depth == e.turns[-1]["depth"] for e in kids) and all(e.turns[1]["depth"] == 3 for e in kids if len(e.turns) > 1)
     assert all(e.turns[2]["depth"] == 1 for e in kids if len(e.turns) == 3)
 
@@ -2883,3 +2883,24 @@ def test_a_family_brings_its_recommended_settings_unless_set():
     cfg, _ = exit_lib.parse_args(["--task=tools", "--epochs=1", "--buffer_size=64", "--min_size=8"])
     assert (cfg.epochs, cfg.buffer_size, cfg.min_size, cfg.dr_grpo) == (1, 64, 8, True)
     assert exit_lib.parse_args([])[0] == exit_lib.Config()
+
+
+def test_replaying_a_later_turn_does_not_rescore_the_history_it_was_given(tmp_path):
+    """A replayed instance at turn t > 0 was given turns 0..t-1; its group says nothing about them. An untried
+    ancestor prefix keeps its own (inherited) score; only the prefixes from turn t on are this group's children."""
+    tr = tools_trainer(tmp_path, min_size=1, method="improve", group_size=2, tasks_per_iter=1)
+    ep = episode([3, 0, 5], "a>b2", "-c9", "a=4")
+    hist = [dict(answer="wd a 2;dep b 2;done", feedback=None, depth=1), dict(answer="wd c 9;done", feedback=None, depth=1)]
+    first, second = tr.buffer.insert_history(ep.id, dataclasses.asdict(ep), hist, [1, 1], 0.1)
+    inst = exit_lib.Instance(problem=ep, turn=1, prev=hist[:1], answer=hist[1]["answer"], mode="improve", depth=1,
+                             uid=second.uid, replay=True)
+    tr.update_buffer([inst], [[hist[0]["answer"], "err", "set a 4;done"]] * 2, torch.tensor([[1.0, 0.0]]))
+    assert first.score == 0.1 and not first.measured          # the given history: untouched
+    kids = [e for e in tr.buffer.entries.values() if e.parent == second.uid]
+    assert kids and {len(e.turns) for e in kids} == {2, 3} and all(e.score == 0.25 for e in kids)
+
+
+def test_a_given_buffer_size_scales_the_recommended_min_size():
+    cfg, _ = exit_lib.parse_args(["--task=tools", "--buffer_size=16"])
+    assert (cfg.buffer_size, cfg.min_size) == (16, 8)  # the recipe's B_min / N = 320 / 640, kept
+
