@@ -15,7 +15,8 @@ The policy is either the toy (stage 1 below trains it) or a real instruct checkp
 the trained policy as a Hugging Face directory (out_dir/hf).
 
 Top to bottom: the config (one dataclass, parsed from --key=value), the GRPO math as pure
-functions (Eq. 3-6), checks made before any work, stage 1 (supervised warm start, cached),
+functions (Eq. 3-6), checks made before any work, stage 1 (supervised warm start, cached), the
+helpers of data-parallel runs (`torchrun --nproc_per_node=N exit.py ...`; identities in one process),
 stage 2 (the ExIt loop: `Trainer.iteration`), and the run itself (`main`).
 
 One RL iteration (`Trainer.iteration`, the same path for single- and multi-turn families):
@@ -1148,8 +1149,7 @@ def main(argv=None):
         check_out_dir(cfg)
         with folder_lock(cfg.out_dir):  # held until eval.json is written
             trainer = train(cfg, given)
-            if is_main():  # data parallel: the evaluation runs on rank 0
-                final_evaluation(trainer)
+            final_evaluation(trainer)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # under torchrun a rank that exits stops the others (torchrun ends them); the message says which rank
         print(f"error{f' (rank {rank()})' if world_size() > 1 else ''}: {e}", file=sys.stderr)
@@ -1174,13 +1174,18 @@ def final_evaluation(trainer: Trainer):
     """What a run shows at its end: the curriculum's lineage (lineage.png), the held-out K-step evaluation of
     the trained policy and of its base (eval.json), and one held-out improvement chain (chain.txt)."""
     cfg, t0 = trainer.cfg, time.time()
-    lineage = eval_lib.plot_lineage(eval_lib.read_log(cfg.out_dir), os.path.join(cfg.out_dir, "lineage.png"))
-    if lineage:
-        print(f"the curriculum's lineage: {lineage}")
+    if is_main():  # data parallel: plots, the base's evaluation and the files are rank 0's
+        lineage = eval_lib.plot_lineage(eval_lib.read_log(cfg.out_dir), os.path.join(cfg.out_dir, "lineage.png"))
+        if lineage:
+            print(f"the curriculum's lineage: {lineage}")
     if not cfg.eval_problems:
         return
     settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
-    res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.eval_family, **settings)
+    # data parallel: each rank runs the chains of its part of the held-out problems; rank 0 gathers them
+    res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.eval_family, **settings,
+                                   part=(rank(), world_size()), gather=all_gather_objects)
+    if not is_main():
+        return
     base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
                                   model_lib.load_policy, **settings)
     eval_lib.write_json(dict(policy=res, base=base), os.path.join(cfg.out_dir, "eval.json"))

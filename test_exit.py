@@ -2960,8 +2960,12 @@ def test_two_ranks_run_and_resume_exactly(tmp_path):
     world size); 2 iterations, then --resume to 4, equals 4 in one go, bit for bit; a resume on another
     number of processes says that it is not exact."""
     cfg = tiny_cfg(tmp_path, tasks_per_iter=4, iters=4, ckpt_every=2)
-    full = _torchrun([os.path.join(HERE, "exit.py"), *_cli(cfg)])
+    full = _torchrun([os.path.join(HERE, "exit.py"), *_cli(dataclasses.replace(cfg, eval_problems=6, eval_k=1))])
     assert full.returncode == 0, full.stderr[-3000:]
+    ev = model_lib.read_json(os.path.join(cfg.out_dir, "eval.json"))  # the evaluation, split across the ranks
+    assert ev["policy"]["n"] == 6 * cfg.eval_samples and ev["policy"]["settings"]["parts"] == 2
+    assert "parts" not in ev["base"]["settings"]  # the base is evaluated (and cached) by rank 0 alone
+    assert os.path.isdir(os.path.join(cfg.out_dir, "hf")) and full.stdout.count("done:") == 1
     part = dataclasses.replace(cfg, out_dir=str(tmp_path / "part"), iters=2)
     p = _torchrun([os.path.join(HERE, "exit.py"), *_cli(part)])
     assert p.returncode == 0, p.stderr[-3000:]
@@ -2982,10 +2986,6 @@ def test_two_ranks_run_and_resume_exactly(tmp_path):
                           "--iters=5"], capture_output=True, text=True, timeout=120, cwd=HERE)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "trained on 2 process(es), this run has 1" in one.stderr
-    # and a world size that does not divide the batch is refused before any work
-    bad = _torchrun([os.path.join(HERE, "exit.py"), *_cli(dataclasses.replace(cfg, out_dir=str(tmp_path / "bad"),
-                                                                              tasks_per_iter=3))])
-    assert bad.returncode != 0 and "must be a multiple of the world size (2)" in bad.stderr
 
 
 def test_failing_rank_stops_the_others(tmp_path):
@@ -3009,3 +3009,31 @@ def test_failing_rank_stops_the_others(tmp_path):
     assert p.returncode != 0
     assert "rank 1 broke on purpose" in p.stderr + p.stdout
     assert time.time() - t0 < 150
+
+
+def test_world_size_must_divide_the_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(exit_lib, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"tasks_per_iter \(3\) must be a multiple of the world size \(2\)"):
+        exit_lib.prepare(tiny_cfg(tmp_path), quiet=True)
+
+
+@pytest.mark.parametrize("task", ["exactsum", "tools"])
+def test_evaluation_split_in_parts(tmp_path, task):
+    """evaluate_policy(part=(i, n), gather=...): part i runs the chains of the i-th contiguous part of the
+    held-out problems with seed + i; the gathered parts are the chains of all problems, in order."""
+    tr = exit_lib.prepare(tiny_cfg(tmp_path, task=task), quiet=True)
+    kw = dict(n_problems=5, K=1, n_samples=2, max_new_tokens=8, seed=3)
+    problems = eval_lib.heldout_problems(tr.family, 5)
+    parts = {}
+    for i in (0, 1):
+        eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw, part=(i, 2),
+                                 gather=lambda x, i=i: parts.setdefault(i, x) and [x, x])
+    whole = eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw, part=(0, 2), gather=lambda x: [parts[0], parts[1]])
+    assert whole["n"] == 10 and whole["settings"]["parts"] == 2
+    score = eval_lib.episode_scores if tr.family.multi_turn else eval_lib.chain_scores
+    for i, mine in enumerate((problems[:2], problems[2:])):
+        ref = score(tr.policy, tr.tok, tr.family, mine, 1, 2, 1.0, 8, 3 + i)
+        assert np.array_equal(parts[i][0], ref[0])
+    one = eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw)  # one process: unchanged, no "parts"
+    assert one["n"] == 10 and "parts" not in one["settings"]
+    assert np.array_equal(np.array(one["score"]), score(tr.policy, tr.tok, tr.family, problems, 1, 2, 1.0, 8, 3)[0].mean(1))
