@@ -3025,9 +3025,16 @@ def test_evaluation_split_in_parts(tmp_path, task):
     kw = dict(n_problems=5, K=1, n_samples=2, max_new_tokens=8, seed=3)
     problems = eval_lib.heldout_problems(tr.family, 5)
     parts = {}
-    for i in (0, 1):
-        eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw, part=(i, 2),
-                                 gather=lambda x, i=i: parts.setdefault(i, x) and [x, x])
+
+    class Gathered(Exception):
+        pass
+
+    for i in (0, 1):  # each part's chains, as its process would hand them to gather
+        def keep(x, i=i):
+            parts[i] = x
+            raise Gathered
+        with pytest.raises(Gathered):
+            eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw, part=(i, 2), gather=keep)
     whole = eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw, part=(0, 2), gather=lambda x: [parts[0], parts[1]])
     assert whole["n"] == 10 and whole["settings"]["parts"] == 2
     score = eval_lib.episode_scores if tr.family.multi_turn else eval_lib.chain_scores
