@@ -938,7 +938,9 @@ class Trainer:
                         p.copy_(m)
             agg["loss"] += loss_total / cfg.epochs
             agg["grad_norm"] += float(gn) / cfg.epochs
-        return {k: mean_over_ranks(v) for k, v in agg.items()}  # data parallel: the log line's, over all rows
+        # data parallel: the log line's statistics, the mean of the ranks' (loss and grad_norm are global
+        # already; clip_frac, kl and ratio_mean weigh each rank's tokens by its share, as micro-batches do)
+        return {k: mean_over_ranks(v) for k, v in agg.items()}
 
     def score_instance(self, inst: Instance, rewards) -> tuple:
         """§4.1 for the instance just trained on: its fresh learnability S = var(r). A replayed instance is
