@@ -186,15 +186,23 @@ def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = Fals
 
 
 def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temperature=1.0,
-                    max_new_tokens=48, seed=0, harder=False, style=None) -> dict:
+                    max_new_tokens=48, seed=0, harder=False, style=None, part=(0, 1), gather=None) -> dict:
     """The held-out K-step evaluation of one policy: `summarise` of n_problems x n_samples chains.
-    style None: compact or chat prompts as the tokenizer says (prompt_style)."""
+    style None: compact or chat prompts as the tokenizer says (prompt_style).
+    part=(i, n), gather: split across n processes (exit.py under torchrun). Process i runs the chains of
+    the i-th contiguous part of the problems, with sampling seed `seed + i` (so the parts do not repeat
+    each other's draws), and gather(x) -> [x of part 0, part 1, ...] joins the parts. The same protocol
+    and problems as one process, but other draws: equal in distribution, not draw for draw."""
     problems = heldout_problems(family, n_problems, harder=harder)
+    i, n = part
+    mine = problems[i * len(problems) // n:(i + 1) * len(problems) // n]
     was_training = policy.training
     policy.eval()
     diffs = [p.difficulty for p in problems for _ in range(n_samples)]
-    scores, first, per_turn = chain_scores(policy, tok, family, problems, K, n_samples, temperature,
-                                           max_new_tokens, seed, style=style)
+    parts = chain_scores(policy, tok, family, mine, K, n_samples, temperature, max_new_tokens, seed + i, style=style)
+    if gather is not None and n > 1:  # the chains are columns: join the parts' columns in order
+        parts = [np.concatenate(xs, axis=1) for xs in zip(*gather(list(parts)))]
+    scores, first, per_turn = parts
     policy.train(was_training)
     res = summarise(scores, diffs, not family.graded)
     if family.multi_turn:  # the score is the episode's return; these are its first turn and its turns
@@ -202,6 +210,8 @@ def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temp
         res["turn_acc"] = per_turn.mean(axis=1).tolist()
     res["settings"] = dict(n_problems=n_problems, K=K, n_samples=n_samples, temperature=temperature,
                            max_new_tokens=max_new_tokens, seed=seed, harder=harder)
+    if n > 1:
+        res["settings"]["parts"] = n  # split across n processes: other draws than one process's
     return res
 
 

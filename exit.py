@@ -15,7 +15,8 @@ The policy is either the toy (stage 1 below trains it) or a real instruct checkp
 the trained policy as a Hugging Face directory (out_dir/hf).
 
 Top to bottom: the config (one dataclass, parsed from --key=value), the GRPO math as pure
-functions (Eq. 3-6), checks made before any work, stage 1 (supervised warm start, cached),
+functions (Eq. 3-6), checks made before any work, stage 1 (supervised warm start, cached), the
+helpers of data-parallel runs (`torchrun --nproc_per_node=N exit.py ...`; identities in one process),
 stage 2 (the ExIt loop: `Trainer.iteration`), and the run itself (`main`).
 
 One RL iteration (`Trainer.iteration`, the same path for single- and multi-turn families):
@@ -476,6 +477,141 @@ def warm_start(cfg: Config, family, device, quiet=False):
 
 
 # -----------------------------------------------------------------------------
+# Several processes (torchrun): data parallel. Everything distributed is in this section; the loop
+# calls these helpers at the few places marked "data parallel", and each is the identity in one process
+# (`python exit.py` initialises nothing: no WORLD_SIZE in the environment, rank 0 of 1).
+# Under `torchrun --nproc_per_node=N exit.py ...` the iteration's tasks_per_iter instances are split
+# into N contiguous equal shares; each rank samples, scores and back-propagates its share; gradients
+# are averaged across ranks. Rank 0 alone holds the curriculum (buffer, draws) and writes the run folder.
+
+
+def dist_init(cfg: Config):
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
+    NCCL between GPUs (one per process, cuda:LOCAL_RANK), gloo on CPUs. Nothing without torchrun."""
+    if "WORLD_SIZE" not in os.environ or torch.distributed.is_initialized():
+        return
+    if model_lib.pick_device(cfg.device).type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" is now this rank's GPU
+        torch.distributed.init_process_group("nccl")
+    else:
+        torch.distributed.init_process_group("gloo")
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _comm_device():
+    # NCCL reduces CUDA tensors only; gloo, CPU ones
+    return torch.device("cuda") if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier():
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank (pickled): the curriculum's decisions."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def my_share(n: int) -> slice:
+    """This rank's contiguous share of n items (n is a multiple of the world size: check_world)."""
+    k = n // world_size()
+    return slice(rank() * k, (rank() + 1) * k)
+
+
+def gather_shares(*shares):
+    """Each argument is this rank's share (a list, or a tensor split along dim 0); returns the global
+    ones, the ranks' shares in rank order, on every rank."""
+    if world_size() == 1:
+        return shares
+    ranks = all_gather_objects([s.cpu() if torch.is_tensor(s) else s for s in shares])
+    return tuple(torch.cat([r[i] for r in ranks]) if torch.is_tensor(shares[i]) else [x for r in ranks for x in r[i]]
+                 for i in range(len(shares)))
+
+
+def all_reduce_(tensors, op="mean"):
+    """In place, the mean (or max) over ranks of each tensor: a gradient becomes the global batch's."""
+    if world_size() == 1:
+        return
+    for t in tensors:
+        if op == "mean":
+            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.SUM)
+            t.div_(world_size())
+        else:
+            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
+
+
+def mean_over_ranks(x: float) -> float:
+    if world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
+    all_reduce_([t])
+    return float(t)
+
+
+def max_over_ranks(x):
+    if world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
+    all_reduce_([t], op="max")
+    return type(x)(t.item())
+
+
+def broadcast_params(module: torch.nn.Module):
+    """Rank 0's weights on every rank (as DDP does at its start): the ranks start from one policy."""
+    if world_size() > 1:
+        for p in module.parameters():
+            torch.distributed.broadcast(p.data, src=0)
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. trains and saves the warm start: an atomic write, so no rank
+    reads half a file); the other ranks wait, then run it (and find the file)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def folder_lock(out_dir: str):
+    """The run folder's lock, held by rank 0, which alone writes the folder."""
+    return eval_lib.run_lock(out_dir) if is_main() else contextlib.nullcontext()
+
+
+def check_world(cfg: Config):
+    need = world_size()
+    if cfg.tasks_per_iter % need:
+        raise ValueError(f"tasks_per_iter ({cfg.tasks_per_iter}) must be a multiple of the world size ({need}): "
+                         "every rank takes an equal share of the iteration's task instances")
+
+
+# -----------------------------------------------------------------------------
 # Stage 2: ExIt.
 
 
@@ -512,9 +648,10 @@ class Trainer:
             self.policy, self.tok, self.tok_spec = model_lib.load_policy(cfg.init, self.device)
             self.base_path = os.path.abspath(cfg.init)
         else:
-            eval_lib.remove_stale_tmp(cfg.base_dir)  # a warm start killed while saving
             t0 = time.time()
-            self.policy, self.tok, self.base_path = warm_start(cfg, self.family, self.device, quiet)
+            with main_first():  # data parallel: rank 0 trains and saves the warm start, the others load it
+                eval_lib.remove_stale_tmp(cfg.base_dir)  # a warm start killed while saving
+                self.policy, self.tok, self.base_path = warm_start(cfg, self.family, self.device, quiet)
             self.warm_seconds = time.time() - t0
             self.base_path = os.path.abspath(self.base_path)  # eval.py may run from another folder
             self.tok_spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
@@ -522,6 +659,7 @@ class Trainer:
         self.style = tasks_lib.prompt_style(self.tok)
         dtype = DTYPES[cfg.dtype]
         self.policy.to(dtype).train()
+        broadcast_params(self.policy)  # data parallel: every rank starts from rank 0's weights
         self.policy.grad_checkpoint = cfg.grad_checkpoint
         # A real checkpoint (a Hugging Face directory) gets no extra copy for the diversity bonus:
         # it embeds with the reference when β > 0, else with the current policy (no grad). Eq. 6
@@ -564,7 +702,7 @@ class Trainer:
     # ---- checkpoints
     def state_dict(self) -> dict:
         return dict(
-            kind="run", config=dataclasses.asdict(self.cfg), iter=self.iter, skipped=self.skipped,
+            kind="run", config=dataclasses.asdict(self.cfg), world_size=world_size(), iter=self.iter, skipped=self.skipped,
             elapsed=self.elapsed, timing=self.timing, base_path=self.base_path,
             policy=model_lib.policy_state(self.policy, self.tok_spec), optimizer=self.opt.state_dict(),
             ref=None if self.ref is None else self.ref.state_dict(),
@@ -597,14 +735,16 @@ class Trainer:
         self.timing = dict(ck.get("timing") or self.timing)
 
     def save(self, path=None):
-        model_lib.atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
+        if is_main():  # data parallel: the ranks hold the same run, rank 0 writes it
+            model_lib.atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
 
     # ---- one RL iteration, steps 1-5 of the module docstring. A single-turn family is the one-turn case
     # of a multi-turn one: its problem is its only turn, and there is nothing to finish after the step.
     def iteration(self) -> dict:
         cfg, G, fam = self.cfg, self.cfg.group_size, self.family
         t0 = time.time()
-        insts = self.draw_instances()                                                  # 1
+        insts = broadcast_object(self.draw_instances() if is_main() else None)         # 1
+        insts = insts[my_share(len(insts))]  # data parallel: this rank's share (all of them in one process)
         prompts = [self.prompt_ids(i) for i in insts]
         ro, responses = self.sample(prompts, G)                                        # 2
         # the new iterates: the responses, except where a family lets one refer to the current answer ("=")
@@ -617,11 +757,14 @@ class Trainer:
         t1 = time.time()
         stats = self.update(prompts, ro, adv.flatten(), self.kept(responses))          # 4
         t2 = time.time()
-        self.update_buffer(insts, episodes, rewards)                                   # 5
+        # data parallel: the whole batch's instances, answers and rewards, for the buffer and the log line
+        insts, episodes, responses, rewards, lengths = gather_shares(insts, episodes, responses, rewards, ro.lengths)
+        if is_main():  # the one curriculum lives on rank 0
+            self.update_buffer(insts, episodes, rewards)                               # 5
         self.timing["sampling"] += t_sample
         self.timing["update"] += t2 - t1
         self.timing["buffer"] += time.time() - t2
-        out = self.finish_iteration(insts, responses, rewards, ro, stats, t0, t_sample)
+        out = self.finish_iteration(insts, responses, rewards, lengths, stats, t0, t_sample)
         out["answers"] = episodes
         return out
 
@@ -647,9 +790,22 @@ class Trainer:
         return tasks_lib.encode_prompt(self.tok, self.family, inst.step_problem, inst.answer, inst.mode, self.style)
 
     def sample(self, prompts, n) -> tuple:
-        """n rollouts per prompt from the current policy at the training temperature, and their text."""
-        ro = model_lib.generate(self.policy, prompts, n, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, generator=self.gen)
+        """n rollouts per prompt from the current policy at the training temperature, and their text.
+        Data parallel: these prompts are this rank's share of the ranks' batch; each rank draws every row's
+        uniforms from the same generator and uses its own rows' (model.generate's rows=), so any number
+        of ranks samples exactly the rollouts one process would. A share that finishes early draws the
+        steps the longest share still takes, keeping the generators in step. A rank may have no prompts
+        (multi-turn: all its episodes finished): it then only keeps its generator in step."""
+        counts = all_gather_objects(len(prompts) * n)  # [N] in one process
+        first, total = sum(counts[:rank()]), sum(counts)
+        ro = None if not prompts else model_lib.generate(
+            self.policy, prompts, n, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+            stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, generator=self.gen, rows=(first, total))
+        steps = 0 if ro is None else ro.tokens.shape[1]
+        for _ in range(max_over_ranks(steps) - steps):  # data parallel only: 0 in one process
+            torch.rand(total, 1, generator=self.gen, device=self.device)
+        if ro is None:
+            return None, []
         return ro, [self.tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
 
     def finish_episodes(self, insts, iterates) -> list[list[str]]:
@@ -662,7 +818,7 @@ class Trainer:
         answers = [[h["answer"] for h in inst.prev] + [iterates[i * G + j]] for i, inst in enumerate(insts) for j in range(G)]
         while True:
             rows = [r for r, (ep, a) in enumerate(zip(episodes, answers)) if len(a) < fam.n_turns(ep)]
-            if not rows:
+            if not max_over_ranks(len(rows)):  # data parallel: the ranks sample each turn together
                 return answers
             prompts = [tasks_lib.encode_prompt(self.tok, fam, fam.turn_problem(episodes[r], len(answers[r]), answers[r]),
                                               style=self.style) for r in rows]
@@ -690,7 +846,7 @@ class Trainer:
             d = torch.stack([diversity_coefficients(e, cfg.div_minmax) for e in emb])
             adv = adv * d
             # logged: the printed form of Eq. 6 is unbounded (d_i = dist_i / range), so its scale is worth watching
-            self.div_stats = dict(div_mean=float(d.mean()), div_max=float(d.max()))
+            self.div_stats = dict(div_mean=mean_over_ranks(float(d.mean())), div_max=max_over_ranks(float(d.max())))
         return adv
 
     def kept(self, responses) -> torch.Tensor:
@@ -702,7 +858,7 @@ class Trainer:
             return torch.ones(len(responses))
         return torch.tensor([float(self.family.valid(r)) for r in responses])
 
-    def finish_iteration(self, insts, responses, rewards, ro, stats, t0, t_sample) -> dict:
+    def finish_iteration(self, insts, responses, rewards, lengths, stats, t0, t_sample) -> dict:
         """The reference refresh, the clock, and the log line."""
         cfg = self.cfg
         if cfg.beta > 0 and (self.iter + 1) % cfg.ref_every == 0:
@@ -716,7 +872,7 @@ class Trainer:
             rows = [i for i, x in enumerate(insts) if x.mode == mode]
             return float(rewards[rows].mean()) if rows else None
         bstats = self.buffer.stats()
-        n_tok = int(ro.lengths.sum())
+        n_tok = int(lengths.sum())
         log = dict(iter=self.iter, reward=float(rewards.mean()), reward_base=mean_where("base"),
                    reward_improve=mean_where("improve"), reward_diverge=mean_where("diverge"),
                    zero_var_frac=float(((rewards.amax(1) - rewards.amin(1)) <= 1e-6).float().mean()),
@@ -728,7 +884,7 @@ class Trainer:
                    buf_depth=bstats.get("depth_mean", 0.0), buf_depth_hist=bstats["depth_hist"],
                    buf_measured=bstats["measured_frac"], resp_len=n_tok / len(responses),
                    tok_per_s=n_tok / dt, sample_frac=t_sample / dt, skipped=self.skipped,
-                   elapsed=self.elapsed, **self.div_stats, **stats)
+                   elapsed=self.elapsed, world_size=world_size(), **self.div_stats, **stats)
         if self.family.multi_turn:
             replayed = [i.turn + 1 for i in insts if i.replay]
             log.update(turn=float(np.mean(replayed)) if replayed else None,  # Fig. 6: mean starting turn (1-based)
@@ -778,6 +934,11 @@ class Trainer:
             if self.master is not None:  # bf16 gradients onto the fp32 masters
                 for m, p in zip(self.master, self.policy.parameters()):
                     m.grad = None if p.grad is None else p.grad.float()
+            # data parallel: each rank's loss is the mean over its share's rollouts; the shares are equal,
+            # so the mean of the ranks' gradients is the gradient of the mean over the whole batch, and
+            # the clip below sees the global norm: the single-process update on the same batch
+            all_reduce_([q.grad for q in params if q.grad is not None])
+            loss_total = mean_over_ranks(loss_total)
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if not (math.isfinite(loss_total) and torch.isfinite(gn)):
                 self.skipped += 1
@@ -791,7 +952,9 @@ class Trainer:
                         p.copy_(m)
             agg["loss"] += loss_total / cfg.epochs
             agg["grad_norm"] += float(gn) / cfg.epochs
-        return agg
+        # data parallel: the log line's statistics, the mean of the ranks' (loss and grad_norm are global
+        # already; clip_frac, kl and ratio_mean weigh each rank's tokens by its share, as micro-batches do)
+        return {k: mean_over_ranks(v) for k, v in agg.items()}
 
     def score_instance(self, inst: Instance, rewards) -> tuple:
         """§4.1 for the instance just trained on: its fresh learnability S = var(r). A replayed instance is
@@ -885,6 +1048,13 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Train
         cfg.resume = True
         cfg.validate()
         check_resume_folder(cfg.out_dir, ck)
+        check_world(cfg)
+        saved_world = ck.get("world_size", 1)
+        if saved_world != world_size() and is_main() and not quiet:  # data parallel
+            print(f"warning: {ckpt_path} was trained on {saved_world} process(es), this run has {world_size()}: it "
+                  "continues the same curriculum on the same global batches, but not bit-exactly (the gradient "
+                  "is summed in another order, so the weights drift apart by float rounding and later samples "
+                  f"may differ); run with --nproc_per_node={saved_world} to continue it exactly", file=sys.stderr)
         trainer = Trainer(cfg, quiet, preflight(cfg, quiet))
         try:
             trainer.load_state_dict(ck)
@@ -896,6 +1066,7 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Train
         hint = "pass --resume to continue it" if "ckpt.pt" in found else "it has no ckpt.pt to --resume from"
         raise FileExistsError(f"{cfg.out_dir} already holds a run ({', '.join(found)}): {hint}, or choose another "
                               "--out_dir (a fresh run never replaces a run's files)")
+    check_world(cfg)
     return Trainer(cfg, quiet, preflight(cfg, quiet))
 
 
@@ -908,17 +1079,21 @@ def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer
     """Stage 1 + stage 2 (+ the final evaluation in main), holding the run folder's lock throughout.
     Returns the trainer at the end."""
     check_out_dir(cfg)
-    with eval_lib.run_lock(cfg.out_dir):
-        eval_lib.remove_stale_tmp(cfg.out_dir)
+    with folder_lock(cfg.out_dir):
+        if is_main():
+            eval_lib.remove_stale_tmp(cfg.out_dir)
         return _train(cfg, given, quiet)
 
 
 def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
+    quiet = quiet or not is_main()  # data parallel: rank 0 prints and writes the run folder
     trainer = prepare(cfg, given, quiet)
     cfg = trainer.cfg
-    eval_lib.write_json(dataclasses.asdict(cfg), os.path.join(cfg.out_dir, "config.json"))
+    barrier()  # data parallel: every rank has checked (and read) the folder before rank 0 writes to it
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if cfg.resume and os.path.exists(log_path):  # drop lines of iterations the checkpoint does not hold
+    if is_main():
+        eval_lib.write_json(dict(dataclasses.asdict(cfg), world_size=world_size()), os.path.join(cfg.out_dir, "config.json"))
+    if is_main() and cfg.resume and os.path.exists(log_path):  # drop lines of iterations the checkpoint does not hold
         kept = [json.dumps(e) + "\n" for e in eval_lib.read_log_lines(log_path) if e["iter"] <= trainer.iter]
         with open(f"{log_path}.tmp{os.getpid()}", "w") as f:
             f.writelines(kept)
@@ -937,11 +1112,12 @@ def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
     previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
     bar = tqdm(total=cfg.iters, initial=trainer.iter, desc=f"ExIt[{cfg.method}]", disable=quiet, dynamic_ncols=True)
     try:
-        while trainer.iter < cfg.iters and not stop:
+        while trainer.iter < cfg.iters and not max_over_ranks(len(stop)):  # every rank stops at the same one
             out = trainer.iteration()
             log = out["log"]
-            with open(log_path, "a") as f:
-                f.write(json.dumps(log) + "\n")
+            if is_main():
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(log) + "\n")
             bar.update(1)
             bar.set_postfix(r=f"{log['reward']:.3f}", buf=log["buf_size"])
             if not quiet and (trainer.iter % cfg.log_every == 0 or trainer.iter == 1):
@@ -953,7 +1129,7 @@ def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    if stop:
+    if max_over_ranks(len(stop)):
         trainer.save()
         bar.close()
         print(f"\ninterrupted after iteration {trainer.iter}: checkpoint written; continue with --resume")
@@ -961,8 +1137,9 @@ def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
     bar.close()
     trainer.save()
     # the trained policy as a Hugging Face directory, for other tools (transformers, vLLM, ...) and --init
-    model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(cfg.out_dir, "hf"), dtype=trainer.source_dtype,
-                      temperature=cfg.eval_temperature)
+    if is_main():
+        model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(cfg.out_dir, "hf"), dtype=trainer.source_dtype,
+                          temperature=cfg.eval_temperature)
     return trainer
 
 
@@ -990,21 +1167,28 @@ def main(argv=None):
         return
     try:
         cfg, given = parse_args(argv)
+        dist_init(cfg)  # data parallel, under torchrun only
         recommended = family_settings({k: getattr(cfg, k) for k in given} | {"task": cfg.task})
-        if recommended and not cfg.resume:
+        if recommended and not cfg.resume and is_main():
             print(f"{cfg.task}: the family's recommended settings: "
                   + " ".join(f"--{k}={v}" for k, v in recommended.items()) + " (set any of them to override)")
         check_out_dir(cfg)
-        with eval_lib.run_lock(cfg.out_dir):  # held until eval.json is written
+        with folder_lock(cfg.out_dir):  # held until eval.json is written
             trainer = train(cfg, given)
             final_evaluation(trainer)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # under torchrun a rank that exits stops the others (torchrun ends them); the message says which rank
+        print(f"error{f' (rank {rank()})' if world_size() > 1 else ''}: {e}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:  # a Ctrl-C outside the RL loop (warm start, evaluation), or a second one
         print("\ninterrupted: stopped at once; the run folder keeps its last checkpoint, if it has one "
               "(continue with --resume)", file=sys.stderr)
         raise SystemExit(130)
+    if torch.distributed.is_initialized():  # data parallel: the ranks are done; rank 0 reports
+        main_rank = is_main()
+        torch.distributed.destroy_process_group()
+        if not main_rank:
+            return
     t = trainer.timing
     other = trainer.elapsed - t["sampling"] - t["update"] - t["buffer"]
     print(f"time: warm start {t['warm_start']:.0f}s, RL {trainer.elapsed:.0f}s (sampling {t['sampling']:.0f}s, update "
@@ -1016,13 +1200,18 @@ def final_evaluation(trainer: Trainer):
     """What a run shows at its end: the curriculum's lineage (lineage.png), the held-out K-step evaluation of
     the trained policy and of its base (eval.json), and one held-out improvement chain (chain.txt)."""
     cfg, t0 = trainer.cfg, time.time()
-    lineage = eval_lib.plot_lineage(eval_lib.read_log(cfg.out_dir), os.path.join(cfg.out_dir, "lineage.png"))
-    if lineage:
-        print(f"the curriculum's lineage: {lineage}")
+    if is_main():  # data parallel: plots, the base's evaluation and the files are rank 0's
+        lineage = eval_lib.plot_lineage(eval_lib.read_log(cfg.out_dir), os.path.join(cfg.out_dir, "lineage.png"))
+        if lineage:
+            print(f"the curriculum's lineage: {lineage}")
     if not cfg.eval_problems:
         return
     settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
-    res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.eval_family, **settings)
+    # data parallel: each rank runs the chains of its part of the held-out problems; rank 0 gathers them
+    res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.eval_family, **settings,
+                                   part=(rank(), world_size()), gather=all_gather_objects)
+    if not is_main():
+        return
     base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
                                   model_lib.load_policy, **settings)
     eval_lib.write_json(dict(policy=res, base=base), os.path.join(cfg.out_dir, "eval.json"))

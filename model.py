@@ -363,7 +363,8 @@ DROP_FINISHED_AT = 0.25
 @torch.no_grad()  # not inference_mode: exit.py uses these tensors inside the autograd graph
 def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             stop_ids, pad_id: int, generator: torch.Generator | None = None) -> Rollouts:
+             stop_ids, pad_id: int, generator: torch.Generator | None = None,
+             rows: tuple[int, int] | None = None) -> Rollouts:
     """Sample num_samples completions for each prompt: N = len(prompts) * num_samples rows.
 
     Each prompt is prefilled once and its cache copied to its G rows, then all rows decode
@@ -372,7 +373,11 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     Prompts of different lengths are right-aligned (left-padded) so that every row writes its
     next token into the same cache column; per-row rotary positions and a key mask make each
     row compute what it would alone. The generator (on the model's device) makes samples
-    reproducible: same seed, same rows."""
+    reproducible: same seed, same rows.
+    rows=(first, total), data parallel: these N rows are rows first..first+N-1 of a batch of `total`
+    rows that several processes sample together, each its share. Every step draws the uniforms of all
+    `total` rows and uses this share's, so the shards of a batch sample exactly what the whole batch
+    would in one call (the caller keeps the generators in step when shards stop at different steps)."""
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     if max_new_tokens < 1 or num_samples < 1:
@@ -381,6 +386,7 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     model.eval()
     device = model.inv_freq.device
     P, G, N = len(prompts), num_samples, len(prompts) * num_samples
+    first, total_rows = rows or (0, N)
     plen = torch.tensor([len(p) for p in prompts], device=device)
     L = int(plen.max())
     total = L + max_new_tokens
@@ -429,7 +435,7 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     for t in range(max_new_tokens):
         # one uniform for every original row, picked by `live`: each row gets the draw it would
         # get in the full batch, so dropping rows changes no sample (same seed, same rows)
-        u = None if temperature == 0 else torch.rand(N, 1, generator=generator, device=device)[live]
+        u = None if temperature == 0 else torch.rand(total_rows, 1, generator=generator, device=device)[first + live]
         nxt = sample_next(logits, temperature, top_k, top_p, uniform=u)  # (B,), B = len(live)
         nxt = nxt.masked_fill(fin, pad_id)
         tokens[live, t] = nxt

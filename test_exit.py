@@ -2904,3 +2904,220 @@ def test_a_given_buffer_size_scales_the_recommended_min_size():
     cfg, _ = exit_lib.parse_args(["--task=tools", "--buffer_size=16"])
     assert (cfg.buffer_size, cfg.min_size) == (16, 8)  # the recipe's B_min / N = 320 / 640, kept
 
+
+
+# ===============================================================================================
+# Several processes (torchrun, data parallel): 2 CPU ranks on the gloo backend, loopback only.
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_env(rank=None, world=None, port=None) -> dict:
+    env = dict(MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    if rank is not None:
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_PORT=str(port))
+    return env
+
+
+def _dp_worker(rank, world, port, kw, iters, out):
+    """One rank of a data-parallel run of `iters` iterations (SGD, so the update is the gradient itself);
+    rank 0 saves what the comparison needs."""
+    os.environ.update(_dist_env(rank, world, port))
+    torch.set_num_threads(1)
+    cfg = exit_lib.Config(**kw).validate()
+    exit_lib.dist_init(cfg)
+    try:
+        got = _run_iterations(cfg, iters)
+        if rank == 0:
+            torch.save(got, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _run_iterations(cfg, iters) -> dict:
+    tr = exit_lib.prepare(cfg, quiet=True)
+    tr.opt = torch.optim.SGD(tr.policy.parameters(), lr=0.1)  # Adam's first step, ~lr * sign(g), would magnify rounding
+    logs, answers = [], []
+    for _ in range(iters):
+        out = tr.iteration()
+        logs.append({k: v for k, v in out["log"].items() if k not in ("tok_per_s", "sample_frac", "elapsed")})
+        answers.append(out["answers"])
+    return dict(params=[p.detach().clone() for p in tr.policy.parameters()], buffer=tr.buffer.state_dict(),
+                logs=logs, answers=answers, gen=tr.gen.get_state(), rng=tr.rng.bit_generator.state)
+
+
+def _spawn(fn, world, args, timeout=120):
+    """torch.multiprocessing.spawn, but a hang fails the test instead of the whole suite."""
+    import torch.multiprocessing as mp
+    ctx = mp.spawn(fn, args=(world, *args), nprocs=world, join=False)
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise AssertionError(f"the {world} ranks did not finish in {timeout}s")
+
+
+def test_generate_shards_sample_the_whole_batch():
+    """rows=(first, total): two shards of a batch, each drawing the whole batch's uniforms from its own
+    copy of the generator, sample exactly the rows of one call; the generator a shard that stopped
+    early leaves behind is caught up by drawing the missing steps (as Trainer.sample does)."""
+    tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+    torch.manual_seed(0)
+    m = model_lib.Transformer(dataclasses.replace(model_lib.toy_config(tok.vocab_size), n_layer=1, n_embd=32,
+                                                  n_head=2, n_kv_head=1, intermediate_size=96))
+    prompts = [tok.encode(t) for t in ("12+7=", "a longer prompt here", "x", "3*4")]
+    kw = dict(stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=1.0)
+    whole = model_lib.generate(m, prompts, 3, 10, generator=torch.Generator().manual_seed(5), **kw)
+    parts, gens = [], []
+    for first, ps in ((0, prompts[:2]), (6, prompts[2:])):
+        g = torch.Generator().manual_seed(5)
+        parts.append(model_lib.generate(m, ps, 3, 10, generator=g, rows=(first, 12), **kw))
+        gens.append(g)
+    T = whole.tokens.shape[1]
+    for i, (part, g) in enumerate(zip(parts, gens)):
+        rows = slice(6 * i, 6 * i + 6)
+        t = part.tokens.shape[1]
+        assert torch.equal(part.tokens, whole.tokens[rows, :t]) and torch.equal(part.lengths, whole.lengths[rows])
+        assert (whole.tokens[rows, t:] == tok.pad_id).all()
+        torch.testing.assert_close(part.logprobs, whole.logprobs[rows, :t], atol=1e-5, rtol=1e-5)
+        for _ in range(T - t):
+            torch.rand(12, 1, generator=g)
+    ref = torch.Generator().manual_seed(5)
+    model_lib.generate(m, prompts, 3, 10, generator=ref, **kw)
+    assert all(torch.equal(g.get_state(), ref.get_state()) for g in gens)
+
+
+@pytest.mark.parametrize("task", ["exactsumfb", "tools"])
+def test_two_ranks_equal_one_process(tmp_path, task):
+    """One curriculum, one update: 2 gloo ranks, each with half of the iteration's instances, give the
+    single process's rollouts, rewards and buffer exactly, and its parameters to fp32 tolerance
+    (the gradient is summed in another order), over 2 iterations (the second replays from the buffer).
+    tools is multi-turn: the ranks finish their episodes turn by turn together."""
+    kw = dataclasses.asdict(tiny_cfg(tmp_path, task=task, tasks_per_iter=4, replay_prob=0.9, micro_batch=8))
+    one = _run_iterations(exit_lib.Config(**kw).validate(), 2)   # also trains the warm start, which the ranks reuse
+    kw["out_dir"] = str(tmp_path / "dp")
+    _spawn(_dp_worker, 2, (_free_port(), kw, 2, str(tmp_path / "dp.pt")))
+    two = torch.load(tmp_path / "dp.pt", weights_only=False)
+    assert two["answers"] == one["answers"]
+    assert sum(log["replay_frac"] for log in one["logs"]) > 0  # the buffer was drawn from
+    for a, b in zip(one["logs"], two["logs"]):
+        assert b.pop("world_size") == 2 and a.pop("world_size") == 1
+        for k in a:
+            if isinstance(a[k], float) and k not in ("reward", "reward_base", "reward_improve", "reward_diverge",
+                                                     "zero_var_frac", "replay_frac", "depth", "difficulty"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k  # update statistics: float sums
+            else:
+                assert b[k] == a[k], k
+    assert two["buffer"] == one["buffer"] and two["rng"] == one["rng"]
+    assert torch.equal(two["gen"], one["gen"])
+    for p, q in zip(one["params"], two["params"]):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+
+
+def _torchrun(args, nproc=2, timeout=180, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE,
+                          env={**os.environ, **_dist_env()}, **popen)
+
+
+def _cli(cfg) -> list[str]:
+    return [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k not in ("resume",)]
+
+
+def test_two_ranks_run_and_resume_exactly(tmp_path):
+    """torchrun exit.py on 2 ranks: rank 0 writes the folder (config.json and every log line record the
+    world size); 2 iterations, then --resume to 4, equals 4 in one go, bit for bit; a resume on another
+    number of processes says that it is not exact."""
+    cfg = tiny_cfg(tmp_path, tasks_per_iter=4, iters=4, ckpt_every=2)
+    full = _torchrun([os.path.join(HERE, "exit.py"), *_cli(dataclasses.replace(cfg, eval_problems=6, eval_k=1))])
+    assert full.returncode == 0, full.stderr[-3000:]
+    ev = model_lib.read_json(os.path.join(cfg.out_dir, "eval.json"))  # the evaluation, split across the ranks
+    assert ev["policy"]["n"] == 6 * cfg.eval_samples and ev["policy"]["settings"]["parts"] == 2
+    assert "parts" not in ev["base"]["settings"]  # the base is evaluated (and cached) by rank 0 alone
+    assert os.path.isdir(os.path.join(cfg.out_dir, "hf")) and full.stdout.count("done:") == 1
+    part = dataclasses.replace(cfg, out_dir=str(tmp_path / "part"), iters=2)
+    p = _torchrun([os.path.join(HERE, "exit.py"), *_cli(part)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = _torchrun([os.path.join(HERE, "exit.py"), f"--out_dir={part.out_dir}", "--resume", "--iters=4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (model_lib.load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (cfg.out_dir, part.out_dir))
+    assert a["iter"] == b["iter"] == 4 and a["world_size"] == 2
+    assert all(torch.equal(x, y) for x, y in zip(a["policy"]["model"].values(), b["policy"]["model"].values()))
+    assert a["buffer"] == b["buffer"]
+    assert model_lib.read_json(os.path.join(cfg.out_dir, "config.json"))["world_size"] == 2
+    logs = [eval_lib.read_log_lines(os.path.join(d, "log.jsonl")) for d in (cfg.out_dir, part.out_dir)]
+    drop = ("tok_per_s", "sample_frac", "elapsed")
+    assert [{k: v for k, v in e.items() if k not in drop} for e in logs[0]] == \
+           [{k: v for k, v in e.items() if k not in drop} for e in logs[1]]
+    assert [e["iter"] for e in logs[0]] == [1, 2, 3, 4] and all(e["world_size"] == 2 for e in logs[0])
+    # one process resuming the 2-rank run: it goes on, and says it is not bit-exact
+    one = subprocess.run([sys.executable, os.path.join(HERE, "exit.py"), f"--out_dir={part.out_dir}", "--resume",
+                          "--iters=5"], capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "trained on 2 process(es), this run has 1" in one.stderr
+
+
+def test_failing_rank_stops_the_others(tmp_path):
+    """Rank 1 raises in its second iteration while rank 0 waits for it in a collective: the job ends
+    with an error (not a hang), and the error is shown."""
+    cfg = tiny_cfg(tmp_path, tasks_per_iter=4, iters=50)
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import exit\n"
+        "real = exit.Trainer.iteration\n"
+        "def iteration(self):\n"
+        "    if self.iter == 1 and os.environ['RANK'] == '1':\n"
+        "        raise RuntimeError('rank 1 broke on purpose')\n"
+        "    return real(self)\n"
+        "exit.Trainer.iteration = iteration\n"
+        "exit.main(sys.argv[1:])\n")
+    t0 = time.time()
+    p = _torchrun([str(script), *_cli(cfg)], timeout=150)
+    assert p.returncode != 0
+    assert "rank 1 broke on purpose" in p.stderr + p.stdout
+    assert time.time() - t0 < 150
+
+
+def test_world_size_must_divide_the_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(exit_lib, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"tasks_per_iter \(3\) must be a multiple of the world size \(2\)"):
+        exit_lib.prepare(tiny_cfg(tmp_path), quiet=True)
+
+
+@pytest.mark.parametrize("task", ["exactsum", "tools"])
+def test_evaluation_split_in_parts(tmp_path, task):
+    """evaluate_policy(part=(i, n), gather=...): part i runs the chains of the i-th contiguous part of the
+    held-out problems with seed + i; the gathered parts are the chains of all problems, in order."""
+    tr = exit_lib.prepare(tiny_cfg(tmp_path, task=task), quiet=True)
+    kw = dict(n_problems=5, K=1, n_samples=2, max_new_tokens=8, seed=3)
+    problems = eval_lib.heldout_problems(tr.family, 5)
+    parts = {}
+
+    class Gathered(Exception):
+        pass
+
+    for i in (0, 1):  # each part's chains, as its process would hand them to gather
+        def keep(x, i=i):
+            parts[i] = x
+            raise Gathered
+        with pytest.raises(Gathered):
+            eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw, part=(i, 2), gather=keep)
+    whole = eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw, part=(0, 2), gather=lambda x: [parts[0], parts[1]])
+    assert whole["n"] == 10 and whole["settings"]["parts"] == 2
+    score = eval_lib.chain_scores  # one protocol for single- and multi-turn families
+    for i, mine in enumerate((problems[:2], problems[2:])):
+        ref = score(tr.policy, tr.tok, tr.family, mine, 1, 2, 1.0, 8, 3 + i)
+        assert np.array_equal(parts[i][0], ref[0])
+    one = eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw)  # one process: unchanged, no "parts"
+    assert one["n"] == 10 and "parts" not in one["settings"]
+    assert np.array_equal(np.array(one["score"]), score(tr.policy, tr.tok, tr.family, problems, 1, 2, 1.0, 8, 3)[0].mean(1))
