@@ -541,7 +541,8 @@ LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve":
           "diverge": "Diverge", "exit": "ExIt (full)"}  # the ladder's order (exit.METHODS, the paper's §5.2)
 CURVE_KEYS = ("reward_base", "reward_improve", "reward_diverge", "zero_var_frac",   # training
               "depth", "difficulty", "buf_score_mean", "buf_distinct",              # the curriculum
-              "turn", "ref_calls", "malformed_frac", "buf_depth")                   # multi-turn (Fig. 6)
+              "turn", "ref_calls", "malformed_frac", "buf_depth",                   # multi-turn (Fig. 6)
+              "heldout_k0", "heldout_kK")                                           # exit.py --eval_every
 
 
 def mean_std(values) -> list[float]:
@@ -601,9 +602,25 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
         if m in logs:
             row["curves"] = {k: _mean_curve(logs[m], k) for k in CURVE_KEYS}
         rows.append(row)
+    efficiency(rows)
     tasks = sorted({r["task"] for r in runs if r.get("task")})
     return dict(K=K, task=",".join(tasks) or "?", metric="first-turn accuracy" if multi_turn else "score",
                 rows=rows, runs=[os.path.abspath(r["path"]) for r in runs])
+
+
+def efficiency(rows: list[dict]):
+    """Sample efficiency from the held-out curves (exit.py --eval_every): for each row, the fraction of GRPO's
+    iterations it needs to first reach GRPO's final held-out score at k = K (mean curves over seeds);
+    None where a row never reaches it or there is no GRPO curve."""
+    curve = lambda r: [(t + 1, v) for t, v in enumerate(r.get("curves", {}).get("heldout_kK") or []) if v is not None]
+    grpo = next((curve(r) for r in rows if r["method"] == "grpo"), [])
+    if not grpo:
+        return
+    (T, target) = grpo[-1]
+    for r in rows:
+        reached = [t for t, v in curve(r) if v >= target]
+        if curve(r):
+            r["iters_to_grpo_final"] = reached[0] / T if reached else None
 
 
 def format_table(table: dict) -> str:
@@ -620,6 +637,10 @@ def format_table(table: dict) -> str:
             ret = r["return"]
             line += f"  {pct(ret['k0']):>12}  {pct(ret['kK']):>12}  {pct(ret['delta'], '+'):>12}"
         lines.append(line)
+    eff = [(r["label"], r["iters_to_grpo_final"]) for r in table["rows"] if "iters_to_grpo_final" in r]
+    if eff:  # exit.py --eval_every: held-out curves during training
+        lines.append("iterations needed to reach GRPO's final held-out k = K score, as a fraction of GRPO's: "
+                     + ", ".join(f"{m} {'not reached' if f is None else f'{f:.2f}'}" for m, f in eff))
     return "\n".join(lines)
 
 
@@ -678,6 +699,21 @@ def _plot_curves(fig, table, keys, titles, window):
             ax.legend(fontsize=7)
 
 
+def _plot_heldout(fig, table):
+    """The held-out curves of exit.py --eval_every: k = K solid, k = 0 dashed, mean over each row's runs."""
+    ax = fig.add_subplot(1, 1, 1)
+    for r in table["rows"]:
+        for key, style in (("heldout_kK", "-"), ("heldout_k0", "--")):
+            pts = [(t + 1, 100 * v) for t, v in enumerate(r.get("curves", {}).get(key) or []) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, marker=".", color=_colour(r["method"]),
+                        label=f"{r['label']} k = {'K' if key == 'heldout_kK' else 0}")
+    ax.set(xlabel="RL iteration", ylabel=f"held-out {table.get('metric', 'score')} (%)",
+           title=f"{table['task']}: held-out slice during training (k = {table['K']} solid, k = 0 dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | None:
     """PNG plots of a comparison in `out`; None (and nothing written) without matplotlib.
     Training curves are smoothed over `window` iterations (default: 1/25 of the run)."""
@@ -712,6 +748,8 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
             f, table, CURVE_KEYS[4:8], ("mean depth of sampled instances", "mean difficulty of sampled instances",
                                         "buffer: mean learnability score", "buffer: distinct base tasks"), window),
              size=(9, 6.5))
+        if any(any(v is not None for v in r.get("curves", {}).get("heldout_kK", [])) for r in table["rows"]):
+            save("heldout.png", lambda f: _plot_heldout(f, table))
         if any(any(v is not None for v in r.get("curves", {}).get("turn", [])) for r in table["rows"]):
             save("multi_turn.png", lambda f: _plot_curves(
                 f, table, CURVE_KEYS[8:], ("mean starting turn of replayed instances", "reference tool calls of "

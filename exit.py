@@ -109,6 +109,8 @@ class Config:
     eval_k: int = _f(16, "K: improve steps in the final evaluation")
     eval_samples: int = _f(2, "independent chains per held-out task (avg@n)")
     eval_temperature: float = _f(1.0, "sampling temperature of the evaluation")
+    eval_every: int = _f(0, "also evaluate a held-out slice every this many iterations (0 = never): heldout_k0/heldout_kK in log.jsonl, heldout.png")
+    eval_every_problems: int = _f(50, "held-out problems of each --eval_every evaluation (one chain each, K = eval_k)")
     # ---- beyond the default run: real checkpoints and data, variants, extensions, engineering.
     # No committed default-task result sets these; each is tested, and METHOD.md or README says when to.
     difficulties: str = _f("", "training mix of base-task difficulties, e.g. 2-6 or 2,3,5 ('' = the family's own)")
@@ -171,7 +173,7 @@ class Config:
         for k in ("lr", "warm_lr", "clip_eps", "grad_clip"):
             need(getattr(self, k) > 0, f"{k} must be > 0, got {getattr(self, k)}")
         for k in ("beta", "kappa", "temperature", "eval_temperature", "micro_batch", "eval_problems",
-                  "rank_temperature"):
+                  "rank_temperature", "eval_every"):
             need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
         need(self.min_size <= self.buffer_size, f"min_size ({self.min_size}) must be <= buffer_size ({self.buffer_size})")
         need(self.temperature > 0, "temperature must be > 0 in training: GRPO learns from the differences between "
@@ -180,6 +182,7 @@ class Config:
         # the final evaluation runs after the whole training run: its settings are checked now
         need(self.eval_k >= 0, f"eval_k must be >= 0 (K improve steps), got {self.eval_k}")
         need(self.eval_samples >= 1, f"eval_samples must be >= 1 (chains per held-out task), got {self.eval_samples}")
+        need(self.eval_every_problems >= 1, f"eval_every_problems must be >= 1, got {self.eval_every_problems}")
         need(not self.eval_data or self.task == "realmath", "--eval_data=FILE goes with --task=realmath")
         need(self.micro_batch >= 0 and self.show_every >= 0, "micro_batch and show_every must be >= 0")
         if not self.init:  # the toy's shape (a checkpoint brings its own)
@@ -1019,7 +1022,8 @@ def format_log(log: dict) -> str:
 
 
 RESUMABLE_OVERRIDES = {"iters", "resume", "out_dir", "device", "log_every", "show_every", "ckpt_every", "grad_checkpoint",
-                       "eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_harder", "eval_data"}
+                       "eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_harder", "eval_data",
+                       "eval_every", "eval_every_problems"}
 
 
 def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer:
@@ -1115,6 +1119,8 @@ def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
         while trainer.iter < cfg.iters and not max_over_ranks(len(stop)):  # every rank stops at the same one
             out = trainer.iteration()
             log = out["log"]
+            if cfg.eval_every and trainer.iter % cfg.eval_every == 0:  # the held-out curve (sample efficiency)
+                log.update(heldout_point(trainer))
             if is_main():
                 with open(log_path, "a") as f:
                     f.write(json.dumps(log) + "\n")
@@ -1141,6 +1147,19 @@ def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
         model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(cfg.out_dir, "hf"), dtype=trainer.source_dtype,
                           temperature=cfg.eval_temperature)
     return trainer
+
+
+def heldout_point(trainer: Trainer) -> dict:
+    """One point of the held-out curve (--eval_every): the score at k = 0 and k = K (first-turn accuracy for a
+    multi-turn family) of a fixed held-out slice, one chain per problem. Its sampler has its own seeded
+    generator, so the training's random streams are untouched: a run trains the same with or without it."""
+    cfg = trainer.cfg
+    res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.eval_family, n_problems=cfg.eval_every_problems,
+                                   K=cfg.eval_k, n_samples=1, temperature=cfg.eval_temperature,
+                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                   part=(rank(), world_size()), gather=all_gather_objects)  # data parallel: split
+    score = res.get("first_turn", res)["score"]
+    return dict(heldout_k0=score[0], heldout_kK=score[-1])
 
 
 def show_chain(trainer: Trainer, settings: dict) -> str:

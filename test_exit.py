@@ -3121,3 +3121,28 @@ def test_evaluation_split_in_parts(tmp_path, task):
     one = eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw)  # one process: unchanged, no "parts"
     assert one["n"] == 10 and "parts" not in one["settings"]
     assert np.array_equal(np.array(one["score"]), score(tr.policy, tr.tok, tr.family, problems, 1, 2, 1.0, 8, 3)[0].mean(1))
+
+
+def test_heldout_curve_during_training_leaves_training_unchanged(tmp_path):
+    """--eval_every=2: log lines 2 and 4 carry the held-out slice's k = 0 and k = K scores, and the run trains
+    exactly as the same run without it (the evaluation's sampler has its own generator)."""
+    plain = exit_lib.train(tiny_cfg(tmp_path / "a", iters=4), quiet=True)
+    curved = exit_lib.train(tiny_cfg(tmp_path / "b", iters=4, eval_every=2, eval_every_problems=3, eval_k=1,
+                                     base_dir=str(tmp_path / "a" / "base")), quiet=True)
+    (pa, ba), (pb, bb) = run_state(plain), run_state(curved)
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb)) and json.dumps(ba, sort_keys=True) == json.dumps(bb, sort_keys=True)
+    logs = [json.loads(l) for l in open(tmp_path / "b" / "run" / "log.jsonl")]
+    assert [("heldout_kK" in l) for l in logs] == [False, True, False, True]
+    assert all(0.0 <= l["heldout_k0"] <= 1.0 for l in logs if "heldout_k0" in l)
+
+
+def test_sample_efficiency_from_heldout_curves_by_hand():
+    curves = lambda ys: dict(curves=dict(heldout_kK=[None if y is None else y for y in ys]))
+    rows = [dict(method="grpo", label="GRPO", **curves([None, 0.2, None, 0.4, None, 0.5])),
+            dict(method="exit", label="ExIt", **curves([None, 0.3, None, 0.55, None, 0.6])),
+            dict(method="improve", label="Improve", **curves([None, 0.1, None, 0.2, None, 0.3])),
+            dict(method="base", label="Base")]
+    eval_lib.efficiency(rows)
+    # GRPO ends at 0.5 at iteration 6: ExIt first reaches it at 4 (4/6), Improve never
+    assert rows[0]["iters_to_grpo_final"] == 1.0 and rows[1]["iters_to_grpo_final"] == pytest.approx(4 / 6)
+    assert rows[2]["iters_to_grpo_final"] is None and "iters_to_grpo_final" not in rows[3]
