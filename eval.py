@@ -264,14 +264,15 @@ def summary(results: dict) -> str:
         s, K = r["score"], r["K"]
         picks = [k for k in (0, 1, 4, K) if k <= K]
         cells = "  ".join(f"k={k}: {100 * s[k]:5.1f}" for k in dict.fromkeys(picks))
-        line = f"{name:>12}  {cells}  Δ{K}: {100 * r['delta']:+5.1f}"
+        # multi-turn: the first turn's accuracy leads (the paper's metric), then this row, the episode's return
+        label = f"{name} return" if "first_turn" in r else name
+        line = f"{label:>12}  {cells}  Δ{K}: {100 * r['delta']:+5.1f}"
         rates = [(f, b) for f, b in zip(r.get("fix_rate", []), r.get("break_rate", [])) if f is not None and b is not None]
         if rates:  # mean over the K steps: iterating helps only while fix/(fix+break) is above the accuracy
             line += (f"  P(fix|wrong) {sum(f for f, _ in rates) / len(rates):.2f}"
                      f"  P(break|right) {sum(b for _, b in rates) / len(rates):.3f}")
-        if "first_turn" in r:  # multi-turn: the first turn's accuracy leads (the paper's metric), then the return
+        if "first_turn" in r:
             lines.append(summary({f"{name} turn 1": r["first_turn"]}))
-            line = line.replace(f"{name:>12}", f"{name + ' return':>12}", 1)
         lines.append(line)
     return "\n".join(lines)
 

@@ -360,6 +360,29 @@ DROP_FINISHED_AT = 0.25
 """generate() drops finished rows from its batch once they are this fraction of it (> 1: never)"""
 
 
+def right_align(prompts: list[list[int]], pad_id: int, new_cols: int, device) -> tuple:
+    """Prompts of different lengths right-aligned (left-padded) in one (P, L) batch, so that every row
+    writes its next token into the same column. Returns idx (P, L), plen (P,), and, for L + new_cols
+    columns: positions (P, L + new_cols), column c of row r holding position c - pad[r]; key_ok, the
+    same shape, False on left padding; and the causal prefill mask (P, 1, L, L). The last three are
+    None when all prompts have one length (default positions, plain causal attention)."""
+    plen = torch.tensor([len(p) for p in prompts], device=device)
+    L = int(plen.max())
+    idx = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, L - len(p):] = torch.tensor(p)
+    pad = L - plen  # (P,)
+    if not bool((pad > 0).any()):
+        return idx.to(device), plen, None, None, None
+    cols = torch.arange(L + new_cols, device=device)
+    positions = (cols[None] - pad[:, None]).clamp(min=0)
+    key_ok = cols[None] >= pad[:, None]
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    # the diagonal keeps a padding query from seeing no key at all (a NaN softmax)
+    mask = (causal & key_ok[:, None, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
+    return idx.to(device), plen, positions, key_ok, mask
+
+
 @torch.no_grad()  # not inference_mode: exit.py uses these tensors inside the autograd graph
 def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -387,27 +410,12 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     device = model.inv_freq.device
     P, G, N = len(prompts), num_samples, len(prompts) * num_samples
     first, total_rows = rows or (0, N)
-    plen = torch.tensor([len(p) for p in prompts], device=device)
-    L = int(plen.max())
+    idx, plen, positions, key_ok, mask = right_align(prompts, pad_id, max_new_tokens, device)
+    L = idx.shape[1]
     total = L + max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.config.max_seq_len}")
-
-    # Right-align the prompts. Column c of row r holds its token at position c - pad[r].
-    idx = torch.full((P, L), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        idx[i, L - len(p):] = torch.tensor(p)
-    idx = idx.to(device)
-    pad = L - plen  # (P,)
-    cols = torch.arange(total, device=device)
-    ragged = bool((pad > 0).any())
-    positions = key_ok = mask = None  # equal lengths: default positions, no mask
-    if ragged:
-        positions = (cols[None] - pad[:, None]).clamp(min=0)  # (P, total)
-        key_ok = cols[None] >= pad[:, None]  # (P, total): False on left padding
-        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        # the diagonal keeps a padding query from seeing no key at all (a NaN softmax)
-        mask = (causal & key_ok[:, None, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
+    ragged = mask is not None
 
     cache = KVCache(model.config.n_layer, P, total)
     with autocast(device):
@@ -568,25 +576,12 @@ def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
     one for j = 0, the completion's own for j >= 1, so a row of n tokens runs tokens 0..n-2."""
     N, T = completions.shape
     P, device = len(prompts), completions.device
-    plen = torch.tensor([len(p) for p in prompts], device=device)  # (P,)
-    L = int(plen.max())
-    idx = torch.zeros((P, L), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        idx[i, L - len(p):] = torch.tensor(p)
-    idx = idx.to(device)
-    pad = L - plen  # (P,) left padding
+    idx, plen, positions, key_ok, mask = right_align(prompts, 0, 0, device)  # as in generate
+    L = idx.shape[1]
     cache = GroupPromptCache()
-    if bool((pad > 0).any()):  # ragged prompts: per-row positions and a key mask, as in generate
-        cols = torch.arange(L, device=device)
-        positions = (cols[None] - pad[:, None]).clamp(min=0)  # (P, L)
-        key_ok = cols[None] >= pad[:, None]  # (P, L): False on left padding
-        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        # the diagonal keeps a padding query from seeing no key at all (a NaN softmax)
-        mask = (causal & key_ok[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
-        h_prompt = model.hidden_states(idx, positions=positions, mask=mask, cache=cache)  # (P, L, C)
-    else:
+    h_prompt = model.hidden_states(idx, positions=positions, mask=mask, cache=cache)  # (P, L, C)
+    if key_ok is None:  # equal lengths: every prompt column is a key
         key_ok = torch.ones(P, L, dtype=torch.bool, device=device)
-        h_prompt = model.hidden_states(idx, cache=cache)  # plain causal (P, L, C)
     last = h_prompt[:, -1]  # (P, C): predicts completion token 0
 
     order = lengths.argsort(stable=True)  # rows by length, shortest first
