@@ -164,36 +164,40 @@ def summarise(scores: np.ndarray, difficulties: list, binary: bool) -> dict:
     return res
 
 
-def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = False, warn: bool = True):
+def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = False, warn: bool = True,
+                     split: str = "test"):
     """The held-out set: test-split instances (never trained on) of the training difficulty mix, in
     equal shares; harder=True adds the family's harder held-out difficulties (e.g. longer math chains,
     which a small model trained on short ones does not length-generalise to). The seed is fixed across
     runs so every method is evaluated on the same tasks. A family without difficulty settings (real
-    data: realmath) gives n_problems of its test split (its file's held-out fifth)."""
+    data: realmath) gives n_problems of its test split (the tenth of its file that split_of holds out for testing).
+    split="val": the same from the validation split, where settings are chosen (tasks.split_of)."""
     if not family.train_difficulties:
-        distinct = len(family.pool("test")) if hasattr(family, "pool") else n_problems
+        distinct = len(family.pool(split)) if hasattr(family, "pool") else n_problems
         if n_problems > distinct:  # cycling through the pool again would count a problem twice
             if warn:
                 print(f"warning: {getattr(family, 'path', family.name)} has only {distinct} held-out problems; "
                       f"evaluating on those {distinct}, not {n_problems} (--eval_problems)", file=sys.stderr)
             n_problems = distinct
-        return family.sample("test", n_problems, seed=seed)
+        return family.sample(split, n_problems, seed=seed)
     diffs = list(family.train_difficulties)
     if harder:
         diffs += [d for d in family.heldout_difficulties if d not in diffs]
     per = [n_problems // len(diffs) + (i < n_problems % len(diffs)) for i in range(len(diffs))]
-    return [p for d, n in zip(diffs, per) if n for p in family.sample("test", n, seed=seed, difficulty=d)]
+    return [p for d, n in zip(diffs, per) if n for p in family.sample(split, n, seed=seed, difficulty=d)]
 
 
 def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temperature=1.0,
-                    max_new_tokens=48, seed=0, harder=False, style=None, part=(0, 1), gather=None) -> dict:
+                    max_new_tokens=48, seed=0, harder=False, style=None, part=(0, 1), gather=None,
+                    split="test") -> dict:
     """The held-out K-step evaluation of one policy: `summarise` of n_problems x n_samples chains.
     style None: compact or chat prompts as the tokenizer says (prompt_style).
     part=(i, n), gather: split across n processes (exit.py under torchrun). Process i runs the chains of
     the i-th contiguous part of the problems, with sampling seed `seed + i` (so the parts do not repeat
     each other's draws), and gather(x) -> [x of part 0, part 1, ...] joins the parts. The same protocol
-    and problems as one process, but other draws: equal in distribution, not draw for draw."""
-    problems = heldout_problems(family, n_problems, harder=harder)
+    and problems as one process, but other draws: equal in distribution, not draw for draw.
+    split="val": the validation split's problems instead (for choosing settings; results report test)."""
+    problems = heldout_problems(family, n_problems, harder=harder, split=split)
     i, n = part
     mine = problems[i * len(problems) // n:(i + 1) * len(problems) // n]
     was_training = policy.training
@@ -209,17 +213,53 @@ def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temp
         res["first_turn"] = summarise(first, diffs, True)
         res["turn_acc"] = per_turn.mean(axis=1).tolist()
     res["settings"] = dict(n_problems=n_problems, K=K, n_samples=n_samples, temperature=temperature,
-                           max_new_tokens=max_new_tokens, seed=seed, harder=harder)
+                           max_new_tokens=max_new_tokens, seed=seed, harder=harder, split=split)
     if n > 1:
         res["settings"]["parts"] = n  # split across n processes: other draws than one process's
     return res
+
+
+def reservoir_add(sample: list, n_before: int, item, size: int, rng: np.random.Generator):
+    """Reservoir sampling (Vitter's algorithm R): the stream's (n+1)-th item takes a uniform slot of the
+    sample with probability size / (n+1), so after any n items each of them is in it with probability
+    size / n. n_before: items of the stream before this one."""
+    if len(sample) < size:
+        sample.append(item)
+    else:
+        j = int(rng.integers(n_before + 1))
+        if j < size:
+            sample[j] = item
+
+
+def task_diversity(embedder, seqs: list[list[int]], batch: int = 256) -> dict:
+    """Task diversity of the instances a run trained on (the paper's Tables 2 and 7): the mean over all
+    pairs i < j of the cosine distance 1 - cos(e_i, e_j) and of the L2 distance ||e_i - e_j|| between their
+    embeddings e (model.embed: mean final hidden state). The embedder is the run's frozen base policy, the
+    same for every method of one seed, so the numbers compare methods, not embedders."""
+    if len(seqs) < 2:
+        raise ValueError("task diversity needs at least 2 instances")
+    with torch.no_grad():
+        e = torch.cat([model_lib.embed(embedder, seqs[i:i + batch]) for i in range(0, len(seqs), batch)]).double()
+    pairs = torch.triu_indices(len(seqs), len(seqs), offset=1)
+    u = torch.nn.functional.normalize(e, dim=1)
+    cos = (u @ u.T)[pairs[0], pairs[1]]
+    l2 = torch.cdist(e, e)[pairs[0], pairs[1]]
+    return dict(cosine=float((1 - cos).mean()), l2=float(l2.mean()), n=len(seqs))
+
+
+def run_diversity(seen: list[list[int]], base_path: str, device) -> dict | None:
+    """task_diversity of a run's sample of the instances it trained on (exit.Trainer.remember), embedded by its
+    warm-started base; None for a base that is a Hugging Face directory (not loaded a second time)."""
+    if len(seen) < 2 or not os.path.isfile(base_path):
+        return None
+    return task_diversity(model_lib.load_policy(base_path, device)[0], seen)
 
 
 def eval_settings(cfg: dict) -> dict:
     """evaluate_policy's keyword arguments from a run's config (a dict)."""
     return dict(n_problems=cfg["eval_problems"] or 200, K=cfg["eval_k"], n_samples=cfg["eval_samples"],
                 temperature=cfg["eval_temperature"], max_new_tokens=cfg["max_new_tokens"], seed=cfg["seed"],
-                harder=cfg.get("eval_harder", False))
+                harder=cfg.get("eval_harder", False), split=cfg.get("eval_split") or "test")
 
 
 def weights_fingerprint(path: str) -> list:
@@ -242,7 +282,8 @@ def evaluate_base(base_path: str, tok, family, device, load_policy=model_lib.loa
     anew. load_policy(path, device) -> (policy, ...): model.load_policy unless a test counts calls. Where the cache cannot be
     written (a read-only model folder) it is skipped."""
     # the problems too: two realmath runs from one checkpoint with different --data files differ
-    problems = [p.request for p in heldout_problems(family, settings["n_problems"], harder=settings["harder"], warn=False)]
+    problems = [p.request for p in heldout_problems(family, settings["n_problems"], harder=settings["harder"], warn=False,
+                                                    split=settings.get("split", "test"))]
     key = json.dumps(dict(family=family.name, problems=problems, weights=weights_fingerprint(base_path), **settings),
                      sort_keys=True)
     cache = f"{os.path.normpath(base_path)}.eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
@@ -301,7 +342,8 @@ def check_table(table, path: str) -> dict:
 # What this file needs of a run's config where a checkpoint lacks it (a warm-start file has none): exit.Config's
 # defaults for these keys. eval.py never imports exit.py (exit.py imports it); a test keeps the two equal.
 RUN_DEFAULTS = dict(eval_problems=200, eval_k=16, eval_samples=2, eval_temperature=1.0, eval_harder=False,
-                    max_new_tokens=48, seed=0, data="", difficulties="", eval_data="")
+                    eval_split="test", max_new_tokens=48, seed=0, data="", difficulties="", eval_data="",
+                    kappa=10.0, admission="score")
 METHODS = ("grpo", "curriculum", "improve", "diverge", "exit")  # the ladder's rungs, as exit.METHODS
 
 
@@ -331,7 +373,7 @@ def _task_from_name(path: str):
 
 def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None, n_problems: int | None = None,
                         n_samples: int | None = None, device: str = "auto", with_base: bool = True,
-                        temperature: float | None = None) -> dict:
+                        temperature: float | None = None, split: str | None = None) -> dict:
     """{"policy": ..., "base": ...} for a checkpoint file, as exit.main writes eval.json.
 
     A run checkpoint brings its config: its eval_* settings and seed are the defaults, so this
@@ -351,12 +393,17 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     settings.update({k: v for k, v in dict(n_problems=n_problems, K=K, n_samples=n_samples).items() if v is not None})
     if temperature is not None:  # 0 is a real choice (greedy), so not "if temperature"
         settings["temperature"] = temperature
+    if split is not None:
+        settings["split"] = split
     policy, tok = model_lib.policy_from_state(ck["policy"], dev)
     out = dict(policy=evaluate_policy(policy, tok, family, **settings), base=None)
     base_path = ck.get("base_path")
     if with_base and ck.get("kind") == "run":
         if base_path and os.path.exists(base_path):
             out["base"] = evaluate_base(base_path, tok, family, dev, **settings)
+            diversity = run_diversity((ck.get("seen") or {}).get("ids") or [], base_path, dev)
+            if diversity:
+                out["diversity"] = diversity
         else:
             print(f"warning: {path}: its base policy {base_path!r} is gone; no Base evaluation", file=sys.stderr)
     return out
@@ -479,13 +526,15 @@ BASE_KEYS = ("task", "data", "eval_data", "seed", "init", "n_layer", "n_embd", "
 
 def load_run(path: str, recompute: bool = False, task: str | None = None, K: int | None = None,
              n_problems: int | None = None, n_samples: int | None = None, device: str = "auto",
-             temperature: float | None = None) -> dict:
-    """One run for the comparison: {path, method, seed, base_key, policy, base, log}.
+             temperature: float | None = None, split: str | None = None) -> dict:
+    """One run for the comparison: {path, method, seed, base_key, policy, base, log, diversity}.
 
     `path` is a run folder or a checkpoint file. Its eval.json (for a loose checkpoint file
     X.pt: X.eval.json) is used as it is; only when there is none, or with recompute, is the
     checkpoint evaluated, and the result written there for next time. An evaluation at another
-    temperature than the run's own goes to eval.T{temperature}.json, so eval.json stays the run's."""
+    temperature than the run's own goes to eval.T{temperature}.json (split="val": eval.val.json), so
+    eval.json stays the run's. `method` is the row the run joins: its method, with a suffix for a
+    control setting (run_label: exit-kappa0, exit-fifo)."""
     if os.path.isfile(path) and os.path.basename(path) == "ckpt.pt":
         path = os.path.dirname(path) or "."  # a run's own checkpoint: the run folder says more
     if os.path.isdir(path):
@@ -496,11 +545,11 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{path} has no config.json, so its method is unknown")
         cfg = model_lib.read_json(cfg_file)
-        method, log = cfg.get("method", "?"), read_log(path)
+        method, log = run_label(cfg), read_log(path)
     elif os.path.isfile(path):
         ck = model_lib.load_checkpoint(path)
         cfg = ck.get("config") or {"task": task or _task_from_name(path)}
-        method = cfg.get("method", "?") if ck.get("kind") == "run" else "base"
+        method = run_label(cfg) if ck.get("kind") == "run" else "base"
         ev_file, ck_file, log = os.path.splitext(path)[0] + ".eval.json", path, []
     else:
         raise FileNotFoundError(f"no run folder or checkpoint at {path}")
@@ -511,6 +560,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     asked = dict(K=K if recompute or not os.path.isfile(ev_file) else None, n=n_problems, s=n_samples, T=temperature)
     mine = dict(K=own["K"], n=own["n_problems"], s=own["n_samples"], T=own["temperature"])
     tags = [f"{k}{v:g}" for k, v in asked.items() if v is not None and v != mine[k]]
+    if split is not None and split != own["split"]:
+        tags.insert(0, split)
     if tags:
         ev_file = f"{ev_file[:-len('.json')]}.{'.'.join(tags)}.json"
     ev = None
@@ -525,21 +576,35 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         with run_lock(path) if os.path.isdir(path) else contextlib.nullcontext():
             print(f"evaluating {ck_file} ...", flush=True)
             ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples,
-                                     device=device, temperature=temperature)
+                                     device=device, temperature=temperature, split=split)
             write_json(ev, ev_file)
     # unset keys are left out, so runs from before a key existed still share their base
     base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "")}, sort_keys=True)
     if method == "base":
         base_key = os.path.abspath(path)
     return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key,
-                policy=ev["policy"], base=ev.get("base"), log=log)
+                policy=ev["policy"], base=ev.get("base"), log=log, diversity=ev.get("diversity"))
 
 
 # -----------------------------------------------------------------------------
 # The comparison: Table 1's shape, mean ± std over seeds (the paper's Table 1).
 
 LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve": "Improve",
-          "diverge": "Diverge", "exit": "ExIt (full)"}  # the ladder's order (exit.METHODS, the paper's §5.2)
+          "diverge": "Diverge", "exit": "ExIt (full)",  # the ladder's order (exit.METHODS, the paper's §5.2)
+          "exit-kappa0": "ExIt, κ = 0", "exit-fifo": "ExIt, FIFO"}  # its controls (CONTROLS), not the paper's
+# Two controls of full ExIt that ask what the learnability curriculum adds (METHOD.md): the same buffer
+# sampled uniformly (κ = 0), and admission blind to learnability (the oldest entry leaves, not the least
+# learnable). A run is in a control's row when its config has that setting (run_label).
+CONTROLS = {"exit-kappa0": ("exit", dict(kappa=0.0)), "exit-fifo": ("exit", dict(admission="fifo"))}
+
+
+def run_label(cfg: dict) -> str:
+    """The comparison row of a run: its method, or the control it is (CONTROLS) when it has a control's setting."""
+    method = cfg.get("method", "?")
+    for name, (m, setting) in CONTROLS.items():
+        if m == method and all(cfg.get(k, RUN_DEFAULTS[k]) == v for k, v in setting.items()):
+            return name
+    return method
 CURVE_KEYS = ("reward_base", "reward_improve", "reward_diverge", "zero_var_frac",   # training
               "depth", "difficulty", "buf_score_mean", "buf_distinct",              # the curriculum
               "turn", "ref_calls", "malformed_frac", "buf_depth",                   # multi-turn (Fig. 6)
@@ -568,10 +633,11 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
     give each row mean ± std over its runs of score(0), score(K), Δ_K, plus the mean ± std curves
     of score and net corrections vs k and the mean training curves, so plots need nothing else.
     K defaults to the smallest K among the runs (longer evaluations are truncated, exactly)."""
-    groups, logs, seen = {}, {}, set()
+    groups, logs, divs, seen = {}, {}, {}, set()
     for r in runs:
         if r["method"] != "base":
             groups.setdefault(r["method"], []).append(r["policy"])
+            divs.setdefault(r["method"], []).append(r.get("diversity"))
             if r.get("log"):
                 logs.setdefault(r["method"], []).append(r["log"])
         base, key = (r["policy"], r["base_key"]) if r["method"] == "base" else (r.get("base"), r["base_key"])
@@ -602,6 +668,8 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
             row["return"] = dict(k0=mean_std(ret[:, 0]), kK=mean_std(ret[:, K]), delta=mean_std(ret[:, K] - ret[:, 0]))
         if m in logs:
             row["curves"] = {k: _mean_curve(logs[m], k) for k in CURVE_KEYS}
+        if divs.get(m) and all(divs[m]):  # task diversity of the instances trained on (the paper's Tables 2, 7)
+            row["diversity"] = {k: mean_std([d[k] for d in divs[m]]) for k in ("cosine", "l2")}
         rows.append(row)
     efficiency(rows)
     tasks = sorted({r["task"] for r in runs if r.get("task")})
@@ -638,6 +706,18 @@ def format_table(table: dict) -> str:
             ret = r["return"]
             line += f"  {pct(ret['k0']):>12}  {pct(ret['kK']):>12}  {pct(ret['delta'], '+'):>12}"
         lines.append(line)
+    main = [r for r in table["rows"] if r["method"] != "base"]
+    if main:  # the noise of one run's score from the finite held-out set, beside the std over runs
+        p, n = np.mean([r["kK"][0] for r in main]), min(min(r["n"]) for r in main)
+        lines.append(f"one run's standard error from its {n} held-out problems at k = {K}: ±{100 * np.sqrt(p * (1 - p) / n):.1f} "
+                     f"points (binomial, at the rows' mean {100 * p:.1f}%; chains of one problem are not independent, so the "
+                     "problems, not the chains, are counted)")
+    div = [r for r in table["rows"] if "diversity" in r]
+    if div:
+        lines.append("task diversity of the instances trained on (mean pairwise distance of their embeddings by the frozen "
+                     "base policy; the paper's Tables 2, 7): "
+                     + "; ".join(f"{r['label']} cosine {r['diversity']['cosine'][0]:.4f} ± {r['diversity']['cosine'][1]:.4f}, "
+                                 f"L2 {r['diversity']['l2'][0]:.3f} ± {r['diversity']['l2'][1]:.3f}" for r in div))
     eff = [(r["label"], r["iters_to_grpo_final"]) for r in table["rows"] if "iters_to_grpo_final" in r]
     if eff:  # exit.py --eval_every: held-out curves during training
         lines.append("iterations needed to reach GRPO's final held-out k = K score, as a fraction of GRPO's: "
@@ -839,52 +919,94 @@ def report(table: dict, out: str, overwrite: bool = False) -> dict:
 # -----------------------------------------------------------------------------
 # The reproduction: the ablation ladder x seeds, each run exactly as `python exit.py` does it.
 
-MINUTES_PER_RUN = 6  # one run at exit.py's defaults on a 2-core CPU (warm start included once per seed)
+MINUTES_PER_RUN = 7  # one run at exit.py's defaults with --eval_every=50 on a 2-core CPU (warm start: once per seed)
 LADDER_SETS = ("method", "seed", "out_dir", "resume")  # the ladder sets these itself
 
 
-def train_and_evaluate(argv: list[str]):
-    """Train + final evaluation + eval.json for one run: `python exit.py ARGS` itself, in a process of its
-    own, so the ladder can never drift from what a user runs (and eval.py never imports exit.py, which
-    imports it). A failed run stops the ladder; its own one-line error is on stderr just above."""
-    code = subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit.py"), *argv])
-    if code == 130:  # Ctrl-C: the run saved its checkpoint; the same ladder command continues it
+def start_run(argv: list[str], log: str | None = None, threads: int | None = None) -> subprocess.Popen:
+    """`python exit.py ARGS` itself, in a process of its own, so the ladder can never drift from what a
+    user runs (and eval.py never imports exit.py, which imports it); its output to `log` when given."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    exe = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit.py"), *argv]
+    return subprocess.Popen(exe, env=env, stdout=open(log, "w") if log else None, stderr=subprocess.STDOUT if log else None)
+
+
+def finished(proc: subprocess.Popen, argv: list[str], log: str | None = None):
+    """A failed run stops the ladder; its own one-line error is on stderr (or at the end of its log)."""
+    if proc.returncode == 130:  # Ctrl-C: the run saved its checkpoint; the same ladder command continues it
         raise KeyboardInterrupt
-    if code != 0:
-        raise ValueError(f"the run `python exit.py {' '.join(argv)}` failed (exit code {code})")
+    if proc.returncode != 0:
+        raise ValueError(f"the run `python exit.py {' '.join(argv)}` failed (exit code {proc.returncode})"
+                         + (f"; its output: {log}" if log else ""))
 
 
-def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", methods=None) -> dict:
-    """Every rung x seeds 0..seeds-1, in out/{method}-s{seed}; then the table and plots in out.
+def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", methods=None, controls: bool = True,
+           jobs: int = 1) -> dict:
+    """Every rung x seeds 0..seeds-1, in out/{method}-s{seed}, and (controls) the two CONTROLS of full
+    ExIt; then the table and plots in out. Each run also logs a held-out curve (--eval_every=50 unless
+    set), from which the table gives the sample efficiency against GRPO.
 
     A run whose eval.json exists is skipped, and one with only a ckpt.pt (interrupted) is resumed,
     so the same command continues an interrupted ladder. Runs of one seed share one warm-started
     base (exit.py caches it under base_dir, keyed by its settings and the seed), so Base costs
-    nothing extra: its row comes from the runs' own base evaluations."""
-    methods = list(methods or METHODS)
+    nothing extra: its row comes from the runs' own base evaluations.
+
+    jobs > 1 runs that many at once, each on one thread (OMP_NUM_THREADS=1) with its output in
+    out/{run}.out: on 2 cores, jobs=2 halves the wall time. A seed's later runs wait until its first run
+    has begun RL (its log.jsonl exists), so its warm start is trained once, not once per job."""
+    rows = [[(m, [f"--method={m}"]) for m in (methods or METHODS)]]
+    if controls:
+        rows.append([(name, [f"--method={m}", *(f"--{k}={v}" for k, v in setting.items())])
+                     for name, (m, setting) in CONTROLS.items()])
     given = {a[2:].partition("=")[0]: a[2:].partition("=")[2] for a in overrides}
+    if "eval_every" not in given:
+        overrides = [*overrides, "--eval_every=50"]
     clash = [k for k in given if k in LADDER_SETS]
     if clash:
         raise ValueError(f"the ladder sets {', '.join(LADDER_SETS)} itself; drop --{' --'.join(clash)}")
     if given.get("eval_problems", "1").strip() in ("0", "0.0"):
         raise ValueError("the ladder needs the final evaluation: --eval_problems must be > 0")
     # every other setting is checked by exit.py itself, before any work: a bad one stops the first run at once
-    plan = [(m, s, os.path.join(out, f"{m}-s{s}")) for s in range(seeds) for m in methods]
-    todo = [p for p in plan if not os.path.isfile(os.path.join(p[2], "eval.json"))]
-    print(f"ladder: {len(methods)} methods x {seeds} seeds = {len(plan)} runs in {out}; {len(plan) - len(todo)} done, "
-          f"{len(todo)} to run (about {MINUTES_PER_RUN} min a run at exit.py's defaults on a 2-core CPU)", flush=True)
-    t0 = time.time()
-    for i, (m, s, d) in enumerate(todo):
-        left = f"~{(time.time() - t0) / i * (len(todo) - i) / 60:.0f} min left" if i else "first run"
-        print(f"\n[{i + 1}/{len(todo)}] {m} seed {s} -> {d}   ({left})", flush=True)
-        resume = ["--resume"] if os.path.isfile(os.path.join(d, "ckpt.pt")) else []
-        if not resume and run_artifacts(d):  # stopped (kill -9, out of memory) before its first checkpoint
+    # the paper's rungs for every seed first, then the controls: a ladder stopped early has whole rungs
+    plan = [(m, args, s, os.path.join(out, f"{m}-s{s}")) for group in rows for s in range(seeds) for m, args in group]
+    todo = [p for p in plan if not os.path.isfile(os.path.join(p[3], "eval.json"))]
+    print(f"ladder: {sum(map(len, rows))} rows x {seeds} seeds = {len(plan)} runs in {out}; {len(plan) - len(todo)} done, "
+          f"{len(todo)} to run (about {MINUTES_PER_RUN} min a run at exit.py's defaults on a 2-core CPU"
+          + (f", {jobs} at a time" if jobs > 1 else "") + ")", flush=True)
+    for _, _, _, d in todo:
+        if not os.path.isfile(os.path.join(d, "ckpt.pt")) and run_artifacts(d):  # stopped before its first checkpoint
             raise ValueError(f"{d} was stopped before its first checkpoint ({', '.join(run_artifacts(d))}, no "
                              f"ckpt.pt): nothing there to resume; delete it (rm -r {d}) and run the same command again")
-        train_and_evaluate([*overrides, f"--method={m}", f"--seed={s}", f"--out_dir={d}", *resume])
-        if not os.path.isfile(os.path.join(d, "eval.json")):
-            raise RuntimeError(f"{d}: the run ended without eval.json")
-    return compare([d for _, _, d in plan], out=out, overwrite=True)  # the ladder's own comparison
+    os.makedirs(out, exist_ok=True)
+    leader = {}  # seed -> the folder of its first run to start: the one that trains the warm start
+    t0, running, done = time.time(), [], 0
+    try:
+        while todo or running:
+            for proc, argv, d, log in [r for r in running if r[0].poll() is not None]:
+                running.remove((proc, argv, d, log))
+                finished(proc, argv, log)
+                if not os.path.isfile(os.path.join(d, "eval.json")):
+                    raise RuntimeError(f"{d}: the run ended without eval.json")
+                done += 1
+            ready = [p for p in todo if p[2] not in leader or os.path.isfile(os.path.join(leader[p[2]], "log.jsonl"))
+                     or not any(r[2] == leader[p[2]] for r in running)]
+            if ready and len(running) < jobs:
+                m, args, s, d = ready[0]
+                todo.remove(ready[0])
+                leader.setdefault(s, d)
+                left = f"~{(time.time() - t0) / done * (len(todo) + len(running) + 1) / jobs / 60:.0f} min left" if done else ""
+                print(f"\n[{len(plan) - len(todo)}/{len(plan)}] {m} seed {s} -> {d}   {left}", flush=True)
+                argv = [*overrides, *args, f"--seed={s}", f"--out_dir={d}"]
+                argv += ["--resume"] if os.path.isfile(os.path.join(d, "ckpt.pt")) else []
+                log = f"{d}.out" if jobs > 1 else None
+                running.append((start_run(argv, log, threads=1 if jobs > 1 else None), argv, d, log))
+                continue
+            time.sleep(1 if jobs > 1 else 0.05)
+    finally:
+        for proc, *_ in running:  # an error or Ctrl-C: the other runs stop too (each saves its checkpoint)
+            proc.terminate()
+            proc.wait()
+    return compare([d for *_, d in plan], out=out, overwrite=True)  # the ladder's own comparison
 
 
 # -----------------------------------------------------------------------------
@@ -919,6 +1041,12 @@ def parse(argv):
     p.add_argument("--ladder", action="store_true", help="train and evaluate GRPO / Curriculum / Improve / Diverge / "
                    "ExIt x seeds via exit.py, skipping finished runs, then the table and plots")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="with --ladder: seeds 0..N-1 (default 3)")
+    p.add_argument("--no_controls", action="store_true", help="with --ladder: only the paper's rungs, without the two "
+                   "controls of full ExIt (κ = 0: uniform sampling; FIFO admission)")
+    p.add_argument("--jobs", type=int, default=1, metavar="J", help="with --ladder: runs at once, one thread each "
+                   "(2 on a 2-core CPU halves the time); outputs in OUT/{run}.out (default 1)")
+    p.add_argument("--split", choices=("test", "val"), help="held-out split to evaluate on (default: the run's own, "
+                   "test); val goes to eval.val.json: choose settings there, report test")
     args, extra = p.parse_known_args(argv)
     if extra and not args.ladder:
         p.error(f"unrecognized arguments: {' '.join(extra)} (exit.py settings go with --ladder)")
@@ -939,6 +1067,7 @@ def check_args(args):
     need(args.temperature is None or (np.isfinite(args.temperature) and args.temperature >= 0),
          f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     need(args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}")
+    need(args.jobs >= 1, f"--jobs must be >= 1, got {args.jobs}")
     if args.device:
         model_lib.pick_device(args.device)
 
@@ -954,13 +1083,14 @@ def main(argv=None):
             print("(no plots: pip install matplotlib to get them)" if plots is None else "plots: " + ", ".join(plots))
         elif args.ladder:
             passed = dict(task=args.task, device=args.device, eval_k=args.k, eval_problems=args.problems,
-                          eval_samples=args.samples, eval_temperature=args.temperature)
+                          eval_samples=args.samples, eval_temperature=args.temperature, eval_split=args.split)
             overrides = [f"--{k}={v}" for k, v in passed.items() if v is not None] + extra
-            ladder(overrides, seeds=args.seeds, out=args.out or os.path.join("runs", "ladder"))
+            ladder(overrides, seeds=args.seeds, out=args.out or os.path.join("runs", "ladder"),
+                   controls=not args.no_controls, jobs=args.jobs)
         elif args.runs:
             compare(args.runs, out=args.out, K=args.k, overwrite=args.overwrite, recompute=args.recompute, task=args.task,
                     n_problems=args.problems, n_samples=args.samples, device=args.device or "auto",
-                    temperature=args.temperature)
+                    temperature=args.temperature, split=args.split)
         else:
             print("nothing to do: give run folders, --table FILE or --ladder (see -h)", file=sys.stderr)
             raise SystemExit(2)

@@ -109,6 +109,7 @@ class Config:
     eval_k: int = _f(16, "K: improve steps in the final evaluation")
     eval_samples: int = _f(2, "independent chains per held-out task (avg@n)")
     eval_temperature: float = _f(1.0, "sampling temperature of the evaluation")
+    eval_split: str = _f("test", "held-out split of every evaluation: test (what results report) | val (where settings are chosen; tasks.split_of)")
     eval_every: int = _f(0, "also evaluate a held-out slice every this many iterations (0 = never): heldout_k0/heldout_kK in log.jsonl, heldout.png")
     eval_every_problems: int = _f(50, "held-out problems of each --eval_every evaluation (one chain each, K = eval_k)")
     # ---- beyond the default run: real checkpoints and data, variants, extensions, engineering.
@@ -116,7 +117,7 @@ class Config:
     difficulties: str = _f("", "training mix of base-task difficulties, e.g. 2-6 or 2,3,5 ('' = the family's own)")
     init: str = _f("", "start from this instead of the warm start: an exit checkpoint (.pt) or a Hugging Face directory")
     data: str = _f("", "--task=realmath: GSM8K- or MATH-style JSON-lines file (tasks.load_jsonl)")
-    eval_data: str = _f("", "--task=realmath: a separate held-out file for the final evaluation, all of its lines ('' = the test fifth of --data)")
+    eval_data: str = _f("", "--task=realmath: a separate held-out file for the final evaluation, all of its lines ('' = the test tenth of --data)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     dr_grpo: bool = _f(False, "Dr. GRPO: no division by std(r), constant normaliser instead of 1/|o_i|")
     filter_malformed: bool = _f(False, "no gradient (advantage or KL) from responses of no valid type (tasks: TaskFamily.valid), as the paper's tool-use runs")
@@ -157,6 +158,7 @@ class Config:
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         need(self.task in tasks_lib.FAMILIES, f"task must be one of {sorted(tasks_lib.FAMILIES)}, got {self.task!r}")
         need(self.children in ("all", "one"), f"children must be 'all' or 'one', got {self.children!r}")
+        need(self.eval_split in ("test", "val"), f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
         need(self.admission in ("score", "fifo"), f"admission must be 'score' or 'fifo', got {self.admission!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         need((self.task == "realmath") == bool(self.data), "--data=FILE goes with --task=realmath, and realmath needs it")
@@ -701,6 +703,9 @@ class Trainer:
         self.skipped = 0            # updates skipped for a non-finite loss or gradient
         self.elapsed = 0.0          # seconds of RL so far, across resumes
         self.timing = dict(warm_start=self.warm_seconds, sampling=0.0, update=0.0, buffer=0.0)  # the run's summary
+        # task diversity (the paper's Tables 2, 7): a uniform sample of the instances trained on, as prompt token
+        # ids, embedded at the end (eval.task_diversity). Its own generator leaves the training's streams untouched.
+        self.seen = dict(ids=[], n=0, rng=np.random.default_rng(cfg.seed + 3))
 
     # ---- checkpoints
     def state_dict(self) -> dict:
@@ -712,6 +717,7 @@ class Trainer:
             embedder=None if any(self.embedder is m for m in (None, self.ref, self.policy)) else self.embedder.state_dict(),
             master=None if self.master is None else [m.cpu() for m in self.master],
             buffer=self.buffer.state_dict(),
+            seen=dict(ids=self.seen["ids"], n=self.seen["n"], rng=self.seen["rng"].bit_generator.state),
             rng=dict(numpy=self.rng.bit_generator.state, gen=self.gen.get_state(),
                      torch=torch.get_rng_state(), python=random.getstate()))
 
@@ -727,6 +733,9 @@ class Trainer:
                 for m, saved in zip(self.master, ck["master"]):
                     m.copy_(saved)
         self.buffer.load_state_dict(ck["buffer"])
+        if "seen" in ck:  # checkpoints from before task diversity was measured have none
+            self.seen["ids"], self.seen["n"] = ck["seen"]["ids"], ck["seen"]["n"]
+            self.seen["rng"].bit_generator.state = ck["seen"]["rng"]
         self.rng.bit_generator.state = ck["rng"]["numpy"]
         if ck["rng"]["gen"].numel() != self.gen.get_state().numel():
             raise ValueError(f"its sampling generator was saved on another kind of device than {self.device}: "
@@ -764,6 +773,7 @@ class Trainer:
         insts, episodes, responses, rewards, lengths = gather_shares(insts, episodes, responses, rewards, ro.lengths)
         if is_main():  # the one curriculum lives on rank 0
             self.update_buffer(insts, episodes, rewards)                               # 5
+            self.remember(insts)
         self.timing["sampling"] += t_sample
         self.timing["update"] += t2 - t1
         self.timing["buffer"] += time.time() - t2
@@ -786,6 +796,13 @@ class Trainer:
                 inst = Instance(self.train_pool[int(self.rng.integers(len(self.train_pool)))])
             out.append(inst)
         return out
+
+    def remember(self, insts, size: int = 1024):
+        """Keep a uniform sample of `size` of all the instances trained so far (their prompts), so the task
+        diversity measured at the end is the whole run's, not its end's."""
+        for inst in insts:
+            eval_lib.reservoir_add(self.seen["ids"], self.seen["n"], self.prompt_ids(inst), size, self.seen["rng"])
+            self.seen["n"] += 1
 
     def prompt_ids(self, inst: Instance) -> list[int]:
         if inst.step_problem is None:  # turn t in the state the earlier turns left (single-turn: the problem)
@@ -1156,7 +1173,7 @@ def heldout_point(trainer: Trainer) -> dict:
     cfg = trainer.cfg
     res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.eval_family, n_problems=cfg.eval_every_problems,
                                    K=cfg.eval_k, n_samples=1, temperature=cfg.eval_temperature,
-                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, split=cfg.eval_split,
                                    part=(rank(), world_size()), gather=all_gather_objects)  # data parallel: split
     score = res.get("first_turn", res)["score"]
     return dict(heldout_k0=score[0], heldout_kK=score[-1])
@@ -1169,7 +1186,7 @@ def show_chain(trainer: Trainer, settings: dict) -> str:
     fam = trainer.eval_family
     if fam.multi_turn:
         return ""
-    problem = eval_lib.heldout_problems(fam, 1)[0]
+    problem = eval_lib.heldout_problems(fam, 1, split=settings["split"])[0]
     kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
     chains = {}
     if not os.path.isdir(trainer.base_path):
@@ -1233,8 +1250,13 @@ def final_evaluation(trainer: Trainer):
         return
     base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
                                   model_lib.load_policy, **settings)
-    eval_lib.write_json(dict(policy=res, base=base), os.path.join(cfg.out_dir, "eval.json"))
+    diversity = eval_lib.run_diversity(trainer.seen["ids"], trainer.base_path, trainer.device)
+    eval_lib.write_json(dict(policy=res, base=base, **({"diversity": diversity} if diversity else {})),
+                        os.path.join(cfg.out_dir, "eval.json"))
     print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
+    if diversity:
+        print(f"task diversity of the instances trained on ({diversity['n']} of them): mean pairwise cosine distance "
+              f"{diversity['cosine']:.4f}, L2 {diversity['l2']:.3f}")
     show = show_chain(trainer, settings)
     if show:
         print(show)

@@ -105,7 +105,7 @@ class TaskFamily:
       1. Problems are JSON-able: `data` holds str / int / float / lists / dicts, never tuples or sets, so
          Problem(**dataclasses.asdict(p)) == p (the buffer and checkpoints store problems as JSON).
       2. `make` draws only from the rng it is given, so `sample` is reproducible, and the base `sample`
-         keeps train and test disjoint by the request's hash. Each difficulty should have comfortably more
+         keeps train, val and test disjoint by the request's hash. Each difficulty should have comfortably more
          distinct problems than its share of the 5000-problem training pool exit.py draws; `sample` warns
          when one runs out (the difficulty mix is then skewed).
       3. `score` never raises and stays in [0, 1]; on a binary family 1.0 means right. `solve` scores 1
@@ -199,8 +199,7 @@ class TaskFamily:
         """n distinct problems of one split; the same (split, n, seed, difficulty) gives the same list.
         difficulty=None draws each problem's difficulty uniformly from train_difficulties; when one of them
         runs out of distinct problems the others fill the list, and this warns (once per difficulty)."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        check_split(split)
         if difficulty is None and not self.train_difficulties:
             raise ValueError(f"{self.name}: no train_difficulties to draw from; pass difficulty=")
         rng = random.Random(f"{self.name}/{split}/{seed}/{difficulty}")  # str seeds are stable across runs
@@ -449,9 +448,21 @@ def _digest(text: str) -> int:
     return int(hashlib.md5(text.encode()).hexdigest(), 16)
 
 
+SPLITS = ("train", "val", "test")
+
+
 def split_of(request: str) -> str:
-    """Train and test are disjoint by construction: a request belongs to exactly one split."""
-    return "test" if _digest(request) % 5 == 0 else "train"
+    """The three splits are disjoint by construction: a request belongs to exactly one. Four fifths train;
+    the last fifth is halved into a validation split (where settings are chosen) and the test split
+    (what results report, never tuned on). Train is the same four fifths it was before validation
+    existed, so training draws did not change when it was carved out of the old test fifth."""
+    d = _digest(request) % 10
+    return "test" if d == 0 else "val" if d == 5 else "train"
+
+
+def check_split(split: str):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
 
 # ---------------------------------------------------------------- math: binary, no feedback
@@ -1157,7 +1168,7 @@ class RealMath(TaskFamily):
     def __init__(self, problems: list[Problem] | None = None, path: str | None = None, error_model=None,
                  heldout_file: bool = False):
         """heldout_file: every problem is a test problem (a separate evaluation file, exit.py --eval_data);
-        otherwise the split is by request hash (split_of): about a fifth of the file is held out."""
+        otherwise the split is by request hash (split_of): a tenth of the file is test, a tenth validation."""
         super().__init__(error_model)
         if problems is None and path is None:
             raise ValueError("realmath needs problems=[...] or path='file.jsonl'")
@@ -1166,8 +1177,7 @@ class RealMath(TaskFamily):
 
     def pool(self, split, difficulty=None) -> list[Problem]:
         """The distinct problems of a split."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        check_split(split)
         return [p for p in self.problems if (split == "test" if self.heldout_file else split_of(p.request) == split)
                 and (difficulty is None or p.difficulty == difficulty)]
 
@@ -1177,7 +1187,7 @@ class RealMath(TaskFamily):
         pool = self.pool(split, difficulty)
         if not pool:
             how = ("it is an evaluation file" if self.heldout_file else
-                   f"the {split} split is the {'fifth' if split == 'test' else 'four fifths'} of lines whose request "
+                   f"the {split} split is the {'four fifths' if split == 'train' else 'tenth'} of lines whose request "
                    f"hashes there (tasks.split_of), and none of its {len(self.problems)} did")
             hint = "; add lines, or give a held-out file with --eval_data" if split == "test" else "; add lines"
             raise ValueError(f"realmath: {self.path} has no {split} problems"

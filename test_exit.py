@@ -838,8 +838,21 @@ def test_splits_disjoint_and_reproducible(name):
     assert all(p.difficulty == hard for p in f.sample("test", 50, 0, difficulty=hard))
     p = train[0]
     assert tasks.Problem(**json.loads(json.dumps(dataclasses.asdict(p)))) == p
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="split must be one of"):
         f.sample("valid", 1, 0)
+    val = f.sample("val", 200, 0)  # the validation split, where settings are chosen: disjoint from both
+    assert not {p.request for p in val} & ({p.request for p in train} | {p.request for p in test})
+
+
+def test_validation_is_carved_from_the_old_test_fifth_so_training_draws_are_unchanged():
+    reqs = [f"{a} + {b}" for a in range(100) for b in range(50)]
+    splits = [tasks.split_of(r) for r in reqs]
+    # train is exactly what it was before the validation split existed: md5 % 5 != 0
+    assert all((s == "train") == (int(hashlib.md5(r.encode()).hexdigest(), 16) % 5 != 0) for r, s in zip(reqs, splits))
+    assert 0.08 < splits.count("val") / len(reqs) < 0.12 and 0.08 < splits.count("test") / len(reqs) < 0.12
+    f = tasks.get_family("exactsumfb")
+    val, test = eval_lib.heldout_problems(f, 30, split="val"), eval_lib.heldout_problems(f, 30)
+    assert all(tasks.split_of(p.request) == "val" for p in val) and all(tasks.split_of(p.request) == "test" for p in test)
 
 
 @pytest.mark.parametrize("name", SYNTHETIC)
@@ -1856,6 +1869,47 @@ def test_plots_are_png_files(four_runs, tmp_path):
         assert head == PNG and os.path.getsize(p) > 1000
 
 
+# ---- task diversity (the paper's Tables 2 and 7)
+
+def test_task_diversity_is_the_mean_pairwise_distance_written_out():
+    m = tiny()
+    seqs = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [1, 2, 3], [10]]
+    got = eval_lib.task_diversity(m, seqs, batch=2)  # embedded in chunks of 2, joined
+    e = [model_lib.embed(m, [s])[0].double() for s in seqs]  # one at a time: no padding at all
+    cos, l2 = [], []
+    for i in range(len(e)):
+        for j in range(i + 1, len(e)):
+            cos.append(1 - float(e[i] @ e[j]) / float(e[i].norm() * e[j].norm()))
+            l2.append(float((e[i] - e[j]).norm()))
+    assert got["n"] == 5 and len(cos) == 10
+    assert got["cosine"] == pytest.approx(sum(cos) / 10, abs=1e-6) and got["l2"] == pytest.approx(sum(l2) / 10, rel=1e-5)
+    with pytest.raises(ValueError):
+        eval_lib.task_diversity(m, [[1]])
+
+
+def test_the_diversity_sample_is_uniform_over_the_whole_stream():
+    # algorithm R: after a stream of 20, each item is in a sample of 5 with probability 1/4, early or late
+    rng, hits = np.random.default_rng(0), np.zeros(20)
+    for _ in range(4000):
+        sample = []
+        for n, item in enumerate(range(20)):
+            eval_lib.reservoir_add(sample, n, item, 5, rng)
+        assert len(sample) == 5 == len(set(sample))
+        hits[sample] += 1
+    assert np.abs(hits / 4000 - 0.25).max() < 0.03  # binomial SE at p = 1/4: 0.007
+    short = []
+    for n in range(3):
+        eval_lib.reservoir_add(short, n, n, 5, rng)
+    assert short == [0, 1, 2]  # a stream shorter than the sample: all of it, in order
+
+
+def test_control_runs_get_their_own_rows():
+    assert eval_lib.run_label(dict(method="exit")) == "exit"
+    assert eval_lib.run_label(dict(method="exit", kappa=0.0)) == "exit-kappa0"
+    assert eval_lib.run_label(dict(method="exit", admission="fifo")) == "exit-fifo"
+    assert eval_lib.run_label(dict(method="improve", kappa=0.0)) == "improve"  # the controls are of full ExIt
+
+
 # ---- the command line on bad input: a clear message and exit code 2, never a traceback
 
 def test_cli_bad_input(tmp_path, capfd):
@@ -1891,20 +1945,34 @@ TINY = dict(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, warm_examples=64, warm_
 def test_ladder_runs_resumes_and_recomputes_exactly(tmp_path, monkeypatch):
     out = tmp_path / "ladder"
     overrides = [f"--{k}={v}" for k, v in TINY.items()] + [f"--base_dir={tmp_path / 'base'}"]
-    table = eval_lib.ladder(overrides, seeds=1, out=str(out), methods=["grpo", "exit"])
-    assert [r["method"] for r in table["rows"]] == ["base", "grpo", "exit"]
-    assert table["rows"][0]["runs"] == 1  # both rungs of seed 0 started from one cached base
+    # two rungs and the two controls of full ExIt, two runs at a time
+    table = eval_lib.ladder(overrides, seeds=1, out=str(out), methods=["grpo", "exit"], jobs=2)
+    assert [r["method"] for r in table["rows"]] == ["base", "grpo", "exit", "exit-kappa0", "exit-fifo"]
+    assert json.load(open(out / "exit-kappa0-s0" / "config.json"))["kappa"] == 0.0
+    assert json.load(open(out / "exit-fifo-s0" / "config.json"))["admission"] == "fifo"
+    assert table["rows"][0]["runs"] == 1  # every run of seed 0 started from one cached base
+    # ... trained by one run only: the others waited for it (each job's output is in its .out file)
+    logs = [open(out / f"{m}-s0.out").read() for m in ("grpo", "exit", "exit-kappa0", "exit-fifo")]
+    assert sum("warm start: saved" in log for log in logs) == 1
     bases = os.listdir(tmp_path / "base")
     assert len([f for f in bases if f.endswith(".pt")]) == 1
-    assert len([f for f in bases if ".eval-" in f]) == 1  # the base was evaluated once, for both rungs
+    assert len([f for f in bases if ".eval-" in f]) == 1  # the base was evaluated once, for every run
     assert (out / "results.json").is_file() and (out / "exit-s0" / "eval.json").is_file()
+    # every run measured the diversity of the instances it trained on: 2 iterations x 2 tasks
+    assert all(r["diversity"]["cosine"][0] >= 0 for r in table["rows"][1:])
+    assert json.load(open(out / "grpo-s0" / "eval.json"))["diversity"]["n"] == 4
     # run again: finished runs are skipped, nothing is trained
-    monkeypatch.setattr(eval_lib, "train_and_evaluate", lambda argv: pytest.fail(f"retrained {argv}"))
+    monkeypatch.setattr(eval_lib, "start_run", lambda argv, *a, **k: pytest.fail(f"retrained {argv}"))
     eval_lib.ladder(overrides, seeds=1, out=str(out), methods=["grpo", "exit"])
     # evaluating the checkpoint again gives exactly the run's own final evaluation (CPU, same seeds)
     saved = json.load(open(out / "exit-s0" / "eval.json"))
     again = eval_lib.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), device="cpu")
-    assert again == saved
+    assert again == saved and "diversity" in saved
+    # the validation split: its own file, other problems than the test split's
+    eval_lib.main([str(out / "exit-s0"), "--split=val", "--out", str(tmp_path / "val"), "--device=cpu"])
+    val = json.load(open(out / "exit-s0" / "eval.val.json"))
+    assert val["policy"]["settings"]["split"] == "val" == val["base"]["settings"]["split"]
+    assert json.load(open(out / "exit-s0" / "eval.json")) == saved
     # another temperature goes to its own file; the run's eval.json is left as it was
     eval_lib.main([str(out / "exit-s0"), "--temperature=0", "--out", str(tmp_path / "greedy"), "--device=cpu"])
     greedy = json.load(open(out / "exit-s0" / "eval.T0.json"))
@@ -1930,7 +1998,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 
 
 def gsm_file(path, n=30):
-    """GSM8K-style JSON lines; about a fifth of them land in the test split (tasks.split_of)."""
+    """GSM8K-style JSON lines; about a tenth of them land in the test split (tasks.split_of)."""
     lines = [{"question": f"Tom has {i} apples and buys {i + 3} more. How many apples does he have now?",
               "answer": f"{i} + {i + 3} = {2 * i + 3}\n#### {2 * i + 3}"} for i in range(1, n + 1)]
     path.write_text("".join(json.dumps(d) + "\n" for d in lines))
