@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -1072,6 +1073,10 @@ def check_args(args):
         model_lib.pick_device(args.device)
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     args, extra = parse(sys.argv[1:] if argv is None else argv)
     try:
@@ -1082,6 +1087,7 @@ def main(argv=None):
             plots = plot_table(table, args.out or os.path.dirname(os.path.abspath(args.table)))
             print("(no plots: pip install matplotlib to get them)" if plots is None else "plots: " + ", ".join(plots))
         elif args.ladder:
+            signal.signal(signal.SIGTERM, _stop)  # `kill` of the ladder stops its runs too, as Ctrl-C does
             passed = dict(task=args.task, device=args.device, eval_k=args.k, eval_problems=args.problems,
                           eval_samples=args.samples, eval_temperature=args.temperature, eval_split=args.split)
             overrides = [f"--{k}={v}" for k, v in passed.items() if v is not None] + extra
