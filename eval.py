@@ -995,7 +995,8 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
                 m, args, s, d = ready[0]
                 todo.remove(ready[0])
                 leader.setdefault(s, d)
-                left = f"~{(time.time() - t0) / done * (len(todo) + len(running) + 1) / jobs / 60:.0f} min left" if done else ""
+                # runs finished per second so far (jobs at a time) x the runs still to finish
+                left = f"~{(time.time() - t0) / done * (len(todo) + len(running) + 1) / 60:.0f} min left" if done else ""
                 print(f"\n[{len(plan) - len(todo)}/{len(plan)}] {m} seed {s} -> {d}   {left}", flush=True)
                 argv = [*overrides, *args, f"--seed={s}", f"--out_dir={d}"]
                 argv += ["--resume"] if os.path.isfile(os.path.join(d, "ckpt.pt")) else []
