@@ -22,7 +22,7 @@ Top to bottom:
 
     python eval.py runs/ladder/*-s*         # table + plots of finished runs (eval.json reused)
     python eval.py --table results.json     # reprint (and redraw) a saved comparison
-    python eval.py --ladder --seeds=3       # the whole reproduction, resumable (--task=math: the README's ladder)
+    python eval.py --ladder --seeds=3 --jobs=2   # the whole reproduction with its controls, resumable
 
 Imports run one way, tasks -> model -> buffer -> eval -> exit: this file needs only model.py and
 tasks.py (checkpoints load with model.py, prompts are built by tasks.py), and runs exit.py as a program
@@ -522,7 +522,7 @@ def write_json(obj, path: str):
 # the settings that make two runs' Base evaluations the same evaluation of the same policy
 BASE_KEYS = ("task", "data", "eval_data", "seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps",
              "warm_batch", "warm_lr", "max_new_tokens", "eval_problems", "eval_k", "eval_samples",
-             "eval_temperature")
+             "eval_temperature", "eval_split")
 
 
 def load_run(path: str, recompute: bool = False, task: str | None = None, K: int | None = None,
@@ -647,6 +647,11 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
             groups.setdefault("base", []).append(base)
     if not groups:
         raise ValueError("no evaluations to compare")
+    # evaluations from before the validation split existed are on the old test fifth: other problems
+    splits = {x.get("settings", {}).get("split", "the old test fifth") for rs in groups.values() for x in rs}
+    if len(splits) > 1:
+        raise ValueError(f"these evaluations are on different held-out splits ({', '.join(sorted(splits))}): compare "
+                         "runs evaluated on one split (python eval.py RUNS --recompute evaluates them again)")
     K = min(res["K"] for rs in groups.values() for res in rs) if K is None else K
     order = [m for m in LABELS if m in groups] + sorted(set(groups) - set(LABELS))
     rows = []
@@ -658,6 +663,7 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
         res = [x["first_turn"] for x in whole] if multi_turn else whole
         score = np.array([x["score"] for x in res])  # (runs, K + 1)
         row = dict(method=m, label=LABELS.get(m, m), runs=len(res), n=[x["n"] for x in res],
+                   problems=[x["n"] // x.get("settings", {}).get("n_samples", 1) for x in whole],  # chains / chains per problem
                    k0=mean_std(score[:, 0]), kK=mean_std(score[:, K]), delta=mean_std(score[:, K] - score[:, 0]),
                    score_mean=score.mean(0).tolist(), score_std=[mean_std(c)[1] for c in score.T],
                    score_runs=score.tolist())
@@ -709,7 +715,7 @@ def format_table(table: dict) -> str:
         lines.append(line)
     main = [r for r in table["rows"] if r["method"] != "base"]
     if main:  # the noise of one run's score from the finite held-out set, beside the std over runs
-        p, n = np.mean([r["kK"][0] for r in main]), min(min(r["n"]) for r in main)
+        p, n = np.mean([r["kK"][0] for r in main]), min(min(r["problems"]) for r in main)
         lines.append(f"one run's standard error from its {n} held-out problems at k = {K}: ±{100 * np.sqrt(p * (1 - p) / n):.1f} "
                      f"points (binomial, at the rows' mean {100 * p:.1f}%; chains of one problem are not independent, so the "
                      "problems, not the chains, are counted)")
@@ -929,7 +935,10 @@ def start_run(argv: list[str], log: str | None = None, threads: int | None = Non
     user runs (and eval.py never imports exit.py, which imports it); its output to `log` when given."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     exe = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit.py"), *argv]
-    return subprocess.Popen(exe, env=env, stdout=open(log, "w") if log else None, stderr=subprocess.STDOUT if log else None)
+    if not log:
+        return subprocess.Popen(exe, env=env)
+    with open(log, "a") as out:  # appended: a resumed run keeps the output of its first part
+        return subprocess.Popen(exe, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def finished(proc: subprocess.Popen, argv: list[str], log: str | None = None):
@@ -954,12 +963,19 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
 
     jobs > 1 runs that many at once, each on one thread (OMP_NUM_THREADS=1) with its output in
     out/{run}.out: on 2 cores, jobs=2 halves the wall time. A seed's later runs wait until its first run
-    has begun RL (its log.jsonl exists), so its warm start is trained once, not once per job."""
+    has begun RL (its log.jsonl exists), so its warm start is trained once, not once per job. A CPU run
+    is exact for one thread count, so a ladder at jobs=2 (one thread a run) gives other numbers than at
+    jobs=1 (the machine's threads): finish a ladder with the --jobs it started with.
+    When the ladder stops (an error, Ctrl-C, kill) its running runs finish their iteration, save and stop."""
     rows = [[(m, [f"--method={m}"]) for m in (methods or METHODS)]]
     if controls:
         rows.append([(name, [f"--method={m}", *(f"--{k}={v}" for k, v in setting.items())])
                      for name, (m, setting) in CONTROLS.items()])
     given = {a[2:].partition("=")[0]: a[2:].partition("=")[2] for a in overrides}
+    fixed = [k for _, (_, setting) in CONTROLS.items() for k in setting if k in given] if controls else []
+    if fixed:
+        raise ValueError(f"the ladder's controls set --{' --'.join(dict.fromkeys(fixed))} themselves; drop it, or pass "
+                         "--no_controls")
     if "eval_every" not in given:
         overrides = [*overrides, "--eval_every=50"]
     clash = [k for k in given if k in LADDER_SETS]
@@ -1004,10 +1020,16 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
                 running.append((start_run(argv, log, threads=1 if jobs > 1 else None), argv, d, log))
                 continue
             time.sleep(1 if jobs > 1 else 0.05)
-    finally:
-        for proc, *_ in running:  # an error or Ctrl-C: the other runs stop too (each saves its checkpoint)
-            proc.terminate()
-            proc.wait()
+    finally:  # an error, Ctrl-C or kill: the other runs finish their iteration, save their checkpoint and stop
+        for proc, *_ in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, *_ in running:
+            try:
+                proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     return compare([d for *_, d in plan], out=out, overwrite=True)  # the ladder's own comparison
 
 
@@ -1021,8 +1043,9 @@ def parse(argv):
         description="Compare ExIt runs in the shape of the paper's Table 1 (mean ± std over seeds of the held-out "
                     "score at k = 0 and k = K, and Δ_K), with plots; or run the whole ablation ladder.",
         epilog="examples:\n  python eval.py runs/ladder/*-s*\n  python eval.py runs/exit/ckpt.pt runs/base/math-0123abcd.pt"
-               "\n  python eval.py --table runs/ladder/results.json\n  python eval.py --ladder --seeds=3 --task=math "
-               "--iters=300   (any exit.py --key=value passes through)",
+               "\n  python eval.py --table runs/ladder/results.json\n  python eval.py --ladder --seeds=3 --jobs=2"
+               "\n  python eval.py --ladder --seeds=3 --task=math --out=runs/ladder-math --iters=300   (any exit.py "
+               "--key=value passes through)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", metavar="RUN", help="run folders (exit.py --out_dir) or checkpoint files")
     p.add_argument("--out", metavar="DIR", help="where results.json and the plots go (default: the runs' common "
@@ -1041,7 +1064,8 @@ def parse(argv):
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument("--table", metavar="FILE", help="reprint a saved results.json (and redraw its plots next to it)")
     p.add_argument("--ladder", action="store_true", help="train and evaluate GRPO / Curriculum / Improve / Diverge / "
-                   "ExIt x seeds via exit.py, skipping finished runs, then the table and plots")
+                   "ExIt and two controls of ExIt (κ = 0, FIFO admission) x seeds via exit.py, skipping finished runs, "
+                   "then the table and plots")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="with --ladder: seeds 0..N-1 (default 3)")
     p.add_argument("--no_controls", action="store_true", help="with --ladder: only the paper's rungs, without the two "
                    "controls of full ExIt (κ = 0: uniform sampling; FIFO admission)")

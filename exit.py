@@ -159,6 +159,8 @@ class Config:
         need(self.task in tasks_lib.FAMILIES, f"task must be one of {sorted(tasks_lib.FAMILIES)}, got {self.task!r}")
         need(self.children in ("all", "one"), f"children must be 'all' or 'one', got {self.children!r}")
         need(self.eval_split in ("test", "val"), f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
+        need(not (self.eval_split == "val" and self.eval_data), "--eval_data is a test file: it has no validation "
+             "split; for --eval_split=val drop --eval_data (the validation tenth of --data is used)")
         need(self.admission in ("score", "fifo"), f"admission must be 'score' or 'fifo', got {self.admission!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         need((self.task == "realmath") == bool(self.data), "--data=FILE goes with --task=realmath, and realmath needs it")
@@ -342,7 +344,8 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
     train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
     heldout = []
     if cfg.eval_problems:
-        heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet)
+        heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet,
+                                            split=cfg.eval_split)
     tok, max_len, source_dtype = None, None, None
     if cfg.init and os.path.isdir(cfg.init):
         config_file = os.path.join(cfg.init, "config.json")
@@ -797,11 +800,13 @@ class Trainer:
             out.append(inst)
         return out
 
-    def remember(self, insts, size: int = 1024):
-        """Keep a uniform sample of `size` of all the instances trained so far (their prompts), so the task
+    SEEN = 1024  # instances in the task-diversity sample
+
+    def remember(self, insts):
+        """Keep a uniform sample of SEEN of all the instances trained so far (their prompts), so the task
         diversity measured at the end is the whole run's, not its end's."""
         for inst in insts:
-            eval_lib.reservoir_add(self.seen["ids"], self.seen["n"], self.prompt_ids(inst), size, self.seen["rng"])
+            eval_lib.reservoir_add(self.seen["ids"], self.seen["n"], self.prompt_ids(inst), self.SEEN, self.seen["rng"])
             self.seen["n"] += 1
 
     def prompt_ids(self, inst: Instance) -> list[int]:
@@ -1040,7 +1045,7 @@ def format_log(log: dict) -> str:
 
 RESUMABLE_OVERRIDES = {"iters", "resume", "out_dir", "device", "log_every", "show_every", "ckpt_every", "grad_checkpoint",
                        "eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_harder", "eval_data",
-                       "eval_every", "eval_every_problems"}
+                       "eval_every", "eval_every_problems", "eval_split"}
 
 
 def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer:
@@ -1127,10 +1132,13 @@ def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
         if stop:  # a second Ctrl-C: stop at once, without a checkpoint
             raise KeyboardInterrupt
         stop.append(True)
-        tqdm.write("Ctrl-C: finishing this iteration, then saving (Ctrl-C again to stop without saving)")
+        tqdm.write(f"{'Ctrl-C' if signum == signal.SIGINT else 'stop (SIGTERM)'}: finishing this iteration, then saving "
+                   "(Ctrl-C again to stop without saving)")
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    # `kill` (SIGTERM: what eval.py's ladder sends its runs when it is stopped) saves and stops the same way
+    previous_term = signal.signal(signal.SIGTERM, on_sigint) if in_main else None
     bar = tqdm(total=cfg.iters, initial=trainer.iter, desc=f"ExIt[{cfg.method}]", disable=quiet, dynamic_ncols=True)
     try:
         while trainer.iter < cfg.iters and not max_over_ranks(len(stop)):  # every rank stops at the same one
@@ -1152,6 +1160,7 @@ def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
     if max_over_ranks(len(stop)):
         trainer.save()
         bar.close()

@@ -1658,7 +1658,8 @@ def run_state(tr):
 
 
 @pytest.mark.parametrize("method", ["exit", "curriculum"])
-def test_resume_is_bit_identical(tmp_path, method):
+def test_resume_is_bit_identical(tmp_path, method, monkeypatch):
+    monkeypatch.setattr(exit_lib.Trainer, "SEEN", 5)  # a small diversity sample: its generator is used, and resumed
     full = exit_lib.train(tiny_cfg(tmp_path / "a", iters=4, method=method, beta=0.01, ref_every=2), quiet=True)
     exit_lib.train(tiny_cfg(tmp_path / "b", iters=2, method=method, beta=0.01, ref_every=2, base_dir=str(tmp_path / "a" / "base")), quiet=True)
     cfg, given = exit_lib.parse_args([f"--out_dir={tmp_path / 'b' / 'run'}", "--resume", "--iters=4"])
@@ -1668,6 +1669,7 @@ def test_resume_is_bit_identical(tmp_path, method):
     pb, bb = run_state(resumed)
     assert all(torch.equal(x, y) for x, y in zip(pa, pb))
     assert json.dumps(ba, sort_keys=True) == json.dumps(bb, sort_keys=True)
+    assert full.seen["n"] == resumed.seen["n"] > 5 and full.seen["ids"] == resumed.seen["ids"]
     la = [json.loads(l) for l in open(tmp_path / "a" / "run" / "log.jsonl")]
     lb = [json.loads(l) for l in open(tmp_path / "b" / "run" / "log.jsonl")]
     strip = lambda l: {k: v for k, v in l.items() if k not in ("tok_per_s", "elapsed", "sample_frac")}
@@ -1903,6 +1905,23 @@ def test_the_diversity_sample_is_uniform_over_the_whole_stream():
     assert short == [0, 1, 2]  # a stream shorter than the sample: all of it, in order
 
 
+def test_a_comparison_refuses_evaluations_on_different_splits():
+    def ev(split=None):  # one evaluation of 2 problems x 2 chains; None: from before the validation split
+        return dict(K=1, score=[0.5, 0.75], solved=[2, 3], delta=0.25, n=4,
+                    settings=dict(n_samples=2, **({"split": split} if split else {})))
+    runs = [dict(method="grpo", seed=0, policy=ev("test"), base=None, base_key="a", path="a", task="t", log=[]),
+            dict(method="exit", seed=0, policy=ev("val"), base=None, base_key="b", path="b", task="t", log=[])]
+    with pytest.raises(ValueError, match="different held-out splits"):
+        eval_lib.comparison_table(runs)
+    runs[1]["policy"] = ev()
+    with pytest.raises(ValueError, match="old test fifth"):
+        eval_lib.comparison_table(runs)
+    runs[1]["policy"] = ev("test")
+    table = eval_lib.comparison_table(runs)
+    assert table["rows"][0]["problems"] == [2]  # problems, not chains: what one run's standard error counts
+    assert "from its 2 held-out problems" in eval_lib.format_table(table)
+
+
 def test_control_runs_get_their_own_rows():
     assert eval_lib.run_label(dict(method="exit")) == "exit"
     assert eval_lib.run_label(dict(method="exit", kappa=0.0)) == "exit-kappa0"
@@ -1926,6 +1945,7 @@ def test_cli_bad_input(tmp_path, capfd):
     assert "exit.py settings go with --ladder" in fails([str(tmp_path), "--lr=0.1"])
     assert "unknown config key 'itres'" in fails(["--ladder", "--itres=3"])
     assert "sets method, seed" in fails(["--ladder", "--seed=3"])
+    assert "controls set --kappa themselves" in fails(["--ladder", "--kappa=5"])  # before any run, not hours in
     assert "nothing to do" in fails([])
 
 
@@ -2319,8 +2339,10 @@ def test_transition_rates_by_hand():
 
 
 
-def test_ctrl_c_saves_a_whole_iteration_and_resumes(tmp_path):
-    """SIGINT mid-run: the iteration in flight finishes, the checkpoint matches the log, resume completes."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_a_whole_iteration_and_resumes(tmp_path, sig):
+    """SIGINT (Ctrl-C) or SIGTERM (kill; the ladder stopping its runs) mid-run: the iteration in flight
+    finishes, the checkpoint matches the log, resume completes."""
     import signal as signal_lib
     run = tmp_path / "run"
     args = [f"--{k}={v}" for k, v in dict(out_dir=run, base_dir=tmp_path / "base", n_layer=1, n_embd=32, n_head=2,
@@ -2335,7 +2357,7 @@ def test_ctrl_c_saves_a_whole_iteration_and_resumes(tmp_path):
     while not (log.exists() and len(log.read_text().splitlines()) >= 3):
         assert p.poll() is None and time.time() - t0 < 120, p.stderr.read()[-2000:] if p.poll() is not None else "timeout"
         time.sleep(0.1)
-    p.send_signal(signal_lib.SIGINT)
+    p.send_signal(getattr(signal_lib, sig))
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "continue with --resume" in out, err[-2000:]
     ck = model_lib.load_checkpoint(str(run / "ckpt.pt"))
@@ -2353,6 +2375,13 @@ def test_ctrl_c_saves_a_whole_iteration_and_resumes(tmp_path):
 def test_grad_clip_must_be_positive():
     with pytest.raises(ValueError, match="grad_clip must be > 0"):
         exit_lib.parse_args(["--grad_clip=0"])
+
+
+def test_an_evaluation_file_has_no_validation_split():
+    with pytest.raises(ValueError, match="no validation split"):
+        exit_lib.parse_args(["--eval_split=val", "--eval_data=held_out.jsonl"])
+    with pytest.raises(ValueError, match="eval_split must be"):
+        exit_lib.parse_args(["--eval_split=dev"])
 
 
 def test_a_fresh_base_task_already_buffered_gets_its_fresh_score(tmp_path):
@@ -3119,7 +3148,7 @@ def test_two_ranks_run_and_resume_exactly(tmp_path):
     a, b = (model_lib.load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (cfg.out_dir, part.out_dir))
     assert a["iter"] == b["iter"] == 4 and a["world_size"] == 2
     assert all(torch.equal(x, y) for x, y in zip(a["policy"]["model"].values(), b["policy"]["model"].values()))
-    assert a["buffer"] == b["buffer"]
+    assert a["buffer"] == b["buffer"] and a["seen"]["ids"] == b["seen"]["ids"] and a["seen"]["n"] == 16
     assert model_lib.read_json(os.path.join(cfg.out_dir, "config.json"))["world_size"] == 2
     logs = [eval_lib.read_log_lines(os.path.join(d, "log.jsonl")) for d in (cfg.out_dir, part.out_dir)]
     drop = ("tok_per_s", "sample_frac", "elapsed")
