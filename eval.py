@@ -891,7 +891,7 @@ def compare(paths: list[str], out: str | None = None, K: int | None = None, over
         out = common if common not in (os.path.abspath(os.sep), os.getcwd()) else os.path.join("runs", "compare")
     table = report(table, out, overwrite)
     # the lineage of one run that built a curriculum (the most complete rung first), not of every seed
-    order = {m: i for i, m in enumerate(reversed(list(LABELS)))}
+    order = {m: i for i, m in enumerate(reversed(METHODS))}  # full ExIt first; controls after every rung
     grown = sorted((r for r in runs if r["log"] and any(l.get("buf_depth_hist") for l in r["log"])),
                    key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
     if grown and plot_lineage(grown[0]["log"], os.path.join(out, "lineage.png"),
