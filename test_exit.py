@@ -1457,6 +1457,10 @@ def test_diversity_coefficients_eq6():
     assert torch.allclose(printed, torch.tensor([d / rng for d in dist]), atol=1e-6)
     assert torch.allclose(minmax, torch.tensor([(d - min(dist)) / rng for d in dist]), atol=1e-6)
     assert minmax.min() == 0 and abs(minmax.max() - 1) < 1e-6
+    # --div_clip caps the printed form's coefficient: min(d_i, c), nothing else changes
+    capped = exit_lib.diversity_coefficients(e, clip=1.0)
+    assert torch.allclose(capped, torch.tensor([min(d / rng, 1.0) for d in dist]), atol=1e-6) and printed.max() > 1
+    assert torch.equal(exit_lib.diversity_coefficients(e, clip=5.0), printed)
     # all rollouts equally far from the mean (here: identical) -> d_i = 1
     same = torch.ones(4, 3)
     assert exit_lib.diversity_coefficients(same).tolist() == [1.0] * 4
