@@ -248,12 +248,16 @@ def task_diversity(embedder, seqs: list[list[int]], batch: int = 256) -> dict:
     return dict(cosine=float((1 - cos).mean()), l2=float(l2.mean()), n=len(seqs))
 
 
-def run_diversity(seen: list[list[int]], base_path: str, device) -> dict | None:
+def frozen_base(base_path: str, device):
+    """The warm-started base policy a run started from, loaded; None where it is a Hugging Face directory
+    (a real checkpoint is not loaded a second time)."""
+    return model_lib.load_policy(base_path, device)[0] if os.path.isfile(base_path) else None
+
+
+def run_diversity(seen: list[list[int]], base) -> dict | None:
     """task_diversity of a run's sample of the instances it trained on (exit.Trainer.remember), embedded by its
-    warm-started base; None for a base that is a Hugging Face directory (not loaded a second time)."""
-    if len(seen) < 2 or not os.path.isfile(base_path):
-        return None
-    return task_diversity(model_lib.load_policy(base_path, device)[0], seen)
+    frozen base (frozen_base); None without a base or a sample."""
+    return task_diversity(base, seen) if base is not None and len(seen) >= 2 else None
 
 
 def eval_settings(cfg: dict) -> dict:
@@ -402,7 +406,8 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     if with_base and ck.get("kind") == "run":
         if base_path and os.path.exists(base_path):
             out["base"] = evaluate_base(base_path, tok, family, dev, **settings)
-            diversity = run_diversity((ck.get("seen") or {}).get("ids") or [], base_path, dev)
+            seen = (ck.get("seen") or {}).get("ids") or []
+            diversity = run_diversity(seen, frozen_base(base_path, dev)) if seen else None
             if diversity:
                 out["diversity"] = diversity
         else:

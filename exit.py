@@ -1191,18 +1191,18 @@ def heldout_point(trainer: Trainer) -> dict:
     return dict(heldout_k0=score[0], heldout_kK=score[-1])
 
 
-def show_chain(trainer: Trainer, settings: dict) -> str:
-    """The first held-out problem's improvement chain, k = 0..K, the base policy's beside the trained one's,
-    as text (the first problem, not a chosen one). '' for multi-turn families (their episodes do not fit a
-    line). A real checkpoint's base is not loaded a second time: its column is left out."""
+def show_chain(trainer: Trainer, settings: dict, base=None) -> str:
+    """The first held-out problem's improvement chain, k = 0..K, the base policy's (`base`, loaded by the
+    caller) beside the trained one's, as text (the first problem, not a chosen one). '' for multi-turn
+    families (their episodes do not fit a line). base=None (a real checkpoint, not loaded a second time):
+    its column is left out."""
     fam = trainer.eval_family
     if fam.multi_turn:
         return ""
     problem = eval_lib.heldout_problems(fam, 1, split=settings["split"])[0]
     kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
     chains = {}
-    if not os.path.isdir(trainer.base_path):
-        base = model_lib.load_policy(trainer.base_path, trainer.device)[0]
+    if base is not None:
         chains["base"] = eval_lib.improvement_chain(base, trainer.tok, fam, problem, **kw)
     chains[trainer.cfg.method] = eval_lib.improvement_chain(trainer.policy, trainer.tok, fam, problem, **kw)
     return eval_lib.format_chains(problem, chains)
@@ -1262,14 +1262,15 @@ def final_evaluation(trainer: Trainer):
         return
     base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
                                   model_lib.load_policy, **settings)
-    diversity = eval_lib.run_diversity(trainer.seen["ids"], trainer.base_path, trainer.device)
+    base_policy = eval_lib.frozen_base(trainer.base_path, trainer.device)  # once, for the diversity and the chain
+    diversity = eval_lib.run_diversity(trainer.seen["ids"], base_policy)
     eval_lib.write_json(dict(policy=res, base=base, **({"diversity": diversity} if diversity else {})),
                         os.path.join(cfg.out_dir, "eval.json"))
     print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
     if diversity:
         print(f"task diversity of the instances trained on ({diversity['n']} of them): mean pairwise cosine distance "
               f"{diversity['cosine']:.4f}, L2 {diversity['l2']:.3f}")
-    show = show_chain(trainer, settings)
+    show = show_chain(trainer, settings, base_policy)
     if show:
         print(show)
         with open(os.path.join(cfg.out_dir, "chain.txt"), "w") as f:
