@@ -77,10 +77,8 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
     def run(prompts, num_samples):
         out = []
         for s in range(0, len(prompts), batch_prompts):
-            ro = model_lib.generate(policy, prompts[s:s + batch_prompts], num_samples, max_new_tokens,
-                                    temperature=temperature, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-                                    generator=gen)
-            out += [tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
+            out += model_lib.sample_texts(policy, tok, prompts[s:s + batch_prompts], num_samples, max_new_tokens,
+                                          temperature=temperature, generator=gen)[1]
         return out
 
     for k in range(K + 1):
@@ -117,19 +115,48 @@ def improvement_chain(policy, tok, family, problem, K: int, temperature: float =
     return [(answers[0], float(scores[k, 0])) for k, answers in enumerate(trace)]
 
 
-def format_chains(problem, chains: dict, width: int = 34) -> str:
+def format_chains(problem, chains: dict, width: int | None = None, title: str = "") -> str:
     """Chains of several policies on one problem, one line per step k, side by side:
-    `k | base answer  score | trained answer  score`; long answers are cut to `width` characters."""
+    `k | base answer  score | trained answer  score`; answers longer than `width` (default: the longest
+    answer, at most 60 characters) are cut."""
+    width = width or min(60, max(len(a) for c in chains.values() for a, _ in c))
     def cell(answer, score):
         text = answer.replace("\n", " ")
         text = text if len(text) <= width else text[:width - 1] + "…"
         return f"{text:<{width}} {score:4.2f}"
     names = list(chains)
-    lines = [f"held-out problem {problem.id}: {problem.request!r}",
+    lines = [f"held-out problem {problem.id}: {problem.request!r}" + (f" ({title})" if title else ""),
              "  k | " + " | ".join(f"{n:<{width + 5}}" for n in names)]
     for k in range(len(chains[names[0]])):
         lines.append(f"{k:3d} | " + " | ".join(cell(*chains[n][k]) for n in names))
     return "\n".join(lines)
+
+
+CHAIN_CANDIDATES = 8  # held-out problems show_chain looks through for a chain that improves
+
+
+def show_chain(policy, tok, family, settings: dict, name: str, base=None) -> str:
+    """One held-out improvement chain, k = 0..K, as text: the trained policy's, and the base policy's on the
+    same problem beside it (base: loaded by the caller; None leaves its column out). The problem is the
+    first of the first CHAIN_CANDIDATES held-out problems whose trained chain ends better than it starts,
+    else the first: an illustration of what an improvement step does, chosen by that stated rule (the
+    evaluation's table is the average). '' for multi-turn families (an episode does not fit a line)."""
+    if family.multi_turn:
+        return ""
+    kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
+    problems = heldout_problems(family, CHAIN_CANDIDATES, split=settings["split"], warn=False)
+    picked = None
+    for i, problem in enumerate(problems):
+        mine = improvement_chain(policy, tok, family, problem, **kw)
+        if picked is None or mine[-1][1] > mine[0][1]:
+            picked = (i, problem, mine)
+        if mine[-1][1] > mine[0][1]:
+            break
+    i, problem, mine = picked
+    title = (f"the first of the first {len(problems)} held-out problems whose {name} chain ends better than "
+             f"it starts" if mine[-1][1] > mine[0][1] else f"none of the first {len(problems)} improved; the first")
+    chains = {} if base is None else {"base": improvement_chain(base, tok, family, problem, **kw)}
+    return format_chains(problem, chains | {name: mine}, title=title)
 
 
 def net_corrections(correct: np.ndarray) -> np.ndarray:
@@ -378,8 +405,9 @@ def _task_from_name(path: str):
 
 def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None, n_problems: int | None = None,
                         n_samples: int | None = None, device: str = "auto", with_base: bool = True,
-                        temperature: float | None = None, split: str | None = None) -> dict:
-    """{"policy": ..., "base": ...} for a checkpoint file, as exit.main writes eval.json.
+                        temperature: float | None = None, split: str | None = None, chain: bool = False) -> dict:
+    """{"policy": ..., "base": ...} for a checkpoint file, as exit.main writes eval.json (chain=True adds
+    "chain": show_chain's text, as exit.main writes chain.txt).
 
     A run checkpoint brings its config: its eval_* settings and seed are the defaults, so this
     recomputes exactly what the run's own final evaluation did. Its base is the warm-started
@@ -402,16 +430,19 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
         settings["split"] = split
     policy, tok = model_lib.policy_from_state(ck["policy"], dev)
     out = dict(policy=evaluate_policy(policy, tok, family, **settings), base=None)
-    base_path = ck.get("base_path")
+    base_path, base = ck.get("base_path"), None
     if with_base and ck.get("kind") == "run":
         if base_path and os.path.exists(base_path):
             out["base"] = evaluate_base(base_path, tok, family, dev, **settings)
+            base = frozen_base(base_path, dev)
             seen = (ck.get("seen") or {}).get("ids") or []
-            diversity = run_diversity(seen, frozen_base(base_path, dev)) if seen else None
+            diversity = run_diversity(seen, base) if seen else None
             if diversity:
                 out["diversity"] = diversity
         else:
             print(f"warning: {path}: its base policy {base_path!r} is gone; no Base evaluation", file=sys.stderr)
+    if chain:
+        out["chain"] = show_chain(policy, tok, family, settings, run_label(cfg) if ck.get("kind") == "run" else "policy", base)
     return out
 
 
@@ -575,6 +606,9 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         ev = check_evaluation(model_lib.read_json(ev_file), ev_file)
         if K is not None and K > ev["policy"]["K"]:
             raise ValueError(f"{ev_file} has K = {ev['policy']['K']} < --k={K}; pass --recompute to evaluate again")
+    # its improvement chain (show_chain) beside it: chain.txt beside eval.json, X.chain.txt beside X.json
+    chain_file = os.path.join(os.path.dirname(ev_file), "chain.txt") if os.path.basename(ev_file) == "eval.json" \
+        else ev_file[:-len(".json")] + ".chain.txt"
     if ev is None:
         if not os.path.isfile(ck_file):
             raise FileNotFoundError(f"{path}: no ckpt.pt to evaluate")
@@ -582,14 +616,19 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         with run_lock(path) if os.path.isdir(path) else contextlib.nullcontext():
             print(f"evaluating {ck_file} ...", flush=True)
             ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples,
-                                     device=device, temperature=temperature, split=split)
+                                     device=device, temperature=temperature, split=split, chain=True)
+            text = ev.pop("chain")
             write_json(ev, ev_file)
+            if text:
+                with open(chain_file, "w") as f:
+                    f.write(text + "\n")
     # unset keys are left out, so runs from before a key existed still share their base
     base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "")}, sort_keys=True)
     if method == "base":
         base_key = os.path.abspath(path)
     return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key,
-                policy=ev["policy"], base=ev.get("base"), log=log, diversity=ev.get("diversity"))
+                policy=ev["policy"], base=ev.get("base"), log=log, diversity=ev.get("diversity"),
+                chain=chain_file if os.path.isfile(chain_file) else None)
 
 
 # -----------------------------------------------------------------------------
@@ -611,6 +650,8 @@ def run_label(cfg: dict) -> str:
         if m == method and all(cfg.get(k, RUN_DEFAULTS[k]) == v for k, v in setting.items()):
             return name
     return method
+
+
 CURVE_KEYS = ("reward_base", "reward_improve", "reward_diverge", "zero_var_frac",   # training
               "depth", "difficulty", "buf_score_mean", "buf_distinct",              # the curriculum
               "turn", "ref_calls", "malformed_frac", "buf_depth",                   # multi-turn (Fig. 6)
@@ -903,6 +944,11 @@ def compare(paths: list[str], out: str | None = None, K: int | None = None, over
                               f"lineage of the buffer: {LABELS.get(grown[0]['method'], grown[0]['method'])}, "
                               f"seed {grown[0]['seed']}"):
         print(f"lineage: {os.path.join(out, 'lineage.png')} ({grown[0]['path']})")
+    # and what one improvement chain looks like, from the same kind of run
+    shown = sorted((r for r in runs if r.get("chain")), key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+    if shown:
+        with open(shown[0]["chain"]) as f:
+            print(f"one held-out improvement chain ({shown[0]['chain']}):\n{f.read().rstrip()}")
     return table
 
 

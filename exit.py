@@ -15,9 +15,10 @@ The policy is either the toy (stage 1 below trains it) or a real instruct checkp
 the trained policy as a Hugging Face directory (out_dir/hf).
 
 Top to bottom: the config (one dataclass, parsed from --key=value), the GRPO math as pure
-functions (Eq. 3-6), checks made before any work, stage 1 (supervised warm start, cached), the
-helpers of data-parallel runs (`torchrun --nproc_per_node=N exit.py ...`; identities in one process),
-stage 2 (the ExIt loop: `Trainer.iteration`), and the run itself (`main`).
+functions (Eq. 3-6), stage 1 (supervised warm start, cached), stage 2 (the ExIt loop:
+`Trainer.iteration`), and the run itself (`main`). Then what a first reading can skip: the checks
+made before any work (`preflight`), run folders, and the helpers of data-parallel runs (`torchrun
+--nproc_per_node=N exit.py ...`; each is the identity in one process).
 
 One RL iteration (`Trainer.iteration`, the same path for single- and multi-turn families):
   1. draw `tasks_per_iter` task instances: with prob. p (once the buffer holds B_min entries) a
@@ -113,7 +114,8 @@ class Config:
     eval_every: int = _f(0, "also evaluate a held-out slice every this many iterations (0 = never): heldout_k0/heldout_kK in log.jsonl, heldout.png")
     eval_every_problems: int = _f(50, "held-out problems of each --eval_every evaluation (one chain each, K = eval_k)")
     # ---- beyond the default run: real checkpoints and data, variants, extensions, engineering.
-    # No committed default-task result sets these; each is tested, and METHOD.md or README says when to.
+    # The default run sets none of these (the ladder's FIFO control sets `admission`); each is tested, and
+    # METHOD.md or README says when to use it.
     difficulties: str = _f("", "training mix of base-task difficulties, e.g. 2-6 or 2,3,5 ('' = the family's own)")
     init: str = _f("", "start from this instead of the warm start: an exit checkpoint (.pt) or a Hugging Face directory")
     data: str = _f("", "--task=realmath: GSM8K- or MATH-style JSON-lines file (tasks.load_jsonl)")
@@ -333,89 +335,6 @@ def ema_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float):
 
 
 # -----------------------------------------------------------------------------
-# Policies on disk: the weights, their config and how to rebuild the tokenizer.
-
-
-def preflight(cfg: Config, quiet: bool = False) -> dict:
-    """Everything the run will need, checked before the warm start or a checkpoint loads (minutes), so
-    a bad input is an error now, not a traceback after training: the data files, enough distinct
-    problems for the training pool and the held-out set (--difficulties), the --init checkpoint's
-    config.json and tokenizer, and that every prompt fits the model's context.
-    Returns the family, the evaluation family and the training pool, for the Trainer."""
-    family = tasks_lib.make_family(cfg.task, cfg.data, cfg.difficulties)
-    efam = tasks_lib.eval_family(cfg.eval_data, family)
-    train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
-    heldout = []
-    if cfg.eval_problems:
-        heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet,
-                                            split=cfg.eval_split)
-    tok, max_len, source_dtype = None, None, None
-    if cfg.init and os.path.isdir(cfg.init):
-        config_file = os.path.join(cfg.init, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"--init={cfg.init}: no config.json (not a Hugging Face checkpoint directory)")
-        hf = model_lib.read_json(config_file)
-        max_len = model_lib.config_from_hf(hf, where=config_file).max_seq_len
-        source_dtype = model_lib.hf_dtype(hf)
-        if not model_lib._has_tokenizer_files(cfg.init):
-            raise ValueError(f"{cfg.init}: no tokenizer files; --init needs a checkpoint with its tokenizer")
-        tok = model_lib.load_tokenizer(cfg.init)
-    elif cfg.init:
-        if not os.path.isfile(cfg.init):
-            raise FileNotFoundError(f"--init={cfg.init}: no such checkpoint file or Hugging Face directory")
-    else:
-        tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
-        max_len = model_lib.toy_config(tok.vocab_size).max_seq_len
-    if tok is not None:
-        style = tasks_lib.prompt_style(tok)
-        if style == "chat" and not tok.has_chat_template and not quiet:
-            print(f"warning: {cfg.init}: the tokenizer has no chat template, so prompts are plain "
-                  "'user: ... assistant: ' text, which an instruct model was not trained on", file=sys.stderr)
-        if not family.multi_turn:
-            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in train_pool},
-                          family, "--data" if cfg.data else "the task")
-            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in heldout},
-                          efam, "--eval_data" if cfg.eval_data else "--data" if cfg.data else "the held-out set")
-    return dict(family=family, eval_family=efam, train_pool=train_pool, source_dtype=source_dtype)
-
-
-def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):
-    """Every problem's base prompt plus a completion must fit the context (model.generate refuses more)."""
-    for p in problems.values():
-        n = len(tasks_lib.encode_prompt(tok, family, p, style=style))
-        if n + max_new_tokens > max_len:
-            line = f", line {p.data['line']}" if isinstance(p.data, dict) and "line" in p.data else ""
-            raise ValueError(f"{what}{line}: the prompt of problem {p.id} is {n} tokens, which with "
-                             f"max_new_tokens={max_new_tokens} exceeds the model's context of {max_len} tokens")
-
-
-# -----------------------------------------------------------------------------
-# Run folders: one run per folder, and nothing in it lost or mixed with another run's.
-
-
-def check_resume_folder(out_dir: str, ck: dict):
-    """A ckpt.pt resumes only the run whose config.json and log.jsonl lie beside it: a checkpoint copied
-    in from another run would otherwise continue under that run's log."""
-    ckpt_path, saved = os.path.join(out_dir, "ckpt.pt"), ck["config"]
-    cfg_file = os.path.join(out_dir, "config.json")
-    if os.path.isfile(cfg_file):
-        folder = model_lib.read_json(cfg_file)
-        diff = [k for k in sorted(saved) if k in folder and k not in RESUMABLE_OVERRIDES and folder[k] != saved[k]]
-        if diff:
-            raise ValueError(f"{ckpt_path} is not this folder's run: it differs from {cfg_file} in "
-                             + ", ".join(f"{k} ({saved[k]!r} vs {folder[k]!r})" for k in diff[:5])
-                             + "; put it in a folder of its own")
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if os.path.isfile(log_path):
-        iters = [entry["iter"] for entry in eval_lib.read_log_lines(log_path)]
-        n = ck["iter"]
-        if iters[:n] != list(range(1, n + 1)):
-            raise ValueError(f"{ckpt_path} is at iteration {n}, but {log_path} holds iterations "
-                             f"{iters[:1] + (['...', iters[-1]] if len(iters) > 1 else [])} (not 1..{n}): "
-                             "the checkpoint and the log are of different runs")
-
-
-# -----------------------------------------------------------------------------
 # Stage 1: the warm start. A randomly initialised transformer cannot attempt a task or follow an
 # "improve" request, so it first imitates the family's demonstrations, whose documented error
 # model makes it a weak instruct model (tasks.py). Cached, so every method starts from the same base.
@@ -485,141 +404,6 @@ def warm_start(cfg: Config, family, device, quiet=False):
     if not quiet:
         print(f"warm start: saved {path}")
     return policy, tok, path
-
-
-# -----------------------------------------------------------------------------
-# Several processes (torchrun): data parallel. Everything distributed is in this section; the loop
-# calls these helpers at the few places marked "data parallel", and each is the identity in one process
-# (`python exit.py` initialises nothing: no WORLD_SIZE in the environment, rank 0 of 1).
-# Under `torchrun --nproc_per_node=N exit.py ...` the iteration's tasks_per_iter instances are split
-# into N contiguous equal shares; each rank samples, scores and back-propagates its share; gradients
-# are averaged across ranks. Rank 0 alone holds the curriculum (buffer, draws) and writes the run folder.
-
-
-def dist_init(cfg: Config):
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
-    NCCL between GPUs (one per process, cuda:LOCAL_RANK), gloo on CPUs. Nothing without torchrun."""
-    if "WORLD_SIZE" not in os.environ or torch.distributed.is_initialized():
-        return
-    if model_lib.pick_device(cfg.device).type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" is now this rank's GPU
-        torch.distributed.init_process_group("nccl")
-    else:
-        torch.distributed.init_process_group("gloo")
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def _comm_device():
-    # NCCL reduces CUDA tensors only; gloo, CPU ones
-    return torch.device("cuda") if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-
-
-def barrier():
-    if world_size() > 1:
-        torch.distributed.barrier()
-
-
-def broadcast_object(obj):
-    """Rank 0's obj on every rank (pickled): the curriculum's decisions."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather_objects(obj) -> list:
-    """[rank 0's obj, rank 1's obj, ...] on every rank."""
-    if world_size() == 1:
-        return [obj]
-    out = [None] * world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def my_share(n: int) -> slice:
-    """This rank's contiguous share of n items (n is a multiple of the world size: check_world)."""
-    k = n // world_size()
-    return slice(rank() * k, (rank() + 1) * k)
-
-
-def gather_shares(*shares):
-    """Each argument is this rank's share (a list, or a tensor split along dim 0); returns the global
-    ones, the ranks' shares in rank order, on every rank."""
-    if world_size() == 1:
-        return shares
-    ranks = all_gather_objects([s.cpu() if torch.is_tensor(s) else s for s in shares])
-    return tuple(torch.cat([r[i] for r in ranks]) if torch.is_tensor(shares[i]) else [x for r in ranks for x in r[i]]
-                 for i in range(len(shares)))
-
-
-def all_reduce_(tensors, op="mean"):
-    """In place, the mean (or max) over ranks of each tensor: a gradient becomes the global batch's."""
-    if world_size() == 1:
-        return
-    for t in tensors:
-        if op == "mean":
-            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.SUM)
-            t.div_(world_size())
-        else:
-            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
-
-
-def mean_over_ranks(x: float) -> float:
-    if world_size() == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
-    all_reduce_([t])
-    return float(t)
-
-
-def max_over_ranks(x):
-    if world_size() == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
-    all_reduce_([t], op="max")
-    return type(x)(t.item())
-
-
-def broadcast_params(module: torch.nn.Module):
-    """Rank 0's weights on every rank (as DDP does at its start): the ranks start from one policy."""
-    if world_size() > 1:
-        for p in module.parameters():
-            torch.distributed.broadcast(p.data, src=0)
-
-
-@contextlib.contextmanager
-def main_first():
-    """Rank 0 runs the block first (e.g. trains and saves the warm start: an atomic write, so no rank
-    reads half a file); the other ranks wait, then run it (and find the file)."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
-
-
-def folder_lock(out_dir: str):
-    """The run folder's lock, held by rank 0, which alone writes the folder."""
-    return eval_lib.run_lock(out_dir) if is_main() else contextlib.nullcontext()
-
-
-def check_world(cfg: Config):
-    need = world_size()
-    if cfg.tasks_per_iter % need:
-        raise ValueError(f"tasks_per_iter ({cfg.tasks_per_iter}) must be a multiple of the world size ({need}): "
-                         "every rank takes an equal share of the iteration's task instances")
 
 
 # -----------------------------------------------------------------------------
@@ -826,15 +610,13 @@ class Trainer:
         (multi-turn: all its episodes finished): it then only keeps its generator in step."""
         counts = all_gather_objects(len(prompts) * n)  # [N] in one process
         first, total = sum(counts[:rank()]), sum(counts)
-        ro = None if not prompts else model_lib.generate(
-            self.policy, prompts, n, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-            stop_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, generator=self.gen, rows=(first, total))
+        ro, texts = (None, []) if not prompts else model_lib.sample_texts(
+            self.policy, self.tok, prompts, n, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+            generator=self.gen, rows=(first, total))
         steps = 0 if ro is None else ro.tokens.shape[1]
         for _ in range(max_over_ranks(steps) - steps):  # data parallel only: 0 in one process
             torch.rand(total, 1, generator=self.gen, device=self.device)
-        if ro is None:
-            return None, []
-        return ro, [self.tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
+        return ro, texts
 
     def finish_episodes(self, insts, iterates) -> list[list[str]]:
         """Multi-turn: every row's answers to all turns, the history before turn t, the row's new answer to
@@ -1191,23 +973,6 @@ def heldout_point(trainer: Trainer) -> dict:
     return dict(heldout_k0=score[0], heldout_kK=score[-1])
 
 
-def show_chain(trainer: Trainer, settings: dict, base=None) -> str:
-    """The first held-out problem's improvement chain, k = 0..K, the base policy's (`base`, loaded by the
-    caller) beside the trained one's, as text (the first problem, not a chosen one). '' for multi-turn
-    families (their episodes do not fit a line). base=None (a real checkpoint, not loaded a second time):
-    its column is left out."""
-    fam = trainer.eval_family
-    if fam.multi_turn:
-        return ""
-    problem = eval_lib.heldout_problems(fam, 1, split=settings["split"])[0]
-    kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
-    chains = {}
-    if base is not None:
-        chains["base"] = eval_lib.improvement_chain(base, trainer.tok, fam, problem, **kw)
-    chains[trainer.cfg.method] = eval_lib.improvement_chain(trainer.policy, trainer.tok, fam, problem, **kw)
-    return eval_lib.format_chains(problem, chains)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -1270,12 +1035,230 @@ def final_evaluation(trainer: Trainer):
     if diversity:
         print(f"task diversity of the instances trained on ({diversity['n']} of them): mean pairwise cosine distance "
               f"{diversity['cosine']:.4f}, L2 {diversity['l2']:.3f}")
-    show = show_chain(trainer, settings, base_policy)
+    show = eval_lib.show_chain(trainer.policy, trainer.tok, trainer.eval_family, settings, cfg.method, base_policy)
     if show:
         print(show)
         with open(os.path.join(cfg.out_dir, "chain.txt"), "w") as f:
             f.write(show + "\n")
     trainer.timing["evaluation"] = time.time() - t0
+
+
+# -----------------------------------------------------------------------------
+# Checks made before any work (`preflight`), so that a bad input is an error in seconds, not a traceback
+# after the warm start. Not the method: skip on a first read.
+
+def preflight(cfg: Config, quiet: bool = False) -> dict:
+    """Everything the run will need, checked before the warm start or a checkpoint loads (minutes), so
+    a bad input is an error now, not a traceback after training: the data files, enough distinct
+    problems for the training pool and the held-out set (--difficulties), the --init checkpoint's
+    config.json and tokenizer, and that every prompt fits the model's context.
+    Returns the family, the evaluation family and the training pool, for the Trainer."""
+    family = tasks_lib.make_family(cfg.task, cfg.data, cfg.difficulties)
+    efam = tasks_lib.eval_family(cfg.eval_data, family)
+    train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
+    heldout = []
+    if cfg.eval_problems:
+        heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet,
+                                            split=cfg.eval_split)
+    tok, max_len, source_dtype = None, None, None
+    if cfg.init and os.path.isdir(cfg.init):
+        config_file = os.path.join(cfg.init, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"--init={cfg.init}: no config.json (not a Hugging Face checkpoint directory)")
+        hf = model_lib.read_json(config_file)
+        max_len = model_lib.config_from_hf(hf, where=config_file).max_seq_len
+        source_dtype = model_lib.hf_dtype(hf)
+        if not model_lib._has_tokenizer_files(cfg.init):
+            raise ValueError(f"{cfg.init}: no tokenizer files; --init needs a checkpoint with its tokenizer")
+        tok = model_lib.load_tokenizer(cfg.init)
+    elif cfg.init:
+        if not os.path.isfile(cfg.init):
+            raise FileNotFoundError(f"--init={cfg.init}: no such checkpoint file or Hugging Face directory")
+    else:
+        tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+        max_len = model_lib.toy_config(tok.vocab_size).max_seq_len
+    if tok is not None:
+        style = tasks_lib.prompt_style(tok)
+        if style == "chat" and not tok.has_chat_template and not quiet:
+            print(f"warning: {cfg.init}: the tokenizer has no chat template, so prompts are plain "
+                  "'user: ... assistant: ' text, which an instruct model was not trained on", file=sys.stderr)
+        if not family.multi_turn:
+            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in train_pool},
+                          family, "--data" if cfg.data else "the task")
+            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in heldout},
+                          efam, "--eval_data" if cfg.eval_data else "--data" if cfg.data else "the held-out set")
+    return dict(family=family, eval_family=efam, train_pool=train_pool, source_dtype=source_dtype)
+
+
+def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):
+    """Every problem's base prompt plus a completion must fit the context (model.generate refuses more)."""
+    for p in problems.values():
+        n = len(tasks_lib.encode_prompt(tok, family, p, style=style))
+        if n + max_new_tokens > max_len:
+            line = f", line {p.data['line']}" if isinstance(p.data, dict) and "line" in p.data else ""
+            raise ValueError(f"{what}{line}: the prompt of problem {p.id} is {n} tokens, which with "
+                             f"max_new_tokens={max_new_tokens} exceeds the model's context of {max_len} tokens")
+
+
+# -----------------------------------------------------------------------------
+# Run folders: one run per folder, and nothing in it lost or mixed with another run's.
+
+
+def check_resume_folder(out_dir: str, ck: dict):
+    """A ckpt.pt resumes only the run whose config.json and log.jsonl lie beside it: a checkpoint copied
+    in from another run would otherwise continue under that run's log."""
+    ckpt_path, saved = os.path.join(out_dir, "ckpt.pt"), ck["config"]
+    cfg_file = os.path.join(out_dir, "config.json")
+    if os.path.isfile(cfg_file):
+        folder = model_lib.read_json(cfg_file)
+        diff = [k for k in sorted(saved) if k in folder and k not in RESUMABLE_OVERRIDES and folder[k] != saved[k]]
+        if diff:
+            raise ValueError(f"{ckpt_path} is not this folder's run: it differs from {cfg_file} in "
+                             + ", ".join(f"{k} ({saved[k]!r} vs {folder[k]!r})" for k in diff[:5])
+                             + "; put it in a folder of its own")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.isfile(log_path):
+        iters = [entry["iter"] for entry in eval_lib.read_log_lines(log_path)]
+        n = ck["iter"]
+        if iters[:n] != list(range(1, n + 1)):
+            raise ValueError(f"{ckpt_path} is at iteration {n}, but {log_path} holds iterations "
+                             f"{iters[:1] + (['...', iters[-1]] if len(iters) > 1 else [])} (not 1..{n}): "
+                             "the checkpoint and the log are of different runs")
+
+
+# -----------------------------------------------------------------------------
+# Several processes (torchrun): data parallel. Everything distributed is in this section; the loop
+# calls these helpers at the few places marked "data parallel", and each is the identity in one process
+# (`python exit.py` initialises nothing: no WORLD_SIZE in the environment, rank 0 of 1).
+# Under `torchrun --nproc_per_node=N exit.py ...` the iteration's tasks_per_iter instances are split
+# into N contiguous equal shares; each rank samples, scores and back-propagates its share; gradients
+# are averaged across ranks. Rank 0 alone holds the curriculum (buffer, draws) and writes the run folder.
+
+
+def dist_init(cfg: Config):
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
+    NCCL between GPUs (one per process, cuda:LOCAL_RANK), gloo on CPUs. Nothing without torchrun."""
+    if "WORLD_SIZE" not in os.environ or torch.distributed.is_initialized():
+        return
+    if model_lib.pick_device(cfg.device).type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" is now this rank's GPU
+        torch.distributed.init_process_group("nccl")
+    else:
+        torch.distributed.init_process_group("gloo")
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _comm_device():
+    # NCCL reduces CUDA tensors only; gloo, CPU ones
+    return torch.device("cuda") if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier():
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank (pickled): the curriculum's decisions."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def my_share(n: int) -> slice:
+    """This rank's contiguous share of n items (n is a multiple of the world size: check_world)."""
+    k = n // world_size()
+    return slice(rank() * k, (rank() + 1) * k)
+
+
+def gather_shares(*shares):
+    """Each argument is this rank's share (a list, or a tensor split along dim 0); returns the global
+    ones, the ranks' shares in rank order, on every rank."""
+    if world_size() == 1:
+        return shares
+    ranks = all_gather_objects([s.cpu() if torch.is_tensor(s) else s for s in shares])
+    return tuple(torch.cat([r[i] for r in ranks]) if torch.is_tensor(shares[i]) else [x for r in ranks for x in r[i]]
+                 for i in range(len(shares)))
+
+
+def all_reduce_(tensors, op="mean"):
+    """In place, the mean (or max) over ranks of each tensor: a gradient becomes the global batch's."""
+    if world_size() == 1:
+        return
+    for t in tensors:
+        if op == "mean":
+            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.SUM)
+            t.div_(world_size())
+        else:
+            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
+
+
+def mean_over_ranks(x: float) -> float:
+    if world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
+    all_reduce_([t])
+    return float(t)
+
+
+def max_over_ranks(x):
+    if world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
+    all_reduce_([t], op="max")
+    return type(x)(t.item())
+
+
+def broadcast_params(module: torch.nn.Module):
+    """Rank 0's weights on every rank (as DDP does at its start): the ranks start from one policy."""
+    if world_size() > 1:
+        for p in module.parameters():
+            torch.distributed.broadcast(p.data, src=0)
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. trains and saves the warm start: an atomic write, so no rank
+    reads half a file); the other ranks wait, then run it (and find the file)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def folder_lock(out_dir: str):
+    """The run folder's lock, held by rank 0, which alone writes the folder."""
+    return eval_lib.run_lock(out_dir) if is_main() else contextlib.nullcontext()
+
+
+def check_world(cfg: Config):
+    need = world_size()
+    if cfg.tasks_per_iter % need:
+        raise ValueError(f"tasks_per_iter ({cfg.tasks_per_iter}) must be a multiple of the world size ({need}): "
+                         "every rank takes an equal share of the iteration's task instances")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ provides exactly those to exit.py:
 
   generate()            G completions for each self-iteration prompt, sampled from pi_old,
                         with their log-probs (the denominator of the GRPO ratio, Eq. 5);
+                        sample_texts() also decodes them, for the family to score;
   completion_logprobs() log pi_theta of the same completions, with gradients (Eq. 4-5);
   embed()               mean-pooled final hidden states, for the diversity bonus (§4.2).
 
 tasks.encode_prompt turns prompts into token ids with a Tokenizer from here (passed in: tasks.py
-imports nothing of this file), and exit.py decodes the completions the family scores. The same
+imports nothing of this file). The same
 Transformer runs the toy policy (toy_config + byte_tokenizer, 855k parameters, trained from scratch
 on CPU) and real Llama / Qwen2 checkpoints (load_hf), so the loop that trains one can train the other.
 
@@ -474,6 +475,16 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     mask = (torch.arange(T, device=device)[None] < lengths[:, None]).float()
     return Rollouts(tokens=tokens[:, :T], lengths=lengths, logprobs=logprobs[:, :T], mask=mask, finished=done)
 
+
+
+def sample_texts(policy: Transformer, tok, prompts: list[list[int]], num_samples: int, max_new_tokens: int, *,
+                 temperature: float = 1.0, generator: torch.Generator | None = None,
+                 rows: tuple[int, int] | None = None) -> tuple[Rollouts, list[str]]:
+    """generate() with the tokenizer's stop and pad ids, and each row's completion decoded (its stop token
+    included, as the rewards expect): the one sample-then-decode step of training and evaluation."""
+    ro = generate(policy, prompts, num_samples, max_new_tokens, temperature=temperature,
+                  stop_ids=tok.stop_ids, pad_id=tok.pad_id, generator=generator, rows=rows)
+    return ro, [tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
 
 # -----------------------------------------------------------------------------
 # Log-probs and embeddings of given sequences
