@@ -29,7 +29,8 @@ One RL iteration (`Trainer.iteration`, the same path for single- and multi-turn 
   3. group-normalised advantages (Eq. 3), times the diversity coefficient (Eq. 6) for full ExIt;
   4. `epochs` clipped policy-gradient steps on Eq. 4 against the sampling policy's log-probs;
   5. the buffer learns: a replayed instance gets its fresh learnability var(r); the new answers
-     become new instances "improve this" that inherit it (and so the curriculum grows deeper).
+     become new instances "improve this" that inherit it (and so the curriculum grows deeper);
+  6. the reference policy's refresh (β > 0 only) and the iteration's log line.
 """
 
 import contextlib
@@ -166,11 +167,14 @@ class Config:
              "split; for --eval_split=val drop --eval_data (the validation tenth of --data is used)")
         need(self.admission in ("score", "fifo"), f"admission must be 'score' or 'fifo', got {self.admission!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        need((self.task == "realmath") == bool(self.data), "--data=FILE goes with --task=realmath, and realmath needs it")
-        need(self.task != "realmath" or bool(self.init), "--task=realmath needs --init=HF_DIR: real data has no warm start")
+        family = tasks_lib.FAMILIES[self.task]
+        need(family.reads_data == bool(self.data), f"--data=FILE goes with --task=realmath (a family that reads its "
+             f"problems from a file), and such a family needs it (--task={self.task})")
+        need(family.has_demonstrations or bool(self.init), f"--task={self.task} needs --init=HF_DIR: it has no "
+             "demonstrations to warm-start from")
         if self.difficulties:
             tasks_lib.parse_difficulties(self.difficulties)  # raises a config error naming the bad text
-            need(self.task != "realmath", "--difficulties does not apply to realmath (its file sets the levels)")
+            need(not family.reads_data, f"--difficulties does not apply to {self.task} (its file sets the levels)")
         need(self.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
         for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size",
                   "ref_every", "warm_steps", "warm_batch", "warm_examples", "log_every", "ckpt_every"):
@@ -190,7 +194,7 @@ class Config:
         need(self.eval_k >= 0, f"eval_k must be >= 0 (K improve steps), got {self.eval_k}")
         need(self.eval_samples >= 1, f"eval_samples must be >= 1 (chains per held-out task), got {self.eval_samples}")
         need(self.eval_every_problems >= 1, f"eval_every_problems must be >= 1, got {self.eval_every_problems}")
-        need(not self.eval_data or self.task == "realmath", "--eval_data=FILE goes with --task=realmath")
+        need(not self.eval_data or family.reads_data, "--eval_data=FILE goes with --task=realmath")
         need(self.micro_batch >= 0 and self.show_every >= 0, "micro_batch and show_every must be >= 0")
         if not self.init:  # the toy's shape (a checkpoint brings its own)
             need(min(self.n_layer, self.n_head, self.n_kv_head, self.n_embd) >= 1,

@@ -133,6 +133,7 @@ class TaskFamily:
     has_feedback = False       # True: improve/diverge prompts carry `feedback` on the current answer
     multi_turn = False         # True: a base task is an episode of turns (ToolsFamily; exit.py and eval.py branch on it)
     has_demonstrations = True  # False: no warm-start demonstrations (realmath: start from an instruct checkpoint)
+    reads_data = False         # True: the problems come from the --data file (realmath), given to the family as path=
     recommended: dict = {}     # exit.py settings this family trains with unless the command line sets them
     train_difficulties: tuple = ()     # the training mix (difficulty=None samples uniformly from it)
     heldout_difficulties: tuple = ()   # harder settings for held-out evaluation
@@ -1161,7 +1162,7 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
 
 class RealMath(TaskFamily):
     """Real math problems for instruct checkpoints; binary reward = the final answer is equivalent."""
-    name, graded, has_feedback, has_demonstrations = "realmath", False, False, False
+    name, graded, has_feedback, has_demonstrations, reads_data = "realmath", False, False, False, True
     summary = "binary: GSM8K/MATH-style problems from a JSONL file (needs --data and --init)"
     answer_format = "put the final answer in \\boxed{}"
 
@@ -1274,9 +1275,9 @@ def parse_difficulties(text: str) -> tuple:
 
 
 def make_family(task: str, data: str = "", difficulties: str = ""):
-    """The task family of a run: realmath reads its problems from the --data file; --difficulties
-    replaces the family's training mix (and so the held-out evaluation mix)."""
-    family = get_family(task, path=data) if task == "realmath" else get_family(task)
+    """The task family of a run: a family that reads_data (realmath) reads its problems from the --data
+    file; --difficulties replaces the family's training mix (and so the held-out evaluation mix)."""
+    family = get_family(task, path=data) if FAMILIES[task].reads_data else get_family(task)
     if difficulties:
         family.train_difficulties = parse_difficulties(difficulties)
     return family
