@@ -908,28 +908,10 @@ def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if is_main():
         eval_lib.write_json(dict(dataclasses.asdict(cfg), world_size=world_size()), os.path.join(cfg.out_dir, "config.json"))
-    if is_main() and cfg.resume and os.path.exists(log_path):  # drop lines of iterations the checkpoint does not hold
-        kept = [json.dumps(e) + "\n" for e in eval_lib.read_log_lines(log_path) if e["iter"] <= trainer.iter]
-        with open(f"{log_path}.tmp{os.getpid()}", "w") as f:
-            f.writelines(kept)
-        os.replace(f"{log_path}.tmp{os.getpid()}", log_path)
-    # Ctrl-C finishes the iteration in flight, then saves and stops: a checkpoint taken halfway
-    # through an iteration (RNGs advanced, buffer half updated) would not resume exactly.
-    stop = []
-
-    def on_sigint(signum, frame):
-        if stop:  # a second Ctrl-C: stop at once, without a checkpoint
-            raise KeyboardInterrupt
-        stop.append(True)
-        tqdm.write(f"{'Ctrl-C' if signum == signal.SIGINT else 'stop (SIGTERM)'}: finishing this iteration, then saving "
-                   "(Ctrl-C again to stop without saving)")
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
-    # `kill` (SIGTERM: what eval.py's ladder sends its runs when it is stopped) saves and stops the same way
-    previous_term = signal.signal(signal.SIGTERM, on_sigint) if in_main else None
+    if is_main() and cfg.resume:
+        truncate_log(log_path, trainer.iter)
     bar = tqdm(total=cfg.iters, initial=trainer.iter, desc=f"ExIt[{cfg.method}]", disable=quiet, dynamic_ncols=True)
-    try:
+    with stop_signals() as stop:  # Ctrl-C or kill: finish this iteration, save, stop
         while trainer.iter < cfg.iters and not max_over_ranks(len(stop)):  # every rank stops at the same one
             out = trainer.iteration()
             log = out["log"]
@@ -946,10 +928,6 @@ def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
                 trainer.show(out)
             if trainer.iter % cfg.ckpt_every == 0:
                 trainer.save()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-            signal.signal(signal.SIGTERM, previous_term)
     if max_over_ranks(len(stop)):
         trainer.save()
         bar.close()
@@ -1128,6 +1106,43 @@ def check_resume_folder(out_dir: str, ck: dict):
             raise ValueError(f"{ckpt_path} is at iteration {n}, but {log_path} holds iterations "
                              f"{iters[:1] + (['...', iters[-1]] if len(iters) > 1 else [])} (not 1..{n}): "
                              "the checkpoint and the log are of different runs")
+
+
+def truncate_log(log_path: str, last_iter: int):
+    """On resume: drop log.jsonl's lines of iterations after the checkpoint's (logged, then lost to a kill)."""
+    if not os.path.exists(log_path):
+        return
+    kept = [json.dumps(e) + "\n" for e in eval_lib.read_log_lines(log_path) if e["iter"] <= last_iter]
+    with open(f"{log_path}.tmp{os.getpid()}", "w") as f:
+        f.writelines(kept)
+    os.replace(f"{log_path}.tmp{os.getpid()}", log_path)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Ctrl-C (SIGINT), or `kill` (SIGTERM: what eval.py's ladder sends its runs when it is stopped), during the
+    RL loop: the iteration in flight finishes, then the run saves and stops. A checkpoint taken halfway through
+    an iteration (RNGs advanced, buffer half updated) would not resume exactly. Yields a list that becomes
+    non-empty once a stop is asked for; a second signal stops at once (KeyboardInterrupt), without saving."""
+    stop = []
+
+    def on_signal(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        tqdm.write(f"{'Ctrl-C' if signum == signal.SIGINT else 'stop (SIGTERM)'}: finishing this iteration, then saving "
+                   "(Ctrl-C again to stop without saving)")
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield stop
+    finally:
+        for signum, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
+            if handler is not None:  # None: a handler not installed from Python, which cannot be restored
+                signal.signal(signum, handler)
 
 
 # -----------------------------------------------------------------------------
