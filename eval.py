@@ -13,7 +13,8 @@ first turn's accuracy and the mean per-turn accuracy.
 Top to bottom:
   the K-step evaluation    `evaluate_policy` (exit.py calls it at the end of a run, writing eval.json)
   what is on disk          `evaluate_checkpoint` (a run's ckpt.pt, its warm-started base, a base file),
-                           `load_run` (a run folder: its eval.json, else evaluate ckpt.pt and write it)
+                           `load_run` (a run folder: its eval.json, else evaluate ckpt.pt and write it,
+                           with one improvement chain as text beside it, `show_chain`: chain.txt)
   the comparison           `comparison_table`: Table 1's shape, one row per method (and Base), mean ± std
                            over seeds of the score at k = 0 and k = K and of Δ_K; `format_table`
   plots                    `plot_table`: accuracy and net corrections vs k, training curves, curriculum
@@ -138,23 +139,26 @@ CHAIN_CANDIDATES = 8  # held-out problems show_chain looks through for a chain t
 def show_chain(policy, tok, family, settings: dict, name: str, base=None) -> str:
     """One held-out improvement chain, k = 0..K, as text: the trained policy's, and the base policy's on the
     same problem beside it (base: loaded by the caller; None leaves its column out). The problem is the
-    first of the first CHAIN_CANDIDATES held-out problems whose trained chain ends better than it starts,
-    else the first: an illustration of what an improvement step does, chosen by that stated rule (the
-    evaluation's table is the average). '' for multi-turn families (an episode does not fit a line)."""
+    first of the evaluation's first CHAIN_CANDIDATES held-out problems (`settings`: evaluate_policy's) whose
+    trained chain ends better than it starts, else the first: an illustration of what an improvement step
+    does, chosen by that stated rule (the evaluation's table is the average). '' for multi-turn families
+    (an episode does not fit a line)."""
     if family.multi_turn:
         return ""
     kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
-    problems = heldout_problems(family, CHAIN_CANDIDATES, split=settings["split"], warn=False)
+    problems = heldout_problems(family, settings["n_problems"], harder=settings.get("harder", False),
+                                warn=False, split=settings["split"])[:CHAIN_CANDIDATES]
     picked = None
-    for i, problem in enumerate(problems):
+    for problem in problems if settings["K"] else problems[:1]:  # K = 0: no improve step to show
         mine = improvement_chain(policy, tok, family, problem, **kw)
         if picked is None or mine[-1][1] > mine[0][1]:
-            picked = (i, problem, mine)
+            picked = (problem, mine)
         if mine[-1][1] > mine[0][1]:
             break
-    i, problem, mine = picked
-    title = (f"the first of the first {len(problems)} held-out problems whose {name} chain ends better than "
-             f"it starts" if mine[-1][1] > mine[0][1] else f"none of the first {len(problems)} improved; the first")
+    problem, mine = picked
+    title = ("K = 0: no improve steps" if not settings["K"] else
+             f"the first of the evaluation's first {len(problems)} held-out problems whose {name} chain ends better "
+             f"than it starts" if mine[-1][1] > mine[0][1] else f"none of the first {len(problems)} improved; the first")
     chains = {} if base is None else {"base": improvement_chain(base, tok, family, problem, **kw)}
     return format_chains(problem, chains | {name: mine}, title=title)
 
@@ -434,8 +438,8 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     if with_base and ck.get("kind") == "run":
         if base_path and os.path.exists(base_path):
             out["base"] = evaluate_base(base_path, tok, family, dev, **settings)
-            base = frozen_base(base_path, dev)
             seen = (ck.get("seen") or {}).get("ids") or []
+            base = frozen_base(base_path, dev) if seen or chain else None
             diversity = run_diversity(seen, base) if seen else None
             if diversity:
                 out["diversity"] = diversity
@@ -564,7 +568,8 @@ BASE_KEYS = ("task", "data", "eval_data", "seed", "init", "n_layer", "n_embd", "
 def load_run(path: str, recompute: bool = False, task: str | None = None, K: int | None = None,
              n_problems: int | None = None, n_samples: int | None = None, device: str = "auto",
              temperature: float | None = None, split: str | None = None) -> dict:
-    """One run for the comparison: {path, method, seed, base_key, policy, base, log, diversity}.
+    """One run for the comparison: {path, method, seed, task, base_key, policy, base, log, diversity, chain}
+    (chain: the path of its improvement chain as text, or None).
 
     `path` is a run folder or a checkpoint file. Its eval.json (for a loose checkpoint file
     X.pt: X.eval.json) is used as it is; only when there is none, or with recompute, is the
@@ -618,10 +623,12 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
             ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples,
                                      device=device, temperature=temperature, split=split, chain=True)
             text = ev.pop("chain")
-            write_json(ev, ev_file)
-            if text:
-                with open(chain_file, "w") as f:
+            if text:  # before eval.json, whose presence says the evaluation is done
+                tmp = f"{chain_file}.tmp{os.getpid()}"
+                with open(tmp, "w") as f:
                     f.write(text + "\n")
+                os.replace(tmp, chain_file)
+            write_json(ev, ev_file)
     # unset keys are left out, so runs from before a key existed still share their base
     base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "")}, sort_keys=True)
     if method == "base":

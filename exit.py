@@ -571,7 +571,7 @@ class Trainer:
         self.timing["sampling"] += t_sample
         self.timing["update"] += t2 - t1
         self.timing["buffer"] += time.time() - t2
-        out = self.finish_iteration(insts, responses, rewards, lengths, stats, t0, t_sample)
+        out = self.finish_iteration(insts, responses, rewards, lengths, stats, t0, t_sample)  # 6
         out["answers"] = episodes
         return out
 
@@ -1017,7 +1017,8 @@ def final_evaluation(trainer: Trainer):
     if diversity:
         print(f"task diversity of the instances trained on ({diversity['n']} of them): mean pairwise cosine distance "
               f"{diversity['cosine']:.4f}, L2 {diversity['l2']:.3f}")
-    show = eval_lib.show_chain(trainer.policy, trainer.tok, trainer.eval_family, settings, cfg.method, base_policy)
+    show = eval_lib.show_chain(trainer.policy, trainer.tok, trainer.eval_family, settings,
+                               eval_lib.run_label(dataclasses.asdict(cfg)), base_policy)
     if show:
         print(show)
         with open(os.path.join(cfg.out_dir, "chain.txt"), "w") as f:

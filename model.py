@@ -476,7 +476,6 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     return Rollouts(tokens=tokens[:, :T], lengths=lengths, logprobs=logprobs[:, :T], mask=mask, finished=done)
 
 
-
 def sample_texts(policy: Transformer, tok, prompts: list[list[int]], num_samples: int, max_new_tokens: int, *,
                  temperature: float = 1.0, generator: torch.Generator | None = None,
                  rows: tuple[int, int] | None = None) -> tuple[Rollouts, list[str]]:
@@ -485,6 +484,7 @@ def sample_texts(policy: Transformer, tok, prompts: list[list[int]], num_samples
     ro = generate(policy, prompts, num_samples, max_new_tokens, temperature=temperature,
                   stop_ids=tok.stop_ids, pad_id=tok.pad_id, generator=generator, rows=rows)
     return ro, [tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
+
 
 # -----------------------------------------------------------------------------
 # Log-probs and embeddings of given sequences

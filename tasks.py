@@ -1277,7 +1277,8 @@ def parse_difficulties(text: str) -> tuple:
 def make_family(task: str, data: str = "", difficulties: str = ""):
     """The task family of a run: a family that reads_data (realmath) reads its problems from the --data
     file; --difficulties replaces the family's training mix (and so the held-out evaluation mix)."""
-    family = get_family(task, path=data) if FAMILIES[task].reads_data else get_family(task)
+    reads_data = getattr(FAMILIES.get(task), "reads_data", False)  # an unknown name: get_family says so
+    family = get_family(task, path=data) if reads_data else get_family(task)
     if difficulties:
         family.train_difficulties = parse_difficulties(difficulties)
     return family

@@ -1857,7 +1857,7 @@ def test_ladder_runs_resumes_and_recomputes_exactly(tmp_path, monkeypatch, capsy
     chain = (out / "exit-s0" / "eval.val.chain.txt").read_text()
     assert "one held-out improvement chain" in capsys.readouterr().out and "exit" in chain.splitlines()[1]
     val = json.load(open(out / "exit-s0" / "eval.val.json"))
-    assert val["policy"]["settings"]["split"] == "val" == val["base"]["settings"]["split"]
+    assert "chain" not in val and val["policy"]["settings"]["split"] == "val" == val["base"]["settings"]["split"]
     assert json.load(open(out / "exit-s0" / "eval.json")) == saved
     # another temperature goes to its own file; the run's eval.json is left as it was
     eval_lib.main([str(out / "exit-s0"), "--temperature=0", "--out", str(tmp_path / "greedy"), "--device=cpu"])
@@ -1907,12 +1907,12 @@ def test_improvement_chain_shows_each_step_as_text(monkeypatch):
 
 
 def test_show_chain_picks_the_first_problem_whose_chain_improves(monkeypatch):
-    """show_chain's stated rule: the first of the first CHAIN_CANDIDATES held-out problems whose trained chain
-    ends better than it starts (here the third, the only one the scripted policy fixes), else the first;
-    the base's chain on the same problem beside it."""
+    """show_chain's stated rule: the first of the evaluation's first CHAIN_CANDIDATES held-out problems whose
+    trained chain ends better than it starts (here the third, the only one the scripted policy fixes), else
+    the first; the base's chain on the same problem beside it."""
     f, tok = tasks.get_family("exactsum"), model_lib.byte_tokenizer(tasks.MARKERS)
-    settings = dict(K=2, temperature=1.0, max_new_tokens=12, seed=0, split="test")
-    problems = eval_lib.heldout_problems(f, eval_lib.CHAIN_CANDIDATES)
+    settings = dict(n_problems=20, K=2, temperature=1.0, max_new_tokens=12, seed=0, split="test")
+    problems = eval_lib.heldout_problems(f, 20)[:eval_lib.CHAIN_CANDIDATES]  # as evaluate_policy draws them
     fixable = {problems[2].request}
 
     def generate(policy, prompts, num_samples, max_new_tokens, **kw):
@@ -1927,13 +1927,15 @@ def test_show_chain_picks_the_first_problem_whose_chain_improves(monkeypatch):
     m = model_lib.Transformer(model_lib.toy_config(tok.vocab_size))
     text = eval_lib.show_chain(m, tok, f, settings, "exit", base=m)
     lines = text.splitlines()
-    assert problems[2].request in lines[0] and "the first of the first 8" in lines[0]
+    assert problems[2].request in lines[0] and "the first of the evaluation's first 8" in lines[0]
     assert "base" in lines[1] and "exit" in lines[1] and len(lines) == 2 + 3
     assert lines[2].count("0.00") == 2 and lines[-1].count("1.00") == 2  # k = 0 wrong, k = 2 right, in both columns
     fixable.clear()  # nothing improves: the first problem, and the title says so
     text = eval_lib.show_chain(m, tok, f, settings, "exit")
     assert problems[0].request in text.splitlines()[0] and "none of the first 8 improved" in text
     assert "base" not in text.splitlines()[1]
+    text = eval_lib.show_chain(m, tok, f, settings | dict(K=0), "exit")  # no improve step: the first, said so
+    assert problems[0].request in text.splitlines()[0] and "K = 0" in text and len(text.splitlines()) == 3
 
 
 def test_lineage_plot_draws_buffer_depths(tmp_path):
@@ -2271,7 +2273,7 @@ def test_script_end_to_end(tmp_path):
     assert len(open(run / "log.jsonl").read().splitlines()) == 2
     res = json.load(open(run / "eval.json"))
     assert len(res["policy"]["score"]) == 3 and "done: 2 iterations" in p.stdout
-    chain = (run / "chain.txt").read_text()  # the first held-out problem's chain, base beside trained, printed too
+    chain = (run / "chain.txt").read_text()  # one held-out problem's chain (show_chain), base beside trained, printed too
     assert chain in p.stdout + "\n" and len(chain.splitlines()) == 2 + 3 and "base" in chain.splitlines()[1]
     assert (run / "lineage.png").is_file()
     assert "time: warm start " in p.stdout and "update " in p.stdout and "evaluation " in p.stdout
