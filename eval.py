@@ -828,6 +828,7 @@ def _plot_vs_k(fig, table, mean_key, std_key, ylabel, title, scale=100.0, runs_k
 
 
 def _plot_curves(fig, table, keys, titles, window):
+    axes = []
     for i, (key, title) in enumerate(zip(keys, titles)):
         ax = fig.add_subplot(2, 2, i + 1)
         for r in table["rows"]:
@@ -836,8 +837,11 @@ def _plot_curves(fig, table, keys, titles, window):
                 ax.plot(np.arange(1, len(y) + 1), smooth(y, window), color=_colour(r["method"]), label=r["label"])
         ax.set(xlabel="RL iteration", title=title)
         ax.grid(alpha=0.3)
-        if ax.lines and i == 0:
-            ax.legend(fontsize=7)
+        axes.append(ax)
+    # one legend, in the panel that draws the most rows: a row absent from the first (GRPO replays nothing) is named too
+    fullest = max(axes, key=lambda a: len(a.lines))
+    if fullest.lines:
+        fullest.legend(fontsize=7)
 
 
 def _plot_heldout(fig, table):
