@@ -148,17 +148,21 @@ def show_chain(policy, tok, family, settings: dict, name: str, base=None) -> str
     kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
     problems = heldout_problems(family, settings["n_problems"], harder=settings.get("harder", False),
                                 warn=False, split=settings["split"])[:CHAIN_CANDIDATES]
-    picked = None
-    for problem in problems if settings["K"] else problems[:1]:  # K = 0: no improve step to show
-        mine = improvement_chain(policy, tok, family, problem, **kw)
-        if picked is None or mine[-1][1] > mine[0][1]:
-            picked = (problem, mine)
-        if mine[-1][1] > mine[0][1]:
-            break
-    problem, mine = picked
-    title = ("K = 0: no improve steps" if not settings["K"] else
-             f"the first of the evaluation's first {len(problems)} held-out problems whose {name} chain ends better "
-             f"than it starts" if mine[-1][1] > mine[0][1] else f"none of the first {len(problems)} improved; the first")
+    improves = lambda chain: chain[-1][1] > chain[0][1]
+    problem, mine = problems[0], improvement_chain(policy, tok, family, problems[0], **kw)
+    if settings["K"] and not improves(mine):  # K = 0: no improve step to look for
+        for candidate in problems[1:]:
+            chain = improvement_chain(policy, tok, family, candidate, **kw)
+            if improves(chain):
+                problem, mine = candidate, chain
+                break
+    if not settings["K"]:
+        title = "K = 0: no improve steps"
+    elif improves(mine):
+        title = (f"the first of the evaluation's first {len(problems)} held-out problems whose {name} chain ends "
+                 "better than it starts")
+    else:
+        title = f"none of the first {len(problems)} improved; the first"
     chains = {} if base is None else {"base": improvement_chain(base, tok, family, problem, **kw)}
     return format_chains(problem, chains | {name: mine}, title=title)
 
@@ -546,17 +550,21 @@ def read_log(run_dir: str) -> list[dict]:
     return read_log_lines(path)
 
 
-def write_json(obj, path: str):
-    """Write then rename, so an interrupted evaluation never leaves half an eval.json to be trusted."""
+def write_text(text: str, path: str):
+    """Write then rename, so an interrupted write never leaves half a file (an eval.json, a log) to be trusted."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(obj, path: str):
+    write_text(json.dumps(obj, indent=2), path)
 
 
 # the settings that make two runs' Base evaluations the same evaluation of the same policy
@@ -624,10 +632,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
                                      device=device, temperature=temperature, split=split, chain=True)
             text = ev.pop("chain")
             if text:  # before eval.json, whose presence says the evaluation is done
-                tmp = f"{chain_file}.tmp{os.getpid()}"
-                with open(tmp, "w") as f:
-                    f.write(text + "\n")
-                os.replace(tmp, chain_file)
+                write_text(text + "\n", chain_file)
             write_json(ev, ev_file)
     # unset keys are left out, so runs from before a key existed still share their base
     base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "")}, sort_keys=True)

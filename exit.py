@@ -1021,8 +1021,7 @@ def final_evaluation(trainer: Trainer):
                                eval_lib.run_label(dataclasses.asdict(cfg)), base_policy)
     if show:
         print(show)
-        with open(os.path.join(cfg.out_dir, "chain.txt"), "w") as f:
-            f.write(show + "\n")
+        eval_lib.write_text(show + "\n", os.path.join(cfg.out_dir, "chain.txt"))
     trainer.timing["evaluation"] = time.time() - t0
 
 
@@ -1111,12 +1110,9 @@ def check_resume_folder(out_dir: str, ck: dict):
 
 def truncate_log(log_path: str, last_iter: int):
     """On resume: drop log.jsonl's lines of iterations after the checkpoint's (logged, then lost to a kill)."""
-    if not os.path.exists(log_path):
-        return
-    kept = [json.dumps(e) + "\n" for e in eval_lib.read_log_lines(log_path) if e["iter"] <= last_iter]
-    with open(f"{log_path}.tmp{os.getpid()}", "w") as f:
-        f.writelines(kept)
-    os.replace(f"{log_path}.tmp{os.getpid()}", log_path)
+    if os.path.exists(log_path):
+        eval_lib.write_text("".join(json.dumps(e) + "\n" for e in eval_lib.read_log_lines(log_path)
+                                    if e["iter"] <= last_iter), log_path)
 
 
 @contextlib.contextmanager
