@@ -1,11 +1,11 @@
 """
 Speed of the toy policy's GRPO iteration and sampler, against the peers people would use instead.
 
-    python bench.py                        # sampler vs transformers generate, then iteration vs TRL
-    python bench.py --only sampler         # no TRL needed
+    python bench.py                        # sampler vs generate, warm start packed vs padded, iteration vs TRL
+    python bench.py --only sampler         # no TRL needed (also: --only warmstart, --only iteration)
     python bench.py --repeats 9 --threads 1
 
-Two comparisons, each on the same weights and the same work:
+Three comparisons, each on the same weights and the same work:
 
   sampler    model.generate vs transformers' generate (our model written with model.save_hf,
              read back with AutoModelForCausalLM): P task prompts x G samples, up to
@@ -21,6 +21,10 @@ Two comparisons, each on the same weights and the same work:
              prompts from the same task pool as text, and a reward function that calls the
              same family.step_reward. TRL is an optional dependency (requirements-bench.txt):
                  pip install --no-deps -r requirements-bench.txt
+  warmstart  one warm-start step (forward and backward of the supervised loss, exit.warm_start)
+             on exit.sft_batch's packed rows vs the same --warm-batch demonstrations padded to the
+             longest, one per row (how the warm start ran before, and how a plain SFT loop runs);
+             the two losses are printed too: they agree to float rounding.
 
 How the numbers are made honest on a shared machine: both sides run in one process on the same
 number of threads (default 1: two threads on a two-core machine that others use measure the
@@ -206,6 +210,50 @@ def trl_trainer(tr, args, d, on_step):
                        callbacks=[Clock()])
 
 
+def bench_warm_start(tr, args):
+    tok, policy = tr.tok, tr.policy
+    pairs = [exit_lib.encode_pair(tok, p, r) for p, r in tr.family.demonstrations(4000, seed=args.seed)]
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [[pairs[i] for i in torch.randint(len(pairs), (args.warm_batch,), generator=gen).tolist()]
+               for _ in range(args.repeats + 1)]
+
+    def padded(batch):  # one demonstration per row, right-padded, loss on the response tokens
+        T = max(len(p) + len(r) for p, r in batch)
+        idx = torch.full((len(batch), T), tok.pad_id)
+        tgt = torch.full((len(batch), T), -100)
+        for i, (p, r) in enumerate(batch):
+            idx[i, :len(p) + len(r)] = torch.tensor(p + r)
+            tgt[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r)
+        return dict(idx=idx, targets=tgt)
+
+    def packed(batch):
+        idx, tgt, positions, mask = exit_lib.sft_batch(batch, tok.pad_id)
+        return dict(idx=idx, targets=tgt, positions=positions, mask=mask)
+
+    def step(inputs):  # forward and backward; the weights are not stepped
+        loss = policy(**inputs)[1]
+        loss.backward()
+        policy.zero_grad(set_to_none=True)
+        return loss.item()
+
+    pairs_t, cells, diffs = [], [], []
+    for k, batch in enumerate(batches):
+        a, b = packed(batch), padded(batch)
+        (to, lo), (tp, lp) = timed(lambda: step(a)), timed(lambda: step(b))
+        if k:  # the first pair warms up both
+            pairs_t.append((to, tp))
+            cells.append(a["idx"].numel() / b["idx"].numel())
+            diffs.append(abs(lo - lp))
+    print(f"\nwarm start: one step (forward + backward) on {args.warm_batch} demonstrations")
+    print(f"  packed {statistics.median(o for o, _ in pairs_t) * 1e3:.0f} ms, padded "
+          f"{statistics.median(p for _, p in pairs_t) * 1e3:.0f} ms; packed rows hold "
+          f"{statistics.mean(cells):.0%} of the padded positions; largest loss difference {max(diffs):.1e}")
+    print(f"  speed-up {ratios(pairs_t)}")
+
+
+# -----------------------------------------------------------------------------
+
+
 def bench_iteration(tr, args):
     P, G, T = args.prompts, args.samples, args.new_tokens
     print(f"\niteration: {P} {args.task} tasks x {G} rollouts, up to {T} new tokens, stop at end of text, "
@@ -240,13 +288,14 @@ def bench_iteration(tr, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["sampler", "iteration"], default=None, help="run one comparison")
+    p.add_argument("--only", choices=["sampler", "warmstart", "iteration"], default=None, help="run one comparison")
     p.add_argument("--peer", choices=["trl", "none"], default="trl",
                    help="the iteration's peer; none times our iteration and its breakdown alone")
     p.add_argument("--task", default="exactsumfb")
     p.add_argument("--prompts", type=int, default=16, help="task prompts per batch (tasks_per_iter)")
     p.add_argument("--samples", type=int, default=8, help="completions per prompt (GRPO group size G)")
     p.add_argument("--new-tokens", type=int, default=48, help="generation budget per completion")
+    p.add_argument("--warm-batch", type=int, default=exit_lib.Config.warm_batch, help="demonstrations per warm-start step")
     p.add_argument("--repeats", type=int, default=7, help="timed pairs (after one warm-up pair)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -266,6 +315,8 @@ def main():
           f"{sum(q.numel() for q in tr.policy.parameters()) / 1e6:.2f}M params ({tr.base_path})")
     if args.only in (None, "sampler"):
         bench_sampler(tr, args)
+    if args.only in (None, "warmstart"):
+        bench_warm_start(tr, args)
     if args.only in (None, "iteration"):
         bench_iteration(tr, args)
 

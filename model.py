@@ -617,21 +617,51 @@ def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
 
 
 @torch.no_grad()
+def pack(seqs: list[list[int]], pad_id: int):
+    """Sequences packed several to a row, as few rows as the longest sequence needs (first-fit
+    decreasing), for a forward in which no token sees another sequence: each sequence gets its own
+    rotary positions from 0 and its own causal block of the attention mask. Padding attends only to
+    itself (no empty softmax row). A batch of short and long sequences padded one per row is about
+    half padding; packed, the same forward runs on far fewer positions.
+    Returns idx (R, W), positions (R, W), mask (R, 1, W, W), and where: (row, start) of each sequence."""
+    W = max(len(s) for s in seqs)
+    rows, used, where = [], [], [None] * len(seqs)  # the sequences of each row, and the tokens they fill
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        r = next((r for r, u in enumerate(used) if u + len(seqs[i]) <= W), len(rows))  # the first row it fits
+        if r == len(rows):
+            rows.append([])
+            used.append(0)
+        where[i] = (r, used[r])
+        rows[r].append(i)
+        used[r] += len(seqs[i])
+    idx = torch.full((len(rows), W), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), W), dtype=torch.long)
+    segment = torch.full((len(rows), W), -1, dtype=torch.long)  # which sequence; -1 = padding
+    for i, (r, at) in enumerate(where):
+        n = len(seqs[i])
+        idx[r, at:at + n] = torch.tensor(seqs[i])
+        positions[r, at:at + n] = torch.arange(n)
+        segment[r, at:at + n] = i
+    causal = torch.ones(W, W, dtype=torch.bool).tril()
+    mask = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0) & causal
+    return idx, positions, (mask | torch.eye(W, dtype=torch.bool))[:, None], where
+
+
+@torch.no_grad()  # the diversity coefficients scale advantages, which carry no gradient
 def embed(model: Transformer, seqs: list[list[int]]) -> torch.Tensor:
     """Mean of the final hidden states (after the last norm) over each sequence's tokens,
-    (N, n_embd) fp32. The diversity bonus (§4.2) compares answers by these vectors."""
+    (N, n_embd) fp32. The diversity bonus (§4.2) compares answers by these vectors. Identical
+    sequences (a group's repeated answers) go through the network once, and packed (pack)."""
     if min(len(s) for s in seqs) == 0:
         raise ValueError("embed needs non-empty sequences")
     device = model.inv_freq.device
-    lens = torch.tensor([len(s) for s in seqs])
-    idx = torch.zeros((len(seqs), int(lens.max())), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        idx[i, :len(s)] = torch.tensor(s)
-    idx, lens = idx.to(device), lens.to(device)
+    distinct = list(dict.fromkeys(map(tuple, seqs)))
+    idx, positions, mask, where = pack(distinct, pad_id=0)
     with autocast(device):
-        h = model.hidden_states(idx).float()  # (N, S, C); right padding is causally invisible
-    real = (torch.arange(idx.shape[1], device=device)[None] < lens[:, None]).float()  # (N, S)
-    return (h * real[..., None]).sum(1) / lens[:, None]
+        h = model.hidden_states(idx.to(device), positions=positions.to(device), mask=mask.to(device)).float()
+    means = torch.stack([h[r, at:at + len(s)].mean(0) for (r, at), s in zip(where, distinct)])
+    row = {s: i for i, s in enumerate(distinct)}
+    return means[torch.tensor([row[tuple(s)] for s in seqs], device=device)]
 
 
 # -----------------------------------------------------------------------------

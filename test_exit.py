@@ -932,11 +932,14 @@ def test_grouped_completion_logprobs_under_grad_checkpoint_and_no_grad():
         assert torch.allclose(model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=2), ref, atol=1e-5)
 
 
-def test_embed_ignores_padding():
+def test_embed_is_each_sequence_alone():
+    # packed several to a row, identical sequences embedded once: still the mean hidden state of each
+    # sequence run by itself
     m = tiny()
-    seqs = rand_prompts([3, 9, 5])
+    seqs = rand_prompts([3, 9, 5, 2, 4])
+    seqs.insert(2, list(seqs[0]))
     e = model.embed(m, seqs)
-    assert e.shape == (3, 32)
+    assert e.shape == (6, 32)
     for i, s in enumerate(seqs):
         with torch.no_grad():
             h = m.hidden_states(torch.tensor([s]))[0]
@@ -2079,7 +2082,7 @@ def test_ema_update():
 # ---- config
 
 def test_packed_warm_start_batch_equals_the_padded_batch():
-    # Stage 1 packs several demonstrations per row (exit.pack). The reference is the plain padded
+    # Stage 1 packs several demonstrations per row (exit.sft_batch, model.pack). The reference is the plain padded
     # batch, written out here: one demonstration per row, default causal attention, loss on the
     # response tokens. Loss and every gradient must agree to float rounding.
     torch.manual_seed(0)
@@ -2098,7 +2101,7 @@ def test_packed_warm_start_batch_equals_the_padded_batch():
     _, padded = policy(idx, tgt)
     grads = torch.autograd.grad(padded, list(policy.parameters()))
 
-    pidx, ptgt, positions, mask = exit_lib.pack(batch, tok.pad_id)
+    pidx, ptgt, positions, mask = exit_lib.sft_batch(batch, tok.pad_id)
     assert pidx.shape[1] == T and pidx.shape[0] < len(batch)  # fewer rows, none longer
     assert (ptgt != -100).sum() == sum(len(r) for _, r in batch)  # every response token once
     assert sorted(pidx[pidx != tok.pad_id].tolist()) == sorted(t for p, r in batch for t in p + r)
@@ -3055,7 +3058,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
         assert [e["iter"] for e in eval_lib.read_log_lines(str(log))] == list(range(1, len(log.read_text().splitlines())))
 
 def test_bench_runs_end_to_end(tmp_path):
-    # bench.py with a tiny budget, as a subprocess: both comparisons, TRL's GRPOTrainer as the
+    # bench.py with a tiny budget, as a subprocess: all three comparisons, TRL's GRPOTrainer as the
     # iteration's peer when the optional requirements (requirements-bench.txt) are installed
     try:
         import trl  # noqa: F401
@@ -3064,11 +3067,13 @@ def test_bench_runs_end_to_end(tmp_path):
         peer = "none"
     p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--base-dir", str(tmp_path / "base"),
                         "--warm-steps", "2", "--prompts", "2", "--samples", "2", "--new-tokens", "4",
-                        "--repeats", "1", "--peer", peer], capture_output=True, text=True, timeout=600,
+                        "--warm-batch", "8", "--repeats", "1", "--peer", peer], capture_output=True, text=True, timeout=600,
                        env=os.environ | {"HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.count("speed-up") == (3 if peer == "trl" else 2), p.stdout
+    assert p.stdout.count("speed-up") == (4 if peer == "trl" else 3), p.stdout
     assert "sampling" in p.stdout and "update" in p.stdout
+    diff = float(p.stdout.split("largest loss difference ")[1].split()[0])  # packed vs padded warm-start loss
+    assert diff < 1e-4, p.stdout
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
