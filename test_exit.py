@@ -2081,10 +2081,10 @@ def test_ema_update():
 
 # ---- config
 
-def test_packed_warm_start_batch_equals_the_padded_batch():
-    # Stage 1 packs several demonstrations per row (exit.sft_batch, model.pack). The reference is the plain padded
-    # batch, written out here: one demonstration per row, default causal attention, loss on the
-    # response tokens. Loss and every gradient must agree to float rounding.
+def test_packed_warm_start_batch_equals_each_demonstration_alone():
+    # Stage 1 packs several demonstrations per row (exit.sft_batch, model.pack). The reference runs
+    # each demonstration by itself (no padding, no mask) and averages the next-token loss over all
+    # response tokens of the batch. Loss and every gradient must agree to float rounding.
     torch.manual_seed(0)
     tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
     cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
@@ -2093,20 +2093,17 @@ def test_packed_warm_start_batch_equals_the_padded_batch():
     family = tasks_lib.get_family("exactsumfb")
     batch = [exit_lib.encode_pair(tok, p, r) for p, r in family.demonstrations(24, seed=3)]
     T = max(len(p) + len(r) for p, r in batch)
-    idx = torch.full((len(batch), T), tok.pad_id)
-    tgt = torch.full((len(batch), T), -100)
-    for i, (p, r) in enumerate(batch):
-        idx[i, :len(p) + len(r)] = torch.tensor(p + r)
-        tgt[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r)
-    _, padded = policy(idx, tgt)
-    grads = torch.autograd.grad(padded, list(policy.parameters()))
+    summed = sum(torch.nn.functional.cross_entropy(policy(torch.tensor([p + r]))[0][0, len(p) - 1:-1], torch.tensor(r),
+                                                   reduction="sum") for p, r in batch)
+    alone = summed / sum(len(r) for _, r in batch)
+    grads = torch.autograd.grad(alone, list(policy.parameters()))
 
     pidx, ptgt, positions, mask = exit_lib.sft_batch(batch, tok.pad_id)
     assert pidx.shape[1] == T and pidx.shape[0] < len(batch)  # fewer rows, none longer
     assert (ptgt != -100).sum() == sum(len(r) for _, r in batch)  # every response token once
     assert sorted(pidx[pidx != tok.pad_id].tolist()) == sorted(t for p, r in batch for t in p + r)
     _, packed = policy(pidx, ptgt, positions=positions, mask=mask)
-    assert packed.item() == pytest.approx(padded.item(), abs=1e-5)
+    assert packed.item() == pytest.approx(alone.item(), abs=1e-5)
     for g, h in zip(grads, torch.autograd.grad(packed, list(policy.parameters()))):
         assert torch.allclose(g, h, atol=1e-5, rtol=1e-4)
     # each sequence sees only itself: its logits in the packed rows are those of it alone
@@ -2116,8 +2113,7 @@ def test_packed_warm_start_batch_equals_the_padded_batch():
         starts = ((positions[row] == 0) & (pidx[row] != tok.pad_id)).nonzero().flatten().tolist()
         ends = starts[1:] + [int((pidx[row] != tok.pad_id).sum())]
         for a, b in zip(starts, ends):
-            alone, _ = policy(pidx[row, a:b][None])
-            assert torch.allclose(logits[row, a:b], alone[0], atol=1e-5)
+            assert torch.allclose(logits[row, a:b], policy(pidx[row, a:b][None])[0][0], atol=1e-5)
             seen += 1
     assert seen == len(batch)
 
