@@ -347,6 +347,7 @@ def ema_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float):
 def warm_start_key(cfg: Config, family) -> str:
     keys = dict(task=cfg.task, error_model=family.error_model, seed=cfg.seed,
                 arch=[cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head],
+                # "packed": a base trained on padded batches (other float sums, before sft_batch) is not reused
                 sft=[cfg.warm_examples, cfg.warm_steps, cfg.warm_batch, cfg.warm_lr, "packed"], markers=tasks_lib.MARKERS)
     if cfg.difficulties:
         keys["difficulties"] = list(family.train_difficulties)
