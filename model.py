@@ -624,18 +624,17 @@ def pack(seqs: list[list[int]], pad_id: int):
     padding and the Eq. 6 solutions 56%; packed, the same forward runs on far fewer positions.
     Returns idx (R, W), positions (R, W), mask (R, 1, W, W), and where: (row, start) of each sequence."""
     W = max(len(s) for s in seqs)
-    rows, used, where = [], [], [None] * len(seqs)  # the sequences of each row, and the tokens they fill
+    used, where = [], [None] * len(seqs)  # tokens filled in each row; (row, start) of each sequence
     for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
-        r = next((r for r, u in enumerate(used) if u + len(seqs[i]) <= W), len(rows))  # the first row it fits
-        if r == len(rows):
-            rows.append([])
+        r = next((r for r, u in enumerate(used) if u + len(seqs[i]) <= W), len(used))  # the first row it fits
+        if r == len(used):
             used.append(0)
         where[i] = (r, used[r])
-        rows[r].append(i)
         used[r] += len(seqs[i])
-    idx = torch.full((len(rows), W), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(rows), W), dtype=torch.long)
-    segment = torch.full((len(rows), W), -1, dtype=torch.long)  # which sequence; -1 = padding
+    R = len(used)
+    idx = torch.full((R, W), pad_id, dtype=torch.long)
+    positions = torch.zeros((R, W), dtype=torch.long)
+    segment = torch.full((R, W), -1, dtype=torch.long)  # which sequence; -1 = padding
     for i, (r, at) in enumerate(where):
         n = len(seqs[i])
         idx[r, at:at + n] = torch.tensor(seqs[i])

@@ -2079,7 +2079,7 @@ def test_ema_update():
     assert torch.equal(a.weight, b.weight)
 
 
-# ---- config
+# ---- the warm start (stage 1)
 
 def test_packed_warm_start_batch_equals_each_demonstration_alone():
     # Stage 1 packs several demonstrations per row (exit.sft_batch, model.pack). The reference runs
@@ -2117,6 +2117,8 @@ def test_packed_warm_start_batch_equals_each_demonstration_alone():
             seen += 1
     assert seen == len(batch)
 
+
+# ---- config
 
 def test_config_parsing_and_errors():
     cfg, given = exit_lib.parse_args(["--iters=7", "--lr=0.001", "--dr_grpo", "--method=grpo"])
