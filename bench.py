@@ -22,9 +22,9 @@ Three comparisons, each on the same weights and the same work:
              same family.step_reward. TRL is an optional dependency (requirements-bench.txt):
                  pip install --no-deps -r requirements-bench.txt
   warmstart  one warm-start step (forward and backward of the supervised loss, exit.warm_start)
-             on exit.sft_batch's packed rows vs the same --warm-batch demonstrations padded to the
-             longest, one per row (how the warm start ran before, and how a plain SFT loop runs);
-             the two losses are printed too: they agree to float rounding.
+             on exit.sft_batch's packed rows (exit.py --warm_pack) vs the same --warm-batch
+             demonstrations padded to the longest, one per row (the warm start's default, and how
+             a plain SFT loop runs); the two losses are printed too: they agree to float rounding.
 
 How the numbers are made honest on a shared machine: both sides run in one process on the same
 number of threads (default 1: two threads on a two-core machine that others use measure the
@@ -217,19 +217,6 @@ def bench_warm_start(tr, args):
     batches = [[pairs[i] for i in torch.randint(len(pairs), (args.warm_batch,), generator=gen).tolist()]
                for _ in range(args.repeats + 1)]
 
-    def padded(batch):  # one demonstration per row, right-padded, loss on the response tokens
-        T = max(len(p) + len(r) for p, r in batch)
-        idx = torch.full((len(batch), T), tok.pad_id)
-        tgt = torch.full((len(batch), T), -100)
-        for i, (p, r) in enumerate(batch):
-            idx[i, :len(p) + len(r)] = torch.tensor(p + r)
-            tgt[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r)
-        return dict(idx=idx, targets=tgt)
-
-    def packed(batch):
-        idx, tgt, positions, mask = exit_lib.sft_batch(batch, tok.pad_id)
-        return dict(idx=idx, targets=tgt, positions=positions, mask=mask)
-
     def step(inputs):  # forward and backward; the weights are not stepped
         loss = policy(**inputs)[1]
         loss.backward()
@@ -238,7 +225,7 @@ def bench_warm_start(tr, args):
 
     pairs_t, cells, diffs = [], [], []
     for k, batch in enumerate(batches):
-        a, b = packed(batch), padded(batch)
+        a, b = exit_lib.sft_batch(batch, tok.pad_id, packed=True), exit_lib.sft_batch(batch, tok.pad_id)
         (to, lo), (tp, lp) = timed(lambda: step(a)), timed(lambda: step(b))
         if k:  # the first pair warms up both
             pairs_t.append((to, tp))

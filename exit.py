@@ -82,6 +82,8 @@ class Config:
     warm_steps: int = _f(1500, "warm start: optimiser steps")
     warm_batch: int = _f(64, "warm start: sequences per step")
     warm_lr: float = _f(3e-3, "warm start: peak learning rate (cosine decay)")
+    warm_pack: bool = _f(False, "warm start: pack several demonstrations to a row (1.65x a step, the same loss to "
+                                "float rounding; off by default: RESULTS.md, 'The packed warm start')")
     base_dir: str = _f("runs/base", "cache of warm-started base policies, keyed by their settings")
     # ---- GRPO (stage 2), paper §2.2, Eq. 3-5
     iters: int = _f(300, "RL iterations (one batch of task instances each)")
@@ -347,8 +349,9 @@ def ema_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float):
 def warm_start_key(cfg: Config, family) -> str:
     keys = dict(task=cfg.task, error_model=family.error_model, seed=cfg.seed,
                 arch=[cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head],
-                # "packed": a base trained on padded batches (other float sums, before sft_batch) is not reused
-                sft=[cfg.warm_examples, cfg.warm_steps, cfg.warm_batch, cfg.warm_lr, "packed"], markers=tasks_lib.MARKERS)
+                sft=[cfg.warm_examples, cfg.warm_steps, cfg.warm_batch, cfg.warm_lr], markers=tasks_lib.MARKERS)
+    if cfg.warm_pack:  # other float sums, another base: a padded base is not reused for a packed run
+        keys["sft"].append("packed")
     if cfg.difficulties:
         keys["difficulties"] = list(family.train_difficulties)
     # a sample of the demonstrations themselves: editing a family's prompts or answer format (not only
@@ -363,16 +366,27 @@ def encode_pair(tok, prompt: str, response: str | None = None):
     return p if response is None else (p, tok.encode(response) + [tok.eos_id])
 
 
-def sft_batch(batch, pad_id):
-    """Demonstrations [(prompt ids, response ids)] as one packed batch (model.pack: several to a row,
-    each sequence seeing only itself), with the loss on the response tokens and their end of text.
-    A padded batch of demonstrations is about 56% real tokens; packed, the same loss (to float
-    rounding) runs on ~61% of the positions. Returns idx, targets (-100 = no loss), positions, mask."""
-    idx, positions, mask, where = model_lib.pack([p + r for p, r in batch], pad_id)
+def sft_batch(batch, pad_id, packed=False):
+    """Demonstrations [(prompt ids, response ids)] as one batch with the loss on the response tokens
+    and their end of text: one per row, right-padded to the longest, or (packed) several to a row, each
+    sequence seeing only itself (model.pack). A padded batch is about 56% real tokens; packed, the same
+    loss (to float rounding) runs on ~61% of the positions. The default is padded: bases from packed
+    batches have ended lower after RL, with no cause found (RESULTS.md, 'The packed warm start').
+    Returns the keyword arguments of the policy's forward: idx, targets (-100 = no loss), and for a
+    packed batch positions and mask."""
+    if not packed:
+        idx = torch.full((len(batch), max(len(p) + len(r) for p, r in batch)), pad_id, dtype=torch.long)
+        where = [(i, 0) for i in range(len(batch))]
+        for i, (p, r) in enumerate(batch):
+            idx[i, :len(p) + len(r)] = torch.tensor(p + r)
+        extra = {}  # causal attention: right padding is invisible to the real tokens
+    else:
+        idx, positions, mask, where = model_lib.pack([p + r for p, r in batch], pad_id)
+        extra = dict(positions=positions, mask=mask)
     tgt = torch.full_like(idx, -100)
     for (row, at), (p, r) in zip(where, batch):
         tgt[row, at + len(p) - 1:at + len(p) + len(r) - 1] = torch.tensor(r)  # position t predicts token t + 1
-    return idx, tgt, positions, mask
+    return dict(idx=idx, targets=tgt, **extra)
 
 
 def warm_start(cfg: Config, family, device, quiet=False):
@@ -401,9 +415,9 @@ def warm_start(cfg: Config, family, device, quiet=False):
         for g in opt.param_groups:
             g["lr"] = lr
         batch = [pairs[i] for i in rng.integers(0, len(pairs), cfg.warm_batch)]
-        idx, tgt, positions, mask = (t.to(device) for t in sft_batch(batch, tok.pad_id))
+        inputs = {k: t.to(device) for k, t in sft_batch(batch, tok.pad_id, cfg.warm_pack).items()}
         with model_lib.autocast(device):
-            _, loss = policy(idx, tgt, positions=positions, mask=mask)
+            _, loss = policy(**inputs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

@@ -933,7 +933,7 @@ def test_grouped_completion_logprobs_under_grad_checkpoint_and_no_grad():
 
 
 def test_embed_is_each_sequence_alone():
-    # packed several to a row, identical sequences embedded once: still the mean hidden state of each
+    # padded to the longest, a repeated sequence among them: still the mean hidden state of each
     # sequence run by itself
     m = tiny()
     seqs = rand_prompts([3, 9, 5, 2, 4])
@@ -2081,10 +2081,12 @@ def test_ema_update():
 
 # ---- the warm start (stage 1)
 
-def test_packed_warm_start_batch_equals_each_demonstration_alone():
-    # Stage 1 packs several demonstrations per row (exit.sft_batch, model.pack). The reference runs
-    # each demonstration by itself (no padding, no mask) and averages the next-token loss over all
-    # response tokens of the batch. Loss and every gradient must agree to float rounding.
+@pytest.mark.parametrize("packed", [False, True])
+def test_warm_start_batch_equals_each_demonstration_alone(packed):
+    # Stage 1's batch (exit.sft_batch): one demonstration per row, right-padded (the default), or
+    # several per row (--warm_pack, model.pack). The reference runs each demonstration by itself (no
+    # padding, no mask) and averages the next-token loss over all response tokens of the batch. Loss
+    # and every gradient must agree to float rounding.
     torch.manual_seed(0)
     tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
     cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
@@ -2098,15 +2100,20 @@ def test_packed_warm_start_batch_equals_each_demonstration_alone():
     alone = summed / sum(len(r) for _, r in batch)
     grads = torch.autograd.grad(alone, list(policy.parameters()))
 
-    pidx, ptgt, positions, mask = exit_lib.sft_batch(batch, tok.pad_id)
-    assert pidx.shape[1] == T and pidx.shape[0] < len(batch)  # fewer rows, none longer
+    inputs = exit_lib.sft_batch(batch, tok.pad_id, packed=packed)
+    pidx, ptgt = inputs["idx"], inputs["targets"]
+    assert pidx.shape[1] == T
+    assert pidx.shape[0] < len(batch) if packed else pidx.shape[0] == len(batch)  # packed: fewer rows, none longer
     assert (ptgt != -100).sum() == sum(len(r) for _, r in batch)  # every response token once
     assert sorted(pidx[pidx != tok.pad_id].tolist()) == sorted(t for p, r in batch for t in p + r)
-    _, packed = policy(pidx, ptgt, positions=positions, mask=mask)
-    assert packed.item() == pytest.approx(alone.item(), abs=1e-5)
-    for g, h in zip(grads, torch.autograd.grad(packed, list(policy.parameters()))):
+    _, loss = policy(**inputs)
+    assert loss.item() == pytest.approx(alone.item(), abs=1e-5)
+    for g, h in zip(grads, torch.autograd.grad(loss, list(policy.parameters()))):
         assert torch.allclose(g, h, atol=1e-5, rtol=1e-4)
+    if not packed:
+        return
     # each sequence sees only itself: its logits in the packed rows are those of it alone
+    positions, mask = inputs["positions"], inputs["mask"]
     logits, _ = policy(pidx, positions=positions, mask=mask)
     seen = 0
     for row in range(len(pidx)):
@@ -2165,6 +2172,8 @@ def test_difficulty_mix_option():
     assert key(default, edited) == key(default, math_family)  # ... and the compact demos do not use
     edited.solve = lambda problem, alt: "#0"          # a change to what the demonstrations say
     assert key(default, edited) != key(default, math_family)
+    # and by the batch layout: packed sums differ in rounding, so a padded base is not reused for a packed run
+    assert key(exit_lib.Config(task="math", warm_pack=True), math_family) != key(default, math_family)
 
 
 def test_grad_clip_must_be_positive():
