@@ -2110,19 +2110,18 @@ def test_warm_start_batch_equals_each_demonstration_alone(packed):
     assert loss.item() == pytest.approx(alone.item(), abs=1e-5)
     for g, h in zip(grads, torch.autograd.grad(loss, list(policy.parameters()))):
         assert torch.allclose(g, h, atol=1e-5, rtol=1e-4)
-    if not packed:
-        return
-    # each sequence sees only itself: its logits in the packed rows are those of it alone
-    positions, mask = inputs["positions"], inputs["mask"]
-    logits, _ = policy(pidx, positions=positions, mask=mask)
-    seen = 0
-    for row in range(len(pidx)):
-        starts = ((positions[row] == 0) & (pidx[row] != tok.pad_id)).nonzero().flatten().tolist()
-        ends = starts[1:] + [int((pidx[row] != tok.pad_id).sum())]
-        for a, b in zip(starts, ends):
-            assert torch.allclose(logits[row, a:b], policy(pidx[row, a:b][None])[0][0], atol=1e-5)
-            seen += 1
-    assert seen == len(batch)
+    if packed:
+        # each sequence sees only itself: its logits in the packed rows are those of it alone
+        positions, mask = inputs["positions"], inputs["mask"]
+        logits, _ = policy(pidx, positions=positions, mask=mask)
+        seen = 0
+        for row in range(len(pidx)):
+            starts = ((positions[row] == 0) & (pidx[row] != tok.pad_id)).nonzero().flatten().tolist()
+            ends = starts[1:] + [int((pidx[row] != tok.pad_id).sum())]
+            for a, b in zip(starts, ends):
+                assert torch.allclose(logits[row, a:b], policy(pidx[row, a:b][None])[0][0], atol=1e-5)
+                seen += 1
+        assert seen == len(batch)
 
 
 # ---- config
