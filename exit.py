@@ -1177,6 +1177,12 @@ def dist_init(cfg: Config):
     NCCL between GPUs (one per process, cuda:LOCAL_RANK), gloo on CPUs. Nothing without torchrun."""
     if "WORLD_SIZE" not in os.environ or torch.distributed.is_initialized():
         return
+    # torch.optim imports torch._dynamo when the first optimizer is made; imported after the group exists,
+    # it keeps references to the group, and destroy_process_group at the end then leaves gloo's threads
+    # running into interpreter shutdown, where gloo can abort (one CI run's rank 1 did, its work done:
+    # "terminate called without an active exception"). Imported first, it holds nothing, and the end of
+    # main() really tears the group down.
+    import torch._dynamo as _  # noqa: F401  (as _: a bare "import torch.x" would make torch local here)
     if model_lib.pick_device(cfg.device).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" is now this rank's GPU
         torch.distributed.init_process_group("nccl")
