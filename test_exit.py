@@ -3275,26 +3275,28 @@ def test_two_ranks_run_and_resume_exactly(tmp_path):
     assert "trained on 2 process(es), this run has 1" in one.stderr
 
 
+def _patched_main(path, patch: str):
+    """A script for torchrun: exit.py's main() after the lines in patch (which see os, sys and exit)."""
+    path.write_text(f"import os, sys\nsys.path.insert(0, {HERE!r})\nimport exit\n{patch}exit.main(sys.argv[1:])\n")
+    return path
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from Linux's /proc")
 def test_ranks_end_with_the_process_group_torn_down(tmp_path):
     """At the end of main() every rank's destroy_process_group really ends gloo's threads, so none runs on
     into interpreter shutdown (where a rank once aborted in CI). Each rank records its threads' names just
     before and just after the call."""
     cfg = tiny_cfg(tmp_path, tasks_per_iter=4, iters=2)
-    script = tmp_path / "teardown.py"
-    script.write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {HERE!r})\n"
-        "import exit\n"
-        "def threads():\n"
-        "    return sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))\n"
-        "real = torch.distributed.destroy_process_group\n"
-        "def destroy(*a, **k):\n"
-        "    before = threads()\n"
-        "    real(*a, **k)\n"
-        "    print(f\"rank {os.environ['RANK']} threads before {before} after {threads()}\", flush=True)\n"
-        "torch.distributed.destroy_process_group = destroy\n"
-        "exit.main(sys.argv[1:])\n")
+    patch = ("import torch\n"
+             "def threads():\n"
+             "    return sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task'))\n"
+             "real = torch.distributed.destroy_process_group\n"
+             "def destroy(*a, **k):\n"
+             "    before = threads()\n"
+             "    real(*a, **k)\n"
+             "    print(f\"rank {os.environ['RANK']} threads before {before} after {threads()}\", flush=True)\n"
+             "torch.distributed.destroy_process_group = destroy\n")
+    script = _patched_main(tmp_path / "teardown.py", patch)
     p = _torchrun([str(script), *_cli(cfg)])
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [line for line in p.stdout.splitlines() if " threads before " in line]
@@ -3309,18 +3311,13 @@ def test_failing_rank_stops_the_others(tmp_path):
     """Rank 1 raises in its second iteration while rank 0 waits for it in a collective: the job ends
     with an error (not a hang), and the error is shown."""
     cfg = tiny_cfg(tmp_path, tasks_per_iter=4, iters=50)
-    script = tmp_path / "fail.py"
-    script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {HERE!r})\n"
-        "import exit\n"
-        "real = exit.Trainer.iteration\n"
-        "def iteration(self):\n"
-        "    if self.iter == 1 and os.environ['RANK'] == '1':\n"
-        "        raise RuntimeError('rank 1 broke on purpose')\n"
-        "    return real(self)\n"
-        "exit.Trainer.iteration = iteration\n"
-        "exit.main(sys.argv[1:])\n")
+    patch = ("real = exit.Trainer.iteration\n"
+             "def iteration(self):\n"
+             "    if self.iter == 1 and os.environ['RANK'] == '1':\n"
+             "        raise RuntimeError('rank 1 broke on purpose')\n"
+             "    return real(self)\n"
+             "exit.Trainer.iteration = iteration\n")
+    script = _patched_main(tmp_path / "fail.py", patch)
     t0 = time.time()
     p = _torchrun([str(script), *_cli(cfg)], timeout=150)
     assert p.returncode != 0
