@@ -1179,9 +1179,9 @@ def dist_init(cfg: Config):
         return
     # torch.optim imports torch._dynamo when the first optimizer is made; imported after the group exists,
     # it keeps references to the group, and destroy_process_group at the end then leaves gloo's threads
-    # running into interpreter shutdown, where gloo can abort (one CI run's rank 1 did, its work done:
-    # "terminate called without an active exception"). Imported first, it holds nothing, and the end of
-    # main() really tears the group down.
+    # running into interpreter shutdown, no safe place to tear gloo down (one CI run's rank 1 aborted at
+    # its exit, its work done: "terminate called without an active exception"). Imported first, it holds
+    # nothing, and the end of main() really tears the group down.
     import torch._dynamo as _  # noqa: F401  (as _: a bare "import torch.x" would make torch local here)
     if model_lib.pick_device(cfg.device).type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" is now this rank's GPU
