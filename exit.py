@@ -375,10 +375,8 @@ def sft_batch(batch, pad_id, packed=False):
     Returns the keyword arguments of the policy's forward: idx, targets (-100 = no loss), and for a
     packed batch positions and mask."""
     if not packed:
-        idx = torch.full((len(batch), max(len(p) + len(r) for p, r in batch)), pad_id, dtype=torch.long)
+        idx = model_lib.right_pad([p + r for p, r in batch], pad_id)
         where = [(i, 0) for i in range(len(batch))]
-        for i, (p, r) in enumerate(batch):
-            idx[i, :len(p) + len(r)] = torch.tensor(p + r)
         extra = {}  # causal attention: right padding is invisible to the real tokens
     else:
         idx, positions, mask, where = model_lib.pack([p + r for p, r in batch], pad_id)

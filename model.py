@@ -616,6 +616,15 @@ def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
     return torch.cat(pieces)[order.argsort()]  # back to the callers' row order, (N, T)
 
 
+def right_pad(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Sequences one per row, right-padded to the longest: (N, T). Under causal attention the padding
+    is invisible to every real token, so no mask is needed."""
+    idx = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = torch.tensor(s)
+    return idx
+
+
 def pack(seqs: list[list[int]], pad_id: int):
     """Sequences packed several to a row, as few rows as the longest sequence needs (first-fit
     decreasing), for a forward in which no token sees another sequence: each sequence gets its own
@@ -655,11 +664,8 @@ def embed(model: Transformer, seqs: list[list[int]]) -> torch.Tensor:
     if min(len(s) for s in seqs) == 0:
         raise ValueError("embed needs non-empty sequences")
     device = model.inv_freq.device
-    lens = torch.tensor([len(s) for s in seqs])
-    idx = torch.zeros((len(seqs), int(lens.max())), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        idx[i, :len(s)] = torch.tensor(s)
-    idx, lens = idx.to(device), lens.to(device)
+    lens = torch.tensor([len(s) for s in seqs], device=device)
+    idx = right_pad(seqs, pad_id=0).to(device)
     with autocast(device):
         h = model.hidden_states(idx).float()  # (N, S, C); right padding is causally invisible
     real = (torch.arange(idx.shape[1], device=device)[None] < lens[:, None]).float()  # (N, S)
