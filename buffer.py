@@ -7,10 +7,11 @@ This buffer keeps the N instances most worth training on, judged by learnability
 the rewards of the group that last tried them. exit.py uses it like this, once per episode:
 
     if buf.should_replay():  entry = buf.sample()[0]       # iterate a buffered partial history
-    else:                    draw a fresh base task from tasks.py
+    else:                    draw a fresh base task m from tasks.py
     ... roll out a group of G, get rewards r ...
     S = learnability(r)
-    buf.update_score(entry.uid, S)                          # the sampled instance: its fresh S
+    if fresh: entry = buf.insert(m.id, m, [], 0, S)         # the base task is an instance too (k = 0)
+    buf.update_score(entry.uid, S)                          # the tried instance: its fresh S
     buf.insert_history(..., score=S, parent=entry.uid)      # its children: they inherit S
 (a child is a list of turns, each {answer, feedback, depth}; a single-turn task's has one turn, and
 insert_history makes every new turn prefix an instance of its own)
@@ -140,8 +141,9 @@ class Entry:
     task: dict             # the base task itself, opaque and JSON-able: a checkpoint is self-contained
     turns: list            # partial history τ as given by the caller, one dict per turn
     depth: int             # iteration depth k of the latest iterate
-    parent: int | None     # uid of the entry it was expanded from (None: child of a fresh base task)
-    score: float           # learnability S: inherited from the parent, then measured when sampled
+    parent: int | None     # uid of the entry it was expanded from (None: a base task's own entry, or a child
+                           # whose base task's entry found no room in a full buffer)
+    score: float           # learnability S: inherited from the parent, then measured when its group runs
     inserted_at: int       # buffer clock at insertion
     last_sampled: int      # buffer clock when last sampled (= inserted_at until sampled)
     measured: bool = False  # True once S is this entry's own group variance (update_score), not a guess
@@ -237,8 +239,8 @@ class TaskBuffer:
             victim = next(iter(self.entries.values()))  # dict order = insertion order
         else:
             victim = min(self.entries.values(), key=lambda e: e.score)
-        if score < victim.score and self.admission == "score":
-            return False
+            if score < victim.score:
+                return False
         del self.entries[victim.uid]
         del self._keys[_content_key(victim.base_id, victim.turns)]
         return True

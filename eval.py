@@ -33,7 +33,6 @@ disk"; exit.py uses the same functions.
 
 import argparse
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -84,7 +83,7 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
 
     for k in range(K + 1):
         cur = [[] for _ in rows]
-        for t in range(max(T)):
+        for t in range(max(T, default=0)):  # default: a process whose part is empty (torchrun)
             live = [r for r in range(len(rows)) if t < T[r]]
             if k == 0 and t == 0:  # every chain of a problem starts from the same prompt: one prefill, n_samples rows
                 texts = run([tasks_lib.encode_prompt(tok, family, family.turn_problem(p, 0, []), style=style)
@@ -424,7 +423,11 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     ck = model_lib.load_checkpoint(path)
     # a run's saved config, with today's defaults for what it lacks (a base file has no config at all)
     cfg = {**RUN_DEFAULTS, **(ck.get("config") or {})}
-    task = task or (ck.get("config") or {}).get("task") or _task_from_name(path)
+    recorded = (ck.get("config") or {}).get("task")
+    if task and recorded and task != recorded:
+        raise ValueError(f"{path} was trained on --task={recorded}; --task={task} is only for a checkpoint "
+                         "that records no task (a warm-start file)")
+    task = recorded or task or _task_from_name(path)
     if task is None:
         raise ValueError(f"{path} records no task (not a run checkpoint); pass --task")
     family = tasks_lib.eval_family(cfg.get("eval_data", ""),
@@ -568,9 +571,9 @@ def write_json(obj, path: str):
 
 
 # the settings that make two runs' Base evaluations the same evaluation of the same policy
-BASE_KEYS = ("task", "data", "eval_data", "seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps",
-             "warm_batch", "warm_lr", "max_new_tokens", "eval_problems", "eval_k", "eval_samples",
-             "eval_temperature", "eval_split")
+BASE_KEYS = ("task", "data", "eval_data", "difficulties", "seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head",
+             "warm_examples", "warm_steps", "warm_batch", "warm_lr", "warm_pack", "max_new_tokens", "eval_problems",
+             "eval_k", "eval_samples", "eval_temperature", "eval_split", "eval_harder")
 
 
 def load_run(path: str, recompute: bool = False, task: str | None = None, K: int | None = None,
@@ -634,8 +637,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
             if text:  # before eval.json, whose presence says the evaluation is done
                 write_text(text + "\n", chain_file)
             write_json(ev, ev_file)
-    # unset keys are left out, so runs from before a key existed still share their base
-    base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "")}, sort_keys=True)
+    # unset and off settings are left out, so runs from before a setting existed still share their base
+    base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "", False)}, sort_keys=True)
     if method == "base":
         base_key = os.path.abspath(path)
     return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key,
@@ -699,9 +702,9 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
             divs.setdefault(r["method"], []).append(r.get("diversity"))
             if r.get("log"):
                 logs.setdefault(r["method"], []).append(r["log"])
-        base, key = (r["policy"], r["base_key"]) if r["method"] == "base" else (r.get("base"), r["base_key"])
-        if base is not None and key not in seen:  # runs of one seed share one base: count it once
-            seen.add(key)
+        base = r["policy"] if r["method"] == "base" else r.get("base")
+        if base is not None and r["base_key"] not in seen:  # runs of one seed share one base: count it once
+            seen.add(r["base_key"])
             groups.setdefault("base", []).append(base)
     if not groups:
         raise ValueError("no evaluations to compare")
@@ -902,7 +905,7 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
             save("heldout.png", lambda f: _plot_heldout(f, table))
         if any(any(v is not None for v in r.get("curves", {}).get("turn", [])) for r in table["rows"]):
             save("multi_turn.png", lambda f: _plot_curves(
-                f, table, CURVE_KEYS[8:], ("mean starting turn of replayed instances", "reference tool calls of "
+                f, table, CURVE_KEYS[8:12], ("mean starting turn of replayed instances", "reference tool calls of "
                                            "trained episodes", "malformed responses (fraction)",
                                            "buffer: mean depth"), window), size=(9, 6.5))
     return paths
@@ -911,7 +914,7 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
 def plot_lineage(log: list[dict], path: str, title: str = "") -> str | None:
     """The curriculum's lineage for one run: what the buffer holds over training, by iteration depth k of
     its partial histories (k = 0: a base task, no answer yet; k = 1: a first attempt; k: an answer that k
-steps produced, so improving it is step k + 1). A self-iterating
+    steps produced, so improving it is step k + 1). A self-iterating
     run deepens from the bottom up; a curriculum-only run stays at k = 0. None without matplotlib or
     without buffer data in the log (GRPO)."""
     hists = [l.get("buf_depth_hist") for l in log]
@@ -1039,7 +1042,7 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
         rows.append([(name, [f"--method={m}", *(f"--{k}={v}" for k, v in setting.items())])
                      for name, (m, setting) in CONTROLS.items()])
     given = {a[2:].partition("=")[0]: a[2:].partition("=")[2] for a in overrides}
-    fixed = [k for _, (_, setting) in CONTROLS.items() for k in setting if k in given] if controls else []
+    fixed = [k for _, setting in CONTROLS.values() for k in setting if k in given] if controls else []
     if fixed:
         raise ValueError(f"the ladder's controls set --{' --'.join(dict.fromkeys(fixed))} themselves; drop it, or pass "
                          "--no_controls")
@@ -1115,8 +1118,8 @@ def parse(argv):
                "--key=value passes through)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", metavar="RUN", help="run folders (exit.py --out_dir) or checkpoint files")
-    p.add_argument("--out", metavar="DIR", help="where results.json and the plots go (default: the runs' common "
-                   "parent folder, else runs/compare; with --ladder: runs/ladder)")
+    p.add_argument("--out", metavar="DIR", help="where results.json and the plots go (default: a single run folder "
+                   "itself; several runs: their common parent folder, else runs/compare; with --ladder: runs/ladder)")
     p.add_argument("--k", type=int, metavar="K", help="improve steps K (default: the runs' own eval_k; a "
                    "stored evaluation with more steps is cut to K, exactly)")
     p.add_argument("--problems", type=int, metavar="N", help="held-out tasks, when evaluating (default: the run's eval_problems)")

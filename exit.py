@@ -11,8 +11,8 @@ imports running one way (tasks -> model -> buffer -> eval -> exit):
     eval.py    the held-out K-step self-improvement evaluation, run at the end; run folders on disk
 
 The policy is either the toy (stage 1 below trains it) or a real instruct checkpoint, `--init=HF_DIR
---task=realmath --data=FILE`: then prompts go through its chat template, and the run also writes
-the trained policy as a Hugging Face directory (out_dir/hf).
+--task=realmath --data=FILE`: then prompts go through its chat template. Either way the run also
+writes the trained policy as a Hugging Face directory (out_dir/hf).
 
 Top to bottom: the config (one dataclass, parsed from --key=value), the GRPO math as pure
 functions (Eq. 3-6), stage 1 (supervised warm start, cached), stage 2 (the ExIt loop:
@@ -40,7 +40,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import sys
 import threading
@@ -58,6 +57,7 @@ import tasks as tasks_lib
 
 METHODS = ("grpo", "curriculum", "improve", "diverge", "exit")  # the ablation ladder, the paper's §5.2 (METHOD.md)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOY_TOKENIZER = dict(kind="byte", markers=list(tasks_lib.MARKERS))  # how a checkpoint rebuilds the toy's tokenizer
 
 
 def _f(default, help):
@@ -185,7 +185,7 @@ class Config:
             need(0.0 <= getattr(self, k) <= 1.0, f"{k} must be in [0, 1], got {getattr(self, k)}")
         for k in ("lr", "warm_lr", "clip_eps", "grad_clip"):
             need(getattr(self, k) > 0, f"{k} must be > 0, got {getattr(self, k)}")
-        for k in ("beta", "kappa", "div_clip", "temperature", "eval_temperature", "micro_batch", "eval_problems",
+        for k in ("beta", "kappa", "div_clip", "eval_temperature", "micro_batch", "show_every", "eval_problems",
                   "rank_temperature", "eval_every"):
             need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
         need(self.min_size <= self.buffer_size, f"min_size ({self.min_size}) must be <= buffer_size ({self.buffer_size})")
@@ -197,7 +197,6 @@ class Config:
         need(self.eval_samples >= 1, f"eval_samples must be >= 1 (chains per held-out task), got {self.eval_samples}")
         need(self.eval_every_problems >= 1, f"eval_every_problems must be >= 1, got {self.eval_every_problems}")
         need(not self.eval_data or family.reads_data, "--eval_data=FILE goes with --task=realmath")
-        need(self.micro_batch >= 0 and self.show_every >= 0, "micro_batch and show_every must be >= 0")
         if not self.init:  # the toy's shape (a checkpoint brings its own)
             need(min(self.n_layer, self.n_head, self.n_kv_head, self.n_embd) >= 1,
                  "n_layer, n_head, n_kv_head and n_embd must be >= 1")
@@ -229,15 +228,13 @@ def _parse_value(name, typ, text):
 def config_help() -> str:
     lines = ["usage: python exit.py [--key=value ...]   (a bare --flag sets a bool to true)", ""]
     for f in dataclasses.fields(Config):
-        typ = f.type if isinstance(f.type, str) else f.type.__name__
-        lines.append(f"  {f'--{f.name}={f.default}':<26} {typ:<5} {f.metadata['help']}")
+        lines.append(f"  {f'--{f.name}={f.default}':<26} {f.type.__name__:<5} {f.metadata['help']}")
     return "\n".join(lines)
 
 
 def parse_args(argv) -> tuple[Config, set]:
     """--key=value pairs -> (Config, the set of keys given). Unknown keys or bad values -> ValueError."""
     fields = {f.name: f for f in dataclasses.fields(Config)}
-    types = {"str": str, "int": int, "float": float, "bool": bool}
     values = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -248,7 +245,6 @@ def parse_args(argv) -> tuple[Config, set]:
         if key in values:  # the last one silently winning hides a typo in a long command line
             raise ValueError(f"--{key} is given twice; give it once")
         typ = fields[key].type
-        typ = types[typ] if isinstance(typ, str) else typ
         if not eq:
             if typ is not bool:
                 raise ValueError(f"--{key} needs a value: --{key}=...")
@@ -295,14 +291,15 @@ def diversity_coefficients(emb: torch.Tensor, minmax: bool = False, clip: float 
     # "zero range" is relative: two clusters of 4 identical answers are equally far from the mean,
     # but float rounding leaves hi - lo ~ 1e-7, and dividing by it would make d_i ~ 1e7
     if float(hi - lo) <= 1e-4 * float(hi) + 1e-12:
-        return torch.ones_like(dist)
-    d = ((dist - lo) if minmax else dist) / (hi - lo)
+        d = torch.ones_like(dist)
+    else:
+        d = ((dist - lo) if minmax else dist) / (hi - lo)
     return d.clamp(max=clip) if clip > 0 else d
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
               clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
-              dr_grpo: bool = False, dr_norm: float | None = None):
+              dr_norm: float | None = None):
     """The negated GRPO objective, Eq. 4, as a loss to minimise, plus diagnostics.
 
     logp, old_logp, ref_logp, mask: (N, T) per completion token; adv: (N,) one advantage per rollout.
@@ -310,7 +307,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
       per token: min(ρ A, clip(ρ, 1-ε, 1+ε) A) - β KL_t,  KL_t = exp(ref - logp) - (ref - logp) - 1   (k3)
       GRPO:     mean over rollouts of (1/|o_i|) Σ_t  (groups are equal-sized, so this is the mean over
                 groups of the mean over the group)
-      Dr. GRPO: Σ_t / dr_norm (a constant, e.g. the generation budget), then the mean over rollouts.
+      Dr. GRPO (dr_norm given): Σ_t / dr_norm (a constant, e.g. the generation budget), then the mean
+                over rollouts.
     Returns (loss, stats) with the clip fraction and mean KL over completion tokens."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
@@ -320,8 +318,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
         per_token = per_token - beta * kl
-    if dr_grpo:
-        per_seq = (per_token * mask).sum(1) / (dr_norm if dr_norm else mask.shape[1])
+    if dr_norm is not None:
+        per_seq = (per_token * mask).sum(1) / dr_norm
     else:
         per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)
     loss = -per_seq.mean()
@@ -360,10 +358,9 @@ def warm_start_key(cfg: Config, family) -> str:
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def encode_pair(tok, prompt: str, response: str | None = None):
+def encode_pair(tok, prompt: str, response: str):
     """Token ids of a compact prompt (markers -> special tokens), and of a response + end of text."""
-    p = tasks_lib.prompt_ids(tok, prompt)
-    return p if response is None else (p, tok.encode(response) + [tok.eos_id])
+    return tasks_lib.prompt_ids(tok, prompt), tok.encode(response) + [tok.eos_id]
 
 
 def sft_batch(batch, pad_id, packed=False):
@@ -390,8 +387,8 @@ def sft_batch(batch, pad_id, packed=False):
 def warm_start(cfg: Config, family, device, quiet=False):
     """Supervised training on demonstrations; loss on the response tokens (and their end of text) only."""
     tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
-    path = os.path.join(cfg.base_dir, f"{cfg.task}-{warm_start_key(cfg, family)}.pt")
-    spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
+    key = warm_start_key(cfg, family)
+    path = os.path.join(cfg.base_dir, f"{cfg.task}-{key}.pt")
     if os.path.exists(path):
         policy, tok = model_lib.policy_from_state(model_lib.load_checkpoint(path)["policy"], device)
         if not quiet:
@@ -423,7 +420,7 @@ def warm_start(cfg: Config, family, device, quiet=False):
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     policy.eval()
-    model_lib.atomic_save(dict(policy=model_lib.policy_state(policy, spec), kind="base", key=warm_start_key(cfg, family)), path)
+    model_lib.atomic_save(dict(policy=model_lib.policy_state(policy, TOY_TOKENIZER), kind="base", key=key), path)
     if not quiet:
         print(f"warm start: saved {path}")
     return policy, tok, path
@@ -472,7 +469,7 @@ class Trainer:
                 self.policy, self.tok, self.base_path = warm_start(cfg, self.family, self.device, quiet)
             self.warm_seconds = time.time() - t0
             self.base_path = os.path.abspath(self.base_path)  # eval.py may run from another folder
-            self.tok_spec = dict(kind="byte", markers=list(tasks_lib.MARKERS))
+            self.tok_spec = TOY_TOKENIZER
         # compact marker prompts for the toy tokenizer, the checkpoint's chat template for a real one
         self.style = tasks_lib.prompt_style(self.tok)
         dtype = DTYPES[cfg.dtype]
@@ -484,7 +481,8 @@ class Trainer:
         # compares answers within one group at one moment, so a slowly moving embedder is fine,
         # and a 1B-parameter copy is not free. The toy keeps a frozen copy of its initial policy.
         shared_embedder = os.path.isdir(cfg.init)
-        # the frozen initial policy: reference for the KL (β > 0) and embedder for the diversity bonus
+        # a copy of the initial policy: reference for the KL (β > 0, refreshed every M iterations), and
+        # at β = 0 also the toy's frozen embedder for the diversity bonus
         self.ref = None
         if cfg.beta > 0 or (cfg.diversity_bonus and not shared_embedder):
             self.ref = model_lib.Transformer(self.policy.config).to(self.device, dtype)
@@ -495,7 +493,7 @@ class Trainer:
             self.embedder = self.policy
         elif cfg.diversity_bonus and cfg.beta > 0 and not shared_embedder:
             # the reference moves every M iterations; the toy's embeddings should not
-            self.embedder = model_lib.Transformer(self.policy.config).to(self.device)
+            self.embedder = model_lib.Transformer(self.policy.config).to(self.device, dtype)
             self.embedder.load_state_dict(self.policy.state_dict())
             self.embedder.eval().requires_grad_(False)
         # --dtype=bf16: the policy samples and trains in bf16, but AdamW steps fp32 master copies.
@@ -563,7 +561,7 @@ class Trainer:
         if is_main():  # data parallel: the ranks hold the same run, rank 0 writes it
             model_lib.atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
 
-    # ---- one RL iteration, steps 1-5 of the module docstring. A single-turn family is the one-turn case
+    # ---- one RL iteration, steps 1-6 of the module docstring. A single-turn family is the one-turn case
     # of a multi-turn one: its problem is its only turn, and there is nothing to finish after the step.
     def iteration(self) -> dict:
         cfg, G, fam = self.cfg, self.cfg.group_size, self.family
@@ -647,13 +645,13 @@ class Trainer:
         rows batched turn by turn. GRPO trains on turn t's tokens only: the later turns are the step's
         environment (they are trained on when a history ending at their turn is replayed)."""
         G, fam = self.cfg.group_size, self.family
-        episodes = [inst.problem for inst in insts for _ in range(G)]
+        problems = [inst.problem for inst in insts for _ in range(G)]
         answers = [[h["answer"] for h in inst.prev] + [iterates[i * G + j]] for i, inst in enumerate(insts) for j in range(G)]
         while True:
-            rows = [r for r, (ep, a) in enumerate(zip(episodes, answers)) if len(a) < fam.n_turns(ep)]
+            rows = [r for r, (p, a) in enumerate(zip(problems, answers)) if len(a) < fam.n_turns(p)]
             if not max_over_ranks(len(rows)):  # data parallel: the ranks sample each turn together
                 return answers
-            prompts = [tasks_lib.encode_prompt(self.tok, fam, fam.turn_problem(episodes[r], len(answers[r]), answers[r]),
+            prompts = [tasks_lib.encode_prompt(self.tok, fam, fam.turn_problem(problems[r], len(answers[r]), answers[r]),
                                               style=self.style) for r in rows]
             for r, text in zip(rows, self.sample(prompts, 1)[1]):
                 answers[r].append(text)
@@ -714,7 +712,7 @@ class Trainer:
                    difficulty=float(np.mean([i.problem.difficulty for i in insts])),
                    buf_size=bstats["size"], buf_score_mean=bstats["score_mean"], buf_score_max=bstats["score_max"],
                    buf_entropy=bstats["entropy"], buf_distinct=bstats["distinct_base"],
-                   buf_depth=bstats.get("depth_mean", 0.0), buf_depth_hist=bstats["depth_hist"],
+                   buf_depth=bstats["depth_mean"], buf_depth_hist=bstats["depth_hist"],
                    buf_measured=bstats["measured_frac"], resp_len=n_tok / len(responses),
                    tok_per_s=n_tok / dt, sample_frac=t_sample / dt, skipped=self.skipped,
                    elapsed=self.elapsed, world_size=world_size(), **self.div_stats, **stats)
@@ -758,7 +756,7 @@ class Trainer:
                         ref_logp = model_lib.completion_logprobs(self.ref, p_rows, ro.tokens[rows], ro.lengths[rows], G,
                                                                  temperature=cfg.temperature)
                 loss, st = grpo_loss(logp, old[rows], adv[rows], mask[rows], cfg.clip_eps, ref_logp, cfg.beta,
-                                     cfg.dr_grpo, cfg.max_new_tokens)
+                                     dr_norm=cfg.max_new_tokens if cfg.dr_grpo else None)
                 frac = (rows.stop - rows.start) / N  # the mean over rollouts, split across micro-batches
                 (loss * frac).backward()
                 loss_total += loss.item() * frac
@@ -1053,7 +1051,8 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
     a bad input is an error now, not a traceback after training: the data files, enough distinct
     problems for the training pool and the held-out set (--difficulties), the --init checkpoint's
     config.json and tokenizer, and that every prompt fits the model's context.
-    Returns the family, the evaluation family and the training pool, for the Trainer."""
+    Returns the family, the evaluation family, the training pool and the --init checkpoint's dtype, for
+    the Trainer."""
     family = tasks_lib.make_family(cfg.task, cfg.data, cfg.difficulties)
     efam = tasks_lib.eval_family(cfg.eval_data, family)
     train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
@@ -1061,6 +1060,8 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
     if cfg.eval_problems:
         heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet,
                                             split=cfg.eval_split)
+    if cfg.eval_every:  # the held-out slice of every --eval_every point, during training
+        heldout += eval_lib.heldout_problems(efam, cfg.eval_every_problems, warn=False, split=cfg.eval_split)
     tok, max_len, source_dtype = None, None, None
     if cfg.init and os.path.isdir(cfg.init):
         config_file = os.path.join(cfg.init, "config.json")

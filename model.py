@@ -152,7 +152,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, Tk, hd): every cached position so far
         # mask None means plain causal attention (training, prefill) or, for one new token, the
-        # whole cache; an explicit mask is only needed when the sampler's rows are left-padded
+        # whole cache; explicit masks come from left-padded prompts (right_align), packed rows
+        # (pack) and the update's grouped forward (_grouped_logprobs)
         if T == 1 and cache is not None:
             # decoding, one query per row: two small matmuls beat the CPU sdpa kernel here (~10%
             # of the sampler). Query heads sharing a key/value head are stacked (GQA) so that
@@ -278,7 +279,7 @@ class KVCache:
     Allocated on the first write, so it takes the dtype the layers produce (bf16 under autocast)."""
 
     def __init__(self, n_layer: int, batch: int, max_len: int):
-        self.n_layer, self.batch, self.max_len, self.pos = n_layer, batch, max_len, 0
+        self.n_layer, self.batch, self.max_len, self.pos = n_layer, batch, max_len, 0  # batch: rows at the first write
         self.k = self.v = None
 
     def update(self, layer, k, v):
@@ -297,12 +298,10 @@ class KVCache:
         """Row i becomes rows i*n .. i*n+n-1: one prefilled prompt serves its whole GRPO group."""
         self.k = self.k.repeat_interleave(n, dim=1)
         self.v = self.v.repeat_interleave(n, dim=1)
-        self.batch *= n
 
     def keep_rows(self, rows: torch.Tensor):
         """Keep only these rows (a (B,) bool mask or indices), in order: the sampler drops finished ones."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
-        self.batch = self.k.shape[1]
 
 
 @dataclass
@@ -329,9 +328,9 @@ def token_logprobs(logits, tokens):
     return logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, uniform=None):
-    """One token per row from logits (N, V) -> (N,). temperature 0 is argmax. uniform: (N, 1) draws
-    in [0, 1) to sample with (default: drawn here from generator)."""
+def sample_next(logits, uniform, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from logits (N, V) -> (N,), by the draws uniform (N, 1) in [0, 1).
+    temperature 0 is argmax (uniform unused: None)."""
     if temperature == 0:
         return logits.argmax(-1)
     if temperature != 1.0:
@@ -349,8 +348,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     # inverse-CDF sampling: one uniform per row. Same distribution as torch.multinomial, which
     # draws an exponential per vocabulary entry and was 10% of the whole sampler's time on CPU.
     cdf = logits.softmax(-1).cumsum(-1)  # (N, V)
-    if uniform is None:
-        uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
     u = uniform * cdf[:, -1:]
     # right=True: the first token whose cdf exceeds u, so zero-probability tokens are never picked
     # (the clamp only guards against u rounding up to the total)
@@ -406,6 +403,8 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     if max_new_tokens < 1 or num_samples < 1:
         raise ValueError("max_new_tokens and num_samples must be >= 1")
+    if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"top_k must be >= 1 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
     was_training = model.training
     model.eval()
     device = model.inv_freq.device
@@ -445,7 +444,7 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
         # one uniform for every original row, picked by `live`: each row gets the draw it would
         # get in the full batch, so dropping rows changes no sample (same seed, same rows)
         u = None if temperature == 0 else torch.rand(total_rows, 1, generator=generator, device=device)[first + live]
-        nxt = sample_next(logits, temperature, top_k, top_p, uniform=u)  # (B,), B = len(live)
+        nxt = sample_next(logits, u, temperature, top_k, top_p)  # (B,), B = len(live)
         nxt = nxt.masked_fill(fin, pad_id)
         tokens[live, t] = nxt
         # the log-prob under the distribution actually sampled (logits / T), so that the policy
@@ -479,8 +478,8 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
 def sample_texts(policy: Transformer, tok, prompts: list[list[int]], num_samples: int, max_new_tokens: int, *,
                  temperature: float = 1.0, generator: torch.Generator | None = None,
                  rows: tuple[int, int] | None = None) -> tuple[Rollouts, list[str]]:
-    """generate() with the tokenizer's stop and pad ids, and each row's completion decoded (its stop token
-    included, as the rewards expect): the one sample-then-decode step of training and evaluation."""
+    """generate() with the tokenizer's stop and pad ids, and each row's completion decoded (without its stop
+    token: decode drops special ids): the one sample-then-decode step of training and evaluation."""
     ro = generate(policy, prompts, num_samples, max_new_tokens, temperature=temperature,
                   stop_ids=tok.stop_ids, pad_id=tok.pad_id, generator=generator, rows=rows)
     return ro, [tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
@@ -523,7 +522,8 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
 
 def _tempered_logprobs(model, h, tokens, temperature):
     """log softmax(lm_head(h) / temperature)[token]: (n, t, C), (n, t) -> (n, t) fp32."""
-    logits = model.lm_head(h)  # (n, t, V)
+    # fp32 before dividing, as the sampler does, so both sides of GRPO's ratio round alike under bf16
+    logits = model.lm_head(h).float()  # (n, t, V)
     if temperature not in (0, 1):
         logits = logits / temperature
     return token_logprobs(logits, tokens)
@@ -814,7 +814,6 @@ class HFTokenizer(Tokenizer):
         self.pad_id = t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
         vocab = t.get_vocab()
         self.stop_ids = {self.eos_id} | {vocab[s] for s in END_OF_TURN if s in vocab} | _config_eos_ids(path)
-        self.special_ids = set(t.all_special_ids)
         self.vocab_size = len(t)
 
     def encode(self, text, special=False):
@@ -861,8 +860,8 @@ class HFTokenizer(Tokenizer):
         self.tok.save_pretrained(path)
 
 
-def read_json(path: str, kind: type | None = dict):
-    """A JSON file's content, or a ValueError that names the file and what is wrong with it
+def read_json(path: str) -> dict:
+    """A JSON file's object, or a ValueError that names the file and what is wrong with it
     (json's own message names neither the file nor, for a wrong shape, the problem)."""
     try:
         with open(path, "rb") as f:
@@ -871,9 +870,8 @@ def read_json(path: str, kind: type | None = dict):
         raise ValueError(f"{path}: not a JSON file (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
-    if kind is not None and not isinstance(obj, kind):
-        want = {dict: "object {...}", list: "list [...]"}.get(kind, kind.__name__)
-        raise ValueError(f"{path}: expected a JSON {want}, got a {type(obj).__name__}")
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}}, got a {type(obj).__name__}")
     return obj
 
 

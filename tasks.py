@@ -10,7 +10,7 @@ feedback, depth}.
 
 Reading order: `Problem`; `TaskFamily`, the interface a family implements and the rules it keeps;
 the per-step rewards and the train/test split it uses; then the families, simplest first; the
-real-data parser last; the registry `FAMILIES` at the end. README, "Adding a task family", has a
+real-data parser; the registry `FAMILIES`; then prompt encoding. README, "Adding a task family", has a
 worked example.
 
 Families:
@@ -99,7 +99,8 @@ class TaskFamily:
       (one argument order for all three: problem, the style `alt` (True: the alternative style), rng)
     Required when has_feedback: feedback(problem, response). When multi_turn: n_turns, turn_problem,
     episode_reward (ToolsFamily). Optional, with defaults: chat_request, prompt, step_reward, next_answer,
-    solution_text, valid, sample, revise, expected_accuracy, demo_records, demonstrations.
+    solution_text, valid, sample, reference_calls, revise, expected_accuracy, demo_record, demo_records,
+    demonstrations.
 
     The rules a family keeps (the contract tests in test_exit.py check them for every family in FAMILIES):
       1. Problems are JSON-able: `data` holds str / int / float / lists / dicts, never tuples or sets, so
@@ -249,17 +250,16 @@ class TaskFamily:
         return f"{problem.request}\n\nPlease {self.answer_format}."
 
     def prompt(self, problem: Problem, answer: str | None = None, mode: str = "base",
-               feedback: str | None = None, style: str = "compact") -> str:
-        """The prompt of a base (k=0), self-improve or self-diverge step (paper §4).
-        Families with feedback fill it in from `answer` when it is not given."""
+               style: str = "compact") -> str:
+        """The prompt of a base (k=0), self-improve or self-diverge step (paper §4). Families with feedback
+        show the environment's feedback on `answer`, computed afresh from it."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if style not in ("compact", "chat"):
             raise ValueError(f"unknown style {style!r}; expected 'compact' or 'chat'")
         if mode != "base" and answer is None:
             raise ValueError(f"a {mode} prompt needs the current answer")
-        if mode != "base" and feedback is None and self.has_feedback:
-            feedback = self.feedback(problem, answer)
+        feedback = self.feedback(problem, answer) if mode != "base" and self.has_feedback else None
         if style == "compact":
             if mode == "base":
                 return f"<|request|>{problem.request}<|answer|>"
@@ -371,14 +371,14 @@ class TaskFamily:
     def revise(self, problem: Problem, answer: str, rng: random.Random) -> str:
         """The demonstrated improve step. A right answer is kept verbatim, or broken with p_break(d); a wrong
         one is fixed (p_fix), copied verbatim (p_copy), or else re-attempted from scratch with slips."""
-        em, u, style = self.error_model, rng.random(), answer.startswith(ALT_TAG)
+        em, u, alt = self.error_model, rng.random(), answer.startswith(ALT_TAG)
         if self.score(problem, answer) >= 1.0:
-            return self.break_answer(problem, style, rng) if u < self.p_break(problem.difficulty) else answer
+            return self.break_answer(problem, alt, rng) if u < self.p_break(problem.difficulty) else answer
         if u < em["p_fix"]:
-            return self.solve(problem, style)
+            return self.solve(problem, alt)
         if u < em["p_fix"] + em["p_copy"]:
             return answer
-        return self.attempt(problem, style, rng)
+        return self.attempt(problem, alt, rng)
 
     def demo_records(self, n: int, seed: int) -> list[dict]:
         """Demonstrations with their provenance (problem, mode, current answer), for tests and analysis."""
@@ -645,12 +645,12 @@ class ExactSumFamily(TaskFamily):
     picks are legal, and it ends at 0. So CHECKING an answer is reading its last number, while FINDING
     one is a search over subsets. Built so that iteration could help where it cannot on math chains
     (there, checking a step costs what computing it costs; at this scale it did not help here either:
-    README, "A toy with a generation-verification gap"): an improve step can keep an answer that ends
+    RESULTS.md, "A toy with a generation-verification gap"): an improve step can keep an answer that ends
     at 0 and repair one that ends at r != 0 by a LOCAL MOVE, pick r when r is an unpicked number of the
     list (append "-r=0"), or drop the pick -r when it overshot by -r (`local_move`).
     An improve response of just "=" (KEEP) keeps the current answer: once checked, keeping is one token,
     where copying a 20-token answer at temperature 1 slips too often for iterating to pay (on `math` the
-    breaks of right answers are what stops iteration, README).
+    breaks of right answers are what stops iteration, RESULTS.md).
     Styles: main ascending "31-3=28-11=17-17=0", alt descending "~31-17=14-11=3-3=0". Numbers 1..19; the
     target is the sum of a planted subset of 2-4 of them (any exact subset is right).
     Demonstrations (a weak self-improver, like the other families): first attempts flip each number's
@@ -767,13 +767,13 @@ class ExactSumFamily(TaskFamily):
 class ExactSumFeedbackFamily(ExactSumFamily):
     """exactsum with the check done by the environment: improve and diverge prompts carry feedback on
     the current answer ("sum 28, 3 short", "sum 31, exact", "unreadable"), computed from its true picks,
-    so the policy cannot fake it (on `exactsum` it learns to: README)."""
+    so the policy cannot fake it (on `exactsum` it learns to: RESULTS.md)."""
     name, has_feedback = "exactsumfb", True
     summary = "exactsum with the environment's feedback on the current answer"
 
     def feedback(self, problem, response):
         picks = self.picks(problem, response)
-        if not picks:
+        if not picks:  # malformed (None), or the bare target with no pick ([]), which no demonstration writes
             return "unreadable"
         r = problem.data["target"] - sum(picks)
         return f"sum {sum(picks)}, " + ("exact" if r == 0 else f"{r} short" if r > 0 else f"{-r} over")
@@ -979,7 +979,7 @@ class ToolsFamily(TaskFamily):
         return " ".join(outs) or "none"
 
     def valid(self, response):
-        """A response of no valid type: not a single well-formed call or end marker."""
+        """True iff the response has at least one well-formed call or end marker (else it is of no valid type)."""
         return bool(run_calls([0] * len(ACCOUNTS), response)[1])
 
     # ---- demonstrations: per turn, on turns reached by the demonstrated policy's own first attempts

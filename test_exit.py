@@ -851,6 +851,9 @@ def test_greedy_and_group_replication():
         s = model.generate(m, prompts, 3, 6, stop_ids=(), pad_id=0, generator=g, **kw)
         assert torch.equal(s.tokens, out.tokens)
         assert torch.allclose(s.logprobs, out.logprobs)  # temperature-1 log-probs either way
+    for kw in (dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):  # nothing to sample from, or not a mass
+        with pytest.raises(ValueError, match="top_k must be >= 1 and top_p in"):
+            model.generate(m, prompts, 3, 6, stop_ids=(), pad_id=0, **kw)
 
 
 def test_generate_logprobs_equal_completion_logprobs():
@@ -867,6 +870,18 @@ def test_generate_logprobs_equal_completion_logprobs():
     assert torch.allclose(lp, out.logprobs, atol=1e-5)
     (lp * out.mask).sum().backward()  # gradients reach the weights
     assert m.embed_tokens.weight.grad is not None and m.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_tempered_logprobs_divide_in_fp32_as_the_sampler_does():
+    """Under bf16 the training forward's logits are cast to fp32 before the division by T, as the sampler's
+    are (generate: lm_head(...).float(), then sample_next and token_logprobs divide): the two sides of GRPO's
+    ratio then round alike. Dividing bf16 logits first rounds the quotient to bf16."""
+    m = tiny().to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, m.config.n_embd, generator=g).to(torch.bfloat16) * 4
+    tokens = torch.randint(0, m.config.vocab_size, (3, 5), generator=g)
+    want = model.token_logprobs(m.lm_head(h).float() / 0.7, tokens)
+    assert torch.equal(model._tempered_logprobs(m, h, tokens, 0.7), want)
 
 
 def test_generate_dropping_finished_rows_changes_no_sample(monkeypatch):
@@ -1673,6 +1688,21 @@ def test_comparison_table_from_saved_json_by_hand(four_runs, monkeypatch):
     assert eval_lib.format_table(json.load(open(four_runs / "results.json"))) == text
 
 
+def test_runs_on_other_bases_count_a_base_each(four_runs):
+    """Base rows: one per distinct warm start, as BASE_KEYS tell them apart (here --warm_pack, which
+    trains another base); a setting left at its off value keeps the key of a run made before it existed."""
+    def set_cfg(run, **kw):
+        cfg = json.load(open(four_runs / run / "config.json"))
+        json.dump({**cfg, **kw}, open(four_runs / run / "config.json", "w"))
+    before = eval_lib.load_run(str(four_runs / "exit-s0"))["base_key"]
+    set_cfg("exit-s0", warm_pack=False, eval_harder=False, difficulties="")
+    assert eval_lib.load_run(str(four_runs / "exit-s0"))["base_key"] == before
+    runs = lambda: [eval_lib.load_run(str(four_runs / r)) for r in ("grpo-s0", "exit-s0")]
+    assert eval_lib.comparison_table(runs())["rows"][0]["runs"] == 1  # one seed, one base
+    set_cfg("grpo-s0", warm_pack=True)
+    assert eval_lib.comparison_table(runs())["rows"][0]["runs"] == 2
+
+
 def test_table_is_reprinted_from_results_json(four_runs, capsys):
     eval_lib.main([str(p) for p in four_runs.iterdir()] + ["--out", str(four_runs / "cmp")])
     first = capsys.readouterr().out
@@ -1851,6 +1881,8 @@ def test_ladder_runs_resumes_and_recomputes_exactly(tmp_path, monkeypatch, capsy
     # evaluating the checkpoint again gives exactly the run's own final evaluation (CPU, same seeds)
     saved = json.load(open(out / "exit-s0" / "eval.json"))
     again = eval_lib.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), device="cpu", chain=True)
+    with pytest.raises(ValueError, match="was trained on --task=exactsumfb; --task=math is only for"):
+        eval_lib.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), task="math", device="cpu")
     # ... and the same improvement chain as the run printed at its end (chain.txt)
     assert again.pop("chain") + "\n" == (out / "exit-s0" / "chain.txt").read_text()
     assert again == saved and "diversity" in saved
@@ -1998,6 +2030,7 @@ def test_diversity_coefficients_eq6():
     # all rollouts equally far from the mean (here: identical) -> d_i = 1
     same = torch.ones(4, 3)
     assert exit_lib.diversity_coefficients(same).tolist() == [1.0] * 4
+    assert exit_lib.diversity_coefficients(same, clip=0.5).tolist() == [0.5] * 4  # the cap holds there too
     # a 4/4 split between two answers (the most learnable binary group): equal distances up to
     # float rounding must still count as a zero range
     g = torch.Generator().manual_seed(0)
@@ -2041,7 +2074,7 @@ def test_grpo_loss_matches_hand_formula_values_and_gradients(variant):
     lengths = torch.tensor([5, 3, 4, 1, 5, 2])
     mask = (torch.arange(T)[None] < lengths[:, None]).float()
     ref = old - 0.1 * torch.rand(N, T, generator=g)
-    kw = dict(plain={}, kl=dict(ref_logp=ref, beta=0.05), dr=dict(dr_grpo=True, dr_norm=7.0))[variant]
+    kw = dict(plain={}, kl=dict(ref_logp=ref, beta=0.05), dr=dict(dr_norm=7.0))[variant]
     a = logp0.clone().requires_grad_(True)
     loss, stats = exit_lib.grpo_loss(a, old, adv, mask, eps, **kw)
     b = logp0.clone().requires_grad_(True)
@@ -2862,6 +2895,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_no_tmp_file(tmp_path):
 def test_config_rejects_bad_values_up_front(monkeypatch):
     cases = {"--lr=inf": "lr must be a finite number, got inf", "--kappa=inf": "kappa must be a finite number",
              "--clip_eps=nan": "clip_eps must be a finite number", "--temperature=0": "temperature must be > 0 in training: GRPO",
+             "--temperature=-1": "temperature must be > 0 in training", "--show_every=-1": "show_every must be >= 0, got -1",
              "--eval_k=-1": "eval_k must be >= 0", "--eval_samples=0": "eval_samples must be >= 1",
              "--n_embd=33": r"n_embd \(33\) must be a multiple of n_head \(4\)",
              "--n_head=3": r"n_embd \(128\) must be a multiple of n_head \(3\)",
@@ -2902,7 +2936,10 @@ def test_preflight_catches_before_the_warm_start_what_used_to_fail_after_trainin
     monkeypatch.setattr(exit_lib, "warm_start", lambda *a, **k: pytest.fail("warm start before the check"))
     for kw, msg in [(dict(task="math", difficulties="1"), r"could not draw 5000 distinct train problems at difficulties \[1\]"),
                     (dict(task="subset", difficulties="1"), "subset: cannot make a problem at difficulty 1"),
-                    (dict(task="math", difficulties="2", eval_problems=5000), "could not draw 5000 distinct test problems")]:
+                    (dict(task="math", difficulties="2", eval_problems=5000), "could not draw 5000 distinct test problems"),
+                    # no final evaluation, but a held-out point every 10 iterations: its slice is checked too
+                    (dict(task="math", difficulties="2", eval_every=10, eval_every_problems=5000),
+                     "could not draw 5000 distinct test problems")]:
         with pytest.raises(ValueError, match=msg):
             exit_lib.prepare(tiny_cfg(tmp_path, **kw), quiet=True)
 
@@ -3355,6 +3392,12 @@ def test_evaluation_split_in_parts(tmp_path, task):
     for i, mine in enumerate((problems[:2], problems[2:])):
         ref = score(tr.policy, tr.tok, tr.family, mine, 1, 2, 1.0, 8, 3 + i)
         assert np.array_equal(parts[i][0], ref[0])
+    # more processes than problems: a part with no problem runs no chain, and the parts still join
+    solo = dict(kw, n_problems=1)
+    with pytest.raises(Gathered):  # part 1 of 2 holds the one problem
+        eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **solo, part=(1, 2), gather=lambda x: keep(x, i=1))
+    joined = eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **solo, part=(0, 2), gather=lambda x: [x, parts[1]])
+    assert joined["n"] == 2 and joined["score"] == parts[1][0].mean(1).tolist()
     one = eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw)  # one process: unchanged, no "parts"
     assert one["n"] == 10 and "parts" not in one["settings"]
     assert np.array_equal(np.array(one["score"]), score(tr.policy, tr.tok, tr.family, problems, 1, 2, 1.0, 8, 3)[0].mean(1))
