@@ -2,7 +2,7 @@
 Speed of the toy policy's GRPO iteration and sampler, against the peers people would use instead.
 
     python bench.py                        # sampler vs generate, warm start packed vs padded, iteration vs TRL
-    python bench.py --only sampler         # no TRL needed (also: --only warmstart, --only iteration)
+    python bench.py --only sampler         # no TRL needed (also --only warmstart, and --only iteration --peer none)
     python bench.py --repeats 9 --threads 1
 
 Three comparisons, each on the same weights and the same work:
@@ -143,8 +143,9 @@ def bench_sampler(tr, args):
 
 
 def our_iteration_timer(tr):
-    """Time Trainer.iteration() and split it into sampling (its own t_sample), update (the call
-    to Trainer.update, wrapped here) and the rest (decoding, rewards, advantages, bookkeeping)."""
+    """Time Trainer.iteration() and split it into sampling (its own t_sample: drawing the instances,
+    encoding, sampling, decoding, and finishing multi-turn episodes), update (the call to Trainer.update, wrapped here) and the rest
+    (rewards, advantages, the buffer, the log line)."""
     inner_update = tr.update
     spent = {}
 

@@ -681,7 +681,7 @@ class Trainer:
         return adv
 
     def kept(self, responses) -> torch.Tensor:
-        """(N,) 1.0 for rollouts that enter the loss, 0.0 for those --filter_malformed drops (§4: the
+        """(N,) 1.0 for rollouts that enter the loss, 0.0 for those --filter_malformed drops (§5: the
         tool-use runs give malformed responses zero gradient). A dropped row loses every token from the
         loss, its KL term too: "no gradient" means none from that rollout. It still counts in the mean
         over rollouts, so the normaliser stays constant (Dr. GRPO's point)."""

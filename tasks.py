@@ -122,7 +122,8 @@ class TaskFamily:
       6. The error model (ERROR_MODEL: q, q_break) puts the demonstrated first-attempt accuracy on the
          training mix near 0.5 (expected_accuracy(0) in 0.45..0.55: GRPO learns only from groups with
          both outcomes), and makes the demonstrated policy a weak self-improver: expected_accuracy(16) a
-         little below expected_accuracy(0), and no free gains on the held-out difficulties.
+         little below expected_accuracy(0) (at most 0.02 above), and at most a few points above it on the
+         held-out difficulties (0.05; exactsum's demonstrated local move repairs some near misses there).
       7. Demonstrations draw from their rng in a fixed order: family.demonstrations(32, seed) is part of
          the warm-start cache key (exit.warm_start_key), so a change to what they say retrains the base.
       8. The chat answer_format asks for the final answer in \\boxed{...}, and `score` reads the last one
@@ -309,7 +310,7 @@ class TaskFamily:
         return response if isinstance(response, str) else ""
 
     def valid(self, response: str) -> bool:
-        """Is the response of a valid type at all? (--filter_malformed zeroes the advantage of those that are not.)"""
+        """Is the response of a valid type at all? (--filter_malformed drops those that are not from the loss.)"""
         return isinstance(response, str)
 
     # ---- multi-turn families (multi_turn = True): an episode of turns; each turn is a Problem of its own

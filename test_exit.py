@@ -10,9 +10,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import ast
 import base64
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -608,6 +610,9 @@ def check_family_contract(f):
     if not f.multi_turn:                                                                     # rule 6
         a0, a16 = f.expected_accuracy(0), f.expected_accuracy(16)
         assert 0.45 <= a0 <= 0.55 and a16 <= a0 + 0.02, (a0, a16)
+        if f.heldout_difficulties:
+            h0, h16 = (f.expected_accuracy(k, f.heldout_difficulties) for k in (0, 16))
+            assert h16 <= h0 + 0.05, (h0, h16)
 
 
 @pytest.mark.parametrize("name", ALL_FAMILIES)
@@ -1404,18 +1409,22 @@ def test_a_measured_score_survives_reinsertion_single_turn(tmp_path):
 
 
 def test_a_measured_score_survives_reinsertion_multi_turn(tmp_path):
-    """Every multi-turn expansion re-inserts the earlier turn prefixes: a prefix measured at 0 must not be
-    raised to the expanding group's 0.25."""
+    """An expansion from turn 0 re-inserts every turn prefix of its rows' episodes: a one-turn prefix measured
+    at 0 that a row plays again is the same instance (not stored twice), and keeps its 0 while the group's
+    new prefixes inherit the group's 0.25."""
     tr = tools_trainer(tmp_path, min_size=1, method="improve", group_size=2, tasks_per_iter=1)
-    ep = episode([3, 0, 5], "a>b2", "-c9", "a=4")
-    hist = [dict(answer="wd a 2;dep b 2;done", depth=1), dict(answer="wd c 9;done", depth=1)]
-    first, second = tr.buffer.insert_history(ep.id, dataclasses.asdict(ep), hist, [1, 1], 0.1)
+    fam, ep = tr.family, episode([3, 0, 5], "a>b2", "-c9", "a=4")
+    a0 = "wd a 2;dep b 2;done"
+    turn0 = dict(answer=a0, feedback=fam.feedback(fam.turn_problem(ep, 0, [a0]), a0), depth=1)
+    (first,) = tr.buffer.insert_history(ep.id, dataclasses.asdict(ep), [turn0], [1], 0.1)
     tr.buffer.update_score(first.uid, 0.0)
-    inst = exit_lib.Instance(problem=ep, turn=1, prev=hist[:1], answer=hist[1]["answer"], mode="improve", depth=1,
-                uid=second.uid, replay=True)
-    answers = [[hist[0]["answer"], "wd c 9;done", "set a 4;done"], [hist[0]["answer"], "err", "set a 4;done"]]
-    tr.update_buffer([inst], answers, torch.tensor([[1.0, 0.0]]))
-    assert first.score == 0.0 and second.score == 0.25 and second.measured
+    fresh = exit_lib.Instance(problem=ep, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None, replay=False)
+    answers = [[a0, "wd c 9;done", "set a 4;done"], ["err", "err", "set a 4;done"]]
+    tr.update_buffer([fresh], answers, torch.tensor([[1.0, 0.0]]))
+    mine = [e for e in tr.buffer.entries.values() if e.base_id == ep.id and e.turns]
+    assert [e for e in mine if [h["answer"] for h in e.turns] == [a0]] == [first]
+    assert first.score == 0.0 and first.measured
+    assert len(mine) == 6 and all(e.score == 0.25 for e in mine if e is not first)  # 2 rows x 3 prefixes
 
 
 def test_multi_turn_deduplication_keys_on_content_not_depth(tmp_path):
@@ -1873,8 +1882,8 @@ def test_ladder_runs_resumes_and_recomputes_exactly(tmp_path, monkeypatch, capsy
     assert len([f for f in bases if ".eval-" in f]) == 1  # the base was evaluated once, for every run
     assert (out / "results.json").is_file() and (out / "exit-s0" / "eval.json").is_file()
     # every run measured the diversity of the instances it trained on: 2 iterations x 2 tasks
-    assert all(r["diversity"]["cosine"][0] >= 0 for r in table["rows"][1:])
-    assert json.load(open(out / "grpo-s0" / "eval.json"))["diversity"]["n"] == 4
+    for run in ("grpo-s0", "exit-s0", "exit-kappa0-s0", "exit-fifo-s0"):
+        assert json.load(open(out / run / "eval.json"))["diversity"]["n"] == 4
     # run again: finished runs are skipped, nothing is trained
     monkeypatch.setattr(eval_lib, "start_run", lambda argv, *a, **k: pytest.fail(f"retrained {argv}"))
     eval_lib.ladder(overrides, seeds=1, out=str(out), methods=["grpo", "exit"])
@@ -1917,8 +1926,12 @@ def test_eval_keeps_exit_defaults_without_importing_exit():
     assert {k: defaults[k] for k in eval_lib.RUN_DEFAULTS} == eval_lib.RUN_DEFAULTS
     assert eval_lib.METHODS == exit_lib.METHODS
     for f in ("tasks.py", "model.py", "buffer.py", "eval.py"):
-        src = open(os.path.join(HERE, f)).read()
-        assert "import exit" not in src and (f == "eval.py" or "import eval" not in src), f
+        tree = ast.parse(open(os.path.join(HERE, f)).read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call) and n.args  # import_module("x")
+                     and isinstance(n.args[0], ast.Constant) and getattr(n.func, "attr", None) == "import_module"}
+        assert "exit" not in imported and (f == "eval.py" or "eval" not in imported), (f, imported)
 
 
 # ----------------------------------------------------------------------------- what a run shows
@@ -2247,16 +2260,18 @@ def tiny_cfg(tmp_path, **kw):
     return exit_lib.Config(**base).validate()
 
 
-def test_one_iteration_changes_parameters(tmp_path):
+def test_one_iteration_changes_parameters(tmp_path, monkeypatch):
     tr = exit_lib.prepare(tiny_cfg(tmp_path, beta=0.01), quiet=True)
+    # a barely trained tiny policy scores 0 everywhere, and equal rewards give no gradient: alternate them
+    rewards = itertools.count()
+    monkeypatch.setattr(tr, "reward", lambda inst, answers: float(next(rewards) % 2))
     before = [p.detach().clone() for p in tr.policy.parameters()]
     out = tr.iteration()
     log = out["log"]
     assert all(map(lambda v: v is None or isinstance(v, str) or torch.isfinite(torch.tensor(float(v))),
                    [log[k] for k in ("loss", "kl", "clip_frac", "reward", "grad_norm")]))
-    changed = sum(not torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
-    if (out["rewards"].amax(1) - out["rewards"].amin(1)).max() > 0:  # some group carried signal
-        assert changed > 0
+    assert (out["rewards"].amax(1) - out["rewards"].amin(1)).min() > 0 and log["grad_norm"] > 0
+    assert all(not torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
     assert len(tr.buffer) > 0 and log["iter"] == 1
     assert log["div_max"] >= log["div_mean"] > 0  # full ExIt logs the scale of its Eq. 6 coefficients
     assert "div_mean" not in exit_lib.prepare(tiny_cfg(tmp_path / "g", method="improve"), quiet=True).iteration()["log"]
@@ -2290,7 +2305,6 @@ def test_micro_batches_give_the_same_update(tmp_path):
 def test_nonfinite_update_is_skipped(tmp_path):
     tr = exit_lib.prepare(tiny_cfg(tmp_path, method="grpo"), quiet=True)
     prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
-    import model as model_lib
     ro = model_lib.generate(tr.policy, prompts, 4, 8, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id)
     before = [p.detach().clone() for p in tr.policy.parameters()]
     adv = torch.full((len(ro.lengths),), float("nan"))
@@ -2639,7 +2653,7 @@ def test_tools_environment_executes_calls_one_message_at_a_time():
     assert run([3, 0, 5], "dep a;dep a 123") == ([3, 0, 5], [], ["err:bad", "err:bad"])
     # the budget: 4 assistant messages; a fifth (here the end marker) is never read
     assert run([0, 0, 0], "dep a 1;dep a 1;dep a 1;dep a 1;done") == ([4, 0, 0], ["dep a 1"] * 4, ["a=1", "a=2", "a=3", "a=4"])
-    f, p = tasks.get_family("tools"), None
+    f = tasks.get_family("tools")
     p = f.turn_problem(episode([3, 0, 5], "-a2"), 0, [])
     for text in random_texts("tools", 200):  # junk never raises
         assert f.score(p, text) in (0.0, 1.0) and isinstance(f.feedback(p, text), str) and f.valid(text) in (True, False)
@@ -3078,27 +3092,40 @@ def test_a_checkpoint_without_a_chat_template_warns(tmp_path, instruct, capsys):
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
+    """The first Ctrl-C asks the iteration in flight to finish; a second one while it runs stops at once:
+    exit code 130, no traceback, no checkpoint written, nothing half-written. The third iteration of the
+    patched run waits 60 s before its work, so both signals land inside it (a run that ignored the second
+    would save a checkpoint after the wait)."""
     import signal as signal_lib
     run = tmp_path / "run"
-    args = tiny_args(run, tmp_path / "base", iters=100000, ckpt_every=1000)
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "exit.py"), *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    patch = ("import time\n"
+             "real = exit.Trainer.iteration\n"
+             "def slow(self):\n"
+             "    if self.iter >= 2:\n"
+             "        time.sleep(60)\n"
+             "    return real(self)\n"
+             "exit.Trainer.iteration = slow\n")
+    script = _patched_main(tmp_path / "slow.py", patch)
+    args = tiny_args(run, tmp_path / "base", iters=5, ckpt_every=1000)
+    p = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     log, t0 = run / "log.jsonl", time.time()
     while not (log.exists() and len(log.read_text().splitlines()) >= 2):
         assert p.poll() is None and time.time() - t0 < 120
         time.sleep(0.1)
+    time.sleep(0.5)  # the loop has entered the third iteration's wait
     p.send_signal(signal_lib.SIGINT)
+    while "finishing this iteration" not in p.stdout.readline():  # the first Ctrl-C was taken
+        assert p.poll() is None
     p.send_signal(signal_lib.SIGINT)
-    out, err = p.communicate(timeout=120)
+    out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert not [n for n in os.listdir(run) if ".tmp" in n]
-    # a log line cut off by a kill is dropped on resume, not an error
+    assert "interrupted: stopped at once" in err and time.time() - t0 < 60
+    assert not (run / "ckpt.pt").exists() and not [n for n in os.listdir(run) if ".tmp" in n]
+    # a log line cut off by a kill is dropped when the log is read, not an error
     with open(log, "a") as f:
         f.write('{"iter": 99')
-    if (run / "ckpt.pt").exists():
-        exit_lib.train(*exit_lib.parse_args([f"--out_dir={run}", "--resume", "--iters=3"]), quiet=True)
-    else:
-        assert [e["iter"] for e in eval_lib.read_log_lines(str(log))] == list(range(1, len(log.read_text().splitlines())))
+    assert [e["iter"] for e in eval_lib.read_log_lines(str(log))] == [1, 2]
 
 def test_bench_runs_end_to_end(tmp_path):
     # bench.py with a tiny budget, as a subprocess: all three comparisons, TRL's GRPOTrainer as the
@@ -3313,7 +3340,8 @@ def test_two_ranks_run_and_resume_exactly(tmp_path):
 
 
 def _patched_main(path, patch: str):
-    """A script for torchrun: exit.py's main() after the lines in patch (which see os, sys and exit)."""
+    """A script (for torchrun, or a subprocess): exit.py's main() after the lines in patch (which see os, sys
+    and exit)."""
     path.write_text(f"import os, sys\nsys.path.insert(0, {HERE!r})\nimport exit\n{patch}exit.main(sys.argv[1:])\n")
     return path
 
@@ -3355,11 +3383,9 @@ def test_failing_rank_stops_the_others(tmp_path):
              "    return real(self)\n"
              "exit.Trainer.iteration = iteration\n")
     script = _patched_main(tmp_path / "fail.py", patch)
-    t0 = time.time()
     p = _torchrun([str(script), *_cli(cfg)], timeout=150)
     assert p.returncode != 0
-    assert "rank 1 broke on purpose" in p.stderr + p.stdout
-    assert time.time() - t0 < 150
+    assert "rank 1 broke on purpose" in p.stderr + p.stdout  # and no hang: _torchrun's timeout did not fire
 
 
 def test_world_size_must_divide_the_batch(tmp_path, monkeypatch):
