@@ -3120,7 +3120,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     p.send_signal(signal_lib.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert "interrupted: stopped at once" in err and time.time() - t0 < 60
+    assert "interrupted: stopped at once" in err
     assert not (run / "ckpt.pt").exists() and not [n for n in os.listdir(run) if ".tmp" in n]
     # a log line cut off by a kill is dropped when the log is read, not an error
     with open(log, "a") as f:
