@@ -144,8 +144,8 @@ def bench_sampler(tr, args):
 
 def our_iteration_timer(tr):
     """Time Trainer.iteration() and split it into sampling (its own t_sample: drawing the instances,
-    encoding, sampling, decoding, and finishing multi-turn episodes), update (the call to Trainer.update, wrapped here) and the rest
-    (rewards, advantages, the buffer, the log line)."""
+    encoding, sampling, decoding, and finishing multi-turn episodes), update (the call to
+    Trainer.update, wrapped here) and the rest (rewards, advantages, the buffer, the log line)."""
     inner_update = tr.update
     spent = {}
 
