@@ -282,10 +282,17 @@ def task_diversity(embedder, seqs: list[list[int]], batch: int = 256) -> dict:
     return dict(cosine=float((1 - cos).mean()), l2=float(l2.mean()), n=len(seqs))
 
 
+def shipped_record(base_path: str) -> dict | None:
+    """base.json of a base shipped with the code (bases/TASK: ship_base.py), None for any other base."""
+    record = os.path.join(base_path, "base.json")
+    return model_lib.read_json(record) if os.path.isfile(record) else None
+
+
 def frozen_base(base_path: str, device):
-    """The warm-started base policy a run started from, loaded; None where it is a Hugging Face directory
-    (a real checkpoint is not loaded a second time)."""
-    return model_lib.load_policy(base_path, device)[0] if os.path.isfile(base_path) else None
+    """The warm-started base policy a run started from (a cached or shipped toy base), loaded; None where
+    it is a real Hugging Face checkpoint (not loaded a second time)."""
+    toy = os.path.isfile(base_path) or shipped_record(base_path) is not None
+    return model_lib.load_policy(base_path, device)[0] if toy else None
 
 
 def run_diversity(seen: list[list[int]], base) -> dict | None:
@@ -319,7 +326,11 @@ def evaluate_base(base_path: str, tok, family, device, load_policy=model_lib.loa
     problems and the weights (weights_fingerprint): every rung of a ladder starts from the same base,
     so it is evaluated once, not once per method, and new weights under the same name are evaluated
     anew. load_policy(path, device) -> (policy, ...): model.load_policy unless a test counts calls. Where the cache cannot be
-    written (a read-only model folder) it is skipped."""
+    written (a read-only model folder) it is skipped. A shipped base (bases/TASK) brings the evaluations
+    recorded when it was made (base.json): one with the same settings is used as it is."""
+    for res in (shipped_record(base_path) or {}).get("evaluations", []):
+        if res["settings"] == settings:
+            return check_evaluation(res, os.path.join(base_path, "base.json"), whole=False)
     # the problems too: two realmath runs from one checkpoint with different --data files differ
     problems = [p.request for p in heldout_problems(family, settings["n_problems"], harder=settings["harder"], warn=False,
                                                     split=settings.get("split", "test"))]
@@ -571,7 +582,7 @@ def write_json(obj, path: str):
 
 
 # the settings that make two runs' Base evaluations the same evaluation of the same policy
-BASE_KEYS = ("task", "data", "eval_data", "difficulties", "seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head",
+BASE_KEYS = ("task", "data", "eval_data", "difficulties", "seed", "base_seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head",
              "warm_examples", "warm_steps", "warm_batch", "warm_lr", "warm_pack", "max_new_tokens", "eval_problems",
              "eval_k", "eval_samples", "eval_temperature", "eval_split", "eval_harder")
 
@@ -637,7 +648,9 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
             if text:  # before eval.json, whose presence says the evaluation is done
                 write_text(text + "\n", chain_file)
             write_json(ev, ev_file)
-    # unset and off settings are left out, so runs from before a setting existed still share their base
+    # unset and off settings are left out, so runs from before a setting existed still share their base;
+    # runs from before --base_seed trained a base per seed (base_seed -1)
+    cfg = {"base_seed": -1, **cfg}
     base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "", False)}, sort_keys=True)
     if method == "base":
         base_key = os.path.abspath(path)
@@ -1027,12 +1040,13 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
     set), from which the table gives the sample efficiency against GRPO.
 
     A run whose eval.json exists is skipped, and one with only a ckpt.pt (interrupted) is resumed,
-    so the same command continues an interrupted ladder. Runs of one seed share one warm-started
-    base (exit.py caches it under base_dir, keyed by its settings and the seed), so Base costs
-    nothing extra: its row comes from the runs' own base evaluations.
+    so the same command continues an interrupted ladder. Every run starts from one base, as in the
+    paper (--base_seed, default 0: the base shipped in bases/ at the default settings, else one warm
+    start, cached under base_dir); --base_seed=-1 gives each seed its own. Base costs nothing extra:
+    its row comes from the runs' own base evaluations.
 
     jobs > 1 runs that many at once, each on one thread (OMP_NUM_THREADS=1) with its output in
-    out/{run}.out: on 2 cores, jobs=2 halves the wall time. A seed's later runs wait until its first run
+    out/{run}.out: on 2 cores, jobs=2 halves the wall time. A base's later runs wait until its first run
     has begun RL (its log.jsonl exists), so its warm start is trained once, not once per job. A CPU run
     is exact for one thread count, so a ladder at jobs=2 (one thread a run) gives other numbers than at
     jobs=1 (the machine's threads): finish a ladder with the --jobs it started with.
@@ -1065,7 +1079,8 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
             raise ValueError(f"{d} was stopped before its first checkpoint ({', '.join(run_artifacts(d))}, no "
                              f"ckpt.pt): nothing there to resume; delete it (rm -r {d}) and run the same command again")
     os.makedirs(out, exist_ok=True)
-    leader = {}  # seed -> the folder of its first run to start: the one that trains the warm start
+    base = (lambda seed: seed) if given.get("base_seed", "").strip() == "-1" else (lambda seed: 0)  # a base per seed, or one
+    leader = {}  # base -> the folder of its first run to start: the one that trains the warm start
     t0, running, done = time.time(), [], 0
     try:
         while todo or running:
@@ -1075,12 +1090,12 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
                 if not os.path.isfile(os.path.join(d, "eval.json")):
                     raise RuntimeError(f"{d}: the run ended without eval.json")
                 done += 1
-            ready = [p for p in todo if p[2] not in leader or os.path.isfile(os.path.join(leader[p[2]], "log.jsonl"))
-                     or not any(r[2] == leader[p[2]] for r in running)]
+            ready = [p for p in todo if base(p[2]) not in leader or not any(r[2] == leader[base(p[2])] for r in running)
+                     or os.path.isfile(os.path.join(leader[base(p[2])], "log.jsonl"))]
             if ready and len(running) < jobs:
                 m, args, s, d = ready[0]
                 todo.remove(ready[0])
-                leader.setdefault(s, d)
+                leader.setdefault(base(s), d)
                 # runs finished per second so far (jobs at a time) x the runs still to finish
                 left = f"~{(time.time() - t0) / done * (len(todo) + len(running) + 1) / 60:.0f} min left" if done else ""
                 print(f"\n[{len(plan) - len(todo)}/{len(plan)}] {m} seed {s} -> {d}   {left}", flush=True)

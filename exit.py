@@ -69,7 +69,7 @@ class Config:
     # ---- run
     task: str = _f("exactsumfb", "task family (tasks.FAMILIES): " + tasks_lib.describe_families())
     method: str = _f("exit", "rung of the ablation ladder (paper §5.2): grpo | curriculum | improve | diverge | exit")
-    seed: int = _f(0, "seed of everything: tasks, sampling, buffer, initialisation")
+    seed: int = _f(0, "RL seed: task draws, rollouts, the buffer, evaluation sampling (not the base: --base_seed)")
     out_dir: str = _f("runs/exit", "run folder: config.json, log.jsonl, ckpt.pt, eval.json")
     resume: bool = _f(False, "continue the run in out_dir from its ckpt.pt (exactly)")
     device: str = _f("auto", "auto | cpu | cuda | mps")
@@ -84,6 +84,8 @@ class Config:
     warm_lr: float = _f(3e-3, "warm start: peak learning rate (cosine decay)")
     warm_pack: bool = _f(False, "warm start: pack several demonstrations to a row (1.65x a step, the same loss to "
                                 "float rounding; off by default: RESULTS.md, 'The packed warm start')")
+    base_seed: int = _f(0, "warm start: the base's seed (initialisation, demonstrations, batches), so every RL seed "
+                           "starts from one base as in the paper; -1 = --seed's (a base per seed)")
     base_dir: str = _f("runs/base", "cache of warm-started base policies, keyed by their settings")
     # ---- GRPO (stage 2), paper §2.2, Eq. 3-5
     iters: int = _f(300, "RL iterations (one batch of task instances each)")
@@ -154,6 +156,10 @@ class Config:
     def diversity_bonus(self) -> bool:
         return self.method == "exit"
 
+    @property
+    def warm_seed(self) -> int:  # the base's seed: --base_seed, or with -1 the RL seed
+        return self.seed if self.base_seed < 0 else self.base_seed
+
     def validate(self):
         def need(ok, msg):
             if not ok:
@@ -177,6 +183,7 @@ class Config:
         if self.difficulties:
             tasks_lib.parse_difficulties(self.difficulties)  # raises a config error naming the bad text
             need(not family.reads_data, f"--difficulties does not apply to {self.task} (its file sets the levels)")
+        need(self.base_seed >= -1, f"base_seed must be >= 0, or -1 for --seed's, got {self.base_seed}")
         need(self.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
         for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size",
                   "ref_every", "warm_steps", "warm_batch", "warm_examples", "log_every", "ckpt_every"):
@@ -345,7 +352,10 @@ def ema_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float):
 
 
 def warm_start_key(cfg: Config, family) -> str:
-    keys = dict(task=cfg.task, error_model=family.error_model, seed=cfg.seed,
+    """What makes a base: the family (its error model and a sample of its demonstrations), the
+    architecture, the SFT settings and the base's seed. Editing any of them gives another key, so an old
+    base (cached, or shipped in bases/) is never reused silently."""
+    keys = dict(task=cfg.task, error_model=family.error_model, seed=cfg.warm_seed,
                 arch=[cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head],
                 sft=[cfg.warm_examples, cfg.warm_steps, cfg.warm_batch, cfg.warm_lr], markers=tasks_lib.MARKERS)
     if cfg.warm_pack:  # other float sums, another base: a padded base is not reused for a packed run
@@ -354,8 +364,24 @@ def warm_start_key(cfg: Config, family) -> str:
         keys["difficulties"] = list(family.train_difficulties)
     # a sample of the demonstrations themselves: editing a family's prompts or answer format (not only
     # its error model) must not silently reuse a base trained on the old ones
-    keys["demos"] = hashlib.sha1(json.dumps(family.demonstrations(32, cfg.seed)).encode()).hexdigest()
+    keys["demos"] = hashlib.sha1(json.dumps(family.demonstrations(32, cfg.warm_seed)).encode()).hexdigest()
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bases")  # bases/TASK/: see ship_base.py
+
+
+def shipped_base(cfg: Config, key: str, quiet: bool = False) -> str | None:
+    """The base shipped with the code for this task (bases/TASK, a Hugging Face directory whose base.json
+    records the key that made it), if its key is these settings' key; else None, saying why."""
+    path = os.path.join(SHIPPED, cfg.task)
+    if not os.path.isfile(os.path.join(path, "base.json")):
+        return None
+    shipped = model_lib.read_json(os.path.join(path, "base.json"))["key"]
+    if shipped != key and not quiet:
+        print(f"warm start: not using the shipped base {path} (its key {shipped}, these settings' {key}: another "
+              "--base_seed, architecture, warm-start setting, or an edited family)")
+    return path if shipped == key else None
 
 
 def encode_pair(tok, prompt: str, response: str):
@@ -384,24 +410,30 @@ def sft_batch(batch, pad_id, packed=False):
     return dict(idx=idx, targets=tgt, **extra)
 
 
-def warm_start(cfg: Config, family, device, quiet=False):
-    """Supervised training on demonstrations; loss on the response tokens (and their end of text) only."""
+def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
+    """Supervised training on demonstrations; loss on the response tokens (and their end of text) only.
+    The base shipped with the code, or one cached in base_dir, where its key matches."""
     tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
     key = warm_start_key(cfg, family)
+    shipped = use_shipped and shipped_base(cfg, key, quiet)
+    if shipped:  # the same weights as a warm start with these settings would train (bases/TASK/base.json)
+        if not quiet:
+            print(f"warm start: using the base shipped in {os.path.relpath(shipped)} (key {key})")
+        return model_lib.load_hf(shipped, device)[0], tok, shipped
     path = os.path.join(cfg.base_dir, f"{cfg.task}-{key}.pt")
     if os.path.exists(path):
         policy, tok = model_lib.policy_from_state(model_lib.load_checkpoint(path)["policy"], device)
         if not quiet:
             print(f"warm start: reusing {path}")
         return policy, tok, path
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.warm_seed)
     mcfg = model_lib.toy_config(tok.vocab_size)
     mcfg = dataclasses.replace(mcfg, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
                                n_kv_head=cfg.n_kv_head, intermediate_size=3 * cfg.n_embd)
     policy = model_lib.Transformer(mcfg).to(device)
-    pairs = [encode_pair(tok, p, r) for p, r in family.demonstrations(cfg.warm_examples, seed=cfg.seed)]
+    pairs = [encode_pair(tok, p, r) for p, r in family.demonstrations(cfg.warm_examples, seed=cfg.warm_seed)]
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.warm_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.warm_seed)
     bar = tqdm(range(cfg.warm_steps), desc="warm start", disable=quiet, dynamic_ncols=True)
     for step in bar:
         # cosine decay after a short linear warm-up
