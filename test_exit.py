@@ -2249,6 +2249,77 @@ def test_a_given_buffer_size_scales_the_recommended_min_size():
     assert (cfg.buffer_size, cfg.min_size) == (16, 8)  # the recipe's B_min / N = 320 / 640, kept
 
 
+# ---- the base shipped with the code (bases/, ship_base.py)
+
+SHIPPED = os.path.join(HERE, "bases", "exactsumfb")
+
+
+def shipped_record():
+    return model_lib.read_json(os.path.join(SHIPPED, "base.json"))
+
+
+def test_the_shipped_base_is_the_default_settings_base():
+    """Fails when the family, its demonstrations, the architecture or the warm start change and the shipped
+    base is not made again: a stale base is never used silently (its key no longer matches)."""
+    import ship_base
+    cfg, rec = exit_lib.Config(), shipped_record()
+    key = exit_lib.warm_start_key(cfg, tasks_lib.make_family(cfg.task))
+    assert rec["key"] == key, (f"bases/{cfg.task} is stale: it was made for key {rec['key']}, the default settings "
+                               f"now give {key}; make it again with `OMP_NUM_THREADS=1 python ship_base.py` and commit bases/")
+    assert rec["settings"] == {k: getattr(cfg, k) for k in ship_base.SETTINGS}
+    with open(os.path.join(SHIPPED, "model.safetensors"), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == rec["sha256"]
+    # the Base row of every RL seed the ladder runs, on both splits, at a run's default evaluation settings
+    want = [eval_lib.eval_settings(dataclasses.asdict(dataclasses.replace(cfg, seed=s, eval_split=split)))
+            for split in ("test", "val") for s in range(ship_base.SEEDS)]
+    assert [r["settings"] for r in rec["evaluations"]] == want
+
+
+def test_the_default_run_uses_the_shipped_base_and_its_recorded_evaluation(tmp_path, capsys):
+    import ship_base
+    cfg = exit_lib.Config(base_dir=str(tmp_path / "base"), device="cpu")
+    fam, efam = tasks_lib.make_family(cfg.task), tasks_lib.make_family(cfg.task)
+    policy, tok, path = exit_lib.warm_start(cfg, fam, torch.device("cpu"))
+    assert path == SHIPPED and "using the base shipped in bases/exactsumfb" in capsys.readouterr().out
+    assert not (tmp_path / "base").exists()  # nothing trained, nothing cached
+    toy = model_lib.toy_config(tok.vocab_size)  # the architecture warm_start builds
+    assert policy.config == dataclasses.replace(toy, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                                                n_kv_head=cfg.n_kv_head, intermediate_size=3 * cfg.n_embd)
+    assert tok.encode("3 7>10") == model_lib.byte_tokenizer(tasks_lib.MARKERS).encode("3 7>10")
+    # a run's Base row comes from the record, without loading or evaluating the base again
+    rec, loads = shipped_record(), []
+    settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
+    assert eval_lib.evaluate_base(path, tok, efam, "cpu", lambda *a: loads.append(a), **settings) == rec["evaluations"][0]
+    assert loads == []
+    # and the weights are the ones evaluated: the small evaluation made when the base was shipped, again here
+    again = eval_lib.evaluate_policy(policy, tok, efam, **ship_base.CHECK)
+    assert again["score"] == rec["check"]["score"] and again["fix_rate"] == rec["check"]["fix_rate"]
+    assert eval_lib.frozen_base(path, "cpu") is not None  # the run's task diversity and chain.txt embed with it
+
+
+def test_another_base_seed_does_not_use_the_shipped_base(capsys):
+    fam, key, shipped = tasks_lib.make_family("exactsumfb"), exit_lib.warm_start_key, exit_lib.shipped_base
+    rl_seed = exit_lib.Config(seed=3)  # the RL seed is not the base's
+    assert shipped(rl_seed, key(rl_seed, fam)) == SHIPPED and capsys.readouterr().out == ""
+    for cfg in (exit_lib.Config(base_seed=1), exit_lib.Config(base_seed=-1, seed=1), exit_lib.Config(n_embd=64),
+                exit_lib.Config(warm_steps=1000)):
+        assert shipped(cfg, key(cfg, fam)) is None
+        assert "not using the shipped base" in capsys.readouterr().out
+    assert key(exit_lib.Config(base_seed=-1), fam) == key(exit_lib.Config(), fam)  # -1 at seed 0: the same base
+    assert shipped(exit_lib.Config(task="math"), "any") is None and capsys.readouterr().out == ""  # nothing shipped
+    with pytest.raises(ValueError, match="base_seed must be >= 0, or -1"):
+        exit_lib.parse_args(["--base_seed=-2"])
+
+
+def test_rl_seeds_share_one_base_unless_base_seed_is_minus_one(tmp_path):
+    """--seed varies RL alone: two seeds train one base (cached once); --base_seed=-1 gives each seed its own."""
+    for seed in (0, 1):
+        exit_lib.prepare(tiny_cfg(tmp_path / f"one{seed}", seed=seed, base_dir=str(tmp_path / "one")), quiet=True)
+        exit_lib.prepare(tiny_cfg(tmp_path / f"own{seed}", seed=seed, base_seed=-1, base_dir=str(tmp_path / "own")),
+                         quiet=True)
+    assert len(list((tmp_path / "one").glob("*.pt"))) == 1 and len(list((tmp_path / "own").glob("*.pt"))) == 2
+
+
 # ---- the loop, on a tiny policy
 
 def tiny_cfg(tmp_path, **kw):
