@@ -54,6 +54,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 import exit as exit_lib
+import runs
 import model
 
 
@@ -74,7 +75,7 @@ def make_trainer(args) -> exit_lib.Trainer:
                           group_size=args.samples, max_new_tokens=args.new_tokens, base_dir=args.base_dir,
                           device="cpu",  # out_dir stays unused: iteration() writes nothing
                           **({"warm_steps": args.warm_steps} if args.warm_steps else {}))
-    return exit_lib.Trainer(cfg, quiet=False)
+    return exit_lib.Trainer(cfg, runs.preflight(cfg, quiet=True), quiet=False)
 
 
 def hf_copy(tr, d):

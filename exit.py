@@ -1,24 +1,13 @@
 """
 Exploratory Iteration (ExIt): warm start, GRPO, and the self-iteration curriculum. `python exit.py`.
 
-This is the training loop of "Bootstrapping Task Spaces for Self-Improvement" (Jiang, Lupu,
-Bachrach 2025); METHOD.md restates the method with its equations. It joins the other files,
-imports running one way (tasks -> model -> buffer -> eval -> exit):
-
-    tasks.py   base tasks, the base / improve / diverge prompts and their token ids, step rewards
-    model.py   the policy: sampling G rollouts per prompt, log-probs, embeddings; checkpoints on disk
-    buffer.py  the task buffer of partial histories, scored by learnability (paper §4.1)
-    eval.py    the held-out K-step self-improvement evaluation, run at the end; run folders on disk
-
-The policy is either the toy (stage 1 below trains it) or a real instruct checkpoint, `--init=HF_DIR
---task=realmath --data=FILE`: then prompts go through its chat template. Either way the run also
-writes the trained policy as a Hugging Face directory (out_dir/hf).
-
-Top to bottom: the config (one dataclass, parsed from --key=value), the GRPO math as pure
-functions (Eq. 3-6), stage 1 (supervised warm start, cached), stage 2 (the ExIt loop:
-`Trainer.iteration`), and the run itself (`main`). Then what a first reading can skip: the checks
-made before any work (`preflight`), run folders, and the helpers of data-parallel runs (`torchrun
---nproc_per_node=N exit.py ...`; each is the identity in one process).
+The training loop of "Bootstrapping Task Spaces for Self-Improvement" (Jiang, Lupu, Bachrach 2025);
+METHOD.md restates the method with its equations. Read top to bottom: the config, the GRPO math as
+pure functions (Eq. 3-6), stage 1 (the warm-started base: shipped in bases/, cached, or trained),
+stage 2 (the ExIt loop: `Trainer.iteration`), and the run (`train`, `final_evaluation`, `main`).
+Imports run one way, tasks -> model -> buffer -> eval -> exit; the command line and the run folder's
+safety (runs.py) and real checkpoints, bf16, micro-batches and several processes (scale.py) build on
+this file, which reaches them at one seam, `main`.
 
 One RL iteration (`Trainer.iteration`, the same path for single- and multi-turn families):
   1. draw `tasks_per_iter` task instances: with prob. p (once the buffer holds B_min entries) a
@@ -30,19 +19,17 @@ One RL iteration (`Trainer.iteration`, the same path for single- and multi-turn 
   4. `epochs` clipped policy-gradient steps on Eq. 4 against the sampling policy's log-probs;
   5. the buffer learns: a replayed instance gets its fresh learnability var(r); the new answers
      become new instances "improve this" that inherit it (and so the curriculum grows deeper);
-  6. the reference policy's refresh (β > 0 only) and the iteration's log line.
+  6. the reference policy's refresh (β > 0 only); then the iteration's log line.
 """
 
-import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -160,127 +147,15 @@ class Config:
     def warm_seed(self) -> int:  # the base's seed: --base_seed, or with -1 the RL seed
         return self.seed if self.base_seed < 0 else self.base_seed
 
-    def validate(self):
-        def need(ok, msg):
-            if not ok:
-                raise ValueError(f"config: {msg}")
-        for f in dataclasses.fields(self):  # --lr=inf trains to NaN weights; --kappa=nan samples nothing sensible
-            v = getattr(self, f.name)
-            need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number, got {v}")
-        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        need(self.task in tasks_lib.FAMILIES, f"task must be one of {sorted(tasks_lib.FAMILIES)}, got {self.task!r}")
-        need(self.children in ("all", "one"), f"children must be 'all' or 'one', got {self.children!r}")
-        need(self.eval_split in ("test", "val"), f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
-        need(not (self.eval_split == "val" and self.eval_data), "--eval_data is a test file: it has no validation "
-             "split; for --eval_split=val drop --eval_data (the validation tenth of --data is used)")
-        need(self.admission in ("score", "fifo"), f"admission must be 'score' or 'fifo', got {self.admission!r}")
-        need(self.dtype in DTYPES, f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        family = tasks_lib.FAMILIES[self.task]
-        need(family.reads_data == bool(self.data), f"--data=FILE goes with --task=realmath (a family that reads its "
-             f"problems from a file), and such a family needs it (--task={self.task})")
-        need(family.has_demonstrations or bool(self.init), f"--task={self.task} needs --init=HF_DIR: it has no "
-             "demonstrations to warm-start from")
-        if self.difficulties:
-            tasks_lib.parse_difficulties(self.difficulties)  # raises a config error naming the bad text
-            need(not family.reads_data, f"--difficulties does not apply to {self.task} (its file sets the levels)")
-        need(self.base_seed >= -1, f"base_seed must be >= 0, or -1 for --seed's, got {self.base_seed}")
-        need(self.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
-        for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size",
-                  "ref_every", "warm_steps", "warm_batch", "warm_examples", "log_every", "ckpt_every"):
-            need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("replay_prob", "p_div", "ref_alpha", "staleness_coef"):
-            need(0.0 <= getattr(self, k) <= 1.0, f"{k} must be in [0, 1], got {getattr(self, k)}")
-        for k in ("lr", "warm_lr", "clip_eps", "grad_clip"):
-            need(getattr(self, k) > 0, f"{k} must be > 0, got {getattr(self, k)}")
-        for k in ("beta", "kappa", "div_clip", "eval_temperature", "micro_batch", "show_every", "eval_problems",
-                  "rank_temperature", "eval_every"):
-            need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
-        need(self.min_size <= self.buffer_size, f"min_size ({self.min_size}) must be <= buffer_size ({self.buffer_size})")
-        need(self.temperature > 0, "temperature must be > 0 in training: GRPO learns from the differences between "
-                                   "a group's G sampled rollouts, and greedy decoding (0) makes them identical, so "
-                                   "every advantage would be 0 and nothing would ever be updated")
-        # the final evaluation runs after the whole training run: its settings are checked now
-        need(self.eval_k >= 0, f"eval_k must be >= 0 (K improve steps), got {self.eval_k}")
-        need(self.eval_samples >= 1, f"eval_samples must be >= 1 (chains per held-out task), got {self.eval_samples}")
-        need(self.eval_every_problems >= 1, f"eval_every_problems must be >= 1, got {self.eval_every_problems}")
-        need(not self.eval_data or family.reads_data, "--eval_data=FILE goes with --task=realmath")
-        if not self.init:  # the toy's shape (a checkpoint brings its own)
-            need(min(self.n_layer, self.n_head, self.n_kv_head, self.n_embd) >= 1,
-                 "n_layer, n_head, n_kv_head and n_embd must be >= 1")
-            need(self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2 == 0,
-                 f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}) with an even quotient "
-                 "(the head width, which rotary embeddings split in halves)")
-            need(self.n_head % self.n_kv_head == 0,
-                 f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head}) (grouped-query attention)")
-        try:
-            model_lib.pick_device(self.device)
-        except ValueError as e:
-            need(False, str(e))
-        return self
-
-
-def _parse_value(name, typ, text):
-    if typ is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name} expects a bool (true/false), got {text!r}")
-    try:
-        return typ(text)
-    except ValueError:
-        raise ValueError(f"--{name} expects {typ.__name__}, got {text!r}") from None
-
-
-def config_help() -> str:
-    lines = ["usage: python exit.py [--key=value ...]   (a bare --flag sets a bool to true)", ""]
-    for f in dataclasses.fields(Config):
-        lines.append(f"  {f'--{f.name}={f.default}':<26} {f.type.__name__:<5} {f.metadata['help']}")
-    return "\n".join(lines)
-
-
-def parse_args(argv) -> tuple[Config, set]:
-    """--key=value pairs -> (Config, the set of keys given). Unknown keys or bad values -> ValueError."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    values = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ValueError(f"arguments look like --key=value, got {arg!r}")
-        key, eq, text = arg[2:].partition("=")
-        if key not in fields:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
-        if key in values:  # the last one silently winning hides a typo in a long command line
-            raise ValueError(f"--{key} is given twice; give it once")
-        typ = fields[key].type
-        if not eq:
-            if typ is not bool:
-                raise ValueError(f"--{key} needs a value: --{key}=...")
-            text = "true"
-        values[key] = _parse_value(key, typ, text)
-    return Config(**{**family_settings(values), **values}).validate(), set(values)
-
-
-def family_settings(given: dict) -> dict:
-    """The task family's recommended settings (TaskFamily.recommended, e.g. the paper's tool-use recipe for
-    --task=tools) for every key the command line does not set: `python exit.py --task=tools` trains as
-    recommended without a list of flags, and config.json records what was used."""
-    family = tasks_lib.FAMILIES.get(given.get("task", Config.task))
-    rec = {k: v for k, v in getattr(family, "recommended", {}).items() if k not in given}
-    if "buffer_size" in given and "min_size" in rec:  # B_min goes with N: keep the recommended proportion
-        rec["min_size"] = max(1, given["buffer_size"] * rec["min_size"] // family.recommended["buffer_size"])
-    return rec
-
 
 # -----------------------------------------------------------------------------
 # The GRPO math (paper §2.2 and §4.2): pure functions of tensors, tested against hand formulas.
 
 
 def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, tol: float = 1e-6) -> torch.Tensor:
-    """Eq. 3: A_i = (r_i - mean(r)) / std(r) within each group; rewards (P, G) -> (P, G).
-
-    A group whose rewards are all equal carries no signal: A = 0. "All equal" is max - min <= tol,
-    never std == 0, so a group like (0.5, 0.5 + 1e-9) is not blown up by a tiny std. std is the
-    population std [open]. Dr. GRPO (scale_by_std=False) keeps only the centring."""
+    """Eq. 3: A_i = (r_i - mean(r)) / std(r) within each group (population std [open]); (P, G) -> (P, G).
+    An all-equal group (max - min <= tol, never std == 0) carries no signal: A = 0. Dr. GRPO
+    (scale_by_std=False) keeps only the centring."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     flat = (rewards.amax(dim=1, keepdim=True) - rewards.amin(dim=1, keepdim=True)) <= tol
     if scale_by_std:
@@ -307,16 +182,10 @@ def diversity_coefficients(emb: torch.Tensor, minmax: bool = False, clip: float 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
               clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
               dr_norm: float | None = None):
-    """The negated GRPO objective, Eq. 4, as a loss to minimise, plus diagnostics.
-
-    logp, old_logp, ref_logp, mask: (N, T) per completion token; adv: (N,) one advantage per rollout.
-      ρ = exp(logp - old_logp)                                      Eq. 5
-      per token: min(ρ A, clip(ρ, 1-ε, 1+ε) A) - β KL_t,  KL_t = exp(ref - logp) - (ref - logp) - 1   (k3)
-      GRPO:     mean over rollouts of (1/|o_i|) Σ_t  (groups are equal-sized, so this is the mean over
-                groups of the mean over the group)
-      Dr. GRPO (dr_norm given): Σ_t / dr_norm (a constant, e.g. the generation budget), then the mean
-                over rollouts.
-    Returns (loss, stats) with the clip fraction and mean KL over completion tokens."""
+    """The negated GRPO objective, Eq. 4, and its diagnostics (clip fraction, mean k3 KL, mean ratio).
+    logp, old_logp, ref_logp, mask: (N, T) per completion token; adv: (N,) one per rollout.
+    Per token min(ρ A, clip(ρ, 1-ε, 1+ε) A) - β KL_t with ρ = exp(logp - old_logp) (Eq. 5); GRPO averages
+    over a rollout's tokens then over rollouts; Dr. GRPO (dr_norm) divides each sum by a constant instead."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     per_token = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
@@ -346,15 +215,14 @@ def ema_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float):
 
 
 # -----------------------------------------------------------------------------
-# Stage 1: the warm start. A randomly initialised transformer cannot attempt a task or follow an
-# "improve" request, so it first imitates the family's demonstrations, whose documented error
-# model makes it a weak instruct model (tasks.py). Cached, so every method starts from the same base.
+# Stage 1: the base. A random transformer cannot attempt a task or follow an "improve" request, so it
+# first imitates the family's demonstrations, whose error model makes it a weak instruct model
+# (tasks.py). The default task's base ships in bases/; others are trained once and cached.
 
 
 def warm_start_key(cfg: Config, family) -> str:
-    """What makes a base: the family (its error model and a sample of its demonstrations), the
-    architecture, the SFT settings and the base's seed. Editing any of them gives another key, so an old
-    base (cached, or shipped in bases/) is never reused silently."""
+    """What makes a base: the family (error model, a sample of its demonstrations), the architecture,
+    the SFT settings and the base's seed. Another key, another base: a stale one is never reused."""
     keys = dict(task=cfg.task, error_model=family.error_model, seed=cfg.warm_seed,
                 arch=[cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head],
                 sft=[cfg.warm_examples, cfg.warm_steps, cfg.warm_batch, cfg.warm_lr], markers=tasks_lib.MARKERS)
@@ -372,8 +240,7 @@ SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bases")  # b
 
 
 def shipped_base(cfg: Config, key: str, quiet: bool = False) -> str | None:
-    """The base shipped with the code for this task (bases/TASK, a Hugging Face directory whose base.json
-    records the key that made it), if its key is these settings' key; else None, saying why."""
+    """bases/TASK (a Hugging Face directory; base.json: the key that made it) if it has this key, else None."""
     path = os.path.join(SHIPPED, cfg.task)
     if not os.path.isfile(os.path.join(path, "base.json")):
         return None
@@ -390,13 +257,9 @@ def encode_pair(tok, prompt: str, response: str):
 
 
 def sft_batch(batch, pad_id, packed=False):
-    """Demonstrations [(prompt ids, response ids)] as one batch with the loss on the response tokens
-    and their end of text: one per row, right-padded to the longest, or (packed) several to a row, each
-    sequence seeing only itself (model.pack). A padded batch is about 56% real tokens; packed, the same
-    loss (to float rounding) runs on ~61% of the positions. The default is padded: bases from packed
-    batches have ended lower after RL, with no cause found (RESULTS.md, 'The packed warm start').
-    Returns the keyword arguments of the policy's forward: idx, targets (-100 = no loss), and for a
-    packed batch positions and mask."""
+    """Demonstrations [(prompt ids, response ids)] as the policy's forward arguments, the loss on the
+    response and its end of text (targets -100 elsewhere): one per row, right-padded, or several to a row
+    (model.pack; --warm_pack, off: RESULTS.md, 'The packed warm start')."""
     if not packed:
         idx = model_lib.right_pad([p + r for p, r in batch], pad_id)
         where = [(i, 0) for i in range(len(batch))]
@@ -411,8 +274,8 @@ def sft_batch(batch, pad_id, packed=False):
 
 
 def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
-    """Supervised training on demonstrations; loss on the response tokens (and their end of text) only.
-    The base shipped with the code, or one cached in base_dir, where its key matches."""
+    """The base of these settings: shipped, cached in base_dir, or trained now by supervised learning on
+    the family's demonstrations (loss on the response tokens and their end of text)."""
     tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
     key = warm_start_key(cfg, family)
     shipped = use_shipped and shipped_base(cfg, key, quiet)
@@ -480,86 +343,61 @@ class Instance:
 
 
 class Trainer:
-    """Everything a run holds. state_dict() is a complete checkpoint: resuming from it continues the
-    run exactly (bit-identical on a CPU)."""
+    """Everything a run holds; state_dict() is a checkpoint that resumes it exactly. One process, fp32, the
+    whole batch per step (scale.ScaleTrainer: real checkpoints, bf16, micro-batches, several processes)."""
+    world_size, is_main = 1, True  # data parallel (scale.py): this process's view of the run
 
-    def __init__(self, cfg: Config, quiet: bool = False, checked: dict | None = None):
+    def __init__(self, cfg: Config, checked: dict, quiet: bool = False):
         self.cfg, self.quiet = cfg, quiet
-        checked = checked or preflight(cfg, quiet=True)  # the family and pools, checked before any model loads
         self.div_stats = {}  # Eq. 6 coefficients of the current iteration, for its log line
         self.device = model_lib.pick_device(cfg.device)
-        self.family, self.eval_family = checked["family"], checked["eval_family"]
-        self.source_dtype = checked.get("source_dtype")  # what hf/ is exported in: a bf16 source stays bf16
-        self.warm_seconds = 0.0
-        if cfg.init:
-            self.policy, self.tok, self.tok_spec = model_lib.load_policy(cfg.init, self.device)
-            self.base_path = os.path.abspath(cfg.init)
-        else:
-            t0 = time.time()
-            with main_first():  # data parallel: rank 0 trains and saves the warm start, the others load it
-                eval_lib.remove_stale_tmp(cfg.base_dir)  # a warm start killed while saving
-                self.policy, self.tok, self.base_path = warm_start(cfg, self.family, self.device, quiet)
-            self.warm_seconds = time.time() - t0
-            self.base_path = os.path.abspath(self.base_path)  # eval.py may run from another folder
-            self.tok_spec = TOY_TOKENIZER
+        # the family, its held-out evaluation family and the training pool, checked before any work (runs.preflight)
+        self.family, self.eval_family, self.train_pool = checked["family"], checked["eval_family"], checked["train_pool"]
+        t0 = time.time()
+        self.policy, self.tok, self.tok_spec, self.base_path = self.load_base()
+        self.timing = dict(warm_start=time.time() - t0, sampling=0.0, update=0.0, buffer=0.0)  # the run's summary
         # compact marker prompts for the toy tokenizer, the checkpoint's chat template for a real one
         self.style = tasks_lib.prompt_style(self.tok)
-        dtype = DTYPES[cfg.dtype]
-        self.policy.to(dtype).train()
-        broadcast_params(self.policy)  # data parallel: every rank starts from rank 0's weights
-        self.policy.grad_checkpoint = cfg.grad_checkpoint
-        # A real checkpoint (a Hugging Face directory) gets no extra copy for the diversity bonus:
-        # it embeds with the reference when β > 0, else with the current policy (no grad). Eq. 6
-        # compares answers within one group at one moment, so a slowly moving embedder is fine,
-        # and a 1B-parameter copy is not free. The toy keeps a frozen copy of its initial policy.
-        shared_embedder = os.path.isdir(cfg.init)
-        # a copy of the initial policy: reference for the KL (β > 0, refreshed every M iterations), and
-        # at β = 0 also the toy's frozen embedder for the diversity bonus
-        self.ref = None
-        if cfg.beta > 0 or (cfg.diversity_bonus and not shared_embedder):
-            self.ref = model_lib.Transformer(self.policy.config).to(self.device, dtype)
-            self.ref.load_state_dict(self.policy.state_dict())
-            self.ref.eval().requires_grad_(False)
-        self.embedder = self.ref
-        if cfg.diversity_bonus and shared_embedder and self.ref is None:
-            self.embedder = self.policy
-        elif cfg.diversity_bonus and cfg.beta > 0 and not shared_embedder:
-            # the reference moves every M iterations; the toy's embeddings should not
-            self.embedder = model_lib.Transformer(self.policy.config).to(self.device, dtype)
-            self.embedder.load_state_dict(self.policy.state_dict())
-            self.embedder.eval().requires_grad_(False)
-        # --dtype=bf16: the policy samples and trains in bf16, but AdamW steps fp32 master copies.
-        # At the paper's lr 1e-6 an update is ~1e-4 of a weight, below bf16's resolution (2^-8):
-        # bf16 weights updated in place would mostly not move. (fp32: the policy is its own master.)
-        self.master = None
-        if dtype != torch.float32:
-            self.master = [p.detach().float().clone() for p in self.policy.parameters()]
-        self.opt = torch.optim.AdamW(self.master or self.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99),
-                                     weight_decay=cfg.weight_decay)
+        self.policy.train()
+        self.ref, self.embedder = self.reference_and_embedder()
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.buffer = buffer_lib.TaskBuffer(cfg.buffer_size, cfg.min_size, cfg.replay_prob, cfg.kappa,
                                             seed=cfg.seed, rank_temperature=cfg.rank_temperature or None,
                                             staleness_coef=cfg.staleness_coef, admission=cfg.admission)
-        self.train_pool = checked["train_pool"]
         self.rng = np.random.default_rng(cfg.seed + 1)          # task choice, improve/diverge, children
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)  # rollouts
         self.iter = 0
         self.skipped = 0            # updates skipped for a non-finite loss or gradient
         self.elapsed = 0.0          # seconds of RL so far, across resumes
-        self.timing = dict(warm_start=self.warm_seconds, sampling=0.0, update=0.0, buffer=0.0)  # the run's summary
         # task diversity (the paper's Tables 2, 7): a uniform sample of the instances trained on, as prompt token
         # ids, embedded at the end (eval.task_diversity). Its own generator leaves the training's streams untouched.
         self.seen = dict(ids=[], n=0, rng=np.random.default_rng(cfg.seed + 3))
 
+    def load_base(self) -> tuple:
+        """The initial policy: stage 1's base (shipped, cached, or trained now). Returns the policy, its
+        tokenizer, how a checkpoint rebuilds that tokenizer, and the base's path."""
+        policy, tok, path = warm_start(self.cfg, self.family, self.device, self.quiet)
+        return policy, tok, TOY_TOKENIZER, os.path.abspath(path)  # absolute: eval.py may run from another folder
+
+    def reference_and_embedder(self) -> tuple:
+        """Frozen copies of the base: the KL's reference (β > 0) and Eq. 6's embedder (one copy at β = 0; at
+        β > 0 the embedder is a copy of its own, which the reference's refresh leaves still)."""
+        cfg = self.cfg
+        ref = self.frozen_copy() if cfg.beta > 0 or cfg.diversity_bonus else None
+        return ref, (self.frozen_copy() if cfg.beta > 0 and cfg.diversity_bonus else ref)
+
+    def frozen_copy(self):
+        return copy.deepcopy(self.policy).eval().requires_grad_(False)
+
     # ---- checkpoints
     def state_dict(self) -> dict:
         return dict(
-            kind="run", config=dataclasses.asdict(self.cfg), world_size=world_size(), iter=self.iter, skipped=self.skipped,
+            kind="run", config=dataclasses.asdict(self.cfg), world_size=self.world_size, iter=self.iter, skipped=self.skipped,
             elapsed=self.elapsed, timing=self.timing, base_path=self.base_path,
             policy=model_lib.policy_state(self.policy, self.tok_spec), optimizer=self.opt.state_dict(),
             ref=None if self.ref is None else self.ref.state_dict(),
             embedder=None if any(self.embedder is m for m in (None, self.ref, self.policy)) else self.embedder.state_dict(),
-            master=None if self.master is None else [m.cpu() for m in self.master],
-            buffer=self.buffer.state_dict(),
+            master=None, buffer=self.buffer.state_dict(),
             seen=dict(ids=self.seen["ids"], n=self.seen["n"], rng=self.seen["rng"].bit_generator.state),
             rng=dict(numpy=self.rng.bit_generator.state, gen=self.gen.get_state(),
                      torch=torch.get_rng_state(), python=random.getstate()))
@@ -571,10 +409,6 @@ class Trainer:
             self.ref.load_state_dict(ck["ref"])
         if ck["embedder"] is not None:
             self.embedder.load_state_dict(ck["embedder"])
-        if self.master is not None:
-            with torch.no_grad():
-                for m, saved in zip(self.master, ck["master"]):
-                    m.copy_(saved)
         self.buffer.load_state_dict(ck["buffer"])
         if "seen" in ck:  # checkpoints from before task diversity was measured have none
             self.seen["ids"], self.seen["n"] = ck["seen"]["ids"], ck["seen"]["n"]
@@ -590,16 +424,14 @@ class Trainer:
         self.timing = dict(ck.get("timing") or self.timing)
 
     def save(self, path=None):
-        if is_main():  # data parallel: the ranks hold the same run, rank 0 writes it
-            model_lib.atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
+        model_lib.atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
 
     # ---- one RL iteration, steps 1-6 of the module docstring. A single-turn family is the one-turn case
     # of a multi-turn one: its problem is its only turn, and there is nothing to finish after the step.
     def iteration(self) -> dict:
         cfg, G, fam = self.cfg, self.cfg.group_size, self.family
         t0 = time.time()
-        insts = broadcast_object(self.draw_instances() if is_main() else None)         # 1
-        insts = insts[my_share(len(insts))]  # data parallel: this rank's share (all of them in one process)
+        insts = self.draw_instances()                                                  # 1
         prompts = [self.prompt_ids(i) for i in insts]
         ro, responses = self.sample(prompts, G)                                        # 2
         # the new iterates: the responses, except where a family lets one refer to the current answer ("=")
@@ -612,17 +444,18 @@ class Trainer:
         t1 = time.time()
         stats = self.update(prompts, ro, adv.flatten(), self.kept(responses))          # 4
         t2 = time.time()
-        # data parallel: the whole batch's instances, answers and rewards, for the buffer and the log line
-        insts, episodes, responses, rewards, lengths = gather_shares(insts, episodes, responses, rewards, ro.lengths)
-        if is_main():  # the one curriculum lives on rank 0
-            self.update_buffer(insts, episodes, rewards)                               # 5
-            self.remember(insts)
+        insts, episodes, responses, rewards, lengths = self.whole_batch(insts, episodes, responses, rewards, ro.lengths)
+        self.update_buffer(insts, episodes, rewards)                                   # 5
+        self.remember(insts)
+        self.refresh_reference()                                                       # 6
         self.timing["sampling"] += t_sample
         self.timing["update"] += t2 - t1
         self.timing["buffer"] += time.time() - t2
-        out = self.finish_iteration(insts, responses, rewards, lengths, stats, t0, t_sample)  # 6
-        out["answers"] = episodes
-        return out
+        self.iter += 1
+        dt = time.time() - t0
+        self.elapsed += dt
+        log = self.log_line(insts, responses, rewards, lengths, stats, dt, t_sample)
+        return dict(log=log, insts=insts, responses=responses, rewards=rewards, answers=episodes)
 
     def draw_instances(self) -> list[Instance]:
         """§4.1: replay a buffered instance with prob. p (once |B| >= B_min), else a fresh base task."""
@@ -655,21 +488,9 @@ class Trainer:
         return tasks_lib.encode_prompt(self.tok, self.family, inst.step_problem, inst.answer, inst.mode, self.style)
 
     def sample(self, prompts, n) -> tuple:
-        """n rollouts per prompt from the current policy at the training temperature, and their text.
-        Data parallel: these prompts are this rank's share of the ranks' batch; each rank draws every row's
-        uniforms from the same generator and uses its own rows' (model.generate's rows=), so any number
-        of ranks samples exactly the rollouts one process would. A share that finishes early draws the
-        steps the longest share still takes, keeping the generators in step. A rank may have no prompts
-        (multi-turn: all its episodes finished): it then only keeps its generator in step."""
-        counts = all_gather_objects(len(prompts) * n)  # [N] in one process
-        first, total = sum(counts[:rank()]), sum(counts)
-        ro, texts = (None, []) if not prompts else model_lib.sample_texts(
-            self.policy, self.tok, prompts, n, self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-            generator=self.gen, rows=(first, total))
-        steps = 0 if ro is None else ro.tokens.shape[1]
-        for _ in range(max_over_ranks(steps) - steps):  # data parallel only: 0 in one process
-            torch.rand(total, 1, generator=self.gen, device=self.device)
-        return ro, texts
+        """n rollouts per prompt from the current policy at the training temperature, and their text."""
+        return model_lib.sample_texts(self.policy, self.tok, prompts, n, self.cfg.max_new_tokens,
+                                      temperature=self.cfg.temperature, generator=self.gen)
 
     def finish_episodes(self, insts, iterates) -> list[list[str]]:
         """Multi-turn: every row's answers to all turns, the history before turn t, the row's new answer to
@@ -681,7 +502,7 @@ class Trainer:
         answers = [[h["answer"] for h in inst.prev] + [iterates[i * G + j]] for i, inst in enumerate(insts) for j in range(G)]
         while True:
             rows = [r for r, (p, a) in enumerate(zip(problems, answers)) if len(a) < fam.n_turns(p)]
-            if not max_over_ranks(len(rows)):  # data parallel: the ranks sample each turn together
+            if not self.any_rank(len(rows)):  # data parallel: the ranks sample each turn together
                 return answers
             prompts = [tasks_lib.encode_prompt(self.tok, fam, fam.turn_problem(problems[r], len(answers[r]), answers[r]),
                                               style=self.style) for r in rows]
@@ -709,7 +530,7 @@ class Trainer:
             d = torch.stack([diversity_coefficients(e, cfg.div_minmax, cfg.div_clip) for e in emb])
             adv = adv * d
             # logged: the printed form of Eq. 6 is unbounded (d_i = dist_i / range), so its scale is worth watching
-            self.div_stats = dict(div_mean=mean_over_ranks(float(d.mean())), div_max=max_over_ranks(float(d.max())))
+            self.div_stats = dict(div_mean=float(d.mean()), div_max=float(d.max()))
         return adv
 
     def kept(self, responses) -> torch.Tensor:
@@ -721,103 +542,42 @@ class Trainer:
             return torch.ones(len(responses))
         return torch.tensor([float(self.family.valid(r)) for r in responses])
 
-    def finish_iteration(self, insts, responses, rewards, lengths, stats, t0, t_sample) -> dict:
-        """The reference refresh, the clock, and the log line."""
-        cfg = self.cfg
-        if cfg.beta > 0 and (self.iter + 1) % cfg.ref_every == 0:
-            ema_update(self.ref, self.policy, cfg.ref_alpha)
-        self.iter += 1
-        dt = time.time() - t0
-        self.elapsed += dt
-
-        # ---- the log line (the paper's curriculum signals included)
-        def mean_where(mode):
-            rows = [i for i, x in enumerate(insts) if x.mode == mode]
-            return float(rewards[rows].mean()) if rows else None
-        bstats = self.buffer.stats()
-        n_tok = int(lengths.sum())
-        log = dict(iter=self.iter, reward=float(rewards.mean()), reward_base=mean_where("base"),
-                   reward_improve=mean_where("improve"), reward_diverge=mean_where("diverge"),
-                   zero_var_frac=float(((rewards.amax(1) - rewards.amin(1)) <= 1e-6).float().mean()),
-                   replay_frac=float(np.mean([i.replay for i in insts])),
-                   depth=float(np.mean([i.depth for i in insts])),
-                   difficulty=float(np.mean([i.problem.difficulty for i in insts])),
-                   buf_size=bstats["size"], buf_score_mean=bstats["score_mean"], buf_score_max=bstats["score_max"],
-                   buf_entropy=bstats["entropy"], buf_distinct=bstats["distinct_base"],
-                   buf_depth=bstats["depth_mean"], buf_depth_hist=bstats["depth_hist"],
-                   buf_measured=bstats["measured_frac"], resp_len=n_tok / len(responses),
-                   tok_per_s=n_tok / dt, sample_frac=t_sample / dt, skipped=self.skipped,
-                   elapsed=self.elapsed, world_size=world_size(), **self.div_stats, **stats)
-        if self.family.multi_turn:
-            replayed = [i.turn + 1 for i in insts if i.replay]
-            log.update(turn=float(np.mean(replayed)) if replayed else None,  # Fig. 6: mean starting turn (1-based)
-                       ref_calls=mean_or_none([self.family.reference_calls(i.problem) for i in insts]),  # its complexity
-                       malformed_frac=float(np.mean([not self.family.valid(r) for r in responses])))
-        return dict(log=log, insts=insts, responses=responses, rewards=rewards)
-
-    def update(self, prompts, ro, adv, kept=None) -> dict:
-        """`epochs` optimiser steps on Eq. 4; each step accumulates gradients over micro-batches, so the
-        update does not depend on micro_batch. A non-finite loss or gradient skips that step.
-        kept: (N,) 0/1, rows to drop from the loss entirely (--filter_malformed); None keeps all."""
-        cfg, N, G = self.cfg, len(adv), self.cfg.group_size
-        mb = cfg.micro_batch or N
-        mb = max(G, mb - mb % G)  # whole groups per micro-batch: rows of one prompt stay together
-        adv = adv.to(self.device)
-        old = ro.logprobs.to(self.device)
-        mask = ro.mask.to(self.device)
-        if kept is not None:
-            mask = mask * kept.to(self.device, mask.dtype)[:, None]
-            adv = adv * kept.to(self.device, adv.dtype)
-        agg = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0)
-        params = self.master or list(self.policy.parameters())  # what AdamW steps
+    def update(self, prompts, ro, adv, kept) -> dict:
+        """`epochs` optimiser steps on Eq. 4 over the whole batch. A non-finite loss or gradient skips that
+        step. kept: (N,) 0/1, rows dropped from the loss entirely (--filter_malformed)."""
+        cfg, N = self.cfg, len(adv)
+        kept = kept.to(self.device)
+        adv, old, mask = adv.to(self.device) * kept, ro.logprobs.to(self.device), ro.mask.to(self.device) * kept[:, None]
+        stats = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0)
         for _ in range(cfg.epochs):
-            self.policy.zero_grad(set_to_none=True)
             self.opt.zero_grad(set_to_none=True)
-            loss_total = 0.0
-            for s in range(0, N, mb):
-                rows = slice(s, min(N, s + mb))
-                p_rows = prompts[s // G:(rows.stop + G - 1) // G]
-                # log-probs of the tempered distribution the rollouts were drawn from (logits / T),
-                # as the sampler stored them: then ρ = 1 on the first epoch, and Eq. 4 is the policy
-                # gradient of what was actually sampled
-                logp = model_lib.completion_logprobs(self.policy, p_rows, ro.tokens[rows], ro.lengths[rows], G,
-                                                     temperature=cfg.temperature)
-                ref_logp = None
-                if cfg.beta > 0:
-                    with torch.no_grad():
-                        ref_logp = model_lib.completion_logprobs(self.ref, p_rows, ro.tokens[rows], ro.lengths[rows], G,
-                                                                 temperature=cfg.temperature)
-                loss, st = grpo_loss(logp, old[rows], adv[rows], mask[rows], cfg.clip_eps, ref_logp, cfg.beta,
-                                     dr_norm=cfg.max_new_tokens if cfg.dr_grpo else None)
-                frac = (rows.stop - rows.start) / N  # the mean over rollouts, split across micro-batches
-                (loss * frac).backward()
-                loss_total += loss.item() * frac
-                for k in ("clip_frac", "kl", "ratio_mean"):
-                    agg[k] += st[k] * frac / cfg.epochs
-            if self.master is not None:  # bf16 gradients onto the fp32 masters
-                for m, p in zip(self.master, self.policy.parameters()):
-                    m.grad = None if p.grad is None else p.grad.float()
-            # data parallel: each rank's loss is the mean over its share's rollouts; the shares are equal,
-            # so the mean of the ranks' gradients is the gradient of the mean over the whole batch, and
-            # the clip below sees the global norm: the single-process update on the same batch
-            all_reduce_([q.grad for q in params if q.grad is not None])
-            loss_total = mean_over_ranks(loss_total)
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if not (math.isfinite(loss_total) and torch.isfinite(gn)):
+            loss, st = self.policy_loss(prompts, ro, slice(0, N), old, adv, mask)
+            loss.backward()
+            for k in ("clip_frac", "kl", "ratio_mean"):
+                stats[k] += st[k] / cfg.epochs
+            gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+            if not (math.isfinite(loss.item()) and torch.isfinite(gn)):
                 self.skipped += 1
-                self.policy.zero_grad(set_to_none=True)
                 self.opt.zero_grad(set_to_none=True)
                 continue
             self.opt.step()
-            if self.master is not None:
-                with torch.no_grad():
-                    for m, p in zip(self.master, self.policy.parameters()):
-                        p.copy_(m)
-            agg["loss"] += loss_total / cfg.epochs
-            agg["grad_norm"] += float(gn) / cfg.epochs
-        # data parallel: the log line's statistics, the mean of the ranks' (loss and grad_norm are global
-        # already; clip_frac, kl and ratio_mean weigh each rank's tokens by its share, as micro-batches do)
-        return {k: mean_over_ranks(v) for k, v in agg.items()}
+            stats["loss"] += loss.item() / cfg.epochs
+            stats["grad_norm"] += float(gn) / cfg.epochs
+        return stats
+
+    def policy_loss(self, prompts, ro, rows: slice, old, adv, mask) -> tuple:
+        """Eq. 4 (grpo_loss) on the rollouts `rows` (whole groups), their log-probs recomputed with gradients.
+        These are the log-probs of the tempered distribution the rollouts were drawn from (logits / T), as the
+        sampler stored them: then ρ = 1 on the first epoch, and Eq. 4 is the policy gradient of what was sampled."""
+        cfg, G = self.cfg, self.cfg.group_size
+        p_rows, tokens, lengths = prompts[rows.start // G:(rows.stop + G - 1) // G], ro.tokens[rows], ro.lengths[rows]
+        logp = model_lib.completion_logprobs(self.policy, p_rows, tokens, lengths, G, temperature=cfg.temperature)
+        ref_logp = None
+        if cfg.beta > 0:
+            with torch.no_grad():
+                ref_logp = model_lib.completion_logprobs(self.ref, p_rows, tokens, lengths, G, temperature=cfg.temperature)
+        return grpo_loss(logp, old[rows], adv[rows], mask[rows], cfg.clip_eps, ref_logp, cfg.beta,
+                         dr_norm=cfg.max_new_tokens if cfg.dr_grpo else None)
 
     def score_instance(self, inst: Instance, rewards) -> tuple:
         """§4.1 for the instance just trained on: its fresh learnability S = var(r). A replayed instance is
@@ -856,6 +616,57 @@ class Trainer:
                 self.buffer.insert_history(inst.problem.id, task, turns, [h["depth"] for h in turns], score, parent,
                                            start=inst.turn)  # the prefixes before turn t were given, not produced
 
+    def refresh_reference(self):
+        """§2.2: every M iterations the reference policy of the KL moves to the current policy (β > 0 only)."""
+        if self.cfg.beta > 0 and (self.iter + 1) % self.cfg.ref_every == 0:
+            ema_update(self.ref, self.policy, self.cfg.ref_alpha)
+
+    # ---- data parallel (scale.ScaleTrainer); in one process each is the identity
+    def whole_batch(self, *shares):
+        return shares
+
+    def any_rank(self, x):
+        return x
+
+    def evaluate(self, **settings) -> dict:
+        return eval_lib.evaluate_policy(self.policy, self.tok, self.eval_family, **settings)
+
+    def heldout_point(self) -> dict:
+        """One point of the held-out curve (--eval_every): the score at k = 0 and k = K (first-turn accuracy
+        for a multi-turn family) of a fixed held-out slice, one chain per problem. Its sampler has its own
+        seeded generator, so the training's random streams are untouched: a run trains the same with or without it."""
+        cfg = self.cfg
+        res = self.evaluate(n_problems=cfg.eval_every_problems, K=cfg.eval_k, n_samples=1, temperature=cfg.eval_temperature,
+                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, split=cfg.eval_split)
+        score = res.get("first_turn", res)["score"]
+        return dict(heldout_k0=score[0], heldout_kK=score[-1])
+
+    def log_line(self, insts, responses, rewards, lengths, stats, dt, t_sample) -> dict:
+        """The iteration's line of log.jsonl: rewards by step type, the curriculum's signals, the update's."""
+        def mean_where(mode):
+            rows = [i for i, x in enumerate(insts) if x.mode == mode]
+            return float(rewards[rows].mean()) if rows else None
+        bstats = self.buffer.stats()
+        n_tok = int(lengths.sum())
+        log = dict(iter=self.iter, reward=float(rewards.mean()), reward_base=mean_where("base"),
+                   reward_improve=mean_where("improve"), reward_diverge=mean_where("diverge"),
+                   zero_var_frac=float(((rewards.amax(1) - rewards.amin(1)) <= 1e-6).float().mean()),
+                   replay_frac=float(np.mean([i.replay for i in insts])),
+                   depth=float(np.mean([i.depth for i in insts])),
+                   difficulty=float(np.mean([i.problem.difficulty for i in insts])),
+                   buf_size=bstats["size"], buf_score_mean=bstats["score_mean"], buf_score_max=bstats["score_max"],
+                   buf_entropy=bstats["entropy"], buf_distinct=bstats["distinct_base"],
+                   buf_depth=bstats["depth_mean"], buf_depth_hist=bstats["depth_hist"],
+                   buf_measured=bstats["measured_frac"], resp_len=n_tok / len(responses),
+                   tok_per_s=n_tok / dt, sample_frac=t_sample / dt, skipped=self.skipped,
+                   elapsed=self.elapsed, world_size=self.world_size, **self.div_stats, **stats)
+        if self.family.multi_turn:
+            replayed = [i.turn + 1 for i in insts if i.replay]
+            log.update(turn=float(np.mean(replayed)) if replayed else None,  # Fig. 6: mean starting turn (1-based)
+                       ref_calls=mean_or_none([self.family.reference_calls(i.problem) for i in insts]),  # its complexity
+                       malformed_frac=float(np.mean([not self.family.valid(r) for r in responses])))
+        return log
+
     def show(self, out, n=3):
         for i in range(min(n, len(out["insts"]))):
             inst, G = out["insts"][i], self.cfg.group_size
@@ -881,180 +692,60 @@ def format_log(log: dict) -> str:
             + (f" | turn {f('turn', '.2f')}" if "turn" in log else ""))  # multi-turn: mean starting turn (Fig. 6)
 
 
-RESUMABLE_OVERRIDES = {"iters", "resume", "out_dir", "device", "log_every", "show_every", "ckpt_every", "grad_checkpoint",
-                       "eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_harder", "eval_data",
-                       "eval_every", "eval_every_problems", "eval_split"}
+# -----------------------------------------------------------------------------
+# The run: stage 2's loop, the final evaluation, and `python exit.py`.
 
 
-def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer:
-    """A Trainer, fresh or resumed from out_dir/ckpt.pt. Resuming never silently starts afresh."""
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.data:  # eval.py may evaluate the run from another folder
-        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
-    if cfg.init:  # and a resume may start from another working directory
-        cfg = dataclasses.replace(cfg, init=os.path.abspath(cfg.init))
-    if cfg.eval_data:
-        cfg = dataclasses.replace(cfg, eval_data=os.path.abspath(cfg.eval_data))
-    if cfg.resume:
-        ck = model_lib.load_checkpoint(ckpt_path)
-        if ck.get("kind") != "run":
-            raise ValueError(f"{ckpt_path} is not a run checkpoint")
-        saved = ck["config"]
-        clash = {k: (saved[k], getattr(cfg, k)) for k in given - RESUMABLE_OVERRIDES
-                 if k in saved and saved[k] != getattr(cfg, k)}
-        if clash:
-            raise ValueError("--resume with settings that differ from the checkpoint's: "
-                             + ", ".join(f"{k} (checkpoint {a!r}, given {b!r})" for k, (a, b) in clash.items()))
-        unknown = set(saved) - {f.name for f in dataclasses.fields(Config)}
-        if unknown:
-            raise ValueError(f"{ckpt_path} has config keys this version does not know: {sorted(unknown)}")
-        cfg = dataclasses.replace(Config(**saved), **{k: getattr(cfg, k) for k in given & RESUMABLE_OVERRIDES})
-        cfg.resume = True
-        cfg.validate()
-        check_resume_folder(cfg.out_dir, ck)
-        check_world(cfg)
-        saved_world = ck.get("world_size", 1)
-        if saved_world != world_size() and is_main() and not quiet:  # data parallel
-            print(f"warning: {ckpt_path} was trained on {saved_world} process(es), this run has {world_size()}: it "
-                  "continues the same curriculum on the same global batches, but not bit-exactly (the gradient "
-                  "is summed in another order, so the weights drift apart by float rounding and later samples "
-                  f"may differ); run with --nproc_per_node={saved_world} to continue it exactly", file=sys.stderr)
-        trainer = Trainer(cfg, quiet, preflight(cfg, quiet))
-        try:
-            trainer.load_state_dict(ck)
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{ckpt_path} does not match this run ({type(e).__name__}: {e})") from None
-        return trainer
-    found = eval_lib.run_artifacts(cfg.out_dir)
-    if found:
-        hint = "pass --resume to continue it" if "ckpt.pt" in found else "it has no ckpt.pt to --resume from"
-        raise FileExistsError(f"{cfg.out_dir} already holds a run ({', '.join(found)}): {hint}, or choose another "
-                              "--out_dir (a fresh run never replaces a run's files)")
-    check_world(cfg)
-    return Trainer(cfg, quiet, preflight(cfg, quiet))
-
-
-def check_out_dir(cfg: Config):
-    if cfg.resume and not os.path.isdir(cfg.out_dir):  # and the lock would create it
-        raise FileNotFoundError(f"no checkpoint at {os.path.join(cfg.out_dir, 'ckpt.pt')} (no folder {cfg.out_dir})")
-
-
-def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> Trainer:
-    """Stage 1 + stage 2 (+ the final evaluation in main), holding the run folder's lock throughout.
-    Returns the trainer at the end."""
-    check_out_dir(cfg)
-    with folder_lock(cfg.out_dir):
-        if is_main():
-            eval_lib.remove_stale_tmp(cfg.out_dir)
-        return _train(cfg, given, quiet)
-
-
-def _train(cfg: Config, given: set, quiet: bool) -> Trainer:
-    quiet = quiet or not is_main()  # data parallel: rank 0 prints and writes the run folder
-    trainer = prepare(cfg, given, quiet)
+def train(trainer: Trainer, stop=()) -> Trainer:
+    """Stage 2: RL iterations up to cfg.iters, a log.jsonl line each, a checkpoint every ckpt_every and at
+    the end. A non-empty `stop` (a signal: runs.stop_signals) ends it after the iteration in flight."""
     cfg = trainer.cfg
-    barrier()  # data parallel: every rank has checked (and read) the folder before rank 0 writes to it
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if is_main():
-        eval_lib.write_json(dict(dataclasses.asdict(cfg), world_size=world_size()), os.path.join(cfg.out_dir, "config.json"))
-    if is_main() and cfg.resume:
-        truncate_log(log_path, trainer.iter)
-    bar = tqdm(total=cfg.iters, initial=trainer.iter, desc=f"ExIt[{cfg.method}]", disable=quiet, dynamic_ncols=True)
-    with stop_signals() as stop:  # Ctrl-C or kill: finish this iteration, save, stop
-        while trainer.iter < cfg.iters and not max_over_ranks(len(stop)):  # every rank stops at the same one
-            out = trainer.iteration()
-            log = out["log"]
-            if cfg.eval_every and trainer.iter % cfg.eval_every == 0:  # the held-out curve (sample efficiency)
-                log.update(heldout_point(trainer))
-            if is_main():
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(log) + "\n")
-            bar.update(1)
-            bar.set_postfix(r=f"{log['reward']:.3f}", buf=log["buf_size"])
-            if not quiet and (trainer.iter % cfg.log_every == 0 or trainer.iter == 1):
-                tqdm.write(format_log(log))
-            if not quiet and cfg.show_every and trainer.iter % cfg.show_every == 0:
-                trainer.show(out)
-            if trainer.iter % cfg.ckpt_every == 0:
-                trainer.save()
-    if max_over_ranks(len(stop)):
-        trainer.save()
-        bar.close()
-        print(f"\ninterrupted after iteration {trainer.iter}: checkpoint written; continue with --resume")
-        raise SystemExit(130)
+    bar = tqdm(total=cfg.iters, initial=trainer.iter, desc=f"ExIt[{cfg.method}]", disable=trainer.quiet, dynamic_ncols=True)
+    while trainer.iter < cfg.iters and not trainer.any_rank(len(stop)):  # data parallel: every rank stops at the same one
+        out = trainer.iteration()
+        log = out["log"]
+        if cfg.eval_every and trainer.iter % cfg.eval_every == 0:  # the held-out curve (sample efficiency)
+            log.update(trainer.heldout_point())
+        if trainer.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(log) + "\n")
+        bar.update(1)
+        bar.set_postfix(r=f"{log['reward']:.3f}", buf=log["buf_size"])
+        if not trainer.quiet and (trainer.iter % cfg.log_every == 0 or trainer.iter == 1):
+            tqdm.write(format_log(log))
+        if not trainer.quiet and cfg.show_every and trainer.iter % cfg.show_every == 0:
+            trainer.show(out)
+        if trainer.iter % cfg.ckpt_every == 0 and trainer.iter < cfg.iters:
+            trainer.save()
     bar.close()
     trainer.save()
-    # the trained policy as a Hugging Face directory, for other tools (transformers, vLLM, ...) and --init
-    if is_main():
-        model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(cfg.out_dir, "hf"), dtype=trainer.source_dtype,
-                          temperature=cfg.eval_temperature)
     return trainer
 
 
-def heldout_point(trainer: Trainer) -> dict:
-    """One point of the held-out curve (--eval_every): the score at k = 0 and k = K (first-turn accuracy for a
-    multi-turn family) of a fixed held-out slice, one chain per problem. Its sampler has its own seeded
-    generator, so the training's random streams are untouched: a run trains the same with or without it."""
-    cfg = trainer.cfg
-    res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.eval_family, n_problems=cfg.eval_every_problems,
-                                   K=cfg.eval_k, n_samples=1, temperature=cfg.eval_temperature,
-                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, split=cfg.eval_split,
-                                   part=(rank(), world_size()), gather=all_gather_objects)  # data parallel: split
-    score = res.get("first_turn", res)["score"]
-    return dict(heldout_k0=score[0], heldout_kK=score[-1])
-
-
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(config_help())
-        return
-    try:
-        cfg, given = parse_args(argv)
-        dist_init(cfg)  # data parallel, under torchrun only
-        recommended = family_settings({k: getattr(cfg, k) for k in given} | {"task": cfg.task})
-        if recommended and not cfg.resume and is_main():
-            print(f"{cfg.task}: the family's recommended settings: "
-                  + " ".join(f"--{k}={v}" for k, v in recommended.items()) + " (set any of them to override)")
-        check_out_dir(cfg)
-        with folder_lock(cfg.out_dir):  # held until eval.json is written
-            trainer = train(cfg, given)
-            final_evaluation(trainer)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # under torchrun a rank that exits stops the others (torchrun ends them); the message says which rank
-        print(f"error{f' (rank {rank()})' if world_size() > 1 else ''}: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:  # a Ctrl-C outside the RL loop (warm start, evaluation), or a second one
-        print("\ninterrupted: stopped at once; the run folder keeps its last checkpoint, if it has one "
-              "(continue with --resume)", file=sys.stderr)
-        raise SystemExit(130)
-    if torch.distributed.is_initialized():  # data parallel: the ranks are done; rank 0 reports
-        main_rank = is_main()
-        torch.distributed.destroy_process_group()
-        if not main_rank:
-            return
-    t = trainer.timing
-    other = trainer.elapsed - t["sampling"] - t["update"] - t["buffer"]
-    print(f"time: warm start {t['warm_start']:.0f}s, RL {trainer.elapsed:.0f}s (sampling {t['sampling']:.0f}s, update "
-          f"{t['update']:.0f}s, buffer {t['buffer']:.0f}s, other {other:.0f}s), evaluation {t.get('evaluation', 0):.0f}s")
-    print(f"done: {trainer.iter} iterations in {trainer.elapsed:.0f}s of RL; run folder {trainer.cfg.out_dir}")
+    """`python exit.py [--key=value ...]`: stage 1 (or the shipped base), stage 2, the final evaluation."""
+    import runs  # the one seam into the optional modules: the command line, the run folder and its safety
+    with runs.run(sys.argv[1:] if argv is None else argv) as trainer:  # checked, locked, fresh or resumed
+        with runs.stop_signals() as stop:  # Ctrl-C or kill: finish the iteration, save, stop
+            train(trainer, stop)
+        runs.finish(trainer, stop)  # exit 130 if stopped; else the hf/ export
+        final_evaluation(trainer)
 
 
 def final_evaluation(trainer: Trainer):
     """What a run shows at its end: the curriculum's lineage (lineage.png), the held-out K-step evaluation of
     the trained policy and of its base (eval.json), and one held-out improvement chain (chain.txt)."""
     cfg, t0 = trainer.cfg, time.time()
-    if is_main():  # data parallel: plots, the base's evaluation and the files are rank 0's
+    if trainer.is_main:  # data parallel: plots, the base's evaluation and the files are rank 0's
         lineage = eval_lib.plot_lineage(eval_lib.read_log(cfg.out_dir), os.path.join(cfg.out_dir, "lineage.png"))
         if lineage:
             print(f"the curriculum's lineage: {lineage}")
     if not cfg.eval_problems:
         return
     settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
-    # data parallel: each rank runs the chains of its part of the held-out problems; rank 0 gathers them
-    res = eval_lib.evaluate_policy(trainer.policy, trainer.tok, trainer.eval_family, **settings,
-                                   part=(rank(), world_size()), gather=all_gather_objects)
-    if not is_main():
+    res = trainer.evaluate(**settings)  # data parallel: each rank runs a part; rank 0 gets the whole
+    if not trainer.is_main:
         return
     base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
                                   model_lib.load_policy, **settings)
@@ -1072,267 +763,6 @@ def final_evaluation(trainer: Trainer):
         print(show)
         eval_lib.write_text(show + "\n", os.path.join(cfg.out_dir, "chain.txt"))
     trainer.timing["evaluation"] = time.time() - t0
-
-
-# -----------------------------------------------------------------------------
-# Checks made before any work (`preflight`), so that a bad input is an error in seconds, not a traceback
-# after the warm start. Not the method: skip on a first read.
-
-def preflight(cfg: Config, quiet: bool = False) -> dict:
-    """Everything the run will need, checked before the warm start or a checkpoint loads (minutes), so
-    a bad input is an error now, not a traceback after training: the data files, enough distinct
-    problems for the training pool and the held-out set (--difficulties), the --init checkpoint's
-    config.json and tokenizer, and that every prompt fits the model's context.
-    Returns the family, the evaluation family, the training pool and the --init checkpoint's dtype, for
-    the Trainer."""
-    family = tasks_lib.make_family(cfg.task, cfg.data, cfg.difficulties)
-    efam = tasks_lib.eval_family(cfg.eval_data, family)
-    train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
-    heldout = []
-    if cfg.eval_problems:
-        heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet,
-                                            split=cfg.eval_split)
-    if cfg.eval_every:  # the held-out slice of every --eval_every point, during training
-        heldout += eval_lib.heldout_problems(efam, cfg.eval_every_problems, warn=False, split=cfg.eval_split)
-    tok, max_len, source_dtype = None, None, None
-    if cfg.init and os.path.isdir(cfg.init):
-        config_file = os.path.join(cfg.init, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"--init={cfg.init}: no config.json (not a Hugging Face checkpoint directory)")
-        hf = model_lib.read_json(config_file)
-        max_len = model_lib.config_from_hf(hf, where=config_file).max_seq_len
-        source_dtype = model_lib.hf_dtype(hf)
-        if not model_lib._has_tokenizer_files(cfg.init):
-            raise ValueError(f"{cfg.init}: no tokenizer files; --init needs a checkpoint with its tokenizer")
-        tok = model_lib.load_tokenizer(cfg.init)
-    elif cfg.init:
-        if not os.path.isfile(cfg.init):
-            raise FileNotFoundError(f"--init={cfg.init}: no such checkpoint file or Hugging Face directory")
-    else:
-        tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
-        max_len = model_lib.toy_config(tok.vocab_size).max_seq_len
-    if tok is not None:
-        style = tasks_lib.prompt_style(tok)
-        if style == "chat" and not tok.has_chat_template and not quiet:
-            print(f"warning: {cfg.init}: the tokenizer has no chat template, so prompts are plain "
-                  "'user: ... assistant: ' text, which an instruct model was not trained on", file=sys.stderr)
-        if not family.multi_turn:
-            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in train_pool},
-                          family, "--data" if cfg.data else "the task")
-            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in heldout},
-                          efam, "--eval_data" if cfg.eval_data else "--data" if cfg.data else "the held-out set")
-    return dict(family=family, eval_family=efam, train_pool=train_pool, source_dtype=source_dtype)
-
-
-def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):
-    """Every problem's base prompt plus a completion must fit the context (model.generate refuses more)."""
-    for p in problems.values():
-        n = len(tasks_lib.encode_prompt(tok, family, p, style=style))
-        if n + max_new_tokens > max_len:
-            line = f", line {p.data['line']}" if isinstance(p.data, dict) and "line" in p.data else ""
-            raise ValueError(f"{what}{line}: the prompt of problem {p.id} is {n} tokens, which with "
-                             f"max_new_tokens={max_new_tokens} exceeds the model's context of {max_len} tokens")
-
-
-# -----------------------------------------------------------------------------
-# Run folders: one run per folder, and nothing in it lost or mixed with another run's.
-
-
-def check_resume_folder(out_dir: str, ck: dict):
-    """A ckpt.pt resumes only the run whose config.json and log.jsonl lie beside it: a checkpoint copied
-    in from another run would otherwise continue under that run's log."""
-    ckpt_path, saved = os.path.join(out_dir, "ckpt.pt"), ck["config"]
-    cfg_file = os.path.join(out_dir, "config.json")
-    if os.path.isfile(cfg_file):
-        folder = model_lib.read_json(cfg_file)
-        diff = [k for k in sorted(saved) if k in folder and k not in RESUMABLE_OVERRIDES and folder[k] != saved[k]]
-        if diff:
-            raise ValueError(f"{ckpt_path} is not this folder's run: it differs from {cfg_file} in "
-                             + ", ".join(f"{k} ({saved[k]!r} vs {folder[k]!r})" for k in diff[:5])
-                             + "; put it in a folder of its own")
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if os.path.isfile(log_path):
-        iters = [entry["iter"] for entry in eval_lib.read_log_lines(log_path)]
-        n = ck["iter"]
-        if iters[:n] != list(range(1, n + 1)):
-            raise ValueError(f"{ckpt_path} is at iteration {n}, but {log_path} holds iterations "
-                             f"{iters[:1] + (['...', iters[-1]] if len(iters) > 1 else [])} (not 1..{n}): "
-                             "the checkpoint and the log are of different runs")
-
-
-def truncate_log(log_path: str, last_iter: int):
-    """On resume: drop log.jsonl's lines of iterations after the checkpoint's (logged, then lost to a kill)."""
-    if os.path.exists(log_path):
-        eval_lib.write_text("".join(json.dumps(e) + "\n" for e in eval_lib.read_log_lines(log_path)
-                                    if e["iter"] <= last_iter), log_path)
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """Ctrl-C (SIGINT), or `kill` (SIGTERM: what eval.py's ladder sends its runs when it is stopped), during the
-    RL loop: the iteration in flight finishes, then the run saves and stops. A checkpoint taken halfway through
-    an iteration (RNGs advanced, buffer half updated) would not resume exactly. Yields a list that becomes
-    non-empty once a stop is asked for; a second signal stops at once (KeyboardInterrupt), without saving."""
-    stop = []
-
-    def on_signal(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(True)
-        tqdm.write(f"{'Ctrl-C' if signum == signal.SIGINT else 'stop (SIGTERM)'}: finishing this iteration, then saving "
-                   "(Ctrl-C again to stop without saving)")
-
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield stop
-        return
-    previous = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
-    try:
-        yield stop
-    finally:
-        for signum, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
-            if handler is not None:  # None: a handler not installed from Python, which cannot be restored
-                signal.signal(signum, handler)
-
-
-# -----------------------------------------------------------------------------
-# Several processes (torchrun): data parallel. Everything distributed is in this section; the loop
-# calls these helpers at the few places marked "data parallel", and each is the identity in one process
-# (`python exit.py` initialises nothing: no WORLD_SIZE in the environment, rank 0 of 1).
-# Under `torchrun --nproc_per_node=N exit.py ...` the iteration's tasks_per_iter instances are split
-# into N contiguous equal shares; each rank samples, scores and back-propagates its share; gradients
-# are averaged across ranks. Rank 0 alone holds the curriculum (buffer, draws) and writes the run folder.
-
-
-def dist_init(cfg: Config):
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
-    NCCL between GPUs (one per process, cuda:LOCAL_RANK), gloo on CPUs. Nothing without torchrun."""
-    if "WORLD_SIZE" not in os.environ or torch.distributed.is_initialized():
-        return
-    # torch.optim imports torch._dynamo when the first optimizer is made; imported after the group exists,
-    # it keeps references to the group, and destroy_process_group at the end then leaves gloo's threads
-    # running into interpreter shutdown, no safe place to tear gloo down (one CI run's rank 1 aborted at
-    # its exit, its work done: "terminate called without an active exception"). Imported first, it holds
-    # nothing, and the end of main() really tears the group down.
-    import torch._dynamo as _  # noqa: F401  (as _: a bare "import torch.x" would make torch local here)
-    if model_lib.pick_device(cfg.device).type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # "cuda" is now this rank's GPU
-        torch.distributed.init_process_group("nccl")
-    else:
-        torch.distributed.init_process_group("gloo")
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def _comm_device():
-    # NCCL reduces CUDA tensors only; gloo, CPU ones
-    return torch.device("cuda") if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-
-
-def barrier():
-    if world_size() > 1:
-        torch.distributed.barrier()
-
-
-def broadcast_object(obj):
-    """Rank 0's obj on every rank (pickled): the curriculum's decisions."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather_objects(obj) -> list:
-    """[rank 0's obj, rank 1's obj, ...] on every rank."""
-    if world_size() == 1:
-        return [obj]
-    out = [None] * world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def my_share(n: int) -> slice:
-    """This rank's contiguous share of n items (n is a multiple of the world size: check_world)."""
-    k = n // world_size()
-    return slice(rank() * k, (rank() + 1) * k)
-
-
-def gather_shares(*shares):
-    """Each argument is this rank's share (a list, or a tensor split along dim 0); returns the global
-    ones, the ranks' shares in rank order, on every rank."""
-    if world_size() == 1:
-        return shares
-    ranks = all_gather_objects([s.cpu() if torch.is_tensor(s) else s for s in shares])
-    return tuple(torch.cat([r[i] for r in ranks]) if torch.is_tensor(shares[i]) else [x for r in ranks for x in r[i]]
-                 for i in range(len(shares)))
-
-
-def all_reduce_(tensors, op="mean"):
-    """In place, the mean (or max) over ranks of each tensor: a gradient becomes the global batch's."""
-    if world_size() == 1:
-        return
-    for t in tensors:
-        if op == "mean":
-            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.SUM)
-            t.div_(world_size())
-        else:
-            torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX)
-
-
-def mean_over_ranks(x: float) -> float:
-    if world_size() == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
-    all_reduce_([t])
-    return float(t)
-
-
-def max_over_ranks(x):
-    if world_size() == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
-    all_reduce_([t], op="max")
-    return type(x)(t.item())
-
-
-def broadcast_params(module: torch.nn.Module):
-    """Rank 0's weights on every rank (as DDP does at its start): the ranks start from one policy."""
-    if world_size() > 1:
-        for p in module.parameters():
-            torch.distributed.broadcast(p.data, src=0)
-
-
-@contextlib.contextmanager
-def main_first():
-    """Rank 0 runs the block first (e.g. trains and saves the warm start: an atomic write, so no rank
-    reads half a file); the other ranks wait, then run it (and find the file)."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
-
-
-def folder_lock(out_dir: str):
-    """The run folder's lock, held by rank 0, which alone writes the folder."""
-    return eval_lib.run_lock(out_dir) if is_main() else contextlib.nullcontext()
-
-
-def check_world(cfg: Config):
-    need = world_size()
-    if cfg.tasks_per_iter % need:
-        raise ValueError(f"tasks_per_iter ({cfg.tasks_per_iter}) must be a multiple of the world size ({need}): "
-                         "every rank takes an equal share of the iteration's task instances")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch
 import eval as eval_lib
 import exit as exit_lib
 import model as model_lib
+import runs
 
 SEEDS = 5  # RL seeds whose Base evaluation is recorded: the ladder's
 SETTINGS = ("task", "base_seed", "n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps",
@@ -62,8 +63,8 @@ def git(*args) -> str:
 def ship(task: str, out: str, seeds: int = SEEDS, quiet: bool = False) -> dict:
     """Warm-start the base of `task` at the default settings (or reuse the cache in runs/base), write it to
     out/TASK as a Hugging Face directory, evaluate it, and write base.json. Returns the record."""
-    cfg = exit_lib.parse_args([f"--task={task}"])[0]
-    checked = exit_lib.preflight(cfg, quiet=True)
+    cfg = runs.parse_args([f"--task={task}"])[0]
+    checked = runs.preflight(cfg, quiet=True)
     device = model_lib.pick_device(cfg.device)
     cache = os.path.join(cfg.base_dir, f"{task}-{exit_lib.warm_start_key(cfg, checked['family'])}.pt")
     reused = os.path.isfile(cache)  # trained earlier by the same warm start (the key says so)

@@ -31,6 +31,8 @@ from buffer import TaskBuffer, learnability, sampling_probs, staleness_probs
 import buffer
 import eval as eval_lib
 import exit as exit_lib
+import runs
+import scale
 import model
 import model as model_lib
 import tasks
@@ -295,7 +297,7 @@ def rollouts_of(tok, texts) -> model_lib.Rollouts:
 def test_training_scores_and_buffers_the_kept_answer(tmp_path, monkeypatch):
     """An exactsum improve step answered "=": rewarded as the current answer, and the buffer's child
     holds that answer, not the "=" (Trainer.iteration goes through next_answer)."""
-    tr = exit_lib.prepare(tiny_cfg(tmp_path, task="exactsum", method="improve", tasks_per_iter=2), quiet=True)
+    tr = runs.prepare(tiny_cfg(tmp_path, task="exactsum", method="improve", tasks_per_iter=2), quiet=True)
     p = tr.family.sample("train", 1, 0)[0]
     right, wrong = tr.family.solve(p, False), tr.family.render(p, p.data["best"][:1], False)
     insts = [exit_lib.Instance(problem=p, turn=0, prev=[], answer=a, mode="improve", depth=1, uid=None, replay=False)
@@ -690,7 +692,7 @@ def test_readme_example_family_passes_the_contract_and_trains(tmp_path, monkeypa
     if type(f).revise is tasks.TaskFamily.revise:  # the two-state chain of math and subset: their tests too
         test_demonstrations_follow_the_error_model("sort")
         test_demonstrated_policy_is_a_weak_self_improver("sort")
-    exit_lib.train(tiny_cfg(tmp_path, task="sort", iters=2), quiet=True)
+    runs.train(tiny_cfg(tmp_path, task="sort", iters=2), quiet=True)
     logs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert len(logs) == 2 and all(0.0 <= log["reward"] <= 1.0 for log in logs)
 
@@ -1380,12 +1382,12 @@ def test_fifo_admission_is_blind_to_learnability():
     with pytest.raises(ValueError, match="admission"):
         make(admission="lifo")
     with pytest.raises(ValueError, match="admission must be"):
-        exit_lib.parse_args(["--admission=lifo"])
+        runs.parse_args(["--admission=lifo"])
 
 
 def test_a_fresh_base_task_already_buffered_gets_its_fresh_score(tmp_path):
     """Paper §4.1: the instance m' itself gets its fresh empirical S (not max(old, new))."""
-    tr = exit_lib.prepare(tiny_cfg(tmp_path, method="curriculum"), quiet=True)
+    tr = runs.prepare(tiny_cfg(tmp_path, method="curriculum"), quiet=True)
     p = tr.train_pool[0]
     e = tr.buffer.insert(p.id, dataclasses.asdict(p), [], 0, 0.25)
     inst = exit_lib.Instance(problem=p, answer=None, mode="base", depth=0, uid=None, replay=False)
@@ -1396,7 +1398,7 @@ def test_a_fresh_base_task_already_buffered_gets_its_fresh_score(tmp_path):
 def test_a_measured_score_survives_reinsertion_single_turn(tmp_path):
     """A replayed instance measured at S = 0 (always solved) stays at 0 when a later group produces the
     same answer again and its child inherits that group's S = 0.25."""
-    tr = exit_lib.prepare(tiny_cfg(tmp_path, method="improve", group_size=2), quiet=True)
+    tr = runs.prepare(tiny_cfg(tmp_path, method="improve", group_size=2), quiet=True)
     p = tr.train_pool[0]
     e = tr.buffer.insert(p.id, dataclasses.asdict(p), [dict(answer="x", feedback=tr.family.feedback(p, "x"))], 1, 0.25)
     replayed = exit_lib.Instance(problem=p, turn=0, prev=[], answer="x", mode="improve", depth=1, uid=e.uid, replay=True)
@@ -2173,19 +2175,19 @@ def test_warm_start_batch_equals_each_demonstration_alone(packed):
 # ---- config
 
 def test_config_parsing_and_errors():
-    cfg, given = exit_lib.parse_args(["--iters=7", "--lr=0.001", "--dr_grpo", "--method=grpo"])
+    cfg, given = runs.parse_args(["--iters=7", "--lr=0.001", "--dr_grpo", "--method=grpo"])
     assert (cfg.iters, cfg.lr, cfg.dr_grpo, cfg.method) == (7, 0.001, True, "grpo") and "iters" in given
     with pytest.raises(ValueError, match="unknown config key 'itres'.*valid keys:.*iters"):
-        exit_lib.parse_args(["--itres=3"])
+        runs.parse_args(["--itres=3"])
     with pytest.raises(ValueError, match="--iters expects int, got 'many'"):
-        exit_lib.parse_args(["--iters=many"])
+        runs.parse_args(["--iters=many"])
     with pytest.raises(ValueError, match="method must be one of"):
-        exit_lib.parse_args(["--method=ppo"])
+        runs.parse_args(["--method=ppo"])
     with pytest.raises(ValueError, match="min_size .* must be <= buffer_size"):
-        exit_lib.parse_args(["--min_size=10", "--buffer_size=5"])
+        runs.parse_args(["--min_size=10", "--buffer_size=5"])
     with pytest.raises(ValueError, match="expects a bool"):
-        exit_lib.parse_args(["--resume=maybe"])
-    assert "--kappa" in exit_lib.config_help() and "inverse temperature" in exit_lib.config_help()
+        runs.parse_args(["--resume=maybe"])
+    assert "--kappa" in runs.config_help() and "inverse temperature" in runs.config_help()
 
 
 def test_method_ladder_switches():
@@ -2201,9 +2203,9 @@ def test_difficulty_mix_option():
     assert tasks_lib.parse_difficulties("2,3,5") == (2, 3, 5)
     for bad in ("a", "0-3", "6-2", "2,,3", "-"):
         with pytest.raises(ValueError, match="difficulties looks like"):
-            exit_lib.parse_args([f"--difficulties={bad}"])
+            runs.parse_args([f"--difficulties={bad}"])
     with pytest.raises(ValueError, match="does not apply to realmath"):
-        exit_lib.parse_args(["--task=realmath", "--data=x.jsonl", "--init=x", "--difficulties=2-3"])
+        runs.parse_args(["--task=realmath", "--data=x.jsonl", "--init=x", "--difficulties=2-3"])
     fam = tasks_lib.make_family("math", difficulties="5,7")
     assert fam.train_difficulties == (5, 7) and tasks_lib.get_family("math").train_difficulties == (2, 3, 4)
     assert {p.difficulty for p in fam.sample("train", 40, seed=0)} == {5, 7}
@@ -2223,29 +2225,29 @@ def test_difficulty_mix_option():
 
 def test_grad_clip_must_be_positive():
     with pytest.raises(ValueError, match="grad_clip must be > 0"):
-        exit_lib.parse_args(["--grad_clip=0"])
+        runs.parse_args(["--grad_clip=0"])
 
 
 def test_an_evaluation_file_has_no_validation_split():
     with pytest.raises(ValueError, match="no validation split"):
-        exit_lib.parse_args(["--eval_split=val", "--eval_data=held_out.jsonl"])
+        runs.parse_args(["--eval_split=val", "--eval_data=held_out.jsonl"])
     with pytest.raises(ValueError, match="eval_split must be"):
-        exit_lib.parse_args(["--eval_split=dev"])
+        runs.parse_args(["--eval_split=dev"])
 
 
 def test_a_family_brings_its_recommended_settings_unless_set():
     """--task=tools trains with the paper's tool-use recipe without a list of flags; a key given on the command
     line wins; other families are untouched; config.json records the resolved values."""
-    cfg, given = exit_lib.parse_args(["--task=tools"])
+    cfg, given = runs.parse_args(["--task=tools"])
     assert (cfg.dr_grpo, cfg.epochs, cfg.p_div, cfg.filter_malformed, cfg.buffer_size, cfg.min_size, cfg.eval_k) == \
         (True, 2, 0.5, True, 640, 320, 4) and given == {"task"}
-    cfg, _ = exit_lib.parse_args(["--task=tools", "--epochs=1", "--buffer_size=64", "--min_size=8"])
+    cfg, _ = runs.parse_args(["--task=tools", "--epochs=1", "--buffer_size=64", "--min_size=8"])
     assert (cfg.epochs, cfg.buffer_size, cfg.min_size, cfg.dr_grpo) == (1, 64, 8, True)
-    assert exit_lib.parse_args([])[0] == exit_lib.Config()
+    assert runs.parse_args([])[0] == exit_lib.Config()
 
 
 def test_a_given_buffer_size_scales_the_recommended_min_size():
-    cfg, _ = exit_lib.parse_args(["--task=tools", "--buffer_size=16"])
+    cfg, _ = runs.parse_args(["--task=tools", "--buffer_size=16"])
     assert (cfg.buffer_size, cfg.min_size) == (16, 8)  # the recipe's B_min / N = 320 / 640, kept
 
 
@@ -2308,14 +2310,14 @@ def test_another_base_seed_does_not_use_the_shipped_base(capsys):
     assert key(exit_lib.Config(base_seed=-1), fam) == key(exit_lib.Config(), fam)  # -1 at seed 0: the same base
     assert shipped(exit_lib.Config(task="math"), "any") is None and capsys.readouterr().out == ""  # nothing shipped
     with pytest.raises(ValueError, match="base_seed must be >= 0, or -1"):
-        exit_lib.parse_args(["--base_seed=-2"])
+        runs.parse_args(["--base_seed=-2"])
 
 
 def test_rl_seeds_share_one_base_unless_base_seed_is_minus_one(tmp_path):
     """--seed varies RL alone: two seeds train one base (cached once); --base_seed=-1 gives each seed its own."""
     for seed in (0, 1):
-        exit_lib.prepare(tiny_cfg(tmp_path / f"one{seed}", seed=seed, base_dir=str(tmp_path / "one")), quiet=True)
-        exit_lib.prepare(tiny_cfg(tmp_path / f"own{seed}", seed=seed, base_seed=-1, base_dir=str(tmp_path / "own")),
+        runs.prepare(tiny_cfg(tmp_path / f"one{seed}", seed=seed, base_dir=str(tmp_path / "one")), quiet=True)
+        runs.prepare(tiny_cfg(tmp_path / f"own{seed}", seed=seed, base_seed=-1, base_dir=str(tmp_path / "own")),
                          quiet=True)
     assert len(list((tmp_path / "one").glob("*.pt"))) == 1 and len(list((tmp_path / "own").glob("*.pt"))) == 2
 
@@ -2328,11 +2330,11 @@ def tiny_cfg(tmp_path, **kw):
                 group_size=4, max_new_tokens=12, buffer_size=16, min_size=2, replay_prob=0.7, ckpt_every=2,
                 eval_problems=0, show_every=0, lr=1e-3, device="cpu")
     base.update(kw)
-    return exit_lib.Config(**base).validate()
+    return runs.check_config(exit_lib.Config(**base))
 
 
 def test_one_iteration_changes_parameters(tmp_path, monkeypatch):
-    tr = exit_lib.prepare(tiny_cfg(tmp_path, beta=0.01), quiet=True)
+    tr = runs.prepare(tiny_cfg(tmp_path, beta=0.01), quiet=True)
     # a barely trained tiny policy scores 0 everywhere, and equal rewards give no gradient: alternate them
     rewards = itertools.count()
     monkeypatch.setattr(tr, "reward", lambda inst, answers: float(next(rewards) % 2))
@@ -2345,7 +2347,7 @@ def test_one_iteration_changes_parameters(tmp_path, monkeypatch):
     assert all(not torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
     assert len(tr.buffer) > 0 and log["iter"] == 1
     assert log["div_max"] >= log["div_mean"] > 0  # full ExIt logs the scale of its Eq. 6 coefficients
-    assert "div_mean" not in exit_lib.prepare(tiny_cfg(tmp_path / "g", method="improve"), quiet=True).iteration()["log"]
+    assert "div_mean" not in runs.prepare(tiny_cfg(tmp_path / "g", method="improve"), quiet=True).iteration()["log"]
 
 
 def one_sgd_update(tr, group, new_tokens):
@@ -2357,14 +2359,14 @@ def one_sgd_update(tr, group, new_tokens):
     ro = model_lib.generate(tr.policy, prompts, group, new_tokens, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id,
                             generator=torch.Generator().manual_seed(1))
     initial = [p.detach().clone() for p in tr.policy.parameters()]
-    tr.update(prompts, ro, torch.linspace(-1, 1, len(ro.lengths)))
+    tr.update(prompts, ro, torch.linspace(-1, 1, len(ro.lengths)), torch.ones(len(ro.lengths)))
     return initial, [p.detach().clone() for p in tr.policy.parameters()]
 
 
 def test_micro_batches_give_the_same_update(tmp_path):
     states = []
     for mb in (0, 4):
-        tr = exit_lib.prepare(tiny_cfg(tmp_path / f"mb{mb}", micro_batch=mb, method="grpo"), quiet=True)
+        tr = runs.prepare(tiny_cfg(tmp_path / f"mb{mb}", micro_batch=mb, method="grpo"), quiet=True)
         torch.manual_seed(0)
         initial, after = one_sgd_update(tr, group=4, new_tokens=10)
         states.append(after)
@@ -2374,12 +2376,12 @@ def test_micro_batches_give_the_same_update(tmp_path):
 
 
 def test_nonfinite_update_is_skipped(tmp_path):
-    tr = exit_lib.prepare(tiny_cfg(tmp_path, method="grpo"), quiet=True)
+    tr = runs.prepare(tiny_cfg(tmp_path, method="grpo"), quiet=True)
     prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
     ro = model_lib.generate(tr.policy, prompts, 4, 8, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id)
     before = [p.detach().clone() for p in tr.policy.parameters()]
     adv = torch.full((len(ro.lengths),), float("nan"))
-    tr.update(prompts, ro, adv)
+    tr.update(prompts, ro, adv, torch.ones(len(adv)))
     assert tr.skipped == 1
     assert all(torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
 
@@ -2391,10 +2393,10 @@ def run_state(tr):
 @pytest.mark.parametrize("method", ["exit", "curriculum"])
 def test_resume_is_bit_identical(tmp_path, method, monkeypatch):
     monkeypatch.setattr(exit_lib.Trainer, "SEEN", 5)  # a small diversity sample: its generator is used, and resumed
-    full = exit_lib.train(tiny_cfg(tmp_path / "a", iters=4, method=method, beta=0.01, ref_every=2), quiet=True)
-    exit_lib.train(tiny_cfg(tmp_path / "b", iters=2, method=method, beta=0.01, ref_every=2, base_dir=str(tmp_path / "a" / "base")), quiet=True)
-    cfg, given = exit_lib.parse_args([f"--out_dir={tmp_path / 'b' / 'run'}", "--resume", "--iters=4"])
-    resumed = exit_lib.train(cfg, given, quiet=True)
+    full = runs.train(tiny_cfg(tmp_path / "a", iters=4, method=method, beta=0.01, ref_every=2), quiet=True)
+    runs.train(tiny_cfg(tmp_path / "b", iters=2, method=method, beta=0.01, ref_every=2, base_dir=str(tmp_path / "a" / "base")), quiet=True)
+    cfg, given = runs.parse_args([f"--out_dir={tmp_path / 'b' / 'run'}", "--resume", "--iters=4"])
+    resumed = runs.train(cfg, given, quiet=True)
     assert resumed.iter == 4 and resumed.cfg.method == method
     pa, ba = run_state(full)
     pb, bb = run_state(resumed)
@@ -2410,20 +2412,20 @@ def test_resume_is_bit_identical(tmp_path, method, monkeypatch):
 def test_checkpoint_errors(tmp_path):
     cfg = tiny_cfg(tmp_path, resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        exit_lib.prepare(cfg, quiet=True)
-    exit_lib.train(tiny_cfg(tmp_path, iters=1), quiet=True)
+        runs.prepare(cfg, quiet=True)
+    runs.train(tiny_cfg(tmp_path, iters=1), quiet=True)
     ck = os.path.join(cfg.out_dir, "ckpt.pt")
     with pytest.raises(FileExistsError, match="--resume"):  # never silently overwrite a run
-        exit_lib.prepare(tiny_cfg(tmp_path), quiet=True)
+        runs.prepare(tiny_cfg(tmp_path), quiet=True)
     with pytest.raises(ValueError, match="differ from the checkpoint's: lr"):
-        exit_lib.prepare(dataclasses.replace(cfg, lr=0.5), {"lr", "resume"}, quiet=True)
+        runs.prepare(dataclasses.replace(cfg, lr=0.5), {"lr", "resume"}, quiet=True)
     data = open(ck, "rb").read()
     open(ck, "wb").write(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        exit_lib.prepare(cfg, quiet=True)
+        runs.prepare(cfg, quiet=True)
     torch.save({"hello": 1}, ck)
     with pytest.raises(ValueError, match="not an exit checkpoint"):
-        exit_lib.prepare(cfg, quiet=True)
+        runs.prepare(cfg, quiet=True)
 
 
 def test_script_end_to_end(tmp_path):
@@ -2453,7 +2455,7 @@ def test_script_end_to_end(tmp_path):
 def test_eq6_embeds_the_new_iterate_not_the_raw_response(tmp_path, monkeypatch):
     """A keep reply "=" leaves the current answer as the new iterate: Eq. 6 must compare that answer's
     solution with the others, not the one-character string "=" (an outlier by construction)."""
-    tr = exit_lib.prepare(tiny_cfg(tmp_path, task="exactsum", method="exit", tasks_per_iter=1), quiet=True)
+    tr = runs.prepare(tiny_cfg(tmp_path, task="exactsum", method="exit", tasks_per_iter=1), quiet=True)
     p = tr.family.sample("train", 1, 0)[0]
     current = tr.family.render(p, p.data["best"][:1], False)
     inst = exit_lib.Instance(problem=p, turn=0, prev=[], answer=current, mode="improve", depth=1, uid=None, replay=False)
@@ -2473,7 +2475,7 @@ def test_stored_logprobs_are_those_of_the_tempered_distribution(tmp_path):
     forward written out here), and the update's first-epoch ratio is exactly 1: the training forward uses
     the same tempered distribution."""
     T = 0.5
-    tr = exit_lib.prepare(tiny_cfg(tmp_path, temperature=T, epochs=1, method="grpo"), quiet=True)
+    tr = runs.prepare(tiny_cfg(tmp_path, temperature=T, epochs=1, method="grpo"), quiet=True)
     prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
     ro = model_lib.generate(tr.policy, prompts, 4, 12, temperature=T, stop_ids=tr.tok.stop_ids,
                             pad_id=tr.tok.pad_id, generator=torch.Generator().manual_seed(0))
@@ -2484,7 +2486,7 @@ def test_stored_logprobs_are_those_of_the_tempered_distribution(tmp_path):
             logits = tr.policy(seq)[0][0, len(p) - 1:len(p) - 1 + n]
             ref = torch.log_softmax(logits / T, -1).gather(-1, ro.tokens[r, :n, None]).squeeze(-1)
             assert torch.allclose(ro.logprobs[r, :n], ref, atol=1e-5), r
-    stats = tr.update(prompts, ro, torch.linspace(-1, 1, len(ro.lengths)))
+    stats = tr.update(prompts, ro, torch.linspace(-1, 1, len(ro.lengths)), torch.ones(len(ro.lengths)))
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and stats["clip_frac"] == 0.0
 
 
@@ -2508,7 +2510,7 @@ def test_filtered_rollouts_get_no_gradient_not_even_from_the_kl(tmp_path, monkey
 def test_training_with_kl_refreshes_the_reference(tmp_path):
     """β > 0, M = 2, α = 1: the KL to the reference is positive once the policy has moved, the reference is
     the policy itself right after iteration M, and the next iteration starts from KL = 0."""
-    tr = exit_lib.prepare(tiny_cfg(tmp_path, beta=0.01, ref_every=2, ref_alpha=1.0, epochs=1), quiet=True)
+    tr = runs.prepare(tiny_cfg(tmp_path, beta=0.01, ref_every=2, ref_alpha=1.0, epochs=1), quiet=True)
     assert tr.iteration()["log"]["kl"] == 0.0             # iteration 1 starts at ref = θ
     with torch.no_grad():  # θ moves (by hand: a tiny untrained policy may find no reward signal to move on)
         for q in tr.policy.parameters():
@@ -2521,8 +2523,8 @@ def test_training_with_kl_refreshes_the_reference(tmp_path):
 def test_heldout_curve_during_training_leaves_training_unchanged(tmp_path):
     """--eval_every=2: log lines 2 and 4 carry the held-out slice's k = 0 and k = K scores, and the run trains
     exactly as the same run without it (the evaluation's sampler has its own generator)."""
-    plain = exit_lib.train(tiny_cfg(tmp_path / "a", iters=4), quiet=True)
-    curved = exit_lib.train(tiny_cfg(tmp_path / "b", iters=4, eval_every=2, eval_every_problems=3, eval_k=1,
+    plain = runs.train(tiny_cfg(tmp_path / "a", iters=4), quiet=True)
+    curved = runs.train(tiny_cfg(tmp_path / "b", iters=4, eval_every=2, eval_every_problems=3, eval_k=1,
                                      base_dir=str(tmp_path / "a" / "base")), quiet=True)
     (pa, ba), (pb, bb) = run_state(plain), run_state(curved)
     assert all(torch.equal(x, y) for x, y in zip(pa, pb)) and json.dumps(ba, sort_keys=True) == json.dumps(bb, sort_keys=True)
@@ -2584,18 +2586,18 @@ def hf_cfg(tmp_path, instruct, **kw):
     base = dict(init=str(ck), task="realmath", data=str(data), out_dir=str(tmp_path / "run"), iters=2,
                 tasks_per_iter=2, group_size=2, max_new_tokens=8, buffer_size=16, min_size=2, lr=1e-3,
                 show_every=0, eval_problems=0, device="cpu")
-    return exit_lib.Config(**(base | kw)).validate()
+    return runs.check_config(exit_lib.Config(**(base | kw)))
 
 
 def test_realmath_config_errors():
     with pytest.raises(ValueError, match="--data=FILE goes with --task=realmath"):
-        exit_lib.parse_args(["--task=realmath", "--init=x"])
+        runs.parse_args(["--task=realmath", "--init=x"])
     with pytest.raises(ValueError, match="--data=FILE goes with --task=realmath"):
-        exit_lib.parse_args(["--data=x.jsonl"])
+        runs.parse_args(["--data=x.jsonl"])
     with pytest.raises(ValueError, match="needs --init=HF_DIR"):
-        exit_lib.parse_args(["--task=realmath", "--data=x.jsonl"])
+        runs.parse_args(["--task=realmath", "--data=x.jsonl"])
     with pytest.raises(ValueError, match="dtype must be one of"):
-        exit_lib.parse_args(["--dtype=fp16"])
+        runs.parse_args(["--dtype=fp16"])
 
 
 def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct):
@@ -2615,7 +2617,7 @@ def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct)
     assert state["embedder"] is None  # β > 0: the diversity bonus embeds with the reference, no third copy
 
     # the run folder is self-contained: the tokenizer, its chat template and stop ids come from ckpt.pt
-    tr = exit_lib.prepare(*exit_lib.parse_args([f"--out_dir={out}", "--resume", "--iters=3"]), quiet=True)
+    tr = runs.prepare(*runs.parse_args([f"--out_dir={out}", "--resume", "--iters=3"]), quiet=True)
     assert tr.style == "chat" and tr.tok.stop_ids == model_lib.load_tokenizer(str(ck)).stop_ids
     p = tr.train_pool[0]
     ids = tr.prompt_ids(exit_lib.Instance(problem=p, answer="It is \\boxed{3}.", mode="improve", step_problem=p))
@@ -2644,7 +2646,7 @@ def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct)
 def test_hf_micro_batches_and_grad_checkpoint_give_the_same_update(tmp_path, instruct):
     states = []
     for mb, gc in ((0, False), (2, True)):
-        tr = exit_lib.prepare(hf_cfg(tmp_path / f"mb{mb}", instruct, micro_batch=mb, grad_checkpoint=gc,
+        tr = runs.prepare(hf_cfg(tmp_path / f"mb{mb}", instruct, micro_batch=mb, grad_checkpoint=gc,
                                      method="grpo", tasks_per_iter=3), quiet=True)
         assert tr.style == "chat" and tr.policy.grad_checkpoint == gc
         initial, after = one_sgd_update(tr, group=2, new_tokens=8)
@@ -2655,19 +2657,19 @@ def test_hf_micro_batches_and_grad_checkpoint_give_the_same_update(tmp_path, ins
 
 
 def test_bf16_policy_steps_fp32_master_weights(tmp_path, instruct):
-    tr = exit_lib.prepare(hf_cfg(tmp_path, instruct, dtype="bf16", method="exit", tasks_per_iter=2), quiet=True)
+    tr = runs.prepare(hf_cfg(tmp_path, instruct, dtype="bf16", method="exit", tasks_per_iter=2), quiet=True)
     assert tr.ref is None and tr.embedder is tr.policy  # β = 0: no copy of the model at all
     tr.iteration()
     prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
     ro = model_lib.generate(tr.policy, prompts, 2, 8, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id)
     before = [m.clone() for m in tr.master]
-    tr.update(prompts, ro, torch.linspace(-1, 1, len(ro.lengths)))
+    tr.update(prompts, ro, torch.linspace(-1, 1, len(ro.lengths)), torch.ones(len(ro.lengths)))
     params = list(tr.policy.parameters())
     assert all(p.dtype == torch.bfloat16 for p in params) and all(m.dtype == torch.float32 for m in tr.master)
     assert all(torch.equal(p, m.bfloat16()) for p, m in zip(params, tr.master))
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.master))
     tr.save()
-    resumed = exit_lib.prepare(dataclasses.replace(tr.cfg, resume=True), quiet=True)
+    resumed = runs.prepare(dataclasses.replace(tr.cfg, resume=True), quiet=True)
     assert all(torch.equal(a, b) for a, b in zip(tr.master, resumed.master))
 
 
@@ -2694,7 +2696,7 @@ def test_hf_export_keeps_the_source_dtype_and_writes_generation_config(tmp_path,
     hf = json.load(open(src / "config.json"))
     hf["torch_dtype"] = hf["dtype"] = "bfloat16"
     json.dump(hf, open(src / "config.json", "w"))
-    tr = exit_lib.train(hf_cfg(tmp_path, instruct, init=str(src), iters=1), quiet=True)
+    tr = runs.train(hf_cfg(tmp_path, instruct, init=str(src), iters=1), quiet=True)
     out = tmp_path / "run" / "hf"
     assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
@@ -2776,7 +2778,7 @@ def test_tools_episodes_and_demonstrations():
 
 
 def tools_trainer(tmp_path, **kw):
-    return exit_lib.prepare(tiny_cfg(tmp_path, task="tools", **kw), quiet=True)
+    return runs.prepare(tiny_cfg(tmp_path, task="tools", **kw), quiet=True)
 
 
 def test_tools_turn_prefix_histories_and_replay(tmp_path):
@@ -2834,11 +2836,11 @@ def test_tools_filter_malformed_zeroes_their_advantage(tmp_path):
 
 
 def test_tools_tiny_exit_run_resumes_and_evaluates(tmp_path):
-    full = exit_lib.train(tiny_cfg(tmp_path / "a", task="tools", iters=4, beta=0.01, ref_every=2), quiet=True)
-    exit_lib.train(tiny_cfg(tmp_path / "b", task="tools", iters=2, beta=0.01, ref_every=2,
+    full = runs.train(tiny_cfg(tmp_path / "a", task="tools", iters=4, beta=0.01, ref_every=2), quiet=True)
+    runs.train(tiny_cfg(tmp_path / "b", task="tools", iters=2, beta=0.01, ref_every=2,
                             base_dir=str(tmp_path / "a" / "base")), quiet=True)
-    cfg, given = exit_lib.parse_args([f"--out_dir={tmp_path / 'b' / 'run'}", "--resume", "--iters=4"])
-    resumed = exit_lib.train(cfg, given, quiet=True)
+    cfg, given = runs.parse_args([f"--out_dir={tmp_path / 'b' / 'run'}", "--resume", "--iters=4"])
+    resumed = runs.train(cfg, given, quiet=True)
     (pa, ba), (pb, bb) = run_state(full), run_state(resumed)
     assert all(torch.equal(x, y) for x, y in zip(pa, pb)) and json.dumps(ba, sort_keys=True) == json.dumps(bb, sort_keys=True)
     logs = [json.loads(l) for l in open(tmp_path / "a" / "run" / "log.jsonl")]
@@ -2941,26 +2943,26 @@ def test_any_run_artifact_blocks_a_fresh_run(tmp_path, capsys):
     os.makedirs(only_eval)
     (only_eval / "eval.json").write_text("{}")
     with pytest.raises(FileExistsError, match=r"already holds a run \(eval.json\)"):
-        exit_lib.prepare(tiny_cfg(tmp_path, out_dir=str(only_eval)), quiet=True)
+        runs.prepare(tiny_cfg(tmp_path, out_dir=str(only_eval)), quiet=True)
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
-    a = exit_lib.train(tiny_cfg(tmp_path / "a", iters=2), quiet=True).cfg.out_dir
-    b = exit_lib.train(tiny_cfg(tmp_path / "b", iters=1, task="math"), quiet=True).cfg.out_dir
-    c = exit_lib.train(tiny_cfg(tmp_path / "c", iters=1, base_dir=str(tmp_path / "a" / "base")),
+    a = runs.train(tiny_cfg(tmp_path / "a", iters=2), quiet=True).cfg.out_dir
+    b = runs.train(tiny_cfg(tmp_path / "b", iters=1, task="math"), quiet=True).cfg.out_dir
+    c = runs.train(tiny_cfg(tmp_path / "c", iters=1, base_dir=str(tmp_path / "a" / "base")),
                        quiet=True).cfg.out_dir  # a's settings, a shorter run
-    resume = lambda d: exit_lib.parse_args([f"--out_dir={d}", "--resume", "--iters=3"])
+    resume = lambda d: runs.parse_args([f"--out_dir={d}", "--resume", "--iters=3"])
     log_b = open(os.path.join(b, "log.jsonl")).read()
     import shutil
     shutil.copy(os.path.join(a, "ckpt.pt"), os.path.join(b, "ckpt.pt"))
     with pytest.raises(ValueError, match=r"not this folder's run: it differs from .*config.json in .*"
                                          r"task \('exactsumfb' vs 'math'\)"):
-        exit_lib.train(*resume(b), quiet=True)
+        runs.train(*resume(b), quiet=True)
     assert open(os.path.join(b, "log.jsonl")).read() == log_b  # nothing touched
     shutil.copy(os.path.join(a, "ckpt.pt"), os.path.join(c, "ckpt.pt"))
     with pytest.raises(ValueError, match=r"at iteration 2, but .*log.jsonl holds iterations \[1\].*different runs"):
-        exit_lib.train(*resume(c), quiet=True)
-    assert exit_lib.train(*resume(a), quiet=True).iter == 3  # its own checkpoint still resumes
+        runs.train(*resume(c), quiet=True)
+    assert runs.train(*resume(a), quiet=True).iter == 3  # its own checkpoint still resumes
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_no_tmp_file(tmp_path):
@@ -2968,12 +2970,12 @@ def test_a_kill_during_a_checkpoint_write_leaves_no_tmp_file(tmp_path):
         model_lib.atomic_save({"f": lambda: 0}, str(tmp_path / "x.pt"))
     assert os.listdir(tmp_path) == []
     cfg = tiny_cfg(tmp_path, iters=1)
-    exit_lib.train(cfg, quiet=True)
+    runs.train(cfg, quiet=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs: the writer that was killed with -9
     (tmp_path / "run" / f"ckpt.pt.tmp{dead.pid}").write_bytes(b"half a checkpoint")
     (tmp_path / "base" / f"x.pt.tmp{dead.pid}").write_bytes(b"half a warm start")
-    exit_lib.train(*exit_lib.parse_args([f"--out_dir={cfg.out_dir}", "--resume", "--iters=2"]), quiet=True)
+    runs.train(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume", "--iters=2"]), quiet=True)
     assert not [n for n in os.listdir(tmp_path / "run") + os.listdir(tmp_path / "base") if ".tmp" in n]
 
 
@@ -2988,12 +2990,12 @@ def test_config_rejects_bad_values_up_front(monkeypatch):
              "--device=foo": "device 'foo' is not a device name", "--eval_data=x.jsonl": "--eval_data=FILE goes with"}
     for arg, msg in cases.items():
         with pytest.raises(ValueError, match=msg):
-            exit_lib.parse_args([arg])
+            runs.parse_args([arg])
     with pytest.raises(ValueError, match="--iters is given twice"):
-        exit_lib.parse_args(["--iters=3", "--iters=4"])
+        runs.parse_args(["--iters=3", "--iters=4"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device 'cuda': this torch sees no CUDA device"):
-        exit_lib.parse_args(["--device=cuda"])
+        runs.parse_args(["--device=cuda"])
     with pytest.raises(ValueError, match="device 'cuda': this torch sees no CUDA device"):
         model_lib.pick_device("cuda")
 
@@ -3026,7 +3028,7 @@ def test_preflight_catches_before_the_warm_start_what_used_to_fail_after_trainin
                     (dict(task="math", difficulties="2", eval_every=10, eval_every_problems=5000),
                      "could not draw 5000 distinct test problems")]:
         with pytest.raises(ValueError, match=msg):
-            exit_lib.prepare(tiny_cfg(tmp_path, **kw), quiet=True)
+            runs.prepare(tiny_cfg(tmp_path, **kw), quiet=True)
 
 
 def test_eval_cli_rejects_bad_numbers_and_names_bad_files(four_runs, capsys):
@@ -3108,25 +3110,25 @@ def test_real_data_and_checkpoint_problems_are_errors_before_the_model_loads(tmp
     fails = lambda msg, **kw: pytest.raises(ValueError, match=msg)
     (tmp_path / "empty.jsonl").write_text("")
     with fails(r"empty.jsonl: no problems \(the file is empty\)"):
-        exit_lib.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "empty.jsonl")), quiet=True)
+        runs.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "empty.jsonl")), quiet=True)
     (tmp_path / "binary.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     with fails(r"binary.jsonl, line 1: not UTF-8 text"):
-        exit_lib.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "binary.jsonl")), quiet=True)
+        runs.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "binary.jsonl")), quiet=True)
     lines = open(data).read().splitlines()
     train_only = [l for l in lines if tasks_lib.split_of(json.loads(l)["question"]) == "train"]
     (tmp_path / "train_only.jsonl").write_text("\n".join(train_only) + "\n")
     with fails(r"train_only.jsonl has no test problems .*--eval_data"):  # the final evaluation would need them
-        exit_lib.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "train_only.jsonl"), eval_problems=4), quiet=True)
+        runs.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "train_only.jsonl"), eval_problems=4), quiet=True)
     long = dict(question="How many apples? " * 400, answer="#### 3")
     (tmp_path / "long.jsonl").write_text("\n".join(lines + [json.dumps(long)]) + "\n")
     with fails(r"--data, line 31: the prompt of problem .* exceeds the model's context of 1024 tokens"):
-        exit_lib.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "long.jsonl"), eval_problems=4), quiet=True)
+        runs.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "long.jsonl"), eval_problems=4), quiet=True)
     bad = tmp_path / "bad_init"
     shutil.copytree(ck, bad)
     for text, msg in [("[1, 2]", "config.json: expected a JSON object"), ("{", "config.json: not valid JSON")]:
         (bad / "config.json").write_text(text)
         with fails(msg):
-            exit_lib.prepare(hf_cfg(tmp_path, instruct, init=str(bad)), quiet=True)
+            runs.prepare(hf_cfg(tmp_path, instruct, init=str(bad)), quiet=True)
 
 
 def test_a_small_heldout_set_is_capped_and_eval_data_is_its_own_file(tmp_path, instruct, capsys):
@@ -3158,7 +3160,7 @@ def test_a_checkpoint_without_a_chat_template_warns(tmp_path, instruct, capsys):
     json.dump(config, open(plain / "tokenizer_config.json", "w"))
     if (plain / "chat_template.jinja").exists():
         os.remove(plain / "chat_template.jinja")
-    exit_lib.preflight(hf_cfg(tmp_path, instruct, init=str(plain)))
+    runs.preflight(hf_cfg(tmp_path, instruct, init=str(plain)))
     assert "no chat template, so prompts are plain 'user: ... assistant: ' text" in capsys.readouterr().err
 
 
@@ -3244,8 +3246,8 @@ def test_ctrl_c_saves_a_whole_iteration_and_resumes(tmp_path, sig):
     # a log line beyond the checkpoint (a crash between the two) is dropped on resume
     with open(log, "a") as f:
         f.write(json.dumps(dict(lines[-1], iter=ck["iter"] + 1)) + "\n")
-    cfg, given = exit_lib.parse_args([f"--out_dir={run}", "--resume", f"--iters={ck['iter'] + 2}"])
-    exit_lib.train(cfg, given, quiet=True)
+    cfg, given = runs.parse_args([f"--out_dir={run}", "--resume", f"--iters={ck['iter'] + 2}"])
+    runs.train(cfg, given, quiet=True)
     iters = [json.loads(l)["iter"] for l in log.read_text().splitlines()]
     assert iters == list(range(1, ck["iter"] + 3))
 
@@ -3275,8 +3277,8 @@ def _dp_worker(rank, world, port, kw, iters, out):
     rank 0 saves what the comparison needs."""
     os.environ.update(_dist_env(rank, world, port))
     torch.set_num_threads(1)
-    cfg = exit_lib.Config(**kw).validate()
-    exit_lib.dist_init(cfg)
+    cfg = runs.check_config(exit_lib.Config(**kw))
+    scale.dist_init(cfg)
     try:
         got = _run_iterations(cfg, iters)
         if rank == 0:
@@ -3286,7 +3288,7 @@ def _dp_worker(rank, world, port, kw, iters, out):
 
 
 def _run_iterations(cfg, iters) -> dict:
-    tr = exit_lib.prepare(cfg, quiet=True)
+    tr = runs.prepare(cfg, quiet=True)
     tr.opt = torch.optim.SGD(tr.policy.parameters(), lr=0.1)  # Adam's first step, ~lr * sign(g), would magnify rounding
     logs, answers = [], []
     for _ in range(iters):
@@ -3346,7 +3348,7 @@ def test_two_ranks_equal_one_process(tmp_path, task):
     (the gradient is summed in another order), over 2 iterations (the second replays from the buffer).
     tools is multi-turn: the ranks finish their episodes turn by turn together."""
     kw = dataclasses.asdict(tiny_cfg(tmp_path, task=task, tasks_per_iter=4, replay_prob=0.9, micro_batch=8))
-    one = _run_iterations(exit_lib.Config(**kw).validate(), 2)   # also trains the warm start, which the ranks reuse
+    one = _run_iterations(runs.check_config(exit_lib.Config(**kw)), 2)   # also trains the warm start, which the ranks reuse
     kw["out_dir"] = str(tmp_path / "dp")
     _spawn(_dp_worker, 2, (_free_port(), kw, 2, str(tmp_path / "dp.pt")))
     two = torch.load(tmp_path / "dp.pt", weights_only=False)
@@ -3460,16 +3462,16 @@ def test_failing_rank_stops_the_others(tmp_path):
 
 
 def test_world_size_must_divide_the_batch(tmp_path, monkeypatch):
-    monkeypatch.setattr(exit_lib, "world_size", lambda: 2)
+    monkeypatch.setattr(scale, "world_size", lambda: 2)
     with pytest.raises(ValueError, match=r"tasks_per_iter \(3\) must be a multiple of the world size \(2\)"):
-        exit_lib.prepare(tiny_cfg(tmp_path), quiet=True)
+        runs.prepare(tiny_cfg(tmp_path), quiet=True)
 
 
 @pytest.mark.parametrize("task", ["exactsum", "tools"])
 def test_evaluation_split_in_parts(tmp_path, task):
     """evaluate_policy(part=(i, n), gather=...): part i runs the chains of the i-th contiguous part of the
     held-out problems with seed + i; the gathered parts are the chains of all problems, in order."""
-    tr = exit_lib.prepare(tiny_cfg(tmp_path, task=task), quiet=True)
+    tr = runs.prepare(tiny_cfg(tmp_path, task=task), quiet=True)
     kw = dict(n_problems=5, K=1, n_samples=2, max_new_tokens=8, seed=3)
     problems = eval_lib.heldout_problems(tr.family, 5)
     parts = {}

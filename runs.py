@@ -1,0 +1,415 @@
+"""
+The run around the method: the command line, the checks made before any work, the run folder (one run
+per folder, locked, never overwritten), resume, and Ctrl-C. exit.main enters here and nowhere else; a
+reader of the method can skip this file. Several processes and real checkpoints: scale.py.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+
+import torch
+from tqdm import tqdm
+
+import eval as eval_lib
+import exit as exit_lib
+import model as model_lib
+import scale
+import tasks as tasks_lib
+
+Config = exit_lib.Config
+
+
+# -----------------------------------------------------------------------------
+# The command line: --key=value pairs into the one Config, every value checked before any work.
+
+
+def _parse_value(name, typ, text):
+    if typ is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} expects a bool (true/false), got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"--{name} expects {typ.__name__}, got {text!r}") from None
+
+
+def config_help() -> str:
+    lines = ["usage: python exit.py [--key=value ...]   (a bare --flag sets a bool to true)", ""]
+    for f in dataclasses.fields(Config):
+        lines.append(f"  {f'--{f.name}={f.default}':<26} {f.type.__name__:<5} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv) -> tuple[Config, set]:
+    """--key=value pairs -> (Config, the set of keys given). Unknown keys or bad values -> ValueError."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ValueError(f"arguments look like --key=value, got {arg!r}")
+        key, eq, text = arg[2:].partition("=")
+        if key not in fields:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
+        if key in values:  # the last one silently winning hides a typo in a long command line
+            raise ValueError(f"--{key} is given twice; give it once")
+        typ = fields[key].type
+        if not eq:
+            if typ is not bool:
+                raise ValueError(f"--{key} needs a value: --{key}=...")
+            text = "true"
+        values[key] = _parse_value(key, typ, text)
+    return check_config(Config(**{**family_settings(values), **values})), set(values)
+
+
+def family_settings(given: dict) -> dict:
+    """The task family's recommended settings (TaskFamily.recommended, e.g. the paper's tool-use recipe for
+    --task=tools) for every key the command line does not set: `python exit.py --task=tools` trains as
+    recommended without a list of flags, and config.json records what was used."""
+    family = tasks_lib.FAMILIES.get(given.get("task", Config.task))
+    rec = {k: v for k, v in getattr(family, "recommended", {}).items() if k not in given}
+    if "buffer_size" in given and "min_size" in rec:  # B_min goes with N: keep the recommended proportion
+        rec["min_size"] = max(1, given["buffer_size"] * rec["min_size"] // family.recommended["buffer_size"])
+    return rec
+
+
+def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
+    """Every setting checked before any work: a bad one is a ValueError that names it."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(f"config: {msg}")
+    for f in dataclasses.fields(cfg):  # --lr=inf trains to NaN weights; --kappa=nan samples nothing sensible
+        v = getattr(cfg, f.name)
+        need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number, got {v}")
+    need(cfg.method in exit_lib.METHODS, f"method must be one of {exit_lib.METHODS}, got {cfg.method!r}")
+    need(cfg.task in tasks_lib.FAMILIES, f"task must be one of {sorted(tasks_lib.FAMILIES)}, got {cfg.task!r}")
+    need(cfg.children in ("all", "one"), f"children must be 'all' or 'one', got {cfg.children!r}")
+    need(cfg.eval_split in ("test", "val"), f"eval_split must be 'test' or 'val', got {cfg.eval_split!r}")
+    need(not (cfg.eval_split == "val" and cfg.eval_data), "--eval_data is a test file: it has no validation "
+         "split; for --eval_split=val drop --eval_data (the validation tenth of --data is used)")
+    need(cfg.admission in ("score", "fifo"), f"admission must be 'score' or 'fifo', got {cfg.admission!r}")
+    need(cfg.dtype in exit_lib.DTYPES, f"dtype must be one of {tuple(exit_lib.DTYPES)}, got {cfg.dtype!r}")
+    family = tasks_lib.FAMILIES[cfg.task]
+    need(family.reads_data == bool(cfg.data), f"--data=FILE goes with --task=realmath (a family that reads its "
+         f"problems from a file), and such a family needs it (--task={cfg.task})")
+    need(family.has_demonstrations or bool(cfg.init), f"--task={cfg.task} needs --init=HF_DIR: it has no "
+         "demonstrations to warm-start from")
+    if cfg.difficulties:
+        tasks_lib.parse_difficulties(cfg.difficulties)  # raises a config error naming the bad text
+        need(not family.reads_data, f"--difficulties does not apply to {cfg.task} (its file sets the levels)")
+    need(cfg.base_seed >= -1, f"base_seed must be >= 0, or -1 for --seed's, got {cfg.base_seed}")
+    need(cfg.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
+    for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size",
+              "ref_every", "warm_steps", "warm_batch", "warm_examples", "log_every", "ckpt_every"):
+        need(getattr(cfg, k) >= 1, f"{k} must be >= 1, got {getattr(cfg, k)}")
+    for k in ("replay_prob", "p_div", "ref_alpha", "staleness_coef"):
+        need(0.0 <= getattr(cfg, k) <= 1.0, f"{k} must be in [0, 1], got {getattr(cfg, k)}")
+    for k in ("lr", "warm_lr", "clip_eps", "grad_clip"):
+        need(getattr(cfg, k) > 0, f"{k} must be > 0, got {getattr(cfg, k)}")
+    for k in ("beta", "kappa", "div_clip", "eval_temperature", "micro_batch", "show_every", "eval_problems",
+              "rank_temperature", "eval_every"):
+        need(getattr(cfg, k) >= 0, f"{k} must be >= 0, got {getattr(cfg, k)}")
+    need(cfg.min_size <= cfg.buffer_size, f"min_size ({cfg.min_size}) must be <= buffer_size ({cfg.buffer_size})")
+    need(cfg.temperature > 0, "temperature must be > 0 in training: GRPO learns from the differences between "
+                               "a group's G sampled rollouts, and greedy decoding (0) makes them identical, so "
+                               "every advantage would be 0 and nothing would ever be updated")
+    # the final evaluation runs after the whole training run: its settings are checked now
+    need(cfg.eval_k >= 0, f"eval_k must be >= 0 (K improve steps), got {cfg.eval_k}")
+    need(cfg.eval_samples >= 1, f"eval_samples must be >= 1 (chains per held-out task), got {cfg.eval_samples}")
+    need(cfg.eval_every_problems >= 1, f"eval_every_problems must be >= 1, got {cfg.eval_every_problems}")
+    need(not cfg.eval_data or family.reads_data, "--eval_data=FILE goes with --task=realmath")
+    if not cfg.init:  # the toy's shape (a checkpoint brings its own)
+        need(min(cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd) >= 1,
+             "n_layer, n_head, n_kv_head and n_embd must be >= 1")
+        need(cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0,
+             f"n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head}) with an even quotient "
+             "(the head width, which rotary embeddings split in halves)")
+        need(cfg.n_head % cfg.n_kv_head == 0,
+             f"n_head ({cfg.n_head}) must be a multiple of n_kv_head ({cfg.n_kv_head}) (grouped-query attention)")
+    try:
+        model_lib.pick_device(cfg.device)
+    except ValueError as e:
+        need(False, str(e))
+    return cfg
+
+# -----------------------------------------------------------------------------
+# The run: exit.main's steps around the method (exit.train, exit.final_evaluation).
+
+
+@contextlib.contextmanager
+def run(argv):
+    """Parse and check the command line, lock the run folder, and build the Trainer (fresh, or resumed
+    from its checkpoint); yields it. A bad input is one line `error: ...` and exit code 2; Ctrl-C outside
+    the RL loop (warm start, evaluation) stops at once with exit code 130."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help())
+        raise SystemExit(0)
+    try:
+        cfg, given = parse_args(argv)
+        scale.dist_init(cfg)  # data parallel, under torchrun only
+        recommended = family_settings({k: getattr(cfg, k) for k in given} | {"task": cfg.task})
+        if recommended and not cfg.resume and scale.is_main():
+            print(f"{cfg.task}: the family's recommended settings: "
+                  + " ".join(f"--{k}={v}" for k, v in recommended.items()) + " (set any of them to override)")
+        check_out_dir(cfg)
+        with folder_lock(cfg.out_dir):  # held until eval.json is written
+            trainer = start(cfg, given)
+            yield trainer
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # under torchrun a rank that exits stops the others (torchrun ends them); the message says which rank
+        print(f"error{f' (rank {scale.rank()})' if scale.world_size() > 1 else ''}: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:  # a Ctrl-C outside the RL loop (warm start, evaluation), or a second one
+        print("\ninterrupted: stopped at once; the run folder keeps its last checkpoint, if it has one "
+              "(continue with --resume)", file=sys.stderr)
+        raise SystemExit(130)
+    if torch.distributed.is_initialized():  # data parallel: the ranks are done; rank 0 reports
+        main_rank = scale.is_main()
+        torch.distributed.destroy_process_group()
+        if not main_rank:
+            return
+    t = trainer.timing
+    other = trainer.elapsed - t["sampling"] - t["update"] - t["buffer"]
+    print(f"time: warm start {t['warm_start']:.0f}s, RL {trainer.elapsed:.0f}s (sampling {t['sampling']:.0f}s, update "
+          f"{t['update']:.0f}s, buffer {t['buffer']:.0f}s, other {other:.0f}s), evaluation {t.get('evaluation', 0):.0f}s")
+    print(f"done: {trainer.iter} iterations in {trainer.elapsed:.0f}s of RL; run folder {trainer.cfg.out_dir}")
+
+
+def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
+    """The Trainer of a run whose folder this process holds: fresh or resumed (prepare); config.json
+    written, and on resume log.jsonl cut back to the checkpoint's iteration."""
+    if scale.is_main():  # what a writer killed with -9 left: half a checkpoint
+        eval_lib.remove_stale_tmp(cfg.out_dir)
+    trainer = prepare(cfg, given, quiet or not scale.is_main())  # data parallel: rank 0 prints and writes the folder
+    cfg = trainer.cfg
+    scale.barrier()  # data parallel: every rank has checked (and read) the folder before rank 0 writes to it
+    if scale.is_main():
+        eval_lib.write_json(dict(dataclasses.asdict(cfg), world_size=scale.world_size()),
+                            os.path.join(cfg.out_dir, "config.json"))
+        if cfg.resume:
+            truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), trainer.iter)
+    return trainer
+
+
+def finish(trainer, stop: list):
+    """After the RL loop: stopped by a signal, exit 130 (its checkpoint is written); else the trained policy
+    as a Hugging Face directory, for other tools (transformers, vLLM, ...) and --init."""
+    if trainer.any_rank(len(stop)):
+        print(f"\ninterrupted after iteration {trainer.iter}: checkpoint written; continue with --resume")
+        raise SystemExit(130)
+    if trainer.is_main:
+        model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(trainer.cfg.out_dir, "hf"),
+                          dtype=getattr(trainer, "source_dtype", None), temperature=trainer.cfg.eval_temperature)
+
+
+def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
+    """Stage 1 + stage 2 of a run as a library call (tests, notebooks), holding the run folder's lock: the
+    trainer at the end, its checkpoint and hf/ written; no final evaluation."""
+    check_out_dir(cfg)
+    with folder_lock(cfg.out_dir):
+        trainer = start(cfg, given, quiet)
+        with stop_signals() as stop:
+            exit_lib.train(trainer, stop)
+        finish(trainer, stop)
+        return trainer
+
+
+RESUMABLE_OVERRIDES = {"iters", "resume", "out_dir", "device", "log_every", "show_every", "ckpt_every", "grad_checkpoint",
+                       "eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_harder", "eval_data",
+                       "eval_every", "eval_every_problems", "eval_split"}
+
+
+def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
+    """A Trainer, fresh or resumed from out_dir/ckpt.pt. Resuming never silently starts afresh."""
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.data:  # eval.py may evaluate the run from another folder
+        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
+    if cfg.init:  # and a resume may start from another working directory
+        cfg = dataclasses.replace(cfg, init=os.path.abspath(cfg.init))
+    if cfg.eval_data:
+        cfg = dataclasses.replace(cfg, eval_data=os.path.abspath(cfg.eval_data))
+    if cfg.resume:
+        ck = model_lib.load_checkpoint(ckpt_path)
+        if ck.get("kind") != "run":
+            raise ValueError(f"{ckpt_path} is not a run checkpoint")
+        saved = ck["config"]
+        clash = {k: (saved[k], getattr(cfg, k)) for k in given - RESUMABLE_OVERRIDES
+                 if k in saved and saved[k] != getattr(cfg, k)}
+        if clash:
+            raise ValueError("--resume with settings that differ from the checkpoint's: "
+                             + ", ".join(f"{k} (checkpoint {a!r}, given {b!r})" for k, (a, b) in clash.items()))
+        unknown = set(saved) - {f.name for f in dataclasses.fields(Config)}
+        if unknown:
+            raise ValueError(f"{ckpt_path} has config keys this version does not know: {sorted(unknown)}")
+        cfg = dataclasses.replace(Config(**saved), **{k: getattr(cfg, k) for k in given & RESUMABLE_OVERRIDES})
+        cfg.resume = True
+        check_config(cfg)
+        check_resume_folder(cfg.out_dir, ck)
+        scale.check_world(cfg)
+        saved_world = ck.get("world_size", 1)
+        if saved_world != scale.world_size() and scale.is_main() and not quiet:  # data parallel
+            print(f"warning: {ckpt_path} was trained on {saved_world} process(es), this run has {scale.world_size()}: it "
+                  "continues the same curriculum on the same global batches, but not bit-exactly (the gradient "
+                  "is summed in another order, so the weights drift apart by float rounding and later samples "
+                  f"may differ); run with --nproc_per_node={saved_world} to continue it exactly", file=sys.stderr)
+        trainer = build(cfg, quiet)
+        try:
+            trainer.load_state_dict(ck)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{ckpt_path} does not match this run ({type(e).__name__}: {e})") from None
+        return trainer
+    found = eval_lib.run_artifacts(cfg.out_dir)
+    if found:
+        hint = "pass --resume to continue it" if "ckpt.pt" in found else "it has no ckpt.pt to --resume from"
+        raise FileExistsError(f"{cfg.out_dir} already holds a run ({', '.join(found)}): {hint}, or choose another "
+                              "--out_dir (a fresh run never replaces a run's files)")
+    scale.check_world(cfg)
+    return build(cfg, quiet)
+
+
+def build(cfg: Config, quiet: bool) -> exit_lib.Trainer:
+    """exit.Trainer, or scale.ScaleTrainer where a setting needs more (a checkpoint, bf16, micro-batches,
+    several processes), after the checks before any work and removing what a warm start killed with -9
+    left in base_dir."""
+    checked = preflight(cfg, quiet)
+    if scale.is_main() and not cfg.init:
+        eval_lib.remove_stale_tmp(cfg.base_dir)
+    return (scale.ScaleTrainer if scale.needed(cfg) else exit_lib.Trainer)(cfg, checked, quiet)
+
+
+# -----------------------------------------------------------------------------
+# Checks made before any work, so that a bad input is an error in seconds, not a traceback after the warm start.
+
+
+def preflight(cfg: Config, quiet: bool = False) -> dict:
+    """Everything the run will need, checked before the warm start or a checkpoint loads (minutes), so
+    a bad input is an error now, not a traceback after training: the data files, enough distinct
+    problems for the training pool and the held-out set (--difficulties), the --init checkpoint's
+    config.json and tokenizer, and that every prompt fits the model's context.
+    Returns the family, the evaluation family, the training pool and the --init checkpoint's dtype, for
+    the Trainer."""
+    family = tasks_lib.make_family(cfg.task, cfg.data, cfg.difficulties)
+    efam = tasks_lib.eval_family(cfg.eval_data, family)
+    train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
+    heldout = []
+    if cfg.eval_problems:
+        heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet,
+                                            split=cfg.eval_split)
+    if cfg.eval_every:  # the held-out slice of every --eval_every point, during training
+        heldout += eval_lib.heldout_problems(efam, cfg.eval_every_problems, warn=False, split=cfg.eval_split)
+    tok, max_len, source_dtype = None, None, None
+    if cfg.init and os.path.isdir(cfg.init):
+        config_file = os.path.join(cfg.init, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"--init={cfg.init}: no config.json (not a Hugging Face checkpoint directory)")
+        hf = model_lib.read_json(config_file)
+        max_len = model_lib.config_from_hf(hf, where=config_file).max_seq_len
+        source_dtype = model_lib.hf_dtype(hf)
+        if not model_lib._has_tokenizer_files(cfg.init):
+            raise ValueError(f"{cfg.init}: no tokenizer files; --init needs a checkpoint with its tokenizer")
+        tok = model_lib.load_tokenizer(cfg.init)
+    elif cfg.init:
+        if not os.path.isfile(cfg.init):
+            raise FileNotFoundError(f"--init={cfg.init}: no such checkpoint file or Hugging Face directory")
+    else:
+        tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+        max_len = model_lib.toy_config(tok.vocab_size).max_seq_len
+    if tok is not None:
+        style = tasks_lib.prompt_style(tok)
+        if style == "chat" and not tok.has_chat_template and not quiet:
+            print(f"warning: {cfg.init}: the tokenizer has no chat template, so prompts are plain "
+                  "'user: ... assistant: ' text, which an instruct model was not trained on", file=sys.stderr)
+        if not family.multi_turn:
+            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in train_pool},
+                          family, "--data" if cfg.data else "the task")
+            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in heldout},
+                          efam, "--eval_data" if cfg.eval_data else "--data" if cfg.data else "the held-out set")
+    return dict(family=family, eval_family=efam, train_pool=train_pool, source_dtype=source_dtype)
+
+
+def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):
+    """Every problem's base prompt plus a completion must fit the context (model.generate refuses more)."""
+    for p in problems.values():
+        n = len(tasks_lib.encode_prompt(tok, family, p, style=style))
+        if n + max_new_tokens > max_len:
+            line = f", line {p.data['line']}" if isinstance(p.data, dict) and "line" in p.data else ""
+            raise ValueError(f"{what}{line}: the prompt of problem {p.id} is {n} tokens, which with "
+                             f"max_new_tokens={max_new_tokens} exceeds the model's context of {max_len} tokens")
+
+
+# -----------------------------------------------------------------------------
+# Run folders: one run per folder, and nothing in it lost or mixed with another run's.
+
+
+def check_out_dir(cfg: Config):
+    if cfg.resume and not os.path.isdir(cfg.out_dir):  # and the lock would create it
+        raise FileNotFoundError(f"no checkpoint at {os.path.join(cfg.out_dir, 'ckpt.pt')} (no folder {cfg.out_dir})")
+
+
+def folder_lock(out_dir: str):
+    """The run folder's lock, held by rank 0, which alone writes the folder."""
+    return eval_lib.run_lock(out_dir) if scale.is_main() else contextlib.nullcontext()
+
+
+def check_resume_folder(out_dir: str, ck: dict):
+    """A ckpt.pt resumes only the run whose config.json and log.jsonl lie beside it: a checkpoint copied
+    in from another run would otherwise continue under that run's log."""
+    ckpt_path, saved = os.path.join(out_dir, "ckpt.pt"), ck["config"]
+    cfg_file = os.path.join(out_dir, "config.json")
+    if os.path.isfile(cfg_file):
+        folder = model_lib.read_json(cfg_file)
+        diff = [k for k in sorted(saved) if k in folder and k not in RESUMABLE_OVERRIDES and folder[k] != saved[k]]
+        if diff:
+            raise ValueError(f"{ckpt_path} is not this folder's run: it differs from {cfg_file} in "
+                             + ", ".join(f"{k} ({saved[k]!r} vs {folder[k]!r})" for k in diff[:5])
+                             + "; put it in a folder of its own")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.isfile(log_path):
+        iters = [entry["iter"] for entry in eval_lib.read_log_lines(log_path)]
+        n = ck["iter"]
+        if iters[:n] != list(range(1, n + 1)):
+            raise ValueError(f"{ckpt_path} is at iteration {n}, but {log_path} holds iterations "
+                             f"{iters[:1] + (['...', iters[-1]] if len(iters) > 1 else [])} (not 1..{n}): "
+                             "the checkpoint and the log are of different runs")
+
+
+def truncate_log(log_path: str, last_iter: int):
+    """On resume: drop log.jsonl's lines of iterations after the checkpoint's (logged, then lost to a kill)."""
+    if os.path.exists(log_path):
+        eval_lib.write_text("".join(json.dumps(e) + "\n" for e in eval_lib.read_log_lines(log_path)
+                                    if e["iter"] <= last_iter), log_path)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Ctrl-C (SIGINT), or `kill` (SIGTERM: what eval.py's ladder sends its runs when it is stopped), during the
+    RL loop: the iteration in flight finishes, then the run saves and stops. A checkpoint taken halfway through
+    an iteration (RNGs advanced, buffer half updated) would not resume exactly. Yields a list that becomes
+    non-empty once a stop is asked for; a second signal stops at once (KeyboardInterrupt), without saving."""
+    stop = []
+
+    def on_signal(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        tqdm.write(f"{'Ctrl-C' if signum == signal.SIGINT else 'stop (SIGTERM)'}: finishing this iteration, then saving "
+                   "(Ctrl-C again to stop without saving)")
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield stop
+        return
+    previous = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield stop
+    finally:
+        for signum, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
+            if handler is not None:  # None: a handler not installed from Python, which cannot be restored
+                signal.signal(signum, handler)
