@@ -1,10 +1,9 @@
 """
 The task buffer: ExIt's curriculum (§4.1 of the paper; METHOD.md, "The task buffer").
 
-Every GRPO group that exit.py runs leaves behind G new answers. Each answer, with the request it
-answers, is a partial history τ, and "improve τ" is a new self-iteration task instance (m, k, τ).
-This buffer keeps the N instances most worth training on, judged by learnability: the variance of
-the rewards of the group that last tried them. exit.py uses it like this, once per episode:
+Every GRPO group leaves G new answers; each, with its request, is a partial history τ, and "improve τ"
+is a new self-iteration task instance (m, k, τ). The buffer keeps the N instances of highest learnability
+(rules: `TaskBuffer`). exit.py uses it like this, once per episode:
 
     if buf.should_replay():  entry = buf.sample()[0]       # iterate a buffered partial history
     else:                    draw a fresh base task m from tasks.py
@@ -13,26 +12,12 @@ the rewards of the group that last tried them. exit.py uses it like this, once p
     if fresh: entry = buf.insert(m.id, m, [], 0, S)         # the base task is an instance too (k = 0)
     buf.update_score(entry.uid, S)                          # the tried instance: its fresh S
     buf.insert_history(..., score=S, parent=entry.uid)      # its children: they inherit S
-(a child is a list of turns, each {answer, feedback, depth}; a single-turn task's has one turn, and
-insert_history makes every new turn prefix an instance of its own)
+(a child is a list of turns {answer, feedback, depth}; insert_history makes each new turn prefix an instance)
 
-Two kinds of score. A *measured* S is the variance of a group that tried the entry itself
-(update_score); an *inherited* S is a guess, the parent group's S given to a child that has not been
-tried yet (insert). A measurement is evidence about this very instance, so a guess never overwrites
-it; only a newer measurement does. A guess is replaced by the newest guess, since the latest parent
-group is the freshest evidence about how learnable its answers are.
-
-Time. The buffer keeps a clock (an int) that advances by exactly one on every call to sample(),
-as PLR counts episodes. Entries are stamped with the clock when inserted and when sampled;
-staleness = clock - last_sampled. Nothing else moves the clock.
-
-Randomness. One numpy Generator, owned by the buffer and seeded at construction, is the only
-source: should_replay() draws exactly one uniform per call (even below B_min, so the stream does
-not depend on the buffer's size), sample(n) makes one rng.choice of size n. Its state is part of
-state_dict(), so a restored buffer continues the same curriculum.
-
-The PLR extensions (Jiang et al. 2021), rank weights and staleness mixing, are off by default;
-the paper uses neither.
+Time: only sample() moves the clock, by one per call (as PLR counts episodes); staleness = clock - last_sampled.
+Randomness: one seeded numpy Generator, saved in state_dict(), is the only source; should_replay() draws one
+uniform per call, even below B_min, so the stream does not depend on the buffer's size.
+PLR's rank weights and staleness mixing (Jiang et al. 2021) are off by default; the paper uses neither.
 """
 from __future__ import annotations
 
@@ -48,9 +33,7 @@ import numpy as np
 
 
 def learnability(rewards) -> float:
-    """S = Var(r) = mean((r - mean(r))^2), the population variance of a group's rewards (§4.1).
-    Rewards lie in [0, 1], so S ∈ [0, 0.25]; for 0/1 rewards S = p(1 - p), highest for tasks
-    solved half the time and zero for tasks always or never solved (no GRPO signal)."""
+    """S = Var(r), the population variance of a group's rewards (§4.1): p(1 - p) for 0/1 rewards."""
     r = np.asarray(rewards, dtype=np.float64)
     if r.size == 0:
         raise ValueError("learnability: rewards is empty")
@@ -58,9 +41,7 @@ def learnability(rewards) -> float:
 
 
 def sampling_probs(scores, kappa, *, rank_temperature=None) -> np.ndarray:
-    """P(i) = exp(κ S_i) / Σ_j exp(κ S_j) (§4.1), κ >= 0 the inverse temperature.
-    If rank_temperature T is given, use PLR's rank weights instead (κ is then ignored):
-    P(i) ∝ (1 / rank(S_i))^(1/T), rank 1 = highest score, ties ranked by position (earlier first)."""
+    """P(i) = exp(κ S_i) / Σ_j exp(κ S_j) (§4.1); given rank_temperature T, PLR's P(i) ∝ (1/rank(S_i))^(1/T)."""
     s = np.asarray(scores, dtype=np.float64)  # float64 always: integer scores must not floor-divide
     if s.size == 0:
         return s
@@ -117,10 +98,7 @@ def _check_int(name, value, lo=None, hi=None):
 
 
 def _content_key(base_id, turns, name="turns") -> str:
-    """De-duplication key: the base task id plus the partial history's content (not its identity).
-    A turn's "depth" is lineage, not content: the same answers reached by another path are the same
-    task instance, so it is left out. sort_keys makes two dicts equal by value give the same key
-    whatever their key order."""
+    """Dedupe key: base_id and the turns' content, not "depth" (the same answers by another path = one instance)."""
     if isinstance(turns, list):
         turns = [{k: v for k, v in t.items() if k != "depth"} if isinstance(t, dict) else t for t in turns]
     try:
@@ -141,8 +119,7 @@ class Entry:
     task: dict             # the base task itself, opaque and JSON-able: a checkpoint is self-contained
     turns: list            # partial history τ as given by the caller, one dict per turn
     depth: int             # iteration depth k of the latest iterate
-    parent: int | None     # uid of the entry it was expanded from (None: a base task's own entry, or a child
-                           # whose base task's entry found no room in a full buffer)
+    parent: int | None     # uid of the entry it was expanded from; None: a base task, or its parent found no room
     score: float           # learnability S: inherited from the parent, then measured when its group runs
     inserted_at: int       # buffer clock at insertion
     last_sampled: int      # buffer clock when last sampled (= inserted_at until sampled)
@@ -150,19 +127,15 @@ class Entry:
 
 
 class TaskBuffer:
-    """Top-N buffer of self-iteration task instances, sampled by softmax(κ S) (§4.1).
-
-    Rules, each in one place:
-      capacity   when full, a new entry enters only if its score >= the lowest score, and replaces
-                 that lowest entry; among equal lowest scores the oldest inserted (smallest uid) goes.
-                 (admission="fifo", a control, not the paper: every newcomer enters, the oldest goes.)
-      dedupe     an instance with the same content (base_id and its turns' answers and feedback, not
-                 their depths) as a stored one is not stored again: the stored entry keeps its own
-                 lineage (uid, parent, depth, clocks). Its score follows the score rule.
-      score      a measured score (update_score: the entry's own group was just run) is replaced only
-                 by a newer measurement; an inherited score (insert: a guess from the parent's group)
-                 is replaced by the newest inheritance, and never overwrites a measured one.
-      replay     with probability p, and only once len(buffer) >= B_min (min_size).
+    """Top-N buffer of self-iteration task instances (§4.1). The rules, each stated once:
+      score      learnability S = Var(r) of a group's rewards. The tried instance gets its group's measured S
+                 (update_score); its children inherit that S as a guess (insert). A measurement is replaced
+                 only by a newer one; a guess by the newest guess, never over a measurement.
+      sampling   P(i) ∝ exp(κ S_i); replay with probability p, and only once len(buffer) >= B_min (min_size).
+      capacity   when full, a newcomer enters only if its S >= the lowest S, and evicts that entry (the oldest
+                 among ties). admission="fifo", a control, not the paper: every newcomer enters, the oldest goes.
+      dedupe     the same content (base_id and its turns' answers and feedback, not depths) is not stored
+                 again: the stored entry keeps its lineage (uid, parent, depth, clocks); its score follows the rule.
     """
 
     def __init__(self, capacity: int, min_size: int, replay_prob: float, kappa: float, *,
@@ -195,8 +168,7 @@ class TaskBuffer:
     # --- replay gate -------------------------------------------------------------
 
     def should_replay(self) -> bool:
-        """True: sample a buffered instance; False: the caller draws a fresh base task (§4.1).
-        Always consumes exactly one uniform from the buffer's generator."""
+        """True: sample a buffered instance; False: draw a fresh base task (§4.1). Always draws one uniform."""
         u = self.rng.random()
         replay = len(self) >= self.min_size and u < self.replay_prob
         self.gate_calls += 1
@@ -206,8 +178,7 @@ class TaskBuffer:
     # --- insertion ---------------------------------------------------------------
 
     def insert(self, base_id, task, turns, depth, score, parent=None) -> Entry | None:
-        """Insert one instance with the score it inherits from its parent (§4.1).
-        Returns the stored entry (the existing one for a duplicate) or None if rejected at capacity."""
+        """Insert with its inherited score (§4.1) -> the stored entry (a duplicate: the old one); None if rejected."""
         if not isinstance(base_id, str):
             raise TypeError(f"base_id must be a str, got {type(base_id).__name__}")
         if not isinstance(turns, list):
@@ -232,9 +203,7 @@ class TaskBuffer:
         return entry
 
     def _evict_lowest(self, score) -> bool:
-        """Top-N rule: make room for a newcomer scoring >= the minimum by evicting the minimum.
-        min() over uid order returns the first minimum, i.e. the oldest among tied lowest scores.
-        admission="fifo", a control blind to learnability: the oldest entry leaves, whatever the scores."""
+        """Top-N: if score >= the lowest, evict it (the oldest of ties: min() takes the first); fifo: the oldest."""
         if self.admission == "fifo":
             victim = next(iter(self.entries.values()))  # dict order = insertion order
         else:
@@ -246,11 +215,8 @@ class TaskBuffer:
         return True
 
     def insert_history(self, base_id, task, turns, depths, score, parent=None, start=0) -> list:
-        """Multi-turn tasks (§4.1): every turn prefix turns[:t+1], t >= start, is its own instance
-        ("iterate turn t's answer"), with depth depths[t]; all share the score and the parent they were
-        expanded from. Prefixes shorter than start are the history the expanded instance was given, not
-        new answers: they are not inserted (their score is not this group's to give). Returns one
-        Entry-or-None per inserted prefix. Shared prefixes de-duplicate against the buffer."""
+        """Multi-turn (§4.1): each prefix turns[:t+1], t >= start, is an instance of depth depths[t], with the shared
+        score and parent. Shorter prefixes were given to this group, not answered by it: not inserted."""
         if len(depths) != len(turns):
             raise ValueError(f"depths has {len(depths)} items but turns has {len(turns)}")
         return [self.insert(base_id, task, turns[:t + 1], depths[t], score, parent)
@@ -266,8 +232,7 @@ class TaskBuffer:
             self.entries[uid].measured = True
 
     def probs(self) -> np.ndarray:
-        """Sampling distribution over entries in uid order:
-        P = (1 - ρ) P_score + ρ P_staleness, with ρ = staleness_coef (0 by default: pure §4.1)."""
+        """P over entries in uid order: (1 - ρ) P_score + ρ P_staleness, ρ = staleness_coef (0 by default: §4.1)."""
         es = list(self.entries.values())
         p = sampling_probs([e.score for e in es], self.kappa, rank_temperature=self.rank_temperature)
         if self.staleness_coef > 0 and es:
@@ -276,8 +241,7 @@ class TaskBuffer:
         return p
 
     def sample(self, n: int = 1) -> list[Entry]:
-        """Draw n entries with replacement from probs(). Advances the clock by one (per call, not
-        per draw) and stamps the drawn entries' last_sampled with it. Returns the live entries."""
+        """Draw n live entries with replacement from probs(); advance the clock once and stamp their last_sampled."""
         n = _check_int("n", n, lo=1)
         if not self.entries:
             raise ValueError("sample: the buffer is empty (gate replay with should_replay())")
@@ -291,8 +255,7 @@ class TaskBuffer:
     # --- logging -----------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Plain numbers for the logger. depth_mean and depth_hist track how deep the curriculum
-        grows (Claim 1 and 4); distinct_base and entropy track its diversity (Claim 3)."""
+        """Logger numbers: depth_mean/hist track depth (Claims 1, 4); distinct_base, entropy diversity (Claim 3)."""
         es = list(self.entries.values())
         scores = [e.score for e in es]
         depth_hist = {}

@@ -55,18 +55,9 @@ import tasks as tasks_lib
 def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temperature: float = 1.0,
                  max_new_tokens: int = 48, seed: int = 0, batch_prompts: int = 128, style: str | None = None,
                  trace: list | None = None):
-    """Run n_samples independent improve chains per problem for K steps; returns three (K + 1, chains)
-    arrays, chains problem-major: the score, the first turn's correctness, the mean per-turn correctness.
-
-    A single-turn problem is the one-turn case of an episode (tasks.TaskFamily.n_turns), so one protocol
-    serves both. Step 0 answers each turn in order with the base prompt, each seeing the state the earlier
-    answers left. Step k >= 1 is one improve pass over the turns in order: turn t's step-(k-1) answer is
-    improved (`next_answer`: a keep reply keeps it) given the state the step-k answers of turns < t leave,
-    so a fix upstream is seen downstream. The score is the answer's score for a single-turn family, the
-    episode's binary reward (its return) for a multi-turn one; the first turn follows exactly the
-    single-turn protocol (the paper's BFCL setting evaluates the first request).
-    style: "compact" | "chat" (tasks.encode_prompt); None picks by the tokenizer (prompt_style).
-    trace: a list that receives every step's answers (per chain: the answer, or the list of turn answers)."""
+    """The K-step evaluation: n_samples improve chains per problem, problem-major, as (K + 1, chains) arrays of the
+    score, the first turn's correctness and the mean per-turn correctness. A single-turn problem is a one-turn episode;
+    step k improves turn t given the state left by turns < t at step k. trace: a list that gets each step's answers."""
     style = style or tasks_lib.prompt_style(tok)
     gen = torch.Generator(device=policy.inv_freq.device).manual_seed(seed)
     rows = [p for p in problems for _ in range(n_samples)]
@@ -106,8 +97,7 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
 
 def improvement_chain(policy, tok, family, problem, K: int, temperature: float = 1.0, max_new_tokens: int = 48,
                       seed: int = 0) -> list[tuple[str, float]]:
-    """One held-out problem's chain as text, [(answer, score)] for k = 0..K: what self-improvement looks
-    like, next to the numbers. The same protocol and sampler as the evaluation."""
+    """One held-out problem's chain as text, [(answer, score)] for k = 0..K, by the evaluation's own protocol."""
     was_training, trace = policy.training, []
     policy.eval()
     scores, _, _ = chain_scores(policy, tok, family, [problem], K, 1, temperature, max_new_tokens, seed, trace=trace)
@@ -116,9 +106,7 @@ def improvement_chain(policy, tok, family, problem, K: int, temperature: float =
 
 
 def format_chains(problem, chains: dict, width: int | None = None, title: str = "") -> str:
-    """Chains of several policies on one problem, one line per step k, side by side:
-    `k | base answer  score | trained answer  score`; answers longer than `width` (default: the longest
-    answer, at most 60 characters) are cut."""
+    """Chains of several policies on one problem, side by side, one line per step k; answers cut at `width`."""
     width = width or min(60, max(len(a) for c in chains.values() for a, _ in c))
     def cell(answer, score):
         text = answer.replace("\n", " ")
@@ -136,12 +124,7 @@ CHAIN_CANDIDATES = 8  # held-out problems show_chain looks through for a chain t
 
 
 def show_chain(policy, tok, family, settings: dict, name: str, base=None) -> str:
-    """One held-out improvement chain, k = 0..K, as text: the trained policy's, and the base policy's on the
-    same problem beside it (base: loaded by the caller; None leaves its column out). The problem is the
-    first of the evaluation's first CHAIN_CANDIDATES held-out problems (`settings`: evaluate_policy's) whose
-    trained chain ends better than it starts, else the first: an illustration of what an improvement step
-    does, chosen by that stated rule (the evaluation's table is the average). '' for multi-turn families
-    (an episode does not fit a line)."""
+    """One held-out chain as text, beside base's; the first of CHAIN_CANDIDATES problems whose chain improves."""
     if family.multi_turn:
         return ""
     kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
@@ -167,17 +150,14 @@ def show_chain(policy, tok, family, settings: dict, name: str, base=None) -> str
 
 
 def net_corrections(correct: np.ndarray) -> np.ndarray:
-    """Cumulative (wrong -> right) - (right -> wrong) transitions, per step k: (K+1, N) bool -> (K+1,)
-    as a fraction of chains. Step 0 is 0 by definition."""
+    """Cumulative (wrong -> right) - (right -> wrong) per step k, a fraction of chains: (K+1, N) bool -> (K+1,)."""
     c = correct.astype(int)
     per_step = (c[1:] - c[:-1]).sum(axis=1) / c.shape[1]  # +1 for each fix, -1 for each break
     return np.concatenate([[0.0], np.cumsum(per_step)])
 
 
 def transition_rates(correct: np.ndarray) -> tuple[list, list]:
-    """Per improve step k -> k+1: P(right at k+1 | wrong at k) and P(wrong at k+1 | right at k).
-    A chain's accuracy drifts towards the fixed point fix / (fix + break), so these two say whether
-    iterating can help (None where no chain was in the conditioning state)."""
+    """Fix and break rates per step k -> k+1: P(right | wrong at k), P(wrong | right at k); None where no chain was."""
     fix, brk = [], []
     for a, b in zip(correct[:-1], correct[1:]):
         fix.append(float((b & ~a).sum() / (~a).sum()) if (~a).any() else None)
@@ -201,12 +181,7 @@ def summarise(scores: np.ndarray, difficulties: list, binary: bool) -> dict:
 
 def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = False, warn: bool = True,
                      split: str = "test"):
-    """The held-out set: test-split instances (never trained on) of the training difficulty mix, in
-    equal shares; harder=True adds the family's harder held-out difficulties (e.g. longer math chains,
-    which a small model trained on short ones does not length-generalise to). The seed is fixed across
-    runs so every method is evaluated on the same tasks. A family without difficulty settings (real
-    data: realmath) gives n_problems of its test split (the tenth of its file that split_of holds out for testing).
-    split="val": the same from the validation split, where settings are chosen (tasks.split_of)."""
+    """The held-out set: test-split tasks in equal shares of the training difficulties, the same for every run."""
     if not family.train_difficulties:
         distinct = len(family.pool(split)) if hasattr(family, "pool") else n_problems
         if n_problems > distinct:  # cycling through the pool again would count a problem twice
@@ -225,13 +200,8 @@ def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = Fals
 def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temperature=1.0,
                     max_new_tokens=48, seed=0, harder=False, style=None, part=(0, 1), gather=None,
                     split="test") -> dict:
-    """The held-out K-step evaluation of one policy: `summarise` of n_problems x n_samples chains.
-    style None: compact or chat prompts as the tokenizer says (prompt_style).
-    part=(i, n), gather: split across n processes (exit.py under torchrun). Process i runs the chains of
-    the i-th contiguous part of the problems, with sampling seed `seed + i` (so the parts do not repeat
-    each other's draws), and gather(x) -> [x of part 0, part 1, ...] joins the parts. The same protocol
-    and problems as one process, but other draws: equal in distribution, not draw for draw.
-    split="val": the validation split's problems instead (for choosing settings; results report test)."""
+    """The held-out K-step evaluation of one policy: `summarise` of n_problems x n_samples chains. part=(i, n):
+    process i of n runs the i-th slice at seed + i, gather joins them (equal in distribution, not draw for draw)."""
     problems = heldout_problems(family, n_problems, harder=harder, split=split)
     i, n = part
     mine = problems[i * len(problems) // n:(i + 1) * len(problems) // n]
@@ -255,9 +225,7 @@ def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temp
 
 
 def reservoir_add(sample: list, n_before: int, item, size: int, rng: np.random.Generator):
-    """Reservoir sampling (Vitter's algorithm R): the stream's (n+1)-th item takes a uniform slot of the
-    sample with probability size / (n+1), so after any n items each of them is in it with probability
-    size / n. n_before: items of the stream before this one."""
+    """Reservoir sampling (Vitter's algorithm R): after n items, each is in `sample` with probability size / n."""
     if len(sample) < size:
         sample.append(item)
     else:
@@ -267,10 +235,7 @@ def reservoir_add(sample: list, n_before: int, item, size: int, rng: np.random.G
 
 
 def task_diversity(embedder, seqs: list[list[int]], batch: int = 256) -> dict:
-    """Task diversity of the instances a run trained on (the paper's Tables 2 and 7): the mean over all
-    pairs i < j of the cosine distance 1 - cos(e_i, e_j) and of the L2 distance ||e_i - e_j|| between their
-    embeddings e (model.embed: mean final hidden state). The embedder is the run's frozen base policy, the
-    same for every method of one seed, so the numbers compare methods, not embedders."""
+    """Task diversity (Tables 2, 7): mean pairwise cosine and L2 distance of the instances' embeddings."""
     if len(seqs) < 2:
         raise ValueError("task diversity needs at least 2 instances")
     with torch.no_grad():
@@ -289,15 +254,13 @@ def shipped_record(base_path: str) -> dict | None:
 
 
 def frozen_base(base_path: str, device):
-    """The warm-started base policy a run started from (a cached or shipped toy base), loaded; None where
-    it is a real Hugging Face checkpoint (not loaded a second time)."""
+    """The base policy a run started from if a toy base (cached or shipped); None for a Hugging Face checkpoint."""
     toy = os.path.isfile(base_path) or shipped_record(base_path) is not None
     return model_lib.load_policy(base_path, device)[0] if toy else None
 
 
 def run_diversity(seen: list[list[int]], base) -> dict | None:
-    """task_diversity of a run's sample of the instances it trained on (exit.Trainer.remember), embedded by its
-    frozen base (frozen_base); None without a base or a sample."""
+    """task_diversity of a run's sample of trained instances, embedded by its frozen base; None without either."""
     return task_diversity(base, seen) if base is not None and len(seen) >= 2 else None
 
 
@@ -309,9 +272,7 @@ def eval_settings(cfg: dict) -> dict:
 
 
 def weights_fingerprint(path: str) -> list:
-    """What identifies the weights at path (a checkpoint file, or a Hugging Face directory): each weight
-    file's name, size and modification time. Hashing the contents would read 20 GB for a 8B model;
-    replacing or retraining the weights in place changes the modification time."""
+    """What identifies the weights at path: each weight file's name, size and mtime (hashing would read 20 GB)."""
     if os.path.isfile(path):
         files = [path]
     else:
@@ -321,13 +282,7 @@ def weights_fingerprint(path: str) -> list:
 
 
 def evaluate_base(base_path: str, tok, family, device, load_policy=model_lib.load_policy, **settings) -> dict:
-    """The evaluation of the base policy a run started from (a warm-start file, or a Hugging Face
-    directory), cached beside it as BASE_PATH.eval-HASH.json, HASH keyed by the settings, the held-out
-    problems and the weights (weights_fingerprint): every rung of a ladder starts from the same base,
-    so it is evaluated once, not once per method, and new weights under the same name are evaluated
-    anew. load_policy(path, device) -> (policy, ...): model.load_policy unless a test counts calls. Where the cache cannot be
-    written (a read-only model folder) it is skipped. A shipped base (bases/TASK) brings the evaluations
-    recorded when it was made (base.json): one with the same settings is used as it is."""
+    """The base's evaluation, cached beside it keyed by settings, problems and weights: a ladder evaluates it once."""
     for res in (shipped_record(base_path) or {}).get("evaluations", []):
         if res["settings"] == settings:
             return check_evaluation(res, os.path.join(base_path, "base.json"), whole=False)
@@ -355,8 +310,7 @@ def summary(results: dict) -> str:
         s, K = r["score"], r["K"]
         picks = [k for k in (0, 1, 4, K) if k <= K]
         cells = "  ".join(f"k={k}: {100 * s[k]:5.1f}" for k in dict.fromkeys(picks))
-        # multi-turn: the first turn's accuracy leads (the paper's metric), then this row, the episode's return
-        label = f"{name} return" if "first_turn" in r else name
+        label = f"{name} return" if "first_turn" in r else name  # multi-turn: the episode's return; turn 1 leads
         line = f"{label:>12}  {cells}  Δ{K}: {100 * r['delta']:+5.1f}"
         rates = [(f, b) for f, b in zip(r.get("fix_rate", []), r.get("break_rate", [])) if f is not None and b is not None]
         if rates:  # mean over the K steps: iterating helps only while fix/(fix+break) is above the accuracy
@@ -475,8 +429,7 @@ LOCK_FILE = ".lock"
 _held_locks = {}  # folder -> [fd, depth] of the locks this process holds (main holds one across train)
 
 def run_artifacts(out_dir: str) -> list[str]:
-    """What a run (or eval.py) leaves in its folder. Any of them blocks a fresh run there: a run whose
-    ckpt.pt was deleted (checkpoints are big) still has its log, evaluation and export."""
+    """What a run (or eval.py) leaves in its folder; any of them blocks a fresh run there."""
     if not os.path.isdir(out_dir):
         return []
     return sorted(n for n in os.listdir(out_dir)
@@ -484,10 +437,7 @@ def run_artifacts(out_dir: str) -> list[str]:
 
 @contextlib.contextmanager
 def run_lock(out_dir: str):
-    """Hold an exclusive lock on out_dir (fcntl.flock on out_dir/.lock) while the block runs, so that a
-    second run, a --resume or an eval.py write into a live folder stops with a message naming the
-    holder. The kernel releases a flock when its process ends, kill -9 included: no stale lock.
-    The file stays (deleting it would race with a process about to lock it); it only says who holds it."""
+    """Exclusive flock on out_dir/.lock for the block: a second writer stops, naming the holder; kill -9 frees it."""
     key = os.path.abspath(out_dir)
     if key in _held_locks:  # re-entrant within this process: main -> train
         _held_locks[key][1] += 1
@@ -538,8 +488,7 @@ def remove_stale_tmp(folder: str):
             os.remove(os.path.join(folder, name))
 
 def read_log_lines(path: str) -> list[dict]:
-    """log.jsonl's entries; a damaged line is an error naming the file and line, except a last line cut
-    off by a kill mid-write (no newline), which is dropped."""
+    """log.jsonl's entries; a damaged line is an error, except a last line cut off mid-write (dropped)."""
     out = []
     with open(path, errors="replace") as f:
         lines = f.readlines()
@@ -925,11 +874,7 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
 
 
 def plot_lineage(log: list[dict], path: str, title: str = "") -> str | None:
-    """The curriculum's lineage for one run: what the buffer holds over training, by iteration depth k of
-    its partial histories (k = 0: a base task, no answer yet; k = 1: a first attempt; k: an answer that k
-    steps produced, so improving it is step k + 1). A self-iterating
-    run deepens from the bottom up; a curriculum-only run stays at k = 0. None without matplotlib or
-    without buffer data in the log (GRPO)."""
+    """One run's buffer over training by iteration depth k (k = 0: a base task); None without matplotlib or data."""
     hists = [l.get("buf_depth_hist") for l in log]
     if not any(hists):
         return None

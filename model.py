@@ -40,30 +40,18 @@ import torch.utils.checkpoint
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 512
-    """number of token ids the embedding and the output layer cover"""
-    n_layer: int = 4
-    """transformer blocks"""
-    n_head: int = 4
-    """query heads; head_dim = n_embd // n_head"""
-    n_kv_head: int = 2
-    """key/value heads, shared by n_head // n_kv_head query heads each (grouped-query attention)"""
-    n_embd: int = 128
-    """width of the residual stream"""
-    intermediate_size: int = 384
-    """hidden width of the SwiGLU MLP"""
-    max_seq_len: int = 256
-    """longest prompt + completion the sampler accepts (rotary positions are computed on the fly)"""
-    rope_theta: float = 10000.0
-    """rotary base frequency"""
-    rope_scaling: dict | None = None
-    """None, or Hugging Face's dict with rope_type "llama3" (Llama 3.1+ long-context scaling)"""
-    norm_eps: float = 1e-5
-    """RMSNorm epsilon"""
-    qkv_bias: bool = False
-    """biases on the q/k/v projections (Qwen2 has them, Llama does not)"""
-    tie_embeddings: bool = False
-    """the output layer reuses the token embedding matrix"""
+    vocab_size: int = 512  # token ids covered by the embedding and the output layer
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads; head_dim = n_embd // n_head
+    n_kv_head: int = 2  # key/value heads, each shared by n_head // n_kv_head query heads (GQA)
+    n_embd: int = 128  # width of the residual stream
+    intermediate_size: int = 384  # hidden width of the SwiGLU MLP
+    max_seq_len: int = 256  # longest prompt + completion the sampler accepts
+    rope_theta: float = 10000.0  # rotary base frequency
+    rope_scaling: dict | None = None  # None, or Hugging Face's dict with rope_type "llama3" (Llama 3.1+)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2 has them, Llama does not)
+    tie_embeddings: bool = False  # the output layer reuses the token embedding matrix
 
     @property
     def head_dim(self) -> int:
@@ -71,8 +59,7 @@ class ModelConfig:
 
 
 def toy_config(vocab_size: int) -> ModelConfig:
-    """The toy policy: 855k parameters at exit.py's defaults, small enough to train with GRPO on two CPU cores.
-    Prompts are ~60-120 byte tokens and answers at most ~60, so 256 positions is plenty."""
+    """The toy policy: 855k parameters at exit.py's defaults, small enough to train with GRPO on two CPU cores."""
     return ModelConfig(vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
                        intermediate_size=384, max_seq_len=256)
 
@@ -89,9 +76,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 and cast back before the gain, exactly as HF Llama does, so that
-        # logits match transformers to ~1e-6 and bf16 activations do not lose the mean square
-        xf = x.float()
+        xf = x.float()  # fp32, cast back before the gain, as HF Llama: logits match transformers to ~1e-6
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -105,10 +90,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     rope_type = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
     if rope_type != "llama3":
         raise ValueError(f"rope_type {rope_type!r} is not supported (only the default and 'llama3')")
-    # Llama 3.1: keep high frequencies (short wavelengths), divide low ones by `factor`, and
-    # interpolate smoothly in between, so the model reaches long contexts without forgetting
-    # local order. Same formula as transformers' _compute_llama3_parameters.
-    s = cfg.rope_scaling
+    s = cfg.rope_scaling  # Llama 3.1: keep high frequencies, divide low ones by factor, interpolate between
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -120,16 +102,14 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq, positions):
-    """positions (B or 1, T) -> cos, sin (B or 1, 1, T, head_dim), in fp32. Computed per call
-    rather than tabulated, so rows may sit at different positions (left-padded prompts)."""
+    """positions (B or 1, T) -> cos, sin (B or 1, 1, T, head_dim) fp32; per call, so rows may differ."""
     freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
     return emb.cos()[:, None], emb.sin()[:, None]
 
 
 def apply_rope(x, cos, sin):
-    # HF's "rotate_half" convention (pairs i and i + hd/2), so HF q/k weights load unpermuted
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # HF's "rotate_half" (pairs i, i + hd/2): HF q/k weights load unpermuted
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
 
 
@@ -151,14 +131,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, Tk, hd): every cached position so far
-        # mask None means plain causal attention (training, prefill) or, for one new token, the
-        # whole cache; explicit masks come from left-padded prompts (right_align), packed rows
-        # (pack) and the update's grouped forward (_grouped_logprobs)
-        if T == 1 and cache is not None:
-            # decoding, one query per row: two small matmuls beat the CPU sdpa kernel here (~10%
-            # of the sampler). Query heads sharing a key/value head are stacked (GQA) so that
-            # k and v are read once, not repeated.
-            qg = q.view(B, self.n_kv_head, -1, self.head_dim)  # (B, nkv, nh/nkv, hd)
+        if T == 1 and cache is not None:  # decoding: two matmuls beat CPU sdpa (~10% of the sampler)
+            qg = q.view(B, self.n_kv_head, -1, self.head_dim)  # (B, nkv, nh/nkv, hd): k, v read once
             att = (qg @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, nkv, nh/nkv, Tk)
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
@@ -204,16 +178,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # activation checkpointing (exit.py --grad_checkpoint): keep only each block's input in a
-        # training forward and recompute the block in the backward pass. Not part of the config: it
-        # changes memory and time, and the numbers only by float rounding (the log-probs then take the
-        # plain forward instead of the grouped one: equal to ~1e-7, so a resume that switches it is not
-        # bit-identical)
-        self.grad_checkpoint = False
-        # not persistent: derived from the config, never stored in a checkpoint; fp32 always (_apply)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        # nanoGPT init: N(0, 0.02), and the projections that write into the residual stream
-        # scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth
+        self.grad_checkpoint = False  # exit.py --grad_checkpoint: recompute blocks in backward; not config
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # from cfg; fp32 (_apply)
+        # nanoGPT init: N(0, 0.02), residual-stream writes scaled by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 continue
@@ -225,20 +192,13 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
     def _apply(self, fn, recurse=True):
-        # .to(), .cuda(), .bfloat16() all come through here. Casting would round the rotary frequencies
-        # to bf16 (8 bits of mantissa: an angle error of ~1 rad by position 1000 with Llama 3's theta),
-        # so they are recomputed in fp32 on the new device, as transformers keeps them.
+        # .to(), .bfloat16(), ...: keep the rotary frequencies fp32 (bf16: ~1 rad off by position 1000)
         super()._apply(fn, recurse)
         self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
         return self
 
     def hidden_states(self, idx, positions=None, mask=None, cache=None):
-        """Final hidden states after the last norm, (B, T, n_embd).
-
-        positions: (B or 1, T) rotary positions; default 0..T-1 after what the cache holds.
-        mask: bool (B, 1, T, Tk), True = may attend; None means causal (or, for a single new
-              token, the whole cache).
-        cache: a KVCache to append this call's keys and values to."""
+        """idx (B, T) -> hidden states after the last norm (B, T, n_embd); mask (B, 1, T, Tk) bool, None: causal."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         if mask is None and T > 1 and start > 0:
@@ -260,8 +220,7 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, idx, targets=None, **kwargs):
-        """Logits (B, T, vocab) in fp32, and the mean next-token loss over targets != -100 when
-        targets (B, T) are given (else None). kwargs go to hidden_states."""
+        """Logits (B, T, vocab) fp32, and the mean loss over targets (B, T) != -100 (else None)."""
         logits = self.lm_head(self.hidden_states(idx, **kwargs)).float()
         loss = None
         if targets is not None:
@@ -283,8 +242,7 @@ class KVCache:
         self.k = self.v = None
 
     def update(self, layer, k, v):
-        """Write (B, nkv, T, hd) at columns pos..pos+T; return the filled part (B, nkv, pos+T, hd).
-        `pos` itself advances once per forward, in Transformer.hidden_states."""
+        """Write (B, nkv, T, hd) at columns pos..pos+T; return (B, nkv, pos+T, hd). hidden_states advances pos."""
         if self.k is None:
             shape = (self.n_layer, self.batch, k.shape[1], self.max_len, k.shape[3])
             self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
@@ -307,30 +265,20 @@ class KVCache:
 @dataclass
 class Rollouts:
     """Completions of a generate() call, rows group-major (prompt i owns rows i*G .. i*G+G-1)."""
-    tokens: torch.Tensor
-    """(N, T) long, completion tokens, right-padded with pad_id"""
-    lengths: torch.Tensor
-    """(N,) long, completion tokens per row, counting the stop token when one was sampled"""
-    logprobs: torch.Tensor
-    """(N, T) float, log pi_old(token) under the tempered distribution the token was drawn from,
-    log_softmax(logits / T) (T = 0, greedy: T = 1), without top-k/top-p truncation (training uses
-    neither); 0 past lengths. GRPO's ratio divides completion_logprobs(..., temperature=T) by it."""
-    mask: torch.Tensor
-    """(N, T) float, 1 on the first lengths[i] tokens: the stop token is inside, so the policy is
-    credited for stopping"""
-    finished: torch.Tensor
-    """(N,) bool, True when a stop token ended the row, False when the budget did"""
+    tokens: torch.Tensor  # (N, T) long, completion tokens, right-padded with pad_id
+    lengths: torch.Tensor  # (N,) long, tokens per row, counting the stop token when one was sampled
+    logprobs: torch.Tensor  # (N, T) log pi_old, tempered: log_softmax(logits / T); 0 past lengths
+    mask: torch.Tensor  # (N, T) float, 1 on the first lengths[i] tokens: stopping is credited too
+    finished: torch.Tensor  # (N,) bool, True when a stop token ended the row, False when the budget did
 
 
 def token_logprobs(logits, tokens):
-    """log_softmax(logits)[token] over the last dim: (..., V), (...) -> (...). Shared by the
-    sampler and completion_logprobs so the two agree to float rounding."""
+    """log_softmax(logits)[tokens]: (..., V), (...) -> (...); the sampler's and completion_logprobs'."""
     return logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
 def sample_next(logits, uniform, temperature=1.0, top_k=None, top_p=None):
-    """One token per row from logits (N, V) -> (N,), by the draws uniform (N, 1) in [0, 1).
-    temperature 0 is argmax (uniform unused: None)."""
+    """logits (N, V) -> one token per row (N,), by the draws uniform (N, 1) in [0, 1); temperature 0: argmax."""
     if temperature == 0:
         return logits.argmax(-1)
     if temperature != 1.0:
@@ -338,19 +286,15 @@ def sample_next(logits, uniform, temperature=1.0, top_k=None, top_p=None):
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # nucleus: keep the smallest prefix of the sorted distribution whose mass reaches top_p
-        # (a token is dropped when the mass before it already does; the top token always stays)
+    if top_p is not None and top_p < 1.0:  # nucleus: the smallest sorted prefix with mass >= top_p
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    # inverse-CDF sampling: one uniform per row. Same distribution as torch.multinomial, which
-    # draws an exponential per vocabulary entry and was 10% of the whole sampler's time on CPU.
+    # inverse CDF, one uniform per row: torch.multinomial was 10% of the sampler's time on CPU
     cdf = logits.softmax(-1).cumsum(-1)  # (N, V)
     u = uniform * cdf[:, -1:]
-    # right=True: the first token whose cdf exceeds u, so zero-probability tokens are never picked
-    # (the clamp only guards against u rounding up to the total)
+    # right=True: zero-probability tokens are never picked (the clamp: u rounded up to the total)
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
@@ -359,11 +303,7 @@ DROP_FINISHED_AT = 0.25
 
 
 def right_align(prompts: list[list[int]], pad_id: int, new_cols: int, device) -> tuple:
-    """Prompts of different lengths right-aligned (left-padded) in one (P, L) batch, so that every row
-    writes its next token into the same column. Returns idx (P, L), plen (P,), and, for L + new_cols
-    columns: positions (P, L + new_cols), column c of row r holding position c - pad[r]; key_ok, the
-    same shape, False on left padding; and the causal prefill mask (P, 1, L, L). The last three are
-    None when all prompts have one length (default positions, plain causal attention)."""
+    """Prompts left-padded to (P, L), so all rows write one column: idx, plen, positions, key_ok, mask (or None)."""
     plen = torch.tensor([len(p) for p in prompts], device=device)
     L = int(plen.max())
     idx = torch.full((len(prompts), L), pad_id, dtype=torch.long)
@@ -386,19 +326,8 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              stop_ids, pad_id: int, generator: torch.Generator | None = None,
              rows: tuple[int, int] | None = None) -> Rollouts:
-    """Sample num_samples completions for each prompt: N = len(prompts) * num_samples rows.
-
-    Each prompt is prefilled once and its cache copied to its G rows, then all rows decode
-    together until every row has produced a token in stop_ids or max_new_tokens tokens; rows
-    that have finished leave the batch in bunches (DROP_FINISHED_AT).
-    Prompts of different lengths are right-aligned (left-padded) so that every row writes its
-    next token into the same cache column; per-row rotary positions and a key mask make each
-    row compute what it would alone. The generator (on the model's device) makes samples
-    reproducible: same seed, same rows.
-    rows=(first, total), data parallel: these N rows are rows first..first+N-1 of a batch of `total`
-    rows that several processes sample together, each its share. Every step draws the uniforms of all
-    `total` rows and uses this share's, so the shards of a batch sample exactly what the whole batch
-    would in one call (the caller keeps the generators in step when shards stop at different steps)."""
+    """num_samples completions per prompt, N rows group-major; rows=(first, total): a shard of a total-row batch.
+    Same generator seed, same rows, however rows are dropped or sharded (uniforms are drawn per original row)."""
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     if max_new_tokens < 1 or num_samples < 1:
@@ -422,7 +351,6 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
         h = model.hidden_states(idx, positions=None if positions is None else positions[:, :L],
                                 mask=mask, cache=cache)
         logits = model.lm_head(h[:, -1]).float()  # (P, V)
-    # one prefill per prompt, copied to its G rows
     cache.repeat_rows(G)
     logits = logits.repeat_interleave(G, dim=0)  # (N, V)
     if ragged:
@@ -433,22 +361,15 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    # The batch shrinks as rows finish. Most completions end well before the budget (the toy's
-    # ~18 of 48 tokens), and decoding a finished row costs as much as a live one, so once a
-    # fraction DROP_FINISHED_AT of the batch is done the finished rows are dropped from it
-    # (cache, positions): `live` holds the original row of each batch row. Each drop copies the
-    # cache once; dropping at every finished row would copy it ~N times.
-    live = torch.arange(N, device=device)
+    live = torch.arange(N, device=device)  # the original row of each batch row (finished rows get dropped)
     fin = torch.zeros(N, dtype=torch.bool, device=device)  # batch rows that finished, not yet dropped
     for t in range(max_new_tokens):
-        # one uniform for every original row, picked by `live`: each row gets the draw it would
-        # get in the full batch, so dropping rows changes no sample (same seed, same rows)
+        # a uniform for every original row, picked by `live`: dropping rows changes no sample
         u = None if temperature == 0 else torch.rand(total_rows, 1, generator=generator, device=device)[first + live]
         nxt = sample_next(logits, u, temperature, top_k, top_p)  # (B,), B = len(live)
         nxt = nxt.masked_fill(fin, pad_id)
         tokens[live, t] = nxt
-        # the log-prob under the distribution actually sampled (logits / T), so that the policy
-        # gradient of Eq. 4 is that of the tempered policy, as in TRL
+        # under the distribution sampled (logits / T): Eq. 4's gradient is the tempered policy's, as in TRL
         logprobs[live, t] = token_logprobs(logits / (temperature or 1.0), nxt).masked_fill(fin, 0.0)
         lengths[live] += ~fin  # before updating fin: the stop token counts
         fin |= torch.isin(nxt, stop)
@@ -478,8 +399,7 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
 def sample_texts(policy: Transformer, tok, prompts: list[list[int]], num_samples: int, max_new_tokens: int, *,
                  temperature: float = 1.0, generator: torch.Generator | None = None,
                  rows: tuple[int, int] | None = None) -> tuple[Rollouts, list[str]]:
-    """generate() with the tokenizer's stop and pad ids, and each row's completion decoded (without its stop
-    token: decode drops special ids): the one sample-then-decode step of training and evaluation."""
+    """generate() with tok's stop and pad ids, and each row decoded without its stop token."""
     ro = generate(policy, prompts, num_samples, max_new_tokens, temperature=temperature,
                   stop_ids=tok.stop_ids, pad_id=tok.pad_id, generator=generator, rows=rows)
     return ro, [tok.decode(ro.tokens[r, :ro.lengths[r]].tolist()) for r in range(len(ro.lengths))]
@@ -491,19 +411,7 @@ def sample_texts(policy: Transformer, tok, prompts: list[list[int]], num_samples
 
 def completion_logprobs(model: Transformer, prompts: list[list[int]], completions: torch.Tensor,
                         lengths: torch.Tensor, prompt_repeat: int = 1, temperature: float = 1.0) -> torch.Tensor:
-    """log pi_theta of each completion token, (N, T), with gradients; 0 past lengths[i]. With
-    temperature T, the log-probs of the tempered policy softmax(logits / T): the distribution
-    generate(..., temperature=T) samples from and stores in Rollouts.logprobs.
-
-    Row i is prompts[i // prompt_repeat] followed by completions[i] (group-major, as generate
-    returns them). Only the hidden states at completion positions go through the output layer,
-    which is where the memory would go.
-
-    With prompt_repeat = G > 1 (a GRPO group: G completions of one prompt) the update's forward
-    skips two kinds of repeated or wasted work (_grouped_logprobs): each prompt goes through the
-    network once, not G times, and rows are cut to about their own length instead of the
-    longest row's. The numbers are the flat forward's to float rounding (test_exit.py checks
-    values and gradients)."""
+    """Tempered log pi_theta (N, T), with gradients, of completions[i] after prompts[i // prompt_repeat]."""
     N, T = completions.shape
     if len(prompts) * prompt_repeat != N:
         raise ValueError(f"{len(prompts)} prompts x {prompt_repeat} != {N} completions")
@@ -548,12 +456,9 @@ def _flat_hidden(model, prompts, completions, prompt_repeat):
 
 
 class GroupPromptCache:
-    """The KVCache interface (update, pos) for a training forward in two passes. The first pass
-    (the P prompts, rows is None) stores each layer's keys and values; a later pass (completion
-    rows, rows[i] = the prompt of row i) attends to its prompt's stored keys and values followed
-    by its own. Nothing is written in place, so the prompt's keys and values stay in the autograd
-    graph: the gradients of a group's G completions flow back into one prompt forward (indexing's
-    backward sums them)."""
+    """The KVCache interface for a training forward in two passes: the prompts (rows None), then completion
+    rows (rows[i]: the prompt of row i) attending to their prompt's keys and values. Nothing is written in
+    place, so the gradients of a group's G completions flow back into one prompt forward."""
 
     def __init__(self):
         self.k, self.v, self.pos, self.rows = [], [], 0, None
@@ -569,22 +474,11 @@ class GroupPromptCache:
 
 
 LENGTH_BUCKETS = 4
-"""_grouped_logprobs cuts the rows, sorted by length, into this many forwards: fewer leaves more
-padding, more costs a forward's fixed overhead each"""
+"""_grouped_logprobs runs the rows, sorted by length, in this many forwards (fewer: more padding)"""
 
 
 def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
-    """_flat_hidden + _tempered_logprobs, (N, T), without the flat forward's two wastes.
-
-    1. Prompts recomputed G times. Each prompt token would be computed once per rollout of its
-       group, all G times identically. Here the P prompts run alone, once (right-aligned, as in
-       generate), and the completions then run as "new tokens on a cache" (GroupPromptCache)
-       holding their prompt's keys and values.
-    2. Padding. The flat forward runs every row to the longest completion; rows that stopped at
-       end of text early (most of them) are padding beyond that. Here the rows, sorted by
-       length, go in LENGTH_BUCKETS forwards, each as long as its own longest row.
-    Completion token j is predicted by the hidden state of the token before it: the prompt's last
-    one for j = 0, the completion's own for j >= 1, so a row of n tokens runs tokens 0..n-2."""
+    """_flat_hidden + _tempered_logprobs, (N, T): each prompt run once, rows by length in LENGTH_BUCKETS forwards."""
     N, T = completions.shape
     P, device = len(prompts), completions.device
     idx, plen, positions, key_ok, mask = right_align(prompts, 0, 0, device)  # as in generate
@@ -602,9 +496,7 @@ def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
         prompt = rows // G  # (n,) the prompt of each row
         h = last[prompt][:, None]  # (n, 1, C)
         if t > 1:
-            # tokens 0..t-2 at positions plen, plen+1, ...; each sees its prompt (less the padding)
-            # and the completion tokens up to itself
-            cache.rows = prompt
+            cache.rows = prompt  # tokens 0..t-2 (j predicts j+1), each seeing its prompt and its row so far
             positions = plen[prompt][:, None] + torch.arange(t - 1, device=device)  # (n, t-1)
             causal = torch.ones(t - 1, t - 1, dtype=torch.bool, device=device).tril()
             mask = torch.cat([key_ok[prompt][:, None, None, :].expand(-1, 1, t - 1, L),
@@ -617,8 +509,7 @@ def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
 
 
 def right_pad(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Sequences one per row, right-padded to the longest: (N, T). Under causal attention the padding
-    is invisible to every real token, so no mask is needed."""
+    """Sequences one per row, right-padded to the longest: (N, T); causal attention hides the padding."""
     idx = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         idx[i, :len(s)] = torch.tensor(s)
@@ -657,10 +548,7 @@ def pack(seqs: list[list[int]], pad_id: int):
 
 @torch.no_grad()  # the diversity coefficients scale advantages, which carry no gradient
 def embed(model: Transformer, seqs: list[list[int]]) -> torch.Tensor:
-    """Mean of the final hidden states (after the last norm) over each sequence's tokens,
-    (N, n_embd) fp32. The diversity bonus (§4.2) compares answers by these vectors. One sequence per
-    row, right-padded: packing them (pack) embeds 2.66x faster but changes the float sums, and this
-    layout keeps the published runs exact (RESULTS.md, 'The packed warm start')."""
+    """Mean final hidden state per sequence, (N, n_embd) fp32, for the diversity bonus (§4.2); padded, not packed."""
     if min(len(s) for s in seqs) == 0:
         raise ValueError("embed needs non-empty sequences")
     device = model.inv_freq.device
@@ -788,8 +676,7 @@ class TiktokenTokenizer(Tokenizer):
 
 
 def byte_tokenizer(markers: list[str] = ()) -> TiktokenTokenizer:
-    """The toy policy's tokenizer: ids 0-255 are bytes, then <|bos|>, <|eos|>, <|pad|> and the
-    marker strings (tasks.py's <|request|>, <|answer|>, ...) as special tokens, in that order."""
+    """The toy's tokenizer: ids 0-255 are bytes, then <|bos|>, <|eos|>, <|pad|> and the markers, as specials."""
     names = list(dict.fromkeys(["<|bos|>", "<|eos|>", "<|pad|>", *markers]))
     if any(not m for m in names):
         raise ValueError("marker strings must be non-empty")
@@ -861,8 +748,7 @@ class HFTokenizer(Tokenizer):
 
 
 def read_json(path: str) -> dict:
-    """A JSON file's object, or a ValueError that names the file and what is wrong with it
-    (json's own message names neither the file nor, for a wrong shape, the problem)."""
+    """A JSON file's object, or a ValueError that names the file and what is wrong with it."""
     try:
         with open(path, "rb") as f:
             obj = json.loads(f.read().decode("utf-8"))
@@ -1068,11 +954,7 @@ def load_hf(path: str, device=None, dtype=None) -> tuple[Transformer, Tokenizer 
 
 def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str, dtype: torch.dtype | None = None,
             temperature: float | None = None):
-    """Write config.json + model.safetensors (+ the tokenizer, + generation_config.json with the stop
-    ids and sampling defaults) so that both load_hf and transformers.AutoModelForCausalLM.from_pretrained
-    read it back with the same logits. Llama layout, or Qwen2 when the model has q/k/v biases.
-    dtype: the weights' dtype on disk (e.g. a bf16 source's, trained in fp32); None keeps the model's.
-    temperature: the sampling default (0: greedy; None: transformers' defaults)."""
+    """A Hugging Face directory that load_hf and transformers read back with the same logits (Llama, or Qwen2)."""
     from safetensors.torch import save_file
     cfg = model.config
     dtype = dtype or model.lm_head.weight.dtype
@@ -1083,8 +965,7 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str, dtype: t
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        # the pre-transformers-5 spelling, which both 4.x and 5.x read
-        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,  # 4.x names, which 5.x reads too
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
@@ -1119,8 +1000,7 @@ def save_hf(model: Transformer, tokenizer: Tokenizer | None, path: str, dtype: t
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda, else mps, else cpu. Any other name must be a device this torch can use now:
-    a typo or --device=cuda on a CPU-only build is a ValueError that says so, not a traceback later."""
+    """"auto" -> cuda, else mps, else cpu; any other name must be usable now, else a ValueError says why."""
     if name != "auto":
         try:
             dev = torch.device(name)
@@ -1145,8 +1025,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def autocast(device):
-    """bf16 autocast on CUDA (weights stay fp32); plain fp32 elsewhere, where bf16 is slow or
-    not reliably supported."""
+    """bf16 autocast on CUDA (weights stay fp32); plain fp32 elsewhere, where bf16 is slow or unreliable."""
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -1197,8 +1076,7 @@ def policy_from_state(state: dict, device):
 
 
 def load_policy(path: str, device) -> tuple:
-    """(policy, tokenizer, tokenizer spec) from an exit checkpoint file (a run's ckpt.pt or a
-    warm-start file) or a local Hugging Face directory (config.json + safetensors + tokenizer)."""
+    """(policy, tokenizer, tokenizer spec) from an exit checkpoint file or a local Hugging Face directory."""
     if os.path.isdir(path):
         policy, tok = load_hf(path, device=device)
         if tok is None:
@@ -1209,9 +1087,7 @@ def load_policy(path: str, device) -> tuple:
 
 
 def atomic_save(obj, path: str):
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a checkpoint.
-    An exception (Ctrl-C included) removes the temporary file; after kill -9 the next run in the
-    folder does (remove_stale_tmp)."""
+    """torch.save to a temporary file, fsync, rename: a crash never leaves half a checkpoint."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:

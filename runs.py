@@ -229,43 +229,11 @@ RESUMABLE_OVERRIDES = {"iters", "resume", "out_dir", "device", "log_every", "sho
 
 def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
     """A Trainer, fresh or resumed from out_dir/ckpt.pt. Resuming never silently starts afresh."""
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.data:  # eval.py may evaluate the run from another folder
-        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
-    if cfg.init:  # and a resume may start from another working directory
-        cfg = dataclasses.replace(cfg, init=os.path.abspath(cfg.init))
-    if cfg.eval_data:
-        cfg = dataclasses.replace(cfg, eval_data=os.path.abspath(cfg.eval_data))
+    # absolute paths: eval.py may evaluate the run, and a resume continue it, from another folder
+    cfg = dataclasses.replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in ("data", "init", "eval_data")
+                                      if getattr(cfg, k)})
     if cfg.resume:
-        ck = model_lib.load_checkpoint(ckpt_path)
-        if ck.get("kind") != "run":
-            raise ValueError(f"{ckpt_path} is not a run checkpoint")
-        saved = ck["config"]
-        clash = {k: (saved[k], getattr(cfg, k)) for k in given - RESUMABLE_OVERRIDES
-                 if k in saved and saved[k] != getattr(cfg, k)}
-        if clash:
-            raise ValueError("--resume with settings that differ from the checkpoint's: "
-                             + ", ".join(f"{k} (checkpoint {a!r}, given {b!r})" for k, (a, b) in clash.items()))
-        unknown = set(saved) - {f.name for f in dataclasses.fields(Config)}
-        if unknown:
-            raise ValueError(f"{ckpt_path} has config keys this version does not know: {sorted(unknown)}")
-        cfg = dataclasses.replace(Config(**saved), **{k: getattr(cfg, k) for k in given & RESUMABLE_OVERRIDES})
-        cfg.resume = True
-        check_config(cfg)
-        check_resume_folder(cfg.out_dir, ck)
-        scale.check_world(cfg)
-        saved_world = ck.get("world_size", 1)
-        if saved_world != scale.world_size() and scale.is_main() and not quiet:  # data parallel
-            print(f"warning: {ckpt_path} was trained on {saved_world} process(es), this run has {scale.world_size()}: it "
-                  "continues the same curriculum on the same global batches, but not bit-exactly (the gradient "
-                  "is summed in another order, so the weights drift apart by float rounding and later samples "
-                  f"may differ); run with --nproc_per_node={saved_world} to continue it exactly", file=sys.stderr)
-        trainer = build(cfg, quiet)
-        try:
-            trainer.load_state_dict(ck)
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{ckpt_path} does not match this run ({type(e).__name__}: {e})") from None
-        return trainer
+        return resume(cfg, given, quiet)
     found = eval_lib.run_artifacts(cfg.out_dir)
     if found:
         hint = "pass --resume to continue it" if "ckpt.pt" in found else "it has no ckpt.pt to --resume from"
@@ -273,6 +241,41 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_
                               "--out_dir (a fresh run never replaces a run's files)")
     scale.check_world(cfg)
     return build(cfg, quiet)
+
+
+def resume(cfg: Config, given: set, quiet: bool) -> exit_lib.Trainer:
+    """The run in out_dir, from its ckpt.pt, with the checkpoint's settings (those in RESUMABLE_OVERRIDES may
+    be given anew)."""
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ck = model_lib.load_checkpoint(ckpt_path)
+    if ck.get("kind") != "run":
+        raise ValueError(f"{ckpt_path} is not a run checkpoint")
+    saved = ck["config"]
+    clash = {k: (saved[k], getattr(cfg, k)) for k in given - RESUMABLE_OVERRIDES
+             if k in saved and saved[k] != getattr(cfg, k)}
+    if clash:
+        raise ValueError("--resume with settings that differ from the checkpoint's: "
+                         + ", ".join(f"{k} (checkpoint {a!r}, given {b!r})" for k, (a, b) in clash.items()))
+    unknown = set(saved) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise ValueError(f"{ckpt_path} has config keys this version does not know: {sorted(unknown)}")
+    cfg = dataclasses.replace(Config(**saved), **{k: getattr(cfg, k) for k in given & RESUMABLE_OVERRIDES})
+    cfg.resume = True
+    check_config(cfg)
+    check_resume_folder(cfg.out_dir, ck)
+    scale.check_world(cfg)
+    saved_world = ck.get("world_size", 1)
+    if saved_world != scale.world_size() and scale.is_main() and not quiet:  # data parallel
+        print(f"warning: {ckpt_path} was trained on {saved_world} process(es), this run has {scale.world_size()}: it "
+              "continues the same curriculum on the same global batches, but not bit-exactly (the gradient "
+              "is summed in another order, so the weights drift apart by float rounding and later samples "
+              f"may differ); run with --nproc_per_node={saved_world} to continue it exactly", file=sys.stderr)
+    trainer = build(cfg, quiet)
+    try:
+        trainer.load_state_dict(ck)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{ckpt_path} does not match this run ({type(e).__name__}: {e})") from None
+    return trainer
 
 
 def build(cfg: Config, quiet: bool) -> exit_lib.Trainer:
@@ -290,12 +293,10 @@ def build(cfg: Config, quiet: bool) -> exit_lib.Trainer:
 
 
 def preflight(cfg: Config, quiet: bool = False) -> dict:
-    """Everything the run will need, checked before the warm start or a checkpoint loads (minutes), so
-    a bad input is an error now, not a traceback after training: the data files, enough distinct
-    problems for the training pool and the held-out set (--difficulties), the --init checkpoint's
-    config.json and tokenizer, and that every prompt fits the model's context.
-    Returns the family, the evaluation family, the training pool and the --init checkpoint's dtype, for
-    the Trainer."""
+    """Everything the run will need, checked before the base or a checkpoint loads, so a bad input is an
+    error in seconds: the data files, enough distinct problems for the training pool and the held-out set
+    (--difficulties), the --init checkpoint, and that every prompt fits the model's context. Returns the
+    family, the evaluation family, the training pool and the --init checkpoint's dtype, for the Trainer."""
     family = tasks_lib.make_family(cfg.task, cfg.data, cfg.difficulties)
     efam = tasks_lib.eval_family(cfg.eval_data, family)
     train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
@@ -305,34 +306,39 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
                                             split=cfg.eval_split)
     if cfg.eval_every:  # the held-out slice of every --eval_every point, during training
         heldout += eval_lib.heldout_problems(efam, cfg.eval_every_problems, warn=False, split=cfg.eval_split)
-    tok, max_len, source_dtype = None, None, None
-    if cfg.init and os.path.isdir(cfg.init):
-        config_file = os.path.join(cfg.init, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"--init={cfg.init}: no config.json (not a Hugging Face checkpoint directory)")
-        hf = model_lib.read_json(config_file)
-        max_len = model_lib.config_from_hf(hf, where=config_file).max_seq_len
-        source_dtype = model_lib.hf_dtype(hf)
-        if not model_lib._has_tokenizer_files(cfg.init):
-            raise ValueError(f"{cfg.init}: no tokenizer files; --init needs a checkpoint with its tokenizer")
-        tok = model_lib.load_tokenizer(cfg.init)
-    elif cfg.init:
+    if cfg.init:
+        tok, max_len, source_dtype = check_init(cfg, quiet)
+    else:
+        tok, source_dtype = model_lib.byte_tokenizer(tasks_lib.MARKERS), None
+        max_len = model_lib.toy_config(tok.vocab_size).max_seq_len
+    if tok is not None and not family.multi_turn:
+        style = tasks_lib.prompt_style(tok)
+        check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in train_pool},
+                      family, "--data" if cfg.data else "the task")
+        check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in heldout},
+                      efam, "--eval_data" if cfg.eval_data else "--data" if cfg.data else "the held-out set")
+    return dict(family=family, eval_family=efam, train_pool=train_pool, source_dtype=source_dtype)
+
+
+def check_init(cfg: Config, quiet: bool) -> tuple:
+    """--init: a Hugging Face directory's config.json and tokenizer (-> tokenizer, context length, dtype),
+    or an exit checkpoint file (None, None, None: it is checked when it loads)."""
+    if not os.path.isdir(cfg.init):
         if not os.path.isfile(cfg.init):
             raise FileNotFoundError(f"--init={cfg.init}: no such checkpoint file or Hugging Face directory")
-    else:
-        tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
-        max_len = model_lib.toy_config(tok.vocab_size).max_seq_len
-    if tok is not None:
-        style = tasks_lib.prompt_style(tok)
-        if style == "chat" and not tok.has_chat_template and not quiet:
-            print(f"warning: {cfg.init}: the tokenizer has no chat template, so prompts are plain "
-                  "'user: ... assistant: ' text, which an instruct model was not trained on", file=sys.stderr)
-        if not family.multi_turn:
-            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in train_pool},
-                          family, "--data" if cfg.data else "the task")
-            check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in heldout},
-                          efam, "--eval_data" if cfg.eval_data else "--data" if cfg.data else "the held-out set")
-    return dict(family=family, eval_family=efam, train_pool=train_pool, source_dtype=source_dtype)
+        return None, None, None
+    config_file = os.path.join(cfg.init, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--init={cfg.init}: no config.json (not a Hugging Face checkpoint directory)")
+    hf = model_lib.read_json(config_file)
+    max_len = model_lib.config_from_hf(hf, where=config_file).max_seq_len
+    if not model_lib._has_tokenizer_files(cfg.init):
+        raise ValueError(f"{cfg.init}: no tokenizer files; --init needs a checkpoint with its tokenizer")
+    tok = model_lib.load_tokenizer(cfg.init)
+    if tasks_lib.prompt_style(tok) == "chat" and not tok.has_chat_template and not quiet:
+        print(f"warning: {cfg.init}: the tokenizer has no chat template, so prompts are plain "
+              "'user: ... assistant: ' text, which an instruct model was not trained on", file=sys.stderr)
+    return tok, max_len, model_lib.hf_dtype(hf)
 
 
 def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):

@@ -165,8 +165,7 @@ class TaskFamily:
         self.check()
 
     def check(self):
-        """Raise TypeError naming the family and every missing piece (a required method not provided, no
-        training difficulties, an old argument order), so a family fails when it is built, not at warm start."""
+        """Raise TypeError naming every missing piece, so a family fails when it is built, not at warm start."""
         cls, problems = type(self), []
         provides = lambda m: getattr(cls, m) is not getattr(TaskFamily, m)
         required = ["score"]
@@ -199,9 +198,8 @@ class TaskFamily:
         raise NotImplementedError(f"{type(self).__name__} must define make(rng, difficulty)")
 
     def sample(self, split: str, n: int, seed: int, difficulty: int | None = None) -> list[Problem]:
-        """n distinct problems of one split; the same (split, n, seed, difficulty) gives the same list.
-        difficulty=None draws each problem's difficulty uniformly from train_difficulties; when one of them
-        runs out of distinct problems the others fill the list, and this warns (once per difficulty)."""
+        """n distinct problems of one split, the same for the same arguments. difficulty=None: uniform over
+        train_difficulties; one that runs out of distinct problems is filled in by the others, with a warning."""
         check_split(split)
         if difficulty is None and not self.train_difficulties:
             raise ValueError(f"{self.name}: no train_difficulties to draw from; pass difficulty=")
@@ -252,8 +250,7 @@ class TaskFamily:
 
     def prompt(self, problem: Problem, answer: str | None = None, mode: str = "base",
                style: str = "compact") -> str:
-        """The prompt of a base (k=0), self-improve or self-diverge step (paper §4). Families with feedback
-        show the environment's feedback on `answer`, computed afresh from it."""
+        """A base (k=0), self-improve or self-diverge prompt (§4), with feedback computed afresh from `answer`."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if style not in ("compact", "chat"):
@@ -315,13 +312,11 @@ class TaskFamily:
 
     # ---- multi-turn families (multi_turn = True): an episode of turns; each turn is a Problem of its own
     def n_turns(self, episode: Problem) -> int:
-        """REQUIRED when multi_turn. The number of turns of an episode. A single-turn family's problem is a
-        one-turn episode, so exit.py has one iteration path for both."""
+        """REQUIRED when multi_turn. Turns of an episode; a single-turn problem is one turn (one code path)."""
         return 1
 
     def turn_problem(self, episode: Problem, t: int, prev_answers: list) -> Problem:
-        """REQUIRED when multi_turn. Turn t as a Problem, after the earlier turns' answers prev_answers[:t].
-        A single-turn problem is its own only turn."""
+        """REQUIRED when multi_turn. Turn t as a Problem, after the answers prev_answers[:t] (single-turn: itself)."""
         if t != 0:
             raise ValueError(f"{type(self).__name__} is single-turn: it has no turn {t}")
         return episode
@@ -454,10 +449,7 @@ SPLITS = ("train", "val", "test")
 
 
 def split_of(request: str) -> str:
-    """The three splits are disjoint by construction: a request belongs to exactly one. Four fifths train;
-    the last fifth is halved into a validation split (where settings are chosen) and the test split
-    (what results report, never tuned on). Train is the same four fifths it was before validation
-    existed, so training draws did not change when it was carved out of the old test fifth."""
+    """A request's one split, by its hash: 4/5 train, 1/10 val (for tuning), 1/10 test (reported, never tuned on)."""
     d = _digest(request) % 10
     return "test" if d == 0 else "val" if d == 5 else "train"
 
@@ -640,26 +632,13 @@ _COUNTDOWN = re.compile(r"([0-9]{1,3})((?:-[0-9]{1,2}=-?[0-9]{1,3})*)")
 
 
 class ExactSumFamily(TaskFamily):
-    """Request "3 7 11 14 17>31": pick numbers from the list, each at most once, whose sum is EXACTLY the
-    target. Binary, no feedback, like `math`, but with a generation-verification gap. An answer counts
-    the target down by its picks, "31-3=28-11=17-17=0": it is right iff every subtraction is right, the
-    picks are legal, and it ends at 0. So CHECKING an answer is reading its last number, while FINDING
-    one is a search over subsets. Built so that iteration could help where it cannot on math chains
-    (there, checking a step costs what computing it costs; at this scale it did not help here either:
-    RESULTS.md, "A toy with a generation-verification gap"): an improve step can keep an answer that ends
-    at 0 and repair one that ends at r != 0 by a LOCAL MOVE, pick r when r is an unpicked number of the
-    list (append "-r=0"), or drop the pick -r when it overshot by -r (`local_move`).
-    An improve response of just "=" (KEEP) keeps the current answer: once checked, keeping is one token,
-    where copying a 20-token answer at temperature 1 slips too often for iterating to pay (on `math` the
-    breaks of right answers are what stops iteration, RESULTS.md).
-    Styles: main ascending "31-3=28-11=17-17=0", alt descending "~31-17=14-11=3-3=0". Numbers 1..19; the
-    target is the sum of a planted subset of 2-4 of them (any exact subset is right).
-    Demonstrations (a weak self-improver, like the other families): first attempts flip each number's
-    in/out choice of the planted subset with probability q, so a wrong one is often ONE move from right.
-    The demonstrated improve step (`revise`) keeps an answer that ends at 0, except that w.p. p_break(d)
-    it flips one number anyway (over-editing); one that does not is repaired by the local move w.p.
-    p_fix (re-attempted when no single move exists), kept w.p. p_copy, else re-attempted; a kept answer
-    is written as KEEP. RL can learn what the demos do only sometimes: keep what checks out, and move."""
+    """Request "3 7 11 14 17>31": pick listed numbers, each at most once, summing EXACTLY to the target.
+    Binary, no feedback, like `math`, but with a generation-verification gap: an answer counts the target
+    down, "31-3=28-11=17-17=0" (alt: descending, "~31-17=14-11=3-3=0"), and is right iff it is well formed
+    and ends at 0. Checking is reading the last number; finding is a search over subsets. An improve step
+    can keep an answer ("=", KEEP) or repair one by a `local_move`. Numbers 1..19; the target is the sum
+    of a planted subset of 2-4 (any exact subset is right). First attempts flip each number in or out of
+    the planted subset with probability q, so a wrong one is often one move from right."""
     name, graded, has_feedback = "exactsum", False, False
     summary = "binary, no feedback: numbers that sum exactly to a target, cheap to check"
     train_difficulties, heldout_difficulties = (4, 5, 6), (7, 8)
@@ -679,8 +658,7 @@ class ExactSumFamily(TaskFamily):
                 f"whose sum is exactly the number after '>'. Then {self.answer_format}.")
 
     def picks(self, problem, response: str) -> list[int] | None:
-        """The numbers of a well-formed answer (it starts at the target, every subtraction is right, every
-        pick is a distinct number of the list), or None. Right iff also sum(picks) == target."""
+        """The picks of a well-formed answer (from the target, right subtractions, distinct listed picks), or None."""
         if not isinstance(response, str):
             return None
         boxed = _last_boxed(response)
@@ -704,8 +682,7 @@ class ExactSumFamily(TaskFamily):
         return answer if keep and mode == "improve" and answer is not None else response
 
     def local_move(self, problem, picks: list[int]) -> list[int] | None:
-        """The one-number repair of an answer that ends at r = target - sum: pick r if it is an unpicked
-        number of the list, drop -r if it is a pick; None when no single move hits the target."""
+        """Repair an answer ending at r = target - sum by one number: pick r, or drop -r; None if neither works."""
         r = problem.data["target"] - sum(picks)
         if r > 0 and r in problem.data["numbers"] and r not in picks:
             return picks + [r]
@@ -726,8 +703,7 @@ class ExactSumFamily(TaskFamily):
         return self.render(problem, problem.data["best"], alt)
 
     def break_answer(self, problem, alt, rng, picks=None):
-        """Flip one number of the list in or out of `picks` (the planted subset by default): always wrong,
-        since the sum moves by that number."""
+        """Flip one listed number in or out of `picks` (default: the planted subset): always wrong, the sum moves."""
         picks = set(problem.data["best"] if picks is None else picks)
         x = rng.choice([x for x in problem.data["numbers"] if picks != {x}])  # never leave nothing picked
         return self.render(problem, picks ^ {x}, alt)
@@ -766,9 +742,8 @@ class ExactSumFamily(TaskFamily):
 
 
 class ExactSumFeedbackFamily(ExactSumFamily):
-    """exactsum with the check done by the environment: improve and diverge prompts carry feedback on
-    the current answer ("sum 28, 3 short", "sum 31, exact", "unreadable"), computed from its true picks,
-    so the policy cannot fake it (on `exactsum` it learns to: RESULTS.md)."""
+    """exactsum with the environment's feedback on the current answer ("sum 28, 3 short"), which the policy
+    cannot fake (on `exactsum` it learns to fake its own check: RESULTS.md)."""
     name, has_feedback = "exactsumfb", True
     summary = "exactsum with the environment's feedback on the current answer"
 
@@ -1245,16 +1220,12 @@ def prompt_ids(tok, text: str) -> list[int]:
 
 
 def prompt_style(tok) -> str:
-    """"compact" for a tokenizer that has tasks.py's markers as special tokens (the toy byte
-    tokenizer, also after a round trip through save_hf), else "chat": a real checkpoint's
-    tokenizer, whose chat template wraps the plain-text prompt as a user message."""
+    """"compact" if the tokenizer has MARKERS as special tokens (the toy's, also after save_hf), else "chat"."""
     return "compact" if all(len(tok.encode(m, special=True)) == 1 for m in MARKERS) else "chat"
 
 
 def encode_prompt(tok, family, problem, answer=None, mode="base", style="compact") -> list[int]:
-    """Token ids of a base / improve / diverge prompt (paper §4), the one place both training
-    (exit.py) and evaluation build them: compact marker prompts, or the chat-style text rendered
-    by the tokenizer's chat template."""
+    """Token ids of a base / improve / diverge prompt (§4): compact markers, or chat text in the chat template."""
     if style == "compact":
         return prompt_ids(tok, family.prompt(problem, answer, mode))
     return tok.render_chat([{"role": "user", "content": family.prompt(problem, answer, mode, style="chat")}])
@@ -1276,8 +1247,7 @@ def parse_difficulties(text: str) -> tuple:
 
 
 def make_family(task: str, data: str = "", difficulties: str = ""):
-    """The task family of a run: a family that reads_data (realmath) reads its problems from the --data
-    file; --difficulties replaces the family's training mix (and so the held-out evaluation mix)."""
+    """The run's family: realmath reads --data; --difficulties replaces the training mix (and so the eval mix)."""
     reads_data = getattr(FAMILIES.get(task), "reads_data", False)  # an unknown name: get_family says so
     family = get_family(task, path=data) if reads_data else get_family(task)
     if difficulties:
@@ -1286,8 +1256,7 @@ def make_family(task: str, data: str = "", difficulties: str = ""):
 
 
 def eval_family(eval_data: str, family):
-    """The family the final evaluation draws its held-out set from: --eval_data's file (all of it), else
-    the training family's own test split."""
+    """The final evaluation's family: all of --eval_data's file, else the training family (its test split)."""
     if eval_data:
         return RealMath(path=eval_data, heldout_file=True)
     return family
