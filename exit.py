@@ -124,6 +124,7 @@ class Config:
     children: str = _f("all", "which rollouts of a group enter the buffer: all | one [open: METHOD.md]")
     div_minmax: bool = _f(False, "diversity bonus: min-max form of Eq. 6 instead of the printed form")
     div_clip: float = _f(0.0, "diversity bonus: cap on Eq. 6's coefficient, d_i <= this (0 = no cap; the printed form is unbounded)")
+    div_mean: bool = _f(False, "diversity bonus: d_i over the group's mean distance (averages 1: reweights, never rescales)")
     eval_harder: bool = _f(False, "also evaluate on the family's harder held-out difficulties")
 
     # derived from `method`, once: which parts of ExIt are on (paper §5.2)
@@ -163,17 +164,20 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, tol: floa
     return centred.masked_fill(flat, 0.0)
 
 
-def diversity_coefficients(emb: torch.Tensor, minmax: bool = False, clip: float = 0.0) -> torch.Tensor:
+def diversity_coefficients(emb: torch.Tensor, minmax: bool = False, clip: float = 0.0, mean: bool = False) -> torch.Tensor:
     """Eq. 6: d_i = ||e_i - ē|| / (max_j ||e_j - ē|| - min_j ||e_j - ē||) for one group's
     embeddings (G, D) -> (G,). As printed the numerator is not shifted by the minimum; minmax=True
-    uses (||e_i - ē|| - min) / (max - min). A zero range (all equally far) gives d_i = 1. The printed
-    form is unbounded (nearly equal distances make the range tiny): clip > 0 caps d_i at clip."""
+    uses (||e_i - ē|| - min) / (max - min); mean=True divides by the group's mean distance instead, so the
+    coefficients average 1 (they reweight a group, never rescale it). A zero range (all equally far) gives
+    d_i = 1. The printed form is unbounded (nearly equal distances make the range tiny): clip > 0 caps d_i."""
     dist = (emb - emb.mean(dim=0, keepdim=True)).norm(dim=1)  # (G,)
     lo, hi = dist.min(), dist.max()
     # "zero range" is relative: two clusters of 4 identical answers are equally far from the mean,
     # but float rounding leaves hi - lo ~ 1e-7, and dividing by it would make d_i ~ 1e7
     if float(hi - lo) <= 1e-4 * float(hi) + 1e-12:
         d = torch.ones_like(dist)
+    elif mean:
+        d = dist / dist.mean()
     else:
         d = ((dist - lo) if minmax else dist) / (hi - lo)
     return d.clamp(max=clip) if clip > 0 else d
@@ -527,7 +531,7 @@ class Trainer:
         if cfg.diversity_bonus:  # Eq. 6: d_i A_i
             sols = [self.tok.encode(self.family.solution_text(r)) or [self.tok.eos_id] for r in iterates]
             emb = model_lib.embed(self.embedder, sols).view(len(rewards), G, -1).cpu()
-            d = torch.stack([diversity_coefficients(e, cfg.div_minmax, cfg.div_clip) for e in emb])
+            d = torch.stack([diversity_coefficients(e, cfg.div_minmax, cfg.div_clip, cfg.div_mean) for e in emb])
             adv = adv * d
             # logged: the printed form of Eq. 6 is unbounded (d_i = dist_i / range), so its scale is worth watching
             self.div_stats = dict(div_mean=float(d.mean()), div_max=float(d.max()))

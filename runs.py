@@ -106,6 +106,7 @@ def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
         tasks_lib.parse_difficulties(cfg.difficulties)  # raises a config error naming the bad text
         need(not family.reads_data, f"--difficulties does not apply to {cfg.task} (its file sets the levels)")
     need(cfg.base_seed >= -1, f"base_seed must be >= 0, or -1 for --seed's, got {cfg.base_seed}")
+    need(not (cfg.div_minmax and cfg.div_mean), "--div_minmax and --div_mean are two forms of Eq. 6: give one")
     need(cfg.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
     for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size",
               "ref_every", "warm_steps", "warm_batch", "warm_examples", "log_every", "ckpt_every"):

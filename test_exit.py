@@ -2042,6 +2042,15 @@ def test_diversity_coefficients_eq6():
     capped = exit_lib.diversity_coefficients(e, clip=1.0)
     assert torch.allclose(capped, torch.tensor([min(d / rng, 1.0) for d in dist]), atol=1e-6) and printed.max() > 1
     assert torch.equal(exit_lib.diversity_coefficients(e, clip=5.0), printed)
+    # --div_mean: each distance over the group's mean distance, so the coefficients average 1 (a reweighting)
+    mean_form = exit_lib.diversity_coefficients(e, mean=True)
+    assert torch.allclose(mean_form, torch.tensor([d / (sum(dist) / 4) for d in dist]), atol=1e-6)
+    assert abs(float(mean_form.mean()) - 1) < 1e-6
+    seven = torch.cat([torch.zeros(7, 3), torch.ones(1, 3)])  # 7 identical answers and 1 other
+    assert abs(float(exit_lib.diversity_coefficients(seven, mean=True).mean()) - 1) < 1e-6
+    assert exit_lib.diversity_coefficients(seven).tolist() == pytest.approx([1 / 6] * 7 + [7 / 6])  # the printed form
+    with pytest.raises(ValueError, match="two forms of Eq. 6"):
+        runs.parse_args(["--div_minmax", "--div_mean"])
     # all rollouts equally far from the mean (here: identical) -> d_i = 1
     same = torch.ones(4, 3)
     assert exit_lib.diversity_coefficients(same).tolist() == [1.0] * 4
@@ -2054,6 +2063,7 @@ def test_diversity_coefficients_eq6():
         two = torch.cat([a.expand(4, -1), b.expand(4, -1)])
         assert exit_lib.diversity_coefficients(two).tolist() == [1.0] * 8
         assert exit_lib.diversity_coefficients(two, minmax=True).tolist() == [1.0] * 8
+        assert exit_lib.diversity_coefficients(two, mean=True).tolist() == [1.0] * 8
     sym = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
     assert exit_lib.diversity_coefficients(sym, minmax=True).tolist() == [1.0] * 4
 
