@@ -433,7 +433,7 @@ class Trainer:
     # ---- one RL iteration, steps 1-6 of the module docstring. A single-turn family is the one-turn case
     # of a multi-turn one: its problem is its only turn, and there is nothing to finish after the step.
     def iteration(self) -> dict:
-        cfg, G, fam = self.cfg, self.cfg.group_size, self.family
+        G, fam = self.cfg.group_size, self.family
         t0 = time.time()
         insts = self.draw_instances()                                                  # 1
         prompts = [self.prompt_ids(i) for i in insts]
@@ -733,18 +733,14 @@ def main(argv=None):
     with runs.run(sys.argv[1:] if argv is None else argv) as trainer:  # checked, locked, fresh or resumed
         with runs.stop_signals() as stop:  # Ctrl-C or kill: finish the iteration, save, stop
             train(trainer, stop)
-        runs.finish(trainer, stop)  # exit 130 if stopped; else the hf/ export
+        runs.finish(trainer, stop)  # exit 130 if stopped; else the hf/ export and the lineage plot
         final_evaluation(trainer)
 
 
 def final_evaluation(trainer: Trainer):
-    """What a run shows at its end: the curriculum's lineage (lineage.png), the held-out K-step evaluation of
-    the trained policy and of its base (eval.json), and one held-out improvement chain (chain.txt)."""
+    """What a run shows at its end: the held-out K-step evaluation of the trained policy and of its base
+    (eval.json), the task diversity of what it trained on, and one held-out improvement chain (chain.txt)."""
     cfg, t0 = trainer.cfg, time.time()
-    if trainer.is_main:  # data parallel: plots, the base's evaluation and the files are rank 0's
-        lineage = eval_lib.plot_lineage(eval_lib.read_log(cfg.out_dir), os.path.join(cfg.out_dir, "lineage.png"))
-        if lineage:
-            print(f"the curriculum's lineage: {lineage}")
     if not cfg.eval_problems:
         return
     settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
@@ -761,8 +757,7 @@ def final_evaluation(trainer: Trainer):
     if diversity:
         print(f"task diversity of the instances trained on ({diversity['n']} of them): mean pairwise cosine distance "
               f"{diversity['cosine']:.4f}, L2 {diversity['l2']:.3f}")
-    show = eval_lib.show_chain(trainer.policy, trainer.tok, trainer.eval_family, settings,
-                               eval_lib.run_label(dataclasses.asdict(cfg)), base_policy)
+    show = eval_lib.show_chain(trainer.policy, trainer.tok, trainer.eval_family, settings, cfg.method, base_policy)
     if show:
         print(show)
         eval_lib.write_text(show + "\n", os.path.join(cfg.out_dir, "chain.txt"))

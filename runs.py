@@ -6,12 +6,16 @@ reader of the method can skip this file. Several processes and real checkpoints:
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import re
 import signal
+import socket
 import sys
 import threading
+import time
 
 import torch
 from tqdm import tqdm
@@ -188,7 +192,7 @@ def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_li
     """The Trainer of a run whose folder this process holds: fresh or resumed (prepare); config.json
     written, and on resume log.jsonl cut back to the checkpoint's iteration."""
     if scale.is_main():  # what a writer killed with -9 left: half a checkpoint
-        eval_lib.remove_stale_tmp(cfg.out_dir)
+        remove_stale_tmp(cfg.out_dir)
     trainer = prepare(cfg, given, quiet or not scale.is_main())  # data parallel: rank 0 prints and writes the folder
     cfg = trainer.cfg
     scale.barrier()  # data parallel: every rank has checked (and read) the folder before rank 0 writes to it
@@ -202,13 +206,19 @@ def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_li
 
 def finish(trainer, stop: list):
     """After the RL loop: stopped by a signal, exit 130 (its checkpoint is written); else the trained policy
-    as a Hugging Face directory, for other tools (transformers, vLLM, ...) and --init."""
+    as a Hugging Face directory, for other tools (transformers, vLLM, ...) and --init, and the curriculum's
+    lineage (lineage.png)."""
     if trainer.any_rank(len(stop)):
         print(f"\ninterrupted after iteration {trainer.iter}: checkpoint written; continue with --resume")
         raise SystemExit(130)
     if trainer.is_main:
-        model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(trainer.cfg.out_dir, "hf"),
+        out = trainer.cfg.out_dir
+        model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(out, "hf"),
                           dtype=getattr(trainer, "source_dtype", None), temperature=trainer.cfg.eval_temperature)
+        import report  # plots are report.py's, which builds on this file
+        lineage = report.plot_lineage(read_log(out), os.path.join(out, "lineage.png"))
+        if lineage:
+            print(f"the curriculum's lineage: {lineage}")
 
 
 def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
@@ -235,7 +245,7 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_
                                       if getattr(cfg, k)})
     if cfg.resume:
         return resume(cfg, given, quiet)
-    found = eval_lib.run_artifacts(cfg.out_dir)
+    found = run_artifacts(cfg.out_dir)
     if found:
         hint = "pass --resume to continue it" if "ckpt.pt" in found else "it has no ckpt.pt to --resume from"
         raise FileExistsError(f"{cfg.out_dir} already holds a run ({', '.join(found)}): {hint}, or choose another "
@@ -285,7 +295,7 @@ def build(cfg: Config, quiet: bool) -> exit_lib.Trainer:
     left in base_dir."""
     checked = preflight(cfg, quiet)
     if scale.is_main() and not cfg.init:
-        eval_lib.remove_stale_tmp(cfg.base_dir)
+        remove_stale_tmp(cfg.base_dir)
     return (scale.ScaleTrainer if scale.needed(cfg) else exit_lib.Trainer)(cfg, checked, quiet)
 
 
@@ -363,7 +373,7 @@ def check_out_dir(cfg: Config):
 
 def folder_lock(out_dir: str):
     """The run folder's lock, held by rank 0, which alone writes the folder."""
-    return eval_lib.run_lock(out_dir) if scale.is_main() else contextlib.nullcontext()
+    return run_lock(out_dir) if scale.is_main() else contextlib.nullcontext()
 
 
 def check_resume_folder(out_dir: str, ck: dict):
@@ -380,7 +390,7 @@ def check_resume_folder(out_dir: str, ck: dict):
                              + "; put it in a folder of its own")
     log_path = os.path.join(out_dir, "log.jsonl")
     if os.path.isfile(log_path):
-        iters = [entry["iter"] for entry in eval_lib.read_log_lines(log_path)]
+        iters = [entry["iter"] for entry in read_log_lines(log_path)]
         n = ck["iter"]
         if iters[:n] != list(range(1, n + 1)):
             raise ValueError(f"{ckpt_path} is at iteration {n}, but {log_path} holds iterations "
@@ -391,7 +401,7 @@ def check_resume_folder(out_dir: str, ck: dict):
 def truncate_log(log_path: str, last_iter: int):
     """On resume: drop log.jsonl's lines of iterations after the checkpoint's (logged, then lost to a kill)."""
     if os.path.exists(log_path):
-        eval_lib.write_text("".join(json.dumps(e) + "\n" for e in eval_lib.read_log_lines(log_path)
+        eval_lib.write_text("".join(json.dumps(e) + "\n" for e in read_log_lines(log_path)
                                     if e["iter"] <= last_iter), log_path)
 
 
@@ -420,3 +430,96 @@ def stop_signals():
         for signum, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
             if handler is not None:  # None: a handler not installed from Python, which cannot be restored
                 signal.signal(signum, handler)
+
+
+RUN_ARTIFACTS = ("ckpt.pt", "config.json", "log.jsonl", "eval.json", "results.json", "hf")
+LOCK_FILE = ".lock"
+_held_locks = {}  # folder -> [fd, depth] of the locks this process holds (main holds one across train)
+
+
+def run_artifacts(out_dir: str) -> list[str]:
+    """What a run (or eval.py) leaves in its folder; any of them blocks a fresh run there."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(n for n in os.listdir(out_dir)
+                  if n in RUN_ARTIFACTS or (n.startswith("eval.") and n.endswith(".json")))
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str):
+    """Exclusive flock on out_dir/.lock for the block: a second writer stops, naming the holder; kill -9 frees it."""
+    key = os.path.abspath(out_dir)
+    if key in _held_locks:  # re-entrant within this process: main -> train
+        _held_locks[key][1] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key][1] -= 1
+        return
+    os.makedirs(key, exist_ok=True)
+    path = os.path.join(key, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(path, errors="replace") as f:
+            holder = f.read().strip() or "unknown process"
+        os.close(fd)
+        raise FileExistsError(f"{out_dir} is in use by another run ({holder}); wait for it to finish, or "
+                              "choose another --out_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                 f"{' '.join(sys.argv[:1] + sys.argv[1:])}\n".encode())
+    _held_locks[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _held_locks[key]
+        os.close(fd)  # releases the flock
+
+
+def remove_stale_tmp(folder: str):
+    """Remove what an atomic write killed mid-way left behind (NAME.tmpPID), where process PID is gone."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        m = re.fullmatch(r".+\.tmp([0-9]+)", name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # alive: another process is writing it (a shared base_dir)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+
+
+def read_log_lines(path: str) -> list[dict]:
+    """log.jsonl's entries; a damaged line is an error, except a last line cut off mid-write (dropped)."""
+    out = []
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+                if not isinstance(entry, dict) or not isinstance(entry.get("iter"), int):
+                    raise ValueError("no 'iter'")
+            except ValueError as e:
+                if i == len(lines) and not line.endswith("\n"):
+                    break
+                raise ValueError(f"{path}, line {i}: not a log entry ({e})") from None
+            out.append(entry)
+    return out
+
+
+def read_log(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return []
+    return read_log_lines(path)

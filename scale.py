@@ -11,7 +11,6 @@ The helpers below are the identity in one process (no WORLD_SIZE in the environm
 """
 
 import contextlib
-import copy
 import math
 import os
 

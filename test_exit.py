@@ -31,6 +31,7 @@ from buffer import TaskBuffer, learnability, sampling_probs, staleness_probs
 import buffer
 import eval as eval_lib
 import exit as exit_lib
+import report
 import runs
 import scale
 import model
@@ -1598,18 +1599,18 @@ def test_truncate_equals_a_shorter_evaluation():
     scores = (rng.random((6, 10)) < 0.5).astype(float)
     diffs = [2, 3] * 5
     full = eval_lib.summarise(scores, diffs, binary=True)
-    cut = eval_lib.truncate(full, 2)
+    cut = report.truncate(full, 2)
     assert cut == eval_lib.summarise(scores[:3], diffs, binary=True)
     with pytest.raises(ValueError, match="--recompute"):
-        eval_lib.truncate(full, 6)
+        report.truncate(full, 6)
 
 
 def test_mean_std_and_smooth():
-    assert eval_lib.mean_std([0.2, 0.4]) == pytest.approx([0.3, 0.1 * 2 ** 0.5])  # sample std (n - 1)
-    assert eval_lib.mean_std([0.7]) == [0.7, 0.0]
-    y = eval_lib.smooth([1.0, None, 3.0, 5.0], window=2)  # missing values are skipped, not zeros
+    assert report.mean_std([0.2, 0.4]) == pytest.approx([0.3, 0.1 * 2 ** 0.5])  # sample std (n - 1)
+    assert report.mean_std([0.7]) == [0.7, 0.0]
+    y = report.smooth([1.0, None, 3.0, 5.0], window=2)  # missing values are skipped, not zeros
     assert np.allclose(y, [1.0, 1.0, 3.0, 4.0])
-    assert np.isnan(eval_lib.smooth([None, None], 3)).all()
+    assert np.isnan(report.smooth([None, None], 3)).all()
 
 
 def test_evaluate_policy_shapes_on_a_tiny_random_policy():
@@ -1673,9 +1674,9 @@ def four_runs(tmp_path):
 def test_comparison_table_from_saved_json_by_hand(four_runs, monkeypatch):
     def no_eval(*a, **k):
         raise AssertionError("eval.json exists: nothing may be recomputed")
-    monkeypatch.setattr(eval_lib, "evaluate_checkpoint", no_eval)
+    monkeypatch.setattr(report, "evaluate_checkpoint", no_eval)
     runs = sorted(str(p) for p in four_runs.iterdir())
-    eval_lib.main(runs)  # out defaults to the common parent: the sweep folder
+    report.main(runs)  # out defaults to the common parent: the sweep folder
     table = json.load(open(four_runs / "results.json"))
     rows = {r["method"]: r for r in table["rows"]}
     assert [r["method"] for r in table["rows"]] == ["base", "grpo", "exit"]  # the ladder's order
@@ -1694,9 +1695,9 @@ def test_comparison_table_from_saved_json_by_hand(four_runs, monkeypatch):
     assert rows["exit"]["curves"]["reward_improve"] == [None, None, 0.5, 0.5, 0.5]
     assert rows["exit"]["curves"]["buf_distinct"] == [0, 1, 2, 3, 4]
     # the table as text, in %, and the same text again from the saved JSON
-    text = eval_lib.format_table(table)
+    text = report.format_table(table)
     assert "ExIt (full)" in text and "60.0 ±" in text and "+15.0 ±" in text and "Δ2" in text
-    assert eval_lib.format_table(json.load(open(four_runs / "results.json"))) == text
+    assert report.format_table(json.load(open(four_runs / "results.json"))) == text
 
 
 def test_runs_on_other_bases_count_a_base_each(four_runs):
@@ -1705,37 +1706,37 @@ def test_runs_on_other_bases_count_a_base_each(four_runs):
     def set_cfg(run, **kw):
         cfg = json.load(open(four_runs / run / "config.json"))
         json.dump({**cfg, **kw}, open(four_runs / run / "config.json", "w"))
-    before = eval_lib.load_run(str(four_runs / "exit-s0"))["base_key"]
+    before = report.load_run(str(four_runs / "exit-s0"))["base_key"]
     set_cfg("exit-s0", warm_pack=False, eval_harder=False, difficulties="")
-    assert eval_lib.load_run(str(four_runs / "exit-s0"))["base_key"] == before
-    runs = lambda: [eval_lib.load_run(str(four_runs / r)) for r in ("grpo-s0", "exit-s0")]
-    assert eval_lib.comparison_table(runs())["rows"][0]["runs"] == 1  # one seed, one base
+    assert report.load_run(str(four_runs / "exit-s0"))["base_key"] == before
+    runs = lambda: [report.load_run(str(four_runs / r)) for r in ("grpo-s0", "exit-s0")]
+    assert report.comparison_table(runs())["rows"][0]["runs"] == 1  # one seed, one base
     set_cfg("grpo-s0", warm_pack=True)
-    assert eval_lib.comparison_table(runs())["rows"][0]["runs"] == 2
+    assert report.comparison_table(runs())["rows"][0]["runs"] == 2
 
 
 def test_table_is_reprinted_from_results_json(four_runs, capsys):
-    eval_lib.main([str(p) for p in four_runs.iterdir()] + ["--out", str(four_runs / "cmp")])
+    report.main([str(p) for p in four_runs.iterdir()] + ["--out", str(four_runs / "cmp")])
     first = capsys.readouterr().out
-    eval_lib.main(["--table", str(four_runs / "cmp" / "results.json")])
+    report.main(["--table", str(four_runs / "cmp" / "results.json")])
     again = capsys.readouterr().out
     table_text = first.split("results:")[0].strip()
     assert table_text and table_text in again
 
 
 def test_k_cuts_stored_evaluations_and_refuses_more_steps(four_runs, capsys):
-    eval_lib.main([str(four_runs / "exit-s0"), "--k=1", "--out", str(four_runs / "k1")])
+    report.main([str(four_runs / "exit-s0"), "--k=1", "--out", str(four_runs / "k1")])
     row = json.load(open(four_runs / "k1" / "results.json"))["rows"][-1]
     assert row["kK"] == pytest.approx([0.45, 0.0]) and len(row["score_mean"]) == 2
     with pytest.raises(SystemExit) as e:
-        eval_lib.main([str(four_runs / "exit-s0"), "--k=5"])
+        report.main([str(four_runs / "exit-s0"), "--k=5"])
     assert e.value.code == 2 and "--recompute" in capsys.readouterr().err
 
 
 def test_plots_are_png_files(four_runs, tmp_path):
     pytest.importorskip("matplotlib")
-    table = eval_lib.comparison_table([eval_lib.load_run(str(p)) for p in four_runs.iterdir()])
-    paths = eval_lib.plot_table(table, str(tmp_path / "plots"))
+    table = report.comparison_table([report.load_run(str(p)) for p in four_runs.iterdir()])
+    paths = report.plot_table(table, str(tmp_path / "plots"))
     names = {os.path.basename(p) for p in paths}
     assert names == {"accuracy_vs_k.png", "net_corrections.png", "training.png", "curriculum.png"}
     for p in paths:
@@ -1752,14 +1753,14 @@ def test_multi_turn_comparison_reports_first_turn_accuracy_with_the_return_besid
                     first_turn=dict(K=2, n=4, score=first, delta=first[-1] - first[0], solved=first))
     runs = [dict(path="a", method="exit", seed=0, task="tools", base_key="k", policy=ev([0.5, 0.6, 0.75], [0.25, 0.25, 0.5]),
                  base=ev([0.5, 0.5, 0.25], [0.25, 0.0, 0.0]), log=[])]
-    table = eval_lib.comparison_table(runs)
+    table = report.comparison_table(runs)
     assert table["metric"] == "first-turn accuracy"
     exit_row = [r for r in table["rows"] if r["method"] == "exit"][0]
     assert exit_row["k0"][0] == 0.5 and exit_row["kK"][0] == 0.75 and exit_row["delta"][0] == pytest.approx(0.25)
     assert exit_row["return"]["kK"][0] == 0.5 and exit_row["return"]["delta"][0] == pytest.approx(0.25)
-    text = eval_lib.format_table(table)
+    text = report.format_table(table)
     assert "first-turn accuracy in %" in text and "return k = 0" in text and "+25.0" in text
-    single = eval_lib.comparison_table([dict(runs[0], policy={k: v for k, v in runs[0]["policy"].items() if k != "first_turn"},
+    single = report.comparison_table([dict(runs[0], policy={k: v for k, v in runs[0]["policy"].items() if k != "first_turn"},
                                              base=None)])
     assert single["metric"] == "score" and "return" not in single["rows"][0]
 
@@ -1770,7 +1771,7 @@ def test_sample_efficiency_from_heldout_curves_by_hand():
             dict(method="exit", label="ExIt", **curves([None, 0.3, None, 0.55, None, 0.6])),
             dict(method="improve", label="Improve", **curves([None, 0.1, None, 0.2, None, 0.3])),
             dict(method="base", label="Base")]
-    eval_lib.efficiency(rows)
+    report.efficiency(rows)
     # GRPO ends at 0.5 at iteration 6: ExIt first reaches it at 4 (4/6), Improve never
     assert rows[0]["iters_to_grpo_final"] == 1.0 and rows[1]["iters_to_grpo_final"] == pytest.approx(4 / 6)
     assert rows[2]["iters_to_grpo_final"] is None and "iters_to_grpo_final" not in rows[3]
@@ -1817,21 +1818,21 @@ def test_a_comparison_refuses_evaluations_on_different_splits():
     runs = [dict(method="grpo", seed=0, policy=ev("test"), base=None, base_key="a", path="a", task="t", log=[]),
             dict(method="exit", seed=0, policy=ev("val"), base=None, base_key="b", path="b", task="t", log=[])]
     with pytest.raises(ValueError, match="different held-out splits"):
-        eval_lib.comparison_table(runs)
+        report.comparison_table(runs)
     runs[1]["policy"] = ev()
     with pytest.raises(ValueError, match="old test fifth"):
-        eval_lib.comparison_table(runs)
+        report.comparison_table(runs)
     runs[1]["policy"] = ev("test")
-    table = eval_lib.comparison_table(runs)
+    table = report.comparison_table(runs)
     assert table["rows"][0]["problems"] == [2]  # problems, not chains: what one run's standard error counts
-    assert "from its 2 held-out problems" in eval_lib.format_table(table)
+    assert "from its 2 held-out problems" in report.format_table(table)
 
 
 def test_control_runs_get_their_own_rows():
-    assert eval_lib.run_label(dict(method="exit")) == "exit"
-    assert eval_lib.run_label(dict(method="exit", kappa=0.0)) == "exit-kappa0"
-    assert eval_lib.run_label(dict(method="exit", admission="fifo")) == "exit-fifo"
-    assert eval_lib.run_label(dict(method="improve", kappa=0.0)) == "improve"  # the controls are of full ExIt
+    assert report.run_label(dict(method="exit")) == "exit"
+    assert report.run_label(dict(method="exit", kappa=0.0)) == "exit-kappa0"
+    assert report.run_label(dict(method="exit", admission="fifo")) == "exit-fifo"
+    assert report.run_label(dict(method="improve", kappa=0.0)) == "improve"  # the controls are of full ExIt
 
 
 # ---- the command line on bad input: a clear message and exit code 2, never a traceback
@@ -1839,7 +1840,7 @@ def test_control_runs_get_their_own_rows():
 def test_cli_bad_input(tmp_path, capfd):
     def fails(argv):  # capfd: the ladder's runs are processes of their own, writing to the same stderr
         with pytest.raises(SystemExit) as e:
-            eval_lib.main(argv)
+            report.main(argv)
         assert e.value.code == 2
         return capfd.readouterr().err
     assert "no run folder or checkpoint at" in fails([str(tmp_path / "missing")])
@@ -1871,7 +1872,7 @@ def test_ladder_runs_resumes_and_recomputes_exactly(tmp_path, monkeypatch, capsy
     out = tmp_path / "ladder"
     overrides = [f"--{k}={v}" for k, v in TINY.items()] + [f"--base_dir={tmp_path / 'base'}"]
     # two rungs and the two controls of full ExIt, two runs at a time
-    table = eval_lib.ladder(overrides, seeds=1, out=str(out), methods=["grpo", "exit"], jobs=2)
+    table = report.ladder(overrides, seeds=1, out=str(out), methods=["grpo", "exit"], jobs=2)
     assert [r["method"] for r in table["rows"]] == ["base", "grpo", "exit", "exit-kappa0", "exit-fifo"]
     assert json.load(open(out / "exit-kappa0-s0" / "config.json"))["kappa"] == 0.0
     assert json.load(open(out / "exit-fifo-s0" / "config.json"))["admission"] == "fifo"
@@ -1887,26 +1888,26 @@ def test_ladder_runs_resumes_and_recomputes_exactly(tmp_path, monkeypatch, capsy
     for run in ("grpo-s0", "exit-s0", "exit-kappa0-s0", "exit-fifo-s0"):
         assert json.load(open(out / run / "eval.json"))["diversity"]["n"] == 4
     # run again: finished runs are skipped, nothing is trained
-    monkeypatch.setattr(eval_lib, "start_run", lambda argv, *a, **k: pytest.fail(f"retrained {argv}"))
-    eval_lib.ladder(overrides, seeds=1, out=str(out), methods=["grpo", "exit"])
+    monkeypatch.setattr(report, "start_run", lambda argv, *a, **k: pytest.fail(f"retrained {argv}"))
+    report.ladder(overrides, seeds=1, out=str(out), methods=["grpo", "exit"])
     # evaluating the checkpoint again gives exactly the run's own final evaluation (CPU, same seeds)
     saved = json.load(open(out / "exit-s0" / "eval.json"))
-    again = eval_lib.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), device="cpu", chain=True)
+    again = report.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), device="cpu", chain=True)
     with pytest.raises(ValueError, match="was trained on --task=exactsumfb; --task=math is only for"):
-        eval_lib.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), task="math", device="cpu")
+        report.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), task="math", device="cpu")
     # ... and the same improvement chain as the run printed at its end (chain.txt)
     assert again.pop("chain") + "\n" == (out / "exit-s0" / "chain.txt").read_text()
     assert again == saved and "diversity" in saved
     # the validation split: its own file, other problems than the test split's, its chain beside it, printed
     capsys.readouterr()
-    eval_lib.main([str(out / "exit-s0"), "--split=val", "--out", str(tmp_path / "val"), "--device=cpu"])
+    report.main([str(out / "exit-s0"), "--split=val", "--out", str(tmp_path / "val"), "--device=cpu"])
     chain = (out / "exit-s0" / "eval.val.chain.txt").read_text()
     assert "one held-out improvement chain" in capsys.readouterr().out and "exit" in chain.splitlines()[1]
     val = json.load(open(out / "exit-s0" / "eval.val.json"))
     assert "chain" not in val and val["policy"]["settings"]["split"] == "val" == val["base"]["settings"]["split"]
     assert json.load(open(out / "exit-s0" / "eval.json")) == saved
     # another temperature goes to its own file; the run's eval.json is left as it was
-    eval_lib.main([str(out / "exit-s0"), "--temperature=0", "--out", str(tmp_path / "greedy"), "--device=cpu"])
+    report.main([str(out / "exit-s0"), "--temperature=0", "--out", str(tmp_path / "greedy"), "--device=cpu"])
     greedy = json.load(open(out / "exit-s0" / "eval.T0.json"))
     assert greedy["policy"]["settings"]["temperature"] == 0.0 == greedy["base"]["settings"]["temperature"]
     assert json.load(open(out / "exit-s0" / "eval.json")) == saved
@@ -1915,25 +1916,34 @@ def test_ladder_runs_resumes_and_recomputes_exactly(tmp_path, monkeypatch, capsy
 
 def test_without_matplotlib_the_table_still_prints(four_runs, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
-    eval_lib.main([str(p) for p in four_runs.iterdir()] + ["--out", str(four_runs / "noplots")])
+    report.main([str(p) for p in four_runs.iterdir()] + ["--out", str(four_runs / "noplots")])
     out = capsys.readouterr().out
     assert "ExIt (full)" in out and "pip install matplotlib" in out
     assert sorted(os.listdir(four_runs / "noplots")) == ["results.json"]
 
 
-def test_eval_keeps_exit_defaults_without_importing_exit():
-    """eval.py never imports exit.py (imports run one way): its copy of the run defaults it needs and of the
-    ladder's rungs must equal exit.Config's and exit.METHODS."""
+def test_report_keeps_exit_defaults():
+    """report.py's copy of the run defaults it needs for old run folders, and of the ladder's rungs, equal
+    exit.Config's and exit.METHODS."""
     defaults = dataclasses.asdict(exit_lib.Config())
-    assert {k: defaults[k] for k in eval_lib.RUN_DEFAULTS} == eval_lib.RUN_DEFAULTS
-    assert eval_lib.METHODS == exit_lib.METHODS
-    for f in ("tasks.py", "model.py", "buffer.py", "eval.py"):
-        tree = ast.parse(open(os.path.join(HERE, f)).read())
-        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        imported |= {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call) and n.args  # import_module("x")
-                     and isinstance(n.args[0], ast.Constant) and getattr(n.func, "attr", None) == "import_module"}
-        assert "exit" not in imported and (f == "eval.py" or "eval" not in imported), (f, imported)
+    assert {k: defaults[k] for k in report.RUN_DEFAULTS} == report.RUN_DEFAULTS
+    assert report.METHODS == exit_lib.METHODS
+
+
+def test_imports_run_one_way():
+    """The five core files import only the core files before them (tasks -> model -> buffer -> eval -> exit);
+    an optional module (runs, scale, report) is reached at one marked seam each: exit.main, and eval.py's
+    command line."""
+    order, optional = ["tasks", "model", "buffer", "eval", "exit"], {"runs", "scale", "report", "ship_base", "bench"}
+    seams = {"exit": {"runs"}, "eval": {"report"}}
+    for i, name in enumerate(order):
+        tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
+        top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+        top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+        assert not top & (set(order[i:]) | optional), (name, top)
+        every = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        every |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert (every - top) & (set(order) | optional) == seams.get(name, set()), (name, every - top)
 
 
 # ----------------------------------------------------------------------------- what a run shows
@@ -1991,9 +2001,9 @@ def test_show_chain_picks_the_first_problem_whose_chain_improves(monkeypatch):
 def test_lineage_plot_draws_buffer_depths(tmp_path):
     pytest.importorskip("matplotlib")
     log = [dict(buf_depth_hist={"0": 10}), dict(buf_depth_hist={"0": 8, "1": 4}), dict(buf_depth_hist={"0": 6, "1": 4, "5": 2})]
-    path = eval_lib.plot_lineage(log, str(tmp_path / "lineage.png"))
+    path = report.plot_lineage(log, str(tmp_path / "lineage.png"))
     assert path and (tmp_path / "lineage.png").stat().st_size > 1000
-    assert eval_lib.plot_lineage([dict(buf_depth_hist={})], str(tmp_path / "none.png")) is None  # GRPO: no buffer
+    assert report.plot_lineage([dict(buf_depth_hist={})], str(tmp_path / "none.png")) is None  # GRPO: no buffer
 
 
 # ===============================================================================================
@@ -2638,7 +2648,7 @@ def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct)
     exit_lib.main([f"--out_dir={out}", "--resume", "--iters=3"])
     assert len(open(out / "log.jsonl").read().splitlines()) == 3
     # eval.py recomputes the run's own final evaluation exactly (chat prompts, realmath from --data)
-    again = eval_lib.evaluate_checkpoint(str(out / "ckpt.pt"), device="cpu")
+    again = report.evaluate_checkpoint(str(out / "ckpt.pt"), device="cpu")
     assert again == json.load(open(out / "eval.json"))
 
     # the exported Hugging Face directory: transformers reads it, same logits as our policy
@@ -2860,7 +2870,7 @@ def test_tools_tiny_exit_run_resumes_and_evaluates(tmp_path):
     assert res["K"] == 2 and res["n"] == 6 and len(res["score"]) == len(res["turn_acc"]) == 3
     assert len(res["first_turn"]["score"]) == 3 and "net_corrections" in res["first_turn"]
     assert set(res["by_difficulty"]) == {"2", "3"}
-    cut = eval_lib.truncate(res, 1)
+    cut = report.truncate(res, 1)
     assert cut["first_turn"]["score"] == res["first_turn"]["score"][:2] and len(cut["turn_acc"]) == 2
     assert "turn 1" in eval_lib.summary({"exit": res})
 
@@ -2923,7 +2933,7 @@ def main_fails(capsys, argv, code=2):
 
 def test_a_live_run_folder_is_locked_and_kill_9_leaves_no_stale_lock(tmp_path, capsys):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, eval\nwith eval.run_lock(sys.argv[1]):\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runs\nwith runs.run_lock(sys.argv[1]):\n"
                                "    print('locked', flush=True); time.sleep(120)", str(run)],
                               cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
@@ -2936,8 +2946,8 @@ def test_a_live_run_folder_is_locked_and_kill_9_leaves_no_stale_lock(tmp_path, c
         holder.kill()  # SIGKILL: the kernel drops the flock with the process
         holder.wait()
     exit_lib.main(tiny_args(run, tmp_path / "base"))  # no stale lock
-    assert (run / "ckpt.pt").is_file() and not eval_lib._held_locks
-    with eval_lib.run_lock(str(run)):  # released on the way out of main
+    assert (run / "ckpt.pt").is_file() and not runs._held_locks
+    with runs.run_lock(str(run)):  # released on the way out of main
         pass
 
 
@@ -3025,8 +3035,8 @@ def test_ctrl_c_outside_the_rl_loop_exits_130_without_a_traceback(tmp_path, monk
         raise KeyboardInterrupt
     monkeypatch.setattr(exit_lib, "warm_start", interrupted)  # Ctrl-C during the warm start
     err = main_fails(capsys, tiny_args(tmp_path / "run", tmp_path / "base"), code=130)
-    assert "interrupted" in err and not eval_lib._held_locks
-    assert not eval_lib.run_artifacts(str(tmp_path / "run"))  # nothing half-written
+    assert "interrupted" in err and not runs._held_locks
+    assert not runs.run_artifacts(str(tmp_path / "run"))  # nothing half-written
 
 
 def test_preflight_catches_before_the_warm_start_what_used_to_fail_after_training(tmp_path, monkeypatch):
@@ -3044,7 +3054,7 @@ def test_preflight_catches_before_the_warm_start_what_used_to_fail_after_trainin
 def test_eval_cli_rejects_bad_numbers_and_names_bad_files(four_runs, capsys):
     def fails(argv):
         with pytest.raises(SystemExit) as e:
-            eval_lib.main(argv)
+            report.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and "Traceback" not in err
         return err
@@ -3066,16 +3076,16 @@ def test_eval_cli_rejects_bad_numbers_and_names_bad_files(four_runs, capsys):
 
 def test_one_run_never_replaces_a_comparison_of_many(four_runs, capsys):
     runs = sorted(str(p) for p in four_runs.iterdir())
-    eval_lib.main(runs)  # the comparison of four runs, in their parent folder
+    report.main(runs)  # the comparison of four runs, in their parent folder
     table = (four_runs / "results.json").read_text()
-    eval_lib.main([runs[0]])  # "re-print one run": its own folder, the comparison stays
+    report.main([runs[0]])  # "re-print one run": its own folder, the comparison stays
     assert (four_runs / "results.json").read_text() == table
     assert len(json.load(open(four_runs / "exit-s0" / "results.json"))["runs"]) == 1
     with pytest.raises(SystemExit):
-        eval_lib.main(runs[:2] + ["--out", str(four_runs)])  # two runs into the four runs' folder: asked? no
+        report.main(runs[:2] + ["--out", str(four_runs)])  # two runs into the four runs' folder: asked? no
     assert "holds a comparison of other runs" in capsys.readouterr().err
     assert (four_runs / "results.json").read_text() == table
-    eval_lib.main(runs[:2] + ["--out", str(four_runs), "--overwrite"])  # asked: replaced
+    report.main(runs[:2] + ["--out", str(four_runs), "--overwrite"])  # asked: replaced
     assert len(json.load(open(four_runs / "results.json"))["runs"]) == 2
 
 
@@ -3083,10 +3093,10 @@ def test_recompute_with_other_settings_never_replaces_eval_json(tmp_path):
     run = tmp_path / "run"
     exit_lib.main(tiny_args(run, tmp_path / "base", eval_problems=3, eval_k=1, eval_samples=1))
     own = (run / "eval.json").read_text()
-    eval_lib.main([str(run), "--recompute", "--problems=2", "--device=cpu"])
+    report.main([str(run), "--recompute", "--problems=2", "--device=cpu"])
     assert (run / "eval.json").read_text() == own
     assert json.load(open(run / "eval.n2.json"))["policy"]["n"] == 2
-    eval_lib.main([str(run), "--recompute", "--device=cpu"])  # the same settings: the same evaluation
+    report.main([str(run), "--recompute", "--device=cpu"])  # the same settings: the same evaluation
     assert json.load(open(run / "eval.json")) == json.loads(own)
 
 
@@ -3156,7 +3166,7 @@ def test_a_small_heldout_set_is_capped_and_eval_data_is_its_own_file(tmp_path, i
         device="cpu").items()])
     ev = json.load(open(out / "eval.json"))
     assert ev["policy"]["n"] == 3 == ev["base"]["n"]
-    assert eval_lib.evaluate_checkpoint(str(out / "ckpt.pt"), device="cpu") == ev  # eval.py: the same held-out file
+    assert report.evaluate_checkpoint(str(out / "ckpt.pt"), device="cpu") == ev  # eval.py: the same held-out file
     assert json.load(open(out / "config.json"))["eval_data"] == str(tmp_path / "heldout.jsonl")
 
 
@@ -3208,7 +3218,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     # a log line cut off by a kill is dropped when the log is read, not an error
     with open(log, "a") as f:
         f.write('{"iter": 99')
-    assert [e["iter"] for e in eval_lib.read_log_lines(str(log))] == [1, 2]
+    assert [e["iter"] for e in runs.read_log_lines(str(log))] == [1, 2]
 
 def test_bench_runs_end_to_end(tmp_path):
     # bench.py with a tiny budget, as a subprocess: all three comparisons, TRL's GRPOTrainer as the
@@ -3410,7 +3420,7 @@ def test_two_ranks_run_and_resume_exactly(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a["policy"]["model"].values(), b["policy"]["model"].values()))
     assert a["buffer"] == b["buffer"] and a["seen"]["ids"] == b["seen"]["ids"] and a["seen"]["n"] == 16
     assert model_lib.read_json(os.path.join(cfg.out_dir, "config.json"))["world_size"] == 2
-    logs = [eval_lib.read_log_lines(os.path.join(d, "log.jsonl")) for d in (cfg.out_dir, part.out_dir)]
+    logs = [runs.read_log_lines(os.path.join(d, "log.jsonl")) for d in (cfg.out_dir, part.out_dir)]
     drop = ("tok_per_s", "sample_frac", "elapsed")
     assert [{k: v for k, v in e.items() if k not in drop} for e in logs[0]] == \
            [{k: v for k, v in e.items() if k not in drop} for e in logs[1]]

@@ -1,0 +1,744 @@
+"""
+Comparisons of finished runs, their plots, and the ablation ladder in one command (the paper's Table 1,
+mean ± std over seeds; METHOD.md). `python eval.py ...` is this file's command line:
+
+    python eval.py runs/ladder/*-s*         # table + plots of finished runs (eval.json reused)
+    python eval.py --table results.json     # reprint (and redraw) a saved comparison
+    python eval.py --ladder --seeds=3 --jobs=2   # the whole reproduction with its controls, resumable
+
+Top to bottom: what is on disk (`evaluate_checkpoint`, `load_run`: a run's eval.json, else its
+ckpt.pt evaluated and written), the comparison (`comparison_table`, `format_table`), plots
+(`plot_table`, `plot_lineage`), `compare` (runs -> table, results.json, plots), the ladder (each run
+is `python exit.py` as a user runs it), and the command line. It builds on eval.py (the evaluation)
+and runs.py (run folders); nothing in the core imports it.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+import eval as eval_lib
+import model as model_lib
+import runs
+import tasks as tasks_lib
+
+
+def check_table(table, path: str) -> dict:
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list) or "K" not in table:
+        raise ValueError(f"{path}: not a comparison (results.json with 'K' and 'rows')")
+    return table
+
+
+# What this file needs of a run's config where a checkpoint lacks it (a warm-start file has none): exit.Config's
+# defaults for these keys. eval.py never imports exit.py (exit.py imports it); a test keeps the two equal.
+RUN_DEFAULTS = dict(eval_problems=200, eval_k=16, eval_samples=2, eval_temperature=1.0, eval_harder=False,
+                    eval_split="test", max_new_tokens=48, seed=0, data="", difficulties="", eval_data="",
+                    kappa=10.0, admission="score")
+
+
+METHODS = ("grpo", "curriculum", "improve", "diverge", "exit")  # the ladder's rungs, as exit.METHODS
+
+
+def truncate(res: dict, K: int) -> dict:
+    """An evaluation cut to its first K steps. Exact, not an approximation: step k of a chain only
+    depends on steps 0..k-1 (and the sampler's stream up to there), never on how many follow."""
+    if K > res["K"]:
+        raise ValueError(f"asked for K = {K}, but this evaluation has only {res['K']} steps; pass --recompute")
+    out = dict(res, K=K, score=res["score"][:K + 1], solved=res["solved"][:K + 1])
+    out["delta"] = out["score"][K] - out["score"][0]
+    if "net_corrections" in res:
+        out["net_corrections"] = res["net_corrections"][:K + 1]
+    for key in ("fix_rate", "break_rate"):  # one entry per step k -> k+1
+        if key in res:
+            out[key] = res[key][:K]
+    out["by_difficulty"] = {d: v[:K + 1] for d, v in res.get("by_difficulty", {}).items()}
+    if "first_turn" in res:  # a multi-turn family's extra curves
+        out["first_turn"], out["turn_acc"] = truncate(res["first_turn"], K), res["turn_acc"][:K + 1]
+    return out
+
+
+def _task_from_name(path: str):
+    """A warm-start cache file is named {task}-{key}.pt (exit.warm_start); it records no config."""
+    task = os.path.basename(path).split("-")[0]
+    return task if task in tasks_lib.FAMILIES else None
+
+
+def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None, n_problems: int | None = None,
+                        n_samples: int | None = None, device: str = "auto", with_base: bool = True,
+                        temperature: float | None = None, split: str | None = None, chain: bool = False) -> dict:
+    """{"policy": ..., "base": ...} for a checkpoint file, as exit.main writes eval.json (chain=True adds
+    "chain": show_chain's text, as exit.main writes chain.txt).
+
+    A run checkpoint brings its config: its eval_* settings and seed are the defaults, so this
+    recomputes exactly what the run's own final evaluation did. Its base is the warm-started
+    policy at ckpt["base_path"] (None, with a warning, if that file is gone). A warm-start cache
+    file is a policy of its own, with no base."""
+    ck = model_lib.load_checkpoint(path)
+    # a run's saved config, with today's defaults for what it lacks (a base file has no config at all)
+    cfg = {**RUN_DEFAULTS, **(ck.get("config") or {})}
+    recorded = (ck.get("config") or {}).get("task")
+    if task and recorded and task != recorded:
+        raise ValueError(f"{path} was trained on --task={recorded}; --task={task} is only for a checkpoint "
+                         "that records no task (a warm-start file)")
+    task = recorded or task or _task_from_name(path)
+    if task is None:
+        raise ValueError(f"{path} records no task (not a run checkpoint); pass --task")
+    family = tasks_lib.eval_family(cfg.get("eval_data", ""),
+                                   tasks_lib.make_family(task, cfg.get("data", ""), cfg.get("difficulties", "")))
+    dev = model_lib.pick_device(device)
+    settings = eval_lib.eval_settings(cfg)
+    settings.update({k: v for k, v in dict(n_problems=n_problems, K=K, n_samples=n_samples).items() if v is not None})
+    if temperature is not None:  # 0 is a real choice (greedy), so not "if temperature"
+        settings["temperature"] = temperature
+    if split is not None:
+        settings["split"] = split
+    policy, tok = model_lib.policy_from_state(ck["policy"], dev)
+    out = dict(policy=eval_lib.evaluate_policy(policy, tok, family, **settings), base=None)
+    base_path, base = ck.get("base_path"), None
+    if with_base and ck.get("kind") == "run":
+        if base_path and os.path.exists(base_path):
+            out["base"] = eval_lib.evaluate_base(base_path, tok, family, dev, **settings)
+            seen = (ck.get("seen") or {}).get("ids") or []
+            base = eval_lib.frozen_base(base_path, dev) if seen or chain else None
+            diversity = eval_lib.run_diversity(seen, base) if seen else None
+            if diversity:
+                out["diversity"] = diversity
+        else:
+            print(f"warning: {path}: its base policy {base_path!r} is gone; no Base evaluation", file=sys.stderr)
+    if chain:
+        out["chain"] = eval_lib.show_chain(policy, tok, family, settings, run_label(cfg) if ck.get("kind") == "run" else "policy", base)
+    return out
+
+
+# the settings that make two runs' Base evaluations the same evaluation of the same policy
+BASE_KEYS = ("task", "data", "eval_data", "difficulties", "seed", "base_seed", "init", "n_layer", "n_embd", "n_head", "n_kv_head",
+             "warm_examples", "warm_steps", "warm_batch", "warm_lr", "warm_pack", "max_new_tokens", "eval_problems",
+             "eval_k", "eval_samples", "eval_temperature", "eval_split", "eval_harder")
+
+
+def load_run(path: str, recompute: bool = False, task: str | None = None, K: int | None = None,
+             n_problems: int | None = None, n_samples: int | None = None, device: str = "auto",
+             temperature: float | None = None, split: str | None = None) -> dict:
+    """One run for the comparison: {path, method, seed, task, base_key, policy, base, log, diversity, chain}
+    (chain: the path of its improvement chain as text, or None).
+
+    `path` is a run folder or a checkpoint file. Its eval.json (for a loose checkpoint file
+    X.pt: X.eval.json) is used as it is; only when there is none, or with recompute, is the
+    checkpoint evaluated, and the result written there for next time. An evaluation at another
+    temperature than the run's own goes to eval.T{temperature}.json (split="val": eval.val.json), so
+    eval.json stays the run's. `method` is the row the run joins: its method, with a suffix for a
+    control setting (run_label: exit-kappa0, exit-fifo)."""
+    if os.path.isfile(path) and os.path.basename(path) == "ckpt.pt":
+        path = os.path.dirname(path) or "."  # a run's own checkpoint: the run folder says more
+    if os.path.isdir(path):
+        ev_file, ck_file = os.path.join(path, "eval.json"), os.path.join(path, "ckpt.pt")
+        if not os.path.isfile(ev_file) and not os.path.isfile(ck_file):
+            raise FileNotFoundError(f"{path} has neither eval.json nor ckpt.pt: is it a run folder (exit.py --out_dir)?")
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{path} has no config.json, so its method is unknown")
+        cfg = model_lib.read_json(cfg_file)
+        method, log = run_label(cfg), runs.read_log(path)
+    elif os.path.isfile(path):
+        ck = model_lib.load_checkpoint(path)
+        cfg = ck.get("config") or {"task": task or _task_from_name(path)}
+        method = run_label(cfg) if ck.get("kind") == "run" else "base"
+        ev_file, ck_file, log = os.path.splitext(path)[0] + ".eval.json", path, []
+    else:
+        raise FileNotFoundError(f"no run folder or checkpoint at {path}")
+
+    # an evaluation with other settings than the run's own goes to a file of its own (eval.T0.json,
+    # eval.K4.n50.json, ...): the run's eval.json is only ever replaced by the same evaluation
+    own = eval_lib.eval_settings({**RUN_DEFAULTS, **cfg})
+    asked = dict(K=K if recompute or not os.path.isfile(ev_file) else None, n=n_problems, s=n_samples, T=temperature)
+    mine = dict(K=own["K"], n=own["n_problems"], s=own["n_samples"], T=own["temperature"])
+    tags = [f"{k}{v:g}" for k, v in asked.items() if v is not None and v != mine[k]]
+    if split is not None and split != own["split"]:
+        tags.insert(0, split)
+    if tags:
+        ev_file = f"{ev_file[:-len('.json')]}.{'.'.join(tags)}.json"
+    ev = None
+    if os.path.isfile(ev_file) and not recompute:
+        ev = eval_lib.check_evaluation(model_lib.read_json(ev_file), ev_file)
+        if K is not None and K > ev["policy"]["K"]:
+            raise ValueError(f"{ev_file} has K = {ev['policy']['K']} < --k={K}; pass --recompute to evaluate again")
+    # its improvement chain (show_chain) beside it: chain.txt beside eval.json, X.chain.txt beside X.json
+    chain_file = os.path.join(os.path.dirname(ev_file), "chain.txt") if os.path.basename(ev_file) == "eval.json" \
+        else ev_file[:-len(".json")] + ".chain.txt"
+    if ev is None:
+        if not os.path.isfile(ck_file):
+            raise FileNotFoundError(f"{path}: no ckpt.pt to evaluate")
+        # a run folder is locked while its run is live: never evaluate a checkpoint that is being replaced
+        with runs.run_lock(path) if os.path.isdir(path) else contextlib.nullcontext():
+            print(f"evaluating {ck_file} ...", flush=True)
+            ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples,
+                                     device=device, temperature=temperature, split=split, chain=True)
+            text = ev.pop("chain")
+            if text:  # before eval.json, whose presence says the evaluation is done
+                eval_lib.write_text(text + "\n", chain_file)
+            eval_lib.write_json(ev, ev_file)
+    # unset and off settings are left out, so runs from before a setting existed still share their base;
+    # runs from before --base_seed trained a base per seed (base_seed -1)
+    cfg = {"base_seed": -1, **cfg}
+    base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "", False)}, sort_keys=True)
+    if method == "base":
+        base_key = os.path.abspath(path)
+    return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key,
+                policy=ev["policy"], base=ev.get("base"), log=log, diversity=ev.get("diversity"),
+                chain=chain_file if os.path.isfile(chain_file) else None)
+
+
+LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve": "Improve",
+          "diverge": "Diverge", "exit": "ExIt (full)",  # the ladder's order (exit.METHODS, the paper's §5.2)
+          "exit-kappa0": "ExIt, κ = 0", "exit-fifo": "ExIt, FIFO"}  # its controls (CONTROLS), not the paper's
+
+
+# Two controls of full ExIt that ask what the learnability curriculum adds (METHOD.md): the same buffer
+# sampled uniformly (κ = 0), and admission blind to learnability (the oldest entry leaves, not the least
+# learnable). A run is in a control's row when its config has that setting (run_label).
+CONTROLS = {"exit-kappa0": ("exit", dict(kappa=0.0)), "exit-fifo": ("exit", dict(admission="fifo"))}
+
+
+def run_label(cfg: dict) -> str:
+    """The comparison row of a run: its method, or the control it is (CONTROLS) when it has a control's setting."""
+    method = cfg.get("method", "?")
+    for name, (m, setting) in CONTROLS.items():
+        if m == method and all(cfg.get(k, RUN_DEFAULTS[k]) == v for k, v in setting.items()):
+            return name
+    return method
+
+
+CURVE_KEYS = ("reward_base", "reward_improve", "reward_diverge", "zero_var_frac",   # training
+              "depth", "difficulty", "buf_score_mean", "buf_distinct",              # the curriculum
+              "turn", "ref_calls", "malformed_frac", "buf_depth",                   # multi-turn (Fig. 6)
+              "heldout_k0", "heldout_kK")                                           # exit.py --eval_every
+
+
+def mean_std(values) -> list[float]:
+    """[mean, sample std (n - 1)] over runs; the std of a single run is 0, not NaN."""
+    v = np.asarray(values, dtype=float)
+    return [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
+
+
+def _mean_curve(logs: list[list[dict]], key: str) -> list:
+    """Per iteration, the mean over runs of log[key] (None where a run did not log it, e.g. no
+    improve steps yet); runs of different lengths are cut to the shortest."""
+    T = min(len(log) for log in logs)
+    v = np.array([[np.nan if log[t].get(key) is None else log[t][key] for t in range(T)] for log in logs], float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column (nothing logged) has mean NaN: fine
+        m = np.nanmean(v, axis=0) if T else np.zeros(0)
+    return [None if np.isnan(x) else float(x) for x in m]
+
+
+def comparison_table(runs: list[dict], K: int | None = None) -> dict:
+    """Group runs by method, Base from the runs' base evaluations (one per distinct base), and
+    give each row mean ± std over its runs of score(0), score(K), Δ_K, plus the mean ± std curves
+    of score and net corrections vs k and the mean training curves, so plots need nothing else.
+    K defaults to the smallest K among the runs (longer evaluations are truncated, exactly)."""
+    groups, logs, divs, seen = {}, {}, {}, set()
+    for r in runs:
+        if r["method"] != "base":
+            groups.setdefault(r["method"], []).append(r["policy"])
+            divs.setdefault(r["method"], []).append(r.get("diversity"))
+            if r.get("log"):
+                logs.setdefault(r["method"], []).append(r["log"])
+        base = r["policy"] if r["method"] == "base" else r.get("base")
+        if base is not None and r["base_key"] not in seen:  # runs of one seed share one base: count it once
+            seen.add(r["base_key"])
+            groups.setdefault("base", []).append(base)
+    if not groups:
+        raise ValueError("no evaluations to compare")
+    # evaluations from before the validation split existed are on the old test fifth: other problems
+    splits = {x.get("settings", {}).get("split", "the old test fifth") for rs in groups.values() for x in rs}
+    if len(splits) > 1:
+        raise ValueError(f"these evaluations are on different held-out splits ({', '.join(sorted(splits))}): compare "
+                         "runs evaluated on one split (python eval.py RUNS --recompute evaluates them again)")
+    K = min(res["K"] for rs in groups.values() for res in rs) if K is None else K
+    order = [m for m in LABELS if m in groups] + sorted(set(groups) - set(LABELS))
+    rows = []
+    # a multi-turn family's main metric is its first turn's accuracy, as the paper's Table 1 reports tool use;
+    # the episode's return (its Fig. 3) goes beside it
+    multi_turn = all("first_turn" in x for rs in groups.values() for x in rs)
+    for m in order:
+        whole = [truncate(x, K) for x in groups[m]]
+        res = [x["first_turn"] for x in whole] if multi_turn else whole
+        score = np.array([x["score"] for x in res])  # (runs, K + 1)
+        row = dict(method=m, label=LABELS.get(m, m), runs=len(res), n=[x["n"] for x in res],
+                   problems=[x["n"] // x.get("settings", {}).get("n_samples", 1) for x in whole],  # chains / chains per problem
+                   k0=mean_std(score[:, 0]), kK=mean_std(score[:, K]), delta=mean_std(score[:, K] - score[:, 0]),
+                   score_mean=score.mean(0).tolist(), score_std=[mean_std(c)[1] for c in score.T],
+                   score_runs=score.tolist())
+        if all("net_corrections" in x for x in res):  # binary families only
+            net = np.array([x["net_corrections"] for x in res])
+            row.update(net_mean=net.mean(0).tolist(), net_std=[mean_std(c)[1] for c in net.T])
+        if multi_turn:
+            ret = np.array([x["score"] for x in whole])
+            row["return"] = dict(k0=mean_std(ret[:, 0]), kK=mean_std(ret[:, K]), delta=mean_std(ret[:, K] - ret[:, 0]))
+        if m in logs:
+            row["curves"] = {k: _mean_curve(logs[m], k) for k in CURVE_KEYS}
+        if divs.get(m) and all(divs[m]):  # task diversity of the instances trained on (the paper's Tables 2, 7)
+            row["diversity"] = {k: mean_std([d[k] for d in divs[m]]) for k in ("cosine", "l2")}
+        rows.append(row)
+    efficiency(rows)
+    tasks = sorted({r["task"] for r in runs if r.get("task")})
+    return dict(K=K, task=",".join(tasks) or "?", metric="first-turn accuracy" if multi_turn else "score",
+                rows=rows, runs=[os.path.abspath(r["path"]) for r in runs])
+
+
+def efficiency(rows: list[dict]):
+    """Sample efficiency from the held-out curves (exit.py --eval_every): for each row, the fraction of GRPO's
+    iterations it needs to first reach GRPO's final held-out score at k = K (mean curves over seeds);
+    None where a row never reaches it or there is no GRPO curve."""
+    curve = lambda r: [(t + 1, v) for t, v in enumerate(r.get("curves", {}).get("heldout_kK") or []) if v is not None]
+    grpo = next((curve(r) for r in rows if r["method"] == "grpo"), [])
+    if not grpo:
+        return
+    (T, target) = grpo[-1]
+    for r in rows:
+        reached = [t for t, v in curve(r) if v >= target]
+        if curve(r):
+            r["iters_to_grpo_final"] = reached[0] / T if reached else None
+
+
+def format_table(table: dict) -> str:
+    """The table as text, scores in % like the paper's Table 1."""
+    K, metric = table["K"], table.get("metric", "score")
+    pct = lambda ms, sign="": f"{100 * ms[0]:{sign}5.1f} ± {100 * ms[1]:4.1f}"
+    cols = lambda name: f"  {name + ' k = 0':>12}  {f'k = {K}':>12}  {f'Δ{K}':>12}"
+    lines = [f"held-out {table['task']}, K = {K}: {metric} in % (mean ± std over runs)"
+             + ("; the episode's return beside it" if any("return" in r for r in table["rows"]) else ""),
+             f"{'method':<12} {'runs':>4}" + cols("") + (cols("return") if any("return" in r for r in table["rows"]) else "")]
+    for r in table["rows"]:
+        line = f"{r['label']:<12} {r['runs']:>4}  {pct(r['k0']):>12}  {pct(r['kK']):>12}  {pct(r['delta'], '+'):>12}"
+        if "return" in r:
+            ret = r["return"]
+            line += f"  {pct(ret['k0']):>12}  {pct(ret['kK']):>12}  {pct(ret['delta'], '+'):>12}"
+        lines.append(line)
+    main = [r for r in table["rows"] if r["method"] != "base"]
+    if main:  # the noise of one run's score from the finite held-out set, beside the std over runs
+        p, n = np.mean([r["kK"][0] for r in main]), min(min(r["problems"]) for r in main)
+        lines.append(f"one run's standard error from its {n} held-out problems at k = {K}: ±{100 * np.sqrt(p * (1 - p) / n):.1f} "
+                     f"points (binomial, at the rows' mean {100 * p:.1f}%; chains of one problem are not independent, so the "
+                     "problems, not the chains, are counted)")
+    div = [r for r in table["rows"] if "diversity" in r]
+    if div:
+        lines.append("task diversity of the instances trained on (mean pairwise distance of their embeddings by the frozen "
+                     "base policy; the paper's Tables 2, 7): "
+                     + "; ".join(f"{r['label']} cosine {r['diversity']['cosine'][0]:.4f} ± {r['diversity']['cosine'][1]:.4f}, "
+                                 f"L2 {r['diversity']['l2'][0]:.3f} ± {r['diversity']['l2'][1]:.3f}" for r in div))
+    eff = [(r["label"], r["iters_to_grpo_final"]) for r in table["rows"] if "iters_to_grpo_final" in r]
+    if eff:  # exit.py --eval_every: held-out curves during training
+        lines.append("iterations needed to reach GRPO's final held-out k = K score, as a fraction of GRPO's: "
+                     + ", ".join(f"{m} {'not reached' if f is None else f'{f:.2f}'}" for m, f in eff))
+    return "\n".join(lines)
+
+
+def smooth(y, window: int) -> np.ndarray:
+    """Moving average over the last `window` iterations that skips missing values (NaN)."""
+    y = np.array([np.nan if v is None else v for v in y], dtype=float)
+    ok = ~np.isnan(y)
+    c = np.concatenate([[0], np.cumsum(np.where(ok, y, 0.0))])
+    n = np.concatenate([[0], np.cumsum(ok)])
+    lo = np.maximum(np.arange(len(y)) + 1 - window, 0)
+    hi = np.arange(len(y)) + 1
+    cnt = n[hi] - n[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, (c[hi] - c[lo]) / np.maximum(cnt, 1), np.nan)
+
+
+def _colour(method: str) -> str:
+    names = list(LABELS)
+    return f"C{names.index(method) if method in names else len(names)}"  # the same colour in every plot
+
+
+def _plot_vs_k(fig, table, mean_key, std_key, ylabel, title, scale=100.0, runs_key=None):
+    """Mean over runs with a ± std band; with runs_key, each run also as a thin line (seeds can differ
+    so much that the band alone hides what happened)."""
+    ax = fig.add_subplot(1, 1, 1)
+    for r in table["rows"]:
+        if mean_key not in r:
+            continue
+        m, s, k = scale * np.array(r[mean_key]), scale * np.array(r[std_key]), np.arange(len(r[mean_key]))
+        c, single = _colour(r["method"]), r.get(runs_key) if runs_key else None
+        ax.plot(k, m, marker=".", color=c, label=f"{r['label']} (n={r['runs']})")
+        if single and len(single) > 1:
+            for y in single:
+                ax.plot(k, scale * np.array(y)[:len(k)], color=c, lw=0.7, alpha=0.45)
+        ax.fill_between(k, m - s, m + s, color=c, alpha=0.08 if single else 0.15)
+    ax.set(xlabel="improve step k", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_curves(fig, table, keys, titles, window):
+    axes = []
+    for i, (key, title) in enumerate(zip(keys, titles)):
+        ax = fig.add_subplot(2, 2, i + 1)
+        for r in table["rows"]:
+            y = r.get("curves", {}).get(key)
+            if y and any(v is not None for v in y):
+                ax.plot(np.arange(1, len(y) + 1), smooth(y, window), color=_colour(r["method"]), label=r["label"])
+        ax.set(xlabel="RL iteration", title=title)
+        ax.grid(alpha=0.3)
+        axes.append(ax)
+    # one legend, in the panel that draws the most rows: a row absent from the first (GRPO replays nothing) is named too
+    fullest = max(axes, key=lambda a: len(a.lines))
+    if fullest.lines:
+        fullest.legend(fontsize=7)
+
+
+def _plot_heldout(fig, table):
+    """The held-out curves of exit.py --eval_every: k = K solid, k = 0 dashed, mean over each row's runs."""
+    ax = fig.add_subplot(1, 1, 1)
+    for r in table["rows"]:
+        for key, style in (("heldout_kK", "-"), ("heldout_k0", "--")):
+            pts = [(t + 1, 100 * v) for t, v in enumerate(r.get("curves", {}).get(key) or []) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, marker=".", color=_colour(r["method"]),
+                        label=f"{r['label']} k = {'K' if key == 'heldout_kK' else 0}")
+    ax.set(xlabel="RL iteration", ylabel=f"held-out {table.get('metric', 'score')} (%)",
+           title=f"{table['task']}: held-out slice during training (k = {table['K']} solid, k = 0 dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | None:
+    """PNG plots of a comparison in `out`; None (and nothing written) without matplotlib.
+    Training curves are smoothed over `window` iterations (default: 1/25 of the run)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    if window is None:
+        T = max((len(c) for r in table["rows"] for c in r.get("curves", {}).values()), default=0)
+        window = max(1, T // 25)
+    os.makedirs(out, exist_ok=True)
+    K, task, paths = table["K"], table["task"], []
+
+    def save(name, draw, size=(6, 4.5)):
+        fig = Figure(figsize=size, layout="constrained")
+        draw(fig)
+        paths.append(os.path.join(out, name))
+        fig.savefig(paths[-1], dpi=110)
+
+    save("accuracy_vs_k.png", lambda f: _plot_vs_k(
+        f, table, "score_mean", "score_std", f"held-out {table.get('metric', 'score')} (%)",
+        f"{task}: {table.get('metric', 'score')} vs improve steps (mean ± std; thin: single runs)", runs_key="score_runs"))
+    if any("net_mean" in r for r in table["rows"]):
+        save("net_corrections.png", lambda f: _plot_vs_k(
+            f, table, "net_mean", "net_std", "net corrections (% of chains)",
+            f"{task}: cumulative (wrong→right) − (right→wrong)"))
+    if any("curves" in r for r in table["rows"]):
+        save("training.png", lambda f: _plot_curves(
+            f, table, CURVE_KEYS[:4], ("reward, base tasks", "reward, improve steps", "reward, diverge steps",
+                                       "zero-variance groups (fraction)"), window), size=(9, 6.5))
+        save("curriculum.png", lambda f: _plot_curves(
+            f, table, CURVE_KEYS[4:8], ("mean depth of sampled instances", "mean difficulty of sampled instances",
+                                        "buffer: mean learnability score", "buffer: distinct base tasks"), window),
+             size=(9, 6.5))
+        if any(any(v is not None for v in r.get("curves", {}).get("heldout_kK", [])) for r in table["rows"]):
+            save("heldout.png", lambda f: _plot_heldout(f, table))
+        if any(any(v is not None for v in r.get("curves", {}).get("turn", [])) for r in table["rows"]):
+            save("multi_turn.png", lambda f: _plot_curves(
+                f, table, CURVE_KEYS[8:12], ("mean starting turn of replayed instances", "reference tool calls of "
+                                           "trained episodes", "malformed responses (fraction)",
+                                           "buffer: mean depth"), window), size=(9, 6.5))
+    return paths
+
+
+def plot_lineage(log: list[dict], path: str, title: str = "") -> str | None:
+    """One run's buffer over training by iteration depth k (k = 0: a base task); None without matplotlib or data."""
+    hists = [l.get("buf_depth_hist") for l in log]
+    if not any(hists):
+        return None
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    top = 4  # depths >= top share one band, so a long tail stays readable
+    counts = np.zeros((top + 1, len(hists)))
+    for i, h in enumerate(hists):
+        for d, n in (h or {}).items():
+            counts[min(int(d), top), i] += n
+    x = np.arange(1, len(hists) + 1)
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    labels = [f"k = {d}" for d in range(top)] + [f"k ≥ {top}"]
+    ax.stackplot(x, counts, labels=labels, colors=[f"C{d}" for d in range(top + 1)], alpha=0.85)
+    ax.set(xlabel="RL iteration", ylabel="buffered task instances",
+           title=title or "the curriculum's lineage: buffer by iteration depth")
+    ax.legend(loc="upper left", fontsize=8, reverse=True)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def compare(paths: list[str], out: str | None = None, K: int | None = None, overwrite: bool = False,
+            **load_kw) -> dict:
+    """Load (or evaluate) each run, print the table, write results.json and the plots in `out`
+    (default: one run folder: that folder; several: their common parent folder, else runs/compare)."""
+    runs = [load_run(p, K=K, **load_kw) for p in paths]
+    table = comparison_table(runs, K)
+    if out is None and len(runs) == 1 and os.path.isdir(runs[0]["path"]):
+        out = runs[0]["path"]  # never the parent, which may hold a comparison of many runs (a ladder's)
+    elif out is None:
+        parents = [os.path.dirname(os.path.abspath(r["path"])) for r in runs]
+        common = os.path.commonpath(parents)
+        out = common if common not in (os.path.abspath(os.sep), os.getcwd()) else os.path.join("runs", "compare")
+    table = report(table, out, overwrite)
+    # the lineage of one run that built a curriculum (the most complete rung first), not of every seed
+    order = {m: i for i, m in enumerate(reversed(METHODS))}  # full ExIt first; controls after every rung
+    grown = sorted((r for r in runs if r["log"] and any(l.get("buf_depth_hist") for l in r["log"])),
+                   key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+    if grown and plot_lineage(grown[0]["log"], os.path.join(out, "lineage.png"),
+                              f"lineage of the buffer: {LABELS.get(grown[0]['method'], grown[0]['method'])}, "
+                              f"seed {grown[0]['seed']}"):
+        print(f"lineage: {os.path.join(out, 'lineage.png')} ({grown[0]['path']})")
+    # and what one improvement chain looks like, from the same kind of run
+    shown = sorted((r for r in runs if r.get("chain")), key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+    if shown:
+        with open(shown[0]["chain"]) as f:
+            print(f"one held-out improvement chain ({shown[0]['chain']}):\n{f.read().rstrip()}")
+    return table
+
+
+def report(table: dict, out: str, overwrite: bool = False) -> dict:
+    """Print the table; write results.json and the plots in `out`. A results.json there of other runs
+    (another comparison) is never replaced unless overwrite."""
+    print(format_table(table))
+    old_file = os.path.join(out, "results.json")
+    if os.path.isfile(old_file) and not overwrite:
+        old = check_table(model_lib.read_json(old_file), old_file)
+        shape = lambda t: t.get("runs") or [(r.get("method"), r.get("runs")) for r in t["rows"]]
+        if shape(old) != shape(table):
+            raise FileExistsError(f"{old_file} holds a comparison of other runs ({len(old['rows'])} rows); "
+                                  "pass --out=DIR to write this one elsewhere, or --overwrite to replace it")
+    os.makedirs(out, exist_ok=True)
+    eval_lib.write_json(table, os.path.join(out, "results.json"))
+    plots = plot_table(table, out)
+    print(f"results: {os.path.join(out, 'results.json')}")
+    if plots is None:
+        print("(no plots: pip install matplotlib to get them)")
+    else:
+        print("plots: " + ", ".join(plots))
+    return table
+
+
+MINUTES_PER_RUN = 7  # one run at exit.py's defaults with --eval_every=50 on a 2-core CPU (warm start: once per seed)
+
+
+LADDER_SETS = ("method", "seed", "out_dir", "resume")  # the ladder sets these itself
+
+
+def start_run(argv: list[str], log: str | None = None, threads: int | None = None) -> subprocess.Popen:
+    """`python exit.py ARGS` itself, in a process of its own, so the ladder can never drift from what a
+    user runs (and eval.py never imports exit.py, which imports it); its output to `log` when given."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    exe = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit.py"), *argv]
+    if not log:
+        return subprocess.Popen(exe, env=env)
+    with open(log, "a") as out:  # appended: a resumed run keeps the output of its first part
+        return subprocess.Popen(exe, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def finished(proc: subprocess.Popen, argv: list[str], log: str | None = None):
+    """A failed run stops the ladder; its own one-line error is on stderr (or at the end of its log)."""
+    if proc.returncode == 130:  # Ctrl-C: the run saved its checkpoint; the same ladder command continues it
+        raise KeyboardInterrupt
+    if proc.returncode != 0:
+        raise ValueError(f"the run `python exit.py {' '.join(argv)}` failed (exit code {proc.returncode})"
+                         + (f"; its output: {log}" if log else ""))
+
+
+def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", methods=None, controls: bool = True,
+           jobs: int = 1) -> dict:
+    """Every rung x seeds 0..seeds-1, in out/{method}-s{seed}, and (controls) the two CONTROLS of full
+    ExIt; then the table and plots in out. Each run also logs a held-out curve (--eval_every=50 unless
+    set), from which the table gives the sample efficiency against GRPO.
+
+    A run whose eval.json exists is skipped, and one with only a ckpt.pt (interrupted) is resumed,
+    so the same command continues an interrupted ladder. Every run starts from one base, as in the
+    paper (--base_seed, default 0: the base shipped in bases/ at the default settings, else one warm
+    start, cached under base_dir); --base_seed=-1 gives each seed its own. Base costs nothing extra:
+    its row comes from the runs' own base evaluations.
+
+    jobs > 1 runs that many at once, each on one thread (OMP_NUM_THREADS=1) with its output in
+    out/{run}.out: on 2 cores, jobs=2 halves the wall time. A base's later runs wait until its first run
+    has begun RL (its log.jsonl exists), so its warm start is trained once, not once per job. A CPU run
+    is exact for one thread count, so a ladder at jobs=2 (one thread a run) gives other numbers than at
+    jobs=1 (the machine's threads): finish a ladder with the --jobs it started with.
+    When the ladder stops (an error, Ctrl-C, kill) its running runs finish their iteration, save and stop."""
+    rows = [[(m, [f"--method={m}"]) for m in (methods or METHODS)]]
+    if controls:
+        rows.append([(name, [f"--method={m}", *(f"--{k}={v}" for k, v in setting.items())])
+                     for name, (m, setting) in CONTROLS.items()])
+    given = {a[2:].partition("=")[0]: a[2:].partition("=")[2] for a in overrides}
+    fixed = [k for _, setting in CONTROLS.values() for k in setting if k in given] if controls else []
+    if fixed:
+        raise ValueError(f"the ladder's controls set --{' --'.join(dict.fromkeys(fixed))} themselves; drop it, or pass "
+                         "--no_controls")
+    if "eval_every" not in given:
+        overrides = [*overrides, "--eval_every=50"]
+    clash = [k for k in given if k in LADDER_SETS]
+    if clash:
+        raise ValueError(f"the ladder sets {', '.join(LADDER_SETS)} itself; drop --{' --'.join(clash)}")
+    if given.get("eval_problems", "1").strip() in ("0", "0.0"):
+        raise ValueError("the ladder needs the final evaluation: --eval_problems must be > 0")
+    # every other setting is checked by exit.py itself, before any work: a bad one stops the first run at once
+    # the paper's rungs for every seed first, then the controls: a ladder stopped early has whole rungs
+    plan = [(m, args, s, os.path.join(out, f"{m}-s{s}")) for group in rows for s in range(seeds) for m, args in group]
+    todo = [p for p in plan if not os.path.isfile(os.path.join(p[3], "eval.json"))]
+    print(f"ladder: {sum(map(len, rows))} rows x {seeds} seeds = {len(plan)} runs in {out}; {len(plan) - len(todo)} done, "
+          f"{len(todo)} to run (about {MINUTES_PER_RUN} min a run at exit.py's defaults on a 2-core CPU"
+          + (f", {jobs} at a time" if jobs > 1 else "") + ")", flush=True)
+    for _, _, _, d in todo:
+        if not os.path.isfile(os.path.join(d, "ckpt.pt")) and runs.run_artifacts(d):  # stopped before its first checkpoint
+            raise ValueError(f"{d} was stopped before its first checkpoint ({', '.join(runs.run_artifacts(d))}, no "
+                             f"ckpt.pt): nothing there to resume; delete it (rm -r {d}) and run the same command again")
+    os.makedirs(out, exist_ok=True)
+    base = (lambda seed: seed) if given.get("base_seed", "").strip() == "-1" else (lambda seed: 0)  # a base per seed, or one
+    leader = {}  # base -> the folder of its first run to start: the one that trains the warm start
+    t0, running, done = time.time(), [], 0
+    try:
+        while todo or running:
+            for proc, argv, d, log in [r for r in running if r[0].poll() is not None]:
+                running.remove((proc, argv, d, log))
+                finished(proc, argv, log)
+                if not os.path.isfile(os.path.join(d, "eval.json")):
+                    raise RuntimeError(f"{d}: the run ended without eval.json")
+                done += 1
+            ready = [p for p in todo if base(p[2]) not in leader or not any(r[2] == leader[base(p[2])] for r in running)
+                     or os.path.isfile(os.path.join(leader[base(p[2])], "log.jsonl"))]
+            if ready and len(running) < jobs:
+                m, args, s, d = ready[0]
+                todo.remove(ready[0])
+                leader.setdefault(base(s), d)
+                # runs finished per second so far (jobs at a time) x the runs still to finish
+                left = f"~{(time.time() - t0) / done * (len(todo) + len(running) + 1) / 60:.0f} min left" if done else ""
+                print(f"\n[{len(plan) - len(todo)}/{len(plan)}] {m} seed {s} -> {d}   {left}", flush=True)
+                argv = [*overrides, *args, f"--seed={s}", f"--out_dir={d}"]
+                argv += ["--resume"] if os.path.isfile(os.path.join(d, "ckpt.pt")) else []
+                log = f"{d}.out" if jobs > 1 else None
+                running.append((start_run(argv, log, threads=1 if jobs > 1 else None), argv, d, log))
+                continue
+            time.sleep(1 if jobs > 1 else 0.05)
+    finally:  # an error, Ctrl-C or kill: the other runs finish their iteration, save their checkpoint and stop
+        for proc, *_ in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, *_ in running:
+            try:
+                proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return compare([d for *_, d in plan], out=out, overwrite=True)  # the ladder's own comparison
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(
+        prog="python eval.py", allow_abbrev=False,
+        description="Compare ExIt runs in the shape of the paper's Table 1 (mean ± std over seeds of the held-out "
+                    "score at k = 0 and k = K, and Δ_K), with plots; or run the whole ablation ladder.",
+        epilog="examples:\n  python eval.py runs/ladder/*-s*\n  python eval.py runs/exit/ckpt.pt runs/base/math-0123abcd.pt"
+               "\n  python eval.py --table runs/ladder/results.json\n  python eval.py --ladder --seeds=3 --jobs=2"
+               "\n  python eval.py --ladder --seeds=3 --task=math --out=runs/ladder-math --iters=300   (any exit.py "
+               "--key=value passes through)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run folders (exit.py --out_dir) or checkpoint files")
+    p.add_argument("--out", metavar="DIR", help="where results.json and the plots go (default: a single run folder "
+                   "itself; several runs: their common parent folder, else runs/compare; with --ladder: runs/ladder)")
+    p.add_argument("--k", type=int, metavar="K", help="improve steps K (default: the runs' own eval_k; a "
+                   "stored evaluation with more steps is cut to K, exactly)")
+    p.add_argument("--problems", type=int, metavar="N", help="held-out tasks, when evaluating (default: the run's eval_problems)")
+    p.add_argument("--samples", type=int, metavar="N", help="chains per task, when evaluating (default: the run's eval_samples)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help="sampling temperature of the evaluation (default: the run's eval_temperature; 0 = greedy); "
+                        "results go to eval.T{T}.json beside the run's eval.json")
+    p.add_argument("--recompute", action="store_true", help="evaluate again even where eval.json exists (with other "
+                   "settings than the run's own, the result goes to eval.{settings}.json, never eval.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a results.json of other runs in --out")
+    p.add_argument("--task", help="task family of a checkpoint that records none; with --ladder, exit.py's --task")
+    p.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
+    p.add_argument("--table", metavar="FILE", help="reprint a saved results.json (and redraw its plots next to it)")
+    p.add_argument("--ladder", action="store_true", help="train and evaluate GRPO / Curriculum / Improve / Diverge / "
+                   "ExIt and two controls of ExIt (κ = 0, FIFO admission) x seeds via exit.py, skipping finished runs, "
+                   "then the table and plots")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="with --ladder: seeds 0..N-1 (default 3)")
+    p.add_argument("--no_controls", action="store_true", help="with --ladder: only the paper's rungs, without the two "
+                   "controls of full ExIt (κ = 0: uniform sampling; FIFO admission)")
+    p.add_argument("--jobs", type=int, default=1, metavar="J", help="with --ladder: runs at once, one thread each "
+                   "(2 on a 2-core CPU halves the time); outputs in OUT/{run}.out (default 1)")
+    p.add_argument("--split", choices=("test", "val"), help="held-out split to evaluate on (default: the run's own, "
+                   "test); val goes to eval.val.json: choose settings there, report test")
+    args, extra = p.parse_known_args(argv)
+    if extra and not args.ladder:
+        p.error(f"unrecognized arguments: {' '.join(extra)} (exit.py settings go with --ladder)")
+    bad = [a for a in extra if not a.startswith("--")] + (args.runs if args.ladder else [])
+    if bad:  # e.g. "--iters 5": argparse would take the 5 for a RUN
+        p.error(f"with --ladder, exit.py settings are written --key=value (no RUN arguments); got {' '.join(bad)}")
+    return args, extra
+
+
+def check_args(args):
+    """Bad numbers are errors before anything loads: --temperature=-1 would sample the least likely tokens."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+    need(args.k is None or args.k >= 0, f"--k must be >= 0 (improve steps), got {args.k}")
+    need(args.problems is None or args.problems >= 1, f"--problems must be >= 1, got {args.problems}")
+    need(args.samples is None or args.samples >= 1, f"--samples must be >= 1, got {args.samples}")
+    need(args.temperature is None or (np.isfinite(args.temperature) and args.temperature >= 0),
+         f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    need(args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}")
+    need(args.jobs >= 1, f"--jobs must be >= 1, got {args.jobs}")
+    if args.device:
+        model_lib.pick_device(args.device)
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    args, extra = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        check_args(args)
+        if args.table:
+            table = check_table(model_lib.read_json(args.table), args.table)
+            print(format_table(table))
+            plots = plot_table(table, args.out or os.path.dirname(os.path.abspath(args.table)))
+            print("(no plots: pip install matplotlib to get them)" if plots is None else "plots: " + ", ".join(plots))
+        elif args.ladder:
+            signal.signal(signal.SIGTERM, _stop)  # `kill` of the ladder stops its runs too, as Ctrl-C does
+            passed = dict(task=args.task, device=args.device, eval_k=args.k, eval_problems=args.problems,
+                          eval_samples=args.samples, eval_temperature=args.temperature, eval_split=args.split)
+            overrides = [f"--{k}={v}" for k, v in passed.items() if v is not None] + extra
+            ladder(overrides, seeds=args.seeds, out=args.out or os.path.join("runs", "ladder"),
+                   controls=not args.no_controls, jobs=args.jobs)
+        elif args.runs:
+            compare(args.runs, out=args.out, K=args.k, overwrite=args.overwrite, recompute=args.recompute, task=args.task,
+                    n_problems=args.problems, n_samples=args.samples, device=args.device or "auto",
+                    temperature=args.temperature, split=args.split)
+        else:
+            print("nothing to do: give run folders, --table FILE or --ladder (see -h)", file=sys.stderr)
+            raise SystemExit(2)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing half-written (evaluations are written whole, at the end)", file=sys.stderr)
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()
