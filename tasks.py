@@ -9,15 +9,15 @@ asks for `step_reward` of each rollout; the buffer stores partial histories as t
 feedback, depth}.
 
 Reading order: `Problem`; `TaskFamily`, the interface a family implements and the rules it keeps;
-the per-step rewards and the train/test split it uses; then the families, simplest first; the
+the per-step rewards and the train/test split it uses; then the families, the default first; the
 real-data parser; the registry `FAMILIES`; then prompt encoding. README, "Adding a task family", has a
 worked example.
 
 Families:
-  math     binary, no feedback: a left-to-right integer chain "7+5*2-9" (the competition-math analogue)
   exactsum binary, no feedback, cheap to check: pick numbers that sum exactly to a target, counted down
-           to 0 in the answer (math with a generation-verification gap); exactsumfb: the same, with
-           the environment's feedback ("sum 14, 17 short") on the current answer
+           to 0 in the answer (math with a generation-verification gap); exactsumfb (the default): the
+           same, with the environment's feedback ("sum 14, 17 short") on the current answer
+  math     binary, no feedback: a left-to-right integer chain "7+5*2-9" (the competition-math analogue)
   subset   graded, with feedback: pick numbers whose sum hits a target (the ML-engineering analogue)
   tools    binary, multi-turn: requests to a tiny bank served by tool calls (the BFCL v3 analogue)
   realmath binary: GSM8K/MATH-style problems read from a JSONL file, for real instruct checkpoints
@@ -459,6 +459,145 @@ def check_split(split: str):
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
 
+# ---------------------------------------------------------------- exactsum and exactsumfb (the default): binary, cheap to check
+
+KEEP = "="  # exactsum: an improve response that keeps the current answer (`next_answer`)
+_COUNTDOWN = re.compile(r"([0-9]{1,3})((?:-[0-9]{1,2}=-?[0-9]{1,3})*)")
+
+
+class ExactSumFamily(TaskFamily):
+    """Request "3 7 11 14 17>31": pick listed numbers, each at most once, summing EXACTLY to the target.
+    Binary, no feedback, like `math`, but with a generation-verification gap: an answer counts the target
+    down, "31-3=28-11=17-17=0" (alt: descending, "~31-17=14-11=3-3=0"), and is right iff it is well formed
+    and ends at 0. Checking is reading the last number; finding is a search over subsets. An improve step
+    can keep an answer ("=", KEEP) or repair one by a `local_move`. Numbers 1..19; the target is the sum
+    of a planted subset of 2-4 (any exact subset is right). First attempts flip each number in or out of
+    the planted subset with probability q, so a wrong one is often one move from right."""
+    name, graded, has_feedback = "exactsum", False, False
+    summary = "binary, no feedback: numbers that sum exactly to a target, cheap to check"
+    train_difficulties, heldout_difficulties = (4, 5, 6), (7, 8)
+    answer_format = ("count the target down by the chosen numbers and box it, e.g. \\boxed{31-3=28-11=17-17=0} "
+                     "(when improving, \\boxed{=} keeps the current answer)")
+    ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.12, "p_fix": 0.30, "p_copy": 0.50, "q_break": 0.09}
+
+    def make(self, rng, difficulty):
+        numbers = sorted(rng.sample(range(1, 20), difficulty))
+        best = sorted(rng.sample(numbers, rng.randint(2, min(4, difficulty - 1))))
+        request = " ".join(map(str, numbers)) + f">{sum(best)}"
+        return Problem("", self.name, request, difficulty, _countdown(best, sum(best), False),
+                       {"numbers": numbers, "target": sum(best), "best": best})
+
+    def chat_request(self, problem):
+        return (f"Task {problem.request}: choose numbers from the list before '>', each at most once, "
+                f"whose sum is exactly the number after '>'. Then {self.answer_format}.")
+
+    def picks(self, problem, response: str) -> list[int] | None:
+        """The picks of a well-formed answer (from the target, right subtractions, distinct listed picks), or None."""
+        if not isinstance(response, str):
+            return None
+        boxed = _last_boxed(response)
+        m = _COUNTDOWN.fullmatch((boxed if boxed is not None else response).replace(" ", "").removeprefix(ALT_TAG))
+        if not m or int(m.group(1)) != problem.data["target"]:
+            return None
+        r, picks = problem.data["target"], []
+        for x, rest in re.findall(r"-([0-9]+)=(-?[0-9]+)", m.group(2)):
+            r -= int(x)
+            if int(rest) != r or int(x) not in problem.data["numbers"] or int(x) in picks:
+                return None
+            picks.append(int(x))
+        return picks
+
+    def score(self, problem, response):
+        picks = self.picks(problem, response)
+        return 1.0 if picks and sum(picks) == problem.data["target"] else 0.0
+
+    def next_answer(self, answer, response, mode):
+        keep = isinstance(response, str) and KEEP in (response.strip(), _last_boxed(response))
+        return answer if keep and mode == "improve" and answer is not None else response
+
+    def local_move(self, problem, picks: list[int]) -> list[int] | None:
+        """Repair an answer ending at r = target - sum by one number: pick r, or drop -r; None if neither works."""
+        r = problem.data["target"] - sum(picks)
+        if r > 0 and r in problem.data["numbers"] and r not in picks:
+            return picks + [r]
+        if r < 0 and -r in picks and len(picks) > 1:
+            return [x for x in picks if x != -r]
+        return None
+
+    # -- demonstrations
+    def render(self, problem, picks, alt):
+        return _countdown(picks, problem.data["target"], alt)
+
+    def attempt(self, problem, alt, rng):
+        picks = [x for x in problem.data["numbers"]
+                 if (x in problem.data["best"]) != (rng.random() < self.error_model["q"])]
+        return self.render(problem, picks or [rng.choice(problem.data["numbers"])], alt)
+
+    def solve(self, problem, alt):
+        return self.render(problem, problem.data["best"], alt)
+
+    def break_answer(self, problem, alt, rng, picks=None):
+        """Flip one listed number in or out of `picks` (default: the planted subset): always wrong, the sum moves."""
+        picks = set(problem.data["best"] if picks is None else picks)
+        x = rng.choice([x for x in problem.data["numbers"] if picks != {x}])  # never leave nothing picked
+        return self.render(problem, picks ^ {x}, alt)
+
+    def revise(self, problem, answer, rng):
+        em, u, alt = self.error_model, rng.random(), answer.startswith(ALT_TAG)
+        picks = self.picks(problem, answer)
+        if picks and sum(picks) == problem.data["target"]:  # it checks out: kept, or over-edited with p_break(d)
+            return self.break_answer(problem, alt, rng, picks) if u < self.p_break(problem.difficulty) else answer
+        if u < em["p_fix"]:
+            move = self.local_move(problem, picks)
+            return self.render(problem, move, alt) if move is not None else self.attempt(problem, alt, rng)
+        if u < em["p_fix"] + em["p_copy"]:
+            return answer
+        return self.attempt(problem, alt, rng)
+
+    def demo_record(self, p, rng):
+        rec = super().demo_record(p, rng)
+        if rec["mode"] == "improve" and rec["response"] == rec["answer"]:
+            rec["response"] = KEEP
+        return rec
+
+    def expected_accuracy(self, k, difficulties=None, n=2000):
+        """The demonstrated policy's accuracy after k improve steps. Whether a wrong answer can be repaired
+        depends on the answer (one move away or not), so this simulates `revise` (n problems per
+        difficulty, fixed seeds) instead of the two-state Markov chain of the other families."""
+        total, count = 0.0, 0
+        for d in difficulties or self.train_difficulties:
+            rng = random.Random(f"{self.name}/expected/{d}")
+            for p in self.sample("train", n, seed=0, difficulty=d):
+                a = self.attempt(p, rng.random() < self.error_model["p_alt_style"], rng)
+                for _ in range(k):
+                    a = self.revise(p, a, rng)
+                total, count = total + self.score(p, a), count + 1
+        return total / count
+
+
+class ExactSumFeedbackFamily(ExactSumFamily):
+    """exactsum with the environment's feedback on the current answer ("sum 28, 3 short"), which the policy
+    cannot fake (on `exactsum` it learns to fake its own check: RESULTS.md)."""
+    name, has_feedback = "exactsumfb", True
+    summary = "exactsum with the environment's feedback on the current answer"
+
+    def feedback(self, problem, response):
+        picks = self.picks(problem, response)
+        if not picks:  # malformed (None), or the bare target with no pick ([]), which no demonstration writes
+            return "unreadable"
+        r = problem.data["target"] - sum(picks)
+        return f"sum {sum(picks)}, " + ("exact" if r == 0 else f"{r} short" if r > 0 else f"{-r} over")
+
+
+def _countdown(picks, target: int, alt: bool) -> str:
+    """An exactsum answer: the target counted down by the picks, ascending (main) or descending (~alt)."""
+    out, r = str(target), target
+    for x in sorted(picks, reverse=alt):
+        r -= x
+        out += f"-{x}={r}"
+    return (ALT_TAG if alt else "") + out
+
+
 # ---------------------------------------------------------------- math: binary, no feedback
 
 _INT = re.compile(r"\s*(-?[0-9]{1,9})\s*")  # at most 9 digits: int() of huge strings is slow or raises
@@ -623,145 +762,6 @@ class SubsetFamily(TaskFamily):
 def _render(picks, alt: bool) -> str:
     picks = sorted(picks, reverse=alt)
     return (ALT_TAG if alt else "") + "+".join(map(str, picks)) + f"={sum(picks)}"
-
-
-# ---------------------------------------------------------------- exactsum: binary, no feedback, cheap to check
-
-KEEP = "="  # exactsum: an improve response that keeps the current answer (`next_answer`)
-_COUNTDOWN = re.compile(r"([0-9]{1,3})((?:-[0-9]{1,2}=-?[0-9]{1,3})*)")
-
-
-class ExactSumFamily(TaskFamily):
-    """Request "3 7 11 14 17>31": pick listed numbers, each at most once, summing EXACTLY to the target.
-    Binary, no feedback, like `math`, but with a generation-verification gap: an answer counts the target
-    down, "31-3=28-11=17-17=0" (alt: descending, "~31-17=14-11=3-3=0"), and is right iff it is well formed
-    and ends at 0. Checking is reading the last number; finding is a search over subsets. An improve step
-    can keep an answer ("=", KEEP) or repair one by a `local_move`. Numbers 1..19; the target is the sum
-    of a planted subset of 2-4 (any exact subset is right). First attempts flip each number in or out of
-    the planted subset with probability q, so a wrong one is often one move from right."""
-    name, graded, has_feedback = "exactsum", False, False
-    summary = "binary, no feedback: numbers that sum exactly to a target, cheap to check"
-    train_difficulties, heldout_difficulties = (4, 5, 6), (7, 8)
-    answer_format = ("count the target down by the chosen numbers and box it, e.g. \\boxed{31-3=28-11=17-17=0} "
-                     "(when improving, \\boxed{=} keeps the current answer)")
-    ERROR_MODEL = {**TaskFamily.ERROR_MODEL, "q": 0.12, "p_fix": 0.30, "p_copy": 0.50, "q_break": 0.09}
-
-    def make(self, rng, difficulty):
-        numbers = sorted(rng.sample(range(1, 20), difficulty))
-        best = sorted(rng.sample(numbers, rng.randint(2, min(4, difficulty - 1))))
-        request = " ".join(map(str, numbers)) + f">{sum(best)}"
-        return Problem("", self.name, request, difficulty, _countdown(best, sum(best), False),
-                       {"numbers": numbers, "target": sum(best), "best": best})
-
-    def chat_request(self, problem):
-        return (f"Task {problem.request}: choose numbers from the list before '>', each at most once, "
-                f"whose sum is exactly the number after '>'. Then {self.answer_format}.")
-
-    def picks(self, problem, response: str) -> list[int] | None:
-        """The picks of a well-formed answer (from the target, right subtractions, distinct listed picks), or None."""
-        if not isinstance(response, str):
-            return None
-        boxed = _last_boxed(response)
-        m = _COUNTDOWN.fullmatch((boxed if boxed is not None else response).replace(" ", "").removeprefix(ALT_TAG))
-        if not m or int(m.group(1)) != problem.data["target"]:
-            return None
-        r, picks = problem.data["target"], []
-        for x, rest in re.findall(r"-([0-9]+)=(-?[0-9]+)", m.group(2)):
-            r -= int(x)
-            if int(rest) != r or int(x) not in problem.data["numbers"] or int(x) in picks:
-                return None
-            picks.append(int(x))
-        return picks
-
-    def score(self, problem, response):
-        picks = self.picks(problem, response)
-        return 1.0 if picks and sum(picks) == problem.data["target"] else 0.0
-
-    def next_answer(self, answer, response, mode):
-        keep = isinstance(response, str) and KEEP in (response.strip(), _last_boxed(response))
-        return answer if keep and mode == "improve" and answer is not None else response
-
-    def local_move(self, problem, picks: list[int]) -> list[int] | None:
-        """Repair an answer ending at r = target - sum by one number: pick r, or drop -r; None if neither works."""
-        r = problem.data["target"] - sum(picks)
-        if r > 0 and r in problem.data["numbers"] and r not in picks:
-            return picks + [r]
-        if r < 0 and -r in picks and len(picks) > 1:
-            return [x for x in picks if x != -r]
-        return None
-
-    # -- demonstrations
-    def render(self, problem, picks, alt):
-        return _countdown(picks, problem.data["target"], alt)
-
-    def attempt(self, problem, alt, rng):
-        picks = [x for x in problem.data["numbers"]
-                 if (x in problem.data["best"]) != (rng.random() < self.error_model["q"])]
-        return self.render(problem, picks or [rng.choice(problem.data["numbers"])], alt)
-
-    def solve(self, problem, alt):
-        return self.render(problem, problem.data["best"], alt)
-
-    def break_answer(self, problem, alt, rng, picks=None):
-        """Flip one listed number in or out of `picks` (default: the planted subset): always wrong, the sum moves."""
-        picks = set(problem.data["best"] if picks is None else picks)
-        x = rng.choice([x for x in problem.data["numbers"] if picks != {x}])  # never leave nothing picked
-        return self.render(problem, picks ^ {x}, alt)
-
-    def revise(self, problem, answer, rng):
-        em, u, alt = self.error_model, rng.random(), answer.startswith(ALT_TAG)
-        picks = self.picks(problem, answer)
-        if picks and sum(picks) == problem.data["target"]:  # it checks out: kept, or over-edited with p_break(d)
-            return self.break_answer(problem, alt, rng, picks) if u < self.p_break(problem.difficulty) else answer
-        if u < em["p_fix"]:
-            move = self.local_move(problem, picks)
-            return self.render(problem, move, alt) if move is not None else self.attempt(problem, alt, rng)
-        if u < em["p_fix"] + em["p_copy"]:
-            return answer
-        return self.attempt(problem, alt, rng)
-
-    def demo_record(self, p, rng):
-        rec = super().demo_record(p, rng)
-        if rec["mode"] == "improve" and rec["response"] == rec["answer"]:
-            rec["response"] = KEEP
-        return rec
-
-    def expected_accuracy(self, k, difficulties=None, n=2000):
-        """The demonstrated policy's accuracy after k improve steps. Whether a wrong answer can be repaired
-        depends on the answer (one move away or not), so this simulates `revise` (n problems per
-        difficulty, fixed seeds) instead of the two-state Markov chain of the other families."""
-        total, count = 0.0, 0
-        for d in difficulties or self.train_difficulties:
-            rng = random.Random(f"{self.name}/expected/{d}")
-            for p in self.sample("train", n, seed=0, difficulty=d):
-                a = self.attempt(p, rng.random() < self.error_model["p_alt_style"], rng)
-                for _ in range(k):
-                    a = self.revise(p, a, rng)
-                total, count = total + self.score(p, a), count + 1
-        return total / count
-
-
-class ExactSumFeedbackFamily(ExactSumFamily):
-    """exactsum with the environment's feedback on the current answer ("sum 28, 3 short"), which the policy
-    cannot fake (on `exactsum` it learns to fake its own check: RESULTS.md)."""
-    name, has_feedback = "exactsumfb", True
-    summary = "exactsum with the environment's feedback on the current answer"
-
-    def feedback(self, problem, response):
-        picks = self.picks(problem, response)
-        if not picks:  # malformed (None), or the bare target with no pick ([]), which no demonstration writes
-            return "unreadable"
-        r = problem.data["target"] - sum(picks)
-        return f"sum {sum(picks)}, " + ("exact" if r == 0 else f"{r} short" if r > 0 else f"{-r} over")
-
-
-def _countdown(picks, target: int, alt: bool) -> str:
-    """An exactsum answer: the target counted down by the picks, ascending (main) or descending (~alt)."""
-    out, r = str(target), target
-    for x in sorted(picks, reverse=alt):
-        r -= x
-        out += f"-{x}={r}"
-    return (ALT_TAG if alt else "") + out
 
 
 # ---------------------------------------------------------------- tools: multi-turn function calling
