@@ -7,7 +7,7 @@ Speed of the toy policy's GRPO iteration and sampler, against the peers people w
 
 Three comparisons, each on the same weights and the same work:
 
-  sampler    model.generate vs transformers' generate (our model written with model.save_hf,
+  sampler    model.generate vs transformers' generate (our model written with hf.save_hf,
              read back with AutoModelForCausalLM): P task prompts x G samples, up to
              --new-tokens tokens, rows stopping at end of text (what training does), and again
              at a fixed length (no early stop on either side).
@@ -54,6 +54,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 import exit as exit_lib
+import hf
 import runs
 import model
 
@@ -82,7 +83,7 @@ def hf_copy(tr, d):
     """The trainer's policy and tokenizer through the Hugging Face export: AutoModelForCausalLM and
     AutoTokenizer read them back (the tokenizer through transformers' tiktoken converter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model.save_hf(tr.policy, tr.tok, d)
+    hf.save_hf(tr.policy, tr.tok, d)
     return AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)
 
 

@@ -226,12 +226,6 @@ def shipped_record(base_path: str) -> dict | None:
     return model_lib.read_json(record) if os.path.isfile(record) else None
 
 
-def frozen_base(base_path: str, device):
-    """The base policy a run started from if a toy base (cached or shipped); None for a Hugging Face checkpoint."""
-    toy = os.path.isfile(base_path) or shipped_record(base_path) is not None
-    return model_lib.load_policy(base_path, device)[0] if toy else None
-
-
 def run_diversity(seen: list[list[int]], base) -> dict | None:
     """task_diversity of a run's sample of trained instances, embedded by its frozen base; None without either."""
     return task_diversity(base, seen) if base is not None and len(seen) >= 2 else None
@@ -254,7 +248,7 @@ def weights_fingerprint(path: str) -> list:
     return [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
 
 
-def evaluate_base(base_path: str, tok, family, device, load_policy=model_lib.load_policy, **settings) -> dict:
+def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) -> dict:
     """The base's evaluation, cached beside it keyed by settings, problems and weights: a ladder evaluates it once."""
     for res in (shipped_record(base_path) or {}).get("evaluations", []):
         if res["settings"] == settings:

@@ -282,11 +282,13 @@ def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
     the family's demonstrations (loss on the response tokens and their end of text)."""
     tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
     key = warm_start_key(cfg, family)
+    mcfg = dataclasses.replace(model_lib.toy_config(tok.vocab_size), n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+                               n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, intermediate_size=3 * cfg.n_embd)
     shipped = use_shipped and shipped_base(cfg, key, quiet)
     if shipped:  # the same weights as a warm start with these settings would train (bases/TASK/base.json)
         if not quiet:
             print(f"warm start: using the base shipped in {os.path.relpath(shipped)} (key {key})")
-        return model_lib.load_hf(shipped, device)[0], tok, shipped
+        return model_lib.load_weights(model_lib.Transformer(mcfg), shipped).to(device), tok, shipped
     path = os.path.join(cfg.base_dir, f"{cfg.task}-{key}.pt")
     if os.path.exists(path):
         policy, tok = model_lib.policy_from_state(model_lib.load_checkpoint(path)["policy"], device)
@@ -294,9 +296,6 @@ def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
             print(f"warm start: reusing {path}")
         return policy, tok, path
     torch.manual_seed(cfg.warm_seed)
-    mcfg = model_lib.toy_config(tok.vocab_size)
-    mcfg = dataclasses.replace(mcfg, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                               n_kv_head=cfg.n_kv_head, intermediate_size=3 * cfg.n_embd)
     policy = model_lib.Transformer(mcfg).to(device)
     pairs = [encode_pair(tok, p, r) for p, r in family.demonstrations(cfg.warm_examples, seed=cfg.warm_seed)]
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.warm_lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -382,6 +381,10 @@ class Trainer:
         tokenizer, how a checkpoint rebuilds that tokenizer, and the base's path."""
         policy, tok, path = warm_start(self.cfg, self.family, self.device, self.quiet)
         return policy, tok, TOY_TOKENIZER, os.path.abspath(path)  # absolute: eval.py may run from another folder
+
+    def base_policy(self):
+        """The base this run started from, loaded again (for the evaluation's Base row, chain.txt, diversity)."""
+        return warm_start(self.cfg, self.family, self.device, quiet=True)[0]
 
     def reference_and_embedder(self) -> tuple:
         """Frozen copies of the base: the KL's reference (β > 0) and Eq. 6's embedder (one copy at β = 0; at
@@ -748,8 +751,10 @@ def final_evaluation(trainer: Trainer):
     if not trainer.is_main:
         return
     base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
-                                  model_lib.load_policy, **settings)
-    base_policy = eval_lib.frozen_base(trainer.base_path, trainer.device)  # once, for the diversity and the chain
+                                  lambda path, device: (trainer.base_policy(),), **settings)
+    # once, for the diversity and the chain; a real checkpoint (a Hugging Face directory) is not loaded twice
+    real = os.path.isdir(trainer.base_path) and eval_lib.shipped_record(trainer.base_path) is None
+    base_policy = None if real else trainer.base_policy()
     diversity = eval_lib.run_diversity(trainer.seen["ids"], base_policy)
     eval_lib.write_json(dict(policy=res, base=base, **({"diversity": diversity} if diversity else {})),
                         os.path.join(cfg.out_dir, "eval.json"))

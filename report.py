@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 
 import eval as eval_lib
+import hf
 import model as model_lib
 import runs
 import tasks as tasks_lib
@@ -71,6 +72,12 @@ def _task_from_name(path: str):
     return task if task in tasks_lib.FAMILIES else None
 
 
+def frozen_base(base_path: str, device):
+    """The base policy a run started from if a toy base (cached or shipped); None for a Hugging Face checkpoint."""
+    toy = os.path.isfile(base_path) or eval_lib.shipped_record(base_path) is not None
+    return hf.load_policy(base_path, device)[0] if toy else None
+
+
 def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None, n_problems: int | None = None,
                         n_samples: int | None = None, device: str = "auto", with_base: bool = True,
                         temperature: float | None = None, split: str | None = None, chain: bool = False) -> dict:
@@ -100,14 +107,14 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
         settings["temperature"] = temperature
     if split is not None:
         settings["split"] = split
-    policy, tok = model_lib.policy_from_state(ck["policy"], dev)
+    policy, tok = model_lib.policy_from_state(ck["policy"], dev, hf.build_tokenizer)
     out = dict(policy=eval_lib.evaluate_policy(policy, tok, family, **settings), base=None)
     base_path, base = ck.get("base_path"), None
     if with_base and ck.get("kind") == "run":
         if base_path and os.path.exists(base_path):
-            out["base"] = eval_lib.evaluate_base(base_path, tok, family, dev, **settings)
+            out["base"] = eval_lib.evaluate_base(base_path, tok, family, dev, hf.load_policy, **settings)
             seen = (ck.get("seen") or {}).get("ids") or []
-            base = eval_lib.frozen_base(base_path, dev) if seen or chain else None
+            base = frozen_base(base_path, dev) if seen or chain else None
             diversity = eval_lib.run_diversity(seen, base) if seen else None
             if diversity:
                 out["diversity"] = diversity

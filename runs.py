@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import eval as eval_lib
 import exit as exit_lib
+import hf
 import model as model_lib
 import scale
 import tasks as tasks_lib
@@ -213,7 +214,7 @@ def finish(trainer, stop: list):
         raise SystemExit(130)
     if trainer.is_main:
         out = trainer.cfg.out_dir
-        model_lib.save_hf(trainer.policy, trainer.tok, os.path.join(out, "hf"),
+        hf.save_hf(trainer.policy, trainer.tok, os.path.join(out, "hf"),
                           dtype=getattr(trainer, "source_dtype", None), temperature=trainer.cfg.eval_temperature)
         import report  # plots are report.py's, which builds on this file
         lineage = report.plot_lineage(read_log(out), os.path.join(out, "lineage.png"))
@@ -341,15 +342,15 @@ def check_init(cfg: Config, quiet: bool) -> tuple:
     config_file = os.path.join(cfg.init, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--init={cfg.init}: no config.json (not a Hugging Face checkpoint directory)")
-    hf = model_lib.read_json(config_file)
-    max_len = model_lib.config_from_hf(hf, where=config_file).max_seq_len
-    if not model_lib._has_tokenizer_files(cfg.init):
+    config = model_lib.read_json(config_file)
+    max_len = hf.config_from_hf(config, where=config_file).max_seq_len
+    if not hf._has_tokenizer_files(cfg.init):
         raise ValueError(f"{cfg.init}: no tokenizer files; --init needs a checkpoint with its tokenizer")
-    tok = model_lib.load_tokenizer(cfg.init)
+    tok = hf.load_tokenizer(cfg.init)
     if tasks_lib.prompt_style(tok) == "chat" and not tok.has_chat_template and not quiet:
         print(f"warning: {cfg.init}: the tokenizer has no chat template, so prompts are plain "
               "'user: ... assistant: ' text, which an instruct model was not trained on", file=sys.stderr)
-    return tok, max_len, model_lib.hf_dtype(hf)
+    return tok, max_len, hf.hf_dtype(config)
 
 
 def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):

@@ -18,6 +18,7 @@ import torch
 
 import eval as eval_lib
 import exit as exit_lib
+import hf
 import model as model_lib
 
 
@@ -51,7 +52,7 @@ class ScaleTrainer(exit_lib.Trainer):
         trains and saves (an atomic write) before the other ranks load it."""
         cfg = self.cfg
         if cfg.init:
-            policy, tok, spec = model_lib.load_policy(cfg.init, self.device)
+            policy, tok, spec = hf.load_policy(cfg.init, self.device)
             path = os.path.abspath(cfg.init)
         else:
             with main_first():
@@ -59,6 +60,9 @@ class ScaleTrainer(exit_lib.Trainer):
         policy.to(exit_lib.DTYPES[cfg.dtype])
         broadcast_params(policy)  # every rank starts from rank 0's weights
         return policy, tok, spec, path
+
+    def base_policy(self):
+        return hf.load_policy(self.cfg.init, self.device)[0] if self.cfg.init else super().base_policy()
 
     def reference_and_embedder(self):
         """A real checkpoint (a Hugging Face directory) gets no extra copy for the diversity bonus: it embeds

@@ -38,6 +38,7 @@ import torch
 
 import eval as eval_lib
 import exit as exit_lib
+import hf
 import model as model_lib
 import runs
 
@@ -74,9 +75,9 @@ def ship(task: str, out: str, seeds: int = SEEDS, quiet: bool = False) -> dict:
     final = os.path.join(out, task)
     tmp = f"{final}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model_lib.save_hf(policy, tok, tmp, dtype=torch.float32, temperature=cfg.eval_temperature)
+    hf.save_hf(policy, tok, tmp, dtype=torch.float32, temperature=cfg.eval_temperature)
     # what a run will load: the directory, read back; its weights must be the trained ones, bit for bit
-    loaded = model_lib.load_hf(tmp, device)[0]
+    loaded = hf.load_hf(tmp, device)[0]
     for (name, a), b in zip(policy.state_dict().items(), loaded.state_dict().values()):
         if not torch.equal(a, b):
             raise RuntimeError(f"{tmp}: {name} did not survive the round trip through safetensors")
