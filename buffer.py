@@ -14,10 +14,9 @@ is a new self-iteration task instance (m, k, τ). The buffer keeps the N instanc
     buf.insert_history(..., score=S, parent=entry.uid)      # its children: they inherit S
 (a child is a list of turns {answer, feedback, depth}; insert_history makes each new turn prefix an instance)
 
-Time: only sample() moves the clock, by one per call (as PLR counts episodes); staleness = clock - last_sampled.
+Time: only sample() moves the clock, by one per call (as PLR counts episodes); entries are stamped with it.
 Randomness: one seeded numpy Generator, saved in state_dict(), is the only source; should_replay() draws one
 uniform per call, even below B_min, so the stream does not depend on the buffer's size.
-PLR's rank weights and staleness mixing (Jiang et al. 2021) are off by default; the paper uses neither.
 """
 from __future__ import annotations
 
@@ -40,30 +39,14 @@ def learnability(rewards) -> float:
     return float(np.var(r))  # ddof=0: population variance [open in the paper]
 
 
-def sampling_probs(scores, kappa, *, rank_temperature=None) -> np.ndarray:
-    """P(i) = exp(κ S_i) / Σ_j exp(κ S_j) (§4.1); given rank_temperature T, PLR's P(i) ∝ (1/rank(S_i))^(1/T)."""
+def sampling_probs(scores, kappa) -> np.ndarray:
+    """P(i) = exp(κ S_i) / Σ_j exp(κ S_j) (§4.1)."""
     s = np.asarray(scores, dtype=np.float64)  # float64 always: integer scores must not floor-divide
     if s.size == 0:
         return s
-    if rank_temperature is not None:
-        order = np.argsort(-s, kind="stable")  # stable: equal scores keep their insertion order
-        ranks = np.empty(len(s), dtype=np.float64)
-        ranks[order] = np.arange(1, len(s) + 1)
-        w = (1.0 / ranks) ** (1.0 / rank_temperature)  # T is an exponent, not a divisor
-    else:
-        z = kappa * s
-        w = np.exp(z - z.max())  # subtracting the max keeps exp() <= 1: no overflow for large κS
+    z = kappa * s
+    w = np.exp(z - z.max())  # subtracting the max keeps exp() <= 1: no overflow for large κS
     return w / w.sum()
-
-
-def staleness_probs(last_sampled, clock) -> np.ndarray:
-    """PLR's staleness distribution: P_C(i) = (c - C_i) / Σ_j (c - C_j), c the clock, C_i when i was
-    last sampled. Uniform when nothing is stale yet (all staleness zero), as in jaxued."""
-    stale = clock - np.asarray(last_sampled, dtype=np.float64)
-    if stale.size == 0:
-        return stale
-    total = stale.sum()
-    return stale / total if total > 0 else np.full(len(stale), 1.0 / len(stale))
 
 
 def entropy(p) -> float:
@@ -139,18 +122,12 @@ class TaskBuffer:
     """
 
     def __init__(self, capacity: int, min_size: int, replay_prob: float, kappa: float, *,
-                 seed: int = 0, rank_temperature: float | None = None, staleness_coef: float = 0.0,
-                 admission: str = "score"):
+                 seed: int = 0, admission: str = "score"):
         self.capacity = _check_int("capacity", capacity, lo=1)
         self.min_size = _check_int("min_size", min_size, lo=1, hi=self.capacity)  # B_min <= N
         self.replay_prob = _check_real("replay_prob", replay_prob, lo=0.0, hi=1.0)
         self.kappa = _check_real("kappa", kappa, lo=0.0)
         self.seed = _check_int("seed", seed, lo=0)
-        self.rank_temperature = (None if rank_temperature is None else
-                                 _check_real("rank_temperature", rank_temperature, lo=0.0))
-        if self.rank_temperature == 0.0:
-            raise ValueError("rank_temperature must be > 0 (it is used as the exponent 1/T)")
-        self.staleness_coef = _check_real("staleness_coef", staleness_coef, lo=0.0, hi=1.0)
         if admission not in ("score", "fifo"):
             raise ValueError(f"admission must be 'score' or 'fifo', got {admission!r}")
         self.admission = admission
@@ -232,13 +209,8 @@ class TaskBuffer:
             self.entries[uid].measured = True
 
     def probs(self) -> np.ndarray:
-        """P over entries in uid order: (1 - ρ) P_score + ρ P_staleness, ρ = staleness_coef (0 by default: §4.1)."""
-        es = list(self.entries.values())
-        p = sampling_probs([e.score for e in es], self.kappa, rank_temperature=self.rank_temperature)
-        if self.staleness_coef > 0 and es:
-            p_c = staleness_probs([e.last_sampled for e in es], self.clock)
-            p = (1.0 - self.staleness_coef) * p + self.staleness_coef * p_c
-        return p
+        """P over entries in uid order (§4.1)."""
+        return sampling_probs([e.score for e in self.entries.values()], self.kappa)
 
     def sample(self, n: int = 1) -> list[Entry]:
         """Draw n live entries with replacement from probs(); advance the clock once and stamp their last_sampled."""
@@ -281,8 +253,7 @@ class TaskBuffer:
         return {
             "config": {"capacity": self.capacity, "min_size": self.min_size,
                        "replay_prob": self.replay_prob, "kappa": self.kappa, "seed": self.seed,
-                       "rank_temperature": self.rank_temperature,
-                       "staleness_coef": self.staleness_coef, "admission": self.admission},
+                       "admission": self.admission},
             "entries": [copy.deepcopy(asdict(e)) for e in self.entries.values()],
             "clock": self.clock,
             "next_uid": self.next_uid,
@@ -293,7 +264,11 @@ class TaskBuffer:
 
     def load_state_dict(self, d) -> None:
         """Restore exactly, configuration included (the checkpoint wins over constructor args)."""
-        self.__init__(**d["config"])
+        config = dict(d["config"])
+        for k in ("rank_temperature", "staleness_coef"):  # PLR's extensions, since removed: off, they changed nothing
+            if config.pop(k, None):
+                raise ValueError(f"the buffer was saved with {k}={d['config'][k]}, which this version no longer has")
+        self.__init__(**config)
         for e in d["entries"]:
             entry = Entry(**copy.deepcopy(e))
             self.entries[entry.uid] = entry

@@ -118,8 +118,6 @@ class Config:
     micro_batch: int = _f(0, "rows per forward/backward (0 = the whole batch); same update either way")
     grad_checkpoint: bool = _f(False, "recompute each block in the backward pass: less activation memory, more compute (the ungrouped forward); numbers equal to float rounding")
     dtype: str = _f("fp32", "policy weights: fp32 (bf16 autocast on GPU) | bf16 (AdamW on fp32 master copies)")
-    rank_temperature: float = _f(0.0, "PLR extension: rank weights (1/rank)^(1/T) instead of exp(κ S) when > 0 (off)")
-    staleness_coef: float = _f(0.0, "PLR extension: ρ, mix (1 - ρ) P_score + ρ P_staleness (off)")
     admission: str = _f("score", "buffer admission when full: score (top-N by learnability, §4.1) | fifo (the oldest leaves: a control blind to learnability)")
     children: str = _f("all", "which rollouts of a group enter the buffer: all | one [open: METHOD.md]")
     div_minmax: bool = _f(False, "diversity bonus: min-max form of Eq. 6 instead of the printed form")
@@ -278,8 +276,7 @@ def sft_batch(batch, pad_id, packed=False):
 
 
 def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
-    """The base of these settings: shipped, cached in base_dir, or trained now by supervised learning on
-    the family's demonstrations (loss on the response tokens and their end of text)."""
+    """The base of these settings, and where it is: shipped in bases/, cached in base_dir, or trained now."""
     tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
     key = warm_start_key(cfg, family)
     mcfg = dataclasses.replace(model_lib.toy_config(tok.vocab_size), n_layer=cfg.n_layer, n_embd=cfg.n_embd,
@@ -295,6 +292,16 @@ def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
         if not quiet:
             print(f"warm start: reusing {path}")
         return policy, tok, path
+    policy = train_base(cfg, family, mcfg, tok, device, quiet)
+    model_lib.atomic_save(dict(policy=model_lib.policy_state(policy, TOY_TOKENIZER), kind="base", key=key), path)
+    if not quiet:
+        print(f"warm start: saved {path}")
+    return policy, tok, path
+
+
+def train_base(cfg: Config, family, mcfg, tok, device, quiet=False):
+    """Stage 1: supervised learning on the family's demonstrations, the loss on the response tokens and their
+    end of text; AdamW, cosine decay after a short linear warm-up."""
     torch.manual_seed(cfg.warm_seed)
     policy = model_lib.Transformer(mcfg).to(device)
     pairs = [encode_pair(tok, p, r) for p, r in family.demonstrations(cfg.warm_examples, seed=cfg.warm_seed)]
@@ -302,7 +309,6 @@ def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
     rng = np.random.default_rng(cfg.warm_seed)
     bar = tqdm(range(cfg.warm_steps), desc="warm start", disable=quiet, dynamic_ncols=True)
     for step in bar:
-        # cosine decay after a short linear warm-up
         warm = min(1.0, (step + 1) / 50)
         lr = cfg.warm_lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.warm_steps))
         for g in opt.param_groups:
@@ -317,11 +323,7 @@ def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
         opt.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    policy.eval()
-    model_lib.atomic_save(dict(policy=model_lib.policy_state(policy, TOY_TOKENIZER), kind="base", key=key), path)
-    if not quiet:
-        print(f"warm start: saved {path}")
-    return policy, tok, path
+    return policy.eval()
 
 
 # -----------------------------------------------------------------------------
@@ -365,8 +367,7 @@ class Trainer:
         self.ref, self.embedder = self.reference_and_embedder()
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
         self.buffer = buffer_lib.TaskBuffer(cfg.buffer_size, cfg.min_size, cfg.replay_prob, cfg.kappa,
-                                            seed=cfg.seed, rank_temperature=cfg.rank_temperature or None,
-                                            staleness_coef=cfg.staleness_coef, admission=cfg.admission)
+                                            seed=cfg.seed, admission=cfg.admission)
         self.rng = np.random.default_rng(cfg.seed + 1)          # task choice, improve/diverge, children
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)  # rollouts
         self.iter = 0

@@ -85,8 +85,11 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Rotary frequencies, (head_dim/2,), with Llama 3's scaling when cfg.rope_scaling asks for it."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    if cfg.rope_scaling is None:
-        return inv_freq
+    return inv_freq if cfg.rope_scaling is None else llama3_scaling(inv_freq, cfg)
+
+
+def llama3_scaling(inv_freq, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's rope scaling of the frequencies (real checkpoints: hf.load_hf)."""
     rope_type = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
     if rope_type != "llama3":
         raise ValueError(f"rope_type {rope_type!r} is not supported (only the default and 'llama3')")
@@ -277,20 +280,12 @@ def token_logprobs(logits, tokens):
     return logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def sample_next(logits, uniform, temperature=1.0, top_k=None, top_p=None):
+def sample_next(logits, uniform, temperature=1.0):
     """logits (N, V) -> one token per row (N,), by the draws uniform (N, 1) in [0, 1); temperature 0: argmax."""
     if temperature == 0:
         return logits.argmax(-1)
     if temperature != 1.0:
         logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:  # nucleus: the smallest sorted prefix with mass >= top_p
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # inverse CDF, one uniform per row: torch.multinomial was 10% of the sampler's time on CPU
     cdf = logits.softmax(-1).cumsum(-1)  # (N, V)
     u = uniform * cdf[:, -1:]
@@ -323,8 +318,7 @@ def right_align(prompts: list[list[int]], pad_id: int, new_cols: int, device) ->
 
 @torch.no_grad()  # not inference_mode: exit.py uses these tensors inside the autograd graph
 def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max_new_tokens: int, *,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             stop_ids, pad_id: int, generator: torch.Generator | None = None,
+             temperature: float = 1.0, stop_ids, pad_id: int, generator: torch.Generator | None = None,
              rows: tuple[int, int] | None = None) -> Rollouts:
     """num_samples completions per prompt, N rows group-major; rows=(first, total): a shard of a total-row batch.
     Same generator seed, same rows, however rows are dropped or sharded (uniforms are drawn per original row)."""
@@ -332,8 +326,6 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     if max_new_tokens < 1 or num_samples < 1:
         raise ValueError("max_new_tokens and num_samples must be >= 1")
-    if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"top_k must be >= 1 and top_p in (0, 1], got top_k={top_k}, top_p={top_p}")
     was_training = model.training
     model.eval()
     device = model.inv_freq.device
@@ -366,7 +358,7 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     for t in range(max_new_tokens):
         # a uniform for every original row, picked by `live`: dropping rows changes no sample
         u = None if temperature == 0 else torch.rand(total_rows, 1, generator=generator, device=device)[first + live]
-        nxt = sample_next(logits, u, temperature, top_k, top_p)  # (B,), B = len(live)
+        nxt = sample_next(logits, u, temperature)  # (B,), B = len(live)
         nxt = nxt.masked_fill(fin, pad_id)
         tokens[live, t] = nxt
         # under the distribution sampled (logits / T): Eq. 4's gradient is the tempered policy's, as in TRL
@@ -700,26 +692,31 @@ def read_json(path: str) -> dict:
 def pick_device(name: str = "auto") -> torch.device:
     """"auto" -> cuda, else mps, else cpu; any other name must be usable now, else a ValueError says why."""
     if name != "auto":
-        try:
-            dev = torch.device(name)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device {name!r} is not a device name: auto | cpu | cuda | cuda:N | mps") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: this torch sees no CUDA device (torch.cuda.is_available() is "
-                             "False); use --device=cpu or --device=auto")
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
-        mps = getattr(torch.backends, "mps", None)
-        if dev.type == "mps" and not (mps is not None and mps.is_available()):
-            raise ValueError(f"device {name!r}: MPS is not available here; use --device=cpu or --device=auto")
-        if dev.type not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"device {name!r} is not supported: auto | cpu | cuda | cuda:N | mps")
-        return dev
+        return check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_device(name: str) -> torch.device:
+    """A device name this torch can use now, or a ValueError that says why not."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r} is not a device name: auto | cpu | cuda | cuda:N | mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this torch sees no CUDA device (torch.cuda.is_available() is "
+                         "False); use --device=cpu or --device=auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if dev.type == "mps" and not (mps is not None and mps.is_available()):
+        raise ValueError(f"device {name!r}: MPS is not available here; use --device=cpu or --device=auto")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} is not supported: auto | cpu | cuda | cuda:N | mps")
+    return dev
 
 
 def autocast(device):

@@ -116,12 +116,12 @@ def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
     for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size",
               "ref_every", "warm_steps", "warm_batch", "warm_examples", "log_every", "ckpt_every"):
         need(getattr(cfg, k) >= 1, f"{k} must be >= 1, got {getattr(cfg, k)}")
-    for k in ("replay_prob", "p_div", "ref_alpha", "staleness_coef"):
+    for k in ("replay_prob", "p_div", "ref_alpha"):
         need(0.0 <= getattr(cfg, k) <= 1.0, f"{k} must be in [0, 1], got {getattr(cfg, k)}")
     for k in ("lr", "warm_lr", "clip_eps", "grad_clip"):
         need(getattr(cfg, k) > 0, f"{k} must be > 0, got {getattr(cfg, k)}")
     for k in ("beta", "kappa", "div_clip", "eval_temperature", "micro_batch", "show_every", "eval_problems",
-              "rank_temperature", "eval_every"):
+              "eval_every"):
         need(getattr(cfg, k) >= 0, f"{k} must be >= 0, got {getattr(cfg, k)}")
     need(cfg.min_size <= cfg.buffer_size, f"min_size ({cfg.min_size}) must be <= buffer_size ({cfg.buffer_size})")
     need(cfg.temperature > 0, "temperature must be > 0 in training: GRPO learns from the differences between "
@@ -160,7 +160,8 @@ def run(argv):
         raise SystemExit(0)
     try:
         cfg, given = parse_args(argv)
-        scale.dist_init(cfg)  # data parallel, under torchrun only
+        if "WORLD_SIZE" in os.environ:  # data parallel, under torchrun only
+            scale.dist_init(cfg)
         recommended = family_settings({k: getattr(cfg, k) for k in given} | {"task": cfg.task})
         if recommended and not cfg.resume and scale.is_main():
             print(f"{cfg.task}: the family's recommended settings: "
@@ -255,6 +256,9 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_
     return build(cfg, quiet)
 
 
+REMOVED = dict(rank_temperature=0.0, staleness_coef=0.0)  # settings of earlier versions (PLR's extensions), at "off"
+
+
 def resume(cfg: Config, given: set, quiet: bool) -> exit_lib.Trainer:
     """The run in out_dir, from its ckpt.pt, with the checkpoint's settings (those in RESUMABLE_OVERRIDES may
     be given anew)."""
@@ -268,6 +272,7 @@ def resume(cfg: Config, given: set, quiet: bool) -> exit_lib.Trainer:
     if clash:
         raise ValueError("--resume with settings that differ from the checkpoint's: "
                          + ", ".join(f"{k} (checkpoint {a!r}, given {b!r})" for k, (a, b) in clash.items()))
+    saved = {k: v for k, v in saved.items() if not (k in REMOVED and v == REMOVED[k])}  # off: they changed nothing
     unknown = set(saved) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise ValueError(f"{ckpt_path} has config keys this version does not know: {sorted(unknown)}")
