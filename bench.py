@@ -57,6 +57,7 @@ import exit as exit_lib
 import hf
 import runs
 import model
+import tasks
 
 
 def timed(fn):
@@ -276,6 +277,18 @@ def bench_iteration(tr, args):
         print(f"  speed-up over TRL: {ratios([(r[0], r[2]) for r in rows])}")
 
 
+def check_args(p, args):
+    """bench.py's arguments checked before any work, as exit.py checks its own: a bad one is a one-line error."""
+    for name, lo in (("prompts", 1), ("samples", 2), ("new_tokens", 1), ("warm_batch", 1), ("repeats", 1),
+                     ("threads", 0), ("warm_steps", 0)):
+        if getattr(args, name) < lo:
+            p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    family = tasks.FAMILIES.get(args.task)
+    if family is None or not family.has_demonstrations or family.multi_turn:
+        p.error(f"--task must be a single-turn toy family with demonstrations, one of "
+                f"{sorted(n for n, f in tasks.FAMILIES.items() if f.has_demonstrations and not f.multi_turn)}; got {args.task!r}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["sampler", "warmstart", "iteration"], default=None, help="run one comparison")
@@ -293,6 +306,7 @@ def main():
     p.add_argument("--base-dir", default="runs/base", help="exit.py's cache of warm-started toy policies")
     p.add_argument("--warm-steps", type=int, default=0, help="warm start steps if it must be built (0: exit.py's default)")
     args = p.parse_args()
+    check_args(p, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -15,6 +15,7 @@ Comparisons of runs, plots, and the ablation ladder are report.py's (`python eva
 
 import hashlib
 import json
+import math
 import os
 import sys
 
@@ -296,6 +297,12 @@ def check_evaluation(ev, path: str, whole: bool = True) -> dict:
     if not isinstance(res, dict) or not all(k in res for k in ("K", "score", "delta", "n")):
         what = "eval.json's {\"policy\": {\"K\", \"score\", ...}, \"base\": ...}" if whole else "an evaluation"
         raise ValueError(f"{path}: not {what}; delete it, or pass --recompute to evaluate again")
+    for name, r in [("policy", res)] + ([("base", ev["base"])] if whole and ev.get("base") else []):
+        s = r.get("score")
+        if not (isinstance(s, list) and len(s) == r.get("K", -1) + 1
+                and all(isinstance(x, (int, float)) and math.isfinite(x) for x in s + [r.get("delta")])):
+            raise ValueError(f"{path}: the {name}'s scores are not K + 1 = {r.get('K')} + 1 finite numbers (a missing "
+                             "step, or NaN); delete it, or pass --recompute to evaluate again")
     return ev
 
 

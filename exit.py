@@ -288,7 +288,11 @@ def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
         return model_lib.load_weights(model_lib.Transformer(mcfg), shipped).to(device), tok, shipped
     path = os.path.join(cfg.base_dir, f"{cfg.task}-{key}.pt")
     if os.path.exists(path):
-        policy, tok = model_lib.policy_from_state(model_lib.load_checkpoint(path)["policy"], device)
+        try:
+            state = model_lib.load_checkpoint(path)["policy"]
+        except ValueError as e:
+            raise ValueError(f"{e}; it is the cached base of these settings: delete it to warm-start anew") from None
+        policy, tok = model_lib.policy_from_state(state, device)
         if not quiet:
             print(f"warm start: reusing {path}")
         return policy, tok, path

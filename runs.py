@@ -75,6 +75,27 @@ def parse_args(argv) -> tuple[Config, set]:
     return check_config(Config(**{**family_settings(values), **values})), set(values)
 
 
+TOY_ONLY = {"n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps", "warm_batch", "warm_lr",
+            "warm_pack", "base_seed", "base_dir"}  # what builds the toy's base; --init brings its own
+EQ6 = {"div_minmax", "div_clip", "div_mean"}
+INERT = dict(grpo={"buffer_size", "min_size", "replay_prob", "kappa", "admission", "children", "p_div"} | EQ6,
+             curriculum={"children", "p_div"} | EQ6, improve={"p_div"} | EQ6, diverge=EQ6, exit=set())  # §5.2's rungs
+
+
+def check_given(cfg: Config, given: set, quiet: bool = False):
+    """Settings given on the command line that cannot apply to this run: with --init, the toy's base settings
+    are an error (config.json would record what did not run); one the method never reads (INERT) is a
+    one-line warning."""
+    clash = sorted(given & TOY_ONLY) if cfg.init else []
+    if clash:
+        raise ValueError(f"--{', --'.join(clash)}: settings of the warm-started toy, which --init replaces "
+                         "(the checkpoint brings its own architecture); drop them")
+    inert = sorted(given & (INERT[cfg.method] | ({"ref_every", "ref_alpha"} if cfg.beta == 0 else set())))
+    if inert and not quiet:
+        print(f"warning: --{', --'.join(inert)} change(s) nothing under --method={cfg.method}"
+              + (" with --beta=0" if {"ref_every", "ref_alpha"} & set(inert) else ""), file=sys.stderr)
+
+
 def family_settings(given: dict) -> dict:
     """The task family's recommended settings (TaskFamily.recommended, e.g. the paper's tool-use recipe for
     --task=tools) for every key the command line does not set: `python exit.py --task=tools` trains as
@@ -158,10 +179,13 @@ def run(argv):
     if any(a in ("-h", "--help") for a in argv):
         print(config_help())
         raise SystemExit(0)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # kill outside the RL loop: as Ctrl-C
     try:
         cfg, given = parse_args(argv)
         if "WORLD_SIZE" in os.environ:  # data parallel, under torchrun only
             scale.dist_init(cfg)
+        check_given(cfg, given, quiet=not scale.is_main())
         recommended = family_settings({k: getattr(cfg, k) for k in given} | {"task": cfg.task})
         if recommended and not cfg.resume and scale.is_main():
             print(f"{cfg.task}: the family's recommended settings: "
@@ -174,10 +198,13 @@ def run(argv):
         # under torchrun a rank that exits stops the others (torchrun ends them); the message says which rank
         print(f"error{f' (rank {scale.rank()})' if scale.world_size() > 1 else ''}: {e}", file=sys.stderr)
         raise SystemExit(2)
-    except KeyboardInterrupt:  # a Ctrl-C outside the RL loop (warm start, evaluation), or a second one
+    except KeyboardInterrupt:  # a Ctrl-C or kill outside the RL loop (warm start, evaluation), or a second one
         print("\ninterrupted: stopped at once; the run folder keeps its last checkpoint, if it has one "
               "(continue with --resume)", file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if torch.distributed.is_initialized():  # data parallel: the ranks are done; rank 0 reports
         main_rank = scale.is_main()
         torch.distributed.destroy_process_group()
@@ -188,6 +215,10 @@ def run(argv):
     print(f"time: warm start {t['warm_start']:.0f}s, RL {trainer.elapsed:.0f}s (sampling {t['sampling']:.0f}s, update "
           f"{t['update']:.0f}s, buffer {t['buffer']:.0f}s, other {other:.0f}s), evaluation {t.get('evaluation', 0):.0f}s")
     print(f"done: {trainer.iter} iterations in {trainer.elapsed:.0f}s of RL; run folder {trainer.cfg.out_dir}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
@@ -256,6 +287,23 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_
     return build(cfg, quiet)
 
 
+EVAL_KEYS = ("eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_split", "eval_harder", "eval_data")
+
+
+def check_meaning(out_dir: str, done: int, old: Config, new: dict):
+    """A resumed run stays the run it was: a larger --iters extends it, but --iters below the iterations it
+    has run, or other evaluation settings once it has an eval.json, would rewrite what its files say."""
+    if new.get("iters", old.iters) < done:
+        raise ValueError(f"--iters={new['iters']}: the run in {out_dir} has run {done} iterations, and a run is never "
+                         "cut back (a larger --iters extends it)")
+    changed = {k: (getattr(old, k), v) for k, v in new.items() if k in EVAL_KEYS and getattr(old, k) != v}
+    if changed and os.path.isfile(os.path.join(out_dir, "eval.json")):
+        raise ValueError(f"{out_dir} is evaluated (eval.json) with " + ", ".join(f"{k}={a!r}" for k, (a, _) in changed.items())
+                         + "; --resume with " + ", ".join(f"--{k}={b}" for k, (_, b) in changed.items())
+                         + " would replace that evaluation with another: evaluate it at other settings with "
+                         f"`python eval.py {out_dir} --split=... --k=... --problems=...` (written beside eval.json)")
+
+
 REMOVED = dict(rank_temperature=0.0, staleness_coef=0.0)  # settings of earlier versions (PLR's extensions), at "off"
 
 
@@ -276,7 +324,9 @@ def resume(cfg: Config, given: set, quiet: bool) -> exit_lib.Trainer:
     unknown = set(saved) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise ValueError(f"{ckpt_path} has config keys this version does not know: {sorted(unknown)}")
-    cfg = dataclasses.replace(Config(**saved), **{k: getattr(cfg, k) for k in given & RESUMABLE_OVERRIDES})
+    new = {k: getattr(cfg, k) for k in given & RESUMABLE_OVERRIDES}
+    check_meaning(cfg.out_dir, ck["iter"], Config(**saved), new)
+    cfg = dataclasses.replace(Config(**saved), **new)
     cfg.resume = True
     check_config(cfg)
     check_resume_folder(cfg.out_dir, ck)

@@ -1101,6 +1101,8 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
     or "answer"}. A malformed line raises ValueError naming file and line."""
     if fmt not in ("auto", "gsm8k", "math"):
         raise ValueError(f"fmt must be 'auto', 'gsm8k' or 'math', got {fmt!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a JSON-lines file")
     stem, out = os.path.splitext(os.path.basename(path))[0], []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):

@@ -1490,6 +1490,88 @@ def test_state_dict_round_trip_is_exact():
     assert fresh.stats() == buf.stats()
 
 
+def test_settings_that_cannot_apply_are_an_error_or_a_warning(tmp_path, capsys):
+    """--init replaces the toy, so a toy setting given with it is an error (config.json would record what did
+    not run); a setting the method never reads is a one-line warning; the default run warns of nothing."""
+    with pytest.raises(ValueError, match="--n_embd: settings of the warm-started toy, which --init replaces"):
+        runs.check_given(runs.parse_args(["--init=x.pt", "--n_embd=64"])[0], {"init", "n_embd"})
+    for method, flag in [("grpo", "kappa"), ("grpo", "div_clip"), ("curriculum", "p_div"), ("improve", "div_mean"),
+                         ("diverge", "div_minmax")]:
+        cfg, given = runs.parse_args([f"--method={method}", f"--{flag}={1 if flag != 'div_minmax' else 'true'}"])
+        runs.check_given(cfg, given)
+        assert f"warning: --{flag} change(s) nothing under --method={method}" in capsys.readouterr().err
+    cfg, given = runs.parse_args(["--ref_every=5"])
+    runs.check_given(cfg, given)
+    assert "with --beta=0" in capsys.readouterr().err
+    for args in ([], ["--kappa=3", "--div_clip=2", "--p_div=0.3"], ["--beta=0.01", "--ref_every=5"]):
+        runs.check_given(*runs.parse_args(args))
+        assert capsys.readouterr().err == ""
+
+
+def test_a_resumed_run_stays_the_run_it_was(tmp_path):
+    """--resume extends a run with a larger --iters; a smaller one, or other evaluation settings once the run
+    has an eval.json, would rewrite what its files say: an error naming the setting and both values."""
+    cfg = tiny_cfg(tmp_path, iters=2, eval_problems=2, eval_k=1, eval_samples=1)
+    runs.train(cfg, quiet=True)
+    resume = lambda *a: runs.prepare(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume", *a]), quiet=True)
+    with pytest.raises(ValueError, match="--iters=1: the run in .* has run 2 iterations, and a run is never cut back"):
+        resume("--iters=1")
+    assert resume("--eval_split=val").cfg.eval_split == "val"  # no eval.json yet: its first evaluation may be any
+    (tmp_path / "run" / "eval.json").write_text("{}")
+    with pytest.raises(ValueError, match="evaluated \\(eval.json\\) with eval_split='test'; --resume with --eval_split=val"):
+        resume("--eval_split=val")
+    with pytest.raises(ValueError, match="eval_k=1; --resume with --eval_k=3"):
+        resume("--iters=4", "--eval_k=3")
+    assert resume("--iters=4").cfg.iters == 4  # a larger --iters extends it, evaluated as before
+
+
+def test_corrupt_results_and_inputs_are_clear_errors(tmp_path, capsys):
+    """An eval.json with NaN or a missing step, a directory given as --data, and a corrupt cached base: each a
+    one-line error that says what to do, not a printed nan or a traceback."""
+    run = tmp_path / "run"
+    exit_lib.main(tiny_args(run, tmp_path / "base", iters=1, eval_problems=2, eval_k=1, eval_samples=1))
+    good = json.loads((run / "eval.json").read_text())
+    for damage in ("nan", "short"):
+        ev = json.loads(json.dumps(good))
+        if damage == "nan":
+            ev["policy"]["score"][1] = float("nan")
+        else:
+            ev["policy"]["score"] = ev["policy"]["score"][:1]
+        (run / "eval.json").write_text(json.dumps(ev))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            report.main([str(run), f"--out={tmp_path / f'cmp-{damage}'}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "finite numbers (a missing step, or NaN)" in err and "--recompute" in err, err
+    with pytest.raises(ValueError, match="is a directory, not a JSON-lines file"):
+        tasks.load_jsonl(str(tmp_path))
+    base = next((tmp_path / "base").glob("*.pt"))
+    base.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    err = main_fails(capsys, tiny_args(tmp_path / "run2", tmp_path / "base"))
+    assert "is corrupt or truncated" in err and "delete it to warm-start anew" in err
+
+
+def test_a_refused_resume_rewrites_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    exit_lib.main(tiny_args(run, tmp_path / "base", iters=2, eval_problems=2, eval_k=1, eval_samples=1))
+    files = {n: (run / n).read_bytes() for n in ("config.json", "eval.json", "log.jsonl")}
+    capsys.readouterr()
+    for args in (["--iters=1"], ["--eval_split=val"]):
+        err = main_fails(capsys, [f"--out_dir={run}", "--resume", *args])
+        assert err.startswith("error: ") and err.count("\n") == 1
+    assert files == {n: (run / n).read_bytes() for n in files}
+
+
+@pytest.mark.parametrize("arg, message", [("--repeats=0", "--repeats must be >= 1"), ("--prompts=-1", "--prompts must be >= 1"),
+                                          ("--new-tokens=0", "--new-tokens must be >= 1"), ("--threads=-2", "--threads must be >= 0"),
+                                          ("--task=foo", "--task must be a single-turn toy family"),
+                                          ("--warm-steps=-5", "--warm-steps must be >= 0")])
+def test_bench_checks_its_arguments(arg, message):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), arg], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
+
+
 def test_a_run_saved_with_plr_settings_off_resumes(tmp_path):
     """A checkpoint of an earlier version records rank_temperature and staleness_coef in its config; at their
     "off" values it resumes (they changed nothing), at others it is an error naming them."""
@@ -3422,6 +3504,24 @@ def test_two_ranks_run_and_resume_exactly(tmp_path):
                           "--iters=5"], capture_output=True, text=True, timeout=120, cwd=HERE)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "trained on 2 process(es), this run has 1" in one.stderr
+
+
+@pytest.mark.parametrize("where", ["train_base", "final_evaluation"])
+def test_sigterm_outside_the_rl_loop_stops_with_a_message(tmp_path, where):
+    """kill (SIGTERM) during the warm start or the final evaluation stops at once as Ctrl-C does: exit code 130
+    and one line saying what the folder keeps, not a silent death by the signal."""
+    patch = ("import signal\n"
+             f"real = exit.{where}\n"
+             "def killed(*a, **k):\n"
+             "    os.kill(os.getpid(), signal.SIGTERM)\n"
+             "    return real(*a, **k)\n"
+             f"exit.{where} = killed\n")
+    script = _patched_main(tmp_path / "killed.py", patch)
+    args = tiny_args(tmp_path / "run", tmp_path / "base", eval_problems=2, eval_k=1, eval_samples=1)
+    p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 130 and "interrupted: stopped at once" in p.stderr and "Traceback" not in p.stderr, p.stderr[-800:]
+    assert os.path.isfile(tmp_path / "run" / "ckpt.pt") == (where == "final_evaluation")
 
 
 def _patched_main(path, patch: str):
