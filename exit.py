@@ -297,7 +297,12 @@ def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
             print(f"warm start: reusing {path}")
         return policy, tok, path
     policy = train_base(cfg, family, mcfg, tok, device, quiet)
-    model_lib.atomic_save(dict(policy=model_lib.policy_state(policy, TOY_TOKENIZER), kind="base", key=key), path)
+    try:
+        model_lib.atomic_save(dict(policy=model_lib.policy_state(policy, TOY_TOKENIZER), kind="base", key=key), path)
+    except OSError as e:  # the base trained: this run uses it; only the cache is lost
+        print(f"warning: {e}; this run goes on with the base it trained, the next one will train it again",
+              file=sys.stderr)
+        return policy, tok, path
     if not quiet:
         print(f"warm start: saved {path}")
     return policy, tok, path
@@ -437,6 +442,7 @@ class Trainer:
 
     def save(self, path=None):
         model_lib.atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
+        self.saved = self.iter  # what a failure later leaves intact
 
     # ---- one RL iteration, steps 1-6 of the module docstring. A single-turn family is the one-turn case
     # of a multi-turn one: its problem is its only turn, and there is nothing to finish after the step.

@@ -755,18 +755,21 @@ def load_weights(model: Transformer, path: str) -> Transformer:
 
 
 def atomic_save(obj, path: str):
-    """torch.save to a temporary file, fsync, rename: a crash never leaves half a checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """torch.save to a temporary file, fsync, rename: a crash never leaves half a checkpoint. A write the
+    machine refuses (disk full, read-only) is an OSError naming the path."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch's writer reports a full disk as a RuntimeError
+            raise OSError(f"could not write {path} ({getattr(e, 'strerror', None) or e})") from None
         raise
 
 

@@ -742,6 +742,10 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except OSError as e:  # the machine refused a write: a read-only folder, a full disk
+        print(f"error: could not write {getattr(e, 'filename', None) or ''} ({e.strerror or e}); nothing else changed",
+              file=sys.stderr)
+        raise SystemExit(1)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing half-written (evaluations are written whole, at the end)", file=sys.stderr)
         raise SystemExit(130)

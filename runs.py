@@ -198,6 +198,12 @@ def run(argv):
         # under torchrun a rank that exits stops the others (torchrun ends them); the message says which rank
         print(f"error{f' (rank {scale.rank()})' if scale.world_size() > 1 else ''}: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except OSError as e:  # the machine refused a write: disk full, read-only
+        saved = getattr(locals().get("trainer"), "saved", None)
+        intact = f"ckpt.pt at iteration {saved}" if saved else "its last checkpoint, if it has one"
+        print(f"\nerror: {e}; the run folder keeps {intact} (continue with --resume once the cause is gone)",
+              file=sys.stderr)
+        raise SystemExit(1)
     except KeyboardInterrupt:  # a Ctrl-C or kill outside the RL loop (warm start, evaluation), or a second one
         print("\ninterrupted: stopped at once; the run folder keeps its last checkpoint, if it has one "
               "(continue with --resume)", file=sys.stderr)
@@ -423,8 +429,17 @@ def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, w
 
 
 def check_out_dir(cfg: Config):
+    """The run folder exists for --resume, and this process can write into it (a name the file system takes,
+    not read-only), before any work."""
     if cfg.resume and not os.path.isdir(cfg.out_dir):  # and the lock would create it
         raise FileNotFoundError(f"no checkpoint at {os.path.join(cfg.out_dir, 'ckpt.pt')} (no folder {cfg.out_dir})")
+    probe = os.path.join(cfg.out_dir, f".write-test{os.getpid()}")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror or e})") from None
 
 
 def folder_lock(out_dir: str):

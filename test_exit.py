@@ -1552,6 +1552,41 @@ def test_corrupt_results_and_inputs_are_clear_errors(tmp_path, capsys):
     assert "is corrupt or truncated" in err and "delete it to warm-start anew" in err
 
 
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_a_write_the_machine_refuses_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch, fail_at):
+    """A full disk, simulated at the n-th checkpoint write (torch's writer raises a RuntimeError): 1, caching the
+    warm-started base (a warning: the run goes on with the base it trained); 2, the run's first checkpoint; 3, a
+    later one. Then one line naming the path and the cause, what the folder keeps, exit code 1."""
+    real, calls = torch.save, []
+
+    def full(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(model_lib.torch, "save", full)
+    run = tmp_path / "run"
+    args = tiny_args(run, tmp_path / "base", iters=4, ckpt_every=2)
+    if fail_at == 1:
+        exit_lib.main(args)
+        err = capsys.readouterr().err
+        assert "this run goes on with the base it trained" in err and (run / "ckpt.pt").exists()
+        assert not list((tmp_path / "base").glob("*"))  # no cache, and no half-written file
+        return
+    err = main_fails(capsys, args, code=1).strip().splitlines()[-1]
+    assert err.startswith("error: could not write ") and "ckpt.pt" in err and "file write failed" in err, err
+    assert ("ckpt.pt at iteration 2" in err) == (fail_at == 3) and not list(run.glob("*.tmp*"))
+    if fail_at == 3:
+        assert torch.load(run / "ckpt.pt", weights_only=False)["iter"] == 2
+
+
+def test_a_run_folder_the_file_system_refuses_is_an_error_before_any_work(tmp_path, capsys):
+    for out in ("/proc/exit-test/run", str(tmp_path / ("x" * 300))):  # not writable even by root; a name too long
+        err = main_fails(capsys, tiny_args(out, tmp_path / "base"))
+        assert f"--out_dir={out}: cannot write there" in err
+    assert not (tmp_path / "base").exists()  # before the warm start
+
+
 def test_a_refused_resume_rewrites_nothing(tmp_path, capsys):
     run = tmp_path / "run"
     exit_lib.main(tiny_args(run, tmp_path / "base", iters=2, eval_problems=2, eval_k=1, eval_samples=1))
