@@ -198,6 +198,15 @@ def run(argv):
         # under torchrun a rank that exits stops the others (torchrun ends them); the message says which rank
         print(f"error{f' (rank {scale.rank()})' if scale.world_size() > 1 else ''}: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except RuntimeError as e:  # data parallel: a collective failed because another rank is gone (killed, crashed)
+        if scale.world_size() == 1:
+            raise
+        saved = getattr(locals().get("trainer"), "saved", None)
+        why = str(e).splitlines()[0].split(". ")[0][:200]  # gloo's first sentence
+        print(f"\nerror (rank {scale.rank()}): another rank stopped ({why}); the run folder keeps "
+              f"{f'ckpt.pt at iteration {saved}' if saved else 'its last checkpoint, if it has one'} "
+              "(continue with --resume)", file=sys.stderr)
+        raise SystemExit(1)
     except OSError as e:  # the machine refused a write: disk full, read-only
         saved = getattr(locals().get("trainer"), "saved", None)
         intact = f"ckpt.pt at iteration {saved}" if saved else "its last checkpoint, if it has one"

@@ -1490,141 +1490,6 @@ def test_state_dict_round_trip_is_exact():
     assert fresh.stats() == buf.stats()
 
 
-def test_settings_that_cannot_apply_are_an_error_or_a_warning(tmp_path, capsys):
-    """--init replaces the toy, so a toy setting given with it is an error (config.json would record what did
-    not run); a setting the method never reads is a one-line warning; the default run warns of nothing."""
-    with pytest.raises(ValueError, match="--n_embd: settings of the warm-started toy, which --init replaces"):
-        runs.check_given(runs.parse_args(["--init=x.pt", "--n_embd=64"])[0], {"init", "n_embd"})
-    for method, flag in [("grpo", "kappa"), ("grpo", "div_clip"), ("curriculum", "p_div"), ("improve", "div_mean"),
-                         ("diverge", "div_minmax")]:
-        cfg, given = runs.parse_args([f"--method={method}", f"--{flag}={1 if flag != 'div_minmax' else 'true'}"])
-        runs.check_given(cfg, given)
-        assert f"warning: --{flag} change(s) nothing under --method={method}" in capsys.readouterr().err
-    cfg, given = runs.parse_args(["--ref_every=5"])
-    runs.check_given(cfg, given)
-    assert "with --beta=0" in capsys.readouterr().err
-    for args in ([], ["--kappa=3", "--div_clip=2", "--p_div=0.3"], ["--beta=0.01", "--ref_every=5"]):
-        runs.check_given(*runs.parse_args(args))
-        assert capsys.readouterr().err == ""
-
-
-def test_a_resumed_run_stays_the_run_it_was(tmp_path):
-    """--resume extends a run with a larger --iters; a smaller one, or other evaluation settings once the run
-    has an eval.json, would rewrite what its files say: an error naming the setting and both values."""
-    cfg = tiny_cfg(tmp_path, iters=2, eval_problems=2, eval_k=1, eval_samples=1)
-    runs.train(cfg, quiet=True)
-    resume = lambda *a: runs.prepare(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume", *a]), quiet=True)
-    with pytest.raises(ValueError, match="--iters=1: the run in .* has run 2 iterations, and a run is never cut back"):
-        resume("--iters=1")
-    assert resume("--eval_split=val").cfg.eval_split == "val"  # no eval.json yet: its first evaluation may be any
-    (tmp_path / "run" / "eval.json").write_text("{}")
-    with pytest.raises(ValueError, match="evaluated \\(eval.json\\) with eval_split='test'; --resume with --eval_split=val"):
-        resume("--eval_split=val")
-    with pytest.raises(ValueError, match="eval_k=1; --resume with --eval_k=3"):
-        resume("--iters=4", "--eval_k=3")
-    assert resume("--iters=4").cfg.iters == 4  # a larger --iters extends it, evaluated as before
-
-
-def test_corrupt_results_and_inputs_are_clear_errors(tmp_path, capsys):
-    """An eval.json with NaN or a missing step, a directory given as --data, and a corrupt cached base: each a
-    one-line error that says what to do, not a printed nan or a traceback."""
-    run = tmp_path / "run"
-    exit_lib.main(tiny_args(run, tmp_path / "base", iters=1, eval_problems=2, eval_k=1, eval_samples=1))
-    good = json.loads((run / "eval.json").read_text())
-    for damage in ("nan", "short"):
-        ev = json.loads(json.dumps(good))
-        if damage == "nan":
-            ev["policy"]["score"][1] = float("nan")
-        else:
-            ev["policy"]["score"] = ev["policy"]["score"][:1]
-        (run / "eval.json").write_text(json.dumps(ev))
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            report.main([str(run), f"--out={tmp_path / f'cmp-{damage}'}"])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and "finite numbers (a missing step, or NaN)" in err and "--recompute" in err, err
-    with pytest.raises(ValueError, match="is a directory, not a JSON-lines file"):
-        tasks.load_jsonl(str(tmp_path))
-    base = next((tmp_path / "base").glob("*.pt"))
-    base.write_bytes(b"not a checkpoint")
-    capsys.readouterr()
-    err = main_fails(capsys, tiny_args(tmp_path / "run2", tmp_path / "base"))
-    assert "is corrupt or truncated" in err and "delete it to warm-start anew" in err
-
-
-@pytest.mark.parametrize("fail_at", [1, 2, 3])
-def test_a_write_the_machine_refuses_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch, fail_at):
-    """A full disk, simulated at the n-th checkpoint write (torch's writer raises a RuntimeError): 1, caching the
-    warm-started base (a warning: the run goes on with the base it trained); 2, the run's first checkpoint; 3, a
-    later one. Then one line naming the path and the cause, what the folder keeps, exit code 1."""
-    real, calls = torch.save, []
-
-    def full(obj, f, *a, **k):
-        calls.append(1)
-        if len(calls) == fail_at:
-            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
-        return real(obj, f, *a, **k)
-    monkeypatch.setattr(model_lib.torch, "save", full)
-    run = tmp_path / "run"
-    args = tiny_args(run, tmp_path / "base", iters=4, ckpt_every=2)
-    if fail_at == 1:
-        exit_lib.main(args)
-        err = capsys.readouterr().err
-        assert "this run goes on with the base it trained" in err and (run / "ckpt.pt").exists()
-        assert not list((tmp_path / "base").glob("*"))  # no cache, and no half-written file
-        return
-    err = main_fails(capsys, args, code=1).strip().splitlines()[-1]
-    assert err.startswith("error: could not write ") and "ckpt.pt" in err and "file write failed" in err, err
-    assert ("ckpt.pt at iteration 2" in err) == (fail_at == 3) and not list(run.glob("*.tmp*"))
-    if fail_at == 3:
-        assert torch.load(run / "ckpt.pt", weights_only=False)["iter"] == 2
-
-
-def test_a_run_folder_the_file_system_refuses_is_an_error_before_any_work(tmp_path, capsys):
-    for out in ("/proc/exit-test/run", str(tmp_path / ("x" * 300))):  # not writable even by root; a name too long
-        err = main_fails(capsys, tiny_args(out, tmp_path / "base"))
-        assert f"--out_dir={out}: cannot write there" in err
-    assert not (tmp_path / "base").exists()  # before the warm start
-
-
-def test_a_refused_resume_rewrites_nothing(tmp_path, capsys):
-    run = tmp_path / "run"
-    exit_lib.main(tiny_args(run, tmp_path / "base", iters=2, eval_problems=2, eval_k=1, eval_samples=1))
-    files = {n: (run / n).read_bytes() for n in ("config.json", "eval.json", "log.jsonl")}
-    capsys.readouterr()
-    for args in (["--iters=1"], ["--eval_split=val"]):
-        err = main_fails(capsys, [f"--out_dir={run}", "--resume", *args])
-        assert err.startswith("error: ") and err.count("\n") == 1
-    assert files == {n: (run / n).read_bytes() for n in files}
-
-
-@pytest.mark.parametrize("arg, message", [("--repeats=0", "--repeats must be >= 1"), ("--prompts=-1", "--prompts must be >= 1"),
-                                          ("--new-tokens=0", "--new-tokens must be >= 1"), ("--threads=-2", "--threads must be >= 0"),
-                                          ("--task=foo", "--task must be a single-turn toy family"),
-                                          ("--warm-steps=-5", "--warm-steps must be >= 0")])
-def test_bench_checks_its_arguments(arg, message):
-    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), arg], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
-
-
-def test_a_run_saved_with_plr_settings_off_resumes(tmp_path):
-    """A checkpoint of an earlier version records rank_temperature and staleness_coef in its config; at their
-    "off" values it resumes (they changed nothing), at others it is an error naming them."""
-    cfg = tiny_cfg(tmp_path, iters=1)
-    runs.train(cfg, quiet=True)
-    path = tmp_path / "run" / "ckpt.pt"
-    ck = torch.load(path, weights_only=False)
-    ck["config"].update(rank_temperature=0.0, staleness_coef=0.0)
-    ck["buffer"]["config"].update(rank_temperature=None, staleness_coef=0.0)
-    torch.save(ck, path)
-    tr = runs.train(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume", "--iters=2"]), quiet=True)
-    assert tr.iter == 2
-    ck["config"]["staleness_coef"] = 0.3
-    torch.save(ck, path)
-    with pytest.raises(ValueError, match="config keys this version does not know: \\['staleness_coef'\\]"):
-        runs.prepare(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume"]), quiet=True)
-
-
 def test_a_buffer_saved_with_plr_extensions_loads_only_if_they_were_off():
     """PLR's rank weights and staleness mixing left the code (no result used them; the paper neither): a
     checkpoint saved before, with them off, still loads; one that used them is a clear error."""
@@ -3024,6 +2889,142 @@ def test_tools_reference_calls_count_the_reference_tool_calls():
 # Reliability: a bad input is a clear error before any work; a run folder holds one run, nothing lost
 # ===============================================================================================
 
+
+def test_settings_that_cannot_apply_are_an_error_or_a_warning(tmp_path, capsys):
+    """--init replaces the toy, so a toy setting given with it is an error (config.json would record what did
+    not run); a setting the method never reads is a one-line warning; the default run warns of nothing."""
+    with pytest.raises(ValueError, match="--n_embd: settings of the warm-started toy, which --init replaces"):
+        runs.check_given(runs.parse_args(["--init=x.pt", "--n_embd=64"])[0], {"init", "n_embd"})
+    for method, flag in [("grpo", "kappa"), ("grpo", "div_clip"), ("curriculum", "p_div"), ("improve", "div_mean"),
+                         ("diverge", "div_minmax")]:
+        cfg, given = runs.parse_args([f"--method={method}", f"--{flag}={1 if flag != 'div_minmax' else 'true'}"])
+        runs.check_given(cfg, given)
+        assert f"warning: --{flag} change(s) nothing under --method={method}" in capsys.readouterr().err
+    cfg, given = runs.parse_args(["--ref_every=5"])
+    runs.check_given(cfg, given)
+    assert "with --beta=0" in capsys.readouterr().err
+    for args in ([], ["--kappa=3", "--div_clip=2", "--p_div=0.3"], ["--beta=0.01", "--ref_every=5"]):
+        runs.check_given(*runs.parse_args(args))
+        assert capsys.readouterr().err == ""
+
+
+def test_a_resumed_run_stays_the_run_it_was(tmp_path):
+    """--resume extends a run with a larger --iters; a smaller one, or other evaluation settings once the run
+    has an eval.json, would rewrite what its files say: an error naming the setting and both values."""
+    cfg = tiny_cfg(tmp_path, iters=2, eval_problems=2, eval_k=1, eval_samples=1)
+    runs.train(cfg, quiet=True)
+    resume = lambda *a: runs.prepare(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume", *a]), quiet=True)
+    with pytest.raises(ValueError, match="--iters=1: the run in .* has run 2 iterations, and a run is never cut back"):
+        resume("--iters=1")
+    assert resume("--eval_split=val").cfg.eval_split == "val"  # no eval.json yet: its first evaluation may be any
+    (tmp_path / "run" / "eval.json").write_text("{}")
+    with pytest.raises(ValueError, match="evaluated \\(eval.json\\) with eval_split='test'; --resume with --eval_split=val"):
+        resume("--eval_split=val")
+    with pytest.raises(ValueError, match="eval_k=1; --resume with --eval_k=3"):
+        resume("--iters=4", "--eval_k=3")
+    assert resume("--iters=4").cfg.iters == 4  # a larger --iters extends it, evaluated as before
+
+
+def test_corrupt_results_and_inputs_are_clear_errors(tmp_path, capsys):
+    """An eval.json with NaN or a missing step, a directory given as --data, and a corrupt cached base: each a
+    one-line error that says what to do, not a printed nan or a traceback."""
+    run = tmp_path / "run"
+    exit_lib.main(tiny_args(run, tmp_path / "base", iters=1, eval_problems=2, eval_k=1, eval_samples=1))
+    good = json.loads((run / "eval.json").read_text())
+    for damage in ("nan", "short"):
+        ev = json.loads(json.dumps(good))
+        if damage == "nan":
+            ev["policy"]["score"][1] = float("nan")
+        else:
+            ev["policy"]["score"] = ev["policy"]["score"][:1]
+        (run / "eval.json").write_text(json.dumps(ev))
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            report.main([str(run), f"--out={tmp_path / f'cmp-{damage}'}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "finite numbers (a missing step, or NaN)" in err and "--recompute" in err, err
+    with pytest.raises(ValueError, match="is a directory, not a JSON-lines file"):
+        tasks.load_jsonl(str(tmp_path))
+    base = next((tmp_path / "base").glob("*.pt"))
+    base.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    err = main_fails(capsys, tiny_args(tmp_path / "run2", tmp_path / "base"))
+    assert "is corrupt or truncated" in err and "delete it to warm-start anew" in err
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_a_write_the_machine_refuses_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch, fail_at):
+    """A full disk, simulated at the n-th checkpoint write (torch's writer raises a RuntimeError): 1, caching the
+    warm-started base (a warning: the run goes on with the base it trained); 2, the run's first checkpoint; 3, a
+    later one. Then one line naming the path and the cause, what the folder keeps, exit code 1."""
+    real, calls = torch.save, []
+
+    def full(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        return real(obj, f, *a, **k)
+    monkeypatch.setattr(model_lib.torch, "save", full)
+    run = tmp_path / "run"
+    args = tiny_args(run, tmp_path / "base", iters=4, ckpt_every=2)
+    if fail_at == 1:
+        exit_lib.main(args)
+        err = capsys.readouterr().err
+        assert "this run goes on with the base it trained" in err and (run / "ckpt.pt").exists()
+        assert not list((tmp_path / "base").glob("*"))  # no cache, and no half-written file
+        return
+    err = main_fails(capsys, args, code=1).strip().splitlines()[-1]
+    assert err.startswith("error: could not write ") and "ckpt.pt" in err and "file write failed" in err, err
+    assert ("ckpt.pt at iteration 2" in err) == (fail_at == 3) and not list(run.glob("*.tmp*"))
+    if fail_at == 3:
+        assert torch.load(run / "ckpt.pt", weights_only=False)["iter"] == 2
+
+
+def test_a_run_folder_the_file_system_refuses_is_an_error_before_any_work(tmp_path, capsys):
+    for out in ("/proc/exit-test/run", str(tmp_path / ("x" * 300))):  # not writable even by root; a name too long
+        err = main_fails(capsys, tiny_args(out, tmp_path / "base"))
+        assert f"--out_dir={out}: cannot write there" in err
+    assert not (tmp_path / "base").exists()  # before the warm start
+
+
+def test_a_refused_resume_rewrites_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    exit_lib.main(tiny_args(run, tmp_path / "base", iters=2, eval_problems=2, eval_k=1, eval_samples=1))
+    files = {n: (run / n).read_bytes() for n in ("config.json", "eval.json", "log.jsonl")}
+    capsys.readouterr()
+    for args in (["--iters=1"], ["--eval_split=val"]):
+        err = main_fails(capsys, [f"--out_dir={run}", "--resume", *args])
+        assert err.startswith("error: ") and err.count("\n") == 1
+    assert files == {n: (run / n).read_bytes() for n in files}
+
+
+@pytest.mark.parametrize("arg, message", [("--repeats=0", "--repeats must be >= 1"), ("--prompts=-1", "--prompts must be >= 1"),
+                                          ("--new-tokens=0", "--new-tokens must be >= 1"), ("--threads=-2", "--threads must be >= 0"),
+                                          ("--task=foo", "--task must be a single-turn toy family"),
+                                          ("--warm-steps=-5", "--warm-steps must be >= 0")])
+def test_bench_checks_its_arguments(arg, message):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), arg], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
+
+
+def test_a_run_saved_with_plr_settings_off_resumes(tmp_path):
+    """A checkpoint of an earlier version records rank_temperature and staleness_coef in its config; at their
+    "off" values it resumes (they changed nothing), at others it is an error naming them."""
+    cfg = tiny_cfg(tmp_path, iters=1)
+    runs.train(cfg, quiet=True)
+    path = tmp_path / "run" / "ckpt.pt"
+    ck = torch.load(path, weights_only=False)
+    ck["config"].update(rank_temperature=0.0, staleness_coef=0.0)
+    ck["buffer"]["config"].update(rank_temperature=None, staleness_coef=0.0)
+    torch.save(ck, path)
+    tr = runs.train(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume", "--iters=2"]), quiet=True)
+    assert tr.iter == 2
+    ck["config"]["staleness_coef"] = 0.3
+    torch.save(ck, path)
+    with pytest.raises(ValueError, match="config keys this version does not know: \\['staleness_coef'\\]"):
+        runs.prepare(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume"]), quiet=True)
+
+
 def tiny_args(out_dir, base_dir, **kw):
     d = dict(out_dir=out_dir, base_dir=base_dir, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, warm_examples=64,
              warm_steps=3, warm_batch=8, iters=1, tasks_per_iter=2, group_size=4, max_new_tokens=12, min_size=2,
@@ -3606,6 +3607,24 @@ def test_failing_rank_stops_the_others(tmp_path):
     p = _torchrun([str(script), *_cli(cfg)], timeout=150)
     assert p.returncode != 0
     assert "rank 1 broke on purpose" in p.stderr + p.stdout  # and no hang: _torchrun's timeout did not fire
+
+
+def test_a_killed_rank_leaves_the_others_one_line(tmp_path):
+    """Rank 1 is killed (-9) in its third iteration, after the checkpoint of iteration 2: rank 0, waiting for it
+    in a collective, ends with one line naming itself and what the folder keeps, not gloo's traceback."""
+    cfg = tiny_cfg(tmp_path, tasks_per_iter=4, iters=50, ckpt_every=2)
+    patch = ("import signal\n"
+             "real = exit.Trainer.iteration\n"
+             "def iteration(self):\n"
+             "    if self.iter == 2 and os.environ['RANK'] == '1':\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    return real(self)\n"
+             "exit.Trainer.iteration = iteration\n")
+    script = _patched_main(tmp_path / "killed.py", patch)
+    p = _torchrun([str(script), *_cli(cfg)], timeout=150)
+    assert p.returncode != 0
+    assert "error (rank 0): another rank stopped" in p.stderr and "ckpt.pt at iteration 2" in p.stderr, p.stderr[-2000:]
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["iter"] == 2
 
 
 def test_world_size_must_divide_the_batch(tmp_path, monkeypatch):
