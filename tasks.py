@@ -227,6 +227,13 @@ class TaskFamily:
             stale[d], got[d] = 0, got.get(d, 0) + 1
             out.append(Problem(f"{self.name}/{split}/{_digest(p.request) % 10**10:010d}",
                                p.family, p.request, p.difficulty, p.target, p.data))
+        if len(out) < n or max(stale.values(), default=0) >= self.STALE_DRAWS:
+            self._ran_out(split, n, difficulty, len(out), stale, got)
+        return out
+
+    def _ran_out(self, split, n, difficulty, found, stale, got):
+        """`sample` drew repeats: warn of each difficulty that ran out (the others fill its share, so the mix is
+        skewed); fewer than n distinct problems in all is an error."""
         for d, k in stale.items():
             if (k >= self.STALE_DRAWS and difficulty is None and len(self.train_difficulties) > 1
                     and (split, d) not in self._warned):  # with one difficulty, running out is the error below
@@ -234,13 +241,12 @@ class TaskFamily:
                 warnings.warn(f"{self.name}: difficulty {d} ran out of distinct {split} problems after {got.get(d, 0)} "
                               f"(its share of the {n} asked is ~{n // len(self.train_difficulties)}); the other "
                               f"difficulties fill the list, so the mix is skewed: {dict(sorted(got.items()))}",
-                              stacklevel=2)
-        if len(out) < n:
+                              stacklevel=3)
+        if found < n:
             diffs = [difficulty] if difficulty is not None else list(self.train_difficulties)
             raise ValueError(f"{self.name}: could not draw {n} distinct {split} problems at difficulties {diffs} "
-                             f"(found {len(out)}: {dict(sorted(got.items()))} by difficulty): too few exist there; "
+                             f"(found {found}: {dict(sorted(got.items()))} by difficulty): too few exist there; "
                              "widen --difficulties")
-        return out
 
     # ---- prompts
     def chat_request(self, problem: Problem) -> str:
