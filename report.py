@@ -8,7 +8,7 @@ mean ± std over seeds; METHOD.md). `python eval.py ...` is this file's command 
 
 Top to bottom: what is on disk (`evaluate_checkpoint`, `load_run`: a run's eval.json, else its
 ckpt.pt evaluated and written), the comparison (`comparison_table`, `format_table`), plots
-(`plot_table`, `plot_lineage`), `compare` (runs -> table, results.json, plots), the ladder (each run
+(`plot_table`; one run's lineage: runs.plot_lineage), `compare` (runs -> table, results.json, plots), the ladder (each run
 is `python exit.py` as a user runs it), and the command line. It builds on eval.py (the evaluation)
 and runs.py (run folders); nothing in the core imports it.
 """
@@ -28,7 +28,7 @@ import numpy as np
 import eval as eval_lib
 import hf
 import model as model_lib
-import runs
+import runs as runs_lib
 import tasks as tasks_lib
 
 
@@ -153,7 +153,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{path} has no config.json, so its method is unknown")
         cfg = model_lib.read_json(cfg_file)
-        method, log = run_label(cfg), runs.read_log(path)
+        method, log = run_label(cfg), runs_lib.read_log(path)
     elif os.path.isfile(path):
         ck = model_lib.load_checkpoint(path)
         cfg = ck.get("config") or {"task": task or _task_from_name(path)}
@@ -184,7 +184,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         if not os.path.isfile(ck_file):
             raise FileNotFoundError(f"{path}: no ckpt.pt to evaluate")
         # a run folder is locked while its run is live: never evaluate a checkpoint that is being replaced
-        with runs.run_lock(path) if os.path.isdir(path) else contextlib.nullcontext():
+        with runs_lib.run_lock(path) if os.path.isdir(path) else contextlib.nullcontext():
             print(f"evaluating {ck_file} ...", flush=True)
             ev = evaluate_checkpoint(ck_file, task=task, K=K, n_problems=n_problems, n_samples=n_samples,
                                      device=device, temperature=temperature, split=split, chain=True)
@@ -462,33 +462,6 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
     return paths
 
 
-def plot_lineage(log: list[dict], path: str, title: str = "") -> str | None:
-    """One run's buffer over training by iteration depth k (k = 0: a base task); None without matplotlib or data."""
-    hists = [l.get("buf_depth_hist") for l in log]
-    if not any(hists):
-        return None
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    top = 4  # depths >= top share one band, so a long tail stays readable
-    counts = np.zeros((top + 1, len(hists)))
-    for i, h in enumerate(hists):
-        for d, n in (h or {}).items():
-            counts[min(int(d), top), i] += n
-    x = np.arange(1, len(hists) + 1)
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot(1, 1, 1)
-    labels = [f"k = {d}" for d in range(top)] + [f"k ≥ {top}"]
-    ax.stackplot(x, counts, labels=labels, colors=[f"C{d}" for d in range(top + 1)], alpha=0.85)
-    ax.set(xlabel="RL iteration", ylabel="buffered task instances",
-           title=title or "the curriculum's lineage: buffer by iteration depth")
-    ax.legend(loc="upper left", fontsize=8, reverse=True)
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def compare(paths: list[str], out: str | None = None, K: int | None = None, overwrite: bool = False,
             **load_kw) -> dict:
     """Load (or evaluate) each run, print the table, write results.json and the plots in `out`
@@ -506,7 +479,7 @@ def compare(paths: list[str], out: str | None = None, K: int | None = None, over
     order = {m: i for i, m in enumerate(reversed(METHODS))}  # full ExIt first; controls after every rung
     grown = sorted((r for r in runs if r["log"] and any(l.get("buf_depth_hist") for l in r["log"])),
                    key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
-    if grown and plot_lineage(grown[0]["log"], os.path.join(out, "lineage.png"),
+    if grown and runs_lib.plot_lineage(grown[0]["log"], os.path.join(out, "lineage.png"),
                               f"lineage of the buffer: {LABELS.get(grown[0]['method'], grown[0]['method'])}, "
                               f"seed {grown[0]['seed']}"):
         print(f"lineage: {os.path.join(out, 'lineage.png')} ({grown[0]['path']})")
@@ -608,8 +581,8 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
           f"{len(todo)} to run (about {MINUTES_PER_RUN} min a run at exit.py's defaults on a 2-core CPU"
           + (f", {jobs} at a time" if jobs > 1 else "") + ")", flush=True)
     for _, _, _, d in todo:
-        if not os.path.isfile(os.path.join(d, "ckpt.pt")) and runs.run_artifacts(d):  # stopped before its first checkpoint
-            raise ValueError(f"{d} was stopped before its first checkpoint ({', '.join(runs.run_artifacts(d))}, no "
+        if not os.path.isfile(os.path.join(d, "ckpt.pt")) and runs_lib.run_artifacts(d):  # stopped before its first checkpoint
+            raise ValueError(f"{d} was stopped before its first checkpoint ({', '.join(runs_lib.run_artifacts(d))}, no "
                              f"ckpt.pt): nothing there to resume; delete it (rm -r {d}) and run the same command again")
     os.makedirs(out, exist_ok=True)
     base = (lambda seed: seed) if given.get("base_seed", "").strip() == "-1" else (lambda seed: 0)  # a base per seed, or one

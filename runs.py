@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -263,8 +264,7 @@ def finish(trainer, stop: list):
         out = trainer.cfg.out_dir
         hf.save_hf(trainer.policy, trainer.tok, os.path.join(out, "hf"),
                           dtype=getattr(trainer, "source_dtype", None), temperature=trainer.cfg.eval_temperature)
-        import report  # plots are report.py's, which builds on this file
-        lineage = report.plot_lineage(read_log(out), os.path.join(out, "lineage.png"))
+        lineage = plot_lineage(read_log(out), os.path.join(out, "lineage.png"))
         if lineage:
             print(f"the curriculum's lineage: {lineage}")
 
@@ -603,3 +603,30 @@ def read_log(run_dir: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     return read_log_lines(path)
+
+
+def plot_lineage(log: list[dict], path: str, title: str = "") -> str | None:
+    """One run's buffer over training by iteration depth k (k = 0: a base task); None without matplotlib or data."""
+    hists = [l.get("buf_depth_hist") for l in log]
+    if not any(hists):
+        return None
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    top = 4  # depths >= top share one band, so a long tail stays readable
+    counts = np.zeros((top + 1, len(hists)))
+    for i, h in enumerate(hists):
+        for d, n in (h or {}).items():
+            counts[min(int(d), top), i] += n
+    x = np.arange(1, len(hists) + 1)
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    labels = [f"k = {d}" for d in range(top)] + [f"k ≥ {top}"]
+    ax.stackplot(x, counts, labels=labels, colors=[f"C{d}" for d in range(top + 1)], alpha=0.85)
+    ax.set(xlabel="RL iteration", ylabel="buffered task instances",
+           title=title or "the curriculum's lineage: buffer by iteration depth")
+    ax.legend(loc="upper left", fontsize=8, reverse=True)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    return path

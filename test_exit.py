@@ -1975,9 +1975,9 @@ def test_show_chain_picks_the_first_problem_whose_chain_improves(monkeypatch):
 def test_lineage_plot_draws_buffer_depths(tmp_path):
     pytest.importorskip("matplotlib")
     log = [dict(buf_depth_hist={"0": 10}), dict(buf_depth_hist={"0": 8, "1": 4}), dict(buf_depth_hist={"0": 6, "1": 4, "5": 2})]
-    path = report.plot_lineage(log, str(tmp_path / "lineage.png"))
+    path = runs.plot_lineage(log, str(tmp_path / "lineage.png"))
     assert path and (tmp_path / "lineage.png").stat().st_size > 1000
-    assert report.plot_lineage([dict(buf_depth_hist={})], str(tmp_path / "none.png")) is None  # GRPO: no buffer
+    assert runs.plot_lineage([dict(buf_depth_hist={})], str(tmp_path / "none.png")) is None  # GRPO: no buffer
 
 
 # ===============================================================================================
