@@ -238,16 +238,17 @@ def _interrupt(signum, frame):
 
 
 def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
-    """The Trainer of a run whose folder this process holds: fresh or resumed (prepare); config.json
-    written, and on resume log.jsonl cut back to the checkpoint's iteration."""
+    """The Trainer of a run whose folder this process holds: fresh or resumed (prepare); config.json written
+    (the settings, and the policy's architecture as it ran: an --init checkpoint's own, not the toy
+    settings), and on resume log.jsonl cut back to the checkpoint's iteration."""
     if scale.is_main():  # what a writer killed with -9 left: half a checkpoint
         remove_stale_tmp(cfg.out_dir)
     trainer = prepare(cfg, given, quiet or not scale.is_main())  # data parallel: rank 0 prints and writes the folder
     cfg = trainer.cfg
     scale.barrier()  # data parallel: every rank has checked (and read) the folder before rank 0 writes to it
     if scale.is_main():
-        eval_lib.write_json(dict(dataclasses.asdict(cfg), world_size=scale.world_size()),
-                            os.path.join(cfg.out_dir, "config.json"))
+        eval_lib.write_json(dict(dataclasses.asdict(cfg), world_size=scale.world_size(),
+                                 policy=dataclasses.asdict(trainer.policy.config)), os.path.join(cfg.out_dir, "config.json"))
         if cfg.resume:
             truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), trainer.iter)
     return trainer

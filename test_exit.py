@@ -2604,6 +2604,9 @@ def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct)
         eval_problems=2, eval_k=1, eval_samples=1, show_every=0, device="cpu").items()]
     exit_lib.main(args)
     assert {"config.json", "log.jsonl", "ckpt.pt", "eval.json", "hf"} <= set(os.listdir(out))
+    # config.json records the architecture that ran: the checkpoint's, not the toy's default settings
+    ran, theirs = json.load(open(out / "config.json"))["policy"], hf.config_from_hf(json.load(open(f"{ck}/config.json")))
+    assert (ran["n_embd"], ran["n_layer"], ran["vocab_size"]) == (theirs.n_embd, theirs.n_layer, theirs.vocab_size)
     ev = json.load(open(out / "eval.json"))
     assert ev["policy"]["K"] == 1 and ev["base"]["n"] == 2 and "net_corrections" in ev["policy"]
     state = model_lib.load_checkpoint(str(out / "ckpt.pt"))
