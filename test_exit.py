@@ -3596,17 +3596,21 @@ def test_ranks_end_with_the_process_group_torn_down(tmp_path):
         assert "gloo" not in after, line
 
 
+def _rank1_at(it: int, line: str) -> str:
+    """A _patched_main patch: rank 1 runs `line` when it starts iteration it + 1."""
+    return ("real = exit.Trainer.iteration\n"
+            "def iteration(self):\n"
+            f"    if self.iter == {it} and os.environ['RANK'] == '1':\n"
+            f"        {line}\n"
+            "    return real(self)\n"
+            "exit.Trainer.iteration = iteration\n")
+
+
 def test_failing_rank_stops_the_others(tmp_path):
     """Rank 1 raises in its second iteration while rank 0 waits for it in a collective: the job ends
     with an error (not a hang), and the error is shown."""
     cfg = tiny_cfg(tmp_path, tasks_per_iter=4, iters=50)
-    patch = ("real = exit.Trainer.iteration\n"
-             "def iteration(self):\n"
-             "    if self.iter == 1 and os.environ['RANK'] == '1':\n"
-             "        raise RuntimeError('rank 1 broke on purpose')\n"
-             "    return real(self)\n"
-             "exit.Trainer.iteration = iteration\n")
-    script = _patched_main(tmp_path / "fail.py", patch)
+    script = _patched_main(tmp_path / "fail.py", _rank1_at(1, "raise RuntimeError('rank 1 broke on purpose')"))
     p = _torchrun([str(script), *_cli(cfg)], timeout=150)
     assert p.returncode != 0
     assert "rank 1 broke on purpose" in p.stderr + p.stdout  # and no hang: _torchrun's timeout did not fire
@@ -3616,14 +3620,7 @@ def test_a_killed_rank_leaves_the_others_one_line(tmp_path):
     """Rank 1 is killed (-9) in its third iteration, after the checkpoint of iteration 2: rank 0, waiting for it
     in a collective, ends with one line naming itself and what the folder keeps, not gloo's traceback."""
     cfg = tiny_cfg(tmp_path, tasks_per_iter=4, iters=50, ckpt_every=2)
-    patch = ("import signal\n"
-             "real = exit.Trainer.iteration\n"
-             "def iteration(self):\n"
-             "    if self.iter == 2 and os.environ['RANK'] == '1':\n"
-             "        os.kill(os.getpid(), signal.SIGKILL)\n"
-             "    return real(self)\n"
-             "exit.Trainer.iteration = iteration\n")
-    script = _patched_main(tmp_path / "killed.py", patch)
+    script = _patched_main(tmp_path / "killed.py", _rank1_at(2, "os.kill(os.getpid(), 9)  # SIGKILL"))
     p = _torchrun([str(script), *_cli(cfg)], timeout=150)
     assert p.returncode != 0
     assert "error (rank 0): another rank stopped" in p.stderr and "ckpt.pt at iteration 2" in p.stderr, p.stderr[-2000:]
