@@ -205,13 +205,16 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
 
 LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve": "Improve",
           "diverge": "Diverge", "exit": "ExIt (full)",  # the ladder's order (exit.METHODS, the paper's §5.2)
-          "exit-kappa0": "ExIt, κ = 0", "exit-fifo": "ExIt, FIFO"}  # its controls (CONTROLS), not the paper's
+          "improve-kappa0": "Improve, κ = 0", "improve-fifo": "Improve, FIFO",  # the curriculum's controls
+          "exit-kappa0": "ExIt, κ = 0", "exit-fifo": "ExIt, FIFO"}  # (CONTROLS), not the paper's rungs
 
 
-# Two controls of full ExIt that ask what the learnability curriculum adds (METHOD.md): the same buffer
-# sampled uniformly (κ = 0), and admission blind to learnability (the oldest entry leaves, not the least
-# learnable). A run is in a control's row when its config has that setting (run_label).
-CONTROLS = {"exit-kappa0": ("exit", dict(kappa=0.0)), "exit-fifo": ("exit", dict(admission="fifo"))}
+# Two controls that ask what the learnability curriculum adds (METHOD.md), on Improve (the steadiest
+# rung) and on full ExIt: the same buffer sampled uniformly (κ = 0), and admission blind to learnability
+# (the oldest entry leaves, not the least learnable). A run is in a control's row when its config has
+# that setting (run_label).
+CONTROLS = {f"{m}-{name}": (m, setting) for m in ("improve", "exit")
+            for name, setting in (("kappa0", dict(kappa=0.0)), ("fifo", dict(admission="fifo")))}
 
 
 def run_label(cfg: dict) -> str:
@@ -541,8 +544,8 @@ def finished(proc: subprocess.Popen, argv: list[str], log: str | None = None):
 
 def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", methods=None, controls: bool = True,
            jobs: int = 1) -> dict:
-    """Every rung x seeds 0..seeds-1, in out/{method}-s{seed}, and (controls) the two CONTROLS of full
-    ExIt; then the table and plots in out. Each run also logs a held-out curve (--eval_every=50 unless
+    """Every rung x seeds 0..seeds-1, in out/{method}-s{seed}, and (controls) the CONTROLS of the rungs
+    run (Improve's and full ExIt's); then the table and plots in out. Each run also logs a held-out curve (--eval_every=50 unless
     set), from which the table gives the sample efficiency against GRPO.
 
     A run whose eval.json exists is skipped, and one with only a ckpt.pt (interrupted) is resumed,
@@ -560,7 +563,7 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
     rows = [[(m, [f"--method={m}"]) for m in (methods or METHODS)]]
     if controls:
         rows.append([(name, [f"--method={m}", *(f"--{k}={v}" for k, v in setting.items())])
-                     for name, (m, setting) in CONTROLS.items()])
+                     for name, (m, setting) in CONTROLS.items() if m in (methods or METHODS)])
     given = {a[2:].partition("=")[0]: a[2:].partition("=")[2] for a in overrides}
     fixed = [k for _, setting in CONTROLS.values() for k in setting if k in given] if controls else []
     if fixed:

@@ -1806,7 +1806,9 @@ def test_control_runs_get_their_own_rows():
     assert report.run_label(dict(method="exit")) == "exit"
     assert report.run_label(dict(method="exit", kappa=0.0)) == "exit-kappa0"
     assert report.run_label(dict(method="exit", admission="fifo")) == "exit-fifo"
-    assert report.run_label(dict(method="improve", kappa=0.0)) == "improve"  # the controls are of full ExIt
+    assert report.run_label(dict(method="improve", kappa=0.0)) == "improve-kappa0"  # Improve has the same two
+    assert report.run_label(dict(method="improve", admission="fifo")) == "improve-fifo"
+    assert report.run_label(dict(method="grpo", kappa=0.0)) == "grpo"  # no buffer, no controls
 
 
 # ---- the command line on bad input: a clear message and exit code 2, never a traceback
