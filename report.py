@@ -199,6 +199,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     if method == "base":
         base_key = os.path.abspath(path)
     return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key,
+                bonus=bonus_form({"method": method, **cfg}),
                 policy=ev["policy"], base=ev.get("base"), log=log, diversity=ev.get("diversity"),
                 chain=chain_file if os.path.isfile(chain_file) else None)
 
@@ -206,7 +207,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
 LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve": "Improve",
           "diverge": "Diverge", "exit": "ExIt (full)",  # the ladder's order (exit.METHODS, the paper's §5.2)
           "improve-kappa0": "Improve, κ = 0", "improve-fifo": "Improve, FIFO",  # the curriculum's controls
-          "exit-kappa0": "ExIt, κ = 0", "exit-fifo": "ExIt, FIFO"}  # (CONTROLS), not the paper's rungs
+          "exit-kappa0": "ExIt, κ = 0", "exit-fifo": "ExIt, FIFO",  # (CONTROLS), not the paper's rungs
+          "exit-minmax": "ExIt, Eq. 6 min-max", "exit-mean": "ExIt, Eq. 6 mean"}  # other forms of Eq. 6 (run_label)
 
 
 # Two controls that ask what the learnability curriculum adds (METHOD.md), on Improve (the steadiest
@@ -223,6 +225,8 @@ def run_label(cfg: dict) -> str:
     for name, (m, setting) in CONTROLS.items():
         if m == method and all(cfg.get(k, RUN_DEFAULTS[k]) == v for k, v in setting.items()):
             return name
+    if method == "exit" and bonus_form(cfg) != "as printed":  # another form of Eq. 6: a row of its own
+        return "exit-" + ("minmax" if cfg.get("div_minmax") else "mean" if cfg.get("div_mean") else f"cap{cfg['div_clip']:g}")
     return method
 
 
@@ -254,11 +258,15 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
     give each row mean ± std over its runs of score(0), score(K), Δ_K, plus the mean ± std curves
     of score and net corrections vs k and the mean training curves, so plots need nothing else.
     K defaults to the smallest K among the runs (longer evaluations are truncated, exactly)."""
-    groups, logs, divs, seen = {}, {}, {}, set()
+    groups, logs, divs, seen, pairs, heldout, bonus = {}, {}, {}, set(), {}, {}, {}
     for r in runs:
         if r["method"] != "base":
             groups.setdefault(r["method"], []).append(r["policy"])
             divs.setdefault(r["method"], []).append(r.get("diversity"))
+            pairs.setdefault(r["method"], []).append([r["base_key"], r["seed"]])  # runs with one base and seed pair up
+            heldout.setdefault(r["method"], []).append(heldout_points(r.get("log")))
+            if r.get("bonus"):
+                bonus.setdefault(r["method"], set()).add(r["bonus"])
             if r.get("log"):
                 logs.setdefault(r["method"], []).append(r["log"])
         base = r["policy"] if r["method"] == "base" else r.get("base")
@@ -282,7 +290,7 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
         whole = [truncate(x, K) for x in groups[m]]
         res = [x["first_turn"] for x in whole] if multi_turn else whole
         score = np.array([x["score"] for x in res])  # (runs, K + 1)
-        row = dict(method=m, label=LABELS.get(m, m), runs=len(res), n=[x["n"] for x in res],
+        row = dict(method=m, label=LABELS.get(m, m.replace("exit-cap", "ExIt, Eq. 6 cap ")), runs=len(res), n=[x["n"] for x in res],
                    problems=[x["n"] // x.get("settings", {}).get("n_samples", 1) for x in whole],  # chains / chains per problem
                    k0=mean_std(score[:, 0]), kK=mean_std(score[:, K]), delta=mean_std(score[:, K] - score[:, 0]),
                    score_mean=score.mean(0).tolist(), score_std=[mean_std(c)[1] for c in score.T],
@@ -293,6 +301,10 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
         if multi_turn:
             ret = np.array([x["score"] for x in whole])
             row["return"] = dict(k0=mean_std(ret[:, 0]), kK=mean_std(ret[:, K]), delta=mean_std(ret[:, K] - ret[:, 0]))
+        if m in pairs:
+            row.update(pairs=pairs[m], heldout_runs=heldout[m])
+        if m in bonus:  # which form of Eq. 6 the row's runs used
+            row["bonus"] = ", ".join(sorted(bonus[m]))
         if m in logs:
             row["curves"] = {k: _mean_curve(logs[m], k) for k in CURVE_KEYS}
         if divs.get(m) and all(divs[m]):  # task diversity of the instances trained on (the paper's Tables 2, 7)
@@ -300,35 +312,112 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
         rows.append(row)
     efficiency(rows)
     tasks = sorted({r["task"] for r in runs if r.get("task")})
-    return dict(K=K, task=",".join(tasks) or "?", metric="first-turn accuracy" if multi_turn else "score",
-                rows=rows, runs=[os.path.abspath(r["path"]) for r in runs])
+    table = dict(K=K, task=",".join(tasks) or "?", metric="first-turn accuracy" if multi_turn else "score",
+                 rows=rows, runs=[os.path.abspath(r["path"]) for r in runs])
+    table.update(paired=paired_differences(table), budget=budget_matched(table))
+    return table
+
+
+def heldout_points(log) -> list | None:
+    """A run's held-out k = 0 curve (exit.py --eval_every) as [iteration, base tasks drawn so far (in
+    batches: the sum of 1 - replay_frac), score]; None without one."""
+    points, tasks = [], 0.0
+    for rec in log or []:
+        tasks += 1.0 - (rec.get("replay_frac") or 0.0)
+        if rec.get("heldout_k0") is not None:
+            points.append([rec["iter"], tasks, rec["heldout_k0"]])
+    return points or None
+
+
+def bonus_form(cfg: dict) -> str | None:
+    """The form of Eq. 6 a run of full ExIt used (exit.py's div_* settings); None for other methods."""
+    if cfg.get("method") != "exit":
+        return None
+    return ("min-max" if cfg.get("div_minmax") else "mean-normalised" if cfg.get("div_mean")
+            else f"capped at {cfg['div_clip']:g}" if cfg.get("div_clip") else "as printed")
 
 
 def efficiency(rows: list[dict]):
-    """Sample efficiency from the held-out curves (exit.py --eval_every): for each row, the fraction of GRPO's
-    iterations it needs to first reach GRPO's final held-out score at k = K (mean curves over seeds);
-    None where a row never reaches it or there is no GRPO curve."""
-    curve = lambda r: [(t + 1, v) for t, v in enumerate(r.get("curves", {}).get("heldout_kK") or []) if v is not None]
-    grpo = next((curve(r) for r in rows if r["method"] == "grpo"), [])
-    if not grpo:
-        return
-    (T, target) = grpo[-1]
-    for r in rows:
-        reached = [t for t, v in curve(r) if v >= target]
-        if curve(r):
-            r["iters_to_grpo_final"] = reached[0] / T if reached else None
+    """Sample efficiency from the held-out curves (exit.py --eval_every), against the strongest bars:
+    for each row, the fraction of its iterations its mean curve over seeds needs to first reach
+    Improve's final held-out score at k = K (iters_to_improve_kK) and GRPO's best at k = 0
+    (iters_to_grpo_best_k0); None where it never does, absent where a row or the bar has no curve."""
+    curve = lambda r, key: [(t + 1, v) for t, v in enumerate(r.get("curves", {}).get(key) or []) if v is not None]
+    bars = dict(iters_to_improve_kK=("improve", "heldout_kK", lambda c: c[-1][1]),
+                iters_to_grpo_best_k0=("grpo", "heldout_k0", lambda c: max(v for _, v in c)))
+    for name, (method, key, bar) in bars.items():
+        ref = next((curve(r, key) for r in rows if r["method"] == method), [])
+        for r in rows:
+            if ref and curve(r, key):
+                reached = [t for t, v in curve(r, key) if v >= bar(ref)]
+                r[name] = reached[0] / curve(r, key)[-1][0] if reached else None
+
+
+# The comparisons that answer the paper's claims and the curriculum's controls: (a, b) gives a - b.
+PAIRED = (("exit", "grpo"), ("exit", "improve"), ("diverge", "improve"), ("exit", "diverge"),
+          ("improve", "improve-fifo"), ("improve", "improve-kappa0"), ("exit", "exit-fifo"), ("exit", "exit-kappa0"))
+
+
+def paired_differences(table: dict) -> list[dict]:
+    """For each PAIRED comparison (and each other form of Eq. 6 against full ExIt), the mean over its pairs of the difference a - b at k = 0 and k = K, with
+    its standard error (std of the differences, n - 1, over sqrt(n)). A pair is two runs with one base and
+    one RL seed, so the base's quality and the seed's luck cancel; comparisons with < 2 pairs are left out."""
+    rows, out = {r["method"]: r for r in table["rows"]}, []
+    forms = [(m, "exit") for m in rows if m.startswith("exit-") and m not in CONTROLS]  # Eq. 6's other forms
+    for a, b in (*PAIRED, *forms):
+        if a not in rows or b not in rows:
+            continue
+        keys_a, keys_b = ([tuple(p) for p in rows[m].get("pairs", [])] for m in (a, b))
+        where_b = {p: j for j, p in enumerate(keys_b) if keys_b.count(p) == 1}  # a repeated key pairs with nothing
+        common = [(i, where_b[p]) for i, p in enumerate(keys_a) if p in where_b and keys_a.count(p) == 1]
+        if len(common) < 2:
+            continue
+        res = dict(a=a, b=b, n=len(common))
+        for name, col in (("k0", 0), ("kK", table["K"])):
+            d = np.array([rows[a]["score_runs"][i][col] - rows[b]["score_runs"][j][col] for i, j in common])
+            res[name] = [float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))]
+        out.append(res)
+    return out
+
+
+def budget_matched(table: dict) -> dict | None:
+    """Claim 2 at an equal number of base tasks (RESULTS.md): ExIt draws a fresh base task only when it
+    does not replay (1 - replay_frac of a batch), GRPO always. Per seed, ExIt's last held-out k = 0 point
+    against GRPO's held-out k = 0 at the iteration where GRPO has drawn as many base tasks (linear between
+    its curve's points) and at the same iteration; mean ± standard error of the paired differences."""
+    rows = {r["method"]: r for r in table["rows"]}
+    if "exit" not in rows or "grpo" not in rows:
+        return None
+    grpo = {tuple(p): h for p, h in zip(rows["grpo"].get("pairs", []), rows["grpo"].get("heldout_runs", [])) if h}
+    equal_tasks, equal_iters, fresh = [], [], []
+    for p, h in zip(rows["exit"].get("pairs", []), rows["exit"].get("heldout_runs", [])):
+        g = grpo.get(tuple(p))
+        if not h or not g:
+            continue
+        (t, tasks, v), gt, gv = h[-1], [x[0] for x in g], [x[2] for x in g]
+        if tasks < gt[0] or t > gt[-1]:
+            continue  # outside GRPO's curve: no extrapolation
+        equal_tasks.append(v - float(np.interp(tasks, gt, gv)))
+        equal_iters.append(v - float(np.interp(t, gt, gv)))
+        fresh.append(tasks / t)
+    if len(equal_tasks) < 2:
+        return None
+    ms = lambda d: [float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(len(d)))]
+    return dict(n=len(equal_tasks), equal_base_tasks=ms(equal_tasks), equal_iterations=ms(equal_iters),
+                fresh_frac=float(np.mean(fresh)))
 
 
 def format_table(table: dict) -> str:
     """The table as text, scores in % like the paper's Table 1."""
     K, metric = table["K"], table.get("metric", "score")
     pct = lambda ms, sign="": f"{100 * ms[0]:{sign}5.1f} ± {100 * ms[1]:4.1f}"
+    w = max([12] + [len(r["label"]) for r in table["rows"]])
     cols = lambda name: f"  {name + ' k = 0':>12}  {f'k = {K}':>12}  {f'Δ{K}':>12}"
     lines = [f"held-out {table['task']}, K = {K}: {metric} in % (mean ± std over runs)"
              + ("; the episode's return beside it" if any("return" in r for r in table["rows"]) else ""),
-             f"{'method':<12} {'runs':>4}" + cols("") + (cols("return") if any("return" in r for r in table["rows"]) else "")]
+             f"{'method':<{w}} {'runs':>4}" + cols("") + (cols("return") if any("return" in r for r in table["rows"]) else "")]
     for r in table["rows"]:
-        line = f"{r['label']:<12} {r['runs']:>4}  {pct(r['k0']):>12}  {pct(r['kK']):>12}  {pct(r['delta'], '+'):>12}"
+        line = f"{r['label']:<{w}} {r['runs']:>4}  {pct(r['k0']):>12}  {pct(r['kK']):>12}  {pct(r['delta'], '+'):>12}"
         if "return" in r:
             ret = r["return"]
             line += f"  {pct(ret['k0']):>12}  {pct(ret['kK']):>12}  {pct(ret['delta'], '+'):>12}"
@@ -345,10 +434,29 @@ def format_table(table: dict) -> str:
                      "base policy; the paper's Tables 2, 7): "
                      + "; ".join(f"{r['label']} cosine {r['diversity']['cosine'][0]:.4f} ± {r['diversity']['cosine'][1]:.4f}, "
                                  f"L2 {r['diversity']['l2'][0]:.3f} ± {r['diversity']['l2'][1]:.3f}" for r in div))
-    eff = [(r["label"], r["iters_to_grpo_final"]) for r in table["rows"] if "iters_to_grpo_final" in r]
-    if eff:  # exit.py --eval_every: held-out curves during training
-        lines.append("iterations needed to reach GRPO's final held-out k = K score, as a fraction of GRPO's: "
-                     + ", ".join(f"{m} {'not reached' if f is None else f'{f:.2f}'}" for m, f in eff))
+    bonus = [f"{r['label']}: Eq. 6 {r['bonus']}" for r in table["rows"] if r.get("bonus")]
+    if bonus:
+        lines.append("diversity bonus: " + "; ".join(bonus))
+    for key, what in (("iters_to_improve_kK", f"Improve's final held-out k = {K} score"),
+                      ("iters_to_grpo_best_k0", "GRPO's best held-out k = 0 score")):
+        eff = [(r["label"], r[key]) for r in table["rows"] if key in r]
+        if eff:  # exit.py --eval_every: held-out curves during training
+            lines.append(f"fraction of its iterations a row needs to reach {what} (mean curves over seeds): "
+                         + ", ".join(f"{m} {'not reached' if f is None else f'{f:.2f}'}" for m, f in eff))
+    labels = {r["method"]: r["label"] for r in table["rows"]}
+    if table.get("paired"):
+        lines.append(f"paired differences (runs with one base and one RL seed; mean ± standard error over the pairs, in "
+                     f"points; * beyond 2 s.e.):\n{'':<34} {'pairs':>5}  {'k = 0':>13}  {f'k = {K}':>13}")
+        star = lambda ms: "*" if abs(ms[0]) > 2 * ms[1] else " "
+        for d in table["paired"]:
+            lines.append(f"{labels[d['a']] + ' - ' + labels[d['b']]:<34} {d['n']:>5}  "
+                         + "  ".join(f"{100 * d[k][0]:+6.1f} ± {100 * d[k][1]:3.1f}{star(d[k])}" for k in ("k0", "kK")))
+    b = table.get("budget")
+    if b:
+        lines.append(f"claim 2 on the held-out curves, ExIt's last k = 0 minus GRPO's ({b['n']} pairs; ExIt drew a fresh base "
+                     f"task in {100 * b['fresh_frac']:.0f}% of its batch slots): at equal iterations "
+                     f"{100 * b['equal_iterations'][0]:+.1f} ± {100 * b['equal_iterations'][1]:.1f}, at an equal number of "
+                     f"base tasks {100 * b['equal_base_tasks'][0]:+.1f} ± {100 * b['equal_base_tasks'][1]:.1f} points")
     return "\n".join(lines)
 
 
@@ -432,7 +540,7 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
         T = max((len(c) for r in table["rows"] for c in r.get("curves", {}).values()), default=0)
         window = max(1, T // 25)
     os.makedirs(out, exist_ok=True)
-    K, task, paths = table["K"], table["task"], []
+    task, paths = table["task"], []
 
     def save(name, draw, size=(6, 4.5)):
         fig = Figure(figsize=size, layout="constrained")

@@ -1739,16 +1739,61 @@ def test_multi_turn_comparison_reports_first_turn_accuracy_with_the_return_besid
     assert single["metric"] == "score" and "return" not in single["rows"][0]
 
 
-def test_sample_efficiency_from_heldout_curves_by_hand():
-    curves = lambda ys: dict(curves=dict(heldout_kK=[None if y is None else y for y in ys]))
-    rows = [dict(method="grpo", label="GRPO", **curves([None, 0.2, None, 0.4, None, 0.5])),
-            dict(method="exit", label="ExIt", **curves([None, 0.3, None, 0.55, None, 0.6])),
-            dict(method="improve", label="Improve", **curves([None, 0.1, None, 0.2, None, 0.3])),
+def test_sample_efficiency_against_the_strongest_bars_by_hand():
+    curves = lambda kK, k0: dict(curves=dict(heldout_kK=kK, heldout_k0=k0))
+    rows = [dict(method="grpo", label="GRPO", **curves([None, 0.2, None, 0.4, None, 0.5], [None, 0.3, None, 0.5, None, 0.4])),
+            dict(method="improve", label="Improve", **curves([None, 0.3, None, 0.5, None, 0.6], [None, 0.2, None, 0.3, None, 0.3])),
+            dict(method="exit", label="ExIt", **curves([None, 0.6, None, 0.7, None, 0.7], [None, 0.1, None, 0.2, None, 0.5])),
             dict(method="base", label="Base")]
     report.efficiency(rows)
-    # GRPO ends at 0.5 at iteration 6: ExIt first reaches it at 4 (4/6), Improve never
-    assert rows[0]["iters_to_grpo_final"] == 1.0 and rows[1]["iters_to_grpo_final"] == pytest.approx(4 / 6)
-    assert rows[2]["iters_to_grpo_final"] is None and "iters_to_grpo_final" not in rows[3]
+    # Improve ends at 0.6 (iteration 6 of 6): ExIt reaches it at 2 (2/6), GRPO never, Improve at its end
+    assert [r.get("iters_to_improve_kK") for r in rows] == [None, 1.0, pytest.approx(2 / 6), None]
+    # GRPO's best k = 0 is 0.5, at iteration 4: ExIt reaches it at 6, Improve never
+    assert [r.get("iters_to_grpo_best_k0") for r in rows] == [pytest.approx(4 / 6), None, 1.0, None]
+    assert "iters_to_improve_kK" not in rows[3] and "iters_to_grpo_best_k0" not in rows[3]
+
+
+def test_paired_differences_by_hand():
+    # made-up scores at k = 0 and k = K = 2 for 3 seeds of one base; ExIt's seed 2 also has a run of
+    # another base, which has no partner and must not count
+    runs = {"exit": {0: (0.40, 0.60), 1: (0.50, 0.55), 2: (0.30, 0.70), ("other", 2): (0.9, 0.9)},
+            "grpo": {0: (0.45, 0.40), 1: (0.50, 0.45), 2: (0.40, 0.35), 3: (0.1, 0.1)},  # seed 3: no partner
+            "improve": {0: (0.40, 0.50)}}  # one pair only: left out
+    rows = []
+    for m, by_seed in runs.items():
+        keys = [(k if isinstance(k, tuple) else ("b", k)) for k in by_seed]
+        rows.append(dict(method=m, label=m, pairs=[list(k) for k in keys],
+                         score_runs=[[v[0], 0.0, v[1]] for v in by_seed.values()]))
+    got = report.paired_differences(dict(K=2, rows=rows))
+    assert [(d["a"], d["b"], d["n"]) for d in got] == [("exit", "grpo", 3)]
+    # k = K: differences 0.20, 0.10, 0.35 -> mean 0.2167, std (n - 1) 0.1258, s.e. 0.1258 / sqrt(3)
+    d = [0.20, 0.10, 0.35]
+    mean = sum(d) / 3
+    se = (sum((x - mean) ** 2 for x in d) / 2) ** 0.5 / 3 ** 0.5
+    assert got[0]["kK"] == pytest.approx([mean, se])
+    # k = 0: -0.05, 0.0, -0.10
+    d0 = [-0.05, 0.0, -0.10]
+    m0 = sum(d0) / 3
+    assert got[0]["k0"] == pytest.approx([m0, (sum((x - m0) ** 2 for x in d0) / 2) ** 0.5 / 3 ** 0.5])
+    text = report.format_table(dict(K=2, task="t", rows=[dict(r, runs=1, k0=[0, 0], kK=[0, 0], delta=[0, 0], problems=[1])
+                                                         for r in rows], paired=got))
+    assert "exit - grpo" in text and "+21.7 ± 7.3*" in text and "-5.0 ± 2.9 " in text  # 21.7 > 2 x 7.3; 5.0 < 2 x 2.9
+
+
+def test_budget_matched_claim_two_by_hand():
+    # GRPO's held-out k = 0 at iterations 2 and 4 (base tasks = iterations); ExIt replays half its slots,
+    # so at iteration 4 it has drawn 2 batches' worth of base tasks
+    grpo = lambda a, b: [dict(iter=1), dict(iter=2, heldout_k0=a), dict(iter=3), dict(iter=4, heldout_k0=b)]
+    exit_ = lambda v: [dict(iter=t, replay_frac=0.5, **({"heldout_k0": v} if t == 4 else {})) for t in (1, 2, 3, 4)]
+    rows = [dict(method="grpo", pairs=[["b", 0], ["b", 1]],
+                 heldout_runs=[report.heldout_points(grpo(0.30, 0.50)), report.heldout_points(grpo(0.40, 0.44))]),
+            dict(method="exit", pairs=[["b", 1], ["b", 0]],  # another order: paired by seed, not position
+                 heldout_runs=[report.heldout_points(exit_(0.42)), report.heldout_points(exit_(0.35))])]
+    b = report.budget_matched(dict(rows=rows))
+    assert b["n"] == 2 and b["fresh_frac"] == pytest.approx(0.5)
+    # equal base tasks (GRPO at iteration 2): 0.35 - 0.30, 0.42 - 0.40; equal iterations: 0.35 - 0.50, 0.42 - 0.44
+    assert b["equal_base_tasks"] == pytest.approx([0.035, 0.015])
+    assert b["equal_iterations"] == pytest.approx([-0.085, 0.065])
 
 
 # ---- task diversity (the paper's Tables 2 and 7)
@@ -1809,6 +1854,10 @@ def test_control_runs_get_their_own_rows():
     assert report.run_label(dict(method="improve", kappa=0.0)) == "improve-kappa0"  # Improve has the same two
     assert report.run_label(dict(method="improve", admission="fifo")) == "improve-fifo"
     assert report.run_label(dict(method="grpo", kappa=0.0)) == "grpo"  # no buffer, no controls
+    # another form of Eq. 6 is another row, never pooled with full ExIt as printed
+    assert report.run_label(dict(method="exit", div_mean=True)) == "exit-mean"
+    assert report.run_label(dict(method="exit", div_clip=2.0)) == "exit-cap2"
+    assert report.bonus_form(dict(method="exit", div_minmax=True)) == "min-max"
 
 
 # ---- the command line on bad input: a clear message and exit code 2, never a traceback
