@@ -1672,6 +1672,23 @@ def test_comparison_table_from_saved_json_by_hand(four_runs, monkeypatch):
     text = report.format_table(table)
     assert "ExIt (full)" in text and "60.0 ±" in text and "+15.0 ±" in text and "Δ2" in text
     assert report.format_table(json.load(open(four_runs / "results.json"))) == text
+    # the runs of one seed share a base, so they pair: ExIt - GRPO per seed is 0.10, 0.10 at k = 0 and
+    # 0.20, 0.34 at k = K; standard error = sample std / sqrt(2)
+    assert [(d["a"], d["b"], d["n"]) for d in table["paired"]] == [("exit", "grpo", 2)]
+    assert table["paired"][0]["k0"] == pytest.approx([0.10, 0.0], abs=1e-12)
+    assert table["paired"][0]["kK"] == pytest.approx([0.27, sd(0.20, 0.34) / 2 ** 0.5])
+    assert "ExIt (full) - GRPO" in text and "+27.0 ± 7.0*" in text
+
+
+def test_eval_py_into_a_folder_it_cannot_write_is_one_line(four_runs, capsys, monkeypatch):
+    def refuse(obj, path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(report.eval_lib, "write_json", refuse)  # a read-only folder (root writes anywhere)
+    with pytest.raises(SystemExit) as e:
+        report.main([str(p) for p in four_runs.iterdir()] + ["--out", str(four_runs / "cmp")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith(f"error: could not write {four_runs / 'cmp' / 'results.json'} (Permission denied)")
 
 
 def test_runs_on_other_bases_count_a_base_each(four_runs):
