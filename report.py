@@ -4,7 +4,7 @@ mean ± std over seeds; METHOD.md). `python eval.py ...` is this file's command 
 
     python eval.py runs/ladder/*-s*         # table + plots of finished runs (eval.json reused)
     python eval.py --table results.json     # reprint (and redraw) a saved comparison
-    python eval.py --ladder --seeds=3 --jobs=2   # the whole reproduction with its controls, resumable
+    python eval.py --ladder --jobs=2 --results=results/ladder   # the whole reproduction, 5 seeds with its controls, resumable
 
 Top to bottom: what is on disk (`evaluate_checkpoint`, `load_run`: a run's eval.json, else its
 ckpt.pt evaluated and written), the comparison (`comparison_table`, `format_table`), plots
@@ -650,10 +650,10 @@ def finished(proc: subprocess.Popen, argv: list[str], log: str | None = None):
                          + (f"; its output: {log}" if log else ""))
 
 
-def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", methods=None, controls: bool = True,
-           jobs: int = 1) -> dict:
+def ladder(overrides: list[str], seeds: int = 5, out: str = "runs/ladder", methods=None, controls: bool = True,
+           jobs: int = 1, results: str | None = None) -> dict:
     """Every rung x seeds 0..seeds-1, in out/{method}-s{seed}, and (controls) the CONTROLS of the rungs
-    run (Improve's and full ExIt's); then the table and plots in out. Each run also logs a held-out curve (--eval_every=50 unless
+    run (Improve's and full ExIt's); then the table and plots in `results` (default: out). Each run also logs a held-out curve (--eval_every=50 unless
     set), from which the table gives the sample efficiency against GRPO.
 
     A run whose eval.json exists is skipped, and one with only a ckpt.pt (interrupted) is resumed,
@@ -732,7 +732,7 @@ def ladder(overrides: list[str], seeds: int = 3, out: str = "runs/ladder", metho
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    return compare([d for *_, d in plan], out=out, overwrite=True)  # the ladder's own comparison
+    return compare([d for *_, d in plan], out=results or out, overwrite=True)  # the ladder's own comparison
 
 
 def parse(argv):
@@ -741,7 +741,7 @@ def parse(argv):
         description="Compare ExIt runs in the shape of the paper's Table 1 (mean ± std over seeds of the held-out "
                     "score at k = 0 and k = K, and Δ_K), with plots; or run the whole ablation ladder.",
         epilog="examples:\n  python eval.py runs/ladder/*-s*\n  python eval.py runs/exit/ckpt.pt runs/base/math-0123abcd.pt"
-               "\n  python eval.py --table runs/ladder/results.json\n  python eval.py --ladder --seeds=3 --jobs=2"
+               "\n  python eval.py --table runs/ladder/results.json\n  python eval.py --ladder --jobs=2 --results=results/ladder"
                "\n  python eval.py --ladder --seeds=3 --task=math --out=runs/ladder-math --iters=300   (any exit.py "
                "--key=value passes through)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -762,11 +762,12 @@ def parse(argv):
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument("--table", metavar="FILE", help="reprint a saved results.json (and redraw its plots next to it)")
     p.add_argument("--ladder", action="store_true", help="train and evaluate GRPO / Curriculum / Improve / Diverge / "
-                   "ExIt and two controls of ExIt (κ = 0, FIFO admission) x seeds via exit.py, skipping finished runs, "
-                   "then the table and plots")
-    p.add_argument("--seeds", type=int, default=3, metavar="N", help="with --ladder: seeds 0..N-1 (default 3)")
-    p.add_argument("--no_controls", action="store_true", help="with --ladder: only the paper's rungs, without the two "
-                   "controls of full ExIt (κ = 0: uniform sampling; FIFO admission)")
+                   "ExIt and the curriculum's two controls (κ = 0, FIFO admission) of Improve and ExIt x seeds via exit.py, "
+                   "skipping finished runs, then the table and plots")
+    p.add_argument("--seeds", type=int, default=5, metavar="N", help="with --ladder: seeds 0..N-1 (default 5)")
+    p.add_argument("--no_controls", action="store_true", help="with --ladder: only the paper's rungs, without the "
+                   "curriculum's controls (κ = 0: uniform sampling; FIFO admission)")
+    p.add_argument("--results", metavar="DIR", help="with --ladder: where its table and plots go (default: its --out)")
     p.add_argument("--jobs", type=int, default=1, metavar="J", help="with --ladder: runs at once, one thread each "
                    "(2 on a 2-core CPU halves the time); outputs in OUT/{run}.out (default 1)")
     p.add_argument("--split", choices=("test", "val"), help="held-out split to evaluate on (default: the run's own, "
@@ -815,7 +816,7 @@ def main(argv=None):
                           eval_samples=args.samples, eval_temperature=args.temperature, eval_split=args.split)
             overrides = [f"--{k}={v}" for k, v in passed.items() if v is not None] + extra
             ladder(overrides, seeds=args.seeds, out=args.out or os.path.join("runs", "ladder"),
-                   controls=not args.no_controls, jobs=args.jobs)
+                   controls=not args.no_controls, jobs=args.jobs, results=args.results)
         elif args.runs:
             compare(args.runs, out=args.out, K=args.k, overwrite=args.overwrite, recompute=args.recompute, task=args.task,
                     n_problems=args.problems, n_samples=args.samples, device=args.device or "auto",
