@@ -473,9 +473,14 @@ def smooth(y, window: int) -> np.ndarray:
         return np.where(cnt > 0, (c[hi] - c[lo]) / np.maximum(cnt, 1), np.nan)
 
 
-def _colour(method: str) -> str:
-    names = list(LABELS)
-    return f"C{names.index(method) if method in names else len(names)}"  # the same colour in every plot
+def _style(method: str) -> dict:
+    """A row's line in every plot: its own colour; a control (CONTROLS) its rung's colour, dotted (κ = 0)
+    or dash-dotted (FIFO)."""
+    if method in CONTROLS:
+        rung, setting = CONTROLS[method]
+        return dict(color=_style(rung)["color"], linestyle=":" if "kappa" in setting else "-.")
+    names = [m for m in LABELS if m not in CONTROLS]
+    return dict(color=f"C{names.index(method) if method in names else len(names)}", linestyle="-")
 
 
 def _plot_vs_k(fig, table, mean_key, std_key, ylabel, title, scale=100.0, runs_key=None):
@@ -486,12 +491,12 @@ def _plot_vs_k(fig, table, mean_key, std_key, ylabel, title, scale=100.0, runs_k
         if mean_key not in r:
             continue
         m, s, k = scale * np.array(r[mean_key]), scale * np.array(r[std_key]), np.arange(len(r[mean_key]))
-        c, single = _colour(r["method"]), r.get(runs_key) if runs_key else None
-        ax.plot(k, m, marker=".", color=c, label=f"{r['label']} (n={r['runs']})")
+        st, single = _style(r["method"]), r.get(runs_key) if runs_key else None
+        ax.plot(k, m, marker=".", **st, label=f"{r['label']} (n={r['runs']})")
         if single and len(single) > 1:
             for y in single:
-                ax.plot(k, scale * np.array(y)[:len(k)], color=c, lw=0.7, alpha=0.45)
-        ax.fill_between(k, m - s, m + s, color=c, alpha=0.08 if single else 0.15)
+                ax.plot(k, scale * np.array(y)[:len(k)], **st, lw=0.7, alpha=0.45)
+        ax.fill_between(k, m - s, m + s, color=st["color"], alpha=0.08 if single else 0.15)
     ax.set(xlabel="improve step k", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -504,7 +509,7 @@ def _plot_curves(fig, table, keys, titles, window):
         for r in table["rows"]:
             y = r.get("curves", {}).get(key)
             if y and any(v is not None for v in y):
-                ax.plot(np.arange(1, len(y) + 1), smooth(y, window), color=_colour(r["method"]), label=r["label"])
+                ax.plot(np.arange(1, len(y) + 1), smooth(y, window), **_style(r["method"]), label=r["label"])
         ax.set(xlabel="RL iteration", title=title)
         ax.grid(alpha=0.3)
         axes.append(ax)
@@ -515,17 +520,16 @@ def _plot_curves(fig, table, keys, titles, window):
 
 
 def _plot_heldout(fig, table):
-    """The held-out curves of exit.py --eval_every: k = K solid, k = 0 dashed, mean over each row's runs."""
-    ax = fig.add_subplot(1, 1, 1)
-    for r in table["rows"]:
-        for key, style in (("heldout_kK", "-"), ("heldout_k0", "--")):
+    """The held-out curves of exit.py --eval_every, k = 0 and k = K side by side, mean over each row's runs."""
+    for i, (key, k) in enumerate((("heldout_k0", 0), ("heldout_kK", table["K"]))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for r in table["rows"]:
             pts = [(t + 1, 100 * v) for t, v in enumerate(r.get("curves", {}).get(key) or []) if v is not None]
             if pts:
-                ax.plot(*zip(*pts), style, marker=".", color=_colour(r["method"]),
-                        label=f"{r['label']} k = {'K' if key == 'heldout_kK' else 0}")
-    ax.set(xlabel="RL iteration", ylabel=f"held-out {table.get('metric', 'score')} (%)",
-           title=f"{table['task']}: held-out slice during training (k = {table['K']} solid, k = 0 dashed)")
-    ax.grid(alpha=0.3)
+                ax.plot(*zip(*pts), marker=".", **_style(r["method"]), label=r["label"])
+        ax.set(xlabel="RL iteration", ylabel=f"held-out {table.get('metric', 'score')} (%)" if i == 0 else None,
+               title=f"{table['task']}, held-out slice: k = {k}")
+        ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
 
@@ -564,7 +568,7 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
                                         "buffer: mean learnability score", "buffer: distinct base tasks"), window),
              size=(9, 6.5))
         if any(any(v is not None for v in r.get("curves", {}).get("heldout_kK", [])) for r in table["rows"]):
-            save("heldout.png", lambda f: _plot_heldout(f, table))
+            save("heldout.png", lambda f: _plot_heldout(f, table), size=(10, 4.5))
         if any(any(v is not None for v in r.get("curves", {}).get("turn", [])) for r in table["rows"]):
             save("multi_turn.png", lambda f: _plot_curves(
                 f, table, CURVE_KEYS[8:12], ("mean starting turn of replayed instances", "reference tool calls of "
