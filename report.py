@@ -225,8 +225,8 @@ def run_label(cfg: dict) -> str:
     for name, (m, setting) in CONTROLS.items():
         if m == method and all(cfg.get(k, RUN_DEFAULTS[k]) == v for k, v in setting.items()):
             return name
-    if method == "exit" and bonus_form(cfg) != "as printed":  # another form of Eq. 6: a row of its own
-        return "exit-" + ("minmax" if cfg.get("div_minmax") else "mean" if cfg.get("div_mean") else f"cap{cfg['div_clip']:g}")
+    if method == "exit" and _eq6(cfg)[0]:  # another form of Eq. 6: a row of its own
+        return f"exit-{_eq6(cfg)[0]}"
     return method
 
 
@@ -329,12 +329,20 @@ def heldout_points(log) -> list | None:
     return points or None
 
 
+def _eq6(cfg: dict) -> tuple[str, str]:
+    """The form of Eq. 6 in a run's config (exit.py's div_* settings): (row suffix, "" as printed; description)."""
+    if cfg.get("div_minmax"):
+        return "minmax", "min-max"
+    if cfg.get("div_mean"):
+        return "mean", "mean-normalised"
+    if cfg.get("div_clip"):
+        return f"cap{cfg['div_clip']:g}", f"capped at {cfg['div_clip']:g}"
+    return "", "as printed"
+
+
 def bonus_form(cfg: dict) -> str | None:
-    """The form of Eq. 6 a run of full ExIt used (exit.py's div_* settings); None for other methods."""
-    if cfg.get("method") != "exit":
-        return None
-    return ("min-max" if cfg.get("div_minmax") else "mean-normalised" if cfg.get("div_mean")
-            else f"capped at {cfg['div_clip']:g}" if cfg.get("div_clip") else "as printed")
+    """The form of Eq. 6 a run of full ExIt used; None for other methods."""
+    return _eq6(cfg)[1] if cfg.get("method") == "exit" else None
 
 
 def efficiency(rows: list[dict]):
@@ -347,10 +355,14 @@ def efficiency(rows: list[dict]):
                 iters_to_grpo_best_k0=("grpo", "heldout_k0", lambda c: max(v for _, v in c)))
     for name, (method, key, bar) in bars.items():
         ref = next((curve(r, key) for r in rows if r["method"] == method), [])
+        if not ref:
+            continue
+        target = bar(ref)
         for r in rows:
-            if ref and curve(r, key):
-                reached = [t for t, v in curve(r, key) if v >= bar(ref)]
-                r[name] = reached[0] / curve(r, key)[-1][0] if reached else None
+            mine = curve(r, key)
+            if mine:
+                reached = [t for t, v in mine if v >= target]
+                r[name] = reached[0] / mine[-1][0] if reached else None
 
 
 # The comparisons that answer the paper's claims and the curriculum's controls: (a, b) gives a - b.
