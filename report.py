@@ -142,7 +142,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     checkpoint evaluated, and the result written there for next time. An evaluation at another
     temperature than the run's own goes to eval.T{temperature}.json (split="val": eval.val.json), so
     eval.json stays the run's. `method` is the row the run joins: its method, with a suffix for a
-    control setting (run_label: exit-kappa0, exit-fifo)."""
+    control setting (run_label: exit-kappa0, exit-fifo, exit-blind)."""
     if os.path.isfile(path) and os.path.basename(path) == "ckpt.pt":
         path = os.path.dirname(path) or "."  # a run's own checkpoint: the run folder says more
     if os.path.isdir(path):
@@ -208,6 +208,7 @@ LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve":
           "diverge": "Diverge", "exit": "ExIt (full)",  # the ladder's order (exit.METHODS, the paper's §5.2)
           "improve-kappa0": "Improve, κ = 0", "improve-fifo": "Improve, FIFO",  # the curriculum's controls
           "exit-kappa0": "ExIt, κ = 0", "exit-fifo": "ExIt, FIFO",  # (CONTROLS), not the paper's rungs
+          "improve-blind": "Improve, FIFO + κ = 0", "exit-blind": "ExIt, FIFO + κ = 0",  # (BLIND)
           "exit-minmax": "ExIt, Eq. 6 min-max", "exit-mean": "ExIt, Eq. 6 mean"}  # other forms of Eq. 6 (run_label)
 
 
@@ -217,12 +218,15 @@ LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve":
 # that setting (run_label).
 CONTROLS = {f"{m}-{name}": (m, setting) for m in ("improve", "exit")
             for name, setting in (("kappa0", dict(kappa=0.0)), ("fifo", dict(admission="fifo")))}
+# Both halves off at once: a buffer of the newest children, sampled uniformly (RESULTS.md, the moonshot).
+# Each half alone may be covered by the other; this one is blind to learnability. Not in the ladder.
+BLIND = {f"{m}-blind": (m, dict(kappa=0.0, admission="fifo")) for m in ("improve", "exit")}
 
 
 def run_label(cfg: dict) -> str:
     """The comparison row of a run: its method, or the control it is (CONTROLS) when it has a control's setting."""
     method = cfg.get("method", "?")
-    for name, (m, setting) in CONTROLS.items():
+    for name, (m, setting) in (BLIND | CONTROLS).items():  # BLIND first: it has both controls' settings
         if m == method and all(cfg.get(k, RUN_DEFAULTS[k]) == v for k, v in setting.items()):
             return name
     if method == "exit" and _eq6(cfg)[0]:  # another form of Eq. 6: a row of its own
@@ -367,7 +371,8 @@ def efficiency(rows: list[dict]):
 
 # The comparisons that answer the paper's claims and the curriculum's controls: (a, b) gives a - b.
 PAIRED = (("exit", "grpo"), ("exit", "improve"), ("diverge", "improve"), ("exit", "diverge"),
-          ("improve", "improve-fifo"), ("improve", "improve-kappa0"), ("exit", "exit-fifo"), ("exit", "exit-kappa0"))
+          ("improve", "improve-fifo"), ("improve", "improve-kappa0"), ("exit", "exit-fifo"), ("exit", "exit-kappa0"),
+          ("improve", "improve-blind"), ("exit", "exit-blind"))
 
 
 def paired_differences(table: dict) -> list[dict]:
@@ -375,7 +380,7 @@ def paired_differences(table: dict) -> list[dict]:
     its standard error (std of the differences, n - 1, over sqrt(n)). A pair is two runs with one base and
     one RL seed, so the base's quality and the seed's luck cancel; comparisons with < 2 pairs are left out."""
     rows, out = {r["method"]: r for r in table["rows"]}, []
-    forms = [(m, "exit") for m in rows if m.startswith("exit-") and m not in CONTROLS]  # Eq. 6's other forms
+    forms = [(m, "exit") for m in rows if m.startswith("exit-") and m not in CONTROLS | BLIND]  # Eq. 6's other forms
     for a, b in (*PAIRED, *forms):
         if a not in rows or b not in rows:
             continue
@@ -486,12 +491,12 @@ def smooth(y, window: int) -> np.ndarray:
 
 
 def _style(method: str) -> dict:
-    """A row's line in every plot: its own colour; a control (CONTROLS) its rung's colour, dotted (κ = 0)
-    or dash-dotted (FIFO)."""
-    if method in CONTROLS:
-        rung, setting = CONTROLS[method]
-        return dict(color=_style(rung)["color"], linestyle=":" if "kappa" in setting else "-.")
-    names = [m for m in LABELS if m not in CONTROLS]
+    """A row's line in every plot: its own colour; a control (CONTROLS, BLIND) its rung's colour, dotted (κ = 0),
+    dash-dotted (FIFO) or dashed (both)."""
+    if method in CONTROLS | BLIND:
+        rung, setting = (CONTROLS | BLIND)[method]
+        return dict(color=_style(rung)["color"], linestyle="--" if len(setting) > 1 else ":" if "kappa" in setting else "-.")
+    names = [m for m in LABELS if m not in CONTROLS | BLIND]
     return dict(color=f"C{names.index(method) if method in names else len(names)}", linestyle="-")
 
 

@@ -1871,6 +1871,11 @@ def test_control_runs_get_their_own_rows():
     assert report.run_label(dict(method="improve", kappa=0.0)) == "improve-kappa0"  # Improve has the same two
     assert report.run_label(dict(method="improve", admission="fifo")) == "improve-fifo"
     assert report.run_label(dict(method="grpo", kappa=0.0)) == "grpo"  # no buffer, no controls
+    # both controls at once: blind to learnability, a row of its own, not pooled with either half
+    assert report.run_label(dict(method="improve", kappa=0.0, admission="fifo")) == "improve-blind"
+    assert report.run_label(dict(method="exit", kappa=0.0, admission="fifo")) == "exit-blind"
+    styles = {m: report._style(m)["linestyle"] for m in ("improve", "improve-kappa0", "improve-fifo", "improve-blind")}
+    assert len(set(styles.values())) == 4 and report._style("improve-blind")["color"] == report._style("improve")["color"]
     # another form of Eq. 6 is another row, never pooled with full ExIt as printed
     assert report.run_label(dict(method="exit", div_mean=True)) == "exit-mean"
     assert report.run_label(dict(method="exit", div_clip=2.0)) == "exit-cap2"
