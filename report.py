@@ -240,6 +240,19 @@ CURVE_KEYS = ("reward_base", "reward_improve", "reward_diverge", "zero_var_frac"
               "heldout_k0", "heldout_kK")                                           # exit.py --eval_every
 
 
+SIGNAL_KEYS = ("zero_var_frac", "buf_score_mean", "buf_entropy", "buf_measured")  # what the curriculum trains on
+LAST = 100  # signals: the mean over a run's last LAST iterations
+
+
+def signals(log) -> dict | None:
+    """A run's training signals (SIGNAL_KEYS), each the mean over its last LAST iterations where logged."""
+    if not log:
+        return None
+    last = [e for e in log if e["iter"] > log[-1]["iter"] - LAST]
+    vals = {k: [e[k] for e in last if e.get(k) is not None] for k in SIGNAL_KEYS}
+    return {k: float(np.mean(v)) for k, v in vals.items() if v}
+
+
 def mean_std(values) -> list[float]:
     """[mean, sample std (n - 1)] over runs; the std of a single run is 0, not NaN."""
     v = np.asarray(values, dtype=float)
@@ -262,13 +275,14 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
     give each row mean ± std over its runs of score(0), score(K), Δ_K, plus the mean ± std curves
     of score and net corrections vs k and the mean training curves, so plots need nothing else.
     K defaults to the smallest K among the runs (longer evaluations are truncated, exactly)."""
-    groups, logs, divs, seen, pairs, heldout, bonus = {}, {}, {}, set(), {}, {}, {}
+    groups, logs, divs, seen, pairs, heldout, bonus, sig = {}, {}, {}, set(), {}, {}, {}, {}
     for r in runs:
         if r["method"] != "base":
             groups.setdefault(r["method"], []).append(r["policy"])
             divs.setdefault(r["method"], []).append(r.get("diversity"))
             pairs.setdefault(r["method"], []).append([r["base_key"], r["seed"]])  # runs with one base and seed pair up
             heldout.setdefault(r["method"], []).append(heldout_points(r.get("log")))
+            sig.setdefault(r["method"], []).append(signals(r.get("log")))
             if r.get("bonus"):
                 bonus.setdefault(r["method"], set()).add(r["bonus"])
             if r.get("log"):
@@ -306,7 +320,10 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
             ret = np.array([x["score"] for x in whole])
             row["return"] = dict(k0=mean_std(ret[:, 0]), kK=mean_std(ret[:, K]), delta=mean_std(ret[:, K] - ret[:, 0]))
         if m in pairs:
-            row.update(pairs=pairs[m], heldout_runs=heldout[m])
+            row.update(pairs=pairs[m], heldout_runs=heldout[m], signals_runs=sig[m])
+            got = [x for x in sig[m] if x]
+            if got:
+                row["signals"] = {k: mean_std([x[k] for x in got if k in x]) for k in SIGNAL_KEYS if any(k in x for x in got)}
         if m in bonus:  # which form of Eq. 6 the row's runs used
             row["bonus"] = ", ".join(sorted(bonus[m]))
         if m in logs:
@@ -390,9 +407,14 @@ def paired_differences(table: dict) -> list[dict]:
         if len(common) < 2:
             continue
         res = dict(a=a, b=b, n=len(common))
+        se = lambda d: [float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(len(d)))]
         for name, col in (("k0", 0), ("kK", table["K"])):
-            d = np.array([rows[a]["score_runs"][i][col] - rows[b]["score_runs"][j][col] for i, j in common])
-            res[name] = [float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))]
+            res[name] = se([rows[a]["score_runs"][i][col] - rows[b]["score_runs"][j][col] for i, j in common])
+        sig_a, sig_b = rows[a].get("signals_runs"), rows[b].get("signals_runs")
+        zv = [((sig_a[i] or {}).get("zero_var_frac"), (sig_b[j] or {}).get("zero_var_frac")) for i, j in common] \
+            if sig_a and sig_b else []
+        if zv and all(None not in p for p in zv):  # the share of flat groups (no gradient) over the last LAST iterations
+            res["zero_var"] = se([x - y for x, y in zv])
         out.append(res)
     return out
 
@@ -451,6 +473,10 @@ def format_table(table: dict) -> str:
                      "base policy; the paper's Tables 2, 7): "
                      + "; ".join(f"{r['label']} cosine {r['diversity']['cosine'][0]:.4f} ± {r['diversity']['cosine'][1]:.4f}, "
                                  f"L2 {r['diversity']['l2'][0]:.3f} ± {r['diversity']['l2'][1]:.3f}" for r in div))
+    sig = [r for r in table["rows"] if r.get("signals")]
+    if sig:
+        lines.append(f"training signals over the last {LAST} iterations (mean over runs): "
+                     + "; ".join(f"{r['label']} " + ", ".join(f"{k} {v[0]:.3f}" for k, v in r["signals"].items()) for r in sig))
     bonus = [f"{r['label']}: Eq. 6 {r['bonus']}" for r in table["rows"] if r.get("bonus")]
     if bonus:
         lines.append("diversity bonus: " + "; ".join(bonus))
@@ -463,11 +489,13 @@ def format_table(table: dict) -> str:
     labels = {r["method"]: r["label"] for r in table["rows"]}
     if table.get("paired"):
         lines.append(f"paired differences (runs with one base and one RL seed; mean ± standard error over the pairs, in "
-                     f"points; * beyond 2 s.e.):\n{'':<34} {'pairs':>5}  {'k = 0':>13}  {f'k = {K}':>13}")
+                     f"points; * beyond 2 s.e.; zero_var_frac over the last {LAST} iterations, in points too):\n"
+                     f"{'':<34} {'pairs':>5}  {'k = 0':>13}  {f'k = {K}':>13}  {'zero_var_frac':>13}")
         star = lambda ms: "*" if abs(ms[0]) > 2 * ms[1] else " "
         for d in table["paired"]:
             lines.append(f"{labels[d['a']] + ' - ' + labels[d['b']]:<34} {d['n']:>5}  "
-                         + "  ".join(f"{100 * d[k][0]:+6.1f} ± {100 * d[k][1]:3.1f}{star(d[k])}" for k in ("k0", "kK")))
+                         + "  ".join(f"{100 * d[k][0]:+6.1f} ± {100 * d[k][1]:3.1f}{star(d[k])}" for k in ("k0", "kK", "zero_var")
+                                     if k in d))
     b = table.get("budget")
     if b:
         lines.append(f"claim 2 on the held-out curves, ExIt's last k = 0 minus GRPO's ({b['n']} pairs; ExIt drew a fresh base "

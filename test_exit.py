@@ -1795,6 +1795,27 @@ def test_paired_differences_by_hand():
     text = report.format_table(dict(K=2, task="t", rows=[dict(r, runs=1, k0=[0, 0], kK=[0, 0], delta=[0, 0], problems=[1])
                                                          for r in rows], paired=got))
     assert "exit - grpo" in text and "+21.7 ± 7.3*" in text and "-5.0 ± 2.9 " in text  # 21.7 > 2 x 7.3; 5.0 < 2 x 2.9
+    assert "zero_var" not in got[0]  # no logs: no training signals to pair
+
+
+def test_training_signals_and_their_paired_difference_by_hand():
+    # a run's signals: the mean over its last LAST iterations, each key where it was logged
+    log = [dict(iter=i, zero_var_frac=1.0 if i <= 50 else 0.2 + 0.1 * (i % 2), buf_score_mean=None if i < 140 else 0.25)
+           for i in range(1, 151)]
+    sig = report.signals(log)  # iterations 51..150: zero_var_frac 0.2 and 0.3 alternate; buf_score_mean from 140 on
+    assert sig["zero_var_frac"] == pytest.approx(0.25) and sig["buf_score_mean"] == pytest.approx(0.25)
+    assert "buf_entropy" not in sig and report.signals([]) is None
+    # paired: improve's zero_var_frac minus its control's, per seed 0.30 - 0.50, 0.40 - 0.45, 0.35 - 0.60
+    zv = {"improve": (0.30, 0.40, 0.35), "improve-blind": (0.50, 0.45, 0.60)}
+    rows = [dict(method=m, label=m, pairs=[["b", s] for s in range(3)], score_runs=[[0.5, 0.5]] * 3,
+                 signals_runs=[dict(zero_var_frac=v) for v in vs]) for m, vs in zv.items()]
+    got = report.paired_differences(dict(K=1, rows=rows))
+    d = [-0.20, -0.05, -0.25]
+    m = sum(d) / 3
+    assert [(g["a"], g["b"]) for g in got] == [("improve", "improve-blind")]
+    assert got[0]["zero_var"] == pytest.approx([m, (sum((x - m) ** 2 for x in d) / 2) ** 0.5 / 3 ** 0.5])
+    rows[1]["signals_runs"][2] = None  # a run without a log: nothing to pair, no column
+    assert "zero_var" not in report.paired_differences(dict(K=1, rows=rows))[0]
 
 
 def test_budget_matched_claim_two_by_hand():
