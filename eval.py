@@ -7,7 +7,8 @@ tasks (never trained on: tasks.py keeps the splits disjoint) and reports per ste
 Δ_K = score(K) - score(0), the net corrections (Fig. 4) and the fix/break rates, overall and by
 difficulty; a multi-turn family is scored on whole episodes by the same `chain_scores`. Also here:
 the base's evaluation (cached, or recorded with a shipped base), the task diversity of what a run
-trained on (Tables 2, 7), and one improvement chain as text (`show_chain`).
+trained on (Tables 2, 7). One improvement chain as text is runs.py's (`show_chain`), with the run's other
+displays.
 
 Comparisons of runs, plots, and the ablation ladder are report.py's (`python eval.py RUN ...` and
 `python eval.py --ladder` run it); this file needs only model.py and tasks.py.
@@ -67,60 +68,6 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
         if trace is not None:
             trace.append([a if family.multi_turn else a[0] for a in cur])
     return score, first, per_turn
-
-
-def improvement_chain(policy, tok, family, problem, K: int, temperature: float = 1.0, max_new_tokens: int = 48,
-                      seed: int = 0) -> list[tuple[str, float]]:
-    """One held-out problem's chain as text, [(answer, score)] for k = 0..K, by the evaluation's own protocol."""
-    was_training, trace = policy.training, []
-    policy.eval()
-    scores, _, _ = chain_scores(policy, tok, family, [problem], K, 1, temperature, max_new_tokens, seed, trace=trace)
-    policy.train(was_training)
-    return [(answers[0], float(scores[k, 0])) for k, answers in enumerate(trace)]
-
-
-def format_chains(problem, chains: dict, width: int | None = None, title: str = "") -> str:
-    """Chains of several policies on one problem, side by side, one line per step k; answers cut at `width`."""
-    width = width or min(60, max(len(a) for c in chains.values() for a, _ in c))
-    def cell(answer, score):
-        text = answer.replace("\n", " ")
-        text = text if len(text) <= width else text[:width - 1] + "…"
-        return f"{text:<{width}} {score:4.2f}"
-    names = list(chains)
-    lines = [f"held-out problem {problem.id}: {problem.request!r}" + (f" ({title})" if title else ""),
-             "  k | " + " | ".join(f"{n:<{width + 5}}" for n in names)]
-    for k in range(len(chains[names[0]])):
-        lines.append(f"{k:3d} | " + " | ".join(cell(*chains[n][k]) for n in names))
-    return "\n".join(lines)
-
-
-CHAIN_CANDIDATES = 8  # held-out problems show_chain looks through for a chain that improves
-
-
-def show_chain(policy, tok, family, settings: dict, name: str, base=None) -> str:
-    """One held-out chain as text, beside base's; the first of CHAIN_CANDIDATES problems whose chain improves."""
-    if family.multi_turn:
-        return ""
-    kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
-    problems = heldout_problems(family, settings["n_problems"], harder=settings.get("harder", False),
-                                warn=False, split=settings["split"])[:CHAIN_CANDIDATES]
-    improves = lambda chain: chain[-1][1] > chain[0][1]
-    problem, mine = problems[0], improvement_chain(policy, tok, family, problems[0], **kw)
-    if settings["K"] and not improves(mine):  # K = 0: no improve step to look for
-        for candidate in problems[1:]:
-            chain = improvement_chain(policy, tok, family, candidate, **kw)
-            if improves(chain):
-                problem, mine = candidate, chain
-                break
-    if not settings["K"]:
-        title = "K = 0: no improve steps"
-    elif improves(mine):
-        title = (f"the first of the evaluation's first {len(problems)} held-out problems whose {name} chain ends "
-                 "better than it starts")
-    else:
-        title = f"none of the first {len(problems)} improved; the first"
-    chains = {} if base is None else {"base": improvement_chain(base, tok, family, problem, **kw)}
-    return format_chains(problem, chains | {name: mine}, title=title)
 
 
 def net_corrections(correct: np.ndarray) -> np.ndarray:

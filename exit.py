@@ -747,13 +747,13 @@ def main(argv=None):
     with runs.run(sys.argv[1:] if argv is None else argv) as trainer:  # checked, locked, fresh or resumed
         with runs.stop_signals() as stop:  # Ctrl-C or kill: finish the iteration, save, stop
             train(trainer, stop)
-        runs.finish(trainer, stop)  # exit 130 if stopped; else the hf/ export and the lineage plot
+        runs.finish(trainer, stop)  # exit 130 if stopped; else the hf/ export, the lineage plot, one chain
         final_evaluation(trainer)
 
 
 def final_evaluation(trainer: Trainer):
     """What a run shows at its end: the held-out K-step evaluation of the trained policy and of its base
-    (eval.json), the task diversity of what it trained on, and one held-out improvement chain (chain.txt)."""
+    (eval.json), and the task diversity of what it trained on."""
     cfg, t0 = trainer.cfg, time.time()
     if not cfg.eval_problems:
         return
@@ -763,20 +763,15 @@ def final_evaluation(trainer: Trainer):
         return
     base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
                                   lambda path, device: (trainer.base_policy(),), **settings)
-    # once, for the diversity and the chain; a real checkpoint (a Hugging Face directory) is not loaded twice
+    # the diversity's embedder; a real checkpoint (a Hugging Face directory) is not loaded twice
     real = os.path.isdir(trainer.base_path) and eval_lib.shipped_record(trainer.base_path) is None
-    base_policy = None if real else trainer.base_policy()
-    diversity = eval_lib.run_diversity(trainer.seen["ids"], base_policy)
+    diversity = eval_lib.run_diversity(trainer.seen["ids"], None if real else trainer.base_policy())
     eval_lib.write_json(dict(policy=res, base=base, **({"diversity": diversity} if diversity else {})),
                         os.path.join(cfg.out_dir, "eval.json"))
     print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
     if diversity:
         print(f"task diversity of the instances trained on ({diversity['n']} of them): mean pairwise cosine distance "
               f"{diversity['cosine']:.4f}, L2 {diversity['l2']:.3f}")
-    show = eval_lib.show_chain(trainer.policy, trainer.tok, trainer.eval_family, settings, cfg.method, base_policy)
-    if show:
-        print(show)
-        eval_lib.write_text(show + "\n", os.path.join(cfg.out_dir, "chain.txt"))
     trainer.timing["evaluation"] = time.time() - t0
 
 

@@ -35,6 +35,45 @@ CHAT_DATE = "26 Jul 2024"  # the date chat templates that print one (Llama 3.x) 
 END_OF_TURN = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
 
 
+class Llama3Tokenizer(model_lib.TiktokenTokenizer):
+    """Backend 2: a Llama 3 tokenizer.model (tiktoken ranks), with Meta's chat format."""
+
+    @property
+    def has_chat_template(self):
+        return True
+
+    def render_chat(self, messages, add_generation_prompt=True):
+        # Meta's Llama 3 format: a header per turn, content as plain text, <|eot_id|> after it
+        def header(role):
+            return self.encode(f"<|start_header_id|>{role}<|end_header_id|>\n\n", special=True)
+        ids = [self.bos_id]
+        for m in messages:
+            ids += header(m["role"]) + self.encode(m["content"].strip()) + [self.specials["<|eot_id|>"]]
+        if add_generation_prompt:
+            ids += header("assistant")
+        return ids
+
+
+def save_tokenizer(tok: model_lib.Tokenizer, path: str):
+    """A tokenizer's files in `path`. A tiktoken one (the toy's, a Llama 3 tokenizer.model): tokenizer.model
+    (Llama 3's format) + tokenizer_config.json, which load_tokenizer reads back; any other: its own save."""
+    if not isinstance(tok, model_lib.TiktokenTokenizer):
+        return tok.save(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "tokenizer.model"), "w") as f:
+        for piece, rank in sorted(tok.ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(piece).decode()} {rank}\n")
+    names = {v: k for k, v in tok.specials.items()}
+    config = {
+        "added_tokens_decoder": {str(i): {"content": s, "special": True} for s, i in tok.specials.items()},
+        "bos_token": names[tok.bos_id], "eos_token": names[tok.eos_id], "pad_token": names[tok.pad_id],
+        "stop_tokens": sorted(names[i] for i in tok.stop_ids),  # ours, not a transformers field
+        "pat_str": tok.pat_str, "chat_format": "llama3" if isinstance(tok, Llama3Tokenizer) else "plain",  # ours too
+    }
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 class HFTokenizer(model_lib.Tokenizer):
     """Backend 3: the checkpoint's own tokenizer, with its chat template, via transformers."""
 
@@ -166,8 +205,9 @@ def _tiktoken_from_dir(path, ranks) -> model_lib.TiktokenTokenizer:
     names = {i: s for s, i in specials.items()}
     stops = [*config.get("stop_tokens", END_OF_TURN), *(names[i] for i in _config_eos_ids(path) if i in names)]
     chat = config.get("chat_format", "llama3" if "<|start_header_id|>" in specials else "plain")
-    return model_lib.TiktokenTokenizer(ranks, specials, config.get("pat_str", LLAMA3_PAT), bos, eos, pad, stops, chat,
-                             name=os.path.basename(os.path.normpath(path)) or "checkpoint")
+    cls = Llama3Tokenizer if chat == "llama3" else model_lib.TiktokenTokenizer
+    return cls(ranks, specials, config.get("pat_str", LLAMA3_PAT), bos, eos, pad, stops,
+               name=os.path.basename(os.path.normpath(path)) or "checkpoint")
 
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -326,15 +366,15 @@ def save_hf(model: model_lib.Transformer, tokenizer: model_lib.Tokenizer | None,
                if not (cfg.tie_embeddings and k == "lm_head.weight")}  # safetensors refuses shared memory
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
-        tokenizer.save(path)
+        save_tokenizer(tokenizer, path)
 
 
 def tokenizer_spec(tok) -> dict:
-    """How a checkpoint rebuilds a real checkpoint's tokenizer: its files (tok.save), kept inside the
+    """How a checkpoint rebuilds a real checkpoint's tokenizer: its files (save_tokenizer), kept inside the
     checkpoint so that a run folder needs nothing else, and its stop ids (some come from the model's
     config.json, which is not a tokenizer file)."""
     with tempfile.TemporaryDirectory() as d:
-        tok.save(d)
+        save_tokenizer(tok, d)
         files = {}
         for name in sorted(os.listdir(d)):
             if os.path.isfile(os.path.join(d, name)):

@@ -21,7 +21,6 @@ embeddings, the tokenizer interface and the toy's byte tokenizer, devices, exit'
 templates are hf.py's.
 """
 
-import base64
 import contextlib
 import dataclasses
 import json
@@ -555,8 +554,8 @@ def embed(model: Transformer, seqs: list[list[int]]) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # Tokenizers: one small interface, three backends.
 #   byte_tokenizer(markers)  the toy policy's: 256 byte tokens + a few special strings (tiktoken)
-#   Llama 3 tokenizer.model  a tiktoken BPE file ("base64token rank" lines) in a checkpoint
-#   anything else            the checkpoint's own tokenizer through transformers.AutoTokenizer
+#   Llama 3 tokenizer.model  a tiktoken BPE file ("base64token rank" lines) in a checkpoint (hf.py)
+#   anything else            the checkpoint's own tokenizer through transformers.AutoTokenizer (hf.py)
 # Conventions, the same for all three:
 #   encode(text, special=False): special strings in the text are plain text, so user or model
 #       text can never smuggle in a control token; special=True turns them into their ids.
@@ -600,13 +599,14 @@ BYTE_PAT = r"\S+|\s+"  # with only single-byte ranks the split changes nothing b
 
 
 class TiktokenTokenizer(Tokenizer):
-    """Backends 1 and 2: a tiktoken.Encoding built from ranks in memory (never downloaded)."""
+    """Backend 1 (and 2, hf.Llama3Tokenizer): a tiktoken.Encoding built from ranks in memory (never downloaded).
+    Its files (tokenizer.model, tokenizer_config.json): hf.save_tokenizer."""
 
     def __init__(self, ranks: dict[bytes, int], specials: dict[str, int], pat_str: str,
-                 bos: str, eos: str, pad: str, stops=(), chat_format: str = "plain", name="exit"):
+                 bos: str, eos: str, pad: str, stops=(), name="exit"):
         import tiktoken  # imported here so that importing model.py stays cheap
         self.enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
-        self.ranks, self.specials, self.pat_str, self.chat_format = ranks, specials, pat_str, chat_format
+        self.ranks, self.specials, self.pat_str = ranks, specials, pat_str
         self.special_ids = set(specials.values())
         self.bos_id, self.eos_id, self.pad_id = specials[bos], specials[eos], specials[pad]
         self.stop_ids = {self.eos_id} | {specials[s] for s in stops if s in specials}
@@ -622,40 +622,6 @@ class TiktokenTokenizer(Tokenizer):
             ids = ids.tolist()
         drop = {self.pad_id} if special else self.special_ids
         return self.enc.decode([i for i in ids if i not in drop])
-
-    @property
-    def has_chat_template(self):
-        return self.chat_format == "llama3"
-
-    def render_chat(self, messages, add_generation_prompt=True):
-        if self.chat_format != "llama3":
-            return super().render_chat(messages, add_generation_prompt)
-        # Meta's Llama 3 format: a header per turn, content as plain text, <|eot_id|> after it
-        def header(role):
-            return self.encode(f"<|start_header_id|>{role}<|end_header_id|>\n\n", special=True)
-        ids = [self.bos_id]
-        for m in messages:
-            ids += header(m["role"]) + self.encode(m["content"].strip()) + [self.specials["<|eot_id|>"]]
-        if add_generation_prompt:
-            ids += header("assistant")
-        return ids
-
-    def save(self, path):
-        """tokenizer.model (Llama 3's format) + tokenizer_config.json; load_tokenizer reads them back."""
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "tokenizer.model"), "w") as f:
-            for tok, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
-                f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
-        names = {v: k for k, v in self.specials.items()}
-        config = {
-            "added_tokens_decoder": {str(i): {"content": s, "special": True} for s, i in self.specials.items()},
-            "bos_token": names[self.bos_id], "eos_token": names[self.eos_id], "pad_token": names[self.pad_id],
-            "stop_tokens": sorted(names[i] for i in self.stop_ids),  # ours, not a transformers field
-            "pat_str": self.pat_str, "chat_format": self.chat_format,  # ours too
-        }
-        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-
 
 def byte_tokenizer(markers: list[str] = ()) -> TiktokenTokenizer:
     """The toy's tokenizer: ids 0-255 are bytes, then <|bos|>, <|eos|>, <|pad|> and the markers, as specials."""
@@ -679,10 +645,6 @@ def read_json(path: str) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object {{...}}, got a {type(obj).__name__}")
     return obj
-
-
-# -----------------------------------------------------------------------------
-# Hugging Face checkpoints (Llama and Qwen2 families, safetensors only)
 
 
 # -----------------------------------------------------------------------------

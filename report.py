@@ -82,7 +82,7 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
                         n_samples: int | None = None, device: str = "auto", with_base: bool = True,
                         temperature: float | None = None, split: str | None = None, chain: bool = False) -> dict:
     """{"policy": ..., "base": ...} for a checkpoint file, as exit.main writes eval.json (chain=True adds
-    "chain": show_chain's text, as exit.main writes chain.txt).
+    "chain": show_chain's text, as runs.finish writes chain.txt).
 
     A run checkpoint brings its config: its eval_* settings and seed are the defaults, so this
     recomputes exactly what the run's own final evaluation did. Its base is the warm-started
@@ -121,7 +121,7 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
         else:
             print(f"warning: {path}: its base policy {base_path!r} is gone; no Base evaluation", file=sys.stderr)
     if chain:
-        out["chain"] = eval_lib.show_chain(policy, tok, family, settings, run_label(cfg) if ck.get("kind") == "run" else "policy", base)
+        out["chain"] = runs_lib.show_chain(policy, tok, family, settings, run_label(cfg) if ck.get("kind") == "run" else "policy", base)
     return out
 
 

@@ -256,8 +256,8 @@ def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_li
 
 def finish(trainer, stop: list):
     """After the RL loop: stopped by a signal, exit 130 (its checkpoint is written); else the trained policy
-    as a Hugging Face directory, for other tools (transformers, vLLM, ...) and --init, and the curriculum's
-    lineage (lineage.png)."""
+    as a Hugging Face directory, for other tools (transformers, vLLM, ...) and --init, the curriculum's
+    lineage (lineage.png) and one held-out improvement chain (chain.txt)."""
     if trainer.any_rank(len(stop)):
         print(f"\ninterrupted after iteration {trainer.iter}: checkpoint written; continue with --resume")
         raise SystemExit(130)
@@ -268,6 +268,7 @@ def finish(trainer, stop: list):
         lineage = plot_lineage(read_log(out), os.path.join(out, "lineage.png"))
         if lineage:
             print(f"the curriculum's lineage: {lineage}")
+        write_chain(trainer)
 
 
 def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
@@ -604,6 +605,74 @@ def read_log(run_dir: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     return read_log_lines(path)
+
+
+def write_chain(trainer):
+    """One held-out improvement chain as text, the trained policy's beside its base's (chain.txt, printed too);
+    none when the run skips evaluation. A real checkpoint's base (a Hugging Face directory) is not loaded again."""
+    cfg = trainer.cfg
+    if not cfg.eval_problems:
+        return
+    real = os.path.isdir(trainer.base_path) and eval_lib.shipped_record(trainer.base_path) is None
+    show = show_chain(trainer.policy, trainer.tok, trainer.eval_family, eval_lib.eval_settings(dataclasses.asdict(cfg)),
+                      cfg.method, None if real else trainer.base_policy())
+    if show:
+        print(show)
+        eval_lib.write_text(show + "\n", os.path.join(cfg.out_dir, "chain.txt"))
+
+
+def improvement_chain(policy, tok, family, problem, K: int, temperature: float = 1.0, max_new_tokens: int = 48,
+                      seed: int = 0) -> list[tuple[str, float]]:
+    """One held-out problem's chain as text, [(answer, score)] for k = 0..K, by the evaluation's own protocol."""
+    was_training, trace = policy.training, []
+    policy.eval()
+    scores, _, _ = eval_lib.chain_scores(policy, tok, family, [problem], K, 1, temperature, max_new_tokens, seed, trace=trace)
+    policy.train(was_training)
+    return [(answers[0], float(scores[k, 0])) for k, answers in enumerate(trace)]
+
+
+def format_chains(problem, chains: dict, width: int | None = None, title: str = "") -> str:
+    """Chains of several policies on one problem, side by side, one line per step k; answers cut at `width`."""
+    width = width or min(60, max(len(a) for c in chains.values() for a, _ in c))
+    def cell(answer, score):
+        text = answer.replace("\n", " ")
+        text = text if len(text) <= width else text[:width - 1] + "…"
+        return f"{text:<{width}} {score:4.2f}"
+    names = list(chains)
+    lines = [f"held-out problem {problem.id}: {problem.request!r}" + (f" ({title})" if title else ""),
+             "  k | " + " | ".join(f"{n:<{width + 5}}" for n in names)]
+    for k in range(len(chains[names[0]])):
+        lines.append(f"{k:3d} | " + " | ".join(cell(*chains[n][k]) for n in names))
+    return "\n".join(lines)
+
+
+CHAIN_CANDIDATES = 8  # held-out problems show_chain looks through for a chain that improves
+
+
+def show_chain(policy, tok, family, settings: dict, name: str, base=None) -> str:
+    """One held-out chain as text, beside base's; the first of CHAIN_CANDIDATES problems whose chain improves."""
+    if family.multi_turn:
+        return ""
+    kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
+    problems = eval_lib.heldout_problems(family, settings["n_problems"], harder=settings.get("harder", False),
+                                warn=False, split=settings["split"])[:CHAIN_CANDIDATES]
+    improves = lambda chain: chain[-1][1] > chain[0][1]
+    problem, mine = problems[0], improvement_chain(policy, tok, family, problems[0], **kw)
+    if settings["K"] and not improves(mine):  # K = 0: no improve step to look for
+        for candidate in problems[1:]:
+            chain = improvement_chain(policy, tok, family, candidate, **kw)
+            if improves(chain):
+                problem, mine = candidate, chain
+                break
+    if not settings["K"]:
+        title = "K = 0: no improve steps"
+    elif improves(mine):
+        title = (f"the first of the evaluation's first {len(problems)} held-out problems whose {name} chain ends "
+                 "better than it starts")
+    else:
+        title = f"none of the first {len(problems)} improved; the first"
+    chains = {} if base is None else {"base": improvement_chain(base, tok, family, problem, **kw)}
+    return format_chains(problem, chains | {name: mine}, title=title)
 
 
 def plot_lineage(log: list[dict], path: str, title: str = "") -> str | None:

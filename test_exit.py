@@ -2028,9 +2028,9 @@ def test_improvement_chain_shows_each_step_as_text(monkeypatch):
         return rollouts_of(tok, [t for t in texts for _ in range(num_samples)])
     monkeypatch.setattr(eval_lib.model_lib, "generate", generate)
     m = model_lib.Transformer(model_lib.toy_config(tok.vocab_size))
-    chain = eval_lib.improvement_chain(m, tok, f, p, K=2)
+    chain = runs.improvement_chain(m, tok, f, p, K=2)
     assert chain == [(wrong, 0.0), (right, 1.0), (right, 1.0)]
-    text = eval_lib.format_chains(p, {"base": chain, "exit": chain})
+    text = runs.format_chains(p, {"base": chain, "exit": chain})
     assert len(text.splitlines()) == 2 + 3 and p.request in text and "1.00" in text
 
 
@@ -2040,7 +2040,7 @@ def test_show_chain_picks_the_first_problem_whose_chain_improves(monkeypatch):
     the first; the base's chain on the same problem beside it."""
     f, tok = tasks.get_family("exactsum"), model_lib.byte_tokenizer(tasks.MARKERS)
     settings = dict(n_problems=20, K=2, temperature=1.0, max_new_tokens=12, seed=0, split="test")
-    problems = eval_lib.heldout_problems(f, 20)[:eval_lib.CHAIN_CANDIDATES]  # as evaluate_policy draws them
+    problems = eval_lib.heldout_problems(f, 20)[:runs.CHAIN_CANDIDATES]  # as evaluate_policy draws them
     fixable = {problems[2].request}
 
     def generate(policy, prompts, num_samples, max_new_tokens, **kw):
@@ -2053,16 +2053,16 @@ def test_show_chain_picks_the_first_problem_whose_chain_improves(monkeypatch):
         return rollouts_of(tok, [t for t in texts for _ in range(num_samples)])
     monkeypatch.setattr(eval_lib.model_lib, "generate", generate)
     m = model_lib.Transformer(model_lib.toy_config(tok.vocab_size))
-    text = eval_lib.show_chain(m, tok, f, settings, "exit", base=m)
+    text = runs.show_chain(m, tok, f, settings, "exit", base=m)
     lines = text.splitlines()
     assert problems[2].request in lines[0] and "the first of the evaluation's first 8" in lines[0]
     assert "base" in lines[1] and "exit" in lines[1] and len(lines) == 2 + 3
     assert lines[2].count("0.00") == 2 and lines[-1].count("1.00") == 2  # k = 0 wrong, k = 2 right, in both columns
     fixable.clear()  # nothing improves: the first problem, and the title says so
-    text = eval_lib.show_chain(m, tok, f, settings, "exit")
+    text = runs.show_chain(m, tok, f, settings, "exit")
     assert problems[0].request in text.splitlines()[0] and "none of the first 8 improved" in text
     assert "base" not in text.splitlines()[1]
-    text = eval_lib.show_chain(m, tok, f, settings | dict(K=0), "exit")  # no improve step: the first, said so
+    text = runs.show_chain(m, tok, f, settings | dict(K=0), "exit")  # no improve step: the first, said so
     assert problems[0].request in text.splitlines()[0] and "K = 0" in text and len(text.splitlines()) == 3
 
 
