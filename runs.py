@@ -1,6 +1,7 @@
 """
 The run around the method: the command line, the checks made before any work, the run folder (one run
-per folder, locked, never overwritten), resume, and Ctrl-C. exit.main enters here and nowhere else; a
+per folder, locked, never overwritten), resume, Ctrl-C, and what a run shows beside its numbers (the
+curriculum's lineage plot, one held-out improvement chain as text). exit.main enters here and nowhere else; a
 reader of the method can skip this file. Several processes and real checkpoints: scale.py.
 """
 
