@@ -174,6 +174,11 @@ def shipped_record(base_path: str) -> dict | None:
     return model_lib.read_json(record) if os.path.isfile(record) else None
 
 
+def toy_base(base_path: str) -> bool:
+    """A toy base (a cached .pt file, or shipped in bases/), not a real Hugging Face checkpoint (never loaded twice)."""
+    return os.path.isfile(base_path) or shipped_record(base_path) is not None
+
+
 def run_diversity(seen: list[list[int]], base) -> dict | None:
     """task_diversity of a run's sample of trained instances, embedded by its frozen base; None without either."""
     return task_diversity(base, seen) if base is not None and len(seen) >= 2 else None

@@ -763,9 +763,8 @@ def final_evaluation(trainer: Trainer):
         return
     base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
                                   lambda path, device: (trainer.base_policy(),), **settings)
-    # the diversity's embedder; a real checkpoint (a Hugging Face directory) is not loaded twice
-    real = os.path.isdir(trainer.base_path) and eval_lib.shipped_record(trainer.base_path) is None
-    diversity = eval_lib.run_diversity(trainer.seen["ids"], None if real else trainer.base_policy())
+    base_policy = trainer.base_policy() if eval_lib.toy_base(trainer.base_path) else None  # the diversity's embedder
+    diversity = eval_lib.run_diversity(trainer.seen["ids"], base_policy)
     eval_lib.write_json(dict(policy=res, base=base, **({"diversity": diversity} if diversity else {})),
                         os.path.join(cfg.out_dir, "eval.json"))
     print(eval_lib.summary(dict(base=base, **{cfg.method: res})))

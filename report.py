@@ -74,8 +74,7 @@ def _task_from_name(path: str):
 
 def frozen_base(base_path: str, device):
     """The base policy a run started from if a toy base (cached or shipped); None for a Hugging Face checkpoint."""
-    toy = os.path.isfile(base_path) or eval_lib.shipped_record(base_path) is not None
-    return hf.load_policy(base_path, device)[0] if toy else None
+    return hf.load_policy(base_path, device)[0] if eval_lib.toy_base(base_path) else None
 
 
 def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None, n_problems: int | None = None,

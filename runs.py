@@ -614,9 +614,9 @@ def write_chain(trainer):
     cfg = trainer.cfg
     if not cfg.eval_problems:
         return
-    real = os.path.isdir(trainer.base_path) and eval_lib.shipped_record(trainer.base_path) is None
+    base = trainer.base_policy() if eval_lib.toy_base(trainer.base_path) else None
     show = show_chain(trainer.policy, trainer.tok, trainer.eval_family, eval_lib.eval_settings(dataclasses.asdict(cfg)),
-                      cfg.method, None if real else trainer.base_policy())
+                      cfg.method, base)
     if show:
         print(show)
         eval_lib.write_text(show + "\n", os.path.join(cfg.out_dir, "chain.txt"))
