@@ -747,7 +747,7 @@ def main(argv=None):
     with runs.run(sys.argv[1:] if argv is None else argv) as trainer:  # checked, locked, fresh or resumed
         with runs.stop_signals() as stop:  # Ctrl-C or kill: finish the iteration, save, stop
             train(trainer, stop)
-        runs.finish(trainer, stop)  # exit 130 if stopped; else the hf/ export, the lineage plot, one chain
+        runs.finish(trainer, stop)  # exit 130 if stopped
         final_evaluation(trainer)
 
 

@@ -1,6 +1,6 @@
 """
 Hugging Face checkpoints and real tokenizers: what `--init=HF_DIR` (a Llama or Qwen2 instruct model) and
-the `hf/` export of every run need, beyond the toy. A local directory (config.json + safetensors +
+a run's export (`python hf.py RUN` writes RUN/hf) need, beyond the toy. A local directory (config.json + safetensors +
 tokenizer) loads as model.Transformer (`load_hf`) and a policy saves as one (`save_hf`) that
 `transformers` reads back with the same logits. Tokenizers: a Llama 3 `tokenizer.model` (tiktoken
 ranks), else the checkpoint's own through transformers.AutoTokenizer, with its chat template.
@@ -406,3 +406,32 @@ def load_policy(path: str, device) -> tuple:
         return policy, tok, tokenizer_spec(tok)
     state = model_lib.load_checkpoint(path)["policy"]
     return (*model_lib.policy_from_state(state, device, build_tokenizer), state["tokenizer"])
+
+
+def export(run: str, out: str | None = None) -> str:
+    """`python hf.py RUN`: a run's trained policy (RUN/ckpt.pt, or any exit checkpoint file) as a Hugging Face
+    directory (default: hf/ beside the checkpoint) for transformers, vLLM or --init. A policy that started
+    from a Hugging Face checkpoint is written in that checkpoint's dtype, while it is there: bf16 stays bf16."""
+    ck_file = os.path.join(run, "ckpt.pt") if os.path.isdir(run) else run
+    ck = model_lib.load_checkpoint(ck_file)
+    policy, tok = model_lib.policy_from_state(ck["policy"], "cpu", build_tokenizer)
+    source = os.path.join(ck.get("base_path") or "", "config.json")  # an --init directory's
+    dtype = hf_dtype(model_lib.read_json(source)) if os.path.isfile(source) else None
+    out = out or os.path.join(os.path.dirname(os.path.abspath(ck_file)), "hf")
+    save_hf(policy, tok, out, dtype=dtype, temperature=(ck.get("config") or {}).get("eval_temperature"))
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="python hf.py", description="Export a run's trained policy as a Hugging Face "
+                                "directory (config.json, model.safetensors, tokenizer, generation_config.json).")
+    p.add_argument("run", metavar="RUN", help="a run folder (exit.py --out_dir) or an exit checkpoint file")
+    p.add_argument("--out", metavar="DIR", help="where to write it (default: RUN/hf)")
+    args = p.parse_args()
+    try:
+        print(f"Hugging Face directory: {export(args.run, args.out)}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)

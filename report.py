@@ -8,7 +8,7 @@ mean ± std over seeds; METHOD.md). `python eval.py ...` is this file's command 
 
 Top to bottom: what is on disk (`evaluate_checkpoint`, `load_run`: a run's eval.json, else its
 ckpt.pt evaluated and written), the comparison (`comparison_table`, `format_table`), plots
-(`plot_table`; one run's lineage: runs.plot_lineage), `compare` (runs -> table, results.json, plots), the ladder (each run
+(`plot_table`; one run's lineage: `plot_lineage`; one improvement chain as text: `show_chain`), `compare` (runs -> table, results.json, plots), the ladder (each run
 is `python exit.py` as a user runs it), and the command line. It builds on eval.py (the evaluation)
 and runs.py (run folders); nothing in the core imports it.
 """
@@ -77,11 +77,66 @@ def frozen_base(base_path: str, device):
     return hf.load_policy(base_path, device)[0] if eval_lib.toy_base(base_path) else None
 
 
+def improvement_chain(policy, tok, family, problem, K: int, temperature: float = 1.0, max_new_tokens: int = 48,
+                      seed: int = 0) -> list[tuple[str, float]]:
+    """One held-out problem's chain as text, [(answer, score)] for k = 0..K, by the evaluation's own protocol."""
+    was_training, trace = policy.training, []
+    policy.eval()
+    scores, _, _ = eval_lib.chain_scores(policy, tok, family, [problem], K, 1, temperature, max_new_tokens, seed, trace=trace)
+    policy.train(was_training)
+    return [(answers[0], float(scores[k, 0])) for k, answers in enumerate(trace)]
+
+
+def format_chains(problem, chains: dict, width: int | None = None, title: str = "") -> str:
+    """Chains of several policies on one problem, side by side, one line per step k; answers cut at `width`."""
+    width = width or min(60, max(len(a) for c in chains.values() for a, _ in c))
+    def cell(answer, score):
+        text = answer.replace("\n", " ")
+        text = text if len(text) <= width else text[:width - 1] + "…"
+        return f"{text:<{width}} {score:4.2f}"
+    names = list(chains)
+    lines = [f"held-out problem {problem.id}: {problem.request!r}" + (f" ({title})" if title else ""),
+             "  k | " + " | ".join(f"{n:<{width + 5}}" for n in names)]
+    for k in range(len(chains[names[0]])):
+        lines.append(f"{k:3d} | " + " | ".join(cell(*chains[n][k]) for n in names))
+    return "\n".join(lines)
+
+
+CHAIN_CANDIDATES = 8  # held-out problems show_chain looks through for a chain that improves
+
+
+def show_chain(policy, tok, family, settings: dict, name: str, base=None) -> str:
+    """One held-out chain as text, beside base's; the first of CHAIN_CANDIDATES problems whose chain improves."""
+    if family.multi_turn:
+        return ""
+    kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
+    problems = eval_lib.heldout_problems(family, settings["n_problems"], harder=settings.get("harder", False),
+                                warn=False, split=settings["split"])[:CHAIN_CANDIDATES]
+    improves = lambda chain: chain[-1][1] > chain[0][1]
+    problem, mine = problems[0], improvement_chain(policy, tok, family, problems[0], **kw)
+    if settings["K"] and not improves(mine):  # K = 0: no improve step to look for
+        for candidate in problems[1:]:
+            chain = improvement_chain(policy, tok, family, candidate, **kw)
+            if improves(chain):
+                problem, mine = candidate, chain
+                break
+    if not settings["K"]:
+        title = "K = 0: no improve steps"
+    elif improves(mine):
+        title = (f"the first of the evaluation's first {len(problems)} held-out problems whose {name} chain ends "
+                 "better than it starts")
+    else:
+        title = f"none of the first {len(problems)} improved; the first"
+    chains = {} if base is None else {"base": improvement_chain(base, tok, family, problem, **kw)}
+    return format_chains(problem, chains | {name: mine}, title=title)
+
+
 def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None, n_problems: int | None = None,
                         n_samples: int | None = None, device: str = "auto", with_base: bool = True,
-                        temperature: float | None = None, split: str | None = None, chain: bool = False) -> dict:
+                        temperature: float | None = None, split: str | None = None, chain: bool = False,
+                        evaluate: bool = True) -> dict:
     """{"policy": ..., "base": ...} for a checkpoint file, as exit.main writes eval.json (chain=True adds
-    "chain": show_chain's text, as runs.finish writes chain.txt).
+    "chain": show_chain's text, what chain.txt holds; evaluate=False: that chain alone).
 
     A run checkpoint brings its config: its eval_* settings and seed are the defaults, so this
     recomputes exactly what the run's own final evaluation did. Its base is the warm-started
@@ -107,12 +162,13 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     if split is not None:
         settings["split"] = split
     policy, tok = model_lib.policy_from_state(ck["policy"], dev, hf.build_tokenizer)
-    out = dict(policy=eval_lib.evaluate_policy(policy, tok, family, **settings), base=None)
+    out = dict(policy=eval_lib.evaluate_policy(policy, tok, family, **settings), base=None) if evaluate else {}
     base_path, base = ck.get("base_path"), None
     if with_base and ck.get("kind") == "run":
         if base_path and os.path.exists(base_path):
-            out["base"] = eval_lib.evaluate_base(base_path, tok, family, dev, hf.load_policy, **settings)
-            seen = (ck.get("seen") or {}).get("ids") or []
+            if evaluate:
+                out["base"] = eval_lib.evaluate_base(base_path, tok, family, dev, hf.load_policy, **settings)
+            seen = (ck.get("seen") or {}).get("ids") or [] if evaluate else []
             base = frozen_base(base_path, dev) if seen or chain else None
             diversity = eval_lib.run_diversity(seen, base) if seen else None
             if diversity:
@@ -120,7 +176,7 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
         else:
             print(f"warning: {path}: its base policy {base_path!r} is gone; no Base evaluation", file=sys.stderr)
     if chain:
-        out["chain"] = runs_lib.show_chain(policy, tok, family, settings, run_label(cfg) if ck.get("kind") == "run" else "policy", base)
+        out["chain"] = show_chain(policy, tok, family, settings, run_label(cfg) if ck.get("kind") == "run" else "policy", base)
     return out
 
 
@@ -200,7 +256,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key,
                 bonus=bonus_form({"method": method, **cfg}),
                 policy=ev["policy"], base=ev.get("base"), log=log, diversity=ev.get("diversity"),
-                chain=chain_file if os.path.isfile(chain_file) else None)
+                chain=chain_file if os.path.isfile(chain_file) else None, chain_file=chain_file,
+                ckpt=ck_file if os.path.isfile(ck_file) else None)
 
 
 LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve": "Improve",
@@ -621,6 +678,33 @@ def plot_table(table: dict, out: str, window: int | None = None) -> list[str] | 
     return paths
 
 
+def plot_lineage(log: list[dict], path: str, title: str = "") -> str | None:
+    """One run's buffer over training by iteration depth k (k = 0: a base task); None without matplotlib or data."""
+    hists = [l.get("buf_depth_hist") for l in log]
+    if not any(hists):
+        return None
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    top = 4  # depths >= top share one band, so a long tail stays readable
+    counts = np.zeros((top + 1, len(hists)))
+    for i, h in enumerate(hists):
+        for d, n in (h or {}).items():
+            counts[min(int(d), top), i] += n
+    x = np.arange(1, len(hists) + 1)
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    labels = [f"k = {d}" for d in range(top)] + [f"k ≥ {top}"]
+    ax.stackplot(x, counts, labels=labels, colors=[f"C{d}" for d in range(top + 1)], alpha=0.85)
+    ax.set(xlabel="RL iteration", ylabel="buffered task instances",
+           title=title or "the curriculum's lineage: buffer by iteration depth")
+    ax.legend(loc="upper left", fontsize=8, reverse=True)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def compare(paths: list[str], out: str | None = None, K: int | None = None, overwrite: bool = False,
             **load_kw) -> dict:
     """Load (or evaluate) each run, print the table, write results.json and the plots in `out`
@@ -638,13 +722,20 @@ def compare(paths: list[str], out: str | None = None, K: int | None = None, over
     order = {m: i for i, m in enumerate(reversed(METHODS))}  # full ExIt first; controls after every rung
     grown = sorted((r for r in runs if r["log"] and any(l.get("buf_depth_hist") for l in r["log"])),
                    key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
-    if grown and runs_lib.plot_lineage(grown[0]["log"], os.path.join(out, "lineage.png"),
+    if grown and plot_lineage(grown[0]["log"], os.path.join(out, "lineage.png"),
                               f"lineage of the buffer: {LABELS.get(grown[0]['method'], grown[0]['method'])}, "
                               f"seed {grown[0]['seed']}"):
         print(f"lineage: {os.path.join(out, 'lineage.png')} ({grown[0]['path']})")
-    # and what one improvement chain looks like, from the same kind of run
-    shown = sorted((r for r in runs if r.get("chain")), key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
-    if shown:
+    # and what one improvement chain looks like, from the same kind of run: drawn now if it has none yet
+    shown = sorted((r for r in runs if r.get("chain") or r.get("ckpt")),
+                   key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+    if shown and not shown[0]["chain"]:
+        r, kw = shown[0], {k: v for k, v in load_kw.items() if k != "recompute"}
+        text = evaluate_checkpoint(r["ckpt"], K=K, evaluate=False, chain=True, **kw)["chain"]
+        if text:
+            eval_lib.write_text(text + "\n", r["chain_file"])
+            r["chain"] = r["chain_file"]
+    if shown and shown[0]["chain"]:
         with open(shown[0]["chain"]) as f:
             print(f"one held-out improvement chain ({shown[0]['chain']}):\n{f.read().rstrip()}")
     return table

@@ -1,7 +1,6 @@
 """
 The run around the method: the command line, the checks made before any work, the run folder (one run
-per folder, locked, never overwritten), resume, Ctrl-C, and what a run shows beside its numbers (the
-curriculum's lineage plot, one held-out improvement chain as text). exit.main enters here and nowhere else; a
+per folder, locked, never overwritten), resume and Ctrl-C. exit.main enters here and nowhere else; a
 reader of the method can skip this file. Several processes and real checkpoints: scale.py.
 """
 
@@ -18,7 +17,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -231,7 +229,9 @@ def run(argv):
     other = trainer.elapsed - t["sampling"] - t["update"] - t["buffer"]
     print(f"time: warm start {t['warm_start']:.0f}s, RL {trainer.elapsed:.0f}s (sampling {t['sampling']:.0f}s, update "
           f"{t['update']:.0f}s, buffer {t['buffer']:.0f}s, other {other:.0f}s), evaluation {t.get('evaluation', 0):.0f}s")
-    print(f"done: {trainer.iter} iterations in {trainer.elapsed:.0f}s of RL; run folder {trainer.cfg.out_dir}")
+    print(f"done: {trainer.iter} iterations in {trainer.elapsed:.0f}s of RL; run folder {trainer.cfg.out_dir}\n"
+          f"next: `python eval.py {trainer.cfg.out_dir}` (plots, the curriculum's lineage, one improvement chain), "
+          f"`python hf.py {trainer.cfg.out_dir}` (a Hugging Face export)")
 
 
 def _interrupt(signum, frame):
@@ -256,25 +256,15 @@ def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_li
 
 
 def finish(trainer, stop: list):
-    """After the RL loop: stopped by a signal, exit 130 (its checkpoint is written); else the trained policy
-    as a Hugging Face directory, for other tools (transformers, vLLM, ...) and --init, the curriculum's
-    lineage (lineage.png) and one held-out improvement chain (chain.txt)."""
+    """After the RL loop: stopped by a signal, exit 130 (its checkpoint is written)."""
     if trainer.any_rank(len(stop)):
         print(f"\ninterrupted after iteration {trainer.iter}: checkpoint written; continue with --resume")
         raise SystemExit(130)
-    if trainer.is_main:
-        out = trainer.cfg.out_dir
-        hf.save_hf(trainer.policy, trainer.tok, os.path.join(out, "hf"),
-                          dtype=getattr(trainer, "source_dtype", None), temperature=trainer.cfg.eval_temperature)
-        lineage = plot_lineage(read_log(out), os.path.join(out, "lineage.png"))
-        if lineage:
-            print(f"the curriculum's lineage: {lineage}")
-        write_chain(trainer)
 
 
 def train(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
     """Stage 1 + stage 2 of a run as a library call (tests, notebooks), holding the run folder's lock: the
-    trainer at the end, its checkpoint and hf/ written; no final evaluation."""
+    trainer at the end, its checkpoint written; no final evaluation."""
     check_out_dir(cfg)
     with folder_lock(cfg.out_dir):
         trainer = start(cfg, given, quiet)
@@ -392,9 +382,9 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
     if cfg.eval_every:  # the held-out slice of every --eval_every point, during training
         heldout += eval_lib.heldout_problems(efam, cfg.eval_every_problems, warn=False, split=cfg.eval_split)
     if cfg.init:
-        tok, max_len, source_dtype = check_init(cfg, quiet)
+        tok, max_len = check_init(cfg, quiet)
     else:
-        tok, source_dtype = model_lib.byte_tokenizer(tasks_lib.MARKERS), None
+        tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
         max_len = model_lib.toy_config(tok.vocab_size).max_seq_len
     if tok is not None and not family.multi_turn:
         style = tasks_lib.prompt_style(tok)
@@ -402,16 +392,16 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
                       family, "--data" if cfg.data else "the task")
         check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in heldout},
                       efam, "--eval_data" if cfg.eval_data else "--data" if cfg.data else "the held-out set")
-    return dict(family=family, eval_family=efam, train_pool=train_pool, source_dtype=source_dtype)
+    return dict(family=family, eval_family=efam, train_pool=train_pool)
 
 
 def check_init(cfg: Config, quiet: bool) -> tuple:
-    """--init: a Hugging Face directory's config.json and tokenizer (-> tokenizer, context length, dtype),
-    or an exit checkpoint file (None, None, None: it is checked when it loads)."""
+    """--init: a Hugging Face directory's config.json and tokenizer (-> tokenizer, context length),
+    or an exit checkpoint file (None, None: it is checked when it loads)."""
     if not os.path.isdir(cfg.init):
         if not os.path.isfile(cfg.init):
             raise FileNotFoundError(f"--init={cfg.init}: no such checkpoint file or Hugging Face directory")
-        return None, None, None
+        return None, None
     config_file = os.path.join(cfg.init, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--init={cfg.init}: no config.json (not a Hugging Face checkpoint directory)")
@@ -423,7 +413,7 @@ def check_init(cfg: Config, quiet: bool) -> tuple:
     if tasks_lib.prompt_style(tok) == "chat" and not tok.has_chat_template and not quiet:
         print(f"warning: {cfg.init}: the tokenizer has no chat template, so prompts are plain "
               "'user: ... assistant: ' text, which an instruct model was not trained on", file=sys.stderr)
-    return tok, max_len, hf.hf_dtype(config)
+    return tok, max_len
 
 
 def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):
@@ -606,98 +596,3 @@ def read_log(run_dir: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     return read_log_lines(path)
-
-
-def write_chain(trainer):
-    """One held-out improvement chain as text, the trained policy's beside its base's (chain.txt, printed too);
-    none when the run skips evaluation. A real checkpoint's base (a Hugging Face directory) is not loaded again."""
-    cfg = trainer.cfg
-    if not cfg.eval_problems:
-        return
-    base = trainer.base_policy() if eval_lib.toy_base(trainer.base_path) else None
-    show = show_chain(trainer.policy, trainer.tok, trainer.eval_family, eval_lib.eval_settings(dataclasses.asdict(cfg)),
-                      cfg.method, base)
-    if show:
-        print(show)
-        eval_lib.write_text(show + "\n", os.path.join(cfg.out_dir, "chain.txt"))
-
-
-def improvement_chain(policy, tok, family, problem, K: int, temperature: float = 1.0, max_new_tokens: int = 48,
-                      seed: int = 0) -> list[tuple[str, float]]:
-    """One held-out problem's chain as text, [(answer, score)] for k = 0..K, by the evaluation's own protocol."""
-    was_training, trace = policy.training, []
-    policy.eval()
-    scores, _, _ = eval_lib.chain_scores(policy, tok, family, [problem], K, 1, temperature, max_new_tokens, seed, trace=trace)
-    policy.train(was_training)
-    return [(answers[0], float(scores[k, 0])) for k, answers in enumerate(trace)]
-
-
-def format_chains(problem, chains: dict, width: int | None = None, title: str = "") -> str:
-    """Chains of several policies on one problem, side by side, one line per step k; answers cut at `width`."""
-    width = width or min(60, max(len(a) for c in chains.values() for a, _ in c))
-    def cell(answer, score):
-        text = answer.replace("\n", " ")
-        text = text if len(text) <= width else text[:width - 1] + "…"
-        return f"{text:<{width}} {score:4.2f}"
-    names = list(chains)
-    lines = [f"held-out problem {problem.id}: {problem.request!r}" + (f" ({title})" if title else ""),
-             "  k | " + " | ".join(f"{n:<{width + 5}}" for n in names)]
-    for k in range(len(chains[names[0]])):
-        lines.append(f"{k:3d} | " + " | ".join(cell(*chains[n][k]) for n in names))
-    return "\n".join(lines)
-
-
-CHAIN_CANDIDATES = 8  # held-out problems show_chain looks through for a chain that improves
-
-
-def show_chain(policy, tok, family, settings: dict, name: str, base=None) -> str:
-    """One held-out chain as text, beside base's; the first of CHAIN_CANDIDATES problems whose chain improves."""
-    if family.multi_turn:
-        return ""
-    kw = {k: settings[k] for k in ("K", "temperature", "max_new_tokens", "seed")}
-    problems = eval_lib.heldout_problems(family, settings["n_problems"], harder=settings.get("harder", False),
-                                warn=False, split=settings["split"])[:CHAIN_CANDIDATES]
-    improves = lambda chain: chain[-1][1] > chain[0][1]
-    problem, mine = problems[0], improvement_chain(policy, tok, family, problems[0], **kw)
-    if settings["K"] and not improves(mine):  # K = 0: no improve step to look for
-        for candidate in problems[1:]:
-            chain = improvement_chain(policy, tok, family, candidate, **kw)
-            if improves(chain):
-                problem, mine = candidate, chain
-                break
-    if not settings["K"]:
-        title = "K = 0: no improve steps"
-    elif improves(mine):
-        title = (f"the first of the evaluation's first {len(problems)} held-out problems whose {name} chain ends "
-                 "better than it starts")
-    else:
-        title = f"none of the first {len(problems)} improved; the first"
-    chains = {} if base is None else {"base": improvement_chain(base, tok, family, problem, **kw)}
-    return format_chains(problem, chains | {name: mine}, title=title)
-
-
-def plot_lineage(log: list[dict], path: str, title: str = "") -> str | None:
-    """One run's buffer over training by iteration depth k (k = 0: a base task); None without matplotlib or data."""
-    hists = [l.get("buf_depth_hist") for l in log]
-    if not any(hists):
-        return None
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    top = 4  # depths >= top share one band, so a long tail stays readable
-    counts = np.zeros((top + 1, len(hists)))
-    for i, h in enumerate(hists):
-        for d, n in (h or {}).items():
-            counts[min(int(d), top), i] += n
-    x = np.arange(1, len(hists) + 1)
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot(1, 1, 1)
-    labels = [f"k = {d}" for d in range(top)] + [f"k ≥ {top}"]
-    ax.stackplot(x, counts, labels=labels, colors=[f"C{d}" for d in range(top + 1)], alpha=0.85)
-    ax.set(xlabel="RL iteration", ylabel="buffered task instances",
-           title=title or "the curriculum's lineage: buffer by iteration depth")
-    ax.legend(loc="upper left", fontsize=8, reverse=True)
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
-    return path

@@ -33,7 +33,6 @@ class ScaleTrainer(exit_lib.Trainer):
     with none of them set, its update is Trainer.update's, number for number."""
 
     def __init__(self, cfg, checked: dict, quiet: bool = False):
-        self.source_dtype = checked.get("source_dtype")  # what hf/ is exported in: a bf16 source stays bf16
         super().__init__(cfg, checked, quiet or not is_main())  # data parallel: rank 0 prints
         self.policy.grad_checkpoint = cfg.grad_checkpoint
         # --dtype=bf16: the policy samples and trains in bf16, but AdamW steps fp32 master copies. At the

@@ -1963,7 +1963,7 @@ def test_ladder_runs_resumes_and_recomputes_exactly(tmp_path, monkeypatch, capsy
     again = report.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), device="cpu", chain=True)
     with pytest.raises(ValueError, match="was trained on --task=exactsumfb; --task=math is only for"):
         report.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), task="math", device="cpu")
-    # ... and the same improvement chain as the run printed at its end (chain.txt)
+    # ... and the same improvement chain as the ladder's comparison drew for its first run (chain.txt)
     assert again.pop("chain") + "\n" == (out / "exit-s0" / "chain.txt").read_text()
     assert again == saved and "diversity" in saved
     # the validation split: its own file, other problems than the test split's, its chain beside it, printed
@@ -2028,9 +2028,9 @@ def test_improvement_chain_shows_each_step_as_text(monkeypatch):
         return rollouts_of(tok, [t for t in texts for _ in range(num_samples)])
     monkeypatch.setattr(eval_lib.model_lib, "generate", generate)
     m = model_lib.Transformer(model_lib.toy_config(tok.vocab_size))
-    chain = runs.improvement_chain(m, tok, f, p, K=2)
+    chain = report.improvement_chain(m, tok, f, p, K=2)
     assert chain == [(wrong, 0.0), (right, 1.0), (right, 1.0)]
-    text = runs.format_chains(p, {"base": chain, "exit": chain})
+    text = report.format_chains(p, {"base": chain, "exit": chain})
     assert len(text.splitlines()) == 2 + 3 and p.request in text and "1.00" in text
 
 
@@ -2040,7 +2040,7 @@ def test_show_chain_picks_the_first_problem_whose_chain_improves(monkeypatch):
     the first; the base's chain on the same problem beside it."""
     f, tok = tasks.get_family("exactsum"), model_lib.byte_tokenizer(tasks.MARKERS)
     settings = dict(n_problems=20, K=2, temperature=1.0, max_new_tokens=12, seed=0, split="test")
-    problems = eval_lib.heldout_problems(f, 20)[:runs.CHAIN_CANDIDATES]  # as evaluate_policy draws them
+    problems = eval_lib.heldout_problems(f, 20)[:report.CHAIN_CANDIDATES]  # as evaluate_policy draws them
     fixable = {problems[2].request}
 
     def generate(policy, prompts, num_samples, max_new_tokens, **kw):
@@ -2053,25 +2053,25 @@ def test_show_chain_picks_the_first_problem_whose_chain_improves(monkeypatch):
         return rollouts_of(tok, [t for t in texts for _ in range(num_samples)])
     monkeypatch.setattr(eval_lib.model_lib, "generate", generate)
     m = model_lib.Transformer(model_lib.toy_config(tok.vocab_size))
-    text = runs.show_chain(m, tok, f, settings, "exit", base=m)
+    text = report.show_chain(m, tok, f, settings, "exit", base=m)
     lines = text.splitlines()
     assert problems[2].request in lines[0] and "the first of the evaluation's first 8" in lines[0]
     assert "base" in lines[1] and "exit" in lines[1] and len(lines) == 2 + 3
     assert lines[2].count("0.00") == 2 and lines[-1].count("1.00") == 2  # k = 0 wrong, k = 2 right, in both columns
     fixable.clear()  # nothing improves: the first problem, and the title says so
-    text = runs.show_chain(m, tok, f, settings, "exit")
+    text = report.show_chain(m, tok, f, settings, "exit")
     assert problems[0].request in text.splitlines()[0] and "none of the first 8 improved" in text
     assert "base" not in text.splitlines()[1]
-    text = runs.show_chain(m, tok, f, settings | dict(K=0), "exit")  # no improve step: the first, said so
+    text = report.show_chain(m, tok, f, settings | dict(K=0), "exit")  # no improve step: the first, said so
     assert problems[0].request in text.splitlines()[0] and "K = 0" in text and len(text.splitlines()) == 3
 
 
 def test_lineage_plot_draws_buffer_depths(tmp_path):
     pytest.importorskip("matplotlib")
     log = [dict(buf_depth_hist={"0": 10}), dict(buf_depth_hist={"0": 8, "1": 4}), dict(buf_depth_hist={"0": 6, "1": 4, "5": 2})]
-    path = runs.plot_lineage(log, str(tmp_path / "lineage.png"))
+    path = report.plot_lineage(log, str(tmp_path / "lineage.png"))
     assert path and (tmp_path / "lineage.png").stat().st_size > 1000
-    assert runs.plot_lineage([dict(buf_depth_hist={})], str(tmp_path / "none.png")) is None  # GRPO: no buffer
+    assert report.plot_lineage([dict(buf_depth_hist={})], str(tmp_path / "none.png")) is None  # GRPO: no buffer
 
 
 # ===============================================================================================
@@ -2531,9 +2531,23 @@ def test_script_end_to_end(tmp_path):
     assert len(open(run / "log.jsonl").read().splitlines()) == 2
     res = json.load(open(run / "eval.json"))
     assert len(res["policy"]["score"]) == 3 and "done: 2 iterations" in p.stdout
-    chain = (run / "chain.txt").read_text()  # one held-out problem's chain (show_chain), base beside trained, printed too
-    assert chain in p.stdout + "\n" and len(chain.splitlines()) == 2 + 3 and "base" in chain.splitlines()[1]
-    assert (run / "lineage.png").is_file()
+    assert f"python eval.py {run}" in p.stdout and f"python hf.py {run}" in p.stdout  # what to run next
+    # python eval.py RUN: the table, the lineage and one held-out chain (show_chain), base beside trained, printed too
+    show = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(run), "--device=cpu"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert show.returncode == 0, show.stderr[-2000:]
+    chain = (run / "chain.txt").read_text()
+    assert chain in show.stdout + "\n" and len(chain.splitlines()) == 2 + 3 and "base" in chain.splitlines()[1]
+    assert (run / "lineage.png").is_file() and (run / "results.json").is_file()
+    # python hf.py RUN: the trained policy as a Hugging Face directory, the same weights as ckpt.pt
+    exp = subprocess.run([sys.executable, os.path.join(HERE, "hf.py"), str(run)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert exp.returncode == 0 and str(run / "hf") in exp.stdout, exp.stderr[-2000:]
+    back = hf.load_policy(str(run / "hf"), "cpu")[0].state_dict()
+    assert all(torch.equal(back[k], v) for k, v in hf.load_policy(str(run / "ckpt.pt"), "cpu")[0].state_dict().items())
+    nothing = subprocess.run([sys.executable, os.path.join(HERE, "hf.py"), str(tmp_path / "nowhere")], capture_output=True,
+                             text=True, env=env, timeout=120)
+    assert nothing.returncode == 2 and "no checkpoint at" in nothing.stderr and "Traceback" not in nothing.stderr
     assert "time: warm start " in p.stdout and "update " in p.stdout and "evaluation " in p.stdout
     bad = subprocess.run([sys.executable, os.path.join(HERE, "exit.py"), "--itres=3"], capture_output=True,
                          text=True, env=env, timeout=120)
@@ -2697,7 +2711,7 @@ def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct)
         max_new_tokens=8, buffer_size=16, min_size=2, beta=0.01, micro_batch=2, grad_checkpoint=True,
         eval_problems=2, eval_k=1, eval_samples=1, show_every=0, device="cpu").items()]
     exit_lib.main(args)
-    assert {"config.json", "log.jsonl", "ckpt.pt", "eval.json", "hf"} <= set(os.listdir(out))
+    assert {"config.json", "log.jsonl", "ckpt.pt", "eval.json"} <= set(os.listdir(out))
     # config.json records the architecture that ran: the checkpoint's, not the toy's default settings
     ran, theirs = json.load(open(out / "config.json"))["policy"], hf.config_from_hf(json.load(open(f"{ck}/config.json")))
     assert (ran["n_embd"], ran["n_layer"], ran["vocab_size"]) == (theirs.n_embd, theirs.n_layer, theirs.vocab_size)
@@ -2722,7 +2736,8 @@ def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct)
     again = report.evaluate_checkpoint(str(out / "ckpt.pt"), device="cpu")
     assert again == json.load(open(out / "eval.json"))
 
-    # the exported Hugging Face directory: transformers reads it, same logits as our policy
+    # the exported Hugging Face directory (python hf.py RUN): transformers reads it, same logits as our policy
+    assert hf.export(str(out)) == str(out / "hf")
     policy, tok, _ = hf.load_policy(str(out / "ckpt.pt"), "cpu")
     ref = AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()
     x = torch.tensor([ids[:40]])
@@ -2789,6 +2804,7 @@ def test_hf_export_keeps_the_source_dtype_and_writes_generation_config(tmp_path,
     json.dump(config, open(src / "config.json", "w"))
     tr = runs.train(hf_cfg(tmp_path, instruct, init=str(src), iters=1), quiet=True)
     out = tmp_path / "run" / "hf"
+    hf.export(str(tmp_path / "run"))
     assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
     gen = GenerationConfig.from_pretrained(str(out))
@@ -3164,8 +3180,8 @@ def test_any_run_artifact_blocks_a_fresh_run(tmp_path, capsys):
     os.remove(run / "ckpt.pt")  # a finished run whose big checkpoint was deleted
     before = {n: (run / n).read_bytes() for n in ("config.json", "log.jsonl")}
     err = main_fails(capsys, tiny_args(run, tmp_path / "base", seed=1))
-    assert "already holds a run (config.json, hf, log.jsonl)" in err and "no ckpt.pt" in err
-    assert {n: (run / n).read_bytes() for n in before} == before and (run / "hf").is_dir()
+    assert "already holds a run (config.json, log.jsonl)" in err and "no ckpt.pt" in err
+    assert {n: (run / n).read_bytes() for n in before} == before
     only_eval = tmp_path / "evalonly"
     os.makedirs(only_eval)
     (only_eval / "eval.json").write_text("{}")
@@ -3616,7 +3632,7 @@ def test_two_ranks_run_and_resume_exactly(tmp_path):
     ev = model_lib.read_json(os.path.join(cfg.out_dir, "eval.json"))  # the evaluation, split across the ranks
     assert ev["policy"]["n"] == 6 * cfg.eval_samples and ev["policy"]["settings"]["parts"] == 2
     assert "parts" not in ev["base"]["settings"]  # the base is evaluated (and cached) by rank 0 alone
-    assert os.path.isdir(os.path.join(cfg.out_dir, "hf")) and full.stdout.count("done:") == 1
+    assert full.stdout.count("done:") == 1
     part = dataclasses.replace(cfg, out_dir=str(tmp_path / "part"), iters=2)
     p = _torchrun([os.path.join(HERE, "exit.py"), *_cli(part)])
     assert p.returncode == 0, p.stderr[-3000:]
