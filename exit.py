@@ -223,8 +223,7 @@ def ema_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float):
 
 
 def warm_start_key(cfg: Config, family) -> str:
-    """What makes a base: the family (error model, a sample of its demonstrations), the architecture,
-    the SFT settings and the base's seed. Another key, another base: a stale one is never reused."""
+    """What makes a base: family, error model, demonstrations, architecture, SFT settings, seed."""
     keys = dict(task=cfg.task, error_model=family.error_model, seed=cfg.warm_seed,
                 arch=[cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head],
                 sft=[cfg.warm_examples, cfg.warm_steps, cfg.warm_batch, cfg.warm_lr], markers=tasks_lib.MARKERS)
@@ -232,8 +231,6 @@ def warm_start_key(cfg: Config, family) -> str:
         keys["sft"].append("packed")
     if cfg.difficulties:
         keys["difficulties"] = list(family.train_difficulties)
-    # a sample of the demonstrations themselves: editing a family's prompts or answer format (not only
-    # its error model) must not silently reuse a base trained on the old ones
     keys["demos"] = hashlib.sha1(json.dumps(family.demonstrations(32, cfg.warm_seed)).encode()).hexdigest()
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -259,9 +256,7 @@ def encode_pair(tok, prompt: str, response: str):
 
 
 def sft_batch(batch, pad_id, packed=False):
-    """Demonstrations [(prompt ids, response ids)] as the policy's forward arguments, the loss on the
-    response and its end of text (targets -100 elsewhere): one per row, right-padded, or several to a row
-    (model.pack; --warm_pack, off: RESULTS.md, 'The packed warm start')."""
+    """Demonstrations [(prompt ids, response ids)] as forward arguments, the loss on the responses only."""
     if not packed:
         idx = model_lib.right_pad([p + r for p, r in batch], pad_id)
         where = [(i, 0) for i in range(len(batch))]
@@ -309,8 +304,7 @@ def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
 
 
 def train_base(cfg: Config, family, mcfg, tok, device, quiet=False):
-    """Stage 1: supervised learning on the family's demonstrations, the loss on the response tokens and their
-    end of text; AdamW, cosine decay after a short linear warm-up."""
+    """Stage 1: supervised learning on the family's demonstrations; AdamW, warm-up then cosine decay."""
     torch.manual_seed(cfg.warm_seed)
     policy = model_lib.Transformer(mcfg).to(device)
     pairs = [encode_pair(tok, p, r) for p, r in family.demonstrations(cfg.warm_examples, seed=cfg.warm_seed)]
@@ -341,10 +335,8 @@ def train_base(cfg: Config, family, mcfg, tok, device, quiet=False):
 
 @dataclass
 class Instance:
-    """One self-iteration task instance (m, k, τ) drawn for this iteration (§3 of the paper): iterate turn
-    `turn` of base task `problem`, given the final answers of the turns before it (`prev`) and that turn's
-    latest iterate `answer`, which has been iterated `depth` = k times. A single-turn family's instance is
-    the one-turn case: turn 0, no prev."""
+    """A task instance (m, k, τ) of §3: iterate turn `turn` of base task `problem`, whose latest iterate
+    `answer` has been iterated `depth` = k times (a single-turn family: turn 0, no prev)."""
     problem: tasks_lib.Problem           # the base task m (a whole episode for a multi-turn family)
     turn: int = 0                        # t, the turn being iterated
     prev: list = field(default_factory=list)  # turns 0..t-1 of the history, dicts with "answer"
@@ -357,8 +349,7 @@ class Instance:
 
 
 class Trainer:
-    """Everything a run holds; state_dict() is a checkpoint that resumes it exactly. One process, fp32, the
-    whole batch per step (scale.ScaleTrainer: real checkpoints, bf16, micro-batches, several processes)."""
+    """Everything a run holds; state_dict() resumes it exactly. One process, fp32 (more: scale.ScaleTrainer)."""
     world_size, is_main = 1, True  # data parallel (scale.py): this process's view of the run
 
     def __init__(self, cfg: Config, checked: dict, quiet: bool = False):
@@ -382,13 +373,11 @@ class Trainer:
         self.iter = 0
         self.skipped = 0            # updates skipped for a non-finite loss or gradient
         self.elapsed = 0.0          # seconds of RL so far, across resumes
-        # task diversity (the paper's Tables 2, 7): a uniform sample of the instances trained on, as prompt token
-        # ids, embedded at the end (eval.task_diversity). Its own generator leaves the training's streams untouched.
+        # task diversity (Tables 2, 7): a sample of the prompts trained on (remember); its own generator
         self.seen = dict(ids=[], n=0, rng=np.random.default_rng(cfg.seed + 3))
 
     def load_base(self) -> tuple:
-        """The initial policy: stage 1's base (shipped, cached, or trained now). Returns the policy, its
-        tokenizer, how a checkpoint rebuilds that tokenizer, and the base's path."""
+        """Stage 1's base: (policy, tokenizer, how a checkpoint rebuilds it, the base's path)."""
         policy, tok, path = warm_start(self.cfg, self.family, self.device, self.quiet)
         return policy, tok, TOY_TOKENIZER, os.path.abspath(path)  # absolute: eval.py may run from another folder
 
@@ -397,8 +386,7 @@ class Trainer:
         return warm_start(self.cfg, self.family, self.device, quiet=True)[0]
 
     def reference_and_embedder(self) -> tuple:
-        """Frozen copies of the base: the KL's reference (β > 0) and Eq. 6's embedder (one copy at β = 0; at
-        β > 0 the embedder is a copy of its own, which the reference's refresh leaves still)."""
+        """Frozen copies of the base: the KL's reference (β > 0) and Eq. 6's embedder (METHOD.md)."""
         cfg = self.cfg
         ref = self.frozen_copy() if cfg.beta > 0 or cfg.diversity_bonus else None
         return ref, (self.frozen_copy() if cfg.beta > 0 and cfg.diversity_bonus else ref)
@@ -494,8 +482,7 @@ class Trainer:
     SEEN = 1024  # instances in the task-diversity sample
 
     def remember(self, insts):
-        """Keep a uniform sample of SEEN of all the instances trained so far (their prompts), so the task
-        diversity measured at the end is the whole run's, not its end's."""
+        """A uniform sample of SEEN of all the prompts trained on, for the whole run's task diversity."""
         for inst in insts:
             eval_lib.reservoir_add(self.seen["ids"], self.seen["n"], self.prompt_ids(inst), self.SEEN, self.seen["rng"])
             self.seen["n"] += 1
@@ -511,10 +498,8 @@ class Trainer:
                                       temperature=self.cfg.temperature, generator=self.gen)
 
     def finish_episodes(self, insts, iterates) -> list[list[str]]:
-        """Multi-turn: every row's answers to all turns, the history before turn t, the row's new answer to
-        turn t, then one policy sample per later turn (base prompt, the state the earlier answers left), all
-        rows batched turn by turn. GRPO trains on turn t's tokens only: the later turns are the step's
-        environment (they are trained on when a history ending at their turn is replayed)."""
+        """Multi-turn: each row's answers to all turns, its new answer to turn t, then one policy sample per
+        later turn, all rows batched turn by turn (the later turns are the step's environment: METHOD.md)."""
         G, fam = self.cfg.group_size, self.family
         problems = [inst.problem for inst in insts for _ in range(G)]
         answers = [[h["answer"] for h in inst.prev] + [iterates[i * G + j]] for i, inst in enumerate(insts) for j in range(G)]
@@ -528,17 +513,13 @@ class Trainer:
                 answers[r].append(text)
 
     def reward(self, inst: Instance, episode: list[str]) -> float:
-        """§4, App. A: a single-turn step's reward from its new iterate (binary correctness, or the graded
-        gain over the current answer); a multi-turn step's, the binary reward of the finished episode."""
+        """§4, App. A: the step's reward from its new iterate; multi-turn, the finished episode's."""
         if self.family.multi_turn:
             return self.family.episode_reward(inst.problem, episode)
         return self.family.step_reward(inst.problem, episode[0], inst.mode, inst.answer)
 
     def advantages(self, rewards, iterates) -> torch.Tensor:
-        """Eq. 3 within each group, times the diversity coefficients of Eq. 6 for full ExIt; (P, G).
-        iterates: what each rollout leaves as the new answer (family.next_answer; a multi-turn row's new
-        answer to its turn). Eq. 6 compares solutions, so it embeds those, not the raw responses: a
-        keep reply "=" is the answer it keeps, not a one-character outlier."""
+        """Eq. 3 within each group, times Eq. 6's coefficients of the new iterates for full ExIt; (P, G)."""
         cfg, G = self.cfg, self.cfg.group_size
         adv = group_advantages(rewards, scale_by_std=not cfg.dr_grpo)
         self.div_stats = {}
@@ -552,17 +533,13 @@ class Trainer:
         return adv
 
     def kept(self, responses) -> torch.Tensor:
-        """(N,) 1.0 for rollouts that enter the loss, 0.0 for those --filter_malformed drops (§5: the
-        tool-use runs give malformed responses zero gradient). A dropped row loses every token from the
-        loss, its KL term too: "no gradient" means none from that rollout. It still counts in the mean
-        over rollouts, so the normaliser stays constant (Dr. GRPO's point)."""
+        """(N,) 1.0 for rollouts in the loss, 0.0 for those --filter_malformed drops (§5; METHOD.md)."""
         if not self.cfg.filter_malformed:
             return torch.ones(len(responses))
         return torch.tensor([float(self.family.valid(r)) for r in responses])
 
     def update(self, prompts, ro, adv, kept) -> dict:
-        """`epochs` optimiser steps on Eq. 4 over the whole batch. A non-finite loss or gradient skips that
-        step. kept: (N,) 0/1, rows dropped from the loss entirely (--filter_malformed)."""
+        """`epochs` optimiser steps on Eq. 4 over the batch; a non-finite loss or gradient skips a step."""
         cfg, N = self.cfg, len(adv)
         kept = kept.to(self.device)
         adv, old, mask = adv.to(self.device) * kept, ro.logprobs.to(self.device), ro.mask.to(self.device) * kept[:, None]
@@ -584,9 +561,7 @@ class Trainer:
         return stats
 
     def policy_loss(self, prompts, ro, rows: slice, old, adv, mask) -> tuple:
-        """Eq. 4 (grpo_loss) on the rollouts `rows` (whole groups), their log-probs recomputed with gradients.
-        These are the log-probs of the tempered distribution the rollouts were drawn from (logits / T), as the
-        sampler stored them: then ρ = 1 on the first epoch, and Eq. 4 is the policy gradient of what was sampled."""
+        """Eq. 4 on the rollouts `rows` (whole groups), their tempered log-probs recomputed with gradients."""
         cfg, G = self.cfg, self.cfg.group_size
         p_rows, tokens, lengths = prompts[rows.start // G:(rows.stop + G - 1) // G], ro.tokens[rows], ro.lengths[rows]
         logp = model_lib.completion_logprobs(self.policy, p_rows, tokens, lengths, G, temperature=cfg.temperature)
@@ -598,9 +573,8 @@ class Trainer:
                          dr_norm=cfg.max_new_tokens if cfg.dr_grpo else None)
 
     def score_instance(self, inst: Instance, rewards) -> tuple:
-        """§4.1 for the instance just trained on: its fresh learnability S = var(r). A replayed instance is
-        updated; a fresh base task enters as an instance of its own (the curriculum over base tasks), or, if
-        already buffered, takes the fresh S. Returns (S, task dict, parent uid)."""
+        """§4.1: the fresh learnability S = var(r) of the instance trained on, replayed or a fresh base task
+        (which enters the buffer itself). Returns (S, task dict, parent uid)."""
         p, score = inst.problem, buffer_lib.learnability(rewards)
         task = dataclasses.asdict(p)
         if inst.replay:
@@ -613,10 +587,8 @@ class Trainer:
         return score, task, base.uid
 
     def update_buffer(self, insts, episodes, rewards):
-        """§4.1: fresh learnability for what was trained on; its children, the histories its rollouts leave,
-        inherit it (and so the curriculum grows deeper). A child is the history up to the iterated turn t,
-        the row's new answer to turn t (depth k + 1), and, multi-turn, the later turns it played (first
-        attempts, depth 1); every turn prefix is an instance of its own (buffer.insert_history)."""
+        """§4.1: fresh learnability for what was trained on; the histories its rollouts leave (depth k + 1 at
+        the iterated turn) inherit it, and so the curriculum grows deeper."""
         cfg, G, fam = self.cfg, self.cfg.group_size, self.family
         if not cfg.uses_buffer:
             return
@@ -715,8 +687,7 @@ def format_log(log: dict) -> str:
 
 
 def train(trainer: Trainer, stop=()) -> Trainer:
-    """Stage 2: RL iterations up to cfg.iters, a log.jsonl line each, a checkpoint every ckpt_every and at
-    the end. A non-empty `stop` (a signal: runs.stop_signals) ends it after the iteration in flight."""
+    """Stage 2: RL iterations up to cfg.iters, logged and checkpointed; a non-empty `stop` ends it early."""
     cfg = trainer.cfg
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     bar = tqdm(total=cfg.iters, initial=trainer.iter, desc=f"ExIt[{cfg.method}]", disable=trainer.quiet, dynamic_ncols=True)
@@ -752,8 +723,7 @@ def main(argv=None):
 
 
 def final_evaluation(trainer: Trainer):
-    """What a run shows at its end: the held-out K-step evaluation of the trained policy and of its base
-    (eval.json), and the task diversity of what it trained on."""
+    """The held-out K-step evaluation of the policy and its base, and the task diversity (eval.json)."""
     cfg, t0 = trainer.cfg, time.time()
     if not cfg.eval_problems:
         return

@@ -83,9 +83,7 @@ INERT = dict(grpo={"buffer_size", "min_size", "replay_prob", "kappa", "admission
 
 
 def check_given(cfg: Config, given: set, quiet: bool = False):
-    """Settings given on the command line that cannot apply to this run: with --init, the toy's base settings
-    are an error (config.json would record what did not run); one the method never reads (INERT) is a
-    one-line warning."""
+    """Given settings that cannot apply: the toy's base settings with --init are an error; INERT ones, a warning."""
     clash = sorted(given & TOY_ONLY) if cfg.init else []
     if clash:
         raise ValueError(f"--{', --'.join(clash)}: settings of the warm-started toy, which --init replaces "
@@ -97,9 +95,7 @@ def check_given(cfg: Config, given: set, quiet: bool = False):
 
 
 def family_settings(given: dict) -> dict:
-    """The task family's recommended settings (TaskFamily.recommended, e.g. the paper's tool-use recipe for
-    --task=tools) for every key the command line does not set: `python exit.py --task=tools` trains as
-    recommended without a list of flags, and config.json records what was used."""
+    """The task family's recommended settings (TaskFamily.recommended) for every key not given."""
     family = tasks_lib.FAMILIES.get(given.get("task", Config.task))
     rec = {k: v for k, v in getattr(family, "recommended", {}).items() if k not in given}
     if "buffer_size" in given and "min_size" in rec:  # B_min goes with N: keep the recommended proportion
@@ -173,9 +169,8 @@ def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
 
 @contextlib.contextmanager
 def run(argv):
-    """Parse and check the command line, lock the run folder, and build the Trainer (fresh, or resumed
-    from its checkpoint); yields it. A bad input is one line `error: ...` and exit code 2; Ctrl-C outside
-    the RL loop (warm start, evaluation) stops at once with exit code 130."""
+    """Parse and check the command line, lock the run folder, yield the Trainer (fresh or resumed); a bad
+    input is one line `error: ...` and exit code 2."""
     if any(a in ("-h", "--help") for a in argv):
         print(config_help())
         raise SystemExit(0)
@@ -194,29 +189,8 @@ def run(argv):
         with folder_lock(cfg.out_dir):  # held until eval.json is written
             trainer = start(cfg, given)
             yield trainer
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # under torchrun a rank that exits stops the others (torchrun ends them); the message says which rank
-        print(f"error{f' (rank {scale.rank()})' if scale.world_size() > 1 else ''}: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except RuntimeError as e:  # data parallel: a collective failed because another rank is gone (killed, crashed)
-        if scale.world_size() == 1:
-            raise
-        saved = getattr(locals().get("trainer"), "saved", None)
-        why = str(e).splitlines()[0].split(". ")[0][:200]  # gloo's first sentence
-        print(f"\nerror (rank {scale.rank()}): another rank stopped ({why}); the run folder keeps "
-              f"{f'ckpt.pt at iteration {saved}' if saved else 'its last checkpoint, if it has one'} "
-              "(continue with --resume)", file=sys.stderr)
-        raise SystemExit(1)
-    except OSError as e:  # the machine refused a write: disk full, read-only
-        saved = getattr(locals().get("trainer"), "saved", None)
-        intact = f"ckpt.pt at iteration {saved}" if saved else "its last checkpoint, if it has one"
-        print(f"\nerror: {e}; the run folder keeps {intact} (continue with --resume once the cause is gone)",
-              file=sys.stderr)
-        raise SystemExit(1)
-    except KeyboardInterrupt:  # a Ctrl-C or kill outside the RL loop (warm start, evaluation), or a second one
-        print("\ninterrupted: stopped at once; the run folder keeps its last checkpoint, if it has one "
-              "(continue with --resume)", file=sys.stderr)
-        raise SystemExit(130)
+    except (ValueError, RuntimeError, OSError, KeyboardInterrupt) as e:
+        raise SystemExit(failed(e, getattr(locals().get("trainer"), "saved", None)))
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -234,14 +208,37 @@ def run(argv):
           f"`python hf.py {trainer.cfg.out_dir}` (a Hugging Face export)")
 
 
+def failed(e: BaseException, saved: int | None) -> int:
+    """What `run` prints for an error that stops a run, and its exit code: 2 a bad input, 1 a lost rank or a
+    refused write, 130 Ctrl-C or kill outside the RL loop (warm start, evaluation), or a second one."""
+    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError)):
+        # under torchrun a rank that exits stops the others (torchrun ends them); the message says which rank
+        print(f"error{f' (rank {scale.rank()})' if scale.world_size() > 1 else ''}: {e}", file=sys.stderr)
+        return 2
+    if isinstance(e, RuntimeError):  # data parallel: a collective failed because another rank is gone (killed, crashed)
+        if scale.world_size() == 1:
+            raise e
+        why = str(e).splitlines()[0].split(". ")[0][:200]  # gloo's first sentence
+        print(f"\nerror (rank {scale.rank()}): another rank stopped ({why}); the run folder keeps "
+              f"{f'ckpt.pt at iteration {saved}' if saved else 'its last checkpoint, if it has one'} "
+              "(continue with --resume)", file=sys.stderr)
+        return 1
+    if isinstance(e, OSError):  # the machine refused a write: disk full, read-only
+        intact = f"ckpt.pt at iteration {saved}" if saved else "its last checkpoint, if it has one"
+        print(f"\nerror: {e}; the run folder keeps {intact} (continue with --resume once the cause is gone)",
+              file=sys.stderr)
+        return 1
+    print("\ninterrupted: stopped at once; the run folder keeps its last checkpoint, if it has one "
+          "(continue with --resume)", file=sys.stderr)
+    return 130
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
-    """The Trainer of a run whose folder this process holds: fresh or resumed (prepare); config.json written
-    (the settings, and the policy's architecture as it ran: an --init checkpoint's own, not the toy
-    settings), and on resume log.jsonl cut back to the checkpoint's iteration."""
+    """The Trainer of a run whose folder this process holds, config.json written (resume: the log cut back)."""
     if scale.is_main():  # what a writer killed with -9 left: half a checkpoint
         remove_stale_tmp(cfg.out_dir)
     trainer = prepare(cfg, given, quiet or not scale.is_main())  # data parallel: rank 0 prints and writes the folder
@@ -354,9 +351,7 @@ def resume(cfg: Config, given: set, quiet: bool) -> exit_lib.Trainer:
 
 
 def build(cfg: Config, quiet: bool) -> exit_lib.Trainer:
-    """exit.Trainer, or scale.ScaleTrainer where a setting needs more (a checkpoint, bf16, micro-batches,
-    several processes), after the checks before any work and removing what a warm start killed with -9
-    left in base_dir."""
+    """exit.Trainer, or scale.ScaleTrainer where a setting needs more, after the checks before any work."""
     checked = preflight(cfg, quiet)
     if scale.is_main() and not cfg.init:
         remove_stale_tmp(cfg.base_dir)
@@ -368,10 +363,8 @@ def build(cfg: Config, quiet: bool) -> exit_lib.Trainer:
 
 
 def preflight(cfg: Config, quiet: bool = False) -> dict:
-    """Everything the run will need, checked before the base or a checkpoint loads, so a bad input is an
-    error in seconds: the data files, enough distinct problems for the training pool and the held-out set
-    (--difficulties), the --init checkpoint, and that every prompt fits the model's context. Returns the
-    family, the evaluation family, the training pool and the --init checkpoint's dtype, for the Trainer."""
+    """Everything the run will need, checked before the base loads (data, problems, --init, context); returns
+    the family, the evaluation family and the training pool for the Trainer."""
     family = tasks_lib.make_family(cfg.task, cfg.data, cfg.difficulties)
     efam = tasks_lib.eval_family(cfg.eval_data, family)
     train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
@@ -431,8 +424,7 @@ def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, w
 
 
 def check_out_dir(cfg: Config):
-    """The run folder exists for --resume, and this process can write into it (a name the file system takes,
-    not read-only), before any work."""
+    """The run folder exists for --resume, and this process can write into it, before any work."""
     if cfg.resume and not os.path.isdir(cfg.out_dir):  # and the lock would create it
         raise FileNotFoundError(f"no checkpoint at {os.path.join(cfg.out_dir, 'ckpt.pt')} (no folder {cfg.out_dir})")
     probe = os.path.join(cfg.out_dir, f".write-test{os.getpid()}")
@@ -480,10 +472,8 @@ def truncate_log(log_path: str, last_iter: int):
 
 @contextlib.contextmanager
 def stop_signals():
-    """Ctrl-C (SIGINT), or `kill` (SIGTERM: what eval.py's ladder sends its runs when it is stopped), during the
-    RL loop: the iteration in flight finishes, then the run saves and stops. A checkpoint taken halfway through
-    an iteration (RNGs advanced, buffer half updated) would not resume exactly. Yields a list that becomes
-    non-empty once a stop is asked for; a second signal stops at once (KeyboardInterrupt), without saving."""
+    """Ctrl-C or kill during the RL loop: yields a list that becomes non-empty, so the iteration in flight
+    finishes and the run saves; a second signal stops at once, without saving."""
     stop = []
 
     def on_signal(signum, frame):
@@ -507,7 +497,7 @@ def stop_signals():
 
 RUN_ARTIFACTS = ("ckpt.pt", "config.json", "log.jsonl", "eval.json", "results.json", "hf")
 LOCK_FILE = ".lock"
-_held_locks = {}  # folder -> [fd, depth] of the locks this process holds (main holds one across train)
+_held_locks = {}  # folder -> fd of the locks this process holds
 
 
 def run_artifacts(out_dir: str) -> list[str]:
@@ -522,13 +512,6 @@ def run_artifacts(out_dir: str) -> list[str]:
 def run_lock(out_dir: str):
     """Exclusive flock on out_dir/.lock for the block: a second writer stops, naming the holder; kill -9 frees it."""
     key = os.path.abspath(out_dir)
-    if key in _held_locks:  # re-entrant within this process: main -> train
-        _held_locks[key][1] += 1
-        try:
-            yield
-        finally:
-            _held_locks[key][1] -= 1
-        return
     os.makedirs(key, exist_ok=True)
     path = os.path.join(key, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -543,7 +526,7 @@ def run_lock(out_dir: str):
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                  f"{' '.join(sys.argv[:1] + sys.argv[1:])}\n".encode())
-    _held_locks[key] = [fd, 1]
+    _held_locks[key] = fd
     try:
         yield
     finally:
