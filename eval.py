@@ -7,7 +7,7 @@ tasks (never trained on: tasks.py keeps the splits disjoint) and reports per ste
 Δ_K = score(K) - score(0), the net corrections (Fig. 4) and the fix/break rates, overall and by
 difficulty; a multi-turn family is scored on whole episodes by the same `chain_scores`. Also here:
 the base's evaluation (cached, or recorded with a shipped base), the task diversity of what a run
-trained on (Tables 2, 7). One improvement chain as text is runs.py's (`show_chain`), with the run's other
+trained on (Tables 2, 7). One improvement chain as text is report.py's (`show_chain`), with the other
 displays.
 
 Comparisons of runs, plots, and the ablation ladder are report.py's (`python eval.py RUN ...` and

@@ -382,7 +382,7 @@ class Trainer:
         return policy, tok, TOY_TOKENIZER, os.path.abspath(path)  # absolute: eval.py may run from another folder
 
     def base_policy(self):
-        """The base this run started from, loaded again (for the evaluation's Base row, chain.txt, diversity)."""
+        """The base this run started from, loaded again (for the evaluation's Base row and the diversity)."""
         return warm_start(self.cfg, self.family, self.device, quiet=True)[0]
 
     def reference_and_embedder(self) -> tuple:

@@ -727,7 +727,8 @@ def compare(paths: list[str], out: str | None = None, K: int | None = None, over
                               f"seed {grown[0]['seed']}"):
         print(f"lineage: {os.path.join(out, 'lineage.png')} ({grown[0]['path']})")
     # and what one improvement chain looks like, from the same kind of run: drawn now if it has none yet
-    shown = sorted((r for r in runs if r.get("chain") or r.get("ckpt")),
+    single_turn = lambda r: not getattr(tasks_lib.FAMILIES.get(r["task"]), "multi_turn", False)  # an episode: no line
+    shown = sorted((r for r in runs if r.get("chain") or (r.get("ckpt") and single_turn(r))),
                    key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
     if shown and not shown[0]["chain"]:
         r, kw = shown[0], {k: v for k, v in load_kw.items() if k != "recompute"}
