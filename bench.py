@@ -21,8 +21,8 @@ Three comparisons, each on the same weights and the same work:
              prompts from the same task pool as text, and a reward function that calls the
              same family.step_reward. TRL is an optional dependency (requirements-bench.txt):
                  pip install --no-deps -r requirements-bench.txt
-  warmstart  one warm-start step (forward and backward of the supervised loss, exit.warm_start)
-             on exit.sft_batch's packed rows (exit.py --warm_pack) vs the same --warm-batch
+  warmstart  one warm-start step (forward and backward of the supervised loss, base.warm_start)
+             on base.sft_batch's packed rows (exit.py --warm_pack) vs the same --warm-batch
              demonstrations padded to the longest, one per row (the warm start's default, and how
              a plain SFT loop runs); the two losses are printed too: they agree to float rounding.
 
@@ -53,6 +53,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
+import base as base_lib
 import exit as exit_lib
 import hf
 import runs
@@ -216,7 +217,7 @@ def trl_trainer(tr, args, d, on_step):
 
 def bench_warm_start(tr, args):
     tok, policy = tr.tok, tr.policy
-    pairs = [exit_lib.encode_pair(tok, p, r) for p, r in tr.family.demonstrations(4000, seed=args.seed)]
+    pairs = [base_lib.encode_pair(tok, p, r) for p, r in tr.family.demonstrations(4000, seed=args.seed)]
     gen = torch.Generator().manual_seed(args.seed)
     batches = [[pairs[i] for i in torch.randint(len(pairs), (args.warm_batch,), generator=gen).tolist()]
                for _ in range(args.repeats + 1)]
@@ -229,7 +230,7 @@ def bench_warm_start(tr, args):
 
     pairs_t, cells, diffs = [], [], []
     for k, batch in enumerate(batches):
-        a, b = exit_lib.sft_batch(batch, tok.pad_id, packed=True), exit_lib.sft_batch(batch, tok.pad_id)
+        a, b = base_lib.sft_batch(batch, tok.pad_id, packed=True), base_lib.sft_batch(batch, tok.pad_id)
         (to, lo), (tp, lp) = timed(lambda: step(a)), timed(lambda: step(b))
         if k:  # the first pair warms up both
             pairs_t.append((to, tp))

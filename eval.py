@@ -169,7 +169,7 @@ def task_diversity(embedder, seqs: list[list[int]], batch: int = 256) -> dict:
 
 
 def shipped_record(base_path: str) -> dict | None:
-    """base.json of a base shipped with the code (bases/TASK: ship_base.py), None for any other base."""
+    """base.json of a base shipped with the code (bases/TASK: base.ship), None for any other base."""
     record = os.path.join(base_path, "base.json")
     return model_lib.read_json(record) if os.path.isfile(record) else None
 

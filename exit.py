@@ -1,13 +1,13 @@
 """
-Exploratory Iteration (ExIt): warm start, GRPO, and the self-iteration curriculum. `python exit.py`.
+Exploratory Iteration (ExIt): GRPO and the self-iteration curriculum. `python exit.py`.
 
 The training loop of "Bootstrapping Task Spaces for Self-Improvement" (Jiang, Lupu, Bachrach 2025);
 METHOD.md restates the method with its equations. Read top to bottom: the config, the GRPO math as
-pure functions (Eq. 3-6), stage 1 (the warm-started base: shipped in bases/, cached, or trained),
-stage 2 (the ExIt loop: `Trainer.iteration`), and the run (`train`, `final_evaluation`, `main`).
-Imports run one way, tasks -> model -> buffer -> eval -> exit; the command line and the run folder's
-safety (runs.py) and real checkpoints, bf16, micro-batches and several processes (scale.py) build on
-this file, which reaches them at one seam, `main`.
+pure functions (Eq. 3-6), the ExIt loop (`Trainer.iteration`), and the run (`train`, `final_evaluation`,
+`main`). The Trainer starts from a base it is handed (stage 1, base.py: the toy's warm-started base,
+shipped in bases/, cached, or trained). Imports run one way, tasks -> model -> buffer -> eval -> exit;
+the command line and the run folder's safety (runs.py), the base (base.py) and real checkpoints, bf16,
+micro-batches and several processes (scale.py) build on this file, which reaches them at one seam, `main`.
 
 One RL iteration (`Trainer.iteration`, the same path for single- and multi-turn families):
   1. draw `tasks_per_iter` task instances: with prob. p (once the buffer holds B_min entries) a
@@ -24,7 +24,6 @@ One RL iteration (`Trainer.iteration`, the same path for single- and multi-turn 
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,6 @@ import tasks as tasks_lib
 
 METHODS = ("grpo", "curriculum", "improve", "diverge", "exit")  # the ablation ladder, the paper's §5.2 (METHOD.md)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOY_TOKENIZER = dict(kind="byte", markers=list(tasks_lib.MARKERS))  # how a checkpoint rebuilds the toy's tokenizer
 
 
 def _f(default, help):
@@ -217,119 +215,6 @@ def ema_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float):
 
 
 # -----------------------------------------------------------------------------
-# Stage 1: the base. A random transformer cannot attempt a task or follow an "improve" request, so it
-# first imitates the family's demonstrations, whose error model makes it a weak instruct model
-# (tasks.py). The default task's base ships in bases/; others are trained once and cached.
-
-
-def warm_start_key(cfg: Config, family) -> str:
-    """What makes a base: family, error model, demonstrations, architecture, SFT settings, seed."""
-    keys = dict(task=cfg.task, error_model=family.error_model, seed=cfg.warm_seed,
-                arch=[cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head],
-                sft=[cfg.warm_examples, cfg.warm_steps, cfg.warm_batch, cfg.warm_lr], markers=tasks_lib.MARKERS)
-    if cfg.warm_pack:  # other float sums, another base: a padded base is not reused for a packed run
-        keys["sft"].append("packed")
-    if cfg.difficulties:
-        keys["difficulties"] = list(family.train_difficulties)
-    keys["demos"] = hashlib.sha1(json.dumps(family.demonstrations(32, cfg.warm_seed)).encode()).hexdigest()
-    return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
-
-
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bases")  # bases/TASK/: see ship_base.py
-
-
-def shipped_base(cfg: Config, key: str, quiet: bool = False) -> str | None:
-    """bases/TASK (a Hugging Face directory; base.json: the key that made it) if it has this key, else None."""
-    path = os.path.join(SHIPPED, cfg.task)
-    if not os.path.isfile(os.path.join(path, "base.json")):
-        return None
-    shipped = model_lib.read_json(os.path.join(path, "base.json"))["key"]
-    if shipped != key and not quiet:
-        print(f"warm start: not using the shipped base {path} (its key {shipped}, these settings' {key}: another "
-              "--base_seed, architecture, warm-start setting, or an edited family)")
-    return path if shipped == key else None
-
-
-def encode_pair(tok, prompt: str, response: str):
-    """Token ids of a compact prompt (markers -> special tokens), and of a response + end of text."""
-    return tasks_lib.prompt_ids(tok, prompt), tok.encode(response) + [tok.eos_id]
-
-
-def sft_batch(batch, pad_id, packed=False):
-    """Demonstrations [(prompt ids, response ids)] as forward arguments, the loss on the responses only."""
-    if not packed:
-        idx = model_lib.right_pad([p + r for p, r in batch], pad_id)
-        where = [(i, 0) for i in range(len(batch))]
-        extra = {}  # causal attention: right padding is invisible to the real tokens
-    else:
-        idx, positions, mask, where = model_lib.pack([p + r for p, r in batch], pad_id)
-        extra = dict(positions=positions, mask=mask)
-    tgt = torch.full_like(idx, -100)
-    for (row, at), (p, r) in zip(where, batch):
-        tgt[row, at + len(p) - 1:at + len(p) + len(r) - 1] = torch.tensor(r)  # position t predicts token t + 1
-    return dict(idx=idx, targets=tgt, **extra)
-
-
-def warm_start(cfg: Config, family, device, quiet=False, use_shipped=True):
-    """The base of these settings, and where it is: shipped in bases/, cached in base_dir, or trained now."""
-    tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
-    key = warm_start_key(cfg, family)
-    mcfg = dataclasses.replace(model_lib.toy_config(tok.vocab_size), n_layer=cfg.n_layer, n_embd=cfg.n_embd,
-                               n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, intermediate_size=3 * cfg.n_embd)
-    shipped = use_shipped and shipped_base(cfg, key, quiet)
-    if shipped:  # the same weights as a warm start with these settings would train (bases/TASK/base.json)
-        if not quiet:
-            print(f"warm start: using the base shipped in {os.path.relpath(shipped)} (key {key})")
-        return model_lib.load_weights(model_lib.Transformer(mcfg), shipped).to(device), tok, shipped
-    path = os.path.join(cfg.base_dir, f"{cfg.task}-{key}.pt")
-    if os.path.exists(path):
-        try:
-            state = model_lib.load_checkpoint(path)["policy"]
-        except ValueError as e:
-            raise ValueError(f"{e}; it is the cached base of these settings: delete it to warm-start anew") from None
-        policy, tok = model_lib.policy_from_state(state, device)
-        if not quiet:
-            print(f"warm start: reusing {path}")
-        return policy, tok, path
-    policy = train_base(cfg, family, mcfg, tok, device, quiet)
-    try:
-        model_lib.atomic_save(dict(policy=model_lib.policy_state(policy, TOY_TOKENIZER), kind="base", key=key), path)
-    except OSError as e:  # the base trained: this run uses it; only the cache is lost
-        print(f"warning: {e}; this run goes on with the base it trained, the next one will train it again",
-              file=sys.stderr)
-        return policy, tok, path
-    if not quiet:
-        print(f"warm start: saved {path}")
-    return policy, tok, path
-
-
-def train_base(cfg: Config, family, mcfg, tok, device, quiet=False):
-    """Stage 1: supervised learning on the family's demonstrations; AdamW, warm-up then cosine decay."""
-    torch.manual_seed(cfg.warm_seed)
-    policy = model_lib.Transformer(mcfg).to(device)
-    pairs = [encode_pair(tok, p, r) for p, r in family.demonstrations(cfg.warm_examples, seed=cfg.warm_seed)]
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.warm_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    rng = np.random.default_rng(cfg.warm_seed)
-    bar = tqdm(range(cfg.warm_steps), desc="warm start", disable=quiet, dynamic_ncols=True)
-    for step in bar:
-        warm = min(1.0, (step + 1) / 50)
-        lr = cfg.warm_lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.warm_steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = [pairs[i] for i in rng.integers(0, len(pairs), cfg.warm_batch)]
-        inputs = {k: t.to(device) for k, t in sft_batch(batch, tok.pad_id, cfg.warm_pack).items()}
-        with model_lib.autocast(device):
-            _, loss = policy(**inputs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    return policy.eval()
-
-
-# -----------------------------------------------------------------------------
 # Stage 2: ExIt.
 
 
@@ -356,8 +241,9 @@ class Trainer:
         self.cfg, self.quiet = cfg, quiet
         self.div_stats = {}  # Eq. 6 coefficients of the current iteration, for its log line
         self.device = model_lib.pick_device(cfg.device)
-        # the family, its held-out evaluation family and the training pool, checked before any work (runs.preflight)
+        # the family, its held-out evaluation family, the training pool and the base's loader (runs.preflight)
         self.family, self.eval_family, self.train_pool = checked["family"], checked["eval_family"], checked["train_pool"]
+        self.base_loader = checked["base"]
         t0 = time.time()
         self.policy, self.tok, self.tok_spec, self.base_path = self.load_base()
         self.timing = dict(warm_start=time.time() - t0, sampling=0.0, update=0.0, buffer=0.0)  # the run's summary
@@ -377,13 +263,12 @@ class Trainer:
         self.seen = dict(ids=[], n=0, rng=np.random.default_rng(cfg.seed + 3))
 
     def load_base(self) -> tuple:
-        """Stage 1's base: (policy, tokenizer, how a checkpoint rebuilds it, the base's path)."""
-        policy, tok, path = warm_start(self.cfg, self.family, self.device, self.quiet)
-        return policy, tok, TOY_TOKENIZER, os.path.abspath(path)  # absolute: eval.py may run from another folder
+        """Stage 1's base (base.load): (policy, tokenizer, how a checkpoint rebuilds it, the base's path)."""
+        return self.base_loader(self.device, self.quiet)
 
     def base_policy(self):
         """The base this run started from, loaded again (for the evaluation's Base row and the diversity)."""
-        return warm_start(self.cfg, self.family, self.device, quiet=True)[0]
+        return self.base_loader(self.device, quiet=True)[0]
 
     def reference_and_embedder(self) -> tuple:
         """Frozen copies of the base: the KL's reference (β > 0) and Eq. 6's embedder (METHOD.md)."""
@@ -713,7 +598,7 @@ def train(trainer: Trainer, stop=()) -> Trainer:
 
 
 def main(argv=None):
-    """`python exit.py [--key=value ...]`: stage 1 (or the shipped base), stage 2, the final evaluation."""
+    """`python exit.py [--key=value ...]`: the base (base.py), stage 2, the final evaluation."""
     import runs  # the one seam into the optional modules: the command line, the run folder and its safety
     with runs.run(sys.argv[1:] if argv is None else argv) as trainer:  # checked, locked, fresh or resumed
         with runs.stop_signals() as stop:  # Ctrl-C or kill: finish the iteration, save, stop

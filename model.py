@@ -513,7 +513,7 @@ def pack(seqs: list[list[int]], pad_id: int):
     rotary positions from 0 and its own causal block of the attention mask. Padding attends only to
     itself (no empty softmax row). Padded one per row, the warm start's demonstrations are 44%
     padding and the Eq. 6 solutions 56%; packed, the same forward runs on far fewer positions. Used
-    by the warm start under --warm_pack (exit.sft_batch); embed pads, to keep published runs exact.
+    by the warm start under --warm_pack (base.sft_batch); embed pads, to keep published runs exact.
     Returns idx (R, W), positions (R, W), mask (R, 1, W, W), and where: (row, start) of each sequence."""
     W = max(len(s) for s in seqs)
     used, where = [], [None] * len(seqs)  # tokens filled in each row; (row, start) of each sequence

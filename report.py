@@ -67,7 +67,7 @@ def truncate(res: dict, K: int) -> dict:
 
 
 def _task_from_name(path: str):
-    """A warm-start cache file is named {task}-{key}.pt (exit.warm_start); it records no config."""
+    """A warm-start cache file is named {task}-{key}.pt (base.warm_start); it records no config."""
     task = os.path.basename(path).split("-")[0]
     return task if task in tasks_lib.FAMILIES else None
 

@@ -7,6 +7,7 @@ reader of the method can skip this file. Several processes and real checkpoints:
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import base as base_lib
 import eval as eval_lib
 import exit as exit_lib
 import hf
@@ -364,7 +366,7 @@ def build(cfg: Config, quiet: bool) -> exit_lib.Trainer:
 
 def preflight(cfg: Config, quiet: bool = False) -> dict:
     """Everything the run will need, checked before the base loads (data, problems, --init, context); returns
-    the family, the evaluation family and the training pool for the Trainer."""
+    the family, the evaluation family, the training pool and the base's loader for the Trainer."""
     family = tasks_lib.make_family(cfg.task, cfg.data, cfg.difficulties)
     efam = tasks_lib.eval_family(cfg.eval_data, family)
     train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
@@ -385,7 +387,8 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
                       family, "--data" if cfg.data else "the task")
         check_context(tok, style, max_len, cfg.max_new_tokens, {p.request: p for p in heldout},
                       efam, "--eval_data" if cfg.eval_data else "--data" if cfg.data else "the held-out set")
-    return dict(family=family, eval_family=efam, train_pool=train_pool)
+    return dict(family=family, eval_family=efam, train_pool=train_pool,
+                base=functools.partial(base_lib.load, cfg, family))  # stage 1: base.py
 
 
 def check_init(cfg: Config, quiet: bool) -> tuple:

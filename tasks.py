@@ -125,7 +125,7 @@ class TaskFamily:
          little below expected_accuracy(0) (at most 0.02 above), and at most a few points above it on the
          held-out difficulties (0.05; exactsum's demonstrated local move repairs some near misses there).
       7. Demonstrations draw from their rng in a fixed order: family.demonstrations(32, seed) is part of
-         the warm-start cache key (exit.warm_start_key), so a change to what they say retrains the base.
+         the warm-start cache key (base.warm_start_key), so a change to what they say retrains the base.
       8. The chat answer_format asks for the final answer in \\boxed{...}, and `score` reads the last one
          (a chat model's answer); the multi-turn tools family is the exception.
     """

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from buffer import TaskBuffer, learnability, sampling_probs
+import base as base_lib
 import buffer
 import eval as eval_lib
 import exit as exit_lib
@@ -2000,9 +2001,9 @@ def test_report_keeps_exit_defaults():
 
 def test_imports_run_one_way():
     """The five core files import only the core files before them (tasks -> model -> buffer -> eval -> exit);
-    an optional module (runs, scale, report) is reached at one marked seam each: exit.main, and eval.py's
+    an optional module (runs, scale, report, base, hf) is reached at one marked seam each: exit.main, and eval.py's
     command line."""
-    order, optional = ["tasks", "model", "buffer", "eval", "exit"], {"runs", "scale", "report", "ship_base", "bench"}
+    order, optional = ["tasks", "model", "buffer", "eval", "exit"], {"runs", "scale", "report", "base", "hf", "bench"}
     seams = {"exit": {"runs"}, "eval": {"report"}}
     for i, name in enumerate(order):
         tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
@@ -2229,14 +2230,14 @@ def test_warm_start_batch_equals_each_demonstration_alone(packed):
                                 intermediate_size=64, max_seq_len=256)
     policy = model_lib.Transformer(cfg)
     family = tasks_lib.get_family("exactsumfb")
-    batch = [exit_lib.encode_pair(tok, p, r) for p, r in family.demonstrations(24, seed=3)]
+    batch = [base_lib.encode_pair(tok, p, r) for p, r in family.demonstrations(24, seed=3)]
     T = max(len(p) + len(r) for p, r in batch)
     summed = sum(torch.nn.functional.cross_entropy(policy(torch.tensor([p + r]))[0][0, len(p) - 1:-1], torch.tensor(r),
                                                    reduction="sum") for p, r in batch)
     alone = summed / sum(len(r) for _, r in batch)
     grads = torch.autograd.grad(alone, list(policy.parameters()))
 
-    inputs = exit_lib.sft_batch(batch, tok.pad_id, packed=packed)
+    inputs = base_lib.sft_batch(batch, tok.pad_id, packed=packed)
     pidx, ptgt = inputs["idx"], inputs["targets"]
     assert pidx.shape[1] == T
     assert pidx.shape[0] < len(batch) if packed else pidx.shape[0] == len(batch)  # packed: fewer rows, none longer
@@ -2300,7 +2301,7 @@ def test_difficulty_mix_option():
     assert sorted({p.difficulty for p in eval_lib.heldout_problems(fam, 10)}) == [5, 7]  # the held-out mix follows
     # the warm-start cache is keyed by the mix, and by the demonstrations themselves
     default, mixed = exit_lib.Config(task="math"), exit_lib.Config(task="math", difficulties="5,7")
-    key, math_family = exit_lib.warm_start_key, tasks_lib.get_family("math")
+    key, math_family = base_lib.warm_start_key, tasks_lib.get_family("math")
     assert key(mixed, fam) != key(default, math_family) == key(default, tasks_lib.get_family("math"))
     edited = tasks_lib.get_family("math")
     edited.answer_format = "x"                        # a change the error model does not show ...
@@ -2339,7 +2340,7 @@ def test_a_given_buffer_size_scales_the_recommended_min_size():
     assert (cfg.buffer_size, cfg.min_size) == (16, 8)  # the recipe's B_min / N = 320 / 640, kept
 
 
-# ---- the base shipped with the code (bases/, ship_base.py)
+# ---- the base shipped with the code (bases/, base.ship)
 
 SHIPPED = os.path.join(HERE, "bases", "exactsumfb")
 
@@ -2351,25 +2352,23 @@ def shipped_record():
 def test_the_shipped_base_is_the_default_settings_base():
     """Fails when the family, its demonstrations, the architecture or the warm start change and the shipped
     base is not made again: a stale base is never used silently (its key no longer matches)."""
-    import ship_base
     cfg, rec = exit_lib.Config(), shipped_record()
-    key = exit_lib.warm_start_key(cfg, tasks_lib.make_family(cfg.task))
+    key = base_lib.warm_start_key(cfg, tasks_lib.make_family(cfg.task))
     assert rec["key"] == key, (f"bases/{cfg.task} is stale: it was made for key {rec['key']}, the default settings "
-                               f"now give {key}; make it again with `OMP_NUM_THREADS=1 python ship_base.py` and commit bases/")
-    assert rec["settings"] == {k: getattr(cfg, k) for k in ship_base.SETTINGS}
+                               f"now give {key}; make it again with `OMP_NUM_THREADS=1 python base.py` and commit bases/")
+    assert rec["settings"] == {k: getattr(cfg, k) for k in base_lib.SETTINGS}
     with open(os.path.join(SHIPPED, "model.safetensors"), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == rec["sha256"]
     # the Base row of every RL seed the ladder runs, on both splits, at a run's default evaluation settings
     want = [eval_lib.eval_settings(dataclasses.asdict(dataclasses.replace(cfg, seed=s, eval_split=split)))
-            for split in ("test", "val") for s in range(ship_base.SEEDS)]
+            for split in ("test", "val") for s in range(base_lib.SEEDS)]
     assert [r["settings"] for r in rec["evaluations"]] == want
 
 
 def test_the_default_run_uses_the_shipped_base_and_its_recorded_evaluation(tmp_path, capsys):
-    import ship_base
     cfg = exit_lib.Config(base_dir=str(tmp_path / "base"), device="cpu")
     fam, efam = tasks_lib.make_family(cfg.task), tasks_lib.make_family(cfg.task)
-    policy, tok, path = exit_lib.warm_start(cfg, fam, torch.device("cpu"))
+    policy, tok, path = base_lib.warm_start(cfg, fam, torch.device("cpu"))
     assert path == SHIPPED and "using the base shipped in bases/exactsumfb" in capsys.readouterr().out
     assert not (tmp_path / "base").exists()  # nothing trained, nothing cached
     toy = model_lib.toy_config(tok.vocab_size)  # the architecture warm_start builds
@@ -2382,13 +2381,13 @@ def test_the_default_run_uses_the_shipped_base_and_its_recorded_evaluation(tmp_p
     assert eval_lib.evaluate_base(path, tok, efam, "cpu", lambda *a: loads.append(a), **settings) == rec["evaluations"][0]
     assert loads == []
     # and the weights are the ones evaluated: the small evaluation made when the base was shipped, again here
-    again = eval_lib.evaluate_policy(policy, tok, efam, **ship_base.CHECK)
+    again = eval_lib.evaluate_policy(policy, tok, efam, **base_lib.CHECK)
     assert again["score"] == rec["check"]["score"] and again["fix_rate"] == rec["check"]["fix_rate"]
     assert report.frozen_base(path, "cpu") is not None  # the run's task diversity and chain.txt embed with it
 
 
 def test_another_base_seed_does_not_use_the_shipped_base(capsys):
-    fam, key, shipped = tasks_lib.make_family("exactsumfb"), exit_lib.warm_start_key, exit_lib.shipped_base
+    fam, key, shipped = tasks_lib.make_family("exactsumfb"), base_lib.warm_start_key, base_lib.shipped_base
     rl_seed = exit_lib.Config(seed=3)  # the RL seed is not the base's
     assert shipped(rl_seed, key(rl_seed, fam)) == SHIPPED and capsys.readouterr().out == ""
     for cfg in (exit_lib.Config(base_seed=1), exit_lib.Config(base_seed=-1, seed=1), exit_lib.Config(n_embd=64),
@@ -3256,14 +3255,14 @@ def test_bad_inputs_as_scripts_fail_with_one_line_and_no_traceback(tmp_path):
 def test_ctrl_c_outside_the_rl_loop_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(exit_lib, "warm_start", interrupted)  # Ctrl-C during the warm start
+    monkeypatch.setattr(base_lib, "warm_start", interrupted)  # Ctrl-C during the warm start
     err = main_fails(capsys, tiny_args(tmp_path / "run", tmp_path / "base"), code=130)
     assert "interrupted" in err and not runs._held_locks
     assert not runs.run_artifacts(str(tmp_path / "run"))  # nothing half-written
 
 
 def test_preflight_catches_before_the_warm_start_what_used_to_fail_after_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(exit_lib, "warm_start", lambda *a, **k: pytest.fail("warm start before the check"))
+    monkeypatch.setattr(base_lib, "warm_start", lambda *a, **k: pytest.fail("warm start before the check"))
     for kw, msg in [(dict(task="math", difficulties="1"), r"could not draw 5000 distinct train problems at difficulties \[1\]"),
                     (dict(task="subset", difficulties="1"), "subset: cannot make a problem at difficulty 1"),
                     (dict(task="math", difficulties="2", eval_problems=5000), "could not draw 5000 distinct test problems"),
@@ -3659,12 +3658,13 @@ def test_two_ranks_run_and_resume_exactly(tmp_path):
 def test_sigterm_outside_the_rl_loop_stops_with_a_message(tmp_path, where):
     """kill (SIGTERM) during the warm start or the final evaluation stops at once as Ctrl-C does: exit code 130
     and one line saying what the folder keeps, not a silent death by the signal."""
-    patch = ("import signal\n"
-             f"real = exit.{where}\n"
+    module = "base" if where == "train_base" else "exit"  # stage 1 is base.py's
+    patch = (f"import signal, {module}\n"
+             f"real = {module}.{where}\n"
              "def killed(*a, **k):\n"
              "    os.kill(os.getpid(), signal.SIGTERM)\n"
              "    return real(*a, **k)\n"
-             f"exit.{where} = killed\n")
+             f"{module}.{where} = killed\n")
     script = _patched_main(tmp_path / "killed.py", patch)
     args = tiny_args(tmp_path / "run", tmp_path / "base", eval_problems=2, eval_k=1, eval_samples=1)
     p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
