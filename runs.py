@@ -105,6 +105,11 @@ def family_settings(given: dict) -> dict:
     return rec
 
 
+# the settings that name one of a few options (FAMILIES itself: a family registered later counts)
+CHOICES = dict(method=exit_lib.METHODS, task=tasks_lib.FAMILIES, children=("all", "one"), eval_split=("test", "val"),
+               admission=("score", "fifo"), dtype=exit_lib.DTYPES)
+
+
 def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
     """Every setting checked before any work: a bad one is a ValueError that names it."""
     def need(ok, msg):
@@ -113,14 +118,10 @@ def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
     for f in dataclasses.fields(cfg):  # --lr=inf trains to NaN weights; --kappa=nan samples nothing sensible
         v = getattr(cfg, f.name)
         need(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be a finite number, got {v}")
-    need(cfg.method in exit_lib.METHODS, f"method must be one of {exit_lib.METHODS}, got {cfg.method!r}")
-    need(cfg.task in tasks_lib.FAMILIES, f"task must be one of {sorted(tasks_lib.FAMILIES)}, got {cfg.task!r}")
-    need(cfg.children in ("all", "one"), f"children must be 'all' or 'one', got {cfg.children!r}")
-    need(cfg.eval_split in ("test", "val"), f"eval_split must be 'test' or 'val', got {cfg.eval_split!r}")
+    for k, options in CHOICES.items():
+        need(getattr(cfg, k) in options, f"{k} must be one of {tuple(options)}, got {getattr(cfg, k)!r}")
     need(not (cfg.eval_split == "val" and cfg.eval_data), "--eval_data is a test file: it has no validation "
          "split; for --eval_split=val drop --eval_data (the validation tenth of --data is used)")
-    need(cfg.admission in ("score", "fifo"), f"admission must be 'score' or 'fifo', got {cfg.admission!r}")
-    need(cfg.dtype in exit_lib.DTYPES, f"dtype must be one of {tuple(exit_lib.DTYPES)}, got {cfg.dtype!r}")
     family = tasks_lib.FAMILIES[cfg.task]
     need(family.reads_data == bool(cfg.data), f"--data=FILE goes with --task=realmath (a family that reads its "
          f"problems from a file), and such a family needs it (--task={cfg.task})")
@@ -132,24 +133,20 @@ def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
     need(cfg.base_seed >= -1, f"base_seed must be >= 0, or -1 for --seed's, got {cfg.base_seed}")
     need(not (cfg.div_minmax and cfg.div_mean), "--div_minmax and --div_mean are two forms of Eq. 6: give one")
     need(cfg.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
-    for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size",
-              "ref_every", "warm_steps", "warm_batch", "warm_examples", "log_every", "ckpt_every"):
+    for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size", "ref_every",
+              "warm_steps", "warm_batch", "warm_examples", "log_every", "ckpt_every", "eval_samples", "eval_every_problems"):
         need(getattr(cfg, k) >= 1, f"{k} must be >= 1, got {getattr(cfg, k)}")
     for k in ("replay_prob", "p_div", "ref_alpha"):
         need(0.0 <= getattr(cfg, k) <= 1.0, f"{k} must be in [0, 1], got {getattr(cfg, k)}")
     for k in ("lr", "warm_lr", "clip_eps", "grad_clip"):
         need(getattr(cfg, k) > 0, f"{k} must be > 0, got {getattr(cfg, k)}")
     for k in ("beta", "kappa", "div_clip", "eval_temperature", "micro_batch", "show_every", "eval_problems",
-              "eval_every"):
+              "eval_every", "eval_k"):
         need(getattr(cfg, k) >= 0, f"{k} must be >= 0, got {getattr(cfg, k)}")
     need(cfg.min_size <= cfg.buffer_size, f"min_size ({cfg.min_size}) must be <= buffer_size ({cfg.buffer_size})")
     need(cfg.temperature > 0, "temperature must be > 0 in training: GRPO learns from the differences between "
                                "a group's G sampled rollouts, and greedy decoding (0) makes them identical, so "
                                "every advantage would be 0 and nothing would ever be updated")
-    # the final evaluation runs after the whole training run: its settings are checked now
-    need(cfg.eval_k >= 0, f"eval_k must be >= 0 (K improve steps), got {cfg.eval_k}")
-    need(cfg.eval_samples >= 1, f"eval_samples must be >= 1 (chains per held-out task), got {cfg.eval_samples}")
-    need(cfg.eval_every_problems >= 1, f"eval_every_problems must be >= 1, got {cfg.eval_every_problems}")
     need(not cfg.eval_data or family.reads_data, "--eval_data=FILE goes with --task=realmath")
     if not cfg.init:  # the toy's shape (a checkpoint brings its own)
         need(min(cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd) >= 1,
