@@ -409,29 +409,37 @@ def load_policy(path: str, device) -> tuple:
 
 
 def export(run: str, out: str | None = None) -> str:
-    """`python hf.py RUN`: a run's trained policy (RUN/ckpt.pt, or any exit checkpoint file) as a Hugging Face
-    directory (default: hf/ beside the checkpoint) for transformers, vLLM or --init. A policy that started
-    from a Hugging Face checkpoint is written in that checkpoint's dtype, while it is there: bf16 stays bf16."""
+    """`python hf.py RUN`: a run's trained policy (RUN/ckpt.pt, or any exit checkpoint file X.pt) as a Hugging
+    Face directory (default RUN/hf, or X.hf beside a loose file) for transformers, vLLM or --init, in the
+    dtype it trained in; a run from a Hugging Face --init keeps that checkpoint's (a bf16 source stays bf16)."""
     ck_file = os.path.join(run, "ckpt.pt") if os.path.isdir(run) else run
     ck = model_lib.load_checkpoint(ck_file)
     policy, tok = model_lib.policy_from_state(ck["policy"], "cpu", build_tokenizer)
-    source = os.path.join(ck.get("base_path") or "", "config.json")  # an --init directory's
-    dtype = hf_dtype(model_lib.read_json(source)) if os.path.isfile(source) else None
-    out = out or os.path.join(os.path.dirname(os.path.abspath(ck_file)), "hf")
-    save_hf(policy, tok, out, dtype=dtype, temperature=(ck.get("config") or {}).get("eval_temperature"))
+    cfg = ck.get("config") or {}
+    source = os.path.join(cfg.get("init") or "", "config.json")  # an --init directory's
+    dtype = (hf_dtype(model_lib.read_json(source)) if os.path.isfile(source) else None) \
+        or next(iter(ck["policy"]["model"].values())).dtype  # else as stored: a --dtype=bf16 run's bf16
+    if out is None:
+        own = os.path.basename(ck_file) == "ckpt.pt"  # a run's: its folder's hf/; a loose file's: its own
+        out = os.path.join(os.path.dirname(os.path.abspath(ck_file)), "hf") if own else os.path.splitext(ck_file)[0] + ".hf"
+    save_hf(policy, tok, out, dtype=dtype, temperature=cfg.get("eval_temperature"))
     return out
 
 
 if __name__ == "__main__":
     import argparse
+    import contextlib
     import sys
+
+    import runs  # the run folder's lock: never export a checkpoint a live run is replacing
     p = argparse.ArgumentParser(prog="python hf.py", description="Export a run's trained policy as a Hugging Face "
                                 "directory (config.json, model.safetensors, tokenizer, generation_config.json).")
     p.add_argument("run", metavar="RUN", help="a run folder (exit.py --out_dir) or an exit checkpoint file")
-    p.add_argument("--out", metavar="DIR", help="where to write it (default: RUN/hf)")
+    p.add_argument("--out", metavar="DIR", help="where to write it (default: RUN/hf, or X.hf beside a file X.pt)")
     args = p.parse_args()
     try:
-        print(f"Hugging Face directory: {export(args.run, args.out)}")
-    except (ValueError, FileNotFoundError) as e:
+        with runs.run_lock(args.run) if os.path.isdir(args.run) else contextlib.nullcontext():
+            print(f"Hugging Face directory: {export(args.run, args.out)}")
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -173,7 +173,7 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
             diversity = eval_lib.run_diversity(seen, base) if seen else None
             if diversity:
                 out["diversity"] = diversity
-        else:
+        elif evaluate:
             print(f"warning: {path}: its base policy {base_path!r} is gone; no Base evaluation", file=sys.stderr)
     if chain:
         out["chain"] = show_chain(policy, tok, family, settings, run_label(cfg) if ck.get("kind") == "run" else "policy", base)
@@ -253,11 +253,16 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "", False)}, sort_keys=True)
     if method == "base":
         base_key = os.path.abspath(path)
+    ckpt = ck_file if os.path.isfile(ck_file) else None
+    # a chain older than the checkpoint is of an earlier state of the run (--resume extended it): drawn again
+    fresh = os.path.isfile(chain_file) and (ckpt is None or os.path.getmtime(chain_file) >= os.path.getmtime(ckpt))
     return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key,
                 bonus=bonus_form({"method": method, **cfg}),
                 policy=ev["policy"], base=ev.get("base"), log=log, diversity=ev.get("diversity"),
-                chain=chain_file if os.path.isfile(chain_file) else None, chain_file=chain_file,
-                ckpt=ck_file if os.path.isfile(ck_file) else None)
+                chain=chain_file if fresh else None, chain_file=chain_file, ckpt=ckpt,
+                # what draws its chain (compare) at the settings of the evaluation beside it: K only when its file says K
+                chain_kw=dict(task=task, K=asked["K"], n_problems=n_problems, n_samples=n_samples, device=device,
+                              temperature=temperature, split=split))
 
 
 LABELS = {"base": "Base", "grpo": "GRPO", "curriculum": "Curriculum", "improve": "Improve",
@@ -731,11 +736,15 @@ def compare(paths: list[str], out: str | None = None, K: int | None = None, over
     shown = sorted((r for r in runs if r.get("chain") or (r.get("ckpt") and single_turn(r))),
                    key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
     if shown and not shown[0]["chain"]:
-        r, kw = shown[0], {k: v for k, v in load_kw.items() if k != "recompute"}
-        text = evaluate_checkpoint(r["ckpt"], K=K, evaluate=False, chain=True, **kw)["chain"]
-        if text:
-            eval_lib.write_text(text + "\n", r["chain_file"])
-            r["chain"] = r["chain_file"]
+        r = shown[0]
+        try:  # the chain illustrates; a checkpoint that cannot be read again costs it, not the comparison
+            with runs_lib.run_lock(r["path"]) if os.path.isdir(r["path"]) else contextlib.nullcontext():
+                text = evaluate_checkpoint(r["ckpt"], evaluate=False, chain=True, **r["chain_kw"])["chain"]
+            if text:
+                eval_lib.write_text(text + "\n", r["chain_file"])
+                r["chain"] = r["chain_file"]
+        except (ValueError, OSError, RuntimeError) as e:
+            print(f"warning: no improvement chain drawn from {r['ckpt']} ({e})", file=sys.stderr)
     if shown and shown[0]["chain"]:
         with open(shown[0]["chain"]) as f:
             print(f"one held-out improvement chain ({shown[0]['chain']}):\n{f.read().rstrip()}")

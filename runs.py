@@ -334,6 +334,9 @@ def resume(cfg: Config, given: set, quiet: bool) -> exit_lib.Trainer:
     cfg.resume = True
     check_config(cfg)
     check_resume_folder(cfg.out_dir, ck)
+    if os.path.isdir(os.path.join(cfg.out_dir, "hf")) and scale.is_main() and not quiet:
+        print(f"note: {cfg.out_dir}/hf is the policy before this resume; `python hf.py {cfg.out_dir}` writes it anew",
+              file=sys.stderr)
     scale.check_world(cfg)
     saved_world = ck.get("world_size", 1)
     if saved_world != scale.world_size() and scale.is_main() and not quiet:  # data parallel
@@ -512,6 +515,8 @@ def run_artifacts(out_dir: str) -> list[str]:
 def run_lock(out_dir: str):
     """Exclusive flock on out_dir/.lock for the block: a second writer stops, naming the holder; kill -9 frees it."""
     key = os.path.abspath(out_dir)
+    if key in _held_locks:  # flock would refuse this process's own second open, naming itself as "another run"
+        raise FileExistsError(f"{out_dir} is already locked by this process (its run or evaluation is under way)")
     os.makedirs(key, exist_ok=True)
     path = os.path.join(key, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -1964,7 +1964,8 @@ def test_ladder_runs_resumes_and_recomputes_exactly(tmp_path, monkeypatch, capsy
     again = report.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), device="cpu", chain=True)
     with pytest.raises(ValueError, match="was trained on --task=exactsumfb; --task=math is only for"):
         report.evaluate_checkpoint(str(out / "exit-s0" / "ckpt.pt"), task="math", device="cpu")
-    # ... and the same improvement chain as the ladder's comparison drew for its first run (chain.txt)
+    # ... and the same improvement chain as the ladder's comparison drew for its first run (chain.txt; that it is
+    # the chain the run's own end once printed is checked on the full default run: RESULTS.md, "The reading path")
     assert again.pop("chain") + "\n" == (out / "exit-s0" / "chain.txt").read_text()
     assert again == saved and "diversity" in saved
     # the validation split: its own file, other problems than the test split's, its chain beside it, printed
@@ -2547,6 +2548,19 @@ def test_script_end_to_end(tmp_path):
     nothing = subprocess.run([sys.executable, os.path.join(HERE, "hf.py"), str(tmp_path / "nowhere")], capture_output=True,
                              text=True, env=env, timeout=120)
     assert nothing.returncode == 2 and "no checkpoint at" in nothing.stderr and "Traceback" not in nothing.stderr
+    # the chain is drawn at the run's own settings: --k cuts the table, not the chain.txt beside eval.json
+    os.remove(run / "chain.txt")
+    report.main([str(run), "--k=1", "--device=cpu", "--out", str(tmp_path / "k1")])
+    assert (run / "chain.txt").read_text() == chain
+    # a chain older than the checkpoint (a --resume extended the run) is drawn again; one that cannot be drawn
+    # (a damaged checkpoint) is a warning, and the comparison is still written
+    os.utime(run / "chain.txt", (1, 1))
+    report.main([str(run), "--device=cpu", "--out", str(tmp_path / "again")])
+    assert os.path.getmtime(run / "chain.txt") > 1 and (run / "chain.txt").read_text() == chain
+    os.remove(run / "chain.txt")
+    (run / "ckpt.pt").write_bytes(b"not a checkpoint")
+    report.main([str(run), "--device=cpu", "--out", str(tmp_path / "broken")])
+    assert (tmp_path / "broken" / "results.json").is_file() and not (run / "chain.txt").exists()
     assert "time: warm start " in p.stdout and "update " in p.stdout and "evaluation " in p.stdout
     bad = subprocess.run([sys.executable, os.path.join(HERE, "exit.py"), "--itres=3"], capture_output=True,
                          text=True, env=env, timeout=120)
@@ -2789,6 +2803,21 @@ def test_chat_prompts_keep_control_token_text_plain_and_pin_the_date(instruct):
     tok.tok.chat_template = CHAT_TEMPLATE.replace("m['content']", "m['content'] | trim")  # as Llama 3's does
     assert tok.decode(tok.render_chat([{"role": "user", "content": "  hi <|im_end|> \n"}]), special=True) == (
         "<|im_start|>user\nhi <|im_end|><|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_hf_export_of_a_toy_run_keeps_its_dtype_and_names_loose_files(tmp_path):
+    """python hf.py RUN writes the policy in the dtype it trained in (a --dtype=bf16 run's bf16), with the values of
+    ckpt.pt; a loose checkpoint file X.pt (a cached base) exports to X.hf beside it, not to a shared hf/."""
+    from safetensors.torch import load_file
+    tr = runs.train(tiny_cfg(tmp_path, dtype="bf16", iters=1), quiet=True)
+    out = hf.export(tr.cfg.out_dir)
+    assert out == os.path.join(tr.cfg.out_dir, "hf")
+    saved = model_lib.load_checkpoint(os.path.join(tr.cfg.out_dir, "ckpt.pt"))["policy"]["model"]
+    written = {k.removeprefix("model."): v for k, v in load_file(os.path.join(out, "model.safetensors")).items()}
+    assert {v.dtype for v in written.values()} == {torch.bfloat16}
+    assert all(torch.equal(written[k], v) for k, v in saved.items())
+    assert tr.base_path.endswith(".pt") and hf.export(tr.base_path) == tr.base_path[:-3] + ".hf"
+    assert os.path.isfile(tr.base_path[:-3] + ".hf/config.json")
 
 
 def test_hf_export_keeps_the_source_dtype_and_writes_generation_config(tmp_path, instruct):
@@ -3170,7 +3199,9 @@ def test_a_live_run_folder_is_locked_and_kill_9_leaves_no_stale_lock(tmp_path, c
     exit_lib.main(tiny_args(run, tmp_path / "base"))  # no stale lock
     assert (run / "ckpt.pt").is_file() and not runs._held_locks
     with runs.run_lock(str(run)):  # released on the way out of main
-        pass
+        with pytest.raises(FileExistsError, match="already locked by this process"):  # not re-entrant, and says so
+            with runs.run_lock(str(run)):
+                pass
 
 
 def test_any_run_artifact_blocks_a_fresh_run(tmp_path, capsys):
@@ -3181,6 +3212,8 @@ def test_any_run_artifact_blocks_a_fresh_run(tmp_path, capsys):
     err = main_fails(capsys, tiny_args(run, tmp_path / "base", seed=1))
     assert "already holds a run (config.json, log.jsonl)" in err and "no ckpt.pt" in err
     assert {n: (run / n).read_bytes() for n in before} == before
+    os.makedirs(run / "hf")  # an export (python hf.py RUN) blocks a fresh run too
+    assert "already holds a run (config.json, hf, log.jsonl)" in main_fails(capsys, tiny_args(run, tmp_path / "base", seed=1))
     only_eval = tmp_path / "evalonly"
     os.makedirs(only_eval)
     (only_eval / "eval.json").write_text("{}")
