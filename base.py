@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 import eval as eval_lib
+import exit as exit_lib  # the Config ship() makes bases/ with; exit.py never imports this file
 import hf
 import model as model_lib
 import tasks as tasks_lib
@@ -189,12 +190,22 @@ def git(*args) -> str:
         return ""
 
 
+def ship_settings(task: str) -> tuple:
+    """(config, family, evaluation family) of `python exit.py --task=TASK`: the defaults and the family's
+    recommended settings (runs.family_settings with nothing given)."""
+    shippable = [n for n, f in tasks_lib.FAMILIES.items() if f.has_demonstrations and not f.reads_data]
+    if task not in shippable:
+        raise ValueError(f"--task={task}: a toy base ships for a family with demonstrations ({', '.join(shippable)})")
+    cfg = exit_lib.Config(task=task, **getattr(tasks_lib.FAMILIES[task], "recommended", {}))
+    family = tasks_lib.make_family(task)
+    return cfg, family, tasks_lib.eval_family(cfg.eval_data, family)
+
+
 def ship(task: str, out: str, seeds: int = SEEDS, quiet: bool = False) -> dict:
     """Warm-start the base of `task` at the default settings (or reuse the cache in runs/base), write it to
     out/TASK as a Hugging Face directory, evaluate it, and write base.json. Returns the record."""
-    import runs  # the command line's defaults and checks (runs.py builds on this file, not the other way)
-    cfg = runs.parse_args([f"--task={task}"])[0]
-    checked = runs.preflight(cfg, quiet=True)
+    cfg, family, eval_family = ship_settings(task)
+    checked = dict(family=family, eval_family=eval_family)
     device = model_lib.pick_device(cfg.device)
     cache = os.path.join(cfg.base_dir, f"{task}-{warm_start_key(cfg, checked['family'])}.pt")
     reused = os.path.isfile(cache)  # trained earlier by the same warm start (the key says so)

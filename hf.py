@@ -428,18 +428,15 @@ def export(run: str, out: str | None = None) -> str:
 
 if __name__ == "__main__":
     import argparse
-    import contextlib
     import sys
 
-    import runs  # the run folder's lock: never export a checkpoint a live run is replacing
     p = argparse.ArgumentParser(prog="python hf.py", description="Export a run's trained policy as a Hugging Face "
                                 "directory (config.json, model.safetensors, tokenizer, generation_config.json).")
     p.add_argument("run", metavar="RUN", help="a run folder (exit.py --out_dir) or an exit checkpoint file")
     p.add_argument("--out", metavar="DIR", help="where to write it (default: RUN/hf, or X.hf beside a file X.pt)")
     args = p.parse_args()
     try:
-        with runs.run_lock(args.run) if os.path.isdir(args.run) else contextlib.nullcontext():
-            print(f"Hugging Face directory: {export(args.run, args.out)}")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"Hugging Face directory: {export(args.run, args.out)}")  # a live run's: its last checkpoint (atomic)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -168,7 +168,7 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
         if base_path and os.path.exists(base_path):
             if evaluate:
                 out["base"] = eval_lib.evaluate_base(base_path, tok, family, dev, hf.load_policy, **settings)
-            seen = (ck.get("seen") or {}).get("ids") or [] if evaluate else []
+            seen = ((ck.get("seen") or {}).get("ids") or []) if evaluate else []  # the diversity: an evaluation's
             base = frozen_base(base_path, dev) if seen or chain else None
             diversity = eval_lib.run_diversity(seen, base) if seen else None
             if diversity:

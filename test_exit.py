@@ -2805,6 +2805,19 @@ def test_chat_prompts_keep_control_token_text_plain_and_pin_the_date(instruct):
         "<|im_start|>user\nhi <|im_end|><|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_ship_settings_are_those_of_python_exit_py_task():
+    """base.py makes bases/TASK at exactly the settings `python exit.py --task=TASK` runs with (the family's
+    recommended ones included), without the command line's module (runs.py builds on base.py)."""
+    for task in ("exactsumfb", "exactsum", "math", "subset", "tools"):
+        cfg, family, efam = base_lib.ship_settings(task)
+        want = runs.parse_args([f"--task={task}"])[0]
+        checked = runs.preflight(want, quiet=True)
+        assert cfg == want and type(family) is type(checked["family"]) and type(efam) is type(checked["eval_family"])
+        assert base_lib.warm_start_key(cfg, family) == base_lib.warm_start_key(want, checked["family"])
+    with pytest.raises(ValueError, match="a toy base ships for a family with demonstrations"):
+        base_lib.ship_settings("realmath")
+
+
 def test_hf_export_of_a_toy_run_keeps_its_dtype_and_names_loose_files(tmp_path):
     """python hf.py RUN writes the policy in the dtype it trained in (a --dtype=bf16 run's bf16), with the values of
     ckpt.pt; a loose checkpoint file X.pt (a cached base) exports to X.hf beside it, not to a shared hf/."""
