@@ -3739,12 +3739,14 @@ def test_ranks_end_with_the_process_group_torn_down(tmp_path):
              "def destroy(*a, **k):\n"
              "    before = threads()\n"
              "    real(*a, **k)\n"
-             "    print(f\"rank {os.environ['RANK']} threads before {before} after {threads()}\", flush=True)\n"
+             # a file per rank: on the shared stdout, a rank's line can land inside rank 0's last lines
+             f"    open(os.path.join({str(tmp_path)!r}, 'threads-' + os.environ['RANK']), 'w').write("
+             "f\"rank {os.environ['RANK']} threads before {before} after {threads()}\")\n"
              "torch.distributed.destroy_process_group = destroy\n")
     script = _patched_main(tmp_path / "teardown.py", patch)
     p = _torchrun([str(script), *_cli(cfg)])
     assert p.returncode == 0, p.stderr[-3000:]
-    lines = [line for line in p.stdout.splitlines() if " threads before " in line]
+    lines = [(tmp_path / f"threads-{r}").read_text() for r in (0, 1) if (tmp_path / f"threads-{r}").is_file()]
     assert sorted(line.split()[1] for line in lines) == ["0", "1"]
     for line in lines:
         before, after = line.split(" threads before ")[1].split(" after ")
