@@ -5,7 +5,8 @@ it a weak instruct model (tasks.py): our stand-in for the instruct model the pap
 it the same for every RL seed. `warm_start` finds the base of a run's settings (their `warm_start_key`):
 shipped with the code in bases/TASK, cached in base_dir, or trained now (`train_base`, ~12 minutes on one
 thread) and cached. A run reaches this file through runs.preflight, which hands exit.Trainer its loader
-(`load`); the core never imports it.
+(`load`), and runs.write_results, which takes the Base row of eval.json from `evaluate_base`; the core
+never imports it.
 
 `python base.py` makes bases/TASK (`ship`): a Hugging Face directory (config.json, model.safetensors,
 tokenizer; no pickle) that `python exit.py` uses instead of training it again, and that `transformers`
@@ -20,7 +21,7 @@ loads as any checkpoint. Beside the weights, base.json records:
     sha256       of model.safetensors
     evaluations  the base's held-out evaluation (the Base row: score at k = 0..K, fix and break rates) at a
                  run's default evaluation settings, for RL seeds 0..SEEDS-1 on the test and validation
-                 splits, so a default run does not evaluate the base again (eval.evaluate_base)
+                 splits, so a default run does not evaluate the base again (evaluate_base)
     check        a small evaluation (CHECK) that test_exit.py repeats on the shipped weights
 
 Regenerate it when test_exit.py says the key is stale (the family, its demonstrations, the architecture
@@ -75,7 +76,7 @@ def shipped_base(cfg, key: str, quiet: bool = False) -> str | None:
     path = os.path.join(SHIPPED, cfg.task)
     if not os.path.isfile(os.path.join(path, "base.json")):
         return None
-    shipped = model_lib.read_json(os.path.join(path, "base.json"))["key"]
+    shipped = hf.read_json(os.path.join(path, "base.json"))["key"]
     if shipped != key and not quiet:
         print(f"warm start: not using the shipped base {path} (its key {shipped}, these settings' {key}: another "
               "--base_seed, architecture, warm-start setting, or an edited family)")
@@ -109,10 +110,15 @@ def warm_start(cfg, family, device, quiet=False, use_shipped=True):
     mcfg = dataclasses.replace(model_lib.toy_config(tok.vocab_size), n_layer=cfg.n_layer, n_embd=cfg.n_embd,
                                n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, intermediate_size=3 * cfg.n_embd)
     shipped = use_shipped and shipped_base(cfg, key, quiet)
-    if shipped:  # the same weights as a warm start with these settings would train (bases/TASK/base.json)
-        if not quiet:
-            print(f"warm start: using the base shipped in {os.path.relpath(shipped)} (key {key})")
-        return model_lib.load_weights(model_lib.Transformer(mcfg), shipped).to(device), tok, shipped
+    if not shipped:
+        return cached_or_trained(cfg, family, mcfg, tok, key, device, quiet)
+    if not quiet:  # the same weights as a warm start with these settings would train (bases/TASK/base.json)
+        print(f"warm start: using the base shipped in {os.path.relpath(shipped)} (key {key})")
+    return hf.load_weights(model_lib.Transformer(mcfg), shipped).to(device), tok, shipped
+
+
+def cached_or_trained(cfg, family, mcfg, tok, key: str, device, quiet=False):
+    """The base of `key` cached in base_dir, else trained now (train_base) and cached there."""
     path = os.path.join(cfg.base_dir, f"{cfg.task}-{key}.pt")
     if os.path.exists(path):
         try:
@@ -165,6 +171,53 @@ def load(cfg, family, device, quiet: bool = False) -> tuple:
     """What exit.Trainer starts from: (policy, tokenizer, how a checkpoint rebuilds it, the base's path)."""
     policy, tok, path = warm_start(cfg, family, device, quiet)
     return policy, tok, TOY_TOKENIZER, os.path.abspath(path)  # absolute: eval.py may run from another folder
+
+
+# -----------------------------------------------------------------------------
+# The base's evaluation, the Base row of eval.json: recorded with a shipped base, else cached beside it.
+
+
+def shipped_record(base_path: str) -> dict | None:
+    """base.json of a base shipped with the code (bases/TASK: base.ship), None for any other base."""
+    record = os.path.join(base_path, "base.json")
+    return hf.read_json(record) if os.path.isfile(record) else None
+
+
+def toy_base(base_path: str) -> bool:
+    """A toy base (a cached .pt file, or shipped in bases/), not a real Hugging Face checkpoint (never loaded twice)."""
+    return os.path.isfile(base_path) or shipped_record(base_path) is not None
+
+
+def weights_fingerprint(path: str) -> list:
+    """What identifies the weights at path: each weight file's name, size and mtime (hashing would read 20 GB)."""
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if n.endswith((".safetensors", ".bin", ".pt")) or n == "config.json")
+    return [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+
+
+def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) -> dict:
+    """The base's evaluation, cached beside it keyed by settings, problems and weights: a ladder evaluates it once."""
+    for res in (shipped_record(base_path) or {}).get("evaluations", []):
+        if res["settings"] == settings:
+            return eval_lib.check_evaluation(res, os.path.join(base_path, "base.json"), whole=False)
+    # the problems too: two realmath runs from one checkpoint with different --data files differ
+    problems = [p.request for p in eval_lib.heldout_problems(family, settings["n_problems"], harder=settings["harder"],
+                                                             warn=False, split=settings.get("split", "test"))]
+    key = json.dumps(dict(family=family.name, problems=problems, weights=weights_fingerprint(base_path), **settings),
+                     sort_keys=True)
+    cache = f"{os.path.normpath(base_path)}.eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
+    if os.path.isfile(cache):
+        return eval_lib.check_evaluation(hf.read_json(cache), cache, whole=False)
+    base = load_policy(base_path, device)[0]
+    res = eval_lib.evaluate_policy(base, tok, family, **settings)
+    try:
+        hf.write_json(res, cache)
+    except OSError:
+        pass
+    return res
 
 
 # -----------------------------------------------------------------------------
@@ -238,7 +291,7 @@ def ship(task: str, out: str, seeds: int = SEEDS, quiet: bool = False) -> dict:
         reused_cache=cache if reused else None,
         sha256=sha256(os.path.join(tmp, "model.safetensors")),
         check=eval_lib.evaluate_policy(loaded, tok, checked["eval_family"], **CHECK), evaluations=evaluations)
-    eval_lib.write_json(record, os.path.join(tmp, "base.json"))
+    hf.write_json(record, os.path.join(tmp, "base.json"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if not quiet:

@@ -5,19 +5,15 @@ At test time ExIt only ever uses the improve prompt: a first answer (k = 0), the
 each seeing the request and the latest iterate. `evaluate_policy` runs that protocol on held-out base
 tasks (never trained on: tasks.py keeps the splits disjoint) and reports per step k the mean score,
 Δ_K = score(K) - score(0), the net corrections (Fig. 4) and the fix/break rates, overall and by
-difficulty; a multi-turn family is scored on whole episodes by the same `chain_scores`. Also here:
-the base's evaluation (cached, or recorded with a shipped base), the task diversity of what a run
-trained on (Tables 2, 7). One improvement chain as text is report.py's (`show_chain`), with the other
-displays.
+difficulty; a multi-turn family is scored on whole episodes by the same `chain_scores`. Also here: the
+task diversity of what a run trained on (Tables 2, 7). The base's row (cached, or recorded with a shipped
+base) is base.py's (`evaluate_base`); one improvement chain as text is report.py's (`show_chain`).
 
 Comparisons of runs, plots, and the ablation ladder are report.py's (`python eval.py RUN ...` and
 `python eval.py --ladder` run it); this file needs only model.py and tasks.py.
 """
 
-import hashlib
-import json
 import math
-import os
 import sys
 
 import numpy as np
@@ -104,18 +100,23 @@ def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = Fals
                      split: str = "test"):
     """The held-out set: test-split tasks in equal shares of the training difficulties, the same for every run."""
     if not family.train_difficulties:
-        distinct = len(family.pool(split)) if hasattr(family, "pool") else n_problems
-        if n_problems > distinct:  # cycling through the pool again would count a problem twice
-            if warn:
-                print(f"warning: {getattr(family, 'path', family.name)} has only {distinct} held-out problems; "
-                      f"evaluating on those {distinct}, not {n_problems} (--eval_problems)", file=sys.stderr)
-            n_problems = distinct
-        return family.sample(split, n_problems, seed=seed)
+        return file_problems(family, n_problems, seed, warn, split)
     diffs = list(family.train_difficulties)
     if harder:
         diffs += [d for d in family.heldout_difficulties if d not in diffs]
     per = [n_problems // len(diffs) + (i < n_problems % len(diffs)) for i in range(len(diffs))]
     return [p for d, n in zip(diffs, per) if n for p in family.sample(split, n, seed=seed, difficulty=d)]
+
+
+def file_problems(family, n_problems: int, seed: int, warn: bool, split: str):
+    """The held-out set of a family without difficulties (a data file: realmath): at most the problems it has."""
+    distinct = len(family.pool(split)) if hasattr(family, "pool") else n_problems
+    if n_problems > distinct:  # cycling through the pool again would count a problem twice
+        if warn:
+            print(f"warning: {getattr(family, 'path', family.name)} has only {distinct} held-out problems; "
+                  f"evaluating on those {distinct}, not {n_problems} (--eval_problems)", file=sys.stderr)
+        n_problems = distinct
+    return family.sample(split, n_problems, seed=seed)
 
 
 def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temperature=1.0,
@@ -168,17 +169,6 @@ def task_diversity(embedder, seqs: list[list[int]], batch: int = 256) -> dict:
     return dict(cosine=float((1 - cos).mean()), l2=float(l2.mean()), n=len(seqs))
 
 
-def shipped_record(base_path: str) -> dict | None:
-    """base.json of a base shipped with the code (bases/TASK: base.ship), None for any other base."""
-    record = os.path.join(base_path, "base.json")
-    return model_lib.read_json(record) if os.path.isfile(record) else None
-
-
-def toy_base(base_path: str) -> bool:
-    """A toy base (a cached .pt file, or shipped in bases/), not a real Hugging Face checkpoint (never loaded twice)."""
-    return os.path.isfile(base_path) or shipped_record(base_path) is not None
-
-
 def run_diversity(seen: list[list[int]], base) -> dict | None:
     """task_diversity of a run's sample of trained instances, embedded by its frozen base; None without either."""
     return task_diversity(base, seen) if base is not None and len(seen) >= 2 else None
@@ -189,38 +179,6 @@ def eval_settings(cfg: dict) -> dict:
     return dict(n_problems=cfg["eval_problems"] or 200, K=cfg["eval_k"], n_samples=cfg["eval_samples"],
                 temperature=cfg["eval_temperature"], max_new_tokens=cfg["max_new_tokens"], seed=cfg["seed"],
                 harder=cfg.get("eval_harder", False), split=cfg.get("eval_split") or "test")
-
-
-def weights_fingerprint(path: str) -> list:
-    """What identifies the weights at path: each weight file's name, size and mtime (hashing would read 20 GB)."""
-    if os.path.isfile(path):
-        files = [path]
-    else:
-        files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if n.endswith((".safetensors", ".bin", ".pt")) or n == "config.json")
-    return [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-
-
-def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) -> dict:
-    """The base's evaluation, cached beside it keyed by settings, problems and weights: a ladder evaluates it once."""
-    for res in (shipped_record(base_path) or {}).get("evaluations", []):
-        if res["settings"] == settings:
-            return check_evaluation(res, os.path.join(base_path, "base.json"), whole=False)
-    # the problems too: two realmath runs from one checkpoint with different --data files differ
-    problems = [p.request for p in heldout_problems(family, settings["n_problems"], harder=settings["harder"], warn=False,
-                                                    split=settings.get("split", "test"))]
-    key = json.dumps(dict(family=family.name, problems=problems, weights=weights_fingerprint(base_path), **settings),
-                     sort_keys=True)
-    cache = f"{os.path.normpath(base_path)}.eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
-    if os.path.isfile(cache):
-        return check_evaluation(model_lib.read_json(cache), cache, whole=False)
-    base = load_policy(base_path, device)[0]
-    res = evaluate_policy(base, tok, family, **settings)
-    try:
-        write_json(res, cache)
-    except OSError:
-        pass
-    return res
 
 
 def summary(results: dict) -> str:
@@ -256,23 +214,6 @@ def check_evaluation(ev, path: str, whole: bool = True) -> dict:
             raise ValueError(f"{path}: the {name}'s scores are not K + 1 = {r.get('K')} + 1 finite numbers (a missing "
                              "step, or NaN); delete it, or pass --recompute to evaluate again")
     return ev
-
-
-def write_text(text: str, path: str):
-    """Write then rename, so an interrupted write never leaves half a file (an eval.json, a log) to be trusted."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json(obj, path: str):
-    write_text(json.dumps(obj, indent=2), path)
 
 
 if __name__ == "__main__":  # the command line (comparisons, plots, the ladder) is report.py's: the one seam

@@ -535,12 +535,14 @@ class Trainer:
                    buf_measured=bstats["measured_frac"], resp_len=n_tok / len(responses),
                    tok_per_s=n_tok / dt, sample_frac=t_sample / dt, skipped=self.skipped,
                    elapsed=self.elapsed, world_size=self.world_size, **self.div_stats, **stats)
-        if self.family.multi_turn:
-            replayed = [i.turn + 1 for i in insts if i.replay]
-            log.update(turn=float(np.mean(replayed)) if replayed else None,  # Fig. 6: mean starting turn (1-based)
-                       ref_calls=mean_or_none([self.family.reference_calls(i.problem) for i in insts]),  # its complexity
-                       malformed_frac=float(np.mean([not self.family.valid(r) for r in responses])))
-        return log
+        return log | (self.episode_log(insts, responses) if self.family.multi_turn else {})
+
+    def episode_log(self, insts, responses) -> dict:
+        """Multi-turn: the replays' mean starting turn (Fig. 6, 1-based), the episodes' complexity, malformed replies."""
+        replayed = [i.turn + 1 for i in insts if i.replay]
+        return dict(turn=float(np.mean(replayed)) if replayed else None,
+                    ref_calls=mean_or_none([self.family.reference_calls(i.problem) for i in insts]),
+                    malformed_frac=float(np.mean([not self.family.valid(r) for r in responses])))
 
     def show(self, out, n=3):
         for i in range(min(n, len(out["insts"]))):
@@ -604,29 +606,17 @@ def main(argv=None):
         with runs.stop_signals() as stop:  # Ctrl-C or kill: finish the iteration, save, stop
             train(trainer, stop)
         runs.finish(trainer, stop)  # exit 130 if stopped
-        final_evaluation(trainer)
+        runs.write_results(trainer, final_evaluation(trainer))  # eval.json: beside the base's row, the task diversity
 
 
-def final_evaluation(trainer: Trainer):
-    """The held-out K-step evaluation of the policy and its base, and the task diversity (eval.json)."""
-    cfg, t0 = trainer.cfg, time.time()
-    if not cfg.eval_problems:
-        return
-    settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
-    res = trainer.evaluate(**settings)  # data parallel: each rank runs a part; rank 0 gets the whole
-    if not trainer.is_main:
-        return
-    base = eval_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
-                                  lambda path, device: (trainer.base_policy(),), **settings)
-    base_policy = trainer.base_policy() if eval_lib.toy_base(trainer.base_path) else None  # the diversity's embedder
-    diversity = eval_lib.run_diversity(trainer.seen["ids"], base_policy)
-    eval_lib.write_json(dict(policy=res, base=base, **({"diversity": diversity} if diversity else {})),
-                        os.path.join(cfg.out_dir, "eval.json"))
-    print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
-    if diversity:
-        print(f"task diversity of the instances trained on ({diversity['n']} of them): mean pairwise cosine distance "
-              f"{diversity['cosine']:.4f}, L2 {diversity['l2']:.3f}")
+def final_evaluation(trainer: Trainer) -> dict | None:
+    """The held-out K-step evaluation of the trained policy (Table 1) at the run's settings; None if skipped."""
+    if not trainer.cfg.eval_problems:
+        return None
+    t0 = time.time()
+    res = trainer.evaluate(**eval_lib.eval_settings(dataclasses.asdict(trainer.cfg)))  # data parallel: rank 0 gets the whole
     trainer.timing["evaluation"] = time.time() - t0
+    return res
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ a run's export (`python hf.py RUN` writes RUN/hf) need, beyond the toy. A local 
 tokenizer) loads as model.Transformer (`load_hf`) and a policy saves as one (`save_hf`) that
 `transformers` reads back with the same logits. Tokenizers: a Llama 3 `tokenizer.model` (tiktoken
 ranks), else the checkpoint's own through transformers.AutoTokenizer, with its chat template.
-Nothing is ever downloaded. Builds on model.py; the core never imports this file.
+Nothing is ever downloaded. Also the JSON files the optional modules share: `read_json` (an error
+that names the file), `write_json` (written whole or not at all). Builds on model.py; the core never
+imports this file.
 """
 
 import base64
@@ -33,6 +35,46 @@ CHAT_DATE = "26 Jul 2024"  # the date chat templates that print one (Llama 3.x) 
 
 
 END_OF_TURN = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>")
+
+
+def read_json(path: str) -> dict:
+    """A JSON file's object, or a ValueError that names the file and what is wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a JSON file (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}}, got a {type(obj).__name__}")
+    return obj
+
+
+def write_text(text: str, path: str):
+    """Write then rename, so an interrupted write never leaves half a file (an eval.json, a log) to be trusted."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(obj, path: str):
+    write_text(json.dumps(obj, indent=2), path)
+
+
+def load_weights(model: model_lib.Transformer, path: str) -> model_lib.Transformer:
+    """model.safetensors of a Hugging Face directory that hf.save_hf wrote for this architecture (a shipped
+    base: bases/TASK), loaded into model; HF names are ours under "model."."""
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(path, "model.safetensors"))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return model
 
 
 class Llama3Tokenizer(model_lib.TiktokenTokenizer):
@@ -143,7 +185,7 @@ def _config_eos_ids(path) -> set[int]:
     for name in ("config.json", "generation_config.json"):
         f = os.path.join(path, name)
         if os.path.isfile(f):
-            eos = model_lib.read_json(f).get("eos_token_id")
+            eos = read_json(f).get("eos_token_id")
             ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return ids
 
@@ -185,7 +227,7 @@ def _tiktoken_from_dir(path, ranks) -> model_lib.TiktokenTokenizer:
     config = {}
     f = os.path.join(path, "tokenizer_config.json")
     if os.path.isfile(f):
-        config = model_lib.read_json(f)
+        config = read_json(f)
     added = config.get("added_tokens_decoder")
     if added:
         specials = {t["content"]: int(i) for i, t in added.items()}
@@ -268,7 +310,7 @@ def _read_safetensors(path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        weight_map = model_lib.read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
         files = sorted(set(weight_map.values()))
@@ -296,7 +338,7 @@ def load_hf(path: str, device=None, dtype=None) -> tuple[model_lib.Transformer, 
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{config_file}: not found; load_hf needs a Hugging Face checkpoint directory")
-    cfg = config_from_hf(model_lib.read_json(config_file), where=config_file)
+    cfg = config_from_hf(read_json(config_file), where=config_file)
     tensors = _read_safetensors(path)
 
     model = model_lib.Transformer(cfg)
@@ -417,7 +459,7 @@ def export(run: str, out: str | None = None) -> str:
     policy, tok = model_lib.policy_from_state(ck["policy"], "cpu", build_tokenizer)
     cfg = ck.get("config") or {}
     source = os.path.join(cfg.get("init") or "", "config.json")  # an --init directory's
-    dtype = (hf_dtype(model_lib.read_json(source)) if os.path.isfile(source) else None) \
+    dtype = (hf_dtype(read_json(source)) if os.path.isfile(source) else None) \
         or next(iter(ck["policy"]["model"].values())).dtype  # else as stored: a --dtype=bf16 run's bf16
     if out is None:
         own = os.path.basename(ck_file) == "ckpt.pt"  # a run's: its folder's hf/; a loose file's: its own

@@ -17,13 +17,12 @@ on CPU) and real Llama / Qwen2 checkpoints (hf.load_hf), so the loop that trains
 
 Contents, top to bottom: config, modules, sampler (KV cache, generate), log-probs and
 embeddings, the tokenizer interface and the toy's byte tokenizer, devices, exit's own checkpoints
-(load_checkpoint, atomic_save, load_weights). Hugging Face checkpoints, their tokenizers and chat
+(load_checkpoint, atomic_save). Hugging Face checkpoints, their tokenizers and chat
 templates are hf.py's.
 """
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -633,20 +632,6 @@ def byte_tokenizer(markers: list[str] = ()) -> TiktokenTokenizer:
                              bos="<|bos|>", eos="<|eos|>", pad="<|pad|>", name="exit-bytes")
 
 
-def read_json(path: str) -> dict:
-    """A JSON file's object, or a ValueError that names the file and what is wrong with it."""
-    try:
-        with open(path, "rb") as f:
-            obj = json.loads(f.read().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a JSON file (not UTF-8 text)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object {{...}}, got a {type(obj).__name__}")
-    return obj
-
-
 # -----------------------------------------------------------------------------
 # Devices
 
@@ -705,15 +690,6 @@ def policy_from_state(state: dict, device, build_tokenizer=None):
     policy.load_state_dict(state["model"])
     spec = state["tokenizer"]
     return policy.to(device), byte_tokenizer(spec["markers"]) if spec["kind"] == "byte" else build_tokenizer(spec)
-
-
-def load_weights(model: Transformer, path: str) -> Transformer:
-    """model.safetensors of a Hugging Face directory that hf.save_hf wrote for this architecture (a shipped
-    base: bases/TASK), loaded into model; HF names are ours under "model."."""
-    from safetensors.torch import load_file
-    state = load_file(os.path.join(path, "model.safetensors"))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-    return model
 
 
 def atomic_save(obj, path: str):

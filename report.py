@@ -25,6 +25,7 @@ import warnings
 
 import numpy as np
 
+import base as base_lib
 import eval as eval_lib
 import hf
 import model as model_lib
@@ -74,7 +75,7 @@ def _task_from_name(path: str):
 
 def frozen_base(base_path: str, device):
     """The base policy a run started from if a toy base (cached or shipped); None for a Hugging Face checkpoint."""
-    return hf.load_policy(base_path, device)[0] if eval_lib.toy_base(base_path) else None
+    return hf.load_policy(base_path, device)[0] if base_lib.toy_base(base_path) else None
 
 
 def improvement_chain(policy, tok, family, problem, K: int, temperature: float = 1.0, max_new_tokens: int = 48,
@@ -167,7 +168,7 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     if with_base and ck.get("kind") == "run":
         if base_path and os.path.exists(base_path):
             if evaluate:
-                out["base"] = eval_lib.evaluate_base(base_path, tok, family, dev, hf.load_policy, **settings)
+                out["base"] = base_lib.evaluate_base(base_path, tok, family, dev, hf.load_policy, **settings)
             seen = ((ck.get("seen") or {}).get("ids") or []) if evaluate else []  # the diversity: an evaluation's
             base = frozen_base(base_path, dev) if seen or chain else None
             diversity = eval_lib.run_diversity(seen, base) if seen else None
@@ -207,7 +208,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{path} has no config.json, so its method is unknown")
-        cfg = model_lib.read_json(cfg_file)
+        cfg = hf.read_json(cfg_file)
         method, log = run_label(cfg), runs_lib.read_log(path)
     elif os.path.isfile(path):
         ck = model_lib.load_checkpoint(path)
@@ -229,7 +230,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         ev_file = f"{ev_file[:-len('.json')]}.{'.'.join(tags)}.json"
     ev = None
     if os.path.isfile(ev_file) and not recompute:
-        ev = eval_lib.check_evaluation(model_lib.read_json(ev_file), ev_file)
+        ev = eval_lib.check_evaluation(hf.read_json(ev_file), ev_file)
         if K is not None and K > ev["policy"]["K"]:
             raise ValueError(f"{ev_file} has K = {ev['policy']['K']} < --k={K}; pass --recompute to evaluate again")
     # its improvement chain (show_chain) beside it: chain.txt beside eval.json, X.chain.txt beside X.json
@@ -245,8 +246,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
                                      device=device, temperature=temperature, split=split, chain=True)
             text = ev.pop("chain")
             if text:  # before eval.json, whose presence says the evaluation is done
-                eval_lib.write_text(text + "\n", chain_file)
-            eval_lib.write_json(ev, ev_file)
+                hf.write_text(text + "\n", chain_file)
+            hf.write_json(ev, ev_file)
     # unset and off settings are left out, so runs from before a setting existed still share their base;
     # runs from before --base_seed trained a base per seed (base_seed -1)
     cfg = {"base_seed": -1, **cfg}
@@ -741,7 +742,7 @@ def compare(paths: list[str], out: str | None = None, K: int | None = None, over
             with runs_lib.run_lock(r["path"]) if os.path.isdir(r["path"]) else contextlib.nullcontext():
                 text = evaluate_checkpoint(r["ckpt"], evaluate=False, chain=True, **r["chain_kw"])["chain"]
             if text:
-                eval_lib.write_text(text + "\n", r["chain_file"])
+                hf.write_text(text + "\n", r["chain_file"])
                 r["chain"] = r["chain_file"]
         except (ValueError, OSError, RuntimeError) as e:
             print(f"warning: no improvement chain drawn from {r['ckpt']} ({e})", file=sys.stderr)
@@ -757,13 +758,13 @@ def report(table: dict, out: str, overwrite: bool = False) -> dict:
     print(format_table(table))
     old_file = os.path.join(out, "results.json")
     if os.path.isfile(old_file) and not overwrite:
-        old = check_table(model_lib.read_json(old_file), old_file)
+        old = check_table(hf.read_json(old_file), old_file)
         shape = lambda t: t.get("runs") or [(r.get("method"), r.get("runs")) for r in t["rows"]]
         if shape(old) != shape(table):
             raise FileExistsError(f"{old_file} holds a comparison of other runs ({len(old['rows'])} rows); "
                                   "pass --out=DIR to write this one elsewhere, or --overwrite to replace it")
     os.makedirs(out, exist_ok=True)
-    eval_lib.write_json(table, os.path.join(out, "results.json"))
+    hf.write_json(table, os.path.join(out, "results.json"))
     plots = plot_table(table, out)
     print(f"results: {os.path.join(out, 'results.json')}")
     if plots is None:
@@ -955,7 +956,7 @@ def main(argv=None):
     try:
         check_args(args)
         if args.table:
-            table = check_table(model_lib.read_json(args.table), args.table)
+            table = check_table(hf.read_json(args.table), args.table)
             print(format_table(table))
             plots = plot_table(table, args.out or os.path.dirname(os.path.abspath(args.table)))
             print("(no plots: pip install matplotlib to get them)" if plots is None else "plots: " + ", ".join(plots))

@@ -162,8 +162,10 @@ def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
         need(False, str(e))
     return cfg
 
+
 # -----------------------------------------------------------------------------
-# The run: exit.main's steps around the method (exit.train, exit.final_evaluation).
+# The run: exit.main's steps around the method (exit.train, exit.final_evaluation): `run`, `finish`,
+# `write_results`.
 
 
 @contextlib.contextmanager
@@ -207,6 +209,26 @@ def run(argv):
           f"`python hf.py {trainer.cfg.out_dir}` (a Hugging Face export)")
 
 
+def write_results(trainer, res: dict | None):
+    """eval.json (rank 0): the policy's evaluation (exit.final_evaluation), its base's (base.evaluate_base) and
+    the task diversity of what it trained on (Tables 2, 7); the table."""
+    if res is None or not trainer.is_main:
+        return
+    cfg, t0 = trainer.cfg, time.time()
+    settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
+    base = base_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
+                                  lambda path, device: (trainer.base_policy(),), **settings)
+    embedder = trainer.base_policy() if base_lib.toy_base(trainer.base_path) else None  # the frozen base embeds
+    diversity = eval_lib.run_diversity(trainer.seen["ids"], embedder)
+    hf.write_json(dict(policy=res, base=base, **({"diversity": diversity} if diversity else {})),
+                  os.path.join(cfg.out_dir, "eval.json"))
+    print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
+    if diversity:
+        print(f"task diversity of the instances trained on ({diversity['n']} of them): mean pairwise cosine distance "
+              f"{diversity['cosine']:.4f}, L2 {diversity['l2']:.3f}")
+    trainer.timing["evaluation"] += time.time() - t0
+
+
 def failed(e: BaseException, saved: int | None) -> int:
     """What `run` prints for an error that stops a run, and its exit code: 2 a bad input, 1 a lost rank or a
     refused write, 130 Ctrl-C or kill outside the RL loop (warm start, evaluation), or a second one."""
@@ -244,8 +266,8 @@ def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_li
     cfg = trainer.cfg
     scale.barrier()  # data parallel: every rank has checked (and read) the folder before rank 0 writes to it
     if scale.is_main():
-        eval_lib.write_json(dict(dataclasses.asdict(cfg), world_size=scale.world_size(),
-                                 policy=dataclasses.asdict(trainer.policy.config)), os.path.join(cfg.out_dir, "config.json"))
+        hf.write_json(dict(dataclasses.asdict(cfg), world_size=scale.world_size(),
+                           policy=dataclasses.asdict(trainer.policy.config)), os.path.join(cfg.out_dir, "config.json"))
         if cfg.resume:
             truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), trainer.iter)
     return trainer
@@ -401,7 +423,7 @@ def check_init(cfg: Config, quiet: bool) -> tuple:
     config_file = os.path.join(cfg.init, "config.json")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--init={cfg.init}: no config.json (not a Hugging Face checkpoint directory)")
-    config = model_lib.read_json(config_file)
+    config = hf.read_json(config_file)
     max_len = hf.config_from_hf(config, where=config_file).max_seq_len
     if not hf._has_tokenizer_files(cfg.init):
         raise ValueError(f"{cfg.init}: no tokenizer files; --init needs a checkpoint with its tokenizer")
@@ -450,7 +472,7 @@ def check_resume_folder(out_dir: str, ck: dict):
     ckpt_path, saved = os.path.join(out_dir, "ckpt.pt"), ck["config"]
     cfg_file = os.path.join(out_dir, "config.json")
     if os.path.isfile(cfg_file):
-        folder = model_lib.read_json(cfg_file)
+        folder = hf.read_json(cfg_file)
         diff = [k for k in sorted(saved) if k in folder and k not in RESUMABLE_OVERRIDES and folder[k] != saved[k]]
         if diff:
             raise ValueError(f"{ckpt_path} is not this folder's run: it differs from {cfg_file} in "
@@ -469,8 +491,8 @@ def check_resume_folder(out_dir: str, ck: dict):
 def truncate_log(log_path: str, last_iter: int):
     """On resume: drop log.jsonl's lines of iterations after the checkpoint's (logged, then lost to a kill)."""
     if os.path.exists(log_path):
-        eval_lib.write_text("".join(json.dumps(e) + "\n" for e in read_log_lines(log_path)
-                                    if e["iter"] <= last_iter), log_path)
+        hf.write_text("".join(json.dumps(e) + "\n" for e in read_log_lines(log_path)
+                              if e["iter"] <= last_iter), log_path)
 
 
 @contextlib.contextmanager

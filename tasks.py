@@ -264,11 +264,15 @@ class TaskFamily:
         if mode != "base" and answer is None:
             raise ValueError(f"a {mode} prompt needs the current answer")
         feedback = self.feedback(problem, answer) if mode != "base" and self.has_feedback else None
-        if style == "compact":
-            if mode == "base":
-                return f"<|request|>{problem.request}<|answer|>"
-            fb = f"<|feedback|>{feedback}" if feedback is not None else ""
-            return f"<|request|>{problem.request}<|answer|>{answer}{fb}<|{mode}|>"
+        if style == "chat":
+            return self.chat_prompt(problem, answer, mode, feedback)
+        if mode == "base":
+            return f"<|request|>{problem.request}<|answer|>"
+        fb = f"<|feedback|>{feedback}" if feedback is not None else ""
+        return f"<|request|>{problem.request}<|answer|>{answer}{fb}<|{mode}|>"
+
+    def chat_prompt(self, problem: Problem, answer: str | None, mode: str, feedback: str | None) -> str:
+        """`prompt` in words, for a chat model (a real checkpoint's chat template wraps it)."""
         text = self.chat_request(problem)
         if mode == "base":
             return text

@@ -1684,7 +1684,7 @@ def test_comparison_table_from_saved_json_by_hand(four_runs, monkeypatch):
 def test_eval_py_into_a_folder_it_cannot_write_is_one_line(four_runs, capsys, monkeypatch):
     def refuse(obj, path):
         raise PermissionError(13, "Permission denied", path)
-    monkeypatch.setattr(report.eval_lib, "write_json", refuse)  # a read-only folder (root writes anywhere)
+    monkeypatch.setattr(report.hf, "write_json", refuse)  # a read-only folder (root writes anywhere)
     with pytest.raises(SystemExit) as e:
         report.main([str(p) for p in four_runs.iterdir()] + ["--out", str(four_runs / "cmp")])
     err = capsys.readouterr().err.strip()
@@ -2347,7 +2347,7 @@ SHIPPED = os.path.join(HERE, "bases", "exactsumfb")
 
 
 def shipped_record():
-    return model_lib.read_json(os.path.join(SHIPPED, "base.json"))
+    return hf.read_json(os.path.join(SHIPPED, "base.json"))
 
 
 def test_the_shipped_base_is_the_default_settings_base():
@@ -2379,7 +2379,7 @@ def test_the_default_run_uses_the_shipped_base_and_its_recorded_evaluation(tmp_p
     # a run's Base row comes from the record, without loading or evaluating the base again
     rec, loads = shipped_record(), []
     settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
-    assert eval_lib.evaluate_base(path, tok, efam, "cpu", lambda *a: loads.append(a), **settings) == rec["evaluations"][0]
+    assert base_lib.evaluate_base(path, tok, efam, "cpu", lambda *a: loads.append(a), **settings) == rec["evaluations"][0]
     assert loads == []
     # and the weights are the ones evaluated: the small evaluation made when the base was shipped, again here
     again = eval_lib.evaluate_policy(policy, tok, efam, **base_lib.CHECK)
@@ -3382,12 +3382,12 @@ def test_base_evaluation_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
         return (m,)
     settings = dict(n_problems=2, K=1, n_samples=1, temperature=1.0, max_new_tokens=8, seed=0, harder=False)
     path.write_bytes(b"weights v1")
-    eval_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
-    eval_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
+    base_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
+    base_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
     assert len(calls) == 1  # cached beside the weights: BASE.eval-HASH.json
     assert [n for n in os.listdir(tmp_path) if n.startswith("base.pt.eval-")]
     path.write_bytes(b"weights v2, retrained")  # new weights under the same name
-    eval_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
+    base_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
     assert len(calls) == 2
 
 
@@ -3674,7 +3674,7 @@ def test_two_ranks_run_and_resume_exactly(tmp_path):
     cfg = tiny_cfg(tmp_path, tasks_per_iter=4, iters=4, ckpt_every=2)
     full = _torchrun([os.path.join(HERE, "exit.py"), *_cli(dataclasses.replace(cfg, eval_problems=6, eval_k=1))])
     assert full.returncode == 0, full.stderr[-3000:]
-    ev = model_lib.read_json(os.path.join(cfg.out_dir, "eval.json"))  # the evaluation, split across the ranks
+    ev = hf.read_json(os.path.join(cfg.out_dir, "eval.json"))  # the evaluation, split across the ranks
     assert ev["policy"]["n"] == 6 * cfg.eval_samples and ev["policy"]["settings"]["parts"] == 2
     assert "parts" not in ev["base"]["settings"]  # the base is evaluated (and cached) by rank 0 alone
     assert full.stdout.count("done:") == 1
@@ -3687,7 +3687,7 @@ def test_two_ranks_run_and_resume_exactly(tmp_path):
     assert a["iter"] == b["iter"] == 4 and a["world_size"] == 2
     assert all(torch.equal(x, y) for x, y in zip(a["policy"]["model"].values(), b["policy"]["model"].values()))
     assert a["buffer"] == b["buffer"] and a["seen"]["ids"] == b["seen"]["ids"] and a["seen"]["n"] == 16
-    assert model_lib.read_json(os.path.join(cfg.out_dir, "config.json"))["world_size"] == 2
+    assert hf.read_json(os.path.join(cfg.out_dir, "config.json"))["world_size"] == 2
     logs = [runs.read_log_lines(os.path.join(d, "log.jsonl")) for d in (cfg.out_dir, part.out_dir)]
     drop = ("tok_per_s", "sample_frac", "elapsed")
     assert [{k: v for k, v in e.items() if k not in drop} for e in logs[0]] == \
