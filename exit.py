@@ -279,44 +279,6 @@ class Trainer:
     def frozen_copy(self):
         return copy.deepcopy(self.policy).eval().requires_grad_(False)
 
-    # ---- checkpoints
-    def state_dict(self) -> dict:
-        return dict(
-            kind="run", config=dataclasses.asdict(self.cfg), world_size=self.world_size, iter=self.iter, skipped=self.skipped,
-            elapsed=self.elapsed, timing=self.timing, base_path=self.base_path,
-            policy=model_lib.policy_state(self.policy, self.tok_spec), optimizer=self.opt.state_dict(),
-            ref=None if self.ref is None else self.ref.state_dict(),
-            embedder=None if any(self.embedder is m for m in (None, self.ref, self.policy)) else self.embedder.state_dict(),
-            master=None, buffer=self.buffer.state_dict(),
-            seen=dict(ids=self.seen["ids"], n=self.seen["n"], rng=self.seen["rng"].bit_generator.state),
-            rng=dict(numpy=self.rng.bit_generator.state, gen=self.gen.get_state(),
-                     torch=torch.get_rng_state(), python=random.getstate()))
-
-    def load_state_dict(self, ck: dict):
-        self.policy.load_state_dict(ck["policy"]["model"])
-        self.opt.load_state_dict(ck["optimizer"])
-        if ck["ref"] is not None:
-            self.ref.load_state_dict(ck["ref"])
-        if ck["embedder"] is not None:
-            self.embedder.load_state_dict(ck["embedder"])
-        self.buffer.load_state_dict(ck["buffer"])
-        if "seen" in ck:  # checkpoints from before task diversity was measured have none
-            self.seen["ids"], self.seen["n"] = ck["seen"]["ids"], ck["seen"]["n"]
-            self.seen["rng"].bit_generator.state = ck["seen"]["rng"]
-        self.rng.bit_generator.state = ck["rng"]["numpy"]
-        if ck["rng"]["gen"].numel() != self.gen.get_state().numel():
-            raise ValueError(f"its sampling generator was saved on another kind of device than {self.device}: "
-                             "resume on the device type the run was trained on (--device)")
-        self.gen.set_state(ck["rng"]["gen"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        random.setstate(ck["rng"]["python"])
-        self.iter, self.skipped, self.elapsed = ck["iter"], ck["skipped"], ck["elapsed"]
-        self.timing = dict(ck.get("timing") or self.timing)
-
-    def save(self, path=None):
-        model_lib.atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
-        self.saved = self.iter  # what a failure later leaves intact
-
     # ---- one RL iteration, steps 1-6 of the module docstring. A single-turn family is the one-turn case
     # of a multi-turn one: its problem is its only turn, and there is nothing to finish after the step.
     def iteration(self) -> dict:
@@ -503,6 +465,7 @@ class Trainer:
     def any_rank(self, x):
         return x
 
+    # ---- evaluation during training, and what each iteration logs
     def evaluate(self, **settings) -> dict:
         return eval_lib.evaluate_policy(self.policy, self.tok, self.eval_family, **settings)
 
@@ -550,6 +513,44 @@ class Trainer:
             prompt = self.family.prompt(inst.step_problem, inst.answer, inst.mode, style=self.style)
             tqdm.write(f"  [{inst.mode} d={inst.depth}] {prompt!r} -> {out['responses'][i * G]!r} "
                        f"reward {float(out['rewards'][i, 0]):.2f}")
+
+    # ---- checkpoints
+    def state_dict(self) -> dict:
+        return dict(
+            kind="run", config=dataclasses.asdict(self.cfg), world_size=self.world_size, iter=self.iter, skipped=self.skipped,
+            elapsed=self.elapsed, timing=self.timing, base_path=self.base_path,
+            policy=model_lib.policy_state(self.policy, self.tok_spec), optimizer=self.opt.state_dict(),
+            ref=None if self.ref is None else self.ref.state_dict(),
+            embedder=None if any(self.embedder is m for m in (None, self.ref, self.policy)) else self.embedder.state_dict(),
+            master=None, buffer=self.buffer.state_dict(),
+            seen=dict(ids=self.seen["ids"], n=self.seen["n"], rng=self.seen["rng"].bit_generator.state),
+            rng=dict(numpy=self.rng.bit_generator.state, gen=self.gen.get_state(),
+                     torch=torch.get_rng_state(), python=random.getstate()))
+
+    def load_state_dict(self, ck: dict):
+        self.policy.load_state_dict(ck["policy"]["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        if ck["ref"] is not None:
+            self.ref.load_state_dict(ck["ref"])
+        if ck["embedder"] is not None:
+            self.embedder.load_state_dict(ck["embedder"])
+        self.buffer.load_state_dict(ck["buffer"])
+        if "seen" in ck:  # checkpoints from before task diversity was measured have none
+            self.seen["ids"], self.seen["n"] = ck["seen"]["ids"], ck["seen"]["n"]
+            self.seen["rng"].bit_generator.state = ck["seen"]["rng"]
+        self.rng.bit_generator.state = ck["rng"]["numpy"]
+        if ck["rng"]["gen"].numel() != self.gen.get_state().numel():
+            raise ValueError(f"its sampling generator was saved on another kind of device than {self.device}: "
+                             "resume on the device type the run was trained on (--device)")
+        self.gen.set_state(ck["rng"]["gen"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        random.setstate(ck["rng"]["python"])
+        self.iter, self.skipped, self.elapsed = ck["iter"], ck["skipped"], ck["elapsed"]
+        self.timing = dict(ck.get("timing") or self.timing)
+
+    def save(self, path=None):
+        model_lib.atomic_save(self.state_dict(), path or os.path.join(self.cfg.out_dir, "ckpt.pt"))
+        self.saved = self.iter  # what a failure later leaves intact
 
 
 def mean_or_none(values):
