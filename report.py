@@ -167,10 +167,11 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
     base_path, base = ck.get("base_path"), None
     if with_base and ck.get("kind") == "run":
         if base_path and os.path.exists(base_path):
-            if evaluate:
-                out["base"] = base_lib.evaluate_base(base_path, tok, family, dev, hf.load_policy, **settings)
             seen = ((ck.get("seen") or {}).get("ids") or []) if evaluate else []  # the diversity: an evaluation's
             base = frozen_base(base_path, dev) if seen or chain else None
+            if evaluate:  # a toy base loaded above serves its evaluation too (a cache miss): loaded once
+                load = (lambda p, d: (base,)) if base is not None else hf.load_policy
+                out["base"] = base_lib.evaluate_base(base_path, tok, family, dev, load, **settings)
             diversity = eval_lib.run_diversity(seen, base) if seen else None
             if diversity:
                 out["diversity"] = diversity

@@ -216,9 +216,9 @@ def write_results(trainer, res: dict | None):
         return
     cfg, t0 = trainer.cfg, time.time()
     settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
-    base = base_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device,
-                                  lambda path, device: (trainer.base_policy(),), **settings)
     embedder = trainer.base_policy() if base_lib.toy_base(trainer.base_path) else None  # the frozen base embeds
+    load = lambda path, device: (embedder if embedder is not None else trainer.base_policy(),)  # a toy base: loaded once
+    base = base_lib.evaluate_base(trainer.base_path, trainer.tok, trainer.eval_family, trainer.device, load, **settings)
     diversity = eval_lib.run_diversity(trainer.seen["ids"], embedder)
     hf.write_json(dict(policy=res, base=base, **({"diversity": diversity} if diversity else {})),
                   os.path.join(cfg.out_dir, "eval.json"))
