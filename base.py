@@ -296,7 +296,7 @@ def ship(task: str, out: str, seeds: int = SEEDS, quiet: bool = False) -> dict:
     os.replace(tmp, final)
     if not quiet:
         print(f"shipped base: {final} (key {record['key']}); base row on the test split, seed 0:")
-        print(eval_lib.summary(dict(base=evaluations[0])))
+        print(eval_lib.summary_table(dict(base=evaluations[0])))
     return record
 
 

@@ -3,18 +3,18 @@ The task buffer: ExIt's curriculum (§4.1 of the paper; METHOD.md, "The task buf
 
 Every GRPO group leaves G new answers; each, with its request, is a partial history τ, and "improve τ"
 is a new self-iteration task instance (m, k, τ). The buffer keeps the N instances of highest learnability
-(rules: `TaskBuffer`). exit.py uses it like this, once per episode:
+(rules: `TaskBuffer`). exit.py uses it like this, once per task instance of an iteration:
 
     if buf.should_replay():  entry = buf.sample()[0]       # iterate a buffered partial history
     else:                    draw a fresh base task m from tasks.py
     ... roll out a group of G, get rewards r ...
     S = learnability(r)
-    if fresh: entry = buf.insert(m.id, m, [], 0, S)         # the base task is an instance too (k = 0)
-    buf.update_score(entry.uid, S)                          # the tried instance: its fresh S
-    buf.insert_history(..., score=S, parent=entry.uid)      # its children: they inherit S
+    if fresh: entry = buf.insert(m.id, asdict(m), [], 0, S)  # the base task is an instance too (k = 0);
+                                                            # None when full and S is below every entry's
+    if entry: buf.update_score(entry.uid, S)                # the tried instance: its fresh S
+    buf.insert_history(..., score=S, parent=entry and entry.uid)  # its children: they inherit S
 (a child is a list of turns {answer, feedback, depth}; insert_history makes each new turn prefix an instance)
 
-Time: only sample() moves the clock, by one per call (as PLR counts episodes); entries are stamped with it.
 Randomness: one seeded numpy Generator, saved in state_dict(), is the only source; should_replay() draws one
 uniform per call, even below B_min, so the stream does not depend on the buffer's size.
 """
@@ -41,7 +41,7 @@ def learnability(rewards) -> float:
 
 def sampling_probs(scores, kappa) -> np.ndarray:
     """P(i) = exp(κ S_i) / Σ_j exp(κ S_j) (§4.1)."""
-    s = np.asarray(scores, dtype=np.float64)  # float64 always: integer scores must not floor-divide
+    s = np.asarray(scores, dtype=np.float64)  # float64 always: one precision whatever the caller passes
     if s.size == 0:
         return s
     z = kappa * s
@@ -104,8 +104,6 @@ class Entry:
     depth: int             # iteration depth k of the latest iterate
     parent: int | None     # uid of the entry it was expanded from; None: a base task, or its parent found no room
     score: float           # learnability S: inherited from the parent, then measured when its group runs
-    inserted_at: int       # buffer clock at insertion
-    last_sampled: int      # buffer clock when last sampled (= inserted_at until sampled)
     measured: bool = False  # True once S is this entry's own group variance (update_score), not a guess
 
 
@@ -118,7 +116,7 @@ class TaskBuffer:
       capacity   when full, a newcomer enters only if its S >= the lowest S, and evicts that entry (the oldest
                  among ties). admission="fifo", a control, not the paper: every newcomer enters, the oldest goes.
       dedupe     the same content (base_id and its turns' answers and feedback, not depths) is not stored
-                 again: the stored entry keeps its lineage (uid, parent, depth, clocks); its score follows the rule.
+                 again: the stored entry keeps its lineage (uid, parent, depth); its score follows the rule.
     """
 
     def __init__(self, capacity: int, min_size: int, replay_prob: float, kappa: float, *,
@@ -134,10 +132,7 @@ class TaskBuffer:
         self.rng = np.random.default_rng(self.seed)
         self.entries: dict[int, Entry] = {}  # uid -> Entry; dict order = insertion order
         self._keys: dict[str, int] = {}      # content key -> uid, for de-duplication
-        self.clock = 0
         self.next_uid = 0
-        self.gate_calls = 0
-        self.gate_replays = 0
 
     def __len__(self):
         return len(self.entries)
@@ -147,10 +142,7 @@ class TaskBuffer:
     def should_replay(self) -> bool:
         """True: sample a buffered instance; False: draw a fresh base task (§4.1). Always draws one uniform."""
         u = self.rng.random()
-        replay = len(self) >= self.min_size and u < self.replay_prob
-        self.gate_calls += 1
-        self.gate_replays += int(replay)
-        return replay
+        return len(self) >= self.min_size and u < self.replay_prob
 
     # --- insertion ---------------------------------------------------------------
 
@@ -169,17 +161,16 @@ class TaskBuffer:
                 old.score = score
             return old
         _content_key(base_id, task, "task")  # checks the task is JSON-able too, so checkpoints never fail
-        if len(self) >= self.capacity and not self._evict_lowest(score):
+        if len(self) >= self.capacity and not self._make_room(score):
             return None
         entry = Entry(uid=self.next_uid, base_id=base_id, task=copy.deepcopy(task),
-                      turns=copy.deepcopy(turns), depth=depth, parent=parent, score=score,
-                      inserted_at=self.clock, last_sampled=self.clock)
+                      turns=copy.deepcopy(turns), depth=depth, parent=parent, score=score)
         self.next_uid += 1
         self.entries[entry.uid] = entry
         self._keys[key] = entry.uid
         return entry
 
-    def _evict_lowest(self, score) -> bool:
+    def _make_room(self, score) -> bool:
         """Top-N: if score >= the lowest, evict it (the oldest of ties: min() takes the first); fifo: the oldest."""
         if self.admission == "fifo":
             victim = next(iter(self.entries.values()))  # dict order = insertion order
@@ -213,16 +204,12 @@ class TaskBuffer:
         return sampling_probs([e.score for e in self.entries.values()], self.kappa)
 
     def sample(self, n: int = 1) -> list[Entry]:
-        """Draw n live entries with replacement from probs(); advance the clock once and stamp their last_sampled."""
+        """Draw n live entries with replacement from probs()."""
         n = _check_int("n", n, lo=1)
         if not self.entries:
             raise ValueError("sample: the buffer is empty (gate replay with should_replay())")
         es = list(self.entries.values())
-        idx = self.rng.choice(len(es), size=n, p=self.probs())
-        self.clock += 1
-        for i in idx:
-            es[i].last_sampled = self.clock
-        return [es[i] for i in idx]
+        return [es[i] for i in self.rng.choice(len(es), size=n, p=self.probs())]
 
     # --- logging -----------------------------------------------------------------
 
@@ -242,8 +229,6 @@ class TaskBuffer:
             "depth_hist": dict(sorted(depth_hist.items())),
             "distinct_base": len({e.base_id for e in es}),
             "entropy": entropy(self.probs()),
-            "replay_frac": self.gate_replays / self.gate_calls if self.gate_calls else 0.0,
-            "clock": self.clock,
         }
 
     # --- checkpointing: the buffer is the curriculum, so it round-trips exactly ---------
@@ -255,10 +240,7 @@ class TaskBuffer:
                        "replay_prob": self.replay_prob, "kappa": self.kappa, "seed": self.seed,
                        "admission": self.admission},
             "entries": [copy.deepcopy(asdict(e)) for e in self.entries.values()],
-            "clock": self.clock,
             "next_uid": self.next_uid,
-            "gate_calls": self.gate_calls,
-            "gate_replays": self.gate_replays,
             "rng": copy.deepcopy(self.rng.bit_generator.state),  # ints may exceed 64 bits: JSON is fine
         }
 
@@ -270,9 +252,9 @@ class TaskBuffer:
                 raise ValueError(f"the buffer was saved with {k}={d['config'][k]}, which this version no longer has")
         self.__init__(**config)
         for e in d["entries"]:
-            entry = Entry(**copy.deepcopy(e))
+            # inserted_at, last_sampled: the clock of PLR's staleness, since removed; older checkpoints have it
+            entry = Entry(**{k: copy.deepcopy(v) for k, v in e.items() if k not in ("inserted_at", "last_sampled")})
             self.entries[entry.uid] = entry
             self._keys[_content_key(entry.base_id, entry.turns)] = entry.uid
-        self.clock, self.next_uid = d["clock"], d["next_uid"]
-        self.gate_calls, self.gate_replays = d["gate_calls"], d["gate_replays"]
+        self.next_uid = d["next_uid"]
         self.rng.bit_generator.state = copy.deepcopy(d["rng"])

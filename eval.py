@@ -32,7 +32,7 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
     style = style or tasks_lib.prompt_style(tok)
     gen = torch.Generator(device=policy.inv_freq.device).manual_seed(seed)
     rows = [p for p in problems for _ in range(n_samples)]
-    T = [family.n_turns(p) for p in rows]
+    n_turns = [family.n_turns(p) for p in rows]
     prev = [[] for _ in rows]
     score, first, per_turn = (np.zeros((K + 1, len(rows))) for _ in range(3))
 
@@ -45,17 +45,18 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
 
     for k in range(K + 1):
         cur = [[] for _ in rows]
-        for t in range(max(T, default=0)):  # default: a process whose part is empty (torchrun)
-            live = [r for r in range(len(rows)) if t < T[r]]
+        mode = "base" if k == 0 else "improve"
+        for t in range(max(n_turns, default=0)):  # default: a process whose part is empty (torchrun)
+            live = [r for r in range(len(rows)) if t < n_turns[r]]
+            answers = [None if k == 0 else prev[r][t] for r in live]  # turn t's answer at step k - 1
             if k == 0 and t == 0:  # every chain of a problem starts from the same prompt: one prefill, n_samples rows
                 texts = run([tasks_lib.encode_prompt(tok, family, family.turn_problem(p, 0, []), style=style)
                              for p in problems], n_samples)
             else:
-                texts = run([tasks_lib.encode_prompt(tok, family, family.turn_problem(rows[r], t, cur[r]),
-                                                     None if k == 0 else prev[r][t], "base" if k == 0 else "improve",
-                                                     style) for r in live], 1)
-            for r, text in zip(live, texts):
-                cur[r].append(text if k == 0 else family.next_answer(prev[r][t], text, "improve"))
+                texts = run([tasks_lib.encode_prompt(tok, family, family.turn_problem(rows[r], t, cur[r]), a, mode, style)
+                             for r, a in zip(live, answers)], 1)
+            for r, a, text in zip(live, answers, texts):
+                cur[r].append(family.next_answer(a, text, mode))
         prev = cur
         turn_ok = [[family.score(family.turn_problem(p, t, a), a[t]) for t in range(len(a))] for p, a in zip(rows, cur)]
         score[k] = [family.episode_reward(p, a) if family.multi_turn else ok[0] for p, a, ok in zip(rows, cur, turn_ok)]
@@ -67,7 +68,8 @@ def chain_scores(policy, tok, family, problems, K: int, n_samples: int = 1, temp
 
 
 def net_corrections(correct: np.ndarray) -> np.ndarray:
-    """Cumulative (wrong -> right) - (right -> wrong) per step k, a fraction of chains: (K+1, N) bool -> (K+1,)."""
+    """Cumulative (wrong -> right) - (right -> wrong) per step k, a fraction of chains: (K+1, N) bool -> (K+1,).
+    The sum telescopes to solved[k] - solved[0]: the Δ curve of the solved fraction, counted as fixes and breaks."""
     c = correct.astype(int)
     per_step = (c[1:] - c[:-1]).sum(axis=1) / c.shape[1]  # +1 for each fix, -1 for each break
     return np.concatenate([[0.0], np.cumsum(per_step)])
@@ -98,7 +100,8 @@ def summarise(scores: np.ndarray, difficulties: list, binary: bool) -> dict:
 
 def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = False, warn: bool = True,
                      split: str = "test"):
-    """The held-out set: test-split tasks in equal shares of the training difficulties, the same for every run."""
+    """The held-out set: tasks of `split` (test, or val) in equal shares of the training difficulties, the same
+    for every run."""
     if not family.train_difficulties:
         return file_problems(family, n_problems, seed, warn, split)
     diffs = list(family.train_difficulties)
@@ -160,8 +163,7 @@ def task_diversity(embedder, seqs: list[list[int]], batch: int = 256) -> dict:
     """Task diversity (Tables 2, 7): mean pairwise cosine and L2 distance of the instances' embeddings."""
     if len(seqs) < 2:
         raise ValueError("task diversity needs at least 2 instances")
-    with torch.no_grad():
-        e = torch.cat([model_lib.embed(embedder, seqs[i:i + batch]) for i in range(0, len(seqs), batch)]).double()
+    e = torch.cat([model_lib.embed(embedder, seqs[i:i + batch]) for i in range(0, len(seqs), batch)]).double()
     pairs = torch.triu_indices(len(seqs), len(seqs), offset=1)
     u = torch.nn.functional.normalize(e, dim=1)
     cos = (u @ u.T)[pairs[0], pairs[1]]
@@ -181,7 +183,7 @@ def eval_settings(cfg: dict) -> dict:
                 harder=cfg.get("eval_harder", False), split=cfg.get("eval_split") or "test")
 
 
-def summary(results: dict) -> str:
+def summary_table(results: dict) -> str:
     """A small table: one row per evaluated policy, score at k = 0, 1, 4, K and Δ_K."""
     lines = []
     for name, r in results.items():
@@ -195,7 +197,7 @@ def summary(results: dict) -> str:
             line += (f"  P(fix|wrong) {sum(f for f, _ in rates) / len(rates):.2f}"
                      f"  P(break|right) {sum(b for _, b in rates) / len(rates):.3f}")
         if "first_turn" in r:
-            lines.append(summary({f"{name} turn 1": r["first_turn"]}))
+            lines.append(summary_table({f"{name} turn 1": r["first_turn"]}))
         lines.append(line)
     return "\n".join(lines)
 

@@ -11,14 +11,15 @@ micro-batches and several processes (scale.py) build on this file, which reaches
 
 One RL iteration (`Trainer.iteration`, the same path for single- and multi-turn families):
   1. draw `tasks_per_iter` task instances: with prob. p (once the buffer holds B_min entries) a
-     buffered partial history, iterated with the improve prompt (diverge with prob. p_div);
-     otherwise a fresh base task;
+     buffered partial history, iterated with the improve prompt (diverge with prob. p_div; a buffered
+     base task, k = 0, is answered afresh); otherwise a fresh base task;
   2. sample G rollouts for each and score them: the family's step reward, or for a multi-turn
      family the reward of the episode the policy then finishes from the iterated turn;
   3. group-normalised advantages (Eq. 3), times the diversity coefficient (Eq. 6) for full ExIt;
   4. `epochs` clipped policy-gradient steps on Eq. 4 against the sampling policy's log-probs;
-  5. the buffer learns: a replayed instance gets its fresh learnability var(r); the new answers
-     become new instances "improve this" that inherit it (and so the curriculum grows deeper);
+  5. the buffer learns: a replayed instance gets its fresh learnability var(r), a fresh base task
+     enters with its own; the new answers become new instances "improve this" that inherit it (and
+     so the curriculum grows deeper);
   6. the reference policy's refresh (β > 0 only); then the iteration's log line.
 """
 
@@ -182,7 +183,8 @@ def diversity_coefficients(emb: torch.Tensor, minmax: bool = False, clip: float 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
               clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
               dr_norm: float | None = None):
-    """The negated GRPO objective, Eq. 4, and its diagnostics (clip fraction, mean k3 KL, mean ratio).
+    """The negated GRPO objective, Eq. 4, and its diagnostics (the fraction of tokens whose ratio left
+    [1-ε, 1+ε], whatever the sign of A; the mean k3 KL; the mean ratio).
     logp, old_logp, ref_logp, mask: (N, T) per completion token; adv: (N,) one per rollout.
     Per token min(ρ A, clip(ρ, 1-ε, 1+ε) A) - β KL_t with ρ = exp(logp - old_logp) (Eq. 5); GRPO averages
     over a rollout's tokens then over rollouts; Dr. GRPO (dr_norm) divides each sum by a constant instead."""
@@ -221,7 +223,8 @@ def ema_update(ref: torch.nn.Module, policy: torch.nn.Module, alpha: float):
 @dataclass
 class Instance:
     """A task instance (m, k, τ) of §3: iterate turn `turn` of base task `problem`, whose latest iterate
-    `answer` has been iterated `depth` = k times (a single-turn family: turn 0, no prev)."""
+    `answer` is the output of `depth` = k steps (k = 0: a base task, no answer yet; k = 1: a first attempt;
+    a single-turn family: turn 0, no prev)."""
     problem: tasks_lib.Problem           # the base task m (a whole episode for a multi-turn family)
     turn: int = 0                        # t, the turn being iterated
     prev: list = field(default_factory=list)  # turns 0..t-1 of the history, dicts with "answer"
@@ -271,10 +274,9 @@ class Trainer:
         return self.base_loader(self.device, quiet=True)[0]
 
     def reference_and_embedder(self) -> tuple:
-        """Frozen copies of the base: the KL's reference (β > 0) and Eq. 6's embedder (METHOD.md)."""
-        cfg = self.cfg
-        ref = self.frozen_copy() if cfg.beta > 0 or cfg.diversity_bonus else None
-        return ref, (self.frozen_copy() if cfg.beta > 0 and cfg.diversity_bonus else ref)
+        """Frozen copies of the base: the KL's reference (β > 0) and Eq. 6's embedder (full ExIt), else None."""
+        ref = self.frozen_copy() if self.cfg.beta > 0 else None
+        return ref, (self.frozen_copy() if self.cfg.diversity_bonus else None)
 
     def frozen_copy(self):
         return copy.deepcopy(self.policy).eval().requires_grad_(False)
@@ -288,7 +290,8 @@ class Trainer:
         prompts = [self.prompt_ids(i) for i in insts]
         ro, responses = self.sample(prompts, G)                                        # 2
         # the new iterates: the responses, except where a family lets one refer to the current answer ("=")
-        iterates = [fam.next_answer(insts[r // G].answer, resp, insts[r // G].mode) for r, resp in enumerate(responses)]
+        iterates = [fam.next_answer(inst.answer, responses[i * G + j], inst.mode) for i, inst in enumerate(insts)
+                    for j in range(G)]
         episodes = self.finish_episodes(insts, iterates) if fam.multi_turn else [[a] for a in iterates]
         t_sample = time.time() - t0
         rewards = torch.tensor([[self.reward(inst, episodes[i * G + j]) for j in range(G)]
@@ -297,6 +300,7 @@ class Trainer:
         t1 = time.time()
         stats = self.update(prompts, ro, adv.flatten(), self.kept(responses))          # 4
         t2 = time.time()
+        # data parallel: every rank's share, gathered (one process: the same objects)
         insts, episodes, responses, rewards, lengths = self.whole_batch(insts, episodes, responses, rewards, ro.lengths)
         self.update_buffer(insts, episodes, rewards)                                   # 5
         self.remember(insts)
@@ -335,6 +339,7 @@ class Trainer:
             self.seen["n"] += 1
 
     def prompt_ids(self, inst: Instance) -> list[int]:
+        """The instance's prompt as token ids; fills in inst.step_problem, the problem this step answers."""
         if inst.step_problem is None:  # turn t in the state the earlier turns left (single-turn: the problem)
             inst.step_problem = self.family.turn_problem(inst.problem, inst.turn, [h["answer"] for h in inst.prev])
         return tasks_lib.encode_prompt(self.tok, self.family, inst.step_problem, inst.answer, inst.mode, self.style)
@@ -371,6 +376,7 @@ class Trainer:
         adv = group_advantages(rewards, scale_by_std=not cfg.dr_grpo)
         self.div_stats = {}
         if cfg.diversity_bonus:  # Eq. 6: d_i A_i
+            # an empty solution embeds as end-of-text: embed needs a token
             sols = [self.tok.encode(self.family.solution_text(r)) or [self.tok.eos_id] for r in iterates]
             emb = model_lib.embed(self.embedder, sols).view(len(rewards), G, -1).cpu()
             d = torch.stack([diversity_coefficients(e, cfg.div_minmax, cfg.div_clip, cfg.div_mean) for e in emb])
@@ -389,7 +395,8 @@ class Trainer:
         """`epochs` optimiser steps on Eq. 4 over the batch; a non-finite loss or gradient skips a step."""
         cfg, N = self.cfg, len(adv)
         kept = kept.to(self.device)
-        adv, old, mask = adv.to(self.device) * kept, ro.logprobs.to(self.device), ro.mask.to(self.device) * kept[:, None]
+        adv = adv.to(self.device) * kept  # a dropped rollout: no advantage, and no KL (its mask is 0)
+        old, mask = ro.logprobs.to(self.device), ro.mask.to(self.device) * kept[:, None]
         stats = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0)
         for _ in range(cfg.epochs):
             self.opt.zero_grad(set_to_none=True)
@@ -410,7 +417,7 @@ class Trainer:
     def policy_loss(self, prompts, ro, rows: slice, old, adv, mask) -> tuple:
         """Eq. 4 on the rollouts `rows` (whole groups), their tempered log-probs recomputed with gradients."""
         cfg, G = self.cfg, self.cfg.group_size
-        p_rows, tokens, lengths = prompts[rows.start // G:(rows.stop + G - 1) // G], ro.tokens[rows], ro.lengths[rows]
+        p_rows, tokens, lengths = prompts[rows.start // G:rows.stop // G], ro.tokens[rows], ro.lengths[rows]
         logp = model_lib.completion_logprobs(self.policy, p_rows, tokens, lengths, G, temperature=cfg.temperature)
         ref_logp = None
         if cfg.beta > 0:
@@ -447,7 +454,7 @@ class Trainer:
             for j in js:
                 answers, turns = episodes[i * G + j], list(inst.prev)
                 for t in range(inst.turn, len(answers)):
-                    q = fam.turn_problem(inst.problem, t, answers)
+                    q = fam.turn_problem(inst.problem, t, answers)  # feedback: for the record; prompts recompute it
                     turns.append(dict(answer=answers[t], feedback=fam.feedback(q, answers[t]),
                                       depth=inst.depth + 1 if t == inst.turn else 1))
                 self.buffer.insert_history(inst.problem.id, task, turns, [h["depth"] for h in turns], score, parent,
@@ -530,6 +537,8 @@ class Trainer:
     def load_state_dict(self, ck: dict):
         self.policy.load_state_dict(ck["policy"]["model"])
         self.opt.load_state_dict(ck["optimizer"])
+        if ck["ref"] is not None and self.ref is None:  # saved when β = 0 kept Eq. 6's embedder under "ref"
+            ck = dict(ck, ref=None, embedder=ck["ref"])
         if ck["ref"] is not None:
             self.ref.load_state_dict(ck["ref"])
         if ck["embedder"] is not None:
@@ -600,16 +609,6 @@ def train(trainer: Trainer, stop=()) -> Trainer:
     return trainer
 
 
-def main(argv=None):
-    """`python exit.py [--key=value ...]`: the base (base.py), stage 2, the final evaluation."""
-    import runs  # the one seam into the optional modules: the command line, the run folder and its safety
-    with runs.run(sys.argv[1:] if argv is None else argv) as trainer:  # checked, locked, fresh or resumed
-        with runs.stop_signals() as stop:  # Ctrl-C or kill: finish the iteration, save, stop
-            train(trainer, stop)
-        runs.finish(trainer, stop)  # exit 130 if stopped
-        runs.write_results(trainer, final_evaluation(trainer))  # eval.json: beside the base's row, the task diversity
-
-
 def final_evaluation(trainer: Trainer) -> dict | None:
     """The held-out K-step evaluation of the trained policy (Table 1) at the run's settings; None if skipped."""
     if not trainer.cfg.eval_problems:
@@ -618,6 +617,16 @@ def final_evaluation(trainer: Trainer) -> dict | None:
     res = trainer.evaluate(**eval_lib.eval_settings(dataclasses.asdict(trainer.cfg)))  # data parallel: rank 0 gets the whole
     trainer.timing["evaluation"] = time.time() - t0
     return res
+
+
+def main(argv=None):
+    """`python exit.py [--key=value ...]`: the base (base.py), stage 2, the final evaluation."""
+    import runs  # the one seam into the optional modules: the command line, the run folder and its safety
+    with runs.run(sys.argv[1:] if argv is None else argv) as trainer:  # checked, locked, fresh or resumed
+        with runs.stop_signals() as stop:  # Ctrl-C or kill: finish the iteration, save, stop
+            train(trainer, stop)
+        runs.finish(trainer, stop)  # exit 130 if stopped
+        runs.write_results(trainer, final_evaluation(trainer))  # eval.json: beside the base's row, the task diversity
 
 
 if __name__ == "__main__":

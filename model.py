@@ -63,7 +63,7 @@ def toy_config(vocab_size: int) -> ModelConfig:
 
 
 # -----------------------------------------------------------------------------
-# Modules. Parameter names are Hugging Face's without the leading "model." (see _hf_name),
+# Modules. Parameter names are Hugging Face's without the leading "model." (see hf._hf_name),
 # so reading and writing checkpoints needs no renaming table.
 
 
@@ -132,7 +132,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, Tk, hd): every cached position so far
-        if T == 1 and cache is not None:  # decoding: two matmuls beat CPU sdpa (~10% of the sampler)
+        # one query per row (decoding, or a 2-token bucket of _grouped_logprobs): two matmuls beat CPU sdpa
+        if T == 1 and cache is not None:
             qg = q.view(B, self.n_kv_head, -1, self.head_dim)  # (B, nkv, nh/nkv, hd): k, v read once
             att = (qg @ k.transpose(-1, -2)) * self.head_dim ** -0.5  # (B, nkv, nh/nkv, Tk)
             if mask is not None:
@@ -334,11 +335,11 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     total = L + max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt ({L}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={model.config.max_seq_len}")
-    ragged = mask is not None
+    ragged = mask is not None  # prompts of unequal lengths: explicit positions and key masks
 
     cache = KVCache(model.config.n_layer, P, total)
     with autocast(device):
-        h = model.hidden_states(idx, positions=None if positions is None else positions[:, :L],
+        h = model.hidden_states(idx, positions=positions[:, :L] if ragged else None,
                                 mask=mask, cache=cache)
         logits = model.lm_head(h[:, -1]).float()  # (P, V)
     cache.repeat_rows(G)
@@ -376,8 +377,8 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
         with autocast(device):
             h = model.hidden_states(
                 nxt[:, None], cache=cache,
-                positions=None if positions is None else positions[:, c:c + 1],
-                mask=None if key_ok is None else key_ok[:, None, None, :c + 1])
+                positions=positions[:, c:c + 1] if ragged else None,
+                mask=key_ok[:, None, None, :c + 1] if ragged else None)
             logits = model.lm_head(h[:, -1]).float()  # (B, V)
     model.train(was_training)
 

@@ -222,7 +222,7 @@ def write_results(trainer, res: dict | None):
     diversity = eval_lib.run_diversity(trainer.seen["ids"], embedder)
     hf.write_json(dict(policy=res, base=base, **({"diversity": diversity} if diversity else {})),
                   os.path.join(cfg.out_dir, "eval.json"))
-    print(eval_lib.summary(dict(base=base, **{cfg.method: res})))
+    print(eval_lib.summary_table(dict(base=base, **{cfg.method: res})))
     if diversity:
         print(f"task diversity of the instances trained on ({diversity['n']} of them): mean pairwise cosine distance "
               f"{diversity['cosine']:.4f}, L2 {diversity['l2']:.3f}")

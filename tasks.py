@@ -1,7 +1,7 @@
 """
 Task spaces, prompts, rewards and warm-start demonstrations for ExIt.
 
-A task family is one task space M of the paper (§2): it samples base tasks m (`Problem`), writes the
+A task family is one task space M of the paper (§3): it samples base tasks m (`Problem`), writes the
 three prompts ExIt needs (base, self-improve, self-diverge), scores answers, and turns scores into
 the per-step rewards of the paper's §4 and Appendix A. exit.py only calls into this file (data flows one way: no torch,
 no model here): it samples problems, builds prompts from the request and the latest iterate, and
@@ -9,7 +9,7 @@ asks for `step_reward` of each rollout; the buffer stores partial histories as t
 feedback, depth}.
 
 Reading order: `Problem`; `TaskFamily`, the interface a family implements and the rules it keeps;
-the per-step rewards and the train/test split it uses; then the families, the default first; the
+the per-step rewards and the train/val/test split it uses; then the families, the default first; the
 real-data parser; the registry `FAMILIES`; then prompt encoding. README, "Adding a task family", has a
 worked example.
 
@@ -51,7 +51,7 @@ class Problem:
     id: str
     family: str
     request: str      # the plain request text, verbatim inside every prompt
-    difficulty: int   # the family's difficulty knob (math: steps; subset: list length; MATH: level)
+    difficulty: int   # the family's difficulty knob (exactsum, subset: list length; math: steps; MATH: level)
     target: str       # a reference answer
     data: dict        # whatever else scoring needs
 
@@ -141,11 +141,12 @@ class TaskFamily:
     heldout_difficulties: tuple = ()   # harder settings for held-out evaluation
     answer_format = "give the final answer as \\boxed{...}"
     # Error model of the warm-start demonstrations (see `attempt`, `revise`); each family sets q, q_break.
-    # Per difficulty d: a0 = (1-q)^d, p_fix_eff = p_fix + 0.2 a0, p_break = 1 - (1-q_break)^d, and the
-    # improve chain settles at a* = p_fix_eff / (p_fix_eff + p_break). q_break is chosen so that a* is
-    # a little below a0 on the training mix and about a0 on harder held-out problems: a weak
-    # self-improver that RL can make stronger (raise p_fix, lower p_break). A constant p_break would
-    # instead let hard problems drift UP towards the middle, i.e. a base policy that "self-improves".
+    # Per difficulty d: a0 = (1-q)^d, p_fix_eff = p_fix + (1 - p_fix - p_copy) a0 (a lucky re-attempt),
+    # p_break = 1 - (1-q_break)^d, and the improve chain settles at a* = p_fix_eff / (p_fix_eff + p_break).
+    # q_break is chosen so that a* is a little below a0 on the training mix and about a0 on harder held-out
+    # problems: a weak self-improver that RL can make stronger (raise p_fix, lower p_break). A constant
+    # p_break would instead let hard problems drift UP towards the middle, i.e. a base policy that
+    # "self-improves".
     ERROR_MODEL = dict(
         q=0.0,             # slip rate of a first attempt (per step / per item, see the family)
         p_alt_style=0.25,  # first attempts written in the alternative style: gives diverge something to switch to
@@ -299,7 +300,8 @@ class TaskFamily:
         return None
 
     def step_reward(self, problem: Problem, response: str, mode: str, prev_response: str | None) -> float:
-        """The per-step reward of the paper's §4 from `score` (binary, or graded by improvement)."""
+        """The per-step reward of the paper's §4 from `score` (binary, or graded by improvement). response: the
+        new iterate (what `next_answer` left); prev_response: the answer it iterated, None for a first attempt."""
         r_new = self.score(problem, response)
         if not self.graded:
             return binary_step_reward(r_new)
@@ -308,8 +310,7 @@ class TaskFamily:
 
     def next_answer(self, answer: str | None, response: str, mode: str) -> str:
         """The new iterate after a step: the response itself. (exactsum lets an improve response "="
-        stand for "keep the current answer"; for single-turn families exit.py and eval.py score and
-        store what this returns.)"""
+        stand for "keep the current answer"; exit.py and eval.py score and store what this returns.)"""
         return response
 
     def solution_text(self, response: str) -> str:
@@ -371,7 +372,7 @@ class TaskFamily:
     def expected_accuracy(self, k: int, difficulties=None) -> float:
         """Expected accuracy of the demonstrated policy after k improve steps, averaged over difficulties."""
         ds = difficulties or self.train_difficulties
-        return sum(expected_accuracy(self.a0(d), self.p_fix_eff(d), self.p_break(d), k)
+        return sum(two_state_accuracy(self.a0(d), self.p_fix_eff(d), self.p_break(d), k)
                    for d in ds) / len(ds)
 
     def revise(self, problem: Problem, answer: str, rng: random.Random) -> str:
@@ -439,7 +440,7 @@ def binary_step_reward(correct: float) -> float:
     return 1.0 if correct >= 1.0 else 0.0
 
 
-def expected_accuracy(a0: float, p_fix_eff: float, p_break: float, k: int) -> float:
+def two_state_accuracy(a0: float, p_fix_eff: float, p_break: float, k: int) -> float:
     """Accuracy after k improve steps of the demonstrated policy, a Markov chain on right/wrong:
     a_{k+1} = a_k (1 - p_break) + (1 - a_k) p_fix_eff, with fixed point a* = p_fix_eff / (p_fix_eff + p_break)."""
     a = a0
@@ -473,6 +474,15 @@ def check_split(split: str):
 
 KEEP = "="  # exactsum: an improve response that keeps the current answer (`next_answer`)
 _COUNTDOWN = re.compile(r"([0-9]{1,3})((?:-[0-9]{1,2}=-?[0-9]{1,3})*)")
+
+
+def _countdown(picks, target: int, alt: bool) -> str:
+    """An exactsum answer: the target counted down by the picks, ascending (main) or descending (~alt)."""
+    out, r = str(target), target
+    for x in sorted(picks, reverse=alt):
+        r -= x
+        out += f"-{x}={r}"
+    return (ALT_TAG if alt else "") + out
 
 
 class ExactSumFamily(TaskFamily):
@@ -522,7 +532,7 @@ class ExactSumFamily(TaskFamily):
         return 1.0 if picks and sum(picks) == problem.data["target"] else 0.0
 
     def next_answer(self, answer, response, mode):
-        keep = isinstance(response, str) and KEEP in (response.strip(), _last_boxed(response))
+        keep = isinstance(response, str) and (response.strip() == KEEP or _last_boxed(response) == KEEP)
         return answer if keep and mode == "improve" and answer is not None else response
 
     def local_move(self, problem, picks: list[int]) -> list[int] | None:
@@ -597,15 +607,6 @@ class ExactSumFeedbackFamily(ExactSumFamily):
             return "unreadable"
         r = problem.data["target"] - sum(picks)
         return f"sum {sum(picks)}, " + ("exact" if r == 0 else f"{r} short" if r > 0 else f"{-r} over")
-
-
-def _countdown(picks, target: int, alt: bool) -> str:
-    """An exactsum answer: the target counted down by the picks, ascending (main) or descending (~alt)."""
-    out, r = str(target), target
-    for x in sorted(picks, reverse=alt):
-        r -= x
-        out += f"-{x}={r}"
-    return (ALT_TAG if alt else "") + out
 
 
 # ---------------------------------------------------------------- math: binary, no feedback
