@@ -126,13 +126,14 @@ def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temp
                     max_new_tokens=48, seed=0, harder=False, style=None, part=(0, 1), gather=None,
                     split="test") -> dict:
     """The held-out K-step evaluation of one policy: `summarise` of n_problems x n_samples chains. part=(i, n):
-    process i of n runs the i-th slice at seed + i, gather joins them (equal in distribution, not draw for draw)."""
+    process i of n runs the i-th slice at seed + i, gather joins them (equal in distribution, not draw for draw);
+    without gather, the evaluation of the slice alone."""
     problems = heldout_problems(family, n_problems, harder=harder, split=split)
     i, n = part
     mine = problems[i * len(problems) // n:(i + 1) * len(problems) // n]
     was_training = policy.training
     policy.eval()
-    diffs = [p.difficulty for p in problems for _ in range(n_samples)]
+    diffs = [p.difficulty for p in (mine if gather is None else problems) for _ in range(n_samples)]
     parts = chain_scores(policy, tok, family, mine, K, n_samples, temperature, max_new_tokens, seed + i, style=style)
     if gather is not None and n > 1:  # the chains are columns: join the parts' columns in order
         parts = [np.concatenate(xs, axis=1) for xs in zip(*gather(list(parts)))]

@@ -3837,6 +3837,9 @@ def test_evaluation_split_in_parts(tmp_path, task):
         eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **solo, part=(1, 2), gather=lambda x: keep(x, i=1))
     joined = eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **solo, part=(0, 2), gather=lambda x: [x, parts[1]])
     assert joined["n"] == 2 and joined["score"] == parts[1][0].mean(1).tolist()
+    alone = eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw, part=(1, 2))  # no gather: the slice alone
+    assert alone["n"] == 6 and alone["score"] == score(tr.policy, tr.tok, tr.family, problems[2:], 1, 2, 1.0, 8, 4)[0].mean(1).tolist()
+    assert set(alone["by_difficulty"]) == {str(p.difficulty) for p in problems[2:]}
     one = eval_lib.evaluate_policy(tr.policy, tr.tok, tr.family, **kw)  # one process: unchanged, no "parts"
     assert one["n"] == 10 and "parts" not in one["settings"]
     assert np.array_equal(np.array(one["score"]), score(tr.policy, tr.tok, tr.family, problems, 1, 2, 1.0, 8, 3)[0].mean(1))
