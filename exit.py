@@ -426,19 +426,17 @@ class Trainer:
         return grpo_loss(logp, old[rows], adv[rows], mask[rows], cfg.clip_eps, ref_logp, cfg.beta,
                          dr_norm=cfg.max_new_tokens if cfg.dr_grpo else None)
 
-    def score_instance(self, inst: Instance, rewards) -> tuple:
-        """§4.1: the fresh learnability S = var(r) of the instance trained on, replayed or a fresh base task
-        (which enters the buffer itself). Returns (S, task dict, parent uid)."""
-        p, score = inst.problem, buffer_lib.learnability(rewards)
-        task = dataclasses.asdict(p)
+    def score_instance(self, inst: Instance, task: dict, score: float) -> int | None:
+        """§4.1: the instance trained on gets its fresh learnability S; a fresh base task first enters the buffer
+        itself (k = 0). Returns its uid, the parent of the instances its rollouts leave (None: it found no room)."""
         if inst.replay:
-            self.buffer.update_score(inst.uid, score)
-            return score, task, inst.uid
-        base = self.buffer.insert(p.id, task, [], 0, score)
-        if base is None:
-            return score, task, None
-        self.buffer.update_score(base.uid, score)
-        return score, task, base.uid
+            uid = inst.uid
+        else:
+            entry = self.buffer.insert(inst.problem.id, task, [], 0, score)
+            uid = None if entry is None else entry.uid
+        if uid is not None:
+            self.buffer.update_score(uid, score)
+        return uid
 
     def update_buffer(self, insts, episodes, rewards):
         """§4.1: fresh learnability for what was trained on; the histories its rollouts leave (depth k + 1 at
@@ -447,7 +445,8 @@ class Trainer:
         if not cfg.uses_buffer:
             return
         for i, inst in enumerate(insts):
-            score, task, parent = self.score_instance(inst, rewards[i].tolist())
+            task, score = dataclasses.asdict(inst.problem), buffer_lib.learnability(rewards[i].tolist())
+            parent = self.score_instance(inst, task, score)
             if not cfg.self_iterates:
                 continue
             js = range(G) if cfg.children == "all" else [int(self.rng.integers(G))]
