@@ -141,7 +141,7 @@ class TaskFamily:
     heldout_difficulties: tuple = ()   # harder settings for held-out evaluation
     answer_format = "give the final answer as \\boxed{...}"
     # Error model of the warm-start demonstrations (see `attempt`, `revise`); each family sets q, q_break.
-    # Per difficulty d: a0 = (1-q)^d, p_fix_eff = p_fix + (1 - p_fix - p_copy) a0 (a lucky re-attempt),
+    # Per difficulty d: a0 = (1-q)^d, p_fix_eff = p_fix + (1 - p_fix - p_copy) a0 (a fix, or a lucky re-attempt),
     # p_break = 1 - (1-q_break)^d, and the improve chain settles at a* = p_fix_eff / (p_fix_eff + p_break).
     # q_break is chosen so that a* is a little below a0 on the training mix and about a0 on harder held-out
     # problems: a weak self-improver that RL can make stronger (raise p_fix, lower p_break). A constant
