@@ -51,6 +51,7 @@ import exit as exit_lib  # the Config ship() makes bases/ with; exit.py never im
 import hf
 import model as model_lib
 import tasks as tasks_lib
+import tokenizer as tokenizer_lib
 
 TOY_TOKENIZER = dict(kind="byte", markers=list(tasks_lib.MARKERS))  # how a checkpoint rebuilds the toy's tokenizer
 
@@ -105,7 +106,7 @@ def sft_batch(batch, pad_id, packed=False):
 
 def warm_start(cfg, family, device, quiet=False, use_shipped=True):
     """The base of these settings, and where it is: shipped in bases/, cached in base_dir, or trained now."""
-    tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
     key = warm_start_key(cfg, family)
     mcfg = dataclasses.replace(model_lib.toy_config(tok.vocab_size), n_layer=cfg.n_layer, n_embd=cfg.n_embd,
                                n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, intermediate_size=3 * cfg.n_embd)
@@ -125,7 +126,7 @@ def cached_or_trained(cfg, family, mcfg, tok, key: str, device, quiet=False):
             state = model_lib.load_checkpoint(path)["policy"]
         except ValueError as e:
             raise ValueError(f"{e}; it is the cached base of these settings: delete it to warm-start anew") from None
-        policy, tok = model_lib.policy_from_state(state, device)
+        policy, _ = model_lib.policy_from_state(state, device, lambda spec: tok)  # the key fixed its markers
         if not quiet:
             print(f"warm start: reusing {path}")
         return policy, tok, path

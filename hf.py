@@ -17,6 +17,7 @@ import tempfile
 import torch
 
 import model as model_lib
+import tokenizer as tokenizer_lib
 
 
 LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -77,7 +78,7 @@ def load_weights(model: model_lib.Transformer, path: str) -> model_lib.Transform
     return model
 
 
-class Llama3Tokenizer(model_lib.TiktokenTokenizer):
+class Llama3Tokenizer(tokenizer_lib.TiktokenTokenizer):
     """Backend 2: a Llama 3 tokenizer.model (tiktoken ranks), with Meta's chat format."""
 
     @property
@@ -96,10 +97,10 @@ class Llama3Tokenizer(model_lib.TiktokenTokenizer):
         return ids
 
 
-def save_tokenizer(tok: model_lib.Tokenizer, path: str):
+def save_tokenizer(tok: tokenizer_lib.Tokenizer, path: str):
     """A tokenizer's files in `path`. A tiktoken one (the toy's, a Llama 3 tokenizer.model): tokenizer.model
     (Llama 3's format) + tokenizer_config.json, which load_tokenizer reads back; any other: its own save."""
-    if not isinstance(tok, model_lib.TiktokenTokenizer):
+    if not isinstance(tok, tokenizer_lib.TiktokenTokenizer):
         return tok.save(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "tokenizer.model"), "w") as f:
@@ -116,7 +117,7 @@ def save_tokenizer(tok: model_lib.Tokenizer, path: str):
         json.dump(config, f, indent=2)
 
 
-class HFTokenizer(model_lib.Tokenizer):
+class HFTokenizer(tokenizer_lib.Tokenizer):
     """Backend 3: the checkpoint's own tokenizer, with its chat template, via transformers."""
 
     def __init__(self, path: str):
@@ -207,7 +208,7 @@ def _read_tiktoken_ranks(file) -> dict[bytes, int] | None:
     return ranks or None
 
 
-def load_tokenizer(path: str) -> model_lib.Tokenizer:
+def load_tokenizer(path: str) -> tokenizer_lib.Tokenizer:
     """The tokenizer of a checkpoint directory: a Llama 3 style tokenizer.model through tiktoken
     when there is one, otherwise transformers' AutoTokenizer (local files only)."""
     ranks = _read_tiktoken_ranks(os.path.join(path, "tokenizer.model"))
@@ -223,7 +224,7 @@ def _has_tokenizer_files(path):
     return any(os.path.isfile(os.path.join(path, n)) for n in names)
 
 
-def _tiktoken_from_dir(path, ranks) -> model_lib.TiktokenTokenizer:
+def _tiktoken_from_dir(path, ranks) -> tokenizer_lib.TiktokenTokenizer:
     config = {}
     f = os.path.join(path, "tokenizer_config.json")
     if os.path.isfile(f):
@@ -247,7 +248,7 @@ def _tiktoken_from_dir(path, ranks) -> model_lib.TiktokenTokenizer:
     names = {i: s for s, i in specials.items()}
     stops = [*config.get("stop_tokens", END_OF_TURN), *(names[i] for i in _config_eos_ids(path) if i in names)]
     chat = config.get("chat_format", "llama3" if "<|start_header_id|>" in specials else "plain")
-    cls = Llama3Tokenizer if chat == "llama3" else model_lib.TiktokenTokenizer
+    cls = Llama3Tokenizer if chat == "llama3" else tokenizer_lib.TiktokenTokenizer
     return cls(ranks, specials, config.get("pat_str", LLAMA3_PAT), bos, eos, pad, stops,
                name=os.path.basename(os.path.normpath(path)) or "checkpoint")
 
@@ -330,7 +331,7 @@ def _read_safetensors(path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_hf(path: str, device=None, dtype=None) -> tuple[model_lib.Transformer, model_lib.Tokenizer | None]:
+def load_hf(path: str, device=None, dtype=None) -> tuple[model_lib.Transformer, tokenizer_lib.Tokenizer | None]:
     """A local Hugging Face checkpoint directory (config.json + safetensors) of the Llama or Qwen2
     family as model.Transformer, with its tokenizer (None if the directory has no tokenizer files).
     device None picks one (model.pick_device); dtype None keeps fp32 weights (autocast gives bf16
@@ -367,7 +368,7 @@ def load_hf(path: str, device=None, dtype=None) -> tuple[model_lib.Transformer, 
     return model, tokenizer
 
 
-def save_hf(model: model_lib.Transformer, tokenizer: model_lib.Tokenizer | None, path: str,
+def save_hf(model: model_lib.Transformer, tokenizer: tokenizer_lib.Tokenizer | None, path: str,
             dtype: torch.dtype | None = None,
             temperature: float | None = None):
     """A Hugging Face directory that load_hf and transformers read back with the same logits (Llama, or Qwen2)."""
@@ -427,7 +428,7 @@ def tokenizer_spec(tok) -> dict:
 
 def build_tokenizer(spec: dict):
     if spec["kind"] == "byte":  # the toy policy's: rebuilt from its marker list alone
-        return model_lib.byte_tokenizer(spec["markers"])
+        return tokenizer_lib.byte_tokenizer(spec["markers"])
     if spec["kind"] == "files":
         with tempfile.TemporaryDirectory() as d:
             for name, data in spec["files"].items():

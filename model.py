@@ -1,5 +1,5 @@
 """
-The policy: a small Llama-family transformer, its tokenizers, and a batched sampler.
+The policy: a small Llama-family transformer and a batched sampler.
 
 ExIt (METHOD.md) needs three things from the policy in every GRPO iteration, and this file
 provides exactly those to exit.py:
@@ -10,15 +10,14 @@ provides exactly those to exit.py:
   completion_logprobs() log pi_theta of the same completions, with gradients (Eq. 4-5);
   embed()               mean-pooled final hidden states, for the diversity bonus (§4.2).
 
-tasks.encode_prompt turns prompts into token ids with a Tokenizer from here (passed in: tasks.py
-imports nothing of this file). The same
-Transformer runs the toy policy (toy_config + byte_tokenizer, 855k parameters, trained from scratch
-on CPU) and real Llama / Qwen2 checkpoints (hf.load_hf), so the loop that trains one can train the other.
+Prompts are token ids already (tasks.encode_prompt); the sampler takes the tokenizer only for its stop
+and pad ids and to decode (tokenizer.py: the toy's byte tokenizer and the interface real ones share). The
+same Transformer runs the toy policy (toy_config + tokenizer.byte_tokenizer, 855k parameters, trained from
+scratch on CPU) and real Llama / Qwen2 checkpoints (hf.load_hf), so the loop that trains one can train the other.
 
 Contents, top to bottom: config, modules, sampler (KV cache, generate), log-probs and
-embeddings, the tokenizer interface and the toy's byte tokenizer, devices, exit's own checkpoints
-(load_checkpoint, atomic_save). Hugging Face checkpoints, their tokenizers and chat
-templates are hf.py's.
+embeddings, devices, exit's own checkpoints (load_checkpoint, atomic_save). Hugging Face
+checkpoints, their tokenizers and chat templates are hf.py's.
 """
 
 import contextlib
@@ -552,88 +551,6 @@ def embed(model: Transformer, seqs: list[list[int]]) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Tokenizers: one small interface, three backends.
-#   byte_tokenizer(markers)  the toy policy's: 256 byte tokens + a few special strings (tiktoken)
-#   Llama 3 tokenizer.model  a tiktoken BPE file ("base64token rank" lines) in a checkpoint (hf.py)
-#   anything else            the checkpoint's own tokenizer through transformers.AutoTokenizer (hf.py)
-# Conventions, the same for all three:
-#   encode(text, special=False): special strings in the text are plain text, so user or model
-#       text can never smuggle in a control token; special=True turns them into their ids.
-#   decode(ids, special=False): pad ids are always dropped; other special ids are dropped too,
-#       unless special=True renders them as their strings. So decode(encode(s)) == s, and a
-#       completion decodes without its stop token.
-
-
-class Tokenizer:
-    bos_id: int | None  # None when the tokenizer has none (Qwen2)
-    eos_id: int
-    pad_id: int
-    stop_ids: set[int]  # any of them ends a completion: eos, plus end-of-turn ids of chat models
-    vocab_size: int
-
-    def encode(self, text: str, special: bool = False) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids, special: bool = False) -> str:
-        raise NotImplementedError
-
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """A plain rendering for tokenizers without a chat format: "role: content" lines."""
-        ids = [] if self.bos_id is None else [self.bos_id]
-        for m in messages:
-            ids += self.encode(f"{m['role']}: {m['content']}\n")
-        if add_generation_prompt:
-            ids += self.encode("assistant: ")
-        return ids
-
-    def save(self, path: str):
-        raise NotImplementedError
-
-    @property
-    def has_chat_template(self) -> bool:
-        """False: render_chat falls back to plain "role: content" lines."""
-        return False
-
-
-BYTE_PAT = r"\S+|\s+"  # with only single-byte ranks the split changes nothing but speed
-
-
-class TiktokenTokenizer(Tokenizer):
-    """Backend 1 (and 2, hf.Llama3Tokenizer): a tiktoken.Encoding built from ranks in memory (never downloaded).
-    Its files (tokenizer.model, tokenizer_config.json): hf.save_tokenizer."""
-
-    def __init__(self, ranks: dict[bytes, int], specials: dict[str, int], pat_str: str,
-                 bos: str, eos: str, pad: str, stops=(), name="exit"):
-        import tiktoken  # imported here so that importing model.py stays cheap
-        self.enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
-        self.ranks, self.specials, self.pat_str = ranks, specials, pat_str
-        self.special_ids = set(specials.values())
-        self.bos_id, self.eos_id, self.pad_id = specials[bos], specials[eos], specials[pad]
-        self.stop_ids = {self.eos_id} | {specials[s] for s in stops if s in specials}
-        self.vocab_size = self.enc.n_vocab
-
-    def encode(self, text, special=False):
-        if special:
-            return self.enc.encode(text, allowed_special="all")
-        return self.enc.encode(text, allowed_special=set(), disallowed_special=())
-
-    def decode(self, ids, special=False):
-        if torch.is_tensor(ids):
-            ids = ids.tolist()
-        drop = {self.pad_id} if special else self.special_ids
-        return self.enc.decode([i for i in ids if i not in drop])
-
-def byte_tokenizer(markers: list[str] = ()) -> TiktokenTokenizer:
-    """The toy's tokenizer: ids 0-255 are bytes, then <|bos|>, <|eos|>, <|pad|> and the markers, as specials."""
-    names = list(dict.fromkeys(["<|bos|>", "<|eos|>", "<|pad|>", *markers]))
-    if any(not m for m in names):
-        raise ValueError("marker strings must be non-empty")
-    return TiktokenTokenizer(ranks={bytes([i]): i for i in range(256)},
-                             specials={s: 256 + j for j, s in enumerate(names)}, pat_str=BYTE_PAT,
-                             bos="<|bos|>", eos="<|eos|>", pad="<|pad|>", name="exit-bytes")
-
-
-# -----------------------------------------------------------------------------
 # Devices
 
 
@@ -684,13 +601,12 @@ def policy_state(policy, tokenizer_spec) -> dict:
                 model={k: v.detach().cpu() for k, v in policy.state_dict().items()})
 
 
-def policy_from_state(state: dict, device, build_tokenizer=None):
-    """(policy, tokenizer) of a checkpoint's "policy" entry: the toy's byte tokenizer, else
-    build_tokenizer(spec) (hf.build_tokenizer: a real checkpoint's, from the files it keeps)."""
+def policy_from_state(state: dict, device, build_tokenizer):
+    """(policy, tokenizer) of a checkpoint's "policy" entry; build_tokenizer(spec) rebuilds its tokenizer
+    (hf.build_tokenizer: the toy's from its markers, a real checkpoint's from the files it keeps)."""
     policy = Transformer(ModelConfig(**state["model_config"]))
     policy.load_state_dict(state["model"])
-    spec = state["tokenizer"]
-    return policy.to(device), byte_tokenizer(spec["markers"]) if spec["kind"] == "byte" else build_tokenizer(spec)
+    return policy.to(device), build_tokenizer(state["tokenizer"])
 
 
 def atomic_save(obj, path: str):

@@ -28,6 +28,7 @@ import hf
 import model as model_lib
 import scale
 import tasks as tasks_lib
+import tokenizer as tokenizer_lib
 
 Config = exit_lib.Config
 
@@ -401,7 +402,7 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
     if cfg.init:
         tok, max_len = check_init(cfg, quiet)
     else:
-        tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+        tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
         max_len = model_lib.toy_config(tok.vocab_size).max_seq_len
     if tok is not None and not family.multi_turn:
         style = tasks_lib.prompt_style(tok)

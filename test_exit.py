@@ -40,6 +40,7 @@ import model
 import model as model_lib
 import tasks
 import tasks as tasks_lib
+import tokenizer as tokenizer_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,7 +53,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ALL_FAMILIES = list(tasks.FAMILIES)
 # single-turn families with warm-start demonstrations (the toy families)
 SYNTHETIC = [n for n, c in tasks.FAMILIES.items() if c.has_demonstrations and not c.multi_turn]
-# families whose demonstrated improve step is the two-state chain of tasks.expected_accuracy
+# families whose demonstrated improve step is the two-state chain of tasks.two_state_accuracy
 MARKOV = [n for n, c in tasks.FAMILIES.items() if c.has_demonstrations and c.revise is tasks.TaskFamily.revise
           and c.expected_accuracy is tasks.TaskFamily.expected_accuracy]
 
@@ -317,7 +318,7 @@ def test_evaluation_chains_follow_keep(monkeypatch):
     """chain_scores scores and iterates what next_answer returns: a scripted 'policy' that answers the
     planted solution first, then '=' to every improve prompt, holds a perfect score; one that answers a
     wrong countdown and then '=' holds zero."""
-    f, tok = tasks.get_family("exactsum"), model_lib.byte_tokenizer(tasks.MARKERS)
+    f, tok = tasks.get_family("exactsum"), tokenizer_lib.byte_tokenizer(tasks.MARKERS)
     probs = eval_lib.heldout_problems(f, 4)
     by_request = {p.request: p for p in probs}
 
@@ -1002,7 +1003,7 @@ def test_load_hf_matches_transformers(tmp_path, kind, tie):
                                     high_freq_factor=4.0, original_max_position_embeddings=16))])
 def test_save_hf_loads_in_transformers(tmp_path, kw):
     from transformers import AutoModelForCausalLM
-    tok = model.byte_tokenizer(["<|answer|>"]) if not kw else None
+    tok = tokenizer_lib.byte_tokenizer(["<|answer|>"]) if not kw else None
     m = tiny(**kw, vocab_size=tok.vocab_size if tok else V)
     hf.save_hf(m, tok, str(tmp_path))
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
@@ -1094,7 +1095,7 @@ MARKERS = ["<|request|>", "<|answer|>", "<|feedback|>", "<|improve|>", "<|diverg
 
 
 def test_byte_tokenizer_round_trip_and_markers():
-    tok = model.byte_tokenizer(MARKERS)
+    tok = tokenizer_lib.byte_tokenizer(MARKERS)
     assert tok.vocab_size == 256 + 3 + len(MARKERS)
     for s in ["", "hello world", "naïve café ∑ 日本語 🙂", "a\n\tb  c", "<|answer|> 42 <|eos|>"]:
         ids = tok.encode(s)
@@ -1590,7 +1591,7 @@ def test_mean_std_and_smooth():
 
 def test_evaluate_policy_shapes_on_a_tiny_random_policy():
     torch.manual_seed(0)
-    tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
     cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
                                 intermediate_size=64, max_seq_len=256)
     policy = model_lib.Transformer(cfg).train()
@@ -2002,9 +2003,11 @@ def test_report_keeps_exit_defaults():
 
 def test_imports_run_one_way():
     """The five core files import only the core files before them (tasks -> model -> buffer -> eval -> exit);
-    an optional module (runs, scale, report, base, hf) is reached at one marked seam each: exit.main, and eval.py's
-    command line."""
-    order, optional = ["tasks", "model", "buffer", "eval", "exit"], {"runs", "scale", "report", "base", "hf", "bench"}
+    an optional module (every other module: runs, scale, report, base, hf, tokenizer, ...) is reached at one marked
+    seam each: exit.main, and eval.py's command line."""
+    order = ["tasks", "model", "buffer", "eval", "exit"]
+    optional = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")} - set(order)
+    assert {"runs", "scale", "report", "base", "hf", "tokenizer", "bench"} <= optional
     seams = {"exit": {"runs"}, "eval": {"report"}}
     for i, name in enumerate(order):
         tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
@@ -2021,7 +2024,7 @@ def test_imports_run_one_way():
 def test_improvement_chain_shows_each_step_as_text(monkeypatch):
     """A scripted policy: a wrong first answer, then the right one on every improve prompt. The chain has
     K + 1 steps with the answers and scores the evaluation would give, and formats one line per step."""
-    f, tok = tasks.get_family("exactsum"), model_lib.byte_tokenizer(tasks.MARKERS)
+    f, tok = tasks.get_family("exactsum"), tokenizer_lib.byte_tokenizer(tasks.MARKERS)
     p = eval_lib.heldout_problems(f, 1)[0]
     right, wrong = f.solve(p, False), f.render(p, p.data["best"][:1], False)
 
@@ -2040,7 +2043,7 @@ def test_show_chain_picks_the_first_problem_whose_chain_improves(monkeypatch):
     """show_chain's stated rule: the first of the evaluation's first CHAIN_CANDIDATES held-out problems whose
     trained chain ends better than it starts (here the third, the only one the scripted policy fixes), else
     the first; the base's chain on the same problem beside it."""
-    f, tok = tasks.get_family("exactsum"), model_lib.byte_tokenizer(tasks.MARKERS)
+    f, tok = tasks.get_family("exactsum"), tokenizer_lib.byte_tokenizer(tasks.MARKERS)
     settings = dict(n_problems=20, K=2, temperature=1.0, max_new_tokens=12, seed=0, split="test")
     problems = eval_lib.heldout_problems(f, 20)[:report.CHAIN_CANDIDATES]  # as evaluate_policy draws them
     fixable = {problems[2].request}
@@ -2226,7 +2229,7 @@ def test_warm_start_batch_equals_each_demonstration_alone(packed):
     # padding, no mask) and averages the next-token loss over all response tokens of the batch. Loss
     # and every gradient must agree to float rounding.
     torch.manual_seed(0)
-    tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
     cfg = model_lib.ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
                                 intermediate_size=64, max_seq_len=256)
     policy = model_lib.Transformer(cfg)
@@ -2375,7 +2378,7 @@ def test_the_default_run_uses_the_shipped_base_and_its_recorded_evaluation(tmp_p
     toy = model_lib.toy_config(tok.vocab_size)  # the architecture warm_start builds
     assert policy.config == dataclasses.replace(toy, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
                                                 n_kv_head=cfg.n_kv_head, intermediate_size=3 * cfg.n_embd)
-    assert tok.encode("3 7>10") == model_lib.byte_tokenizer(tasks_lib.MARKERS).encode("3 7>10")
+    assert tok.encode("3 7>10") == tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS).encode("3 7>10")
     # a run's Base row comes from the record, without loading or evaluating the base again
     rec, loads = shipped_record(), []
     settings = eval_lib.eval_settings(dataclasses.asdict(cfg))
@@ -3023,7 +3026,7 @@ def test_tools_evaluation_protocol_with_a_scripted_policy(monkeypatch):
     """k = 0 plays the episode with base prompts; each k >= 1 improves every turn in order, each seeing the
     state the already-improved earlier turns left. A scripted 'policy': base answers are wrong, improve
     answers are the reference from the state in the prompt."""
-    tok, f = model_lib.byte_tokenizer(tasks_lib.MARKERS), tasks.get_family("tools")
+    tok, f = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS), tasks.get_family("tools")
     seen = []
 
     def scripted(policy, prompts, num_samples, max_new_tokens, **kw):
@@ -3386,7 +3389,7 @@ def test_recompute_with_other_settings_never_replaces_eval_json(tmp_path):
 
 def test_base_evaluation_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
     fam = tasks_lib.get_family("math")
-    tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
     path = tmp_path / "base.pt"
     calls = []
 
@@ -3619,7 +3622,7 @@ def test_generate_shards_sample_the_whole_batch():
     """rows=(first, total): two shards of a batch, each drawing the whole batch's uniforms from its own
     copy of the generator, sample exactly the rows of one call; the generator a shard that stopped
     early leaves behind is caught up by drawing the missing steps (as Trainer.sample does)."""
-    tok = model_lib.byte_tokenizer(tasks_lib.MARKERS)
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
     torch.manual_seed(0)
     m = model_lib.Transformer(dataclasses.replace(model_lib.toy_config(tok.vocab_size), n_layer=1, n_embd=32,
                                                   n_head=2, n_kv_head=1, intermediate_size=96))
