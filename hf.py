@@ -5,7 +5,7 @@ tokenizer) loads as model.Transformer (`load_hf`) and a policy saves as one (`sa
 `transformers` reads back with the same logits. Tokenizers: a Llama 3 `tokenizer.model` (tiktoken
 ranks), else the checkpoint's own through transformers.AutoTokenizer, with its chat template.
 Nothing is ever downloaded. Also the JSON files the optional modules share: `read_json` (an error
-that names the file), `write_json` (written whole or not at all). Builds on model.py; the core never
+that names the file), `write_json` (written whole or not at all). Builds on model.py and tokenizer.py; the core never
 imports this file.
 """
 
