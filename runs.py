@@ -237,16 +237,15 @@ def failed(e: BaseException, saved: int | None) -> int:
         # under torchrun a rank that exits stops the others (torchrun ends them); the message says which rank
         print(f"error{f' (rank {scale.rank()})' if scale.world_size() > 1 else ''}: {e}", file=sys.stderr)
         return 2
+    intact = f"ckpt.pt at iteration {saved}" if saved else "its last checkpoint, if it has one"
     if isinstance(e, RuntimeError):  # data parallel: a collective failed because another rank is gone (killed, crashed)
         if scale.world_size() == 1:
             raise e
         why = str(e).splitlines()[0].split(". ")[0][:200]  # gloo's first sentence
-        print(f"\nerror (rank {scale.rank()}): another rank stopped ({why}); the run folder keeps "
-              f"{f'ckpt.pt at iteration {saved}' if saved else 'its last checkpoint, if it has one'} "
+        print(f"\nerror (rank {scale.rank()}): another rank stopped ({why}); the run folder keeps {intact} "
               "(continue with --resume)", file=sys.stderr)
         return 1
     if isinstance(e, OSError):  # the machine refused a write: disk full, read-only
-        intact = f"ckpt.pt at iteration {saved}" if saved else "its last checkpoint, if it has one"
         print(f"\nerror: {e}; the run folder keeps {intact} (continue with --resume once the cause is gone)",
               file=sys.stderr)
         return 1
