@@ -115,7 +115,7 @@ def file_problems(family, n_problems: int, seed: int, warn: bool, split: str):
     """The held-out set of a family without difficulties (a data file: realmath): at most the problems it has."""
     distinct = len(family.pool(split)) if hasattr(family, "pool") else n_problems
     if n_problems > distinct:  # cycling through the pool again would count a problem twice
-        if warn:
+        if warn and distinct:  # none: family.sample says so, as an error
             print(f"warning: {getattr(family, 'path', family.name)} has only {distinct} held-out problems; "
                   f"evaluating on those {distinct}, not {n_problems} (--eval_problems)", file=sys.stderr)
         n_problems = distinct

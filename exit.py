@@ -392,12 +392,13 @@ class Trainer:
         return torch.tensor([float(self.family.valid(r)) for r in responses])
 
     def update(self, prompts, ro, adv, kept) -> dict:
-        """`epochs` optimiser steps on Eq. 4 over the batch; a non-finite loss or gradient skips a step."""
+        """`epochs` optimiser steps on Eq. 4 over the batch; a non-finite loss or gradient skips the step (and the
+        logged loss and grad_norm average the steps taken: None if none was)."""
         cfg, N = self.cfg, len(adv)
         kept = kept.to(self.device)
         adv = adv.to(self.device) * kept  # a dropped rollout: no advantage, and no KL (its mask is 0)
         old, mask = ro.logprobs.to(self.device), ro.mask.to(self.device) * kept[:, None]
-        stats = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0)
+        stats, taken = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0), 0
         for _ in range(cfg.epochs):
             self.opt.zero_grad(set_to_none=True)
             loss, st = self.policy_loss(prompts, ro, slice(0, N), old, adv, mask)
@@ -410,9 +411,10 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 continue
             self.opt.step()
-            stats["loss"] += loss.item() / cfg.epochs
-            stats["grad_norm"] += float(gn) / cfg.epochs
-        return stats
+            taken += 1
+            stats["loss"] += loss.item()
+            stats["grad_norm"] += float(gn)
+        return stats | {k: stats[k] / taken if taken else None for k in ("loss", "grad_norm")}
 
     def policy_loss(self, prompts, ro, rows: slice, old, adv, mask) -> tuple:
         """Eq. 4 on the rollouts `rows` (whole groups), their tempered log-probs recomputed with gradients."""

@@ -464,11 +464,11 @@ class GroupPromptCache:
 
 
 LENGTH_BUCKETS = 4
-"""_grouped_logprobs runs the rows, sorted by length, in this many forwards (fewer: more padding)"""
+"""_grouped_logprobs runs the rows, sorted by length, in at most this many forwards (fewer: more padding)"""
 
 
 def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
-    """_flat_hidden + _tempered_logprobs, (N, T): each prompt run once, rows by length in LENGTH_BUCKETS forwards."""
+    """_flat_hidden + _tempered_logprobs, (N, T): each prompt run once, rows by length in <= LENGTH_BUCKETS forwards."""
     N, T = completions.shape
     P, device = len(prompts), completions.device
     idx, plen, positions, key_ok, mask = right_align(prompts, 0, 0, device)  # as in generate

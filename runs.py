@@ -75,7 +75,8 @@ def parse_args(argv) -> tuple[Config, set]:
                 raise ValueError(f"--{key} needs a value: --{key}=...")
             text = "true"
         values[key] = _parse_value(key, typ, text)
-    return check_config(Config(**{**family_settings(values), **values})), set(values)
+    cfg = Config(**{**family_settings(values), **values})
+    return (cfg if cfg.resume else check_config(cfg)), set(values)  # resume: checked merged with its checkpoint's
 
 
 TOY_ONLY = {"n_layer", "n_embd", "n_head", "n_kv_head", "warm_examples", "warm_steps", "warm_batch", "warm_lr",
@@ -130,7 +131,6 @@ def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
          "demonstrations to warm-start from")
     if cfg.difficulties:
         tasks_lib.parse_difficulties(cfg.difficulties)  # raises a config error naming the bad text
-        need(not family.reads_data, f"--difficulties does not apply to {cfg.task} (its file sets the levels)")
     need(cfg.base_seed >= -1, f"base_seed must be >= 0, or -1 for --seed's, got {cfg.base_seed}")
     need(not (cfg.div_minmax and cfg.div_mean), "--div_minmax and --div_mean are two forms of Eq. 6: give one")
     need(cfg.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
@@ -141,8 +141,8 @@ def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
         need(0.0 <= getattr(cfg, k) <= 1.0, f"{k} must be in [0, 1], got {getattr(cfg, k)}")
     for k in ("lr", "warm_lr", "clip_eps", "grad_clip"):
         need(getattr(cfg, k) > 0, f"{k} must be > 0, got {getattr(cfg, k)}")
-    for k in ("beta", "kappa", "div_clip", "eval_temperature", "micro_batch", "show_every", "eval_problems",
-              "eval_every", "eval_k"):
+    for k in ("seed", "beta", "kappa", "div_clip", "eval_temperature", "micro_batch", "show_every", "eval_problems",
+              "eval_every", "eval_k", "weight_decay"):
         need(getattr(cfg, k) >= 0, f"{k} must be >= 0, got {getattr(cfg, k)}")
     need(cfg.min_size <= cfg.buffer_size, f"min_size ({cfg.min_size}) must be <= buffer_size ({cfg.buffer_size})")
     need(cfg.temperature > 0, "temperature must be > 0 in training: GRPO learns from the differences between "
@@ -314,11 +314,13 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_
 
 
 EVAL_KEYS = ("eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_split", "eval_harder", "eval_data")
+CURVE_KEYS = ("eval_k", "eval_temperature", "eval_split", "eval_every_problems")  # what a --eval_every point measures
 
 
 def check_meaning(out_dir: str, done: int, old: Config, new: dict):
     """A resumed run stays the run it was: a larger --iters extends it, but --iters below the iterations it
-    has run, or other evaluation settings once it has an eval.json, would rewrite what its files say."""
+    has run, other evaluation settings once it has an eval.json, or other settings of its --eval_every points
+    once it has one, would rewrite what its files say."""
     if new.get("iters", old.iters) < done:
         raise ValueError(f"--iters={new['iters']}: the run in {out_dir} has run {done} iterations, and a run is never "
                          "cut back (a larger --iters extends it)")
@@ -328,6 +330,12 @@ def check_meaning(out_dir: str, done: int, old: Config, new: dict):
                          + "; --resume with " + ", ".join(f"--{k}={b}" for k, (_, b) in changed.items())
                          + " would replace that evaluation with another: evaluate it at other settings with "
                          f"`python eval.py {out_dir} --split=... --k=... --problems=...` (written beside eval.json)")
+    curve = {k: (getattr(old, k), v) for k, v in new.items() if k in CURVE_KEYS and getattr(old, k) != v}
+    if curve and done >= old.eval_every > 0:  # log.jsonl holds held-out points at the old settings
+        raise ValueError(f"{out_dir}/log.jsonl holds held-out points (--eval_every) measured with "
+                         + ", ".join(f"{k}={a!r}" for k, (a, _) in curve.items()) + "; --resume with "
+                         + ", ".join(f"--{k}={b}" for k, (_, b) in curve.items())
+                         + " would join points of another evaluation into one curve: resume with the same settings")
 
 
 REMOVED = dict(rank_temperature=0.0, staleness_coef=0.0)  # settings of earlier versions (PLR's extensions), at "off"
@@ -435,13 +443,17 @@ def check_init(cfg: Config, quiet: bool) -> tuple:
 
 
 def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):
-    """Every problem's base prompt plus a completion must fit the context (model.generate refuses more)."""
+    """Every problem's longest prompt plus a completion must fit the context (model.generate refuses more): a step's
+    holds an answer of up to max_new_tokens and its feedback (on p.target here; another's may be a bit longer)."""
     for p in problems.values():
-        n = len(tasks_lib.encode_prompt(tok, family, p, style=style))
+        answer = max(0, max_new_tokens - len(tok.encode(p.target)))  # the tokens a longer answer adds
+        n = max(len(tasks_lib.encode_prompt(tok, family, p, None if m == "base" else p.target, m, style))
+                + (0 if m == "base" else answer) for m in tasks_lib.MODES)
         if n + max_new_tokens > max_len:
             line = f", line {p.data['line']}" if isinstance(p.data, dict) and "line" in p.data else ""
-            raise ValueError(f"{what}{line}: the prompt of problem {p.id} is {n} tokens, which with "
-                             f"max_new_tokens={max_new_tokens} exceeds the model's context of {max_len} tokens")
+            raise ValueError(f"{what}{line}: the longest prompt of problem {p.id} (an improve or diverge step, whose "
+                             f"answer may be max_new_tokens={max_new_tokens} tokens) is {n} tokens, which with a "
+                             f"completion of max_new_tokens exceeds the model's context of {max_len} tokens")
 
 
 # -----------------------------------------------------------------------------

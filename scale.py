@@ -142,7 +142,7 @@ class ScaleTrainer(exit_lib.Trainer):
         mb = max(G, mb - mb % G)  # whole groups per micro-batch: rows of one prompt stay together
         kept = kept.to(self.device)
         adv, old, mask = adv.to(self.device) * kept, ro.logprobs.to(self.device), ro.mask.to(self.device) * kept[:, None]
-        agg = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0)
+        agg, taken = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0), 0
         params = self.master or list(self.policy.parameters())  # what AdamW steps
         for _ in range(cfg.epochs):
             self.policy.zero_grad(set_to_none=True)
@@ -175,11 +175,14 @@ class ScaleTrainer(exit_lib.Trainer):
                 with torch.no_grad():
                     for m, p in zip(self.master, self.policy.parameters()):
                         p.copy_(m)
-            agg["loss"] += loss_total / cfg.epochs
-            agg["grad_norm"] += float(gn) / cfg.epochs
-        # the log line's statistics, the mean of the ranks' (loss and grad_norm are global already; clip_frac,
-        # kl and ratio_mean weigh each rank's tokens by its share, as micro-batches do)
-        return {k: mean_over_ranks(v) for k, v in agg.items()}
+            taken += 1
+            agg["loss"] += loss_total
+            agg["grad_norm"] += float(gn)
+        # the log line's statistics, the mean of the ranks' (loss and grad_norm are global already, over the
+        # steps taken, as Trainer.update's; clip_frac, kl and ratio_mean weigh each rank's tokens by its share,
+        # as micro-batches do)
+        agg |= {k: agg[k] / taken if taken else None for k in ("loss", "grad_norm")}
+        return {k: v if v is None else mean_over_ranks(v) for k, v in agg.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -1262,6 +1262,8 @@ def parse_difficulties(text: str) -> tuple:
 def make_family(task: str, data: str = "", difficulties: str = ""):
     """The run's family: realmath reads --data; --difficulties replaces the training mix (and so the eval mix)."""
     reads_data = getattr(FAMILIES.get(task), "reads_data", False)  # an unknown name: get_family says so
+    if difficulties and reads_data:  # and a mix of levels would cycle through its pool: repeated problems
+        raise ValueError(f"--difficulties does not apply to {task} (its file sets the levels)")
     family = get_family(task, path=data) if reads_data else get_family(task)
     if difficulties:
         family.train_difficulties = parse_difficulties(difficulties)

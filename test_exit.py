@@ -2224,7 +2224,7 @@ def test_ema_update():
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_warm_start_batch_equals_each_demonstration_alone(packed):
-    # Stage 1's batch (exit.sft_batch): one demonstration per row, right-padded (the default), or
+    # Stage 1's batch (base.sft_batch): one demonstration per row, right-padded (the default), or
     # several per row (--warm_pack, model.pack). The reference runs each demonstration by itself (no
     # padding, no mask) and averages the next-token loss over all response tokens of the batch. Loss
     # and every gradient must agree to float rounding.
@@ -2297,8 +2297,10 @@ def test_difficulty_mix_option():
     for bad in ("a", "0-3", "6-2", "2,,3", "-"):
         with pytest.raises(ValueError, match="difficulties looks like"):
             runs.parse_args([f"--difficulties={bad}"])
-    with pytest.raises(ValueError, match="does not apply to realmath"):
-        runs.parse_args(["--task=realmath", "--data=x.jsonl", "--init=x", "--difficulties=2-3"])
+    with pytest.raises(ValueError, match="does not apply to realmath"):  # before any work, before the file is read
+        runs.preflight(runs.parse_args(["--task=realmath", "--data=x.jsonl", "--init=x", "--difficulties=2-3"])[0])
+    with pytest.raises(ValueError, match="does not apply to realmath"):  # its pool would be cycled: repeats
+        tasks_lib.make_family("realmath", "x.jsonl", "1-3")
     fam = tasks_lib.make_family("math", difficulties="5,7")
     assert fam.train_difficulties == (5, 7) and tasks_lib.get_family("math").train_difficulties == (2, 3, 4)
     assert {p.difficulty for p in fam.sample("train", 40, seed=0)} == {5, 7}
@@ -2466,14 +2468,17 @@ def test_micro_batches_give_the_same_update(tmp_path):
     assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(states[0], initial))  # the update did something
 
 
-def test_nonfinite_update_is_skipped(tmp_path):
-    tr = runs.prepare(tiny_cfg(tmp_path, method="grpo"), quiet=True)
+@pytest.mark.parametrize("micro_batch", [0, 8])  # Trainer.update, and scale.ScaleTrainer's
+def test_nonfinite_update_is_skipped(tmp_path, micro_batch):
+    tr = runs.prepare(tiny_cfg(tmp_path, method="grpo", micro_batch=micro_batch), quiet=True)
+    assert isinstance(tr, scale.ScaleTrainer) == bool(micro_batch)
     prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
     ro = model_lib.generate(tr.policy, prompts, 4, 8, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id)
     before = [p.detach().clone() for p in tr.policy.parameters()]
     adv = torch.full((len(ro.lengths),), float("nan"))
-    tr.update(prompts, ro, adv, torch.ones(len(adv)))
+    stats = tr.update(prompts, ro, adv, torch.ones(len(adv)))
     assert tr.skipped == 1
+    assert stats["loss"] is None and stats["grad_norm"] is None  # no step taken: not a flat step of loss 0
     assert all(torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
 
 
@@ -2764,6 +2769,8 @@ def test_hf_init_realmath_runs_resumes_evaluates_and_exports(tmp_path, instruct)
 
     exit_lib.main([f"--out_dir={out}", "--resume", "--iters=3"])
     assert len(open(out / "log.jsonl").read().splitlines()) == 3
+    with pytest.raises(ValueError, match="evaluated \\(eval.json\\) with eval_data=''"):  # the real reason, not the task
+        runs.prepare(*runs.parse_args([f"--out_dir={out}", "--resume", f"--eval_data={data}"]), quiet=True)
     # eval.py recomputes the run's own final evaluation exactly (chat prompts, realmath from --data)
     again = report.evaluate_checkpoint(str(out / "ckpt.pt"), device="cpu")
     assert again == json.load(open(out / "eval.json"))
@@ -3090,12 +3097,24 @@ def test_a_resumed_run_stays_the_run_it_was(tmp_path):
     with pytest.raises(ValueError, match="--iters=1: the run in .* has run 2 iterations, and a run is never cut back"):
         resume("--iters=1")
     assert resume("--eval_split=val").cfg.eval_split == "val"  # no eval.json yet: its first evaluation may be any
+    with pytest.raises(ValueError, match="config: eval_k must be >= 0"):  # checked with the checkpoint's settings
+        resume("--eval_k=-1")
+    with pytest.raises(ValueError, match="--eval_data=FILE goes with --task=realmath"):
+        resume("--eval_data=x.jsonl")
     (tmp_path / "run" / "eval.json").write_text("{}")
     with pytest.raises(ValueError, match="evaluated \\(eval.json\\) with eval_split='test'; --resume with --eval_split=val"):
         resume("--eval_split=val")
     with pytest.raises(ValueError, match="eval_k=1; --resume with --eval_k=3"):
         resume("--iters=4", "--eval_k=3")
     assert resume("--iters=4").cfg.iters == 4  # a larger --iters extends it, evaluated as before
+    # the --eval_every points in log.jsonl: one curve, at one setting
+    curved = tiny_cfg(tmp_path, out_dir=str(tmp_path / "curve"), iters=1, eval_problems=0, eval_every=1,
+                      eval_every_problems=2, eval_k=1)
+    runs.train(curved, quiet=True)
+    again = lambda *a: runs.prepare(*runs.parse_args([f"--out_dir={curved.out_dir}", "--resume", *a]), quiet=True)
+    with pytest.raises(ValueError, match="log.jsonl holds held-out points .* with eval_k=1; --resume with --eval_k=2"):
+        again("--iters=2", "--eval_k=2")
+    assert again("--iters=2", "--eval_samples=3").cfg.eval_samples == 3  # not what a point measures
 
 
 def test_corrupt_results_and_inputs_are_clear_errors(tmp_path, capsys):
@@ -3294,10 +3313,17 @@ def test_config_rejects_bad_values_up_front(monkeypatch):
              "--n_embd=33": r"n_embd \(33\) must be a multiple of n_head \(4\)",
              "--n_head=3": r"n_embd \(128\) must be a multiple of n_head \(3\)",
              "--n_kv_head=3": r"n_head \(4\) must be a multiple of n_kv_head \(3\)",
-             "--device=foo": "device 'foo' is not a device name", "--eval_data=x.jsonl": "--eval_data=FILE goes with"}
+             "--device=foo": "device 'foo' is not a device name", "--eval_data=x.jsonl": "--eval_data=FILE goes with",
+             "--seed=-1": "seed must be >= 0, got -1", "--weight_decay=-0.1": "weight_decay must be >= 0"}
     for arg, msg in cases.items():
         with pytest.raises(ValueError, match=msg):
             runs.parse_args([arg])
+    # an improve prompt holds an answer of up to max_new_tokens: a budget the base prompt fits but a step does not
+    # fails here, not mid-run (model.generate: "prompt (148) + max_new_tokens (120) exceeds max_seq_len=256")
+    with pytest.raises(ValueError, match="the task: the longest prompt of problem .* context of 256 tokens"):
+        runs.preflight(runs.parse_args(["--max_new_tokens=120"])[0], quiet=True)
+    # --resume: checked once merged with the checkpoint's settings (a realmath run may take --eval_data)
+    assert runs.parse_args(["--resume", "--eval_data=x.jsonl"])[1] == {"resume", "eval_data"}
     with pytest.raises(ValueError, match="--iters is given twice"):
         runs.parse_args(["--iters=3", "--iters=4"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -3428,7 +3454,7 @@ def test_real_data_and_checkpoint_problems_are_errors_before_the_model_loads(tmp
         runs.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "train_only.jsonl"), eval_problems=4), quiet=True)
     long = dict(question="How many apples? " * 400, answer="#### 3")
     (tmp_path / "long.jsonl").write_text("\n".join(lines + [json.dumps(long)]) + "\n")
-    with fails(r"--data, line 31: the prompt of problem .* exceeds the model's context of 1024 tokens"):
+    with fails(r"--data, line 31: the longest prompt of problem .* exceeds the model's context of 1024 tokens"):
         runs.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "long.jsonl"), eval_problems=4), quiet=True)
     bad = tmp_path / "bad_init"
     shutil.copytree(ck, bad)
