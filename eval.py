@@ -193,10 +193,9 @@ def summary_table(results: dict) -> str:
         cells = "  ".join(f"k={k}: {100 * s[k]:5.1f}" for k in dict.fromkeys(picks))
         label = f"{name} return" if "first_turn" in r else name  # multi-turn: the episode's return; turn 1 leads
         line = f"{label:>12}  {cells}  Δ{K}: {100 * r['delta']:+5.1f}"
-        rates = [(f, b) for f, b in zip(r.get("fix_rate", []), r.get("break_rate", [])) if f is not None and b is not None]
-        if rates:  # mean over the K steps: iterating helps only while fix/(fix+break) is above the accuracy
-            line += (f"  P(fix|wrong) {sum(f for f, _ in rates) / len(rates):.2f}"
-                     f"  P(break|right) {sum(b for _, b in rates) / len(rates):.3f}")
+        fix, brk = ([x for x in r.get(k, []) if x is not None] for k in ("fix_rate", "break_rate"))
+        if fix and brk:  # each over the steps it is defined at: iterating helps while fix / (fix + break) > accuracy
+            line += f"  P(fix|wrong) {sum(fix) / len(fix):.2f}  P(break|right) {sum(brk) / len(brk):.3f}"
         if "first_turn" in r:
             lines.append(summary_table({f"{name} turn 1": r["first_turn"]}))
         lines.append(line)
@@ -210,12 +209,14 @@ def check_evaluation(ev, path: str, whole: bool = True) -> dict:
     if not isinstance(res, dict) or not all(k in res for k in ("K", "score", "delta", "n")):
         what = "eval.json's {\"policy\": {\"K\", \"score\", ...}, \"base\": ...}" if whole else "an evaluation"
         raise ValueError(f"{path}: not {what}; delete it, or pass --recompute to evaluate again")
-    for name, r in [("policy", res)] + ([("base", ev["base"])] if whole and ev.get("base") else []):
-        s = r.get("score")
-        if not (isinstance(s, list) and len(s) == r.get("K", -1) + 1
+    for name, r in [("policy", res)] + ([("base", ev["base"])] if whole and ev.get("base") is not None else []):
+        r = r if isinstance(r, dict) else {}
+        s, K = r.get("score"), r.get("K")
+        if not (isinstance(K, int) and isinstance(r.get("n"), int)
+                and all(isinstance(x, list) and len(x) == K + 1 for x in (s, r.get("solved")))
                 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in s + [r.get("delta")])):
-            raise ValueError(f"{path}: the {name}'s scores are not K + 1 = {r.get('K')} + 1 finite numbers (a missing "
-                             "step, or NaN); delete it, or pass --recompute to evaluate again")
+            raise ValueError(f"{path}: the {name}'s scores are not K + 1 = {K} + 1 finite numbers (a missing step, or "
+                             "NaN), or it has no count n or solved fractions; delete it, or pass --recompute to evaluate again")
     return ev
 
 

@@ -459,7 +459,7 @@ def export(run: str, out: str | None = None) -> str:
     ck = model_lib.load_checkpoint(ck_file)
     policy, tok = model_lib.policy_from_state(ck["policy"], "cpu", build_tokenizer)
     cfg = ck.get("config") or {}
-    source = os.path.join(cfg.get("init") or "", "config.json")  # an --init directory's
+    source = os.path.join(cfg["init"], "config.json") if cfg.get("init") else ""  # an --init directory's
     dtype = (hf_dtype(read_json(source)) if os.path.isfile(source) else None) \
         or next(iter(ck["policy"]["model"].values())).dtype  # else as stored: a --dtype=bf16 run's bf16
     if out is None:
@@ -480,6 +480,6 @@ if __name__ == "__main__":
     args = p.parse_args()
     try:
         print(f"Hugging Face directory: {export(args.run, args.out)}")  # a live run's: its last checkpoint (atomic)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a folder that cannot be written (FileExistsError, a full disk)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -197,8 +197,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     `path` is a run folder or a checkpoint file. Its eval.json (for a loose checkpoint file
     X.pt: X.eval.json) is used as it is; only when there is none, or with recompute, is the
     checkpoint evaluated, and the result written there for next time. An evaluation at another
-    temperature than the run's own goes to eval.T{temperature}.json (split="val": eval.val.json), so
-    eval.json stays the run's. `method` is the row the run joins: its method, with a suffix for a
+    temperature than the run's own goes to eval.T{temperature}.json (split="val": eval.val.json; a larger K:
+    eval.K{K}.json, where a smaller K reads the run's own, cut short), so eval.json stays the run's. `method` is the row the run joins: its method, with a suffix for a
     control setting (run_label: exit-kappa0, exit-fifo, exit-blind)."""
     if os.path.isfile(path) and os.path.basename(path) == "ckpt.pt":
         path = os.path.dirname(path) or "."  # a run's own checkpoint: the run folder says more
@@ -222,13 +222,17 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     # an evaluation with other settings than the run's own goes to a file of its own (eval.T0.json,
     # eval.K4.n50.json, ...): the run's eval.json is only ever replaced by the same evaluation
     own = eval_lib.eval_settings({**RUN_DEFAULTS, **cfg})
-    asked = dict(K=K if recompute or not os.path.isfile(ev_file) else None, n=n_problems, s=n_samples, T=temperature)
+    asked = dict(K=K, n=n_problems, s=n_samples, T=temperature)
     mine = dict(K=own["K"], n=own["n_problems"], s=own["n_samples"], T=own["temperature"])
-    tags = [f"{k}{v:g}" for k, v in asked.items() if v is not None and v != mine[k]]
-    if split is not None and split != own["split"]:
-        tags.insert(0, split)
-    if tags:
-        ev_file = f"{ev_file[:-len('.json')]}.{'.'.join(tags)}.json"
+
+    def named(keys):  # the file of an evaluation at these of the asked settings (the others the run's own)
+        tags = [split] if split is not None and split != own["split"] else []
+        tags += [f"{k}{v:g}" for k, v in asked.items() if k in keys and v is not None and v != mine[k]]
+        return f"{ev_file[:-len('.json')]}.{'.'.join(tags)}.json" if tags else ev_file
+    # a smaller K reads the evaluation at the run's K, cut short (exactly); a larger one is a file of its own
+    if K is not None and K < mine["K"] and os.path.isfile(named("nsT")) and not recompute:
+        asked["K"] = None
+    ev_file = named("KnsT")
     ev = None
     if os.path.isfile(ev_file) and not recompute:
         ev = eval_lib.check_evaluation(hf.read_json(ev_file), ev_file)
@@ -259,6 +263,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     # a chain older than the checkpoint is of an earlier state of the run (--resume extended it): drawn again
     fresh = os.path.isfile(chain_file) and (ckpt is None or os.path.getmtime(chain_file) >= os.path.getmtime(ckpt))
     return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key,
+                eval_k=cfg.get("eval_k"),  # the K of its --eval_every points (heldout_kK)
                 bonus=bonus_form({"method": method, **cfg}),
                 policy=ev["policy"], base=ev.get("base"), log=log, diversity=ev.get("diversity"),
                 chain=chain_file if fresh else None, chain_file=chain_file, ckpt=ckpt,
@@ -396,8 +401,9 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
         rows.append(row)
     efficiency(rows)
     tasks = sorted({r["task"] for r in runs if r.get("task")})
+    curve_k = sorted({r.get("eval_k") for r in runs if heldout_points(r.get("log"))} - {None})  # not --k: the runs'
     table = dict(K=K, task=",".join(tasks) or "?", metric="first-turn accuracy" if multi_turn else "score",
-                 rows=rows, runs=[os.path.abspath(r["path"]) for r in runs])
+                 rows=rows, runs=[os.path.abspath(r["path"]) for r in runs], curve_K="/".join(map(str, curve_k)))
     table.update(paired=paired_differences(table), budget=budget_matched(table))
     return table
 
@@ -524,7 +530,7 @@ def format_table(table: dict) -> str:
             ret = r["return"]
             line += f"  {pct(ret['k0']):>12}  {pct(ret['kK']):>12}  {pct(ret['delta'], '+'):>12}"
         lines.append(line)
-    main = [r for r in table["rows"] if r["method"] != "base"]
+    main = [r for r in table["rows"] if r["method"] != "base" and "problems" in r]  # tables from before: no count
     if main:  # the noise of one run's score from the finite held-out set, beside the std over runs
         p, n = np.mean([r["kK"][0] for r in main]), min(min(r["problems"]) for r in main)
         lines.append(f"one run's standard error from its {n} held-out problems at k = {K}: ±{100 * np.sqrt(p * (1 - p) / n):.1f} "
@@ -543,7 +549,7 @@ def format_table(table: dict) -> str:
     bonus = [f"{r['label']}: Eq. 6 {r['bonus']}" for r in table["rows"] if r.get("bonus")]
     if bonus:
         lines.append("diversity bonus: " + "; ".join(bonus))
-    for key, what in (("iters_to_improve_kK", f"Improve's final held-out k = {K} score"),
+    for key, what in (("iters_to_improve_kK", f"Improve's final held-out k = {table.get('curve_K') or K} score"),
                       ("iters_to_grpo_best_k0", "GRPO's best held-out k = 0 score")):
         eff = [(r["label"], r[key]) for r in table["rows"] if key in r]
         if eff:  # exit.py --eval_every: held-out curves during training
@@ -629,7 +635,7 @@ def _plot_curves(fig, table, keys, titles, window):
 
 def _plot_heldout(fig, table):
     """The held-out curves of exit.py --eval_every, k = 0 and k = K side by side, mean over each row's runs."""
-    for i, (key, k) in enumerate((("heldout_k0", 0), ("heldout_kK", table["K"]))):
+    for i, (key, k) in enumerate((("heldout_k0", 0), ("heldout_kK", table.get("curve_K") or table["K"]))):
         ax = fig.add_subplot(1, 2, i + 1)
         for r in table["rows"]:
             pts = [(t + 1, 100 * v) for t, v in enumerate(r.get("curves", {}).get(key) or []) if v is not None]

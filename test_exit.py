@@ -1614,6 +1614,11 @@ def test_transition_rates_by_hand():
     res = eval_lib.summarise(correct.astype(float), [2, 2, 3, 3], binary=True)
     assert res["fix_rate"] == fix and res["break_rate"] == brk
     assert eval_lib.transition_rates(np.ones((2, 3), dtype=bool)) == ([None], [0.0])
+    # the printed means: each rate over the steps it is defined at (no chain right before k = 2: no break rate)
+    correct = np.array([[0, 0], [0, 0], [1, 0], [1, 1]], dtype=bool)
+    res = eval_lib.summarise(correct.astype(float), [2, 2], binary=True)
+    assert (res["fix_rate"], res["break_rate"]) == ([0.0, 0.5, 1.0], [None, None, 0.0])
+    assert "P(fix|wrong) 0.50  P(break|right) 0.000" in eval_lib.summary_table({"base": res})
 
 
 # ---- the comparison table, from saved eval.json + config.json + log.jsonl
@@ -1645,6 +1650,23 @@ def four_runs(tmp_path):
     for (m, s), (s0, sK) in runs.items():
         write_run(tmp_path / "sweep" / f"{m}-s{s}", m, s, fake_eval(s0, sK), base[s])
     return tmp_path / "sweep"
+
+
+def test_an_evaluation_at_other_settings_has_a_file_of_its_own(four_runs, monkeypatch):
+    run, calls = four_runs / "exit-s0", []  # the run's own evaluation: K = 2
+    (run / "ckpt.pt").write_bytes(b"")  # what evaluate_checkpoint would read; it is replaced here
+
+    def evaluate(ck, K=None, temperature=None, **kw):
+        calls.append((K, temperature))
+        return dict(policy=fake_eval(0.4, 0.6, K=2 if K is None else K), base=None, chain="")
+    monkeypatch.setattr(report, "evaluate_checkpoint", evaluate)
+    assert report.load_run(str(run), K=1)["policy"]["K"] == 2 and not calls  # eval.json, cut short in the table
+    assert report.load_run(str(run), K=4)["policy"]["K"] == 4 and (run / "eval.K4.json").is_file()
+    assert report.load_run(str(run), K=4)["policy"]["K"] == 4 and calls == [(4, None)]  # read back, not evaluated again
+    report.load_run(str(run), K=4, temperature=0.0)
+    report.load_run(str(run), temperature=0.0)  # greedy at the run's own K: not the K = 4 file
+    assert calls[1:] == [(4, 0.0), (None, 0.0)] and json.load(open(run / "eval.T0.json"))["policy"]["K"] == 2
+    assert json.load(open(run / "eval.K4.T0.json"))["policy"]["K"] == 4
 
 
 def test_comparison_table_from_saved_json_by_hand(four_runs, monkeypatch):
@@ -1717,13 +1739,13 @@ def test_table_is_reprinted_from_results_json(four_runs, capsys):
     assert table_text and table_text in again
 
 
-def test_k_cuts_stored_evaluations_and_refuses_more_steps(four_runs, capsys):
+def test_k_cuts_stored_evaluations_and_evaluates_more_steps_anew(four_runs, capsys):
     report.main([str(four_runs / "exit-s0"), "--k=1", "--out", str(four_runs / "k1")])
     row = json.load(open(four_runs / "k1" / "results.json"))["rows"][-1]
     assert row["kK"] == pytest.approx([0.45, 0.0]) and len(row["score_mean"]) == 2
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e:  # more steps than eval.json holds: an evaluation of its own (eval.K5.json)
         report.main([str(four_runs / "exit-s0"), "--k=5"])
-    assert e.value.code == 2 and "--recompute" in capsys.readouterr().err
+    assert e.value.code == 2 and "exit-s0: no ckpt.pt to evaluate" in capsys.readouterr().err
 
 
 def test_plots_are_png_files(four_runs, tmp_path):
@@ -1770,6 +1792,26 @@ def test_sample_efficiency_against_the_strongest_bars_by_hand():
     # GRPO's best k = 0 is 0.5, at iteration 4: ExIt reaches it at 6, Improve never
     assert [r.get("iters_to_grpo_best_k0") for r in rows] == [pytest.approx(4 / 6), None, 1.0, None]
     assert "iters_to_improve_kK" not in rows[3] and "iters_to_grpo_best_k0" not in rows[3]
+
+
+def test_the_held_out_curve_is_labelled_with_the_k_it_was_measured_at(tmp_path):
+    """--eval_every's heldout_kK is at the run's eval_k, whatever K the comparison truncates its table to."""
+    log = [dict(iter=t, heldout_k0=0.1 * t, heldout_kK=0.2 * t) for t in (1, 2)]
+    runs = [dict(path=str(tmp_path / m), method=m, seed=0, task="math", base_key="b", eval_k=2, log=log,
+                 policy=fake_eval(0.3, 0.5), base=None) for m in ("grpo", "improve")]
+    table = report.comparison_table(runs, K=1)
+    assert table["K"] == 1 and table["curve_K"] == "2"
+    assert "reach Improve's final held-out k = 2 score" in report.format_table(table)
+
+
+def test_the_committed_tables_reprint():
+    """`python eval.py --table results/NAME/results.json`, as RESULTS.md quotes it, for every committed comparison
+    (tables written before a field existed included)."""
+    files = sorted(os.path.join(HERE, "results", d, "results.json") for d in os.listdir(os.path.join(HERE, "results")))
+    files = [f for f in files if os.path.isfile(f)]
+    assert len(files) >= 8
+    for f in files:
+        assert report.format_table(report.check_table(hf.read_json(f), f)).startswith("held-out ")
 
 
 def test_paired_differences_by_hand():
@@ -2556,6 +2598,10 @@ def test_script_end_to_end(tmp_path):
     nothing = subprocess.run([sys.executable, os.path.join(HERE, "hf.py"), str(tmp_path / "nowhere")], capture_output=True,
                              text=True, env=env, timeout=120)
     assert nothing.returncode == 2 and "no checkpoint at" in nothing.stderr and "Traceback" not in nothing.stderr
+    (tmp_path / "a_file").write_text("")
+    refused = subprocess.run([sys.executable, os.path.join(HERE, "hf.py"), str(run), f"--out={tmp_path / 'a_file'}"],
+                             capture_output=True, text=True, env=env, timeout=120)  # a write refused: one line
+    assert refused.returncode == 2 and refused.stderr.startswith("error: ") and "Traceback" not in refused.stderr
     # the chain is drawn at the run's own settings: --k cuts the table, not the chain.txt beside eval.json
     os.remove(run / "chain.txt")
     report.main([str(run), "--k=1", "--device=cpu", "--out", str(tmp_path / "k1")])
@@ -2844,7 +2890,7 @@ def test_ship_settings_are_those_of_python_exit_py_task():
         base_lib.ship_settings("realmath")
 
 
-def test_hf_export_of_a_toy_run_keeps_its_dtype_and_names_loose_files(tmp_path):
+def test_hf_export_of_a_toy_run_keeps_its_dtype_and_names_loose_files(tmp_path, monkeypatch):
     """python hf.py RUN writes the policy in the dtype it trained in (a --dtype=bf16 run's bf16), with the values of
     ckpt.pt; a loose checkpoint file X.pt (a cached base) exports to X.hf beside it, not to a shared hf/."""
     from safetensors.torch import load_file
@@ -2857,6 +2903,11 @@ def test_hf_export_of_a_toy_run_keeps_its_dtype_and_names_loose_files(tmp_path):
     assert all(torch.equal(written[k], v) for k, v in saved.items())
     assert tr.base_path.endswith(".pt") and hf.export(tr.base_path) == tr.base_path[:-3] + ".hf"
     assert os.path.isfile(tr.base_path[:-3] + ".hf/config.json")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text('{"torch_dtype": "float32"}')
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a toy run has no --init directory: no config.json is read
+    again = hf.export(tr.cfg.out_dir, str(tmp_path / "again"))
+    assert json.load(open(os.path.join(again, "config.json")))["torch_dtype"] == "bfloat16"
 
 
 def test_hf_export_keeps_the_source_dtype_and_writes_generation_config(tmp_path, instruct):
@@ -3381,6 +3432,12 @@ def test_eval_cli_rejects_bad_numbers_and_names_bad_files(four_runs, capsys):
     assert f"{run}/eval.json: not valid JSON" in fails([run])
     (four_runs / "exit-s0" / "eval.json").write_text("{}")
     assert f"{run}/eval.json: not eval.json's" in fails([run])
+    good = fake_eval(0.1, 0.2)
+    no_solved = {k: v for k, v in good.items() if k != "solved"}
+    for damaged, who in [(dict(policy=good, base=5), "base"), (dict(policy=dict(good, n="4")), "policy"),
+                         (dict(policy=no_solved), "policy")]:
+        (four_runs / "exit-s0" / "eval.json").write_text(json.dumps(damaged))
+        assert f"{run}/eval.json: the {who}'s scores are not K + 1" in fails([run])
     (four_runs / "results.json").write_text("[1, 2]")
     assert "results.json: expected a JSON object {...}, got a list" in fails(["--table", str(four_runs / "results.json")])
     (four_runs / "results.json").write_text("{}")
