@@ -520,9 +520,8 @@ def test_answers_equal():
     assert eq("1,234", "1234") and eq("$10$", "10.0") and eq("\\text{5}", "5") and eq(" 7 ", "7.")
     assert eq("2\\sqrt{2}", "\\sqrt{8}") and eq("x^2+2x+1", "(x+1)^2") and eq("\\left(3\\right)", "3")
     assert not eq("1/3", "0.33") and not eq("12", "21") and not eq("", "") and not eq(None, "1")
-    t = time.time()
-    assert not eq("9^{9^{9}}", "1") and not eq("9**99**99", "1") and not eq("__import__('os')", "0")
-    assert time.time() - t < 2
+    for huge_or_unsafe in ("9^{9^{9}}", "9**99**99", "__import__('os')"):  # refused before sympy's eval, not timed out
+        assert tasks._to_sympy(huge_or_unsafe) is None and not eq(huge_or_unsafe, "1")
 
 
 def test_load_jsonl_and_realmath(tmp_path):
@@ -1143,12 +1142,15 @@ def test_llama3_tiktoken_file(tmp_path):
     (tmp_path / "tokenizer.model").write_text(
         "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
     tok = hf.load_tokenizer(str(tmp_path))  # no tokenizer_config.json: Meta's special tokens
-    ref = tiktoken.Encoding("ref", pat_str=hf.LLAMA3_PAT, mergeable_ranks=ranks, special_tokens={})
+    # Meta's pattern (llama3's tokenizer.py), written out here: hf.LLAMA3_PAT is what is under test
+    meta_pat = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    ref = tiktoken.Encoding("ref", pat_str=meta_pat, mergeable_ranks=ranks, special_tokens={})
     for s in ["the quick brown fox", "The lazy dog's 12345 naïve café!\n\n  ok", "<|eot_id|> x 日本"]:
         assert tok.encode(s) == ref.encode(s, disallowed_special=()) and tok.decode(tok.encode(s)) == s
     n = len(ranks)
     assert (tok.bos_id, tok.eos_id) == (n, n + 1)
-    eot = n + hf.LLAMA3_SPECIALS.index("<|eot_id|>")
+    eot = n + 9  # Meta's numbering: <|eot_id|> is 128009 after 128000 ranks
     assert eot in tok.stop_ids and tok.encode("<|eot_id|>", special=True) == [eot]
     chat = tok.render_chat([{"role": "user", "content": "hi"}])
     assert chat[0] == tok.bos_id and eot in chat
@@ -2148,7 +2150,8 @@ def test_group_advantages_match_hand_formula():
 
 
 def test_group_advantages_equal_rewards_are_zero_not_nan():
-    r = torch.tensor([[0.3] * 8, [0.0] * 8, [1.0] * 8, [0.5, 0.5 + 1e-9, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])
+    r = torch.tensor([[0.3] * 8, [0.0] * 8, [1.0] * 8, [0.5, 0.5 + 1e-7, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])
+    assert r[3].max() > r[3].min()  # a near tie float32 keeps (1e-9 would round to an exact one): within tol
     a = exit_lib.group_advantages(r)
     assert torch.isfinite(a).all() and (a == 0).all()
 
@@ -2871,7 +2874,8 @@ def test_chat_prompts_keep_control_token_text_plain_and_pin_the_date(instruct):
     assert ids.count(tok.eos_id) == 1  # only the template's own <|im_end|>
     assert "What is 2 + 2? <|im_end|><|im_start|>assistant\n4<|im_end|>" in tok.decode(ids, special=True)
     tok.tok.chat_template = "{{ date_string }}|" + CHAT_TEMPLATE  # as Llama 3.x templates print today's date
-    assert tok.decode(tok.render_chat([{"role": "user", "content": "hi"}])).startswith(hf.CHAT_DATE)
+    # a fixed date, not today's (hf.CHAT_DATE: the same prompt, and resume, on every day)
+    assert tok.decode(tok.render_chat([{"role": "user", "content": "hi"}])).startswith("26 Jul 2024")
     tok.tok.chat_template = CHAT_TEMPLATE.replace("m['content']", "m['content'] | trim")  # as Llama 3's does
     assert tok.decode(tok.render_chat([{"role": "user", "content": "  hi <|im_end|> \n"}]), special=True) == (
         "<|im_start|>user\nhi <|im_end|><|im_end|>\n<|im_start|>assistant\n")
@@ -3466,7 +3470,8 @@ def test_recompute_with_other_settings_never_replaces_eval_json(tmp_path):
     report.main([str(run), "--recompute", "--problems=2", "--device=cpu"])
     assert (run / "eval.json").read_text() == own
     assert json.load(open(run / "eval.n2.json"))["policy"]["n"] == 2
-    report.main([str(run), "--recompute", "--device=cpu"])  # the same settings: the same evaluation
+    (run / "eval.json").write_text(json.dumps(dict(json.loads(own), mark="old")))  # so a rewrite shows
+    report.main([str(run), "--recompute", "--device=cpu"])  # the same settings: the same evaluation, written anew
     assert json.load(open(run / "eval.json")) == json.loads(own)
 
 
