@@ -197,9 +197,10 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     `path` is a run folder or a checkpoint file. Its eval.json (for a loose checkpoint file
     X.pt: X.eval.json) is used as it is; only when there is none, or with recompute, is the
     checkpoint evaluated, and the result written there for next time. An evaluation at another
-    temperature than the run's own goes to eval.T{temperature}.json (split="val": eval.val.json; a larger K:
-    eval.K{K}.json, where a smaller K reads the run's own, cut short), so eval.json stays the run's. `method` is the row the run joins: its method, with a suffix for a
-    control setting (run_label: exit-kappa0, exit-fifo, exit-blind)."""
+    temperature than the run's own goes to eval.T{temperature}.json (split="val": eval.val.json; a larger
+    K: eval.K{K}.json, where a smaller K reads the run's own, cut short), so eval.json stays the run's.
+    `method` is the row the run joins: its method, with a suffix for a control setting (run_label:
+    exit-kappa0, exit-fifo, exit-blind)."""
     if os.path.isfile(path) and os.path.basename(path) == "ckpt.pt":
         path = os.path.dirname(path) or "."  # a run's own checkpoint: the run folder says more
     if os.path.isdir(path):
