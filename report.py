@@ -231,7 +231,9 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         tags += [f"{k}{v:g}" for k, v in asked.items() if k in keys and v is not None and v != mine[k]]
         return f"{ev_file[:-len('.json')]}.{'.'.join(tags)}.json" if tags else ev_file
     # a smaller K reads the evaluation at the run's K, cut short (exactly); a larger one is a file of its own
-    if K is not None and K < mine["K"] and os.path.isfile(named("nsT")) and not recompute:
+    short = named("nsT")
+    if (K is not None and K < mine["K"] and not recompute and os.path.isfile(short)  # (an older one may be shorter)
+            and eval_lib.check_evaluation(hf.read_json(short), short)["policy"]["K"] >= K):
         asked["K"] = None
     ev_file = named("KnsT")
     ev = None

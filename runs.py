@@ -92,7 +92,7 @@ def check_given(cfg: Config, given: set, quiet: bool = False):
     if clash:
         raise ValueError(f"--{', --'.join(clash)}: settings of the warm-started toy, which --init replaces "
                          "(the checkpoint brings its own architecture); drop them")
-    inert = sorted(given & (INERT[cfg.method] | ({"ref_every", "ref_alpha"} if cfg.beta == 0 else set())))
+    inert = sorted(given & (INERT.get(cfg.method, set()) | ({"ref_every", "ref_alpha"} if cfg.beta == 0 else set())))
     if inert and not quiet:
         print(f"warning: --{', --'.join(inert)} change(s) nothing under --method={cfg.method}"
               + (" with --beta=0" if {"ref_every", "ref_alpha"} & set(inert) else ""), file=sys.stderr)
@@ -130,7 +130,7 @@ def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
     need(family.has_demonstrations or bool(cfg.init), f"--task={cfg.task} needs --init=HF_DIR: it has no "
          "demonstrations to warm-start from")
     if cfg.difficulties:
-        tasks_lib.parse_difficulties(cfg.difficulties)  # raises a config error naming the bad text
+        tasks_lib.parse_difficulties(cfg.difficulties, cfg.task)  # raises a config error naming the bad text
     need(cfg.base_seed >= -1, f"base_seed must be >= 0, or -1 for --seed's, got {cfg.base_seed}")
     need(not (cfg.div_minmax and cfg.div_mean), "--div_minmax and --div_mean are two forms of Eq. 6: give one")
     need(cfg.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
@@ -314,7 +314,7 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_
 
 
 EVAL_KEYS = ("eval_problems", "eval_k", "eval_samples", "eval_temperature", "eval_split", "eval_harder", "eval_data")
-CURVE_KEYS = ("eval_k", "eval_temperature", "eval_split", "eval_every_problems")  # what a --eval_every point measures
+CURVE_KEYS = ("eval_k", "eval_temperature", "eval_split", "eval_every_problems", "eval_data")  # what a point measures
 
 
 def check_meaning(out_dir: str, done: int, old: Config, new: dict):
@@ -331,7 +331,7 @@ def check_meaning(out_dir: str, done: int, old: Config, new: dict):
                          + " would replace that evaluation with another: evaluate it at other settings with "
                          f"`python eval.py {out_dir} --split=... --k=... --problems=...` (written beside eval.json)")
     curve = {k: (getattr(old, k), v) for k, v in new.items() if k in CURVE_KEYS and getattr(old, k) != v}
-    if curve and done >= old.eval_every > 0:  # log.jsonl holds held-out points at the old settings
+    if curve and any("heldout_k0" in e for e in read_log(out_dir) if e["iter"] <= done):  # points at the old settings
         raise ValueError(f"{out_dir}/log.jsonl holds held-out points (--eval_every) measured with "
                          + ", ".join(f"{k}={a!r}" for k, (a, _) in curve.items()) + "; --resume with "
                          + ", ".join(f"--{k}={b}" for k, (_, b) in curve.items())
@@ -442,13 +442,16 @@ def check_init(cfg: Config, quiet: bool) -> tuple:
     return tok, max_len
 
 
+FEEDBACK_SLACK = 8  # tokens: another answer's feedback ("sum 11, 40 short") is longer than p.target's ("sum 51, exact")
+
+
 def check_context(tok, style, max_len, max_new_tokens, problems: dict, family, what: str):
     """Every problem's longest prompt plus a completion must fit the context (model.generate refuses more): a step's
-    holds an answer of up to max_new_tokens and its feedback (on p.target here; another's may be a bit longer)."""
+    holds an answer of up to max_new_tokens and its feedback (on p.target here, + FEEDBACK_SLACK for another's)."""
     for p in problems.values():
-        answer = max(0, max_new_tokens - len(tok.encode(p.target)))  # the tokens a longer answer adds
+        extra = max_new_tokens - len(tok.encode(p.target)) + FEEDBACK_SLACK  # the longest answer in p.target's place
         n = max(len(tasks_lib.encode_prompt(tok, family, p, None if m == "base" else p.target, m, style))
-                + (0 if m == "base" else answer) for m in tasks_lib.MODES)
+                + (0 if m == "base" else extra) for m in tasks_lib.MODES)
         if n + max_new_tokens > max_len:
             line = f", line {p.data['line']}" if isinstance(p.data, dict) and "line" in p.data else ""
             raise ValueError(f"{what}{line}: the longest prompt of problem {p.id} (an improve or diverge step, whose "

@@ -1244,8 +1244,11 @@ def encode_prompt(tok, family, problem, answer=None, mode="base", style="compact
     return tok.render_chat([{"role": "user", "content": family.prompt(problem, answer, mode, style="chat")}])
 
 
-def parse_difficulties(text: str) -> tuple:
-    """'2-6' -> (2, 3, 4, 5, 6); '2,3,5' -> (2, 3, 5)."""
+def parse_difficulties(text: str, task: str = "") -> tuple:
+    """'2-6' -> (2, 3, 4, 5, 6); '2,3,5' -> (2, 3, 5). A family that reads its problems from a file has the levels
+    the file gives (a mix would cycle through its pool: repeated problems)."""
+    if getattr(FAMILIES.get(task), "reads_data", False):
+        raise ValueError(f"config: --difficulties does not apply to {task} (its file sets the levels)")
     try:
         if "-" in text:
             lo, hi = (int(x) for x in text.split("-"))
@@ -1262,11 +1265,10 @@ def parse_difficulties(text: str) -> tuple:
 def make_family(task: str, data: str = "", difficulties: str = ""):
     """The run's family: realmath reads --data; --difficulties replaces the training mix (and so the eval mix)."""
     reads_data = getattr(FAMILIES.get(task), "reads_data", False)  # an unknown name: get_family says so
-    if difficulties and reads_data:  # and a mix of levels would cycle through its pool: repeated problems
-        raise ValueError(f"--difficulties does not apply to {task} (its file sets the levels)")
+    mix = parse_difficulties(difficulties, task) if difficulties else None  # before a data file is read
     family = get_family(task, path=data) if reads_data else get_family(task)
-    if difficulties:
-        family.train_difficulties = parse_difficulties(difficulties)
+    if mix:
+        family.train_difficulties = mix
     return family
 
 

@@ -1669,6 +1669,12 @@ def test_an_evaluation_at_other_settings_has_a_file_of_its_own(four_runs, monkey
     report.load_run(str(run), temperature=0.0)  # greedy at the run's own K: not the K = 4 file
     assert calls[1:] == [(4, 0.0), (None, 0.0)] and json.load(open(run / "eval.T0.json"))["policy"]["K"] == 2
     assert json.load(open(run / "eval.K4.T0.json"))["policy"]["K"] == 4
+    # an older file at the run's other settings may hold fewer steps than asked: not cut short, evaluated anew
+    write_run(four_runs / "long", "exit", 0, fake_eval(0.4, 0.6, K=4), None)
+    (four_runs / "long" / "ckpt.pt").write_bytes(b"")
+    (four_runs / "long" / "eval.T0.json").write_text(json.dumps(dict(policy=fake_eval(0.4, 0.6, K=2), base=None)))
+    assert report.load_run(str(four_runs / "long"), K=3, temperature=0.0)["policy"]["K"] == 3
+    assert calls[-1] == (3, 0.0) and (four_runs / "long" / "eval.K3.T0.json").is_file()
 
 
 def test_comparison_table_from_saved_json_by_hand(four_runs, monkeypatch):
@@ -3143,7 +3149,7 @@ def test_settings_that_cannot_apply_are_an_error_or_a_warning(tmp_path, capsys):
         assert capsys.readouterr().err == ""
 
 
-def test_a_resumed_run_stays_the_run_it_was(tmp_path):
+def test_a_resumed_run_stays_the_run_it_was(tmp_path, capsys):
     """--resume extends a run with a larger --iters; a smaller one, or other evaluation settings once the run
     has an eval.json, would rewrite what its files say: an error naming the setting and both values."""
     cfg = tiny_cfg(tmp_path, iters=2, eval_problems=2, eval_k=1, eval_samples=1)
@@ -3162,6 +3168,9 @@ def test_a_resumed_run_stays_the_run_it_was(tmp_path):
     with pytest.raises(ValueError, match="eval_k=1; --resume with --eval_k=3"):
         resume("--iters=4", "--eval_k=3")
     assert resume("--iters=4").cfg.iters == 4  # a larger --iters extends it, evaluated as before
+    # a bad value given with --resume: one line, once merged with the checkpoint's settings (not a KeyError)
+    assert "differ from the checkpoint's: method" in main_fails(capsys, [f"--out_dir={cfg.out_dir}", "--resume",
+                                                                        "--method=bogus"])
     # the --eval_every points in log.jsonl: one curve, at one setting
     curved = tiny_cfg(tmp_path, out_dir=str(tmp_path / "curve"), iters=1, eval_problems=0, eval_every=1,
                       eval_every_problems=2, eval_k=1)
@@ -3170,6 +3179,10 @@ def test_a_resumed_run_stays_the_run_it_was(tmp_path):
     with pytest.raises(ValueError, match="log.jsonl holds held-out points .* with eval_k=1; --resume with --eval_k=2"):
         again("--iters=2", "--eval_k=2")
     assert again("--iters=2", "--eval_samples=3").cfg.eval_samples == 3  # not what a point measures
+    # the log decides, not the checkpoint's --eval_every: points stay one curve after a resume without them
+    runs.train(*runs.parse_args([f"--out_dir={curved.out_dir}", "--resume", "--iters=2", "--eval_every=0"]), quiet=True)
+    with pytest.raises(ValueError, match="log.jsonl holds held-out points"):
+        again("--iters=3", "--eval_every=1", "--eval_k=2")
 
 
 def test_corrupt_results_and_inputs_are_clear_errors(tmp_path, capsys):
@@ -3518,6 +3531,10 @@ def test_real_data_and_checkpoint_problems_are_errors_before_the_model_loads(tmp
     (tmp_path / "long.jsonl").write_text("\n".join(lines + [json.dumps(long)]) + "\n")
     with fails(r"--data, line 31: the longest prompt of problem .* exceeds the model's context of 1024 tokens"):
         runs.prepare(hf_cfg(tmp_path, instruct, data=str(tmp_path / "long.jsonl"), eval_problems=4), quiet=True)
+    # a long reference answer is no reason to refuse: a step's answer is at most --max_new_tokens long
+    (tmp_path / "long_target.jsonl").write_text("\n".join(lines + [json.dumps(dict(question="Which number?",
+                                                                               answer="#### " + "7" * 1500))]) + "\n")
+    runs.preflight(hf_cfg(tmp_path, instruct, data=str(tmp_path / "long_target.jsonl"), eval_problems=4), quiet=True)
     bad = tmp_path / "bad_init"
     shutil.copytree(ck, bad)
     for text, msg in [("[1, 2]", "config.json: expected a JSON object"), ("{", "config.json: not valid JSON")]:
