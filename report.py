@@ -226,21 +226,26 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     asked = dict(K=K, n=n_problems, s=n_samples, T=temperature)
     mine = dict(K=own["K"], n=own["n_problems"], s=own["n_samples"], T=own["temperature"])
 
+    plain = ev_file
+
     def named(keys):  # the file of an evaluation at these of the asked settings (the others the run's own)
         tags = [split] if split is not None and split != own["split"] else []
         tags += [f"{k}{v:g}" for k, v in asked.items() if k in keys and v is not None and v != mine[k]]
-        return f"{ev_file[:-len('.json')]}.{'.'.join(tags)}.json" if tags else ev_file
-    # a smaller K reads the evaluation at the run's K, cut short (exactly); a larger one is a file of its own
-    short = named("nsT")
-    if (K is not None and K < mine["K"] and not recompute and os.path.isfile(short)  # (an older one may be shorter)
-            and eval_lib.check_evaluation(hf.read_json(short), short)["policy"]["K"] >= K):
-        asked["K"] = None
-    ev_file = named("KnsT")
-    ev = None
-    if os.path.isfile(ev_file) and not recompute:
-        ev = eval_lib.check_evaluation(hf.read_json(ev_file), ev_file)
-        if K is not None and K > ev["policy"]["K"]:
+        return f"{plain[:-len('.json')]}.{'.'.join(tags)}.json" if tags else plain
+
+    def stored(path):  # the evaluation in path; None if there is none, or with recompute
+        return eval_lib.check_evaluation(hf.read_json(path), path) if os.path.isfile(path) and not recompute else None
+    # a smaller K reads the evaluation at the run's K, cut short (exactly); a larger one (or one an older, shorter
+    # file lacks) is a file of its own
+    ev_file = named("nsT")
+    ev = stored(ev_file)
+    if K is not None and (ev is None or K > ev["policy"]["K"]):
+        ev_file = named("KnsT")
+        ev = stored(ev_file)
+        if ev is not None and K > ev["policy"]["K"]:
             raise ValueError(f"{ev_file} has K = {ev['policy']['K']} < --k={K}; pass --recompute to evaluate again")
+    else:
+        asked["K"] = None
     # its improvement chain (show_chain) beside it: chain.txt beside eval.json, X.chain.txt beside X.json
     chain_file = os.path.join(os.path.dirname(ev_file), "chain.txt") if os.path.basename(ev_file) == "eval.json" \
         else ev_file[:-len(".json")] + ".chain.txt"
