@@ -53,16 +53,8 @@ def read_json(path: str) -> dict:
 
 
 def write_text(text: str, path: str):
-    """Write then rename, so an interrupted write never leaves half a file (an eval.json, a log) to be trusted."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Written whole or not at all (model.atomic_save), so an interrupted write never leaves half an eval.json or log."""
+    model_lib.atomic_save(text.encode(), path, write=lambda data, f: f.write(data))
 
 
 def write_json(obj, path: str):

@@ -609,14 +609,14 @@ def policy_from_state(state: dict, device, build_tokenizer):
     return policy.to(device), build_tokenizer(state["tokenizer"])
 
 
-def atomic_save(obj, path: str):
-    """torch.save to a temporary file, fsync, rename: a crash never leaves half a checkpoint. A write the
-    machine refuses (disk full, read-only) is an OSError naming the path."""
+def atomic_save(obj, path: str, write=None):
+    """torch.save(obj, f), or write(obj, f), to a temporary file, fsync, rename: a crash never leaves half a file
+    (a checkpoint, eval.json, a log). A write the machine refuses (disk full, read-only) is an OSError naming the path."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -3373,6 +3373,19 @@ def test_a_kill_during_a_checkpoint_write_leaves_no_tmp_file(tmp_path):
     assert not [n for n in os.listdir(tmp_path / "run") + os.listdir(tmp_path / "base") if ".tmp" in n]
 
 
+def test_text_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "eval.json"
+    hf.write_json({"a": [1, 2]}, str(path))
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*eval.json \(No space left on device\)"):
+        hf.write_text("new", str(path))
+    assert json.loads(path.read_text()) == {"a": [1, 2]}  # the old file stands, and no tmp file is left
+    assert os.listdir(tmp_path) == ["eval.json"]
+
+
 def test_config_rejects_bad_values_up_front(monkeypatch):
     cases = {"--lr=inf": "lr must be a finite number, got inf", "--kappa=inf": "kappa must be a finite number",
              "--clip_eps=nan": "clip_eps must be a finite number", "--temperature=0": "temperature must be > 0 in training: GRPO",
