@@ -200,12 +200,13 @@ class TaskFamily:
 
     def sample(self, split: str, n: int, seed: int, difficulty: int | None = None) -> list[Problem]:
         """n distinct problems of one split, the same for the same arguments. difficulty=None: uniform over
-        train_difficulties; one that runs out of distinct problems is filled in by the others, with a warning."""
+        train_difficulties, less where distinct problems thin out (repeats); one that runs out is filled in by the
+        others, with a warning."""
         check_split(split)
         if difficulty is None and not self.train_difficulties:
             raise ValueError(f"{self.name}: no train_difficulties to draw from; pass difficulty=")
         rng = random.Random(f"{self.name}/{split}/{seed}/{difficulty}")  # str seeds are stable across runs
-        out, seen, misses = [], set(), 0
+        out, seen, misses, kept = [], set(), 0, None
         stale, got = {}, {}  # per difficulty: repeats in a row, problems accepted (bookkeeping only: no draws)
         for _ in range(200 * n + 1000):
             if len(out) == n:
@@ -213,15 +214,17 @@ class TaskFamily:
             if misses > 20000 + 10 * n:  # nothing new for this long: the space is exhausted, say so now
                 break
             misses += 1
-            d = difficulty if difficulty is not None else rng.choice(self.train_difficulties)
+            d = kept if kept is not None else difficulty if difficulty is not None else rng.choice(self.train_difficulties)
             try:
                 p = self.make(rng, d)
             except (ValueError, IndexError) as e:  # e.g. a subset of 1 item: no problem of that size exists
                 raise ValueError(f"{self.name}: cannot make a problem at difficulty {d} ({e}); choose other "
                                  "--difficulties") from None
+            kept = d if p is None else None  # a draw make rejects is made again at its difficulty: the mix stays even
             if p is not None and p.request in seen:
                 stale[d] = stale.get(d, 0) + 1
-            if p is None or p.request in seen or split_of(p.request) != split:
+            # a multi-turn episode is split by its first turn, so that no held-out first turn is ever trained on
+            if p is None or p.request in seen or split_of(self.turn_problem(p, 0, []).request) != split:
                 continue
             seen.add(p.request)
             misses = 0
@@ -1010,7 +1013,8 @@ class ToolsFamily(TaskFamily):
 # ---------------------------------------------------------------- real data (GSM8K / MATH JSONL)
 
 def extract_answer(text: str) -> str:
-    """The final answer of a response: the last \\boxed{}, else what follows '####', else the last number."""
+    """The final answer of a response: the last \\boxed{}, else what follows '####', else the last number, whole
+    with the expression it ends (3/4, 2^4, 10-4: not a wrong answer 4)."""
     if not isinstance(text, str):
         return ""
     boxed = _last_boxed(text)
@@ -1019,13 +1023,14 @@ def extract_answer(text: str) -> str:
     if "####" in text:
         lines = text.rsplit("####", 1)[1].strip().splitlines()
         return lines[0].strip() if lines else ""
-    numbers = re.findall(r"-?[0-9][0-9,]*(?:\.[0-9]+)?", text)
+    number = r"[0-9][0-9,]*(?:\.[0-9]+)?"
+    numbers = re.findall(rf"-?{number}(?:\s*[-+*/^]\s*{number})*", text)
     return numbers[-1].rstrip(",") if numbers else ""
 
 
 def _normalise(s: str) -> str:
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
-    for a, b in [("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("$", ""),
+    for a, b in [("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\$", ""), ("$", ""),
                  ("\\!", ""), ("\\,", ""), ("\\ ", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", "")]:
         s = s.replace(a, b)
     s = re.sub(r"\s+", "", s)
