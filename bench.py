@@ -40,6 +40,7 @@ early stopping would not be measured. --warm-steps trades a cheaper warm start f
 """
 
 import argparse
+import importlib.util
 import contextlib
 import io
 import os
@@ -288,6 +289,12 @@ def check_args(p, args):
     if family is None or not family.has_demonstrations or family.multi_turn:
         p.error(f"--task must be a single-turn toy family with demonstrations, one of "
                 f"{sorted(n for n, f in tasks.FAMILIES.items() if f.has_demonstrations and not f.multi_turn)}; got {args.task!r}")
+    if args.peer == "trl" and args.only in (None, "iteration"):  # found missing now, not after minutes of work
+        missing = [m for m in ("trl", "datasets", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            p.error(f"the iteration's peer, TRL, needs the optional packages ({', '.join(missing)} missing): "
+                    "pip install --no-deps -r requirements-bench.txt; or run without it: --peer none, "
+                    "or --only sampler / --only warmstart")
 
 
 def main():

@@ -14,6 +14,7 @@ import ast
 import base64
 import dataclasses
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -3273,6 +3274,15 @@ def test_a_refused_resume_rewrites_nothing(tmp_path, capsys):
 def test_bench_checks_its_arguments(arg, message):
     p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), arg], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
+
+
+def test_bench_without_trl_says_so_before_any_work():
+    if all(importlib.util.find_spec(m) for m in ("trl", "datasets", "accelerate")):
+        pytest.skip("the optional requirements-bench.txt is installed")
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--only=iteration"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "pip install --no-deps -r requirements-bench.txt" in p.stderr, p.stderr[-500:]
+    assert "--peer none" in p.stderr and "Traceback" not in p.stderr and p.stdout == ""  # no warm start, no timing
 
 
 def test_a_run_saved_with_plr_settings_off_resumes(tmp_path):
