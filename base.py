@@ -31,6 +31,7 @@ or the warm start changed), on one thread as the published results were made:
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -77,7 +78,10 @@ def shipped_base(cfg, key: str, quiet: bool = False) -> str | None:
     path = os.path.join(SHIPPED, cfg.task)
     if not os.path.isfile(os.path.join(path, "base.json")):
         return None
-    shipped = hf.read_json(os.path.join(path, "base.json"))["key"]
+    record = hf.read_json(os.path.join(path, "base.json"))
+    shipped = record.get("key")
+    if not isinstance(shipped, str) or not isinstance(record.get("evaluations", []), list):
+        raise ValueError(f"{path}/base.json is damaged (no key, or no list of evaluations): `git checkout {path}` restores it")
     if shipped != key and not quiet:
         print(f"warm start: not using the shipped base {path} (its key {shipped}, these settings' {key}: another "
               "--base_seed, architecture, warm-start setting, or an edited family)")
@@ -202,7 +206,7 @@ def weights_fingerprint(path: str) -> list:
 def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) -> dict:
     """The base's evaluation, cached beside it keyed by settings, problems and weights: a ladder evaluates it once."""
     for res in (shipped_record(base_path) or {}).get("evaluations", []):
-        if res["settings"] == settings:
+        if isinstance(res, dict) and res.get("settings") == settings:
             return eval_lib.check_evaluation(res, os.path.join(base_path, "base.json"), whole=False)
     # the problems too: two realmath runs from one checkpoint with different --data files differ
     problems = [p.request for p in eval_lib.heldout_problems(family, settings["n_problems"], harder=settings["harder"],
@@ -211,7 +215,8 @@ def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) 
                      sort_keys=True)
     cache = f"{os.path.normpath(base_path)}.eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
     if os.path.isfile(cache):
-        return eval_lib.check_evaluation(hf.read_json(cache), cache, whole=False)
+        with contextlib.suppress(ValueError):  # a damaged cache is a miss: the base is evaluated again, the cache rewritten
+            return eval_lib.check_evaluation(hf.read_json(cache), cache, whole=False)
     base = load_policy(base_path, device)[0]
     res = eval_lib.evaluate_policy(base, tok, family, **settings)
     try:

@@ -132,6 +132,7 @@ def check_config(cfg: exit_lib.Config) -> exit_lib.Config:
     if cfg.difficulties:
         tasks_lib.parse_difficulties(cfg.difficulties, cfg.task)  # raises a config error naming the bad text
     need(cfg.base_seed >= -1, f"base_seed must be >= 0, or -1 for --seed's, got {cfg.base_seed}")
+    need(max(cfg.seed, cfg.base_seed) < 2 ** 62, "seed and base_seed must be < 2**62 (torch's generators take 64 bits)")
     need(not (cfg.div_minmax and cfg.div_mean), "--div_minmax and --div_mean are two forms of Eq. 6: give one")
     need(cfg.group_size >= 2, "group_size must be >= 2 (GRPO compares rollouts within a group)")
     for k in ("iters", "tasks_per_iter", "epochs", "max_new_tokens", "buffer_size", "min_size", "ref_every",
@@ -346,8 +347,9 @@ def resume(cfg: Config, given: set, quiet: bool) -> exit_lib.Trainer:
     be given anew)."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ck = model_lib.load_checkpoint(ckpt_path)
-    if ck.get("kind") != "run":
-        raise ValueError(f"{ckpt_path} is not a run checkpoint")
+    missing = [k for k in ("config", "iter", "optimizer", "buffer", "rng") if k not in ck]
+    if ck.get("kind") != "run" or missing or not isinstance(ck["config"], dict):
+        raise ValueError(f"{ckpt_path} is not a run checkpoint" + (f" (it has no {', '.join(missing)})" if missing else ""))
     saved = ck["config"]
     clash = {k: (saved[k], getattr(cfg, k)) for k in given - RESUMABLE_OVERRIDES
              if k in saved and saved[k] != getattr(cfg, k)}
@@ -355,9 +357,13 @@ def resume(cfg: Config, given: set, quiet: bool) -> exit_lib.Trainer:
         raise ValueError("--resume with settings that differ from the checkpoint's: "
                          + ", ".join(f"{k} (checkpoint {a!r}, given {b!r})" for k, (a, b) in clash.items()))
     saved = {k: v for k, v in saved.items() if not (k in REMOVED and v == REMOVED[k])}  # off: they changed nothing
-    unknown = set(saved) - {f.name for f in dataclasses.fields(Config)}
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    unknown = set(saved) - set(types)
     if unknown:
         raise ValueError(f"{ckpt_path} has config keys this version does not know: {sorted(unknown)}")
+    wrong = sorted(k for k, v in saved.items() if type(v) is not types[k] and not (types[k] is float and type(v) is int))
+    if wrong:
+        raise ValueError(f"{ckpt_path} has config values of the wrong type: " + ", ".join(f"{k}={saved[k]!r}" for k in wrong))
     new = {k: getattr(cfg, k) for k in given & RESUMABLE_OVERRIDES}
     check_meaning(cfg.out_dir, ck["iter"], Config(**saved), new)
     cfg = dataclasses.replace(Config(**saved), **new)
@@ -493,14 +499,15 @@ def check_resume_folder(out_dir: str, ck: dict):
             raise ValueError(f"{ckpt_path} is not this folder's run: it differs from {cfg_file} in "
                              + ", ".join(f"{k} ({saved[k]!r} vs {folder[k]!r})" for k in diff[:5])
                              + "; put it in a folder of its own")
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if os.path.isfile(log_path):
-        iters = [entry["iter"] for entry in read_log_lines(log_path)]
-        n = ck["iter"]
-        if iters[:n] != list(range(1, n + 1)):
-            raise ValueError(f"{ckpt_path} is at iteration {n}, but {log_path} holds iterations "
-                             f"{iters[:1] + (['...', iters[-1]] if len(iters) > 1 else [])} (not 1..{n}): "
-                             "the checkpoint and the log are of different runs")
+    log_path, n = os.path.join(out_dir, "log.jsonl"), ck["iter"]
+    if not os.path.isfile(log_path) and n:  # resuming would leave a log without iterations 1..n
+        raise ValueError(f"{ckpt_path} is at iteration {n}, but {out_dir} has no log.jsonl: put the run's log back, "
+                         "or start afresh in another folder")
+    iters = [entry["iter"] for entry in read_log_lines(log_path)] if n else []
+    if iters[:n] != list(range(1, n + 1)):
+        raise ValueError(f"{ckpt_path} is at iteration {n}, but {log_path} holds iterations "
+                         f"{iters[:1] + (['...', iters[-1]] if len(iters) > 1 else [])} (not 1..{n}): "
+                         "the checkpoint and the log are of different runs")
 
 
 def truncate_log(log_path: str, last_iter: int):

@@ -34,6 +34,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -1136,16 +1137,19 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
             if not isinstance(d, dict):
                 raise ValueError(f"{where}: expected a JSON object")
             kind = fmt if fmt != "auto" else "gsm8k" if "question" in d else "math" if "problem" in d else None
-            if kind == "gsm8k" and isinstance(d.get("question"), str) and "####" in str(d.get("answer", "")):
-                request, target = d["question"], d["answer"].rsplit("####", 1)[1].strip()
-            elif kind == "math" and isinstance(d.get("problem"), str):
+            answer = d.get("answer")  # a MATH answer may be a JSON number; never null, NaN, a list or an object
+            if kind == "gsm8k" and isinstance(d.get("question"), str) and isinstance(answer, str) and "####" in answer:
+                request, target = d["question"], answer.rsplit("####", 1)[1].strip()
+            elif kind == "math" and isinstance(d.get("problem"), str) and (
+                    isinstance(answer, (str, int)) or isinstance(answer, float) and math.isfinite(answer)
+                    or "answer" not in d):
                 request = d["problem"]
-                target = str(d["answer"]) if "answer" in d else _last_boxed(str(d.get("solution", ""))) or ""
+                target = str(answer) if "answer" in d else _last_boxed(str(d.get("solution", ""))) or ""
             else:
                 raise ValueError(f"{where}: need 'question' + 'answer' with '####' (GSM8K) or "
-                                 f"'problem' + 'solution' with \\boxed{{}} or 'answer' (MATH)")
-            if not target.strip():
-                raise ValueError(f"{where}: no final answer found")
+                                 f"'problem' + 'solution' with \\boxed{{}} or 'answer' (MATH), as text")
+            if not target.strip() or not request.strip():
+                raise ValueError(f"{where}: " + ("no final answer found" if request.strip() else "an empty question"))
             level = re.search(r"[0-9]+", str(d.get("level", "")))
             out.append(Problem(f"{stem}/{line_no}", "realmath", request, int(level.group()) if level else 0,
                                target.strip(), {"line": line_no}))
@@ -1249,6 +1253,9 @@ def encode_prompt(tok, family, problem, answer=None, mode="base", style="compact
     return tok.render_chat([{"role": "user", "content": family.prompt(problem, answer, mode, style="chat")}])
 
 
+MAX_DIFFICULTY = 100  # far past what fits a toy's context (a problem of 100 numbers, steps or turns)
+
+
 def parse_difficulties(text: str, task: str = "") -> tuple:
     """'2-6' -> (2, 3, 4, 5, 6); '2,3,5' -> (2, 3, 5). A family that reads its problems from a file has the levels
     the file gives (a mix would cycle through its pool: repeated problems)."""
@@ -1257,13 +1264,14 @@ def parse_difficulties(text: str, task: str = "") -> tuple:
     try:
         if "-" in text:
             lo, hi = (int(x) for x in text.split("-"))
-            out = tuple(range(lo, hi + 1))
+            out = tuple(range(lo, min(hi, MAX_DIFFICULTY + 1) + 1))  # a larger hi is refused below, never built
         else:
             out = tuple(int(x) for x in text.split(","))
     except ValueError:
         out = ()
-    if not out or min(out) < 1:
-        raise ValueError(f"config: difficulties looks like '2-6' or '2,3,5' (positive integers), got {text!r}")
+    if not out or min(out) < 1 or max(out) > MAX_DIFFICULTY:
+        raise ValueError(f"config: difficulties looks like '2-6' or '2,3,5' (integers from 1 to {MAX_DIFFICULTY}), "
+                         f"got {text!r}")
     return out
 
 

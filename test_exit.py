@@ -542,10 +542,15 @@ def test_load_jsonl_and_realmath(tmp_path):
                    + "\n" + json.dumps({"problem": "Two?", "answer": "2"}) + "\n")
     m = tasks.load_jsonl(str(mth))
     assert [(p.target, p.difficulty) for p in m] == [("\\frac{1}{2}", 3), ("2", 0)]
+    mth.write_text(json.dumps({"problem": "Two?", "answer": 2}) + "\n")  # a number is an answer too
+    assert tasks.load_jsonl(str(mth))[0].target == "2"
     bad = tmp_path / "bad.jsonl"
     for body, line in [('{"question": "q", "answer": "#### 1"}\n{"question": \n', 2),
                        ('{"question": "q", "answer": "#### 1"}\n\n{"problem": "p", "solution": "no box"}\n', 3),
-                       ('{"question": "q", "answer": "no hashes"}\n', 1), ('[1, 2]\n', 1)]:
+                       ('{"question": "q", "answer": "no hashes"}\n', 1), ('[1, 2]\n', 1),
+                       ('{"question": "q", "answer": ["#### 4"]}\n', 1), ('{"problem": "p", "answer": null}\n', 1),
+                       ('{"problem": "p", "answer": {"x": 1}}\n', 1), ('{"problem": "p", "answer": NaN}\n', 1),
+                       ('{"question": " ", "answer": "#### 4"}\n', 1)]:
         bad.write_text(body)
         with pytest.raises(ValueError, match=f"bad.jsonl, line {line}"):
             tasks.load_jsonl(str(bad))
@@ -3377,6 +3382,28 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     assert runs.train(*resume(a), quiet=True).iter == 3  # its own checkpoint still resumes
 
 
+def test_resume_refuses_a_run_whose_log_or_checkpoint_is_damaged(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=2)
+    runs.train(cfg, quiet=True)
+    resume = lambda: runs.train(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume", "--iters=3"]), quiet=True)
+    ckpt, log = tmp_path / "run" / "ckpt.pt", tmp_path / "run" / "log.jsonl"
+    kept = log.read_bytes()
+    log.unlink()  # resuming would leave a log that starts at iteration 3
+    with pytest.raises(ValueError, match=r"at iteration 2, but .* has no log.jsonl: put the run's log back"):
+        resume()
+    log.write_bytes(kept)
+    good = torch.load(ckpt, weights_only=False)
+    for damage, msg in [(dict(iter=None), r"not a run checkpoint \(it has no iter\)"),
+                        (dict(config=good["config"] | {"lr": "x", "iters": 2.5}),
+                         r"config values of the wrong type: iters=2.5, lr='x'")]:
+        ck = {k: v for k, v in (good | damage).items() if v is not None}
+        torch.save(ck, ckpt)
+        with pytest.raises(ValueError, match=msg):
+            resume()
+    torch.save(good, ckpt)
+    assert resume().iter == 3
+
+
 def test_a_kill_during_a_checkpoint_write_leaves_no_tmp_file(tmp_path):
     with pytest.raises(Exception):  # an interrupted write (here: an unpicklable object) removes its tmp file
         model_lib.atomic_save({"f": lambda: 0}, str(tmp_path / "x.pt"))
@@ -3413,7 +3440,10 @@ def test_config_rejects_bad_values_up_front(monkeypatch):
              "--n_head=3": r"n_embd \(128\) must be a multiple of n_head \(3\)",
              "--n_kv_head=3": r"n_head \(4\) must be a multiple of n_kv_head \(3\)",
              "--device=foo": "device 'foo' is not a device name", "--eval_data=x.jsonl": "--eval_data=FILE goes with",
-             "--seed=-1": "seed must be >= 0, got -1", "--weight_decay=-0.1": "weight_decay must be >= 0"}
+             "--seed=-1": "seed must be >= 0, got -1", "--weight_decay=-0.1": "weight_decay must be >= 0",
+             "--seed=99999999999999999999": r"seed and base_seed must be < 2\*\*62",
+             "--base_seed=9223372036854775807": r"seed and base_seed must be < 2\*\*62",
+             "--difficulties=1-1000000000": "integers from 1 to 100", "--difficulties=2,101": "integers from 1 to 100"}
     for arg, msg in cases.items():
         with pytest.raises(ValueError, match=msg):
             runs.parse_args([arg])
@@ -3538,8 +3568,27 @@ def test_base_evaluation_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
     assert len(calls) == 1  # cached beside the weights: BASE.eval-HASH.json
     assert [n for n in os.listdir(tmp_path) if n.startswith("base.pt.eval-")]
     path.write_bytes(b"weights v2, retrained")  # new weights under the same name
+    v1 = set(tmp_path.glob("base.pt.eval-*.json"))
     base_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
     assert len(calls) == 2
+    [cache] = set(tmp_path.glob("base.pt.eval-*.json")) - v1
+    for damage in ("{bad", "{}"):  # a damaged cache is a miss: evaluated again and rewritten, not an error after RL
+        cache.write_text(damage)
+        res = base_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
+        assert eval_lib.check_evaluation(json.loads(cache.read_text()), str(cache), whole=False) == res
+    assert len(calls) == 4
+
+
+def test_a_damaged_shipped_base_json_is_an_error_before_any_work(tmp_path, monkeypatch):
+    import shutil
+    shutil.copytree(SHIPPED, tmp_path / "exactsumfb")
+    monkeypatch.setattr(base_lib, "SHIPPED", str(tmp_path))
+    cfg, fam = exit_lib.Config(), tasks_lib.make_family("exactsumfb")
+    record = json.loads((tmp_path / "exactsumfb" / "base.json").read_text())
+    for damage in ({"key": None}, {"evaluations": "x"}):
+        (tmp_path / "exactsumfb" / "base.json").write_text(json.dumps(record | damage))
+        with pytest.raises(ValueError, match=r"base.json is damaged .*`git checkout .*exactsumfb` restores it"):
+            base_lib.shipped_base(cfg, base_lib.warm_start_key(cfg, fam))
 
 
 def test_real_data_and_checkpoint_problems_are_errors_before_the_model_loads(tmp_path, instruct, monkeypatch):
