@@ -285,6 +285,10 @@ def check_args(p, args):
                      ("threads", 0), ("warm_steps", 0)):
         if getattr(args, name) < lo:
             p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    if args.prompts > runs.TRAIN_POOL:  # the sampler's prompts are the first of the training pool
+        p.error(f"--prompts must be <= {runs.TRAIN_POOL} (the training pool), got {args.prompts}")
+    if not 0 <= args.seed < 2 ** 63:  # what torch and the task draws accept
+        p.error(f"--seed must be in [0, 2**63-1], got {args.seed}")
     family = tasks.FAMILIES.get(args.task)
     if family is None or not family.has_demonstrations or family.multi_turn:
         p.error(f"--task must be a single-turn toy family with demonstrations, one of "
@@ -322,7 +326,10 @@ def main():
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    tr = make_trainer(args)
+    try:  # a bad input is one line: e.g. runs.preflight finding prompt + --new-tokens past the context
+        tr = make_trainer(args)
+    except ValueError as e:
+        p.error(str(e))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); toy policy "
           f"{sum(q.numel() for q in tr.policy.parameters()) / 1e6:.2f}M params ({tr.base_path})")
     if args.only in (None, "sampler"):

@@ -400,12 +400,15 @@ def build(cfg: Config, quiet: bool) -> exit_lib.Trainer:
 # Checks made before any work, so that a bad input is an error in seconds, not a traceback after the warm start.
 
 
+TRAIN_POOL = 5000  # problems in a run's training pool, drawn once by preflight
+
+
 def preflight(cfg: Config, quiet: bool = False) -> dict:
     """Everything the run will need, checked before the base loads (data, problems, --init, context); returns
     the family, the evaluation family, the training pool and the base's loader for the Trainer."""
     family = tasks_lib.make_family(cfg.task, cfg.data, cfg.difficulties)
     efam = tasks_lib.eval_family(cfg.eval_data, family)
-    train_pool = family.sample("train", 5000, seed=cfg.seed)  # a ValueError naming the difficulties if too few
+    train_pool = family.sample("train", TRAIN_POOL, seed=cfg.seed)  # a ValueError naming the difficulties if too few
     heldout = []
     if cfg.eval_problems:
         heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet,

@@ -3275,10 +3275,17 @@ def test_a_refused_resume_rewrites_nothing(tmp_path, capsys):
 @pytest.mark.parametrize("arg, message", [("--repeats=0", "--repeats must be >= 1"), ("--prompts=-1", "--prompts must be >= 1"),
                                           ("--new-tokens=0", "--new-tokens must be >= 1"), ("--threads=-2", "--threads must be >= 0"),
                                           ("--task=foo", "--task must be a single-turn toy family"),
-                                          ("--warm-steps=-5", "--warm-steps must be >= 0")])
+                                          ("--warm-steps=-5", "--warm-steps must be >= 0"),
+                                          ("--prompts=100000", "--prompts must be <= 5000"),
+                                          ("--seed=-1", "--seed must be in [0, 2**63-1]"),
+                                          ("--seed=99999999999999999999", "--seed must be in [0, 2**63-1]"),
+                                          # runs.preflight's check, before the base loads
+                                          ("--new-tokens=1000 --peer=none", "exceeds the model's context of 256 tokens")])
 def test_bench_checks_its_arguments(arg, message):
-    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), arg], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *arg.split()], capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
+    assert p.stdout == ""  # before any work
 
 
 def test_bench_without_trl_says_so_before_any_work():
