@@ -471,6 +471,8 @@ if __name__ == "__main__":
     p.add_argument("--out", metavar="DIR", help="where to write it (default: RUN/hf, or X.hf beside a file X.pt)")
     args = p.parse_args()
     try:
+        if args.out == "":  # names no folder: refused before the checkpoint loads, not when writing to it
+            raise ValueError("--out is empty: give a folder, or leave it out for the default")
         print(f"Hugging Face directory: {export(args.run, args.out)}")  # a live run's: its last checkpoint (atomic)
     except (ValueError, OSError) as e:  # OSError: a folder that cannot be written (FileExistsError, a full disk)
         print(f"error: {e}", file=sys.stderr)

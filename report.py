@@ -33,9 +33,35 @@ import runs as runs_lib
 import tasks as tasks_lib
 
 
+_NUM = (lambda v: isinstance(v, (int, float)), "a number")
+_MS = (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_NUM[0], v)), "[mean, std]")
+# what format_table and plot_table read of a saved comparison: each row's fields, and the budget's
+ROW_FIELDS = dict(method=(lambda v: isinstance(v, str), "text"), label=(lambda v: isinstance(v, str), "text"),
+                  runs=(lambda v: isinstance(v, int), "a count"), k0=_MS, kK=_MS, delta=_MS,
+                  **dict.fromkeys(("score_mean", "score_std"),
+                                  (lambda v: isinstance(v, list) and all(map(_NUM[0], v)), "a list of numbers")))
+BUDGET_FIELDS = dict(n=ROW_FIELDS["runs"], fresh_frac=_NUM, equal_iterations=_MS, equal_base_tasks=_MS)
+
+
 def check_table(table, path: str) -> dict:
-    if not isinstance(table, dict) or not isinstance(table.get("rows"), list) or "K" not in table:
+    """A saved comparison (results.json) as format_table and plot_table read it, or a ValueError naming the file."""
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list) or not isinstance(table.get("K"), int):
         raise ValueError(f"{path}: not a comparison (results.json with 'K' and 'rows')")
+    paired, budget = table.get("paired") or [], table.get("budget")
+    if not isinstance(paired, list):
+        raise ValueError(f"{path}: paired is not a list")
+    methods = [r.get("method") for r in table["rows"] if isinstance(r, dict)]
+    row = (lambda v: v in methods, "a row's method")  # a paired difference is labelled by its rows
+    pair_fields = dict(a=row, b=row, n=ROW_FIELDS["runs"], k0=_MS, kK=_MS)
+    parts = [(f"row {i + 1}", r, ROW_FIELDS) for i, r in enumerate(table["rows"])] \
+        + [(f"paired {i + 1}", d, pair_fields) for i, d in enumerate(paired)] \
+        + ([("budget", budget, BUDGET_FIELDS)] if budget is not None else [])
+    for name, part, fields in parts:
+        if not isinstance(part, dict):
+            raise ValueError(f"{path}: {name} is not an object")
+        bad = next((f"{k} is not {what}" for k, (ok, what) in fields.items() if not ok(part.get(k))), None)
+        if bad:
+            raise ValueError(f"{path}: {name}'s {bad}")
     return table
 
 
@@ -47,6 +73,11 @@ RUN_DEFAULTS = dict(eval_problems=200, eval_k=16, eval_samples=2, eval_temperatu
 
 
 METHODS = ("grpo", "curriculum", "improve", "diverge", "exit")  # the ladder's rungs, as exit.METHODS
+# the config.json settings this file reads (run_label, the base key, eval_settings): another type is a damaged file
+CONFIG_TYPES = {**dict.fromkeys(("method", "task", "admission", "data", "eval_data", "difficulties", "eval_split",
+                                 "init"), (str, "text")),
+                **dict.fromkeys(("seed", "base_seed", "eval_k", "eval_problems", "eval_samples", "max_new_tokens",
+                                 "eval_temperature", "kappa", "div_clip"), ((int, float), "a number"))}
 
 
 def truncate(res: dict, K: int) -> dict:
@@ -211,6 +242,10 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{path} has no config.json, so its method is unknown")
         cfg = hf.read_json(cfg_file)
+        bad = next((f"{k} is not {what}" for k, (typ, what) in CONFIG_TYPES.items()
+                    if k in cfg and not isinstance(cfg[k], typ)), None)
+        if bad:
+            raise ValueError(f"{cfg_file}: {bad}")
         method, log = run_label(cfg), runs_lib.read_log(path)
     elif os.path.isfile(path):
         ck = model_lib.load_checkpoint(path)
@@ -937,6 +972,10 @@ def parse(argv):
                    "(2 on a 2-core CPU halves the time); outputs in OUT/{run}.out (default 1)")
     p.add_argument("--split", choices=("test", "val"), help="held-out split to evaluate on (default: the run's own, "
                    "test); val goes to eval.val.json: choose settings there, report test")
+    keys = [a.partition("=")[0] for a in argv if a.startswith("--") and a != "--"]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice:  # argparse lets the last one win silently, hiding a typo in a long command line (as exit.py refuses)
+        raise ValueError(f"{twice} is given twice; give it once")
     args, extra = p.parse_known_args(argv)
     if extra and not args.ladder:
         p.error(f"unrecognized arguments: {' '.join(extra)} (exit.py settings go with --ladder)")
@@ -958,6 +997,8 @@ def check_args(args):
          f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     need(args.seeds >= 1, f"--seeds must be >= 1, got {args.seeds}")
     need(args.jobs >= 1, f"--jobs must be >= 1, got {args.jobs}")
+    for name in ("out", "results"):  # "" names no folder: the write at the end would fail after all the work
+        need(getattr(args, name) != "", f"--{name} is empty: give a folder, or leave it out for the default")
     if args.device:
         model_lib.pick_device(args.device)
 
@@ -967,10 +1008,12 @@ def _stop(signum, frame):
 
 
 def main(argv=None):
-    args, extra = parse(sys.argv[1:] if argv is None else argv)
     try:
+        args, extra = parse(sys.argv[1:] if argv is None else argv)
         check_args(args)
         if args.table:
+            if os.path.isdir(args.table):  # else open() fails as if a write were refused
+                raise ValueError(f"--table={args.table} is a directory, not a results.json table")
             table = check_table(hf.read_json(args.table), args.table)
             print(format_table(table))
             plots = plot_table(table, args.out or os.path.dirname(os.path.abspath(args.table)))

@@ -3531,6 +3531,77 @@ def test_eval_cli_rejects_bad_numbers_and_names_bad_files(four_runs, capsys):
     assert "results.json: not a comparison" in fails(["--table", str(four_runs / "results.json")])
 
 
+def eval_fails(capsys, argv):
+    """python eval.py on bad input: stderr, one `error: ...` line (exit code 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        report.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_eval_cli_refuses_a_flag_given_twice(four_runs, capsys):
+    run = str(four_runs / "exit-s0")
+    assert eval_fails(capsys, [run, "--k=1", "--k=4"]) == "error: --k is given twice; give it once\n"
+    assert "--recompute is given twice" in eval_fails(capsys, [run, "--recompute", "--recompute"])
+    assert "--out is given twice" in eval_fails(capsys, [run, "--out", "a", "--out=b"])
+
+
+def test_eval_and_hf_cli_refuse_an_empty_out_before_any_work(four_runs, capsys):
+    run = str(four_runs / "exit-s0")
+    assert "--out is empty" in eval_fails(capsys, [run, "--out="])
+    assert not (four_runs / "exit-s0" / "results.json").exists()  # nothing written, nothing printed but the error
+    assert "--results is empty" in eval_fails(capsys, ["--ladder", "--results="])
+    p = subprocess.run([sys.executable, os.path.join(HERE, "hf.py"), str(four_runs / "nowhere"), "--out="],
+                       capture_output=True, text=True, timeout=120)  # refused before the checkpoint is looked for
+    assert p.returncode == 2 and p.stderr.startswith("error: --out is empty") and "Traceback" not in p.stderr, p.stderr
+
+
+def test_eval_cli_table_of_a_directory_is_named(four_runs, capsys):
+    err = eval_fails(capsys, ["--table", str(four_runs)])
+    assert f"--table={four_runs} is a directory, not a results.json table" in err
+
+
+def test_eval_json_with_a_damaged_optional_field_is_named(four_runs, capsys):
+    run, good = str(four_runs / "exit-s0"), fake_eval(0.1, 0.2)  # K = 2
+    for field, bad in [("by_difficulty", None), ("by_difficulty", {"2": "x"}), ("settings", "x"),
+                       ("net_corrections", None), ("net_corrections", [0.0]), ("fix_rate", "x"),
+                       ("break_rate", [0.5, "x"])]:
+        for who in ("policy", "base"):
+            ev = {"policy": good, "base": good, who: dict(good, **{field: bad})}
+            (four_runs / "exit-s0" / "eval.json").write_text(json.dumps(ev))
+            assert f"{run}/eval.json: the {who}'s {field} is not" in eval_fails(capsys, [run]), (field, bad, who)
+    fine = dict(good, fix_rate=[None, 0.5], break_rate=[0.0, None], settings=dict(n_samples=1))  # None: no chain was
+    (four_runs / "exit-s0" / "eval.json").write_text(json.dumps(dict(policy=fine, base=good)))
+    report.main([run])
+
+
+def test_config_json_with_a_setting_of_another_type_is_named(four_runs, capsys):
+    run = four_runs / "exit-s0"
+    cfg = json.load(open(run / "config.json"))
+    for key, bad, what in [("method", 5, "text"), ("task", None, "text"), ("seed", [0], "a number")]:
+        (run / "config.json").write_text(json.dumps(dict(cfg, **{key: bad})))
+        assert f"{run}/config.json: {key} is not {what}" in eval_fails(capsys, [str(run)])
+
+
+def test_a_damaged_saved_table_is_named(four_runs, capsys):
+    report.main(sorted(str(p) for p in four_runs.iterdir()))  # four_runs/results.json: a comparison with paired rows
+    capsys.readouterr()
+    table, path = json.load(open(four_runs / "results.json")), four_runs / "damaged.json"
+    assert table["paired"] and table["budget"] is None
+    row = table["rows"][0]
+    for damage, what in [(dict(rows=[1]), "row 1 is not an object"),
+                         (dict(rows=[dict(row, score_mean=None)]), "row 1's score_mean is not"),
+                         (dict(rows=[dict(row, delta=[])]), "row 1's delta is not [mean, std]"),
+                         (dict(rows=[dict(row, k0="x")]), "row 1's k0 is not [mean, std]"),
+                         (dict(paired="x"), "paired is not a list"),
+                         (dict(paired=[dict(table["paired"][0], k0="x")]), "paired 1's k0 is not [mean, std]"),
+                         (dict(budget="x"), "budget is not an object")]:
+        path.write_text(json.dumps(dict(table, **damage)))
+        assert f"{path}: {what}" in eval_fails(capsys, ["--table", str(path)]), damage
+    report.main(["--table", str(four_runs / "results.json")])  # the undamaged one still reprints
+
+
 def test_one_run_never_replaces_a_comparison_of_many(four_runs, capsys):
     runs = sorted(str(p) for p in four_runs.iterdir())
     report.main(runs)  # the comparison of four runs, in their parent folder
