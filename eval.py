@@ -202,19 +202,6 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _steps(n: int, gaps: bool = False):  # a list of K + n finite numbers (gaps: None where no chain was)
-    return lambda v, K: isinstance(v, list) and len(v) == K + n and all(
-        (gaps and x is None) or (isinstance(x, (int, float)) and math.isfinite(x)) for x in v)
-
-
-# an evaluation's optional fields, as report.py's truncate, comparison_table and summary_table read them
-OPTIONAL = dict(by_difficulty=(lambda v, K: isinstance(v, dict) and all(_steps(1)(c, K) for c in v.values()),
-                               "an object of K + 1 finite numbers per difficulty"),
-                settings=(lambda v, K: isinstance(v, dict), "an object"),
-                net_corrections=(_steps(1), "K + 1 finite numbers"),
-                **dict.fromkeys(("fix_rate", "break_rate"), (_steps(0, gaps=True), "K numbers (or nulls)")))
-
-
 def check_evaluation(ev, path: str, whole: bool = True) -> dict:
     """An evaluation read from disk (eval.json: {"policy", "base"}; whole=False: one policy's), or a
     ValueError naming the file."""
@@ -230,9 +217,6 @@ def check_evaluation(ev, path: str, whole: bool = True) -> dict:
                 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in s + [r.get("delta")])):
             raise ValueError(f"{path}: the {name}'s scores are not K + 1 = {K} + 1 finite numbers (a missing step, or "
                              "NaN), or it has no count n or solved fractions; delete it, or pass --recompute to evaluate again")
-        bad = next((f"{k} is not {what}" for k, (ok, what) in OPTIONAL.items() if k in r and not ok(r[k], K)), None)
-        if bad:
-            raise ValueError(f"{path}: the {name}'s {bad}; delete it, or pass --recompute to evaluate again")
     return ev
 
 

@@ -16,6 +16,7 @@ and runs.py (run folders); nothing in the core imports it.
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -219,6 +220,29 @@ BASE_KEYS = ("task", "data", "eval_data", "difficulties", "seed", "base_seed", "
              "eval_k", "eval_samples", "eval_temperature", "eval_split", "eval_harder")
 
 
+def _steps(n: int, gaps: bool = False):  # a list of K + n finite numbers (gaps: None where no chain was)
+    return lambda v, K: isinstance(v, list) and len(v) == K + n and all(
+        (gaps and x is None) or (isinstance(x, (int, float)) and math.isfinite(x)) for x in v)
+
+
+# eval.json's optional fields, as truncate, comparison_table and eval.summary_table read them
+OPTIONAL = dict(by_difficulty=(lambda v, K: isinstance(v, dict) and all(_steps(1)(c, K) for c in v.values()),
+                               "an object of K + 1 finite numbers per difficulty"),
+                settings=(lambda v, K: isinstance(v, dict), "an object"),
+                net_corrections=(_steps(1), "K + 1 finite numbers"),
+                **dict.fromkeys(("fix_rate", "break_rate"), (_steps(0, gaps=True), "K numbers (or nulls)")))
+
+
+def check_fields(ev: dict, path: str) -> dict:
+    """eval.json's optional fields (OPTIONAL), past what eval.check_evaluation checks, or a ValueError naming the field."""
+    for name in ("policy", "base"):
+        r = ev.get(name) if isinstance(ev.get(name), dict) else {}
+        bad = next((f"{k} is not {what}" for k, (ok, what) in OPTIONAL.items() if k in r and not ok(r[k], r["K"])), None)
+        if bad:
+            raise ValueError(f"{path}: the {name}'s {bad}; delete it, or pass --recompute to evaluate again")
+    return ev
+
+
 def load_run(path: str, recompute: bool = False, task: str | None = None, K: int | None = None,
              n_problems: int | None = None, n_samples: int | None = None, device: str = "auto",
              temperature: float | None = None, split: str | None = None) -> dict:
@@ -269,7 +293,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
         return f"{plain[:-len('.json')]}.{'.'.join(tags)}.json" if tags else plain
 
     def stored(path):  # the evaluation in path; None if there is none, or with recompute
-        return eval_lib.check_evaluation(hf.read_json(path), path) if os.path.isfile(path) and not recompute else None
+        return check_fields(eval_lib.check_evaluation(hf.read_json(path), path), path) \
+            if os.path.isfile(path) and not recompute else None
     # a smaller K reads the evaluation at the run's K, cut short (exactly); a larger one (or one an older, shorter
     # file lacks) is a file of its own
     ev_file = named("nsT")
