@@ -287,8 +287,9 @@ def check_args(p, args):
             p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     if args.prompts > runs.TRAIN_POOL:  # the sampler's prompts are the first of the training pool
         p.error(f"--prompts must be <= {runs.TRAIN_POOL} (the training pool), got {args.prompts}")
-    if not 0 <= args.seed < 2 ** 63:  # what torch and the task draws accept
-        p.error(f"--seed must be in [0, 2**63-1], got {args.seed}")
+    top = 2 ** 32 if args.peer == "trl" and args.only in (None, "iteration") else 2 ** 63  # transformers' set_seed: 32 bits
+    if not 0 <= args.seed < top:  # what torch, the task draws and the peer accept
+        p.error(f"--seed must be in [0, {top - 1}], got {args.seed}")
     family = tasks.FAMILIES.get(args.task)
     if family is None or not family.has_demonstrations or family.multi_turn:
         p.error(f"--task must be a single-turn toy family with demonstrations, one of "

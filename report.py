@@ -40,7 +40,9 @@ _MS = (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_NUM[0], v)), "
 ROW_FIELDS = dict(method=(lambda v: isinstance(v, str), "text"), label=(lambda v: isinstance(v, str), "text"),
                   runs=(lambda v: isinstance(v, int), "a count"), k0=_MS, kK=_MS, delta=_MS,
                   **dict.fromkeys(("score_mean", "score_std"),
-                                  (lambda v: isinstance(v, list) and all(map(_NUM[0], v)), "a list of numbers")))
+                                  (lambda v: isinstance(v, list) and all(map(_NUM[0], v)), "a list of numbers")),
+                  problems=(lambda v: v is None or isinstance(v, list) and v != [] and all(  # tables from before: none
+                      isinstance(x, int) and x > 0 for x in v), "a list of counts"))
 BUDGET_FIELDS = dict(n=ROW_FIELDS["runs"], fresh_frac=_NUM, equal_iterations=_MS, equal_base_tasks=_MS)
 
 
@@ -53,7 +55,8 @@ def check_table(table, path: str) -> dict:
         raise ValueError(f"{path}: paired is not a list")
     methods = [r.get("method") for r in table["rows"] if isinstance(r, dict)]
     row = (lambda v: v in methods, "a row's method")  # a paired difference is labelled by its rows
-    pair_fields = dict(a=row, b=row, n=ROW_FIELDS["runs"], k0=_MS, kK=_MS)
+    pair_fields = dict(a=row, b=row, n=ROW_FIELDS["runs"], k0=_MS, kK=_MS,
+                       zero_var=(lambda v: v is None or _MS[0](v), "[mean, std] or null"))
     parts = [(f"row {i + 1}", r, ROW_FIELDS) for i, r in enumerate(table["rows"])] \
         + [(f"paired {i + 1}", d, pair_fields) for i, d in enumerate(paired)] \
         + ([("budget", budget, BUDGET_FIELDS)] if budget is not None else [])
@@ -1061,8 +1064,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     except OSError as e:  # the machine refused a write: a read-only folder, a full disk
-        print(f"error: could not write {getattr(e, 'filename', None) or ''} ({e.strerror or e}); nothing else changed",
-              file=sys.stderr)
+        why = f"could not write {e.filename} ({e.strerror})" if e.filename else str(e)  # model.atomic_save's names the file
+        print(f"error: {why}; nothing else changed", file=sys.stderr)
         raise SystemExit(1)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing half-written (evaluations are written whole, at the end)", file=sys.stderr)

@@ -1141,7 +1141,8 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
             if kind == "gsm8k" and isinstance(d.get("question"), str) and isinstance(answer, str) and "####" in answer:
                 request, target = d["question"], answer.rsplit("####", 1)[1].strip()
             elif kind == "math" and isinstance(d.get("problem"), str) and (
-                    isinstance(answer, (str, int)) or isinstance(answer, float) and math.isfinite(answer)
+                    isinstance(answer, (str, int)) and not isinstance(answer, bool)
+                    or isinstance(answer, float) and math.isfinite(answer)
                     or "answer" not in d):
                 request = d["problem"]
                 target = str(answer) if "answer" in d else _last_boxed(str(d.get("solution", ""))) or ""

@@ -550,7 +550,7 @@ def test_load_jsonl_and_realmath(tmp_path):
                        ('{"question": "q", "answer": "no hashes"}\n', 1), ('[1, 2]\n', 1),
                        ('{"question": "q", "answer": ["#### 4"]}\n', 1), ('{"problem": "p", "answer": null}\n', 1),
                        ('{"problem": "p", "answer": {"x": 1}}\n', 1), ('{"problem": "p", "answer": NaN}\n', 1),
-                       ('{"question": " ", "answer": "#### 4"}\n', 1)]:
+                       ('{"question": " ", "answer": "#### 4"}\n', 1), ('{"problem": "p", "answer": true}\n', 1)]:
         bad.write_text(body)
         with pytest.raises(ValueError, match=f"bad.jsonl, line {line}"):
             tasks.load_jsonl(str(bad))
@@ -1725,9 +1725,9 @@ def test_comparison_table_from_saved_json_by_hand(four_runs, monkeypatch):
 
 
 def test_eval_py_into_a_folder_it_cannot_write_is_one_line(four_runs, capsys, monkeypatch):
-    def refuse(obj, path):
-        raise PermissionError(13, "Permission denied", path)
-    monkeypatch.setattr(report.hf, "write_json", refuse)  # a read-only folder (root writes anywhere)
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", dst)
+    monkeypatch.setattr(os, "replace", refuse)  # a read-only folder (root writes anywhere): model.atomic_save's rename
     with pytest.raises(SystemExit) as e:
         report.main([str(p) for p in four_runs.iterdir()] + ["--out", str(four_runs / "cmp")])
     err = capsys.readouterr().err.strip()
@@ -3279,8 +3279,9 @@ def test_a_refused_resume_rewrites_nothing(tmp_path, capsys):
                                           ("--task=foo", "--task must be a single-turn toy family"),
                                           ("--warm-steps=-5", "--warm-steps must be >= 0"),
                                           ("--prompts=100000", "--prompts must be <= 5000"),
-                                          ("--seed=-1", "--seed must be in [0, 2**63-1]"),
-                                          ("--seed=99999999999999999999", "--seed must be in [0, 2**63-1]"),
+                                          ("--seed=-1 --peer=none", "--seed must be in [0, 9223372036854775807]"),
+                                          ("--seed=99999999999999999999 --peer=none", "--seed must be in [0, 92233720"),
+                                          ("--seed=4294967296", "--seed must be in [0, 4294967295]"),  # TRL's set_seed
                                           # runs.preflight's check, before the base loads
                                           ("--new-tokens=1000 --peer=none", "exceeds the model's context of 256 tokens")])
 def test_bench_checks_its_arguments(arg, message):
@@ -3596,6 +3597,8 @@ def test_a_damaged_saved_table_is_named(four_runs, capsys):
                          (dict(rows=[dict(row, k0="x")]), "row 1's k0 is not [mean, std]"),
                          (dict(paired="x"), "paired is not a list"),
                          (dict(paired=[dict(table["paired"][0], k0="x")]), "paired 1's k0 is not [mean, std]"),
+                         (dict(paired=[dict(table["paired"][0], zero_var=[0.1])]), "paired 1's zero_var is not [mean, std]"),
+                         (dict(rows=[dict(row, problems="x")]), "row 1's problems is not a list of counts"),
                          (dict(budget="x"), "budget is not an object")]:
         path.write_text(json.dumps(dict(table, **damage)))
         assert f"{path}: {what}" in eval_fails(capsys, ["--table", str(path)]), damage
