@@ -231,7 +231,9 @@ def _steps(n: int, gaps: bool = False):  # a list of K + n finite numbers (gaps:
 # eval.json's optional fields, as truncate, comparison_table and eval.summary_table read them
 OPTIONAL = dict(by_difficulty=(lambda v, K: isinstance(v, dict) and all(_steps(1)(c, K) for c in v.values()),
                                "an object of K + 1 finite numbers per difficulty"),
-                settings=(lambda v, K: isinstance(v, dict), "an object"),
+                settings=(lambda v, K: isinstance(v, dict) and isinstance(v.get("split", ""), str)
+                          and isinstance(v.get("n_samples", 1), int) and v.get("n_samples", 1) >= 1,
+                          "an object (split: text, n_samples: a count)"),
                 net_corrections=(_steps(1), "K + 1 finite numbers"),
                 **dict.fromkeys(("fix_rate", "break_rate"), (_steps(0, gaps=True), "K numbers (or nulls)")))
 

@@ -3566,6 +3566,7 @@ def test_eval_cli_table_of_a_directory_is_named(four_runs, capsys):
 def test_eval_json_with_a_damaged_optional_field_is_named(four_runs, capsys):
     run, good = str(four_runs / "exit-s0"), fake_eval(0.1, 0.2)  # K = 2
     for field, bad in [("by_difficulty", None), ("by_difficulty", {"2": "x"}), ("settings", "x"),
+                       ("settings", dict(n_samples="2")), ("settings", dict(n_samples=0)), ("settings", dict(split=1)),
                        ("net_corrections", None), ("net_corrections", [0.0]), ("fix_rate", "x"),
                        ("break_rate", [0.5, "x"])]:
         for who in ("policy", "base"):
