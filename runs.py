@@ -232,13 +232,18 @@ def write_results(trainer, res: dict | None):
 
 
 def failed(e: BaseException, saved: int | None) -> int:
-    """What `run` prints for an error that stops a run, and its exit code: 2 a bad input, 1 a lost rank or a
-    refused write, 130 Ctrl-C or kill outside the RL loop (warm start, evaluation), or a second one."""
+    """What `run` prints for an error that stops a run, and its exit code: 2 a bad input, 1 out of memory, a lost
+    rank or a refused write, 130 Ctrl-C or kill outside the RL loop (warm start, evaluation), or a second one."""
     if isinstance(e, (ValueError, FileNotFoundError, FileExistsError)):
         # under torchrun a rank that exits stops the others (torchrun ends them); the message says which rank
         print(f"error{f' (rank {scale.rank()})' if scale.world_size() > 1 else ''}: {e}", file=sys.stderr)
         return 2
     intact = f"ckpt.pt at iteration {saved}" if saved else "its last checkpoint, if it has one"
+    if isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e):
+        print(f"\nerror: out of memory ({str(e).splitlines()[0][:200]}): lower --tasks_per_iter, --group_size or "
+              f"--max_new_tokens, or set --micro_batch; the run folder keeps {intact} (--resume continues it)",
+              file=sys.stderr)
+        return 1
     if isinstance(e, RuntimeError):  # data parallel: a collective failed because another rank is gone (killed, crashed)
         if scale.world_size() == 1:
             raise e

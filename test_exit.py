@@ -3256,6 +3256,19 @@ def test_a_write_the_machine_refuses_is_one_line_and_loses_nothing(tmp_path, cap
         assert torch.load(run / "ckpt.pt", weights_only=False)["iter"] == 2
 
 
+def test_out_of_memory_is_one_line_naming_what_uses_less(tmp_path, capsys, monkeypatch):
+    for oom in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
+                             "you tried to allocate 9000000000 bytes.")):
+        def iteration(self, oom=oom):
+            raise oom
+        monkeypatch.setattr(exit_lib.Trainer, "iteration", iteration)
+        err = main_fails(capsys, tiny_args(tmp_path / f"run{len(str(oom))}", tmp_path / "base"), code=1)
+        err = err.strip().splitlines()[-1]  # after the warm start's progress bar
+        assert err.startswith("error: out of memory (") and "the run folder keeps" in err, err
+        assert "--group_size" in err and "--micro_batch" in err and "Traceback" not in err
+
+
 def test_a_run_folder_the_file_system_refuses_is_an_error_before_any_work(tmp_path, capsys):
     for out in ("/proc/exit-test/run", str(tmp_path / ("x" * 300))):  # not writable even by root; a name too long
         err = main_fails(capsys, tiny_args(out, tmp_path / "base"))
