@@ -38,10 +38,13 @@ class ScaleTrainer(exit_lib.Trainer):
         # --dtype=bf16: the policy samples and trains in bf16, but AdamW steps fp32 master copies. At the
         # paper's lr 1e-6 an update is ~1e-4 of a weight, below bf16's resolution (2^-8): bf16 weights updated
         # in place would mostly not move. (fp32: the policy is its own master.)
-        self.master = None
+        self.master = self.ref_master = None
         if self.policy.lm_head.weight.dtype != torch.float32:
             self.master = [p.detach().float().clone() for p in self.policy.parameters()]
             self.opt = torch.optim.AdamW(self.master, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+            # the reference's EMA step, (1 - α) of the way to θ, is as small: it moves an fp32 copy too
+            if self.ref is not None:
+                self.ref_master = [p.detach().float().clone() for p in self.ref.parameters()]
 
     world_size = property(lambda self: world_size())
     is_main = property(lambda self: is_main())
@@ -73,14 +76,28 @@ class ScaleTrainer(exit_lib.Trainer):
         embedder = (self.policy if ref is None else ref) if self.cfg.diversity_bonus else ref
         return ref, embedder
 
+    def refresh_reference(self):
+        """Under bf16 the EMA of §2.2 runs on fp32 copies (ref_master <- α master + (1 - α) ref_master), which
+        the bf16 reference then takes; else Trainer's."""
+        if self.ref_master is None:
+            return super().refresh_reference()
+        if (self.iter + 1) % self.cfg.ref_every == 0:
+            with torch.no_grad():
+                for r, m, p in zip(self.ref.parameters(), self.ref_master, self.master):
+                    r.copy_(m.lerp_(p, self.cfg.ref_alpha))
+
     def state_dict(self) -> dict:
-        return dict(super().state_dict(), master=None if self.master is None else [m.cpu() for m in self.master])
+        return dict(super().state_dict(), master=None if self.master is None else [m.cpu() for m in self.master],
+                    ref_master=None if self.ref_master is None else [m.cpu() for m in self.ref_master])
 
     def load_state_dict(self, ck: dict):
         super().load_state_dict(ck)
-        if self.master is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.master is not None:
                 for m, saved in zip(self.master, ck["master"]):
+                    m.copy_(saved)
+            if self.ref_master is not None:  # a checkpoint from before ref_master has the bf16 reference's weights
+                for m, saved in zip(self.ref_master, ck.get("ref_master") or [r.float() for r in self.ref.parameters()]):
                     m.copy_(saved)
 
     def save(self, path=None):

@@ -2887,6 +2887,22 @@ def test_bf16_policy_steps_fp32_master_weights(tmp_path, instruct):
     assert all(torch.equal(a, b) for a, b in zip(tr.master, resumed.master))
 
 
+def test_bf16_reference_moves_by_its_fp32_ema(tmp_path):
+    """§2.2's ref <- α θ + (1 - α) ref under bf16: a step of (1 - α) of a weight's distance to θ is mostly below
+    bf16's resolution, so the EMA runs on fp32 copies (as the policy's AdamW does), and a resume keeps them."""
+    tr = runs.prepare(tiny_cfg(tmp_path, dtype="bf16", beta=0.01, ref_every=1, ref_alpha=0.1), quiet=True)
+    with torch.no_grad():
+        for m, p in zip(tr.master, tr.policy.parameters()):  # the policy drifts 2% from the reference
+            p.copy_(m.mul_(1.02))
+    expect = [r.float().lerp(m, 0.1) for r, m in zip(tr.ref.parameters(), tr.master)]
+    tr.refresh_reference()
+    assert all(torch.equal(m, e) for m, e in zip(tr.ref_master, expect))
+    assert all(torch.equal(r, e.bfloat16()) for r, e in zip(tr.ref.parameters(), expect))
+    tr.save()
+    resumed = runs.prepare(dataclasses.replace(tr.cfg, resume=True), quiet=True)
+    assert all(torch.equal(a, b) for a, b in zip(tr.ref_master, resumed.ref_master))
+
+
 def test_chat_prompts_keep_control_token_text_plain_and_pin_the_date(instruct):
     ck, _ = instruct
     tok = hf.load_tokenizer(str(ck))
