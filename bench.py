@@ -287,14 +287,15 @@ def check_args(p, args):
             p.error(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     if args.prompts > runs.TRAIN_POOL:  # the sampler's prompts are the first of the training pool
         p.error(f"--prompts must be <= {runs.TRAIN_POOL} (the training pool), got {args.prompts}")
-    top = 2 ** 32 if args.peer == "trl" and args.only in (None, "iteration") else 2 ** 63  # transformers' set_seed: 32 bits
+    trl = args.peer == "trl" and args.only in (None, "iteration")  # the iteration's comparison runs TRL
+    top = 2 ** 32 if trl else 2 ** 63  # transformers' set_seed takes 32 bits
     if not 0 <= args.seed < top:  # what torch, the task draws and the peer accept
         p.error(f"--seed must be in [0, {top - 1}], got {args.seed}")
     family = tasks.FAMILIES.get(args.task)
     if family is None or not family.has_demonstrations or family.multi_turn:
         p.error(f"--task must be a single-turn toy family with demonstrations, one of "
                 f"{sorted(n for n, f in tasks.FAMILIES.items() if f.has_demonstrations and not f.multi_turn)}; got {args.task!r}")
-    if args.peer == "trl" and args.only in (None, "iteration"):  # found missing now, not after minutes of work
+    if trl:  # found missing now, not after minutes of work
         missing = [m for m in ("trl", "datasets", "accelerate") if importlib.util.find_spec(m) is None]
         if missing:
             p.error(f"the iteration's peer, TRL, needs the optional packages ({', '.join(missing)} missing): "
