@@ -121,6 +121,10 @@ class HFTokenizer(tokenizer_lib.Tokenizer):
         t = self.tok
         if t.eos_token_id is None:
             raise ValueError(f"{path}: the tokenizer defines no eos token")
+        probe = t.encode("improve 0123456789", add_special_tokens=False)  # a class without its vocabulary file loads
+        if not probe or t.unk_token_id in probe:  # (LlamaTokenizer with no tokenizer.model: 3 tokens) and encodes to nothing
+            raise ValueError(f"{path}: the tokenizer cannot encode plain text ({len(t)} tokens): its vocabulary file "
+                             "(tokenizer.model or tokenizer.json) is missing")
         self.bos_id, self.eos_id = t.bos_token_id, t.eos_token_id
         self.pad_id = t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
         vocab = t.get_vocab()

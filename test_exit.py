@@ -1201,6 +1201,13 @@ def test_hf_tokenizer_backend(tmp_path):
     assert tok.decode(chat, special=True) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_hf_tokenizer_without_its_vocabulary_is_refused(tmp_path):
+    # transformers loads a LlamaTokenizer from tokenizer_config.json alone (3 tokens) and encodes text to nothing
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    with pytest.raises(ValueError, match="cannot encode plain text.*tokenizer.model"):
+        hf.load_tokenizer(str(tmp_path))
+
+
 # ===============================================================================================
 # buffer.py: the task buffer against the rules of the paper's §4.1 (METHOD.md)
 # ===============================================================================================
