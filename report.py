@@ -234,15 +234,24 @@ OPTIONAL = dict(by_difficulty=(lambda v, K: isinstance(v, dict) and all(_steps(1
                 settings=(lambda v, K: isinstance(v, dict) and isinstance(v.get("split", ""), str)
                           and isinstance(v.get("n_samples", 1), int) and v.get("n_samples", 1) >= 1,
                           "an object (split: text, n_samples: a count)"),
-                net_corrections=(_steps(1), "K + 1 finite numbers"),
-                **dict.fromkeys(("fix_rate", "break_rate"), (_steps(0, gaps=True), "K numbers (or nulls)")))
+                net_corrections=(_steps(1), "K + 1 finite numbers"), turn_acc=(_steps(1), "K + 1 finite numbers"),
+                **dict.fromkeys(("fix_rate", "break_rate"), (_steps(0, gaps=True), "K numbers (or nulls)")),
+                # a multi-turn family's: an evaluation of the first turn, with these same optional fields
+                first_turn=(lambda v, K: isinstance(v, dict) and v.get("K") == K and _steps(1)(v.get("score"), K)
+                            and _steps(1)(v.get("solved"), K) and _steps(0)([v.get("delta")], 1) and not bad_field(v, K),
+                            "the first turn's evaluation (K, K + 1 scores and solved fractions, delta)"))
+
+
+def bad_field(r: dict, K: int) -> str | None:
+    """The first of an evaluation's OPTIONAL fields that fails its check, said in words; None if none does."""
+    return next((f"{k} is not {what}" for k, (ok, what) in OPTIONAL.items() if k in r and not ok(r[k], K)), None)
 
 
 def check_fields(ev: dict, path: str) -> dict:
     """eval.json's optional fields (OPTIONAL), past what eval.check_evaluation checks, or a ValueError naming the field."""
     for name in ("policy", "base"):
         r = ev.get(name) if isinstance(ev.get(name), dict) else {}
-        bad = next((f"{k} is not {what}" for k, (ok, what) in OPTIONAL.items() if k in r and not ok(r[k], r["K"])), None)
+        bad = bad_field(r, r.get("K"))
         if bad:
             raise ValueError(f"{path}: the {name}'s {bad}; delete it, or pass --recompute to evaluate again")
     return ev

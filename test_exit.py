@@ -3605,12 +3605,15 @@ def test_eval_json_with_a_damaged_optional_field_is_named(four_runs, capsys):
     for field, bad in [("by_difficulty", None), ("by_difficulty", {"2": "x"}), ("settings", "x"),
                        ("settings", dict(n_samples="2")), ("settings", dict(n_samples=0)), ("settings", dict(split=1)),
                        ("net_corrections", None), ("net_corrections", [0.0]), ("fix_rate", "x"),
-                       ("break_rate", [0.5, "x"])]:
+                       ("break_rate", [0.5, "x"]), ("turn_acc", [0.5, None, 0.5]), ("first_turn", [0.1]),
+                       ("first_turn", dict(good, K=3)), ("first_turn", dict(good, delta=None)),
+                       ("first_turn", dict(good, solved=[0.1])), ("first_turn", dict(good, fix_rate="x"))]:
         for who in ("policy", "base"):
             ev = {"policy": good, "base": good, who: dict(good, **{field: bad})}
             (four_runs / "exit-s0" / "eval.json").write_text(json.dumps(ev))
             assert f"{run}/eval.json: the {who}'s {field} is not" in eval_fails(capsys, [run]), (field, bad, who)
-    fine = dict(good, fix_rate=[None, 0.5], break_rate=[0.0, None], settings=dict(n_samples=1))  # None: no chain was
+    fine = dict(good, fix_rate=[None, 0.5], break_rate=[0.0, None], settings=dict(n_samples=1),  # None: no chain was
+                first_turn=good, turn_acc=[0.5, 0.5, 0.5])
     (four_runs / "exit-s0" / "eval.json").write_text(json.dumps(dict(policy=fine, base=good)))
     report.main([run])
 
