@@ -36,7 +36,7 @@ def learnability(rewards) -> float:
     r = np.asarray(rewards, dtype=np.float64)
     if r.size == 0:
         raise ValueError("learnability: rewards is empty")
-    return float(np.var(r))  # ddof=0: population variance [open in the paper]
+    return float(np.var(r))  # ddof=0: population variance (the paper does not say)
 
 
 def sampling_probs(scores, kappa) -> np.ndarray:

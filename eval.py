@@ -1,13 +1,14 @@
 """
 The held-out K-step self-improvement evaluation (the paper's §5, Table 1; METHOD.md).
 
-At test time ExIt only ever uses the improve prompt: a first answer (k = 0), then K improve steps,
-each seeing the request and the latest iterate. `evaluate_policy` runs that protocol on held-out base
-tasks (never trained on: tasks.py keeps the splits disjoint) and reports per step k the mean score,
-Δ_K = score(K) - score(0), the net corrections (Fig. 4) and the fix/break rates, overall and by
-difficulty; a multi-turn family is scored on whole episodes by the same `chain_scores`. Also here: the
-task diversity of what a run trained on (Tables 2, 7). The base's row (cached, or recorded with a shipped
-base) is base.py's (`evaluate_base`); one improvement chain as text is report.py's (`show_chain`).
+At test time ExIt only ever uses the improve prompt: a first answer (k = 0), then K improve steps, each
+seeing the request, the latest iterate and the feedback on it where the family gives some.
+`evaluate_policy` runs that protocol on held-out base tasks (never trained on: tasks.py keeps the splits
+disjoint) and reports per step k the mean score, Δ_K = score(K) - score(0), the net corrections (Fig. 4)
+and the fix/break rates, overall and by difficulty; a multi-turn family is scored on whole episodes by
+the same `chain_scores`. Also here: the task diversity of what a run trained on (Tables 2, 7). The
+base's row (cached, or recorded with a shipped base) is base.py's (`evaluate_base`); one improvement
+chain as text is report.py's (`show_chain`).
 
 Comparisons of runs, plots, and the ablation ladder are report.py's (`python eval.py RUN ...` and
 `python eval.py --ladder` run it); this file needs only model.py and tasks.py.

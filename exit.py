@@ -79,7 +79,7 @@ class Config:
     group_size: int = _f(8, "G: rollouts per task instance")
     epochs: int = _f(1, "policy-gradient epochs over each batch (ratio against the sampling policy)")
     lr: float = _f(2e-4, "AdamW learning rate of the RL stage (constant)")
-    grad_clip: float = _f(1.0, "gradient norm clip [open: METHOD.md]")
+    grad_clip: float = _f(1.0, "gradient norm clip (not in the paper: METHOD.md, Choices)")
     clip_eps: float = _f(0.2, "ε of the clipped ratio (Eq. 4)")
     beta: float = _f(0.0, "β: weight of the k3 KL to the reference policy (0 = no reference model)")
     ref_every: int = _f(100, "M: refresh the reference policy every M iterations")
@@ -90,7 +90,7 @@ class Config:
     buffer_size: int = _f(256, "N: capacity of the task buffer")
     min_size: int = _f(32, "B_min: replay only once the buffer holds this many entries")
     replay_prob: float = _f(0.5, "p: probability that a task instance is drawn from the buffer")
-    kappa: float = _f(10.0, "κ: inverse temperature of P(i) ∝ exp(κ S_i) [open: METHOD.md]")
+    kappa: float = _f(10.0, "κ: inverse temperature of P(i) ∝ exp(κ S_i) (not in the paper: METHOD.md, Choices)")
     p_div: float = _f(0.2, "probability that a buffered instance is iterated with the diverge prompt (§4.2)")
     # ---- what a run shows and keeps
     log_every: int = _f(10, "print a log line every this many iterations (log.jsonl gets every one)")
@@ -116,9 +116,9 @@ class Config:
     filter_malformed: bool = _f(False, "no gradient (advantage or KL) from responses of no valid type (tasks: TaskFamily.valid), as the paper's tool-use runs")
     micro_batch: int = _f(0, "rows per forward/backward (0 = the whole batch); same update either way")
     grad_checkpoint: bool = _f(False, "recompute each block in the backward pass: less activation memory, more compute (the ungrouped forward); numbers equal to float rounding")
-    dtype: str = _f("fp32", "policy weights: fp32 (bf16 autocast on GPU) | bf16 (AdamW on fp32 master copies)")
+    dtype: str = _f("fp32", "policy weights: fp32 (bf16 autocast on CUDA) | bf16 (AdamW on fp32 master copies)")
     admission: str = _f("score", "buffer admission when full: score (top-N by learnability, §4.1) | fifo (the oldest leaves: a control blind to learnability)")
-    children: str = _f("all", "which rollouts of a group enter the buffer: all | one [open: METHOD.md]")
+    children: str = _f("all", "which rollouts of a group enter the buffer: all | one (the paper is ambiguous: METHOD.md, Choices)")
     div_minmax: bool = _f(False, "diversity bonus: min-max form of Eq. 6 instead of the printed form")
     div_clip: float = _f(0.0, "diversity bonus: cap on Eq. 6's coefficient, d_i <= this (0 = no cap; the printed form is unbounded)")
     div_mean: bool = _f(False, "diversity bonus: d_i over the group's mean distance (averages 1: reweights, never rescales)")
@@ -151,7 +151,7 @@ class Config:
 
 
 def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, tol: float = 1e-6) -> torch.Tensor:
-    """Eq. 3: A_i = (r_i - mean(r)) / std(r) within each group (population std [open]); (P, G) -> (P, G).
+    """Eq. 3: A_i = (r_i - mean(r)) / std(r) within each group (population std: the paper does not say); (P, G) -> (P, G).
     An all-equal group (max - min <= tol, never std == 0) carries no signal: A = 0. Dr. GRPO
     (scale_by_std=False) keeps only the centring."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
@@ -184,7 +184,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
               clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
               dr_norm: float | None = None):
     """The negated GRPO objective, Eq. 4, and its diagnostics (the fraction of tokens whose ratio left
-    [1-ε, 1+ε], whatever the sign of A; the mean k3 KL; the mean ratio).
+    [1-ε, 1+ε], whatever the sign of A; the mean k3 KL, 0 without a reference (β = 0); the mean ratio).
     logp, old_logp, ref_logp, mask: (N, T) per completion token; adv: (N,) one per rollout.
     Per token min(ρ A, clip(ρ, 1-ε, 1+ε) A) - β KL_t with ρ = exp(logp - old_logp) (Eq. 5); GRPO averages
     over a rollout's tokens then over rollouts; Dr. GRPO (dr_norm) divides each sum by a constant instead."""

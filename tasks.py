@@ -4,7 +4,7 @@ Task spaces, prompts, rewards and warm-start demonstrations for ExIt.
 A task family is one task space M of the paper (§3): it samples base tasks m (`Problem`), writes the
 three prompts ExIt needs (base, self-improve, self-diverge), scores answers, and turns scores into
 the per-step rewards of the paper's §4 and Appendix A. exit.py only calls into this file (data flows one way: no torch,
-no model here): it samples problems, builds prompts from the request and the latest iterate, and
+no model here): it draws from a pool of sampled problems, builds prompts from the request and the latest iterate, and
 asks for `step_reward` of each rollout; the buffer stores partial histories as turns {answer,
 feedback, depth}.
 
@@ -108,7 +108,7 @@ class TaskFamily:
          Problem(**dataclasses.asdict(p)) == p (the buffer and checkpoints store problems as JSON).
       2. `make` draws only from the rng it is given, so `sample` is reproducible, and the base `sample`
          keeps train, val and test disjoint by the request's hash. Each difficulty should have comfortably more
-         distinct problems than its share of the 5000-problem training pool exit.py draws; `sample` warns
+         distinct problems than its share of the 5000-problem training pool runs.preflight draws; `sample` warns
          when one runs out (the difficulty mix is then skewed).
       3. `score` never raises and stays in [0, 1]; on a binary family 1.0 means right. `solve` scores 1
          in both styles. The compact prompt and answers stay short for the toy policy (a prompt of at most
@@ -429,7 +429,7 @@ def _signature(method) -> str:
 
 def graded_step_reward(r_new: float, r_prev: float | None, mode: str) -> float:
     """Graded domains: base/diverge -> r_k; improve -> max(0, (r_k - r_{k-1}) / (1 - r_{k-1})).
-    r_{k-1} = 1 divides by zero ([open]: see METHOD.md): 1 if r_k >= r_{k-1} else 0."""
+    r_{k-1} = 1 divides by zero (the paper is silent: METHOD.md, Choices): 1 if r_k >= r_{k-1} else 0."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if mode != "improve" or r_prev is None:  # an improve step without a previous answer is a first attempt

@@ -102,7 +102,7 @@ def test_graded_step_reward_formulas():
     assert g(1.0, 0.2, "improve") == pytest.approx(1.0)
     assert g(0.4, 0.6, "improve") == 0.0                                 # never negative
     assert g(0.6, 0.6, "improve") == 0.0
-    assert g(1.0, 1.0, "improve") == 1.0 and g(0.9, 1.0, "improve") == 0.0  # the [open] r_{k-1} = 1 case
+    assert g(1.0, 1.0, "improve") == 1.0 and g(0.9, 1.0, "improve") == 0.0  # the r_{k-1} = 1 case the paper is silent on
     assert g(0.7, None, "improve") == 0.7
     with pytest.raises(ValueError):
         g(0.5, 0.5, "fix")
