@@ -342,6 +342,27 @@ def test_evaluation_chains_follow_keep(monkeypatch):
         assert (scores == want).all() and all(tasks.KEEP not in answers for answers in trace)
 
 
+def test_evaluation_improves_the_latest_answer(monkeypatch):
+    """Step k's improve prompt shows step k - 1's answer, not an older one: a scripted 'policy' that answers
+    "#1" first and appends "1" to whatever answer its improve prompt shows leaves a chain that grows by one
+    digit a step."""
+    f, tok = tasks.get_family("math"), tokenizer_lib.byte_tokenizer(tasks.MARKERS)
+
+    def generate(policy, prompts, num_samples, max_new_tokens, **kw):
+        texts = []
+        for ids in prompts:
+            prompt = tok.decode(ids, special=True)
+            shown = prompt.split("<|answer|>")[1].split("<|")[0]  # "" in a base prompt
+            texts += ["#1" if prompt.endswith("<|answer|>") else shown + "1"] * num_samples
+        return rollouts_of(tok, texts)
+
+    monkeypatch.setattr(eval_lib.model_lib, "generate", generate)
+    policy = model_lib.Transformer(model_lib.toy_config(tok.vocab_size))
+    trace = []
+    eval_lib.chain_scores(policy, tok, f, eval_lib.heldout_problems(f, 2), K=3, n_samples=2, style="compact", trace=trace)
+    assert trace == [["#1"] * 4, ["#11"] * 4, ["#111"] * 4, ["#1111"] * 4]
+
+
 def test_exactsum_demonstrated_policy_is_weak_but_the_task_rewards_iterating():
     """The demos barely improve over K steps; a policy that keeps checked answers and always makes the
     local move (what RL can learn) climbs to nearly 1: the generation-verification gap at work."""
@@ -845,6 +866,15 @@ def test_ragged_rows_pad_and_mask():
             assert row[n - 1] in STOPS and not any(t in STOPS for t in row[:n - 1])
         else:
             assert n == 12 and not any(t in STOPS for t in row)
+
+
+def test_sample_next_frequencies_follow_the_tempered_softmax():
+    """The sampler draws from softmax(z / T), not softmax(z): at T = 0.5 the top token's share is 0.86, not 0.64."""
+    z, n, T = torch.tensor([2.0, 1.0, 0.0, -1.0]), 40_000, 0.5
+    u = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(model.sample_next(z.expand(n, 4), u, T), minlength=4).double()
+    p = torch.softmax(z.double() / T, -1)  # independent of the sampler's inverse CDF
+    assert torch.all((counts - n * p).abs() <= 4 * torch.sqrt(n * p * (1 - p))), (counts, n * p)
 
 
 def test_seeded_sampling_is_reproducible():
@@ -2502,6 +2532,22 @@ def test_one_iteration_changes_parameters(tmp_path, monkeypatch):
     # a barely trained tiny policy scores 0 everywhere, and equal rewards give no gradient: alternate them
     rewards = itertools.count()
     monkeypatch.setattr(tr, "reward", lambda inst, answers: float(next(rewards) % 2))
+    # what the update is handed: Eq. 3's advantages times the Eq. 6 coefficients the trainer computed
+    ds, seen, diversity, update = [], {}, exit_lib.diversity_coefficients, tr.update
+    monkeypatch.setattr(exit_lib, "diversity_coefficients", lambda *a, **kw: ds.append(diversity(*a, **kw)) or ds[-1])
+
+    def eq4_loss(prompts, ro, adv):  # the update's objective (no KL term: ref == policy before the step)
+        with torch.no_grad():
+            logp = model_lib.completion_logprobs(tr.policy, prompts, ro.tokens, ro.lengths, tr.cfg.group_size)
+            return float(exit_lib.grpo_loss(logp, ro.logprobs, adv, ro.mask)[0])
+
+    def recording_update(prompts, ro, adv, kept):
+        seen.update(adv=adv.clone(), before=eq4_loss(prompts, ro, adv))
+        stats = update(prompts, ro, adv, kept)
+        seen["after"] = eq4_loss(prompts, ro, adv)
+        return stats
+
+    monkeypatch.setattr(tr, "update", recording_update)
     before = [p.detach().clone() for p in tr.policy.parameters()]
     out = tr.iteration()
     log = out["log"]
@@ -2511,6 +2557,11 @@ def test_one_iteration_changes_parameters(tmp_path, monkeypatch):
     assert all(not torch.equal(a, b) for a, b in zip(before, tr.policy.parameters()))
     assert len(tr.buffer) > 0 and log["iter"] == 1
     assert log["div_max"] >= log["div_mean"] > 0  # full ExIt logs the scale of its Eq. 6 coefficients
+    # Eq. 6 is applied, d_i A_i (dr_grpo is off: Eq. 3 divides by std), and it is not the identity here
+    plain = exit_lib.group_advantages(out["rewards"]).flatten()
+    assert len(ds) == len(out["rewards"]) and torch.allclose(seen["adv"], plain * torch.stack(ds).flatten(), atol=1e-6)
+    assert not torch.allclose(seen["adv"], plain, atol=1e-3)
+    assert seen["after"] < seen["before"]  # the step descends Eq. 4 (a sign error would still move every weight)
     assert "div_mean" not in runs.prepare(tiny_cfg(tmp_path / "g", method="improve"), quiet=True).iteration()["log"]
 
 
@@ -2523,7 +2574,17 @@ def one_sgd_update(tr, group, new_tokens):
     ro = model_lib.generate(tr.policy, prompts, group, new_tokens, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id,
                             generator=torch.Generator().manual_seed(1))
     initial = [p.detach().clone() for p in tr.policy.parameters()]
-    tr.update(prompts, ro, torch.linspace(-1, 1, len(ro.lengths)), torch.ones(len(ro.lengths)))
+    adv = torch.linspace(-1, 1, len(ro.lengths))
+
+    def eq4_loss():  # Eq. 4 on this batch, written out from the pure function: the step must descend it
+        with torch.no_grad():
+            logp = model_lib.completion_logprobs(tr.policy, prompts, ro.tokens, ro.lengths, group)
+            return float(exit_lib.grpo_loss(logp, ro.logprobs, adv, ro.mask)[0])
+
+    loss_before = eq4_loss()
+    tr.update(prompts, ro, adv, torch.ones(len(ro.lengths)))
+    # a sign error on the advantages (ascending the loss) still changes every parameter: the loss must fall
+    assert eq4_loss() < loss_before
     return initial, [p.detach().clone() for p in tr.policy.parameters()]
 
 
@@ -3661,10 +3722,14 @@ def test_one_run_never_replaces_a_comparison_of_many(four_runs, capsys):
     assert len(json.load(open(four_runs / "results.json"))["runs"]) == 2
 
 
-def test_recompute_with_other_settings_never_replaces_eval_json(tmp_path):
+def test_recompute_with_other_settings_never_replaces_eval_json(tmp_path, monkeypatch):
+    # a barely trained tiny policy scores 0 everywhere, so "the same evaluation" would hold for any weights: a
+    # score of the answer's text (the class's: every step builds its own family) makes it depend on them
+    monkeypatch.setattr(tasks_lib.FAMILIES[exit_lib.Config().task], "score", lambda self, p, a: float(zlib.crc32(a.encode()) % 2))
     run = tmp_path / "run"
     exit_lib.main(tiny_args(run, tmp_path / "base", eval_problems=3, eval_k=1, eval_samples=1))
     own = (run / "eval.json").read_text()
+    assert 0 < np.mean(json.loads(own)["policy"]["score"]) < 1
     report.main([str(run), "--recompute", "--problems=2", "--device=cpu"])
     assert (run / "eval.json").read_text() == own
     assert json.load(open(run / "eval.n2.json"))["policy"]["n"] == 2
@@ -4130,10 +4195,15 @@ def test_world_size_must_divide_the_batch(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("task", ["exactsum", "tools"])
-def test_evaluation_split_in_parts(tmp_path, task):
+def test_evaluation_split_in_parts(tmp_path, task, monkeypatch):
     """evaluate_policy(part=(i, n), gather=...): part i runs the chains of the i-th contiguous part of the
     held-out problems with seed + i; the gathered parts are the chains of all problems, in order."""
     tr = runs.prepare(tiny_cfg(tmp_path, task=task), quiet=True)
+    # a barely trained tiny policy scores 0 everywhere, and all-zero arrays are equal whatever the seed or the
+    # order: a score of the answer's text tells the draws and the chains apart
+    text_score = lambda p, a: float(zlib.crc32(str(a).encode()) % 2)
+    monkeypatch.setattr(tr.family, "score", text_score)
+    monkeypatch.setattr(tr.family, "episode_reward", text_score)
     kw = dict(n_problems=5, K=1, n_samples=2, max_new_tokens=8, seed=3)
     problems = eval_lib.heldout_problems(tr.family, 5)
     parts = {}
@@ -4153,6 +4223,12 @@ def test_evaluation_split_in_parts(tmp_path, task):
     for i, mine in enumerate((problems[:2], problems[2:])):
         ref = score(tr.policy, tr.tok, tr.family, mine, 1, 2, 1.0, 8, 3 + i)
         assert np.array_equal(parts[i][0], ref[0])
+    chains = np.concatenate([parts[0][0], parts[1][0]], axis=1)  # part 0's columns, then part 1's
+    assert 0 < chains.mean() < 1
+    assert np.allclose(whole["score"], chains.mean(1))
+    # the breakdown by difficulty, by hand: it pairs each column with its problem, so it sees the order
+    diffs = np.repeat([p.difficulty for p in problems], 2)
+    assert len(set(diffs)) > 1 and whole["by_difficulty"] == {str(d): chains[:, diffs == d].mean(1).tolist() for d in set(diffs)}
     # more processes than problems: a part with no problem runs no chain, and the parts still join
     solo = dict(kw, n_problems=1)
     with pytest.raises(Gathered):  # part 1 of 2 holds the one problem
