@@ -338,7 +338,8 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     # unset and off settings are left out, so runs from before a setting existed still share their base;
     # runs from before --base_seed trained a base per seed (base_seed -1)
     cfg = {"base_seed": -1, **cfg}
-    base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) not in (None, "", False)}, sort_keys=True)
+    base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) is not None and cfg.get(k) != "" and cfg.get(k) is not False},
+                          sort_keys=True)  # not `in (None, "", False)`: 0 == False, and T = 0 is not T = 1
     if method == "base":
         base_key = os.path.abspath(path)
     ckpt = ck_file if os.path.isfile(ck_file) else None
@@ -534,7 +535,7 @@ def efficiency(rows: list[dict]):
             mine = curve(r, key)
             if mine:
                 reached = [t for t, v in mine if v >= target]
-                r[name] = reached[0] / mine[-1][0] if reached else None
+                r[name] = reached[0] / len(r["curves"][key]) if reached else None  # of the run's iterations
 
 
 # The comparisons that answer the paper's claims and the curriculum's controls: (a, b) gives a - b.
@@ -578,10 +579,12 @@ def budget_matched(table: dict) -> dict | None:
     rows = {r["method"]: r for r in table["rows"]}
     if "exit" not in rows or "grpo" not in rows:
         return None
-    grpo = {tuple(p): h for p, h in zip(rows["grpo"].get("pairs", []), rows["grpo"].get("heldout_runs", [])) if h}
+    keys = {m: [tuple(p) for p in rows[m].get("pairs", [])] for m in ("exit", "grpo")}
+    # a repeated key pairs with nothing, as in paired_differences
+    grpo = {p: h for p, h in zip(keys["grpo"], rows["grpo"].get("heldout_runs", [])) if h and keys["grpo"].count(p) == 1}
     equal_tasks, equal_iters, fresh = [], [], []
-    for p, h in zip(rows["exit"].get("pairs", []), rows["exit"].get("heldout_runs", [])):
-        g = grpo.get(tuple(p))
+    for p, h in zip(keys["exit"], rows["exit"].get("heldout_runs", [])):
+        g = grpo.get(p) if keys["exit"].count(p) == 1 else None
         if not h or not g:
             continue
         (t, tasks, v), gt, gv = h[-1], [x[0] for x in g], [x[2] for x in g]
@@ -612,7 +615,7 @@ def format_table(table: dict) -> str:
             ret = r["return"]
             line += f"  {pct(ret['k0']):>12}  {pct(ret['kK']):>12}  {pct(ret['delta'], '+'):>12}"
         lines.append(line)
-    main = [r for r in table["rows"] if r["method"] != "base" and "problems" in r]  # tables from before: no count
+    main = [r for r in table["rows"] if r["method"] != "base" and r.get("problems")]  # tables from before: no count
     if main:  # the noise of one run's score from the finite held-out set, beside the std over runs
         p, n = np.mean([r["kK"][0] for r in main]), min(min(r["problems"]) for r in main)
         lines.append(f"one run's standard error from its {n} held-out problems at k = {K}: ±{100 * np.sqrt(p * (1 - p) / n):.1f} "

@@ -1850,6 +1850,11 @@ def test_sample_efficiency_against_the_strongest_bars_by_hand():
     # GRPO's best k = 0 is 0.5, at iteration 4: ExIt reaches it at 6, Improve never
     assert [r.get("iters_to_grpo_best_k0") for r in rows] == [pytest.approx(4 / 6), None, 1.0, None]
     assert "iters_to_improve_kK" not in rows[3] and "iters_to_grpo_best_k0" not in rows[3]
+    # 7 iterations with a point every 2nd: the fraction is of the run's 7 iterations, not of its last point's 6
+    rows = [dict(method="improve", label="Improve", **curves([None, 0.3, None, 0.6, None, 0.6, None], [None] * 7)),
+            dict(method="exit", label="ExIt", **curves([None, 0.6, None, 0.7, None, 0.7, None], [None] * 7))]
+    report.efficiency(rows)
+    assert [r["iters_to_improve_kK"] for r in rows] == [pytest.approx(4 / 7), pytest.approx(2 / 7)]
 
 
 def test_the_held_out_curve_is_labelled_with_the_k_it_was_measured_at(tmp_path):
@@ -1934,6 +1939,30 @@ def test_budget_matched_claim_two_by_hand():
     # equal base tasks (GRPO at iteration 2): 0.35 - 0.30, 0.42 - 0.40; equal iterations: 0.35 - 0.50, 0.42 - 0.44
     assert b["equal_base_tasks"] == pytest.approx([0.035, 0.015])
     assert b["equal_iterations"] == pytest.approx([-0.085, 0.065])
+    # a rerun of GRPO's seed 1 in the same row: that key pairs with nothing (as in paired_differences), which
+    # leaves one pair, too few
+    rows[0]["pairs"].append(["b", 1])
+    rows[0]["heldout_runs"].append(report.heldout_points(grpo(0.10, 0.90)))
+    assert report.budget_matched(dict(rows=rows)) is None
+
+
+def test_format_table_without_a_problem_count():
+    # a row whose held-out count is null (check_table lets it through): no standard-error line, no crash
+    row = dict(method="exit", label="ExIt", runs=1, k0=[0.5, 0], kK=[0.6, 0], delta=[0.1, 0], problems=None)
+    text = report.format_table(dict(K=2, task="t", rows=[row]))
+    assert "ExIt" in text and "standard error" not in text
+
+
+def test_a_greedy_evaluation_has_its_own_base(tmp_path):
+    # eval_temperature 0 must not be read as unset (0 == False): a T = 0 run and one whose config predates the
+    # setting (T = 1) do not share a Base entry, so they are never paired
+    keys = []
+    for name, extra in (("greedy", dict(eval_temperature=0.0)), ("old", {})):
+        write_run(tmp_path / name, "exit", 0, fake_eval(0.1, 0.2), fake_eval(0.1, 0.1))
+        cfg = json.load(open(tmp_path / name / "config.json"))
+        json.dump(dict(cfg, **extra), open(tmp_path / name / "config.json", "w"))
+        keys.append(report.load_run(str(tmp_path / name))["base_key"])
+    assert keys[0] != keys[1] and '"eval_temperature": 0.0' in keys[0]
 
 
 # ---- task diversity (the paper's Tables 2 and 7)
