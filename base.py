@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -79,9 +80,13 @@ def shipped_base(cfg, key: str, quiet: bool = False) -> str | None:
     if not os.path.isfile(os.path.join(path, "base.json")):
         return None
     record = hf.read_json(os.path.join(path, "base.json"))
-    shipped = record.get("key")
-    if not isinstance(shipped, str) or not isinstance(record.get("evaluations", []), list):
-        raise ValueError(f"{path}/base.json is damaged (no key, or no list of evaluations): `git checkout {path}` restores it")
+    shipped, rows, weights = record.get("key"), record.get("evaluations", []), os.path.join(path, "model.safetensors")
+    try:  # before any work: the weights a run loads (not a Git LFS pointer, cut or altered) and their Base rows
+        if not isinstance(shipped, str) or not isinstance(rows, list) or shipped == key and sha256(weights) != record.get("sha256"):
+            raise ValueError("no key, no list of evaluations, or a model.safetensors other than the one it hashes")
+        [eval_lib.check_evaluation(row, "an evaluation", whole=False) for row in rows]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}/base.json is damaged ({str(e).split(';')[0]}): `git checkout {path}` restores it") from None
     if shipped != key and not quiet:
         print(f"warm start: not using the shipped base {path} (its key {shipped}, these settings' {key}: another "
               "--base_seed, architecture, warm-start setting, or an edited family)")
@@ -127,13 +132,20 @@ def cached_or_trained(cfg, family, mcfg, tok, key: str, device, quiet=False):
     path = os.path.join(cfg.base_dir, f"{cfg.task}-{key}.pt")
     if os.path.exists(path):
         try:
-            state = model_lib.load_checkpoint(path)["policy"]
+            ckpt = model_lib.load_checkpoint(path)
+            if ckpt.get("key", key) != key:
+                raise ValueError(f"{path} holds the base of key {ckpt['key']}, not {key}")
+            policy, _ = model_lib.policy_from_state(ckpt["policy"], device, lambda spec: tok)  # the key fixed its markers
         except ValueError as e:
             raise ValueError(f"{e}; it is the cached base of these settings: delete it to warm-start anew") from None
-        policy, _ = model_lib.policy_from_state(state, device, lambda spec: tok)  # the key fixed its markers
+        except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # unpickles, but not a base of this model
+            why = " ".join(str(e).split())[:200]
+            raise ValueError(f"{path} is damaged ({type(e).__name__}: {why}); it is the cached base of these settings: "
+                             "delete it to warm-start anew") from None
         if not quiet:
             print(f"warm start: reusing {path}")
         return policy, tok, path
+    check_writable(cfg.base_dir, "--base_dir")  # before the warm start, not a base trained and lost
     policy = train_base(cfg, family, mcfg, tok, device, quiet)
     try:
         model_lib.atomic_save(dict(policy=model_lib.policy_state(policy, TOY_TOKENIZER), kind="base", key=key), path)
@@ -144,6 +156,17 @@ def cached_or_trained(cfg, family, mcfg, tok, key: str, device, quiet=False):
     if not quiet:
         print(f"warm start: saved {path}")
     return policy, tok, path
+
+
+def check_writable(folder: str, flag: str):
+    """folder exists or can be made, and this process can write into it (as runs.check_out_dir), or a ValueError."""
+    probe = os.path.join(folder, f".write-test{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag}={folder}: cannot write there ({e.strerror or e}); pass another {flag}") from None
 
 
 def train_base(cfg, family, mcfg, tok, device, quiet=False):
@@ -205,7 +228,9 @@ def weights_fingerprint(path: str) -> list:
 
 def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) -> dict:
     """The base's evaluation, cached beside it keyed by settings, problems and weights: a ladder evaluates it once."""
-    for res in (shipped_record(base_path) or {}).get("evaluations", []):
+    record = shipped_record(base_path) or {}  # its Base rows: of its task's held-out problems at its difficulties only
+    made = record.get("task") == family.name and tasks_lib.make_family(family.name, "", record["settings"]["difficulties"])
+    for res in record.get("evaluations", []) if made and made.train_difficulties == family.train_difficulties else []:
         if isinstance(res, dict) and res.get("settings") == settings:
             return eval_lib.check_evaluation(res, os.path.join(base_path, "base.json"), whole=False)
     # the problems too: two realmath runs from one checkpoint with different --data files differ
@@ -237,8 +262,7 @@ CHECK = dict(n_problems=16, K=2, n_samples=1, temperature=1.0, max_new_tokens=48
 
 
 def sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def git(*args) -> str:
@@ -264,6 +288,7 @@ def ship(task: str, out: str, seeds: int = SEEDS, quiet: bool = False) -> dict:
     """Warm-start the base of `task` at the default settings (or reuse the cache in runs/base), write it to
     out/TASK as a Hugging Face directory, evaluate it, and write base.json. Returns the record."""
     cfg, family, eval_family = ship_settings(task)
+    check_writable(out, "--out")  # before the warm start
     checked = dict(family=family, eval_family=eval_family)
     device = model_lib.pick_device(cfg.device)
     cache = os.path.join(cfg.base_dir, f"{task}-{warm_start_key(cfg, checked['family'])}.pt")
@@ -317,7 +342,7 @@ def main(argv=None):
         ap.error(f"--seeds must be >= 1, got {args.seeds}")
     try:
         ship(args.task, args.out, args.seeds)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a write refused after the check (a full disk)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 

@@ -3809,6 +3809,97 @@ def test_a_damaged_shipped_base_json_is_an_error_before_any_work(tmp_path, monke
             base_lib.shipped_base(cfg, base_lib.warm_start_key(cfg, fam))
 
 
+
+def shipped_copy(tmp_path, monkeypatch):
+    """bases/exactsumfb copied into tmp_path, which base.py takes for bases/ (what a test writes stays there)."""
+    import shutil
+    shutil.copytree(SHIPPED, tmp_path / "exactsumfb")
+    monkeypatch.setattr(base_lib, "SHIPPED", str(tmp_path))
+    return tmp_path / "exactsumfb"
+
+
+def test_shipped_weights_other_than_recorded_are_an_error_before_any_work(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    weights = shipped_copy(tmp_path, monkeypatch) / "model.safetensors"
+    cfg = exit_lib.Config()
+    key = base_lib.warm_start_key(cfg, tasks_lib.make_family(cfg.task))
+    assert base_lib.shipped_base(cfg, key) == str(weights.parent)  # intact: used
+    good = weights.read_bytes()
+    lfs = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 3400000\n"
+    for damage in (good[:len(good) // 2], lfs, good[:-4] + bytes(255 - b for b in good[-4:]), "foreign", None):
+        if damage is None:
+            weights.unlink()
+        elif damage == "foreign":  # loads, but other tensors
+            save_file({"x": torch.zeros(3)}, str(weights))
+        else:  # cut, a Git LFS pointer, altered in place (the same size)
+            weights.write_bytes(damage)
+        with pytest.raises(ValueError, match=r"base.json is damaged \(.*model.safetensors.*\): `git checkout .*exactsumfb` "
+                                             "restores it$"):
+            base_lib.shipped_base(cfg, key)
+
+
+def test_a_damaged_shipped_evaluation_is_an_error_before_any_work(tmp_path, monkeypatch):
+    base = shipped_copy(tmp_path, monkeypatch)
+    cfg = exit_lib.Config()
+    key = base_lib.warm_start_key(cfg, tasks_lib.make_family(cfg.task))
+    record = json.loads((base / "base.json").read_text())
+    for where, value in (("score", None), ("K", "16"), ("n", None)):
+        damaged = json.loads(json.dumps(record))
+        if where == "score":
+            damaged["evaluations"][0]["score"][3] = value
+        else:
+            damaged["evaluations"][-1][where] = value
+        (base / "base.json").write_text(json.dumps(damaged))
+        with pytest.raises(ValueError, match=r"base.json is damaged \(an evaluation: .*\): `git checkout .*exactsumfb` "
+                                             "restores it$") as e:  # not "delete it, or pass --recompute", after RL
+            base_lib.shipped_base(cfg, key, quiet=True)
+        assert "--recompute" not in str(e.value)
+
+
+def test_the_shipped_base_row_is_reused_only_on_its_own_held_out_problems(tmp_path, monkeypatch):
+    """--init=bases/exactsumfb with another --task or --difficulties: the base is evaluated on the run's problems."""
+    base = str(shipped_copy(tmp_path, monkeypatch))  # an evaluation is cached beside it: here, not in bases/
+    recorded = shipped_record()["evaluations"][0]
+    monkeypatch.setattr(eval_lib, "evaluate_policy", lambda policy, tok, family, **s: dict(recorded, evaluated=family.name))
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
+    settings = eval_lib.eval_settings(dataclasses.asdict(exit_lib.Config()))
+    row = lambda fam: base_lib.evaluate_base(base, tok, fam, "cpu", lambda *a: (None,), **settings)
+    for same in (tasks_lib.make_family("exactsumfb"), tasks_lib.make_family("exactsumfb", "", "4-6")):
+        assert row(same) == recorded  # the same problems (4-6: its own difficulties)
+    for other in (tasks_lib.make_family("exactsum"), tasks_lib.make_family("exactsumfb", "", "5-7")):
+        assert row(other)["evaluated"] == other.name
+
+
+def test_a_cached_base_of_other_settings_or_contents_is_one_line_saying_delete_it(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    fam = tasks_lib.make_family(cfg.task)
+    key = base_lib.warm_start_key(cfg, fam)
+    base_lib.warm_start(cfg, fam, torch.device("cpu"), quiet=True)  # trained and cached
+    path = tmp_path / "base" / f"{cfg.task}-{key}.pt"
+    good = torch.load(path, weights_only=False)
+    for damage in ({"policy": {}}, dict(good, policy=dict(good["policy"], model={})), dict(good, key="0123456789ab")):
+        torch.save(damage, path)
+        with pytest.raises(ValueError, match=r"delete it to warm-start anew$") as e:
+            base_lib.warm_start(cfg, fam, torch.device("cpu"), quiet=True)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_base_dir_that_cannot_be_written_is_an_error_before_the_warm_start(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+    real, trained = base_lib.train_base, []
+    monkeypatch.setattr(base_lib, "train_base", lambda *a, **k: trained.append(1) or real(*a, **k))
+    err = main_fails(capsys, tiny_args(tmp_path / "run", tmp_path / "file" / "base", eval_problems=2))
+    assert err.startswith(f"error: --base_dir={tmp_path / 'file' / 'base'}: cannot write there") and not trained, err
+
+
+def test_base_py_out_that_cannot_be_written_is_one_line_before_the_warm_start(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(base_lib, "warm_start", lambda *a, **k: pytest.fail("warm-started before the check"))
+    with pytest.raises(SystemExit) as e:
+        base_lib.main([f"--out={tmp_path / 'file' / 'bases'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --out={tmp_path / 'file' / 'bases'}: cannot write there"), err
+
 def test_real_data_and_checkpoint_problems_are_errors_before_the_model_loads(tmp_path, instruct, monkeypatch):
     import shutil
     monkeypatch.setattr(hf, "load_policy", lambda *a, **k: pytest.fail("loaded the model before the check"))
