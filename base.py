@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -80,11 +79,14 @@ def shipped_base(cfg, key: str, quiet: bool = False) -> str | None:
     if not os.path.isfile(os.path.join(path, "base.json")):
         return None
     record = hf.read_json(os.path.join(path, "base.json"))
-    shipped, rows, weights = record.get("key"), record.get("evaluations", []), os.path.join(path, "model.safetensors")
-    try:  # before any work: the weights a run loads (not a Git LFS pointer, cut or altered) and their Base rows
-        if not isinstance(shipped, str) or not isinstance(rows, list) or shipped == key and sha256(weights) != record.get("sha256"):
-            raise ValueError("no key, no list of evaluations, or a model.safetensors other than the one it hashes")
-        [eval_lib.check_evaluation(row, "an evaluation", whole=False) for row in rows]
+    shipped, rows = record.get("key"), record.get("evaluations", [])
+    try:  # before any work: the weights a run would load (not a Git LFS pointer, cut or altered) and their Base rows
+        if not isinstance(shipped, str) or not isinstance(rows, list):
+            raise ValueError("no key, or no list of evaluations")
+        if shipped == key and sha256(os.path.join(path, "model.safetensors")) != record.get("sha256"):
+            raise ValueError("its model.safetensors is not the file it hashes")
+        for row in rows:
+            eval_lib.check_evaluation(row, "an evaluation", whole=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}/base.json is damaged ({str(e).split(';')[0]}): `git checkout {path}` restores it") from None
     if shipped != key and not quiet:
@@ -145,7 +147,7 @@ def cached_or_trained(cfg, family, mcfg, tok, key: str, device, quiet=False):
         if not quiet:
             print(f"warm start: reusing {path}")
         return policy, tok, path
-    check_writable(cfg.base_dir, "--base_dir")  # before the warm start, not a base trained and lost
+    hf.check_writable(cfg.base_dir, "--base_dir")  # before the warm start, not a base trained and lost
     policy = train_base(cfg, family, mcfg, tok, device, quiet)
     try:
         model_lib.atomic_save(dict(policy=model_lib.policy_state(policy, TOY_TOKENIZER), kind="base", key=key), path)
@@ -156,17 +158,6 @@ def cached_or_trained(cfg, family, mcfg, tok, key: str, device, quiet=False):
     if not quiet:
         print(f"warm start: saved {path}")
     return policy, tok, path
-
-
-def check_writable(folder: str, flag: str):
-    """folder exists or can be made, and this process can write into it (as runs.check_out_dir), or a ValueError."""
-    probe = os.path.join(folder, f".write-test{os.getpid()}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"{flag}={folder}: cannot write there ({e.strerror or e}); pass another {flag}") from None
 
 
 def train_base(cfg, family, mcfg, tok, device, quiet=False):
@@ -228,9 +219,10 @@ def weights_fingerprint(path: str) -> list:
 
 def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) -> dict:
     """The base's evaluation, cached beside it keyed by settings, problems and weights: a ladder evaluates it once."""
-    record = shipped_record(base_path) or {}  # its Base rows: of its task's held-out problems at its difficulties only
-    made = record.get("task") == family.name and tasks_lib.make_family(family.name, "", record["settings"]["difficulties"])
-    for res in record.get("evaluations", []) if made and made.train_difficulties == family.train_difficulties else []:
+    record = shipped_record(base_path) or {}  # its Base rows are of its own task's held-out problems, at its difficulties
+    own = record.get("task") == family.name and family.train_difficulties == tasks_lib.make_family(
+        family.name, difficulties=record.get("settings", {}).get("difficulties", "")).train_difficulties
+    for res in record.get("evaluations", []) if own else []:
         if isinstance(res, dict) and res.get("settings") == settings:
             return eval_lib.check_evaluation(res, os.path.join(base_path, "base.json"), whole=False)
     # the problems too: two realmath runs from one checkpoint with different --data files differ
@@ -262,7 +254,8 @@ CHECK = dict(n_problems=16, K=2, n_samples=1, temperature=1.0, max_new_tokens=48
 
 
 def sha256(path: str) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def git(*args) -> str:
@@ -288,7 +281,7 @@ def ship(task: str, out: str, seeds: int = SEEDS, quiet: bool = False) -> dict:
     """Warm-start the base of `task` at the default settings (or reuse the cache in runs/base), write it to
     out/TASK as a Hugging Face directory, evaluate it, and write base.json. Returns the record."""
     cfg, family, eval_family = ship_settings(task)
-    check_writable(out, "--out")  # before the warm start
+    hf.check_writable(out, "--out")  # before the warm start
     checked = dict(family=family, eval_family=eval_family)
     device = model_lib.pick_device(cfg.device)
     cache = os.path.join(cfg.base_dir, f"{task}-{warm_start_key(cfg, checked['family'])}.pt")

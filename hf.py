@@ -61,6 +61,17 @@ def write_json(obj, path: str):
     write_text(json.dumps(obj, indent=2), path)
 
 
+def check_writable(folder: str, flag: str):
+    """folder exists or can be made, and this process can write into it; else a ValueError naming flag, before any work."""
+    probe = os.path.join(folder, f".write-test{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag}={folder}: cannot write there ({e.strerror or e})") from None
+
+
 def load_weights(model: model_lib.Transformer, path: str) -> model_lib.Transformer:
     """model.safetensors of a Hugging Face directory that hf.save_hf wrote for this architecture (a shipped
     base: bases/TASK), loaded into model; HF names are ours under "model."."""

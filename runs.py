@@ -481,13 +481,7 @@ def check_out_dir(cfg: Config):
     """The run folder exists for --resume, and this process can write into it, before any work."""
     if cfg.resume and not os.path.isdir(cfg.out_dir):  # and the lock would create it
         raise FileNotFoundError(f"no checkpoint at {os.path.join(cfg.out_dir, 'ckpt.pt')} (no folder {cfg.out_dir})")
-    probe = os.path.join(cfg.out_dir, f".write-test{os.getpid()}")
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror or e})") from None
+    hf.check_writable(cfg.out_dir, "--out_dir")
 
 
 def folder_lock(out_dir: str):
