@@ -80,13 +80,14 @@ def shipped_base(cfg, key: str, quiet: bool = False) -> str | None:
         return None
     record = hf.read_json(os.path.join(path, "base.json"))
     shipped, rows = record.get("key"), record.get("evaluations", [])
-    try:  # before any work: the weights a run would load (not a Git LFS pointer, cut or altered) and their Base rows
+    try:
         if not isinstance(shipped, str) or not isinstance(rows, list):
             raise ValueError("no key, or no list of evaluations")
-        if shipped == key and sha256(os.path.join(path, "model.safetensors")) != record.get("sha256"):
-            raise ValueError("its model.safetensors is not the file it hashes")
-        for row in rows:
-            eval_lib.check_evaluation(row, "an evaluation", whole=False)
+        if shipped == key:  # before any work: the weights the run will load (not a Git LFS pointer, cut or altered)
+            if sha256(os.path.join(path, "model.safetensors")) != record.get("sha256"):
+                raise ValueError("its model.safetensors is not the file it hashes")
+            for row in rows:  # and the Base rows it will report
+                eval_lib.check_evaluation(row, "an evaluation", whole=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}/base.json is damaged ({str(e).split(';')[0]}): `git checkout {path}` restores it") from None
     if shipped != key and not quiet:
@@ -133,17 +134,11 @@ def cached_or_trained(cfg, family, mcfg, tok, key: str, device, quiet=False):
     """The base of `key` cached in base_dir, else trained now (train_base) and cached there."""
     path = os.path.join(cfg.base_dir, f"{cfg.task}-{key}.pt")
     if os.path.exists(path):
-        try:
-            ckpt = model_lib.load_checkpoint(path)
-            if ckpt.get("key", key) != key:
-                raise ValueError(f"{path} holds the base of key {ckpt['key']}, not {key}")
-            policy, _ = model_lib.policy_from_state(ckpt["policy"], device, lambda spec: tok)  # the key fixed its markers
-        except ValueError as e:
-            raise ValueError(f"{e}; it is the cached base of these settings: delete it to warm-start anew") from None
-        except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # unpickles, but not a base of this model
-            why = " ".join(str(e).split())[:200]
-            raise ValueError(f"{path} is damaged ({type(e).__name__}: {why}); it is the cached base of these settings: "
-                             "delete it to warm-start anew") from None
+        try:  # the key fixed its tokenizer's markers
+            policy, _ = model_lib.policy_from_state(model_lib.load_checkpoint(path)["policy"], device, lambda spec: tok)
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # also: unpickles, but is no base
+            why = e if isinstance(e, ValueError) else f"{path} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            raise ValueError(f"{why}; it is the cached base of these settings: delete it to warm-start anew") from None
         if not quiet:
             print(f"warm start: reusing {path}")
         return policy, tok, path
