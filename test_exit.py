@@ -2495,6 +2495,11 @@ def test_the_shipped_base_is_the_default_settings_base():
     assert rec["settings"] == {k: getattr(cfg, k) for k in base_lib.SETTINGS}
     with open(os.path.join(SHIPPED, "model.safetensors"), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == rec["sha256"]
+    # the key holds the architecture's settings, not the code's constants (model.toy_config, ModelConfig's defaults:
+    # rope_theta, norm_eps, ...): the model a default run builds around the shipped weights is the one they were saved from
+    policy = base_lib.warm_start(cfg, tasks_lib.make_family(cfg.task), torch.device("cpu"), quiet=True)[0]
+    assert policy.config == hf.config_from_hf(hf.read_json(os.path.join(SHIPPED, "config.json"))), \
+        f"bases/{cfg.task}/config.json is not the model this code builds: make the base again (python base.py)"
     # the Base row of every RL seed the ladder runs, on both splits, at a run's default evaluation settings
     want = [eval_lib.eval_settings(dataclasses.asdict(dataclasses.replace(cfg, seed=s, eval_split=split)))
             for split in ("test", "val") for s in range(base_lib.SEEDS)]
