@@ -64,7 +64,7 @@ def warm_start_key(cfg, family) -> str:
                 sft=[cfg.warm_examples, cfg.warm_steps, cfg.warm_batch, cfg.warm_lr], markers=tasks_lib.MARKERS)
     if cfg.warm_pack:  # other float sums, another base: a padded base is not reused for a packed run
         keys["sft"].append("packed")
-    if cfg.difficulties:
+    if tuple(family.train_difficulties) != tuple(type(family).train_difficulties):  # --difficulties, not the family's own
         keys["difficulties"] = list(family.train_difficulties)
     keys["demos"] = hashlib.sha1(json.dumps(family.demonstrations(32, cfg.warm_seed)).encode()).hexdigest()
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]

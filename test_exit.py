@@ -2439,6 +2439,8 @@ def test_difficulty_mix_option():
     default, mixed = exit_lib.Config(task="math"), exit_lib.Config(task="math", difficulties="5,7")
     key, math_family = base_lib.warm_start_key, tasks_lib.get_family("math")
     assert key(mixed, fam) != key(default, math_family) == key(default, tasks_lib.get_family("math"))
+    own = exit_lib.Config(task="math", difficulties="2-4")  # the family's own mix, named: the same base, not another
+    assert key(own, tasks_lib.make_family("math", difficulties="2-4")) == key(default, math_family)
     edited = tasks_lib.get_family("math")
     edited.answer_format = "x"                        # a change the error model does not show ...
     assert key(default, edited) == key(default, math_family)  # ... and the compact demos do not use
