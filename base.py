@@ -203,12 +203,12 @@ def toy_base(base_path: str) -> bool:
 
 
 def weights_fingerprint(path: str) -> list:
-    """What identifies the weights at path: each weight file's name, size and mtime (hashing would read 20 GB)."""
+    """What identifies the policy at path: each file's name, size and mtime (hashing would read 20 GB); of a directory,
+    every file but base.json (the tokenizer's and its chat template too: they change the prompts)."""
     if os.path.isfile(path):
         files = [path]
     else:
-        files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if n.endswith((".safetensors", ".bin", ".pt")) or n == "config.json")
+        files = sorted(f for f in (os.path.join(path, n) for n in os.listdir(path) if n != "base.json") if os.path.isfile(f))
     return [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
 
 

@@ -3802,6 +3802,17 @@ def test_base_evaluation_cache_is_keyed_by_the_weights(tmp_path, monkeypatch):
         res = base_lib.evaluate_base(str(path), tok, fam, "cpu", load, **settings)
         assert eval_lib.check_evaluation(json.loads(cache.read_text()), str(cache), whole=False) == res
     assert len(calls) == 4
+    # a Hugging Face directory: its tokenizer's files (an edited chat template, special tokens) change the prompts
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    for name, text in (("model.safetensors", "w"), ("config.json", "{}"), ("tokenizer_config.json", "{}")):
+        (hf_dir / name).write_text(text)
+    base_lib.evaluate_base(str(hf_dir), tok, fam, "cpu", load, **settings)
+    base_lib.evaluate_base(str(hf_dir), tok, fam, "cpu", load, **settings)
+    assert len(calls) == 5
+    (hf_dir / "tokenizer_config.json").write_text('{"chat_template": "edited"}')
+    base_lib.evaluate_base(str(hf_dir), tok, fam, "cpu", load, **settings)
+    assert len(calls) == 6
 
 
 def test_a_damaged_shipped_base_json_is_an_error_before_any_work(tmp_path, monkeypatch):
