@@ -16,8 +16,8 @@ loads as any checkpoint. Beside the weights, base.json records:
                  settings give the same key (another --base_seed, architecture, warm-start setting or an
                  edited family gives another key, and the run warm-starts instead, saying why)
     settings     those settings, by name
-    commit       the commit it was made at (dirty: base.py, model.py or tasks.py had uncommitted changes),
-                 the command, torch, threads
+    commit       the commit it was made at (dirty: the code it depends on, SHAPING, had uncommitted
+                 changes), the command, torch, threads
     sha256       of model.safetensors
     evaluations  the base's held-out evaluation (the Base row: score at k = 0..K, fix and break rates) at a
                  run's default evaluation settings, for RL seeds 0..SEEDS-1 on the test and validation
@@ -248,6 +248,9 @@ SETTINGS = ("task", "base_seed", "n_layer", "n_embd", "n_head", "n_kv_head", "wa
 CHECK = dict(n_problems=16, K=2, n_samples=1, temperature=1.0, max_new_tokens=48, seed=0, harder=False, split="test")
 
 
+SHAPING = ("base.py", "model.py", "tasks.py", "tokenizer.py", "hf.py", "exit.py")  # the code a shipped base depends on
+
+
 def sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -303,8 +306,9 @@ def ship(task: str, out: str, seeds: int = SEEDS, quiet: bool = False) -> dict:
     record = dict(
         task=task, key=warm_start_key(cfg, checked["family"]),
         settings={k: getattr(cfg, k) for k in SETTINGS}, commit=git("rev-parse", "HEAD"),
-        dirty=bool(git("status", "--porcelain", "--", "base.py", "model.py", "tasks.py")),  # the code that makes it
-        command=f"OMP_NUM_THREADS={torch.get_num_threads()} python base.py --task={task}",
+        dirty=bool(git("status", "--porcelain", "--", *SHAPING)),
+        command=f"OMP_NUM_THREADS={torch.get_num_threads()} python base.py --task={task} --seeds={seeds}"
+                + ("" if os.path.abspath(out) == SHIPPED else f" --out={out}"),
         made=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), torch=torch.__version__,
         threads=torch.get_num_threads(), device=str(device), warm_start_seconds=round(seconds),
         reused_cache=cache if reused else None,

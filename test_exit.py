@@ -3035,6 +3035,28 @@ def test_ship_settings_are_those_of_python_exit_py_task():
         base_lib.ship_settings("realmath")
 
 
+def test_ship_writes_a_base_a_run_uses_and_records_how(tmp_path, monkeypatch):
+    """python base.py --out=DIR: a Hugging Face directory whose base.json has the default settings' key, the hash of
+    its weights, one Base row per seed and split, and the command that makes it again (a tiny policy stands in for
+    the 12-minute warm start, a stub for the evaluation)."""
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
+    mcfg = dataclasses.replace(model_lib.toy_config(tok.vocab_size), n_layer=1, n_embd=32, n_head=2, n_kv_head=1,
+                               intermediate_size=64)
+    monkeypatch.setattr(base_lib, "warm_start", lambda *a, **k: (model_lib.Transformer(mcfg), tok, "trained"))
+    monkeypatch.setattr(eval_lib, "evaluate_policy", lambda policy, tok, family, **settings:
+                        dict(fake_eval(0.1, 0.2, K=settings["K"]), settings=settings))
+    rec = base_lib.ship("exactsumfb", str(tmp_path / "bases"), seeds=2, quiet=True)
+    assert rec == hf.read_json(str(tmp_path / "bases" / "exactsumfb" / "base.json"))
+    cfg = exit_lib.Config()
+    assert rec["key"] == base_lib.warm_start_key(cfg, tasks_lib.make_family(cfg.task)) and isinstance(rec["dirty"], bool)
+    assert rec["sha256"] == base_lib.sha256(str(tmp_path / "bases" / "exactsumfb" / "model.safetensors"))
+    assert [(r["settings"]["split"], r["settings"]["seed"]) for r in rec["evaluations"]] == \
+        [("test", 0), ("test", 1), ("val", 0), ("val", 1)]
+    assert rec["command"].endswith(f"python base.py --task=exactsumfb --seeds=2 --out={tmp_path / 'bases'}")
+    monkeypatch.setattr(base_lib, "SHIPPED", str(tmp_path / "bases"))  # what a default run finds there
+    assert base_lib.shipped_base(cfg, rec["key"], quiet=True) == str(tmp_path / "bases" / "exactsumfb")
+
+
 def test_hf_export_of_a_toy_run_keeps_its_dtype_and_names_loose_files(tmp_path, monkeypatch):
     """python hf.py RUN writes the policy in the dtype it trained in (a --dtype=bf16 run's bf16), with the values of
     ckpt.pt; a loose checkpoint file X.pt (a cached base) exports to X.hf beside it, not to a shared hf/."""
