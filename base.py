@@ -214,9 +214,10 @@ def weights_fingerprint(path: str) -> list:
 
 def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) -> dict:
     """The base's evaluation, cached beside it keyed by settings, problems and weights: a ladder evaluates it once."""
-    record = shipped_record(base_path) or {}  # its Base rows are of its own task's held-out problems, at its difficulties
-    own = record.get("task") == family.name and family.train_difficulties == tasks_lib.make_family(
-        family.name, difficulties=record.get("settings", {}).get("difficulties", "")).train_difficulties
+    record = shipped_record(base_path) or {}  # its rows: of its task's problems at its difficulties, and of its weights
+    own = record.get("task") == family.name and sha256(os.path.join(base_path, "model.safetensors")) == record.get("sha256") \
+        and family.train_difficulties == tasks_lib.make_family(
+            family.name, difficulties=record.get("settings", {}).get("difficulties", "")).train_difficulties
     for res in record.get("evaluations", []) if own else []:
         if isinstance(res, dict) and res.get("settings") == settings:
             return eval_lib.check_evaluation(res, os.path.join(base_path, "base.json"), whole=False)
@@ -248,7 +249,7 @@ SETTINGS = ("task", "base_seed", "n_layer", "n_embd", "n_head", "n_kv_head", "wa
 CHECK = dict(n_problems=16, K=2, n_samples=1, temperature=1.0, max_new_tokens=48, seed=0, harder=False, split="test")
 
 
-SHAPING = ("base.py", "model.py", "tasks.py", "tokenizer.py", "hf.py", "exit.py")  # the code a shipped base depends on
+SHAPING = ("base.py", "model.py", "tasks.py", "tokenizer.py", "hf.py", "exit.py", "eval.py")  # what a shipped base depends on
 
 
 def sha256(path: str) -> str:

@@ -237,14 +237,18 @@ OPTIONAL = dict(by_difficulty=(lambda v, K: isinstance(v, dict) and all(_steps(1
                 net_corrections=(_steps(1), "K + 1 finite numbers"), turn_acc=(_steps(1), "K + 1 finite numbers"),
                 **dict.fromkeys(("fix_rate", "break_rate"), (_steps(0, gaps=True), "K numbers (or nulls)")),
                 # a multi-turn family's: an evaluation of the first turn, with these same optional fields
-                first_turn=(lambda v, K: isinstance(v, dict) and v.get("K") == K and _steps(1)(v.get("score"), K)
+                first_turn=(lambda v, K: isinstance(v, dict) and v.get("K") == K and isinstance(v.get("n"), int)
+                            and _steps(1)(v.get("score"), K)
                             and _steps(1)(v.get("solved"), K) and _steps(0)([v.get("delta")], 1) and not bad_field(v, K),
-                            "the first turn's evaluation (K, K + 1 scores and solved fractions, delta)"))
+                            "the first turn's evaluation (K, n, K + 1 scores and solved fractions, delta)"))
 
 
 def bad_field(r: dict, K: int) -> str | None:
     """The first of an evaluation's OPTIONAL fields that fails its check, said in words; None if none does."""
-    return next((f"{k} is not {what}" for k, (ok, what) in OPTIONAL.items() if k in r and not ok(r[k], K)), None)
+    bad = next((f"{k} is not {what}" for k, (ok, what) in OPTIONAL.items() if k in r and not ok(r[k], K)), None)
+    if bad is None and "first_turn" in r and "turn_acc" not in r:  # a multi-turn evaluation has both
+        return "turn_acc is missing (a multi-turn evaluation has it beside first_turn)"
+    return bad
 
 
 def check_fields(ev: dict, path: str) -> dict:

@@ -1944,6 +1944,10 @@ def test_budget_matched_claim_two_by_hand():
     rows[0]["pairs"].append(["b", 1])
     rows[0]["heldout_runs"].append(report.heldout_points(grpo(0.10, 0.90)))
     assert report.budget_matched(dict(rows=rows)) is None
+    rows[0]["pairs"].pop(), rows[0]["heldout_runs"].pop()  # and the same for a rerun on ExIt's side
+    rows[1]["pairs"].append(["b", 0])
+    rows[1]["heldout_runs"].append(report.heldout_points(exit_(0.99)))
+    assert report.budget_matched(dict(rows=rows)) is None
 
 
 def test_format_table_without_a_problem_count():
@@ -3045,10 +3049,14 @@ def test_ship_writes_a_base_a_run_uses_and_records_how(tmp_path, monkeypatch):
     monkeypatch.setattr(base_lib, "warm_start", lambda *a, **k: (model_lib.Transformer(mcfg), tok, "trained"))
     monkeypatch.setattr(eval_lib, "evaluate_policy", lambda policy, tok, family, **settings:
                         dict(fake_eval(0.1, 0.2, K=settings["K"]), settings=settings))
+    git_calls, git = [], base_lib.git
+    monkeypatch.setattr(base_lib, "git", lambda *args: git_calls.append(args) or git(*args))
     rec = base_lib.ship("exactsumfb", str(tmp_path / "bases"), seeds=2, quiet=True)
     assert rec == hf.read_json(str(tmp_path / "bases" / "exactsumfb" / "base.json"))
     cfg = exit_lib.Config()
     assert rec["key"] == base_lib.warm_start_key(cfg, tasks_lib.make_family(cfg.task)) and isinstance(rec["dirty"], bool)
+    # "dirty" asks git about every file whose code makes or evaluates the base
+    assert {"base.py", "model.py", "tasks.py", "tokenizer.py", "hf.py", "exit.py", "eval.py"} <= set(next(c for c in git_calls if c[0] == "status"))
     assert rec["sha256"] == base_lib.sha256(str(tmp_path / "bases" / "exactsumfb" / "model.safetensors"))
     assert [(r["settings"]["split"], r["settings"]["seed"]) for r in rec["evaluations"]] == \
         [("test", 0), ("test", 1), ("val", 0), ("val", 1)]
@@ -3726,11 +3734,14 @@ def test_eval_json_with_a_damaged_optional_field_is_named(four_runs, capsys):
                        ("net_corrections", None), ("net_corrections", [0.0]), ("fix_rate", "x"),
                        ("break_rate", [0.5, "x"]), ("turn_acc", [0.5, None, 0.5]), ("first_turn", [0.1]),
                        ("first_turn", dict(good, K=3)), ("first_turn", dict(good, delta=None)),
-                       ("first_turn", dict(good, solved=[0.1])), ("first_turn", dict(good, fix_rate="x"))]:
+                       ("first_turn", dict(good, solved=[0.1])), ("first_turn", dict(good, fix_rate="x")),
+                       ("first_turn", dict(good, n=None))]:
         for who in ("policy", "base"):
             ev = {"policy": good, "base": good, who: dict(good, **{field: bad})}
             (four_runs / "exit-s0" / "eval.json").write_text(json.dumps(ev))
             assert f"{run}/eval.json: the {who}'s {field} is not" in eval_fails(capsys, [run]), (field, bad, who)
+    (four_runs / "exit-s0" / "eval.json").write_text(json.dumps(dict(policy=dict(good, first_turn=good), base=good)))
+    assert f"{run}/eval.json: the policy's turn_acc is missing" in eval_fails(capsys, [run])  # multi-turn: both or none
     fine = dict(good, fix_rate=[None, 0.5], break_rate=[0.0, None], settings=dict(n_samples=1),  # None: no chain was
                 first_turn=good, turn_acc=[0.5, 0.5, 0.5])
     (four_runs / "exit-s0" / "eval.json").write_text(json.dumps(dict(policy=fine, base=good)))
@@ -3908,6 +3919,11 @@ def test_the_shipped_base_row_is_reused_only_on_its_own_held_out_problems(tmp_pa
         assert row(same) == recorded  # the same problems (4-6: its own difficulties)
     for other in (tasks_lib.make_family("exactsum"), tasks_lib.make_family("exactsumfb", "", "5-7")):
         assert row(other)["evaluated"] == other.name
+    weights = os.path.join(base, "model.safetensors")  # a copy whose weights were altered: other weights, evaluated
+    with open(weights, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x01\x02\x03")
+    assert row(tasks_lib.make_family("exactsumfb"))["evaluated"] == "exactsumfb"
 
 
 def test_a_cached_base_of_other_contents_is_one_line_saying_delete_it(tmp_path):
