@@ -342,6 +342,10 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     # unset and off settings are left out, so runs from before a setting existed still share their base;
     # runs from before --base_seed trained a base per seed (base_seed -1)
     cfg = {"base_seed": -1, **cfg}
+    family = tasks_lib.FAMILIES.get(cfg.get("task"))
+    if cfg.get("difficulties") and family and not family.reads_data and tuple(family.train_difficulties) == \
+            tasks_lib.parse_difficulties(cfg["difficulties"], cfg["task"]):  # its own mix, named: the same base (base.py)
+        cfg["difficulties"] = ""
     base_key = json.dumps({k: cfg.get(k) for k in BASE_KEYS if cfg.get(k) is not None and cfg.get(k) != "" and cfg.get(k) is not False},
                           sort_keys=True)  # not `in (None, "", False)`: 0 == False, and T = 0 is not T = 1
     if method == "base":

@@ -1957,7 +1957,7 @@ def test_format_table_without_a_problem_count():
     assert "ExIt" in text and "standard error" not in text
 
 
-def test_a_greedy_evaluation_has_its_own_base(tmp_path):
+def test_the_base_key_of_a_comparison(tmp_path):
     # eval_temperature 0 must not be read as unset (0 == False): a T = 0 run and one whose config predates the
     # setting (T = 1) do not share a Base entry, so they are never paired
     keys = []
@@ -1967,6 +1967,13 @@ def test_a_greedy_evaluation_has_its_own_base(tmp_path):
         json.dump(dict(cfg, **extra), open(tmp_path / name / "config.json", "w"))
         keys.append(report.load_run(str(tmp_path / name))["base_key"])
     assert keys[0] != keys[1] and '"eval_temperature": 0.0' in keys[0]
+    # --difficulties naming the family's own mix (math: 2-4) is the base of no --difficulties (base.warm_start_key)
+    for name, mix in (("own", "2-4"), ("other", "3-5")):
+        write_run(tmp_path / name, "exit", 0, fake_eval(0.1, 0.2), fake_eval(0.1, 0.1))
+        cfg = json.load(open(tmp_path / name / "config.json"))
+        json.dump(dict(cfg, difficulties=mix), open(tmp_path / name / "config.json", "w"))
+    key = lambda name: report.load_run(str(tmp_path / name))["base_key"]
+    assert key("own") == key("old") != key("other")
 
 
 # ---- task diversity (the paper's Tables 2 and 7)
