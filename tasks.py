@@ -3,10 +3,10 @@ Task spaces, prompts, rewards and warm-start demonstrations for ExIt.
 
 A task family is one task space M of the paper (§3): it samples base tasks m (`Problem`), writes the
 three prompts ExIt needs (base, self-improve, self-diverge), scores answers, and turns scores into
-the per-step rewards of the paper's §4 and Appendix A. exit.py only calls into this file (data flows one way: no torch,
-no model here): it draws from a pool of sampled problems, builds prompts from the request and the latest iterate, and
-asks for `step_reward` of each rollout; the buffer stores partial histories as turns {answer,
-feedback, depth}.
+the per-step rewards of the paper's §4 and Appendix A. exit.py only calls into this file (data flows
+one way: no torch, no model here): it draws from a pool of sampled problems, builds prompts from the
+request and the latest iterate, and asks for `step_reward` of each rollout; the buffer stores partial
+histories as turns {answer, feedback, depth}.
 
 Reading order: `Problem`; `TaskFamily`, the interface a family implements and the rules it keeps;
 the per-step rewards and the train/val/test split it uses; then the families, the default first; the
