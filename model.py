@@ -273,9 +273,13 @@ class Rollouts:
     finished: torch.Tensor  # (N,) bool, True when a stop token ended the row, False when the budget did
 
 
-def token_logprobs(logits, tokens):
-    """log_softmax(logits)[tokens]: (..., V), (...) -> (...); the sampler's and completion_logprobs'."""
-    return logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+def token_logprobs(logits, tokens, temperature=1.0):
+    """log_softmax(logits / temperature)[tokens] in fp32: (..., V), (...) -> (...); generate's and the loss's."""
+    # fp32 before dividing, on both sides of GRPO's ratio, so they round alike under bf16
+    logits = logits.float()
+    if temperature not in (0, 1):  # 0: greedy sampling, whose log-probs are the untempered ones
+        logits = logits / temperature
+    return logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
 def sample_next(logits, uniform, temperature=1.0):
@@ -360,7 +364,7 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
         nxt = nxt.masked_fill(fin, pad_id)
         tokens[live, t] = nxt
         # under the distribution sampled (logits / T): Eq. 4's gradient is the tempered policy's, as in TRL
-        logprobs[live, t] = token_logprobs(logits / (temperature or 1.0), nxt).masked_fill(fin, 0.0)
+        logprobs[live, t] = token_logprobs(logits, nxt, temperature).masked_fill(fin, 0.0)
         lengths[live] += ~fin  # before updating fin: the stop token counts
         fin |= torch.isin(nxt, stop)
         done[live] = fin
@@ -412,19 +416,10 @@ def completion_logprobs(model: Transformer, prompts: list[list[int]], completion
         if prompt_repeat > 1 and not (model.grad_checkpoint and torch.is_grad_enabled()):
             logp = _grouped_logprobs(model, prompts, completions, lengths, prompt_repeat, temperature)
         else:
-            logp = _tempered_logprobs(model, _flat_hidden(model, prompts, completions, prompt_repeat),
-                                      completions, temperature)
+            h = _flat_hidden(model, prompts, completions, prompt_repeat)  # (N, T, C)
+            logp = token_logprobs(model.lm_head(h), completions, temperature)
     inside = torch.arange(T, device=device)[None] < lengths[:, None]
     return logp.masked_fill(~inside, 0.0)
-
-
-def _tempered_logprobs(model, h, tokens, temperature):
-    """log softmax(lm_head(h) / temperature)[token]: (n, t, C), (n, t) -> (n, t) fp32."""
-    # fp32 before dividing, as the sampler does, so both sides of GRPO's ratio round alike under bf16
-    logits = model.lm_head(h).float()  # (n, t, V)
-    if temperature not in (0, 1):
-        logits = logits / temperature
-    return token_logprobs(logits, tokens)
 
 
 def _flat_hidden(model, prompts, completions, prompt_repeat):
@@ -468,7 +463,7 @@ LENGTH_BUCKETS = 4
 
 
 def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
-    """_flat_hidden + _tempered_logprobs, (N, T): each prompt run once, rows by length in <= LENGTH_BUCKETS forwards."""
+    """_flat_hidden + token_logprobs, (N, T): each prompt run once, rows by length in <= LENGTH_BUCKETS forwards."""
     N, T = completions.shape
     P, device = len(prompts), completions.device
     idx, plen, positions, key_ok, mask = right_align(prompts, 0, 0, device)  # as in generate
@@ -493,7 +488,7 @@ def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
                               causal.expand(len(rows), 1, t - 1, t - 1)], dim=-1)  # (n, 1, t-1, L+t-1)
             h_new = model.hidden_states(completions[rows, :t - 1], positions=positions, mask=mask, cache=cache)
             h = torch.cat([h, h_new], dim=1)  # (n, t, C)
-        logp = _tempered_logprobs(model, h, completions[rows, :t], temperature)  # (n, t)
+        logp = token_logprobs(model.lm_head(h), completions[rows, :t], temperature)  # (n, t)
         pieces.append(F.pad(logp, (0, T - t)))  # zeros past the bucket's length
     return torch.cat(pieces)[order.argsort()]  # back to the callers' row order, (N, T)
 
