@@ -307,11 +307,11 @@ def right_align(prompts: list[list[int]], pad_id: int, new_cols: int, device) ->
     for i, p in enumerate(prompts):
         idx[i, L - len(p):] = torch.tensor(p)
     pad = L - plen  # (P,)
-    if not bool((pad > 0).any()):
-        return idx.to(device), plen, None, None, None
     cols = torch.arange(L + new_cols, device=device)
-    positions = (cols[None] - pad[:, None]).clamp(min=0)
     key_ok = cols[None] >= pad[:, None]
+    if not bool((pad > 0).any()):
+        return idx.to(device), plen, None, key_ok, None  # no padding: plain positions, causal mask
+    positions = (cols[None] - pad[:, None]).clamp(min=0)
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
     # the diagonal keeps a padding query from seeing no key at all (a NaN softmax)
     mask = (causal & key_ok[:, None, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
@@ -465,14 +465,11 @@ LENGTH_BUCKETS = 4
 def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
     """_flat_hidden + token_logprobs, (N, T): each prompt run once, rows by length in <= LENGTH_BUCKETS forwards."""
     N, T = completions.shape
-    P, device = len(prompts), completions.device
+    device = completions.device
     idx, plen, positions, key_ok, mask = right_align(prompts, 0, 0, device)  # as in generate
     L = idx.shape[1]
     cache = GroupPromptCache()
-    h_prompt = model.hidden_states(idx, positions=positions, mask=mask, cache=cache)  # (P, L, C)
-    if key_ok is None:  # equal lengths: every prompt column is a key
-        key_ok = torch.ones(P, L, dtype=torch.bool, device=device)
-    last = h_prompt[:, -1]  # (P, C): predicts completion token 0
+    last = model.hidden_states(idx, positions=positions, mask=mask, cache=cache)[:, -1]  # (P, C): predicts token 0
 
     order = lengths.argsort(stable=True)  # rows by length, shortest first
     pieces = []
