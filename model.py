@@ -183,13 +183,11 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)  # from cfg; fp32 (_apply)
         # nanoGPT init: N(0, 0.02), residual-stream writes scaled by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                continue
             if name.endswith(".bias"):
                 nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-            else:
+            elif not name.endswith("norm.weight"):  # RMSNorm gains stay 1
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
     def _apply(self, fn, recurse=True):
