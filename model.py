@@ -56,9 +56,8 @@ class ModelConfig:
 
 
 def toy_config(vocab_size: int) -> ModelConfig:
-    """The toy policy: 855k parameters at exit.py's defaults, small enough to train with GRPO on two CPU cores."""
-    return ModelConfig(vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
-                       intermediate_size=384, max_seq_len=256)
+    """The toy policy, ModelConfig's defaults: 855k parameters at exit.py's defaults, small enough for two CPU cores."""
+    return ModelConfig(vocab_size=vocab_size)
 
 
 # -----------------------------------------------------------------------------
