@@ -357,8 +357,7 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
     for t in range(max_new_tokens):
         # a uniform for every original row, picked by `live`: dropping rows changes no sample
         u = None if temperature == 0 else torch.rand(total_rows, 1, generator=generator, device=device)[first + live]
-        nxt = sample_next(logits, u, temperature)  # (B,), B = len(live)
-        nxt = nxt.masked_fill(fin, pad_id)
+        nxt = sample_next(logits, u, temperature).masked_fill(fin, pad_id)  # (B,), B = len(live)
         tokens[live, t] = nxt
         # under the distribution sampled (logits / T): Eq. 4's gradient is the tempered policy's, as in TRL
         logprobs[live, t] = token_logprobs(logits, nxt, temperature).masked_fill(fin, 0.0)
