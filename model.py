@@ -339,8 +339,7 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
 
     cache = KVCache(model.config.n_layer, P, total)
     with autocast(device):
-        h = model.hidden_states(idx, positions=positions[:, :L] if ragged else None,
-                                mask=mask, cache=cache)
+        h = model.hidden_states(idx, positions=positions[:, :L] if ragged else None, mask=mask, cache=cache)
         logits = model.lm_head(h[:, -1]).float()  # (P, V)
     cache.repeat_rows(G)
     logits = logits.repeat_interleave(G, dim=0)  # (N, V)
@@ -374,10 +373,8 @@ def generate(model: Transformer, prompts: list[list[int]], num_samples: int, max
                 positions, key_ok = positions[keep], key_ok[keep]
         c = L + t  # the cache column this token goes to
         with autocast(device):
-            h = model.hidden_states(
-                nxt[:, None], cache=cache,
-                positions=positions[:, c:c + 1] if ragged else None,
-                mask=key_ok[:, None, None, :c + 1] if ragged else None)
+            h = model.hidden_states(nxt[:, None], positions=positions[:, c:c + 1] if ragged else None,
+                                    mask=key_ok[:, None, None, :c + 1] if ragged else None, cache=cache)
             logits = model.lm_head(h[:, -1]).float()  # (B, V)
     model.train(was_training)
 
