@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import numbers
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -217,16 +218,13 @@ class TaskBuffer:
         """Logger numbers: depth_mean/hist track depth (Claims 1, 4); distinct_base, entropy diversity (Claim 3)."""
         es = list(self.entries.values())
         scores = [e.score for e in es]
-        depth_hist = {}
-        for e in es:
-            depth_hist[e.depth] = depth_hist.get(e.depth, 0) + 1
         return {
             "size": len(es),
             "score_mean": float(np.mean(scores)) if es else 0.0,
             "score_max": float(np.max(scores)) if es else 0.0,
             "measured_frac": float(np.mean([e.measured for e in es])) if es else 0.0,
             "depth_mean": float(np.mean([e.depth for e in es])) if es else 0.0,
-            "depth_hist": dict(sorted(depth_hist.items())),
+            "depth_hist": dict(sorted(Counter(e.depth for e in es).items())),
             "distinct_base": len({e.base_id for e in es}),
             "entropy": entropy(self.probs()),
         }
