@@ -196,10 +196,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
         per_token = per_token - beta * kl
-    if dr_norm is not None:
-        per_seq = (per_token * mask).sum(1) / dr_norm
-    else:
-        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)
+    norm = mask.sum(1).clamp_min(1) if dr_norm is None else dr_norm  # |o_i| (GRPO) or a constant (Dr. GRPO)
+    per_seq = (per_token * mask).sum(1) / norm
     loss = -per_seq.mean()
     with torch.no_grad():
         n = mask.sum().clamp_min(1)
