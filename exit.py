@@ -429,9 +429,8 @@ class Trainer:
     def score_instance(self, inst: Instance, task: dict, score: float) -> int | None:
         """§4.1: the instance trained on gets its fresh learnability S; a fresh base task first enters the buffer
         itself (k = 0). Returns its uid, the parent of the instances its rollouts leave (None: it found no room)."""
-        if inst.replay:
-            uid = inst.uid
-        else:
+        uid = inst.uid  # None for a fresh base task
+        if not inst.replay:
             entry = self.buffer.insert(inst.problem.id, task, [], 0, score)
             uid = None if entry is None else entry.uid
         if uid is not None:
