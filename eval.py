@@ -132,14 +132,11 @@ def evaluate_policy(policy, tok, family, n_problems=200, K=16, n_samples=2, temp
     problems = heldout_problems(family, n_problems, harder=harder, split=split)
     i, n = part
     mine = problems[i * len(problems) // n:(i + 1) * len(problems) // n]
-    was_training = policy.training
-    policy.eval()
     diffs = [p.difficulty for p in (mine if gather is None else problems) for _ in range(n_samples)]
     parts = chain_scores(policy, tok, family, mine, K, n_samples, temperature, max_new_tokens, seed + i, style=style)
     if gather is not None and n > 1:  # the chains are columns: join the parts' columns in order
         parts = [np.concatenate(xs, axis=1) for xs in zip(*gather(list(parts)))]
     scores, first, per_turn = parts
-    policy.train(was_training)
     res = summarise(scores, diffs, not family.graded)
     if family.multi_turn:  # the score is the episode's return; these are its first turn and its turns
         res["first_turn"] = summarise(first, diffs, True)
