@@ -210,9 +210,7 @@ class TaskFamily:
         out, seen, misses, kept = [], set(), 0, None
         stale, got = {}, {}  # per difficulty: repeats in a row, problems accepted (bookkeeping only: no draws)
         for _ in range(200 * n + 1000):
-            if len(out) == n:
-                break
-            if misses > 20000 + 10 * n:  # nothing new for this long: the space is exhausted, say so now
+            if len(out) == n or misses > 20000 + 10 * n:  # done, or nothing new for this long: the space is exhausted
                 break
             misses += 1
             d = kept if kept is not None else difficulty if difficulty is not None else rng.choice(self.train_difficulties)
@@ -1288,6 +1286,4 @@ def make_family(task: str, data: str = "", difficulties: str = ""):
 
 def eval_family(eval_data: str, family):
     """The final evaluation's family: all of --eval_data's file, else the training family (its test split)."""
-    if eval_data:
-        return RealMath(path=eval_data, heldout_file=True)
-    return family
+    return RealMath(path=eval_data, heldout_file=True) if eval_data else family
