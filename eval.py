@@ -187,8 +187,7 @@ def summary_table(results: dict) -> str:
     lines = []
     for name, r in results.items():
         s, K = r["score"], r["K"]
-        picks = [k for k in (0, 1, 4, K) if k <= K]
-        cells = "  ".join(f"k={k}: {100 * s[k]:5.1f}" for k in dict.fromkeys(picks))
+        cells = "  ".join(f"k={k}: {100 * s[k]:5.1f}" for k in sorted({0, 1, 4, K}) if k <= K)
         label = f"{name} return" if "first_turn" in r else name  # multi-turn: the episode's return; turn 1 leads
         line = f"{label:>12}  {cells}  Δ{K}: {100 * r['delta']:+5.1f}"
         fix, brk = ([x for x in r.get(k, []) if x is not None] for k in ("fix_rate", "break_rate"))
