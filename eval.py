@@ -101,8 +101,7 @@ def summarise(scores: np.ndarray, difficulties: list, binary: bool) -> dict:
 
 def heldout_problems(family, n_problems: int, seed: int = 0, harder: bool = False, warn: bool = True,
                      split: str = "test"):
-    """The held-out set: tasks of `split` (test, or val) in equal shares of the training difficulties, the same
-    for every run."""
+    """Held-out tasks of `split` (test or val): equal shares of the training difficulties, the same for every run."""
     if not family.train_difficulties:
         return file_problems(family, n_problems, seed, warn, split)
     diffs = list(family.train_difficulties)
