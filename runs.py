@@ -532,10 +532,8 @@ def stop_signals():
         tqdm.write(f"{'Ctrl-C' if signum == signal.SIGINT else 'stop (SIGTERM)'}: finishing this iteration, then saving "
                    "(Ctrl-C again to stop without saving)")
 
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield stop
-        return
-    previous = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = [signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)] if main_thread else []
     try:
         yield stop
     finally:
