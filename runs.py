@@ -585,21 +585,19 @@ def run_lock(out_dir: str):
 
 def remove_stale_tmp(folder: str):
     """Remove what an atomic write killed mid-way left behind (NAME.tmpPID), where process PID is gone."""
-    if not os.path.isdir(folder):
-        return
-    for name in os.listdir(folder):
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
         m = re.fullmatch(r".+\.tmp([0-9]+)", name)
         if not m:
             continue
         pid = int(m.group(1))
-        if pid != os.getpid():
-            try:
+        try:
+            if pid != os.getpid():
                 os.kill(pid, 0)
                 continue  # alive: another process is writing it (a shared base_dir)
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            continue
         with contextlib.suppress(OSError):
             os.remove(os.path.join(folder, name))
 
