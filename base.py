@@ -232,10 +232,8 @@ def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) 
             return eval_lib.check_evaluation(hf.read_json(cache), cache, whole=False)
     base = load_policy(base_path, device)[0]
     res = eval_lib.evaluate_policy(base, tok, family, **settings)
-    try:
+    with contextlib.suppress(OSError):  # a folder this process cannot write: the evaluation is not cached
         hf.write_json(res, cache)
-    except OSError:
-        pass
     return res
 
 
