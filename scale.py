@@ -23,8 +23,7 @@ import model as model_lib
 
 
 def needed(cfg) -> bool:
-    """Whether a run needs more than exit.Trainer: a checkpoint to start from, bf16 weights, micro-batches,
-    gradient checkpointing, or several processes."""
+    """Whether a run needs ScaleTrainer: --init, bf16, micro-batches, grad checkpointing or several processes."""
     return bool(cfg.init or cfg.dtype != "fp32" or cfg.micro_batch or cfg.grad_checkpoint or world_size() > 1)
 
 
@@ -327,7 +326,6 @@ def main_first():
 
 
 def check_world(cfg):
-    need = world_size()
-    if cfg.tasks_per_iter % need:
-        raise ValueError(f"tasks_per_iter ({cfg.tasks_per_iter}) must be a multiple of the world size ({need}): "
-                         "every rank takes an equal share of the iteration's task instances")
+    if cfg.tasks_per_iter % world_size():
+        raise ValueError(f"tasks_per_iter ({cfg.tasks_per_iter}) must be a multiple of the world size ({world_size()})"
+                         ": every rank takes an equal share of the iteration's task instances")
