@@ -184,7 +184,7 @@ def run(argv):
         if "WORLD_SIZE" in os.environ:  # data parallel, under torchrun only
             scale.dist_init(cfg)
         check_given(cfg, given, quiet=not scale.is_main())
-        recommended = family_settings({k: getattr(cfg, k) for k in given} | {"task": cfg.task})
+        recommended = family_settings({k: getattr(cfg, k) for k in given})
         if recommended and not cfg.resume and scale.is_main():
             print(f"{cfg.task}: the family's recommended settings: "
                   + " ".join(f"--{k}={v}" for k, v in recommended.items()) + " (set any of them to override)")
@@ -414,10 +414,8 @@ def preflight(cfg: Config, quiet: bool = False) -> dict:
     family = tasks_lib.make_family(cfg.task, cfg.data, cfg.difficulties)
     efam = tasks_lib.eval_family(cfg.eval_data, family)
     train_pool = family.sample("train", TRAIN_POOL, seed=cfg.seed)  # a ValueError naming the difficulties if too few
-    heldout = []
-    if cfg.eval_problems:
-        heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet,
-                                            split=cfg.eval_split)
+    heldout = eval_lib.heldout_problems(efam, cfg.eval_problems, harder=cfg.eval_harder, warn=not quiet,
+                                        split=cfg.eval_split) if cfg.eval_problems else []
     if cfg.eval_every:  # the held-out slice of every --eval_every point, during training
         heldout += eval_lib.heldout_problems(efam, cfg.eval_every_problems, warn=False, split=cfg.eval_split)
     if cfg.init:
@@ -574,7 +572,7 @@ def run_lock(out_dir: str):
                               "choose another --out_dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                 f"{' '.join(sys.argv[:1] + sys.argv[1:])}\n".encode())
+                 f"{' '.join(sys.argv)}\n".encode())
     _held_locks[key] = fd
     try:
         yield
