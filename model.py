@@ -56,7 +56,7 @@ class ModelConfig:
 
 
 def toy_config(vocab_size: int) -> ModelConfig:
-    """The toy policy, ModelConfig's defaults: 855k parameters at exit.py's defaults, small enough for two CPU cores."""
+    """The toy policy: ModelConfig's defaults, 855k parameters at exit.py's default sizes; small enough for two CPUs."""
     return ModelConfig(vocab_size=vocab_size)
 
 
@@ -197,7 +197,7 @@ class Transformer(nn.Module):
 
     def hidden_states(self, idx, positions=None, mask=None, cache=None):
         """idx (B, T) -> hidden states after the last norm (B, T, n_embd); mask (B, 1, T, Tk) bool, None: causal."""
-        B, T = idx.shape
+        T = idx.shape[1]
         start = 0 if cache is None else cache.pos
         if mask is None and T > 1 and start > 0:
             raise ValueError("several new tokens on a non-empty cache need an explicit mask")
@@ -297,7 +297,8 @@ DROP_FINISHED_AT = 0.25
 
 
 def right_align(prompts: list[list[int]], pad_id: int, new_cols: int, device) -> tuple:
-    """Prompts left-padded to (P, L), so all rows write one column: idx, plen, positions, key_ok, mask (or None)."""
+    """Prompts left-padded to (P, L), so all rows write one column: idx, plen, positions, key_ok, mask
+    (positions and mask None when no prompt is padded: plain positions, a causal mask)."""
     plen = torch.tensor([len(p) for p in prompts], device=device)
     L = int(plen.max())
     idx = torch.full((len(prompts), L), pad_id, dtype=torch.long)
@@ -307,7 +308,7 @@ def right_align(prompts: list[list[int]], pad_id: int, new_cols: int, device) ->
     cols = torch.arange(L + new_cols, device=device)
     key_ok = cols[None] >= pad[:, None]
     if not bool((pad > 0).any()):
-        return idx.to(device), plen, None, key_ok, None  # no padding: plain positions, causal mask
+        return idx.to(device), plen, None, key_ok, None
     positions = (cols[None] - pad[:, None]).clamp(min=0)
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
     # the diagonal keeps a padding query from seeing no key at all (a NaN softmax)

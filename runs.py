@@ -184,7 +184,7 @@ def run(argv):
         if "WORLD_SIZE" in os.environ:  # data parallel, under torchrun only
             scale.dist_init(cfg)
         check_given(cfg, given, quiet=not scale.is_main())
-        recommended = family_settings({k: getattr(cfg, k) for k in given})
+        recommended = family_settings({k: getattr(cfg, k) for k in given} | {"task": cfg.task})
         if recommended and not cfg.resume and scale.is_main():
             print(f"{cfg.task}: the family's recommended settings: "
                   + " ".join(f"--{k}={v}" for k, v in recommended.items()) + " (set any of them to override)")
