@@ -78,9 +78,9 @@ def shipped_base(cfg, key: str, quiet: bool = False) -> str | None:
     path = os.path.join(SHIPPED, cfg.task)
     if not os.path.isfile(os.path.join(path, "base.json")):
         return None
-    record = hf.read_json(os.path.join(path, "base.json"))
-    shipped, rows = record.get("key"), record.get("evaluations", [])
     try:
+        record = hf.read_json(os.path.join(path, "base.json"))
+        shipped, rows = record.get("key"), record.get("evaluations", [])
         if not isinstance(shipped, str) or not isinstance(rows, list):
             raise ValueError("no key, or no list of evaluations")
         if shipped == key:  # before any work: the weights the run will load (not a Git LFS pointer, cut or altered)

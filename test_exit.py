@@ -3861,8 +3861,8 @@ def test_a_damaged_shipped_base_json_is_an_error_before_any_work(tmp_path, monke
     monkeypatch.setattr(base_lib, "SHIPPED", str(tmp_path))
     cfg, fam = exit_lib.Config(), tasks_lib.make_family("exactsumfb")
     record = json.loads((tmp_path / "exactsumfb" / "base.json").read_text())
-    for damage in ({"key": None}, {"evaluations": "x"}):
-        (tmp_path / "exactsumfb" / "base.json").write_text(json.dumps(record | damage))
+    for text in [json.dumps(record | {"key": None}), json.dumps(record | {"evaluations": "x"}), "{not json"]:
+        (tmp_path / "exactsumfb" / "base.json").write_text(text)
         with pytest.raises(ValueError, match=r"base.json is damaged .*`git checkout .*exactsumfb` restores it"):
             base_lib.shipped_base(cfg, base_lib.warm_start_key(cfg, fam))
 
