@@ -394,8 +394,7 @@ class TaskFamily:
 
     def demo_record(self, p: Problem, rng: random.Random) -> dict:
         """One demonstration on problem p: a base, improve or diverge step under the error model."""
-        em = self.error_model
-        u = rng.random()
+        em, u = self.error_model, rng.random()
         mode = "base" if u < em["mix_base"] else "improve" if u < em["mix_base"] + em["mix_improve"] else "diverge"
         answer = self.attempt(p, rng.random() < em["p_alt_style"], rng)
         if mode == "base":
