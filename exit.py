@@ -426,26 +426,20 @@ class Trainer:
         return grpo_loss(logp, old[rows], adv[rows], mask[rows], cfg.clip_eps, ref_logp, cfg.beta,
                          dr_norm=cfg.max_new_tokens if cfg.dr_grpo else None)
 
-    def score_instance(self, inst: Instance, task: dict, score: float) -> int | None:
-        """§4.1: the instance trained on gets its fresh learnability S; a fresh base task first enters the buffer
-        itself (k = 0). Returns its uid, the parent of the instances its rollouts leave (None: it found no room)."""
-        uid = inst.uid  # None for a fresh base task
-        if not inst.replay:
-            entry = self.buffer.insert(inst.problem.id, task, [], 0, score)
-            uid = None if entry is None else entry.uid
-        if uid is not None:
-            self.buffer.update_score(uid, score)
-        return uid
-
     def update_buffer(self, insts, episodes, rewards):
-        """§4.1: fresh learnability for what was trained on; the histories its rollouts leave (depth k + 1 at
-        the iterated turn) inherit it, and so the curriculum grows deeper."""
+        """§4.1: what was trained on gets its fresh learnability S (a fresh base task first enters the buffer itself,
+        k = 0); the histories its rollouts leave (depth k + 1 at the iterated turn) inherit S: the curriculum deepens."""
         cfg, G, fam = self.cfg, self.cfg.group_size, self.family
         if not cfg.uses_buffer:
             return
         for i, inst in enumerate(insts):
             task, score = dataclasses.asdict(inst.problem), buffer_lib.learnability(rewards[i].tolist())
-            parent = self.score_instance(inst, task, score)
+            uid = inst.uid  # its buffer entry, the parent of the histories below; None for a fresh base task
+            if not inst.replay:
+                entry = self.buffer.insert(inst.problem.id, task, [], 0, score)
+                uid = None if entry is None else entry.uid  # None: it found no room
+            if uid is not None:
+                self.buffer.update_score(uid, score)
             if not cfg.self_iterates:
                 continue
             js = range(G) if cfg.children == "all" else [int(self.rng.integers(G))]
@@ -455,7 +449,7 @@ class Trainer:
                     q = fam.turn_problem(inst.problem, t, answers)  # feedback: for the record; prompts recompute it
                     turns.append(dict(answer=answers[t], feedback=fam.feedback(q, answers[t]),
                                       depth=inst.depth + 1 if t == inst.turn else 1))
-                self.buffer.insert_history(inst.problem.id, task, turns, [h["depth"] for h in turns], score, parent,
+                self.buffer.insert_history(inst.problem.id, task, turns, [h["depth"] for h in turns], score, uid,
                                            start=inst.turn)  # the prefixes before turn t were given, not produced
 
     def refresh_reference(self):
