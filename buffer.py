@@ -215,18 +215,19 @@ class TaskBuffer:
     # --- logging -----------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Logger numbers: depth_mean/hist track depth (Claims 1, 4); distinct_base, entropy diversity (Claim 3)."""
+        """Logger numbers, log.jsonl's buf_*: depth (the mean) and depth_hist track depth (Claims 1, 4); distinct
+        (base tasks) and entropy, diversity (Claim 3); measured: the fraction of scores measured, not inherited."""
         es = list(self.entries.values())
         scores = [e.score for e in es]
         return {
             "size": len(es),
             "score_mean": float(np.mean(scores)) if es else 0.0,
             "score_max": float(np.max(scores)) if es else 0.0,
-            "measured_frac": float(np.mean([e.measured for e in es])) if es else 0.0,
-            "depth_mean": float(np.mean([e.depth for e in es])) if es else 0.0,
-            "depth_hist": dict(sorted(Counter(e.depth for e in es).items())),
-            "distinct_base": len({e.base_id for e in es}),
             "entropy": entropy(self.probs()),
+            "distinct": len({e.base_id for e in es}),
+            "depth": float(np.mean([e.depth for e in es])) if es else 0.0,
+            "depth_hist": dict(sorted(Counter(e.depth for e in es).items())),
+            "measured": float(np.mean([e.measured for e in es])) if es else 0.0,
         }
 
     # --- checkpointing: the buffer is the curriculum, so it round-trips exactly ---------

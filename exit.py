@@ -483,7 +483,6 @@ class Trainer:
         def mean_where(mode):
             rows = [i for i, x in enumerate(insts) if x.mode == mode]
             return float(rewards[rows].mean()) if rows else None
-        bstats = self.buffer.stats()
         n_tok = int(lengths.sum())
         log = dict(iter=self.iter, reward=float(rewards.mean()), reward_base=mean_where("base"),
                    reward_improve=mean_where("improve"), reward_diverge=mean_where("diverge"),
@@ -491,12 +490,9 @@ class Trainer:
                    replay_frac=float(np.mean([i.replay for i in insts])),
                    depth=float(np.mean([i.depth for i in insts])),
                    difficulty=float(np.mean([i.problem.difficulty for i in insts])),
-                   buf_size=bstats["size"], buf_score_mean=bstats["score_mean"], buf_score_max=bstats["score_max"],
-                   buf_entropy=bstats["entropy"], buf_distinct=bstats["distinct_base"],
-                   buf_depth=bstats["depth_mean"], buf_depth_hist=bstats["depth_hist"],
-                   buf_measured=bstats["measured_frac"], resp_len=n_tok / len(responses),
-                   tok_per_s=n_tok / dt, sample_frac=t_sample / dt, skipped=self.skipped,
-                   elapsed=self.elapsed, world_size=self.world_size, **self.div_stats, **stats)
+                   **{f"buf_{k}": v for k, v in self.buffer.stats().items()},  # the curriculum: buf_size, buf_entropy, ...
+                   resp_len=n_tok / len(responses), tok_per_s=n_tok / dt, sample_frac=t_sample / dt,
+                   skipped=self.skipped, elapsed=self.elapsed, world_size=self.world_size, **self.div_stats, **stats)
         return log | (self.episode_log(insts, responses) if self.family.multi_turn else {})
 
     def episode_log(self, insts, responses) -> dict:

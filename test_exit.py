@@ -1424,7 +1424,7 @@ def test_a_measured_score_survives_reinsertion_single_turn(tmp_path):
     fresh = exit_lib.Instance(problem=p, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None, replay=False)
     tr.update_buffer([fresh], [["x"], ["z"]], torch.tensor([[1.0, 0.0]]))  # "x" again, from a group with S = 0.25
     assert e.score == 0.0
-    assert tr.buffer.stats()["measured_frac"] > 0
+    assert tr.buffer.stats()["measured"] > 0
 
 
 def test_a_measured_score_survives_reinsertion_multi_turn(tmp_path):
@@ -1514,7 +1514,7 @@ def test_stats():
     put(buf, "a", 0.1, depth=0, base="p"), put(buf, "b", 0.2, depth=0, base="p")
     put(buf, "c", 0.3, depth=1, base="q")
     st = buf.stats()
-    assert st["size"] == 3 and st["distinct_base"] == 2 and st["depth_hist"] == {0: 2, 1: 1}
+    assert st["size"] == 3 and st["distinct"] == 2 and st["depth_hist"] == {0: 2, 1: 1}
     assert st["score_mean"] == pytest.approx(0.2) and st["score_max"] == pytest.approx(0.3)
     assert st["entropy"] == pytest.approx(math.log(3))                 # κ = 0: uniform
     buf.kappa = 10.0
