@@ -71,9 +71,7 @@ class TiktokenTokenizer(Tokenizer):
         self.vocab_size = self.enc.n_vocab
 
     def encode(self, text, special=False):
-        if special:
-            return self.enc.encode(text, allowed_special="all")
-        return self.enc.encode(text, allowed_special=set(), disallowed_special=())
+        return self.enc.encode(text, allowed_special="all" if special else set(), disallowed_special=())
 
     def decode(self, ids, special=False):
         if torch.is_tensor(ids):
