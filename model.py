@@ -243,8 +243,7 @@ class KVCache:
         """Write (B, nkv, T, hd) at columns pos..pos+T; return (B, nkv, pos+T, hd). hidden_states advances pos."""
         if self.k is None:
             shape = (self.n_layer, self.batch, k.shape[1], self.max_len, k.shape[3])
-            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -252,8 +251,7 @@ class KVCache:
 
     def repeat_rows(self, n: int):
         """Row i becomes rows i*n .. i*n+n-1: one prefilled prompt serves its whole GRPO group."""
-        self.k = self.k.repeat_interleave(n, dim=1)
-        self.v = self.v.repeat_interleave(n, dim=1)
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
 
     def keep_rows(self, rows: torch.Tensor):
         """Keep only these rows (a (B,) bool mask or indices), in order: the sampler drops finished ones."""
