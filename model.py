@@ -542,9 +542,7 @@ def pick_device(name: str = "auto") -> torch.device:
         return check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
 def check_device(name: str) -> torch.device:
@@ -558,8 +556,7 @@ def check_device(name: str) -> torch.device:
                          "False); use --device=cpu or --device=auto")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    mps = getattr(torch.backends, "mps", None)
-    if dev.type == "mps" and not (mps is not None and mps.is_available()):
+    if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {name!r}: MPS is not available here; use --device=cpu or --device=auto")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {name!r} is not supported: auto | cpu | cuda | cuda:N | mps")
