@@ -70,11 +70,9 @@ def parse_args(argv) -> tuple[Config, set]:
         if key in values:  # the last one silently winning hides a typo in a long command line
             raise ValueError(f"--{key} is given twice; give it once")
         typ = fields[key].type
-        if not eq:
-            if typ is not bool:
-                raise ValueError(f"--{key} needs a value: --{key}=...")
-            text = "true"
-        values[key] = _parse_value(key, typ, text)
+        if not eq and typ is not bool:
+            raise ValueError(f"--{key} needs a value: --{key}=...")
+        values[key] = _parse_value(key, typ, text if eq else "true")  # a bare --flag sets a bool to true
     cfg = Config(**{**family_settings(values), **values})
     return (cfg if cfg.resume else check_config(cfg)), set(values)  # resume: checked merged with its checkpoint's
 
