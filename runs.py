@@ -545,10 +545,8 @@ _held_locks = {}  # folder -> fd of the locks this process holds
 
 def run_artifacts(out_dir: str) -> list[str]:
     """What a run (or eval.py) leaves in its folder; any of them blocks a fresh run there."""
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(n for n in os.listdir(out_dir)
-                  if n in RUN_ARTIFACTS or (n.startswith("eval.") and n.endswith(".json")))
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted(n for n in names if n in RUN_ARTIFACTS or (n.startswith("eval.") and n.endswith(".json")))
 
 
 @contextlib.contextmanager
