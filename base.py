@@ -205,11 +205,9 @@ def toy_base(base_path: str) -> bool:
 def weights_fingerprint(path: str) -> list:
     """What identifies the policy at path: each file's name, size and mtime (hashing would read 20 GB); of a directory,
     every file but base.json (the tokenizer's and its chat template too: they change the prompts)."""
-    if os.path.isfile(path):
-        files = [path]
-    else:
-        files = sorted(f for f in (os.path.join(path, n) for n in os.listdir(path) if n != "base.json") if os.path.isfile(f))
-    return [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    files = ([path] if os.path.isfile(path)
+             else sorted(os.path.join(path, n) for n in os.listdir(path) if n != "base.json"))
+    return [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
 
 
 def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) -> dict:
