@@ -228,8 +228,7 @@ def evaluate_base(base_path: str, tok, family, device, load_policy, **settings) 
     if os.path.isfile(cache):
         with contextlib.suppress(ValueError):  # a damaged cache is a miss: the base is evaluated again, the cache rewritten
             return eval_lib.check_evaluation(hf.read_json(cache), cache, whole=False)
-    base = load_policy(base_path, device)[0]
-    res = eval_lib.evaluate_policy(base, tok, family, **settings)
+    res = eval_lib.evaluate_policy(load_policy(base_path, device)[0], tok, family, **settings)
     with contextlib.suppress(OSError):  # a folder this process cannot write: the evaluation is not cached
         hf.write_json(res, cache)
     return res
