@@ -204,6 +204,8 @@ class TaskFamily:
         train_difficulties, less where distinct problems thin out (repeats); one that runs out is filled in by the
         others, with a warning."""
         check_split(split)
+        if difficulty is None and not self.train_difficulties:
+            raise ValueError(f"{self.name}: no train_difficulties to draw from; pass difficulty=")
         rng = random.Random(f"{self.name}/{split}/{seed}/{difficulty}")  # str seeds are stable across runs
         out, seen, misses, kept = [], set(), 0, None
         stale, got = {}, {}  # per difficulty: repeats in a row, problems accepted (bookkeeping only: no draws)
