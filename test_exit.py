@@ -708,6 +708,11 @@ def test_sample_warns_once_when_a_difficulty_runs_out():
         assert f.sample("train", 300, 0) == ps                   # once per family and difficulty
     with pytest.raises(ValueError, match="could not draw 50 distinct train problems"):
         f.sample("train", 50, 0, difficulty=1)
+    # a family that overrides sample passes check() without a mix, and may still call the base sample
+    own = type("Own", (_Half,), dict(has_demonstrations=False, train_difficulties=(),
+                                     sample=lambda self, *a, **k: super(own, self).sample(*a, **k)))
+    with pytest.raises(ValueError, match="no train_difficulties to draw from; pass difficulty="):
+        own().sample("train", 5, 0)
 
 
 def readme_family_example():
