@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -591,7 +592,7 @@ def policy_from_state(state: dict, device, build_tokenizer):
 def atomic_save(obj, path: str, write=None):
     """torch.save(obj, f), or write(obj, f), to a temporary file, fsync, rename: a crash never leaves half a file
     (a checkpoint, eval.json, a log). A write the machine refuses (disk full, read-only) is an OSError naming the path."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}@{socket.gethostname()}"  # the host: a folder may be shared by machines
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "wb") as f:

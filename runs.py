@@ -578,10 +578,10 @@ def run_lock(out_dir: str):
 
 
 def remove_stale_tmp(folder: str):
-    """Remove what an atomic write killed mid-way left behind (NAME.tmpPID), where process PID is gone."""
+    """Remove what a write killed mid-way left behind (NAME.tmpPID@HOST, model.atomic_save) if PID is gone from HOST."""
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        m = re.fullmatch(r".+\.tmp([0-9]+)", name)
-        if not m:
+        m = re.fullmatch(r".+\.tmp([0-9]+)(?:@(.*))?", name)  # files from before the host was named: this host's
+        if not m or m.group(2) not in (None, socket.gethostname()):  # another machine's: its writer may be alive
             continue
         pid = int(m.group(1))
         try:

@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -3599,9 +3600,12 @@ def test_a_kill_during_a_checkpoint_write_leaves_no_tmp_file(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs: the writer that was killed with -9
     (tmp_path / "run" / f"ckpt.pt.tmp{dead.pid}").write_bytes(b"half a checkpoint")
-    (tmp_path / "base" / f"x.pt.tmp{dead.pid}").write_bytes(b"half a warm start")
+    (tmp_path / "base" / f"x.pt.tmp{dead.pid}@{socket.gethostname()}").write_bytes(b"half a warm start")
+    # another machine's write into a shared folder: its pid means nothing here, so it is left alone
+    (tmp_path / "base" / f"y.pt.tmp{dead.pid}@another-host").write_bytes(b"a warm start being written")
     runs.train(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume", "--iters=2"]), quiet=True)
-    assert not [n for n in os.listdir(tmp_path / "run") + os.listdir(tmp_path / "base") if ".tmp" in n]
+    left = [n for n in os.listdir(tmp_path / "run") + os.listdir(tmp_path / "base") if ".tmp" in n]
+    assert left == [f"y.pt.tmp{dead.pid}@another-host"]
 
 
 def test_text_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
