@@ -428,7 +428,7 @@ class Trainer:
 
     def update_buffer(self, insts, episodes, rewards):
         """§4.1: what was trained on gets its fresh learnability S (a fresh base task first enters the buffer itself,
-        k = 0); the histories its rollouts leave (depth k + 1 at the iterated turn) inherit S: the curriculum deepens."""
+        k = 0); its rollouts' histories (depth k + 1 at the iterated turn) inherit S, and so the curriculum deepens."""
         cfg, G, fam = self.cfg, self.cfg.group_size, self.family
         if not cfg.uses_buffer:
             return
@@ -490,7 +490,7 @@ class Trainer:
                    replay_frac=float(np.mean([i.replay for i in insts])),
                    depth=float(np.mean([i.depth for i in insts])),
                    difficulty=float(np.mean([i.problem.difficulty for i in insts])),
-                   **{f"buf_{k}": v for k, v in self.buffer.stats().items()},  # the curriculum: buf_size, buf_entropy, ...
+                   **{f"buf_{k}": v for k, v in self.buffer.stats().items()},  # the curriculum: buf_size, ...
                    resp_len=n_tok / len(responses), tok_per_s=n_tok / dt, sample_frac=t_sample / dt,
                    skipped=self.skipped, elapsed=self.elapsed, world_size=self.world_size, **self.div_stats, **stats)
         return log | (self.episode_log(insts, responses) if self.family.multi_turn else {})
