@@ -57,7 +57,7 @@ class ModelConfig:
 
 
 def toy_config(vocab_size: int) -> ModelConfig:
-    """The toy policy, ModelConfig's defaults: 855k parameters (exit.py's default sizes), small enough for 2 CPU cores."""
+    """The toy policy, ModelConfig's defaults: 855k parameters (exit.py's default sizes), fit for 2 CPU cores."""
     return ModelConfig(vocab_size=vocab_size)
 
 
