@@ -581,19 +581,24 @@ def remove_stale_tmp(folder: str):
     """Remove what a write killed mid-way left behind (NAME.tmpPID@HOST, model.atomic_save) if PID is gone from HOST."""
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         m = re.fullmatch(r".+\.tmp([0-9]+)(?:@(.*))?", name)  # files from before the host was named: this host's
-        if not m or m.group(2) not in (None, socket.gethostname()):  # another machine's: its writer may be alive
-            continue
-        pid = int(m.group(1))
-        try:
-            if pid != os.getpid():
-                os.kill(pid, 0)
-                continue  # alive: another process is writing it (a shared base_dir)
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # alive, another user's
-            continue
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(folder, name))
+        # another machine's file is kept: its writer may be alive, and its pid means nothing here
+        if m and m.group(2) in (None, socket.gethostname()) and not writer_alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+def writer_alive(pid: int) -> bool:
+    """Whether process `pid` of this host may still be writing (another process sharing a base_dir); this process
+    is not: its own leftovers are stale."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 
 def read_log_lines(path: str) -> list[dict]:

@@ -3603,9 +3603,17 @@ def test_a_kill_during_a_checkpoint_write_leaves_no_tmp_file(tmp_path):
     (tmp_path / "base" / f"x.pt.tmp{dead.pid}@{socket.gethostname()}").write_bytes(b"half a warm start")
     # another machine's write into a shared folder: its pid means nothing here, so it is left alone
     (tmp_path / "base" / f"y.pt.tmp{dead.pid}@another-host").write_bytes(b"a warm start being written")
-    runs.train(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume", "--iters=2"]), quiet=True)
+    # a live writer of this host (another run sharing the base_dir) is left alone; this process's own file is stale
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    (tmp_path / "base" / f"z.pt.tmp{live.pid}@{socket.gethostname()}").write_bytes(b"being written")
+    (tmp_path / "base" / f"w.pt.tmp{os.getpid()}").write_bytes(b"this process's, before it was killed")
+    try:
+        runs.train(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume", "--iters=2"]), quiet=True)
+    finally:
+        live.kill()
+        live.wait()
     left = [n for n in os.listdir(tmp_path / "run") + os.listdir(tmp_path / "base") if ".tmp" in n]
-    assert left == [f"y.pt.tmp{dead.pid}@another-host"]
+    assert sorted(left) == [f"y.pt.tmp{dead.pid}@another-host", f"z.pt.tmp{live.pid}@{socket.gethostname()}"]
 
 
 def test_text_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
