@@ -195,11 +195,8 @@ def run(argv):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if torch.distributed.is_initialized():  # data parallel: the ranks are done; rank 0 reports
-        main_rank = scale.is_main()
-        torch.distributed.destroy_process_group()
-        if not main_rank:
-            return
+    if torch.distributed.is_initialized() and not scale.dist_end():  # data parallel: done; rank 0 reports
+        return
     t = trainer.timing
     other = trainer.elapsed - t["sampling"] - t["update"] - t["buffer"]
     print(f"time: warm start {t['warm_start']:.0f}s, RL {trainer.elapsed:.0f}s (sampling {t['sampling']:.0f}s, update "

@@ -223,6 +223,13 @@ def dist_init(cfg):
         torch.distributed.init_process_group("gloo")
 
 
+def dist_end() -> bool:
+    """Leave the process group at the end of a run; True on rank 0, which reports it."""
+    main = is_main()
+    torch.distributed.destroy_process_group()
+    return main
+
+
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
