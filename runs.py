@@ -37,17 +37,15 @@ Config = exit_lib.Config
 # The command line: --key=value pairs into the one Config, every value checked before any work.
 
 
+BOOLS = dict.fromkeys(("1", "true", "yes", "on"), True) | dict.fromkeys(("0", "false", "no", "off"), False)
+
+
 def _parse_value(name, typ, text):
-    if typ is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name} expects a bool (true/false), got {text!r}")
     try:
-        return typ(text)
-    except ValueError:
-        raise ValueError(f"--{name} expects {typ.__name__}, got {text!r}") from None
+        return BOOLS[text.lower()] if typ is bool else typ(text)
+    except (KeyError, ValueError):
+        expects = "a bool (true/false)" if typ is bool else typ.__name__
+        raise ValueError(f"--{name} expects {expects}, got {text!r}") from None
 
 
 def config_help() -> str:
