@@ -569,7 +569,7 @@ class ExactSumFamily(TaskFamily):
         if picks and sum(picks) == problem.data["target"]:  # it checks out: kept, or over-edited with p_break(d)
             return self.break_answer(problem, alt, rng, picks) if u < self.p_break(problem.difficulty) else answer
         if u < em["p_fix"]:
-            move = self.local_move(problem, picks)
+            move = self.local_move(problem, picks or [])  # malformed (None): as if nothing were picked
             return self.render(problem, move, alt) if move is not None else self.attempt(problem, alt, rng)
         if u < em["p_fix"] + em["p_copy"]:
             return answer

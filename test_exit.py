@@ -241,6 +241,14 @@ def test_exactsum_local_move_by_hand():
             wrong = set(p.data["best"]) ^ {x}
             if wrong:
                 assert f.score(p, f.render(p, f.local_move(p, sorted(wrong)), False)) == 1.0
+    # revise given a malformed answer (no picks to move from, as a direct caller may give it): copied, or
+    # written afresh; never an error
+    rng, outcomes = random.Random(0), set()
+    for _ in range(200):
+        out = f.revise(P_ES, "no idea", rng)
+        outcomes.add("copied" if out == "no idea" else "written")
+        assert out == "no idea" or f.picks(P_ES, out) is not None, out
+    assert outcomes == {"copied", "written"}
 
 
 def test_exactsum_problems_match_their_request():
