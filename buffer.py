@@ -238,7 +238,7 @@ class TaskBuffer:
             "config": {"capacity": self.capacity, "min_size": self.min_size,
                        "replay_prob": self.replay_prob, "kappa": self.kappa, "seed": self.seed,
                        "admission": self.admission},
-            "entries": [copy.deepcopy(asdict(e)) for e in self.entries.values()],
+            "entries": [asdict(e) for e in self.entries.values()],  # asdict copies deeply: nothing shared
             "next_uid": self.next_uid,
             "rng": copy.deepcopy(self.rng.bit_generator.state),  # ints may exceed 64 bits: JSON is fine
         }

@@ -1544,6 +1544,9 @@ def test_state_dict_round_trip_is_exact():
                            [0, 1], 0.02 * i + 0.1 / 3)
         buf.should_replay()
         buf.sample(2)
+    live = buf.state_dict()
+    live["entries"][0]["turns"][0]["answer"] = "changed"              # state_dict copied the entries
+    assert buf.entries[live["entries"][0]["uid"]].turns[0]["answer"] != "changed"
     state = json.loads(json.dumps(buf.state_dict()))                  # plain JSON types only
     fresh = make(capacity=1, kappa=0.0, seed=999)
     fresh.load_state_dict(state)
