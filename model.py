@@ -446,9 +446,9 @@ class GroupPromptCache:
             self.k.append(k)
             self.v.append(v)
             return k, v
-        # completion rows: (n, nkv, L + t, hd), their prompt's columns first
-        return (torch.cat([self.k[layer][self.rows], k], dim=2),
-                torch.cat([self.v[layer][self.rows], v], dim=2))
+        # completion rows: (n, nkv, L + t, hd), their prompt's columns first (index_select, not [rows]: METHOD.md)
+        return (torch.cat([self.k[layer].index_select(0, self.rows), k], dim=2),
+                torch.cat([self.v[layer].index_select(0, self.rows), v], dim=2))
 
 
 LENGTH_BUCKETS = 4
@@ -469,7 +469,7 @@ def _grouped_logprobs(model, prompts, completions, lengths, G, temperature):
     for rows in order.chunk(min(LENGTH_BUCKETS, N)):
         t = max(1, int(lengths[rows].max()))  # this bucket's longest row
         prompt = rows // G  # (n,) the prompt of each row
-        h = last[prompt][:, None]  # (n, 1, C)
+        h = last.index_select(0, prompt)[:, None]  # (n, 1, C)
         if t > 1:
             cache.rows = prompt  # tokens 0..t-2 (j predicts j+1), each seeing its prompt and its row so far
             positions = plen[prompt][:, None] + torch.arange(t - 1, device=device)  # (n, t-1)

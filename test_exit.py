@@ -1005,6 +1005,32 @@ def test_grouped_completion_logprobs_under_grad_checkpoint_and_no_grad():
         assert torch.allclose(model.completion_logprobs(m, prompts, out.tokens, out.lengths, prompt_repeat=2), ref, atol=1e-5)
 
 
+def test_gradients_are_the_same_from_call_to_call_on_two_threads():
+    """The grouped forward picks each completion's prompt rows with index_select. The gradient of x[rows], with
+    rows repeated and out of order (rows sorted by length), is summed in an order that changes from call to call
+    when CPU threads share the work: a default run on 2 threads gave other numbers every time, from its 2nd
+    iteration on. Completions of many lengths, so that sorted by length the prompts' rows interleave; the toy's
+    width and 16 x 8 rows, so that the work is split between threads (10 calls in 10 differed before)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m = tiny(n_layer=1, n_embd=128, intermediate_size=384)
+        prompts = rand_prompts([20 + (7 * i) % 20 for i in range(16)])
+        g = torch.Generator().manual_seed(0)
+        tokens, lengths = torch.randint(0, V, (128, 24), generator=g), torch.randint(1, 25, (128,), generator=g)
+        weights = torch.randn(tokens.shape, generator=g)
+
+        def grads():
+            m.zero_grad(set_to_none=True)
+            (model.completion_logprobs(m, prompts, tokens, lengths, prompt_repeat=8) * weights).sum().backward()
+            return [p.grad.clone() for p in m.parameters()]
+        first = grads()
+        for _ in range(10):
+            assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_embed_is_each_sequence_alone():
     # padded to the longest, a repeated sequence among them: still the mean hidden state of each
     # sequence run by itself
