@@ -1247,7 +1247,11 @@ def prompt_style(tok) -> str:
 def encode_prompt(tok, family, problem, answer=None, mode="base", style="compact") -> list[int]:
     """Token ids of a base / improve / diverge prompt (§4): compact markers, or chat text in the chat template."""
     if style == "compact":
-        return prompt_ids(tok, family.prompt(problem, answer, mode))
+        text = family.prompt(problem, answer, mode)
+        if answer is None:
+            return prompt_ids(tok, text)
+        head, _, tail = text.partition(f"<|answer|>{answer}")  # the policy's text stays text, even one that spells a marker
+        return prompt_ids(tok, head + "<|answer|>") + tok.encode(answer) + tok.encode(tail, special=True)
     return tok.render_chat([{"role": "user", "content": family.prompt(problem, answer, mode, style="chat")}])
 
 
