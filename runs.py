@@ -303,6 +303,7 @@ def prepare(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_
                                       if getattr(cfg, k)})
     if cfg.resume:
         return resume(cfg, given, quiet)
+    check_config(cfg)  # again for a library call (runs.train(exit.Config(...))), which parse_args did not check
     found = run_artifacts(cfg.out_dir)
     if found:
         hint = "pass --resume to continue it" if "ckpt.pt" in found else "it has no ckpt.pt to --resume from"

@@ -2483,6 +2483,15 @@ def test_config_parsing_and_errors():
     assert "--kappa" in runs.config_help() and "inverse temperature" in runs.config_help()
 
 
+def test_a_library_run_checks_its_config_too(tmp_path):
+    """runs.train(exit.Config(...)) skips the command line: a misspelt method would otherwise train the Curriculum
+    rung (uses_buffer, and no self-iteration), and a bad value fail deep inside; both fail before any work."""
+    for bad, match in ((dict(method="exti"), "method must be one of"), (dict(group_size=1), "group_size must be >= 2")):
+        with pytest.raises(ValueError, match=match):
+            runs.train(exit_lib.Config(out_dir=str(tmp_path / "run"), **bad), quiet=True)
+        assert not (tmp_path / "run").exists() or runs.run_artifacts(str(tmp_path / "run")) == []
+
+
 def test_method_ladder_switches():
     on = {m: exit_lib.Config(method=m) for m in exit_lib.METHODS}
     assert [on[m].uses_buffer for m in exit_lib.METHODS] == [False, True, True, True, True]
