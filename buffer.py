@@ -103,7 +103,7 @@ class Entry:
     task: dict             # the base task itself, opaque and JSON-able: a checkpoint is self-contained
     turns: list            # partial history τ as given by the caller, one dict per turn
     depth: int             # iteration depth k of the latest iterate
-    parent: int | None     # uid of the entry it was expanded from; None: a base task, or its parent found no room
+    parent: int | None     # uid of its parent entry (maybe evicted since); None: a base task, or its parent found no room
     score: float           # learnability S: inherited from the parent, then measured when its group runs
     measured: bool = False  # True once S is this entry's own group variance (update_score), not a guess
 
@@ -148,7 +148,7 @@ class TaskBuffer:
     # --- insertion ---------------------------------------------------------------
 
     def insert(self, base_id, task, turns, depth, score, parent=None) -> Entry | None:
-        """Insert with its inherited score (§4.1) -> the stored entry (a duplicate: the old one); None if rejected."""
+        """Insert with score S (a child's: inherited, §4.1) -> the entry (a duplicate: the old one); None: no room."""
         if not isinstance(base_id, str):
             raise TypeError(f"base_id must be a str, got {type(base_id).__name__}")
         if not isinstance(turns, list):

@@ -1,7 +1,7 @@
 """
 The held-out K-step self-improvement evaluation (the paper's §5, Table 1; METHOD.md).
 
-At test time ExIt only ever uses the improve prompt: a first answer (k = 0), then K improve steps, each
+At test time ExIt never diverges: a first answer to the base prompt (k = 0), then K improve steps, each
 seeing the request, the latest iterate and the feedback on it where the family gives some.
 `evaluate_policy` runs that protocol on held-out base tasks (never trained on: tasks.py keeps the splits
 disjoint) and reports per step k the mean score, Δ_K = score(K) - score(0), the net corrections (Fig. 4)

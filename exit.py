@@ -5,9 +5,11 @@ The training loop of "Bootstrapping Task Spaces for Self-Improvement" (Jiang, Lu
 METHOD.md restates the method with its equations. Read top to bottom: the config, the GRPO math as
 pure functions (Eq. 3-6), the ExIt loop (`Trainer.iteration`), and the run (`train`, `final_evaluation`,
 `main`). The Trainer starts from a base it is handed (stage 1, base.py: the toy's warm-started base,
-shipped in bases/, cached, or trained). Imports run one way, tasks -> model -> buffer -> eval -> exit;
-the command line and the run folder's safety (runs.py), the base (base.py) and real checkpoints, bf16,
-micro-batches and several processes (scale.py) build on this file, which reaches them at one seam, `main`.
+shipped in bases/, cached, or trained). Imports run one way: tasks, model and buffer import no project
+file, eval imports model and tasks, this file all four; the command line and the run folder's safety
+(runs.py), the base (base.py) and real checkpoints, bf16, micro-batches and several processes (scale.py)
+build on this file, which reaches them at one seam, `main` (scale.ScaleTrainer overrides a few Trainer
+methods, named where they stand).
 
 One RL iteration (`Trainer.iteration`, the same path for single- and multi-turn families):
   1. draw `tasks_per_iter` task instances: with prob. p (once the buffer holds B_min entries) a
@@ -124,7 +126,7 @@ class Config:
     div_mean: bool = _f(False, "diversity bonus: d_i over the group's mean distance (averages 1: reweights, never rescales)")
     eval_harder: bool = _f(False, "also evaluate on the family's harder held-out difficulties")
 
-    # derived from `method`, once: which parts of ExIt are on (paper §5.2)
+    # derived: which parts of ExIt `method` turns on (paper §5.2), and the base's seed
     @property
     def uses_buffer(self) -> bool:
         return self.method != "grpo"
@@ -152,7 +154,7 @@ class Config:
 
 def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, tol: float = 1e-6) -> torch.Tensor:
     """Eq. 3: A_i = (r_i - mean(r)) / std(r) within each group (population std: the paper does not say); (P, G) -> (P, G).
-    An all-equal group (max - min <= tol, never std == 0) carries no signal: A = 0. Dr. GRPO
+    An all-equal group (max - min <= tol, not std == 0) carries no signal: A = 0; else std is floored at tol. Dr. GRPO
     (scale_by_std=False) keeps only the centring."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     flat = (rewards.amax(dim=1, keepdim=True) - rewards.amin(dim=1, keepdim=True)) <= tol
@@ -235,7 +237,7 @@ class Instance:
 
 
 class Trainer:
-    """Everything a run holds; state_dict() resumes it exactly. One process, fp32 (more: scale.ScaleTrainer)."""
+    """Everything a run holds; state_dict() resumes it exactly. One process, fp32 weights (more: scale.ScaleTrainer)."""
     world_size, is_main = 1, True  # data parallel (scale.py): this process's view of the run
 
     def __init__(self, cfg: Config, checked: dict, quiet: bool = False):

@@ -264,7 +264,7 @@ class Rollouts:
     """Completions of a generate() call, rows group-major (prompt i owns rows i*G .. i*G+G-1)."""
     tokens: torch.Tensor  # (N, T) long, completion tokens, right-padded with pad_id
     lengths: torch.Tensor  # (N,) long, tokens per row, counting the stop token when one was sampled
-    logprobs: torch.Tensor  # (N, T) log pi_old, tempered: log_softmax(logits / T); 0 past lengths
+    logprobs: torch.Tensor  # (N, T) log pi_old, tempered: log_softmax(logits / temperature); 0 past lengths
     mask: torch.Tensor  # (N, T) float, 1 on the first lengths[i] tokens: stopping is credited too
     finished: torch.Tensor  # (N,) bool, True when a stop token ended the row, False when the budget did
 
@@ -296,7 +296,7 @@ DROP_FINISHED_AT = 0.25
 
 
 def right_align(prompts: list[list[int]], pad_id: int, new_cols: int, device) -> tuple:
-    """Prompts left-padded to (P, L), so all rows write one column: idx, plen, positions, key_ok, mask
+    """Prompts right-aligned (left-padded) to (P, L), so all rows write one column: idx, plen, positions, key_ok, mask
     (positions and mask None when no prompt is padded: plain positions, a causal mask)."""
     plen = torch.tensor([len(p) for p in prompts], device=device)
     L = int(plen.max())

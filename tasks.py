@@ -492,8 +492,9 @@ class ExactSumFamily(TaskFamily):
     down, "31-3=28-11=17-17=0" (alt: descending, "~31-17=14-11=3-3=0"), and is right iff it is well formed
     and ends at 0. Checking is reading the last number; finding is a search over subsets. An improve step
     can keep an answer ("=", KEEP) or repair one by a `local_move`. Numbers 1..19; the target is the sum
-    of a planted subset of 2-4 (any exact subset is right). First attempts flip each number in or out of
-    the planted subset with probability q, so a wrong one is often one move from right."""
+    of a planted subset of 2-4 of the d numbers, fewer than d (any exact subset is right). First attempts
+    flip each number in or out of the planted subset with probability q, so a wrong one is often one move
+    from right."""
     name, graded, has_feedback = "exactsum", False, False
     summary = "binary, no feedback: numbers that sum exactly to a target, cheap to check"
     train_difficulties, heldout_difficulties = (4, 5, 6), (7, 8)
@@ -564,6 +565,7 @@ class ExactSumFamily(TaskFamily):
         return self.render(problem, picks ^ {x}, alt)
 
     def revise(self, problem, answer, rng):
+        """TaskFamily.revise, but p_fix tries the one-number `local_move` (else a re-attempt), not `solve`."""
         em, u, alt = self.error_model, rng.random(), answer.startswith(ALT_TAG)
         picks = self.picks(problem, answer)
         if picks and sum(picks) == problem.data["target"]:  # it checks out: kept, or over-edited with p_break(d)
