@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -258,7 +259,8 @@ def _interrupt(signum, frame):
 
 
 def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
-    """The Trainer of a run whose folder this process holds, config.json written (resume: the log cut back)."""
+    """The Trainer of a run whose folder this process holds, config.json written (resume: the log cut back, and
+    the evaluations of the checkpoint's policy set aside if it trains on)."""
     if scale.is_main():  # what a writer killed with -9 left: half a checkpoint
         remove_stale_tmp(cfg.out_dir)
     trainer = prepare(cfg, given, quiet or not scale.is_main())  # data parallel: rank 0 prints and writes the folder
@@ -269,7 +271,26 @@ def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_li
                            policy=dataclasses.asdict(trainer.policy.config)), os.path.join(cfg.out_dir, "config.json"))
         if cfg.resume:
             truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), trainer.iter)
+            if trainer.iter < cfg.iters:  # it trains on: what describes the checkpoint's policy now goes aside
+                set_aside(cfg.out_dir, trainer.iter, quiet)
     return trainer
+
+
+def set_aside(out_dir: str, done: int, quiet: bool = False):
+    """A resume that trains past iteration `done` moves what eval.py and hf.py wrote of that iteration's policy
+    (evaluations, chains, comparisons, plots, the hf/ export) into out_dir/iterDONE/: kept, never mistaken (by
+    eval.py, which reuses an evaluation it finds) for the policy the folder's ckpt.pt will hold."""
+    names = sorted(n for n in os.listdir(out_dir) if n in ("hf", "results.json") or n.endswith((".png", "chain.txt"))
+                   or (n.startswith("eval.") and n.endswith(".json")))
+    if names:
+        dest = os.path.join(out_dir, f"iter{done}")
+        os.makedirs(dest, exist_ok=True)
+        for n in names:  # the same names there are of the same policy: ckpt.pt was at `done` then too
+            shutil.rmtree(os.path.join(dest, n), ignore_errors=True)
+            os.replace(os.path.join(out_dir, n), os.path.join(dest, n))
+        if not quiet:
+            print(f"note: {', '.join(names)} describe(s) the policy at iteration {done}, which this resume trains "
+                  f"on from: moved to {dest}", file=sys.stderr)
 
 
 def finish(trainer, stop: list):
@@ -369,9 +390,6 @@ def resume(cfg: Config, given: set, quiet: bool) -> exit_lib.Trainer:
     cfg.resume = True
     check_config(cfg)
     check_resume_folder(cfg.out_dir, ck)
-    if os.path.isdir(os.path.join(cfg.out_dir, "hf")) and scale.is_main() and not quiet:
-        print(f"note: {cfg.out_dir}/hf is the policy before this resume; `python hf.py {cfg.out_dir}` writes it anew",
-              file=sys.stderr)
     scale.check_world(cfg)
     saved_world = ck.get("world_size", 1)
     if saved_world != scale.world_size() and scale.is_main() and not quiet:  # data parallel

@@ -3427,6 +3427,31 @@ def test_a_resumed_run_stays_the_run_it_was(tmp_path, capsys):
         again("--iters=3", "--eval_every=1", "--eval_k=2")
 
 
+def test_a_resume_that_trains_on_sets_the_old_policys_evaluations_aside(tmp_path, capsys):
+    """An evaluation of iteration 2's policy left beside a ckpt.pt of iteration 3 would be read as the new one's
+    (eval.py reuses an evaluation it finds): a resume that trains on moves them, the hf/ export, chains and
+    plots into iter2/, unchanged; one that does not train (--iters at the checkpoint's) moves nothing."""
+    run = tmp_path / "run"
+    args = tiny_args(run, tmp_path / "base", iters=2, eval_problems=2, eval_k=1, eval_samples=1)
+    exit_lib.main(args)
+    for name in ("eval.T0.json", "chain.txt", "accuracy_vs_k.png", "hf/model.safetensors"):  # what eval.py, hf.py write
+        (run / name).parent.mkdir(exist_ok=True)
+        (run / name).write_text(name)
+    old = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name not in KEPT}
+    exit_lib.main(args + ["--resume"])  # the same policy: its final evaluation again, nothing set aside
+    assert not (run / "iter2").exists()
+    capsys.readouterr()
+    exit_lib.main(tiny_args(run, tmp_path / "base", iters=3, eval_problems=2, eval_k=1, eval_samples=1) + ["--resume"])
+    assert "moved to" in capsys.readouterr().err
+    moved = {p.relative_to(run / "iter2"): p.read_bytes() for p in (run / "iter2").rglob("*") if p.is_file()}
+    assert moved == old and not (run / "hf").exists() and not (run / "eval.T0.json").exists()
+    assert json.loads((run / "eval.json").read_text())["policy"]["n"] == 2  # iteration 3's, written by the run
+    assert torch.load(run / "ckpt.pt", weights_only=False)["iter"] == 3
+
+
+KEPT = ("ckpt.pt", "config.json", "log.jsonl", ".lock")  # a resume keeps these in place
+
+
 def test_corrupt_results_and_inputs_are_clear_errors(tmp_path, capsys):
     """An eval.json with NaN or a missing step, a directory given as --data, and a corrupt cached base: each a
     one-line error that says what to do, not a printed nan or a traceback."""
