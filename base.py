@@ -80,9 +80,9 @@ def shipped_base(cfg, key: str, quiet: bool = False) -> str | None:
         return None
     try:
         record = hf.read_json(os.path.join(path, "base.json"))
-        shipped, rows = record.get("key"), record.get("evaluations", [])
-        if not isinstance(shipped, str) or not isinstance(rows, list):
-            raise ValueError("no key, or no list of evaluations")
+        shipped, rows = (record.get("key"), record.get("evaluations", [])) if isinstance(record, dict) else (None, None)
+        if not isinstance(shipped, str) or not isinstance(rows, list) or not isinstance(record.get("settings", {}), dict):
+            raise ValueError("no key, no list of evaluations, or settings that are not a dict")
         if shipped == key:  # before any work: the weights the run will load (not a Git LFS pointer, cut or altered)
             if sha256(os.path.join(path, "model.safetensors")) != record.get("sha256"):
                 raise ValueError("its model.safetensors is not the file it hashes")
@@ -135,7 +135,10 @@ def cached_or_trained(cfg, family, mcfg, tok, key: str, device, quiet=False):
     path = os.path.join(cfg.base_dir, f"{cfg.task}-{key}.pt")
     if os.path.exists(path):
         try:  # the key fixed its tokenizer's markers
-            policy, _ = model_lib.policy_from_state(model_lib.load_checkpoint(path)["policy"], device, lambda spec: tok)
+            ck = model_lib.load_checkpoint(path)
+            if ck.get("kind", "base") != "base" or ck.get("key", key) != key:  # (caches from before kind and key: bases)
+                raise ValueError(f"{path} is not the base of these settings (a {ck.get('kind')} checkpoint, key {ck.get('key')})")
+            policy, _ = model_lib.policy_from_state(ck["policy"], device, lambda spec: tok, path)
         except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # also: unpickles, but is no base
             why = e if isinstance(e, ValueError) else f"{path} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
             raise ValueError(f"{why}; it is the cached base of these settings: delete it to warm-start anew") from None

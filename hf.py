@@ -455,7 +455,7 @@ def load_policy(path: str, device) -> tuple:
             raise ValueError(f"{path}: no tokenizer files; --init needs a checkpoint with its tokenizer")
         return policy, tok, tokenizer_spec(tok)
     state = model_lib.load_checkpoint(path)["policy"]
-    return (*model_lib.policy_from_state(state, device, build_tokenizer), state["tokenizer"])
+    return (*model_lib.policy_from_state(state, device, build_tokenizer, path), state["tokenizer"])
 
 
 def export(run: str, out: str | None = None) -> str:
@@ -464,7 +464,7 @@ def export(run: str, out: str | None = None) -> str:
     dtype it trained in; a run from a Hugging Face --init keeps that checkpoint's (a bf16 source stays bf16)."""
     ck_file = os.path.join(run, "ckpt.pt") if os.path.isdir(run) else run
     ck = model_lib.load_checkpoint(ck_file)
-    policy, tok = model_lib.policy_from_state(ck["policy"], "cpu", build_tokenizer)
+    policy, tok = model_lib.policy_from_state(ck["policy"], "cpu", build_tokenizer, ck_file)
     cfg = ck.get("config") or {}
     source = os.path.join(cfg["init"], "config.json") if cfg.get("init") else ""  # an --init directory's
     dtype = (hf_dtype(read_json(source)) if os.path.isfile(source) else None) \

@@ -583,11 +583,14 @@ def policy_state(policy, tokenizer_spec) -> dict:
                 model={k: v.detach().cpu() for k, v in policy.state_dict().items()})
 
 
-def policy_from_state(state: dict, device, build_tokenizer):
+def policy_from_state(state: dict, device, build_tokenizer, where: str = "a checkpoint"):
     """(policy, tokenizer) of a checkpoint's "policy" entry; build_tokenizer(spec) rebuilds its tokenizer
     (hf.build_tokenizer: the toy's from its markers, a real checkpoint's from the files it keeps)."""
-    policy = Transformer(ModelConfig(**state["model_config"]))
-    policy.load_state_dict(state["model"])
+    try:
+        policy = Transformer(ModelConfig(**state["model_config"]))
+        policy.load_state_dict(state["model"])
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:  # another model's or version's weights
+        raise ValueError(f"{where}: its policy does not build ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     return policy.to(device), build_tokenizer(state["tokenizer"])
 
 
@@ -618,6 +621,7 @@ def load_checkpoint(path: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, garbage bytes, pickle errors
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "policy" not in ckpt:
-        raise ValueError(f"{path} is not an exit checkpoint (no 'policy' entry)")
+    policy = ckpt.get("policy") if isinstance(ckpt, dict) else None
+    if not (isinstance(policy, dict) and isinstance(policy.get("model_config"), dict) and isinstance(policy.get("model"), dict)):
+        raise ValueError(f"{path} is not an exit checkpoint (no 'policy' entry with a model and its config)")
     return ckpt

@@ -197,7 +197,7 @@ def evaluate_checkpoint(path: str, task: str | None = None, K: int | None = None
         settings["temperature"] = temperature
     if split is not None:
         settings["split"] = split
-    policy, tok = model_lib.policy_from_state(ck["policy"], dev, hf.build_tokenizer)
+    policy, tok = model_lib.policy_from_state(ck["policy"], dev, hf.build_tokenizer, path)
     out = dict(policy=eval_lib.evaluate_policy(policy, tok, family, **settings), base=None) if evaluate else {}
     base_path, base = ck.get("base_path"), None
     if with_base and ck.get("kind") == "run":

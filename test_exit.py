@@ -2769,6 +2769,27 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"hello": 1}, ck)
     with pytest.raises(ValueError, match="not an exit checkpoint"):
         runs.prepare(cfg, quiet=True)
+    # --init of a file that unpickles but holds no policy, or another model's: one line, not a traceback
+    odd = tmp_path / "odd.pt"
+    for state in ({"policy": 5}, {"policy": {"model_config": {"n_layer": 1}, "model": {}, "tokenizer": None}}):
+        torch.save(state, odd)
+        with pytest.raises(ValueError, match="not an exit checkpoint|odd.pt: its policy does not build"):
+            hf.load_policy(str(odd), "cpu")
+
+
+def test_a_cached_base_that_is_another_checkpoint_is_refused(tmp_path, capsys):
+    """A run's ckpt.pt under a base's cache name would silently become the base (and its Base row): refused, with
+    the way out; the cache's own base is used."""
+    args = tiny_args(tmp_path / "run", tmp_path / "base", iters=1)
+    exit_lib.main(args)
+    (cache,) = (tmp_path / "base").glob("*.pt")
+    own = cache.read_bytes()
+    cache.write_bytes((tmp_path / "run" / "ckpt.pt").read_bytes())
+    err = main_fails(capsys, tiny_args(tmp_path / "run2", tmp_path / "base", iters=1))
+    assert "is not the base of these settings (a run checkpoint" in err and "delete it to warm-start anew" in err
+    cache.write_bytes(own)
+    exit_lib.main(tiny_args(tmp_path / "run3", tmp_path / "base", iters=1))
+    assert "reusing" in capsys.readouterr().out
 
 
 def test_script_end_to_end(tmp_path):
@@ -3965,7 +3986,8 @@ def test_a_damaged_shipped_base_json_is_an_error_before_any_work(tmp_path, monke
     monkeypatch.setattr(base_lib, "SHIPPED", str(tmp_path))
     cfg, fam = exit_lib.Config(), tasks_lib.make_family("exactsumfb")
     record = json.loads((tmp_path / "exactsumfb" / "base.json").read_text())
-    for text in [json.dumps(record | {"key": None}), json.dumps(record | {"evaluations": "x"}), "{not json"]:
+    for text in [json.dumps(record | {"key": None}), json.dumps(record | {"evaluations": "x"}), "{not json",
+                 json.dumps(record | {"settings": None}), json.dumps([record])]:  # evaluate_base reads settings
         (tmp_path / "exactsumfb" / "base.json").write_text(text)
         with pytest.raises(ValueError, match=r"base.json is damaged .*`git checkout .*exactsumfb` restores it"):
             base_lib.shipped_base(cfg, base_lib.warm_start_key(cfg, fam))
