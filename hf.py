@@ -10,9 +10,12 @@ imports this file.
 """
 
 import base64
+import dataclasses
 import json
+import math
 import os
 import tempfile
+import warnings
 
 import torch
 
@@ -289,13 +292,6 @@ def config_from_hf(hf: dict, where: str = "config.json") -> model_lib.ModelConfi
         return hf[key]
 
     n_embd, n_head = need("hidden_size"), need("num_attention_heads")
-    unsupported = [k for k in ("attention_bias", "mlp_bias", "use_sliding_window") if hf.get(k)]
-    if hf.get("hidden_act", "silu") != "silu":
-        unsupported.append(f"hidden_act={hf['hidden_act']}")
-    if hf.get("head_dim") not in (None, n_embd // n_head):
-        unsupported.append(f"head_dim={hf['head_dim']} != hidden_size / num_attention_heads")
-    if unsupported:
-        raise ValueError(f"{where}: unsupported options {unsupported}")
     # transformers 5 writes "rope_parameters" (theta inside); older files "rope_theta" + "rope_scaling"
     params = hf.get("rope_parameters") or {}
     rope = dict(hf.get("rope_scaling") or params)
@@ -304,13 +300,42 @@ def config_from_hf(hf: dict, where: str = "config.json") -> model_lib.ModelConfi
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise ValueError(f"{where}: rope_type {rope_type!r} is not supported (only the default and 'llama3')")
-    return model_lib.ModelConfig(
+    cfg = model_lib.ModelConfig(
         vocab_size=need("vocab_size"), n_layer=need("num_hidden_layers"), n_head=n_head,
         n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
         intermediate_size=need("intermediate_size"), max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(theta), rope_scaling=rope if rope_type == "llama3" else None,
+        rope_theta=theta, rope_scaling=rope if rope_type == "llama3" else None,
         norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=family == "qwen2",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    check_shape(cfg, where)
+    unsupported = [k for k in ("attention_bias", "mlp_bias", "use_sliding_window") if hf.get(k)]
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={hf['hidden_act']}")
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        unsupported.append(f"head_dim={hf['head_dim']} != hidden_size / num_attention_heads")
+    if unsupported:
+        raise ValueError(f"{where}: unsupported options {unsupported}")
+    return dataclasses.replace(cfg, rope_theta=float(cfg.rope_theta))
+
+
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_shape(cfg: model_lib.ModelConfig, where: str):
+    """The values a Transformer is built from, of the right types and consistent, or a ValueError naming them
+    (not a TypeError, KeyError or assertion from inside the model, mid-run)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    bad = [f"{k}={getattr(cfg, k)!r}" for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                                                 "intermediate_size", "max_seq_len")
+           if type(getattr(cfg, k)) is not int or getattr(cfg, k) < 1]
+    bad += [f"{k}={getattr(cfg, k)!r}" for k in ("rope_theta", "norm_eps") if not number(getattr(cfg, k))]
+    if cfg.rope_scaling is not None:
+        bad += [f"rope_scaling.{k}={cfg.rope_scaling.get(k)!r}" for k in LLAMA3_ROPE if not number(cfg.rope_scaling.get(k))]
+    if not bad and (cfg.n_embd % cfg.n_head or cfg.head_dim % 2 or cfg.n_head % cfg.n_kv_head):
+        bad.append(f"hidden_size {cfg.n_embd}, num_attention_heads {cfg.n_head}, num_key_value_heads {cfg.n_kv_head} (the "
+                   "heads must divide the width with an even quotient, and the key/value heads the heads)")
+    if bad:
+        raise ValueError(f"{where}: values this model cannot be built from: {', '.join(bad)}")
 
 
 def _read_safetensors(path) -> dict[str, torch.Tensor]:
@@ -348,6 +373,12 @@ def load_hf(path: str, device=None, dtype=None) -> tuple[model_lib.Transformer, 
         raise FileNotFoundError(f"{config_file}: not found; load_hf needs a Hugging Face checkpoint directory")
     cfg = config_from_hf(read_json(config_file), where=config_file)
     tensors = _read_safetensors(path)
+    lm, emb = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if cfg.tie_embeddings and lm is not None and emb is not None and not torch.equal(lm, emb):
+        # as transformers (5.x) loads it: a stored output layer that differs from the embedding is kept, untied
+        warnings.warn(f"{config_file} says tie_word_embeddings, but {path} stores an lm_head.weight that differs from "
+                      "the embedding: loaded untied, with that lm_head, as transformers does")
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)
 
     model = model_lib.Transformer(cfg)
     state, missing = {}, []

@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -1161,6 +1162,31 @@ def test_broken_checkpoints_give_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*'llama'.*'qwen2'"):
         hf.load_hf(str(tmp_path))
+    # values of the wrong type or shape: named with the file, before a model is built (not mid-run, from inside it)
+    llama3 = dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=16))
+    assert hf.config_from_hf(config | llama3).rope_scaling["factor"] == 8.0  # what the odd ones below spoil
+    for odd, named in [(dict(rms_norm_eps=None), "norm_eps=None"), (dict(hidden_size="32"), "n_embd='32'"),
+                       (dict(num_key_value_heads=3), "num_key_value_heads 3"), (dict(rope_theta="x"), "rope_theta='x'"),
+                       (dict(rope_scaling=dict(rope_type="llama3")), "rope_scaling.factor=None"),
+                       (dict(num_hidden_layers=0), "n_layer=0")]:
+        with pytest.raises(ValueError, match=f"config.json: values this model cannot be built from: .*{re.escape(named)}"):
+            hf.config_from_hf(config | odd)
+
+
+def test_load_hf_keeps_a_stored_lm_head_that_differs_as_transformers_does(tmp_path):
+    """A config.json that says tie_word_embeddings beside a stored lm_head.weight of other values: transformers
+    keeps the stored one, untied (with a warning); so do we, so --init trains the model transformers would load."""
+    from transformers import AutoModelForCausalLM
+    hf_model("llama", tie=False).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    with pytest.warns(UserWarning, match="loaded untied"):
+        ours, _ = hf.load_hf(str(tmp_path), device="cpu")
+    x = torch.tensor(rand_prompts([20, 20]))
+    with torch.no_grad():
+        assert not ours.config.tie_embeddings and torch.allclose(ours(x)[0], ref(x).logits, atol=1e-4)
 
 
 def test_bf16_keeps_rotary_tables_fp32_and_matches_transformers_past_1000():
