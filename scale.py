@@ -158,7 +158,7 @@ class ScaleTrainer(exit_lib.Trainer):
         mb = max(G, mb - mb % G)  # whole groups per micro-batch: rows of one prompt stay together
         kept = kept.to(self.device)
         adv, old, mask = adv.to(self.device) * kept, ro.logprobs.to(self.device), ro.mask.to(self.device) * kept[:, None]
-        agg, taken = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0), 0
+        agg, taken, tokens = dict(clip_frac=0.0, kl=0.0, ratio_mean=0.0, loss=0.0, grad_norm=0.0), 0, 0.0
         params = self.master or list(self.policy.parameters())  # what AdamW steps
         for _ in range(cfg.epochs):
             self.policy.zero_grad(set_to_none=True)
@@ -170,8 +170,10 @@ class ScaleTrainer(exit_lib.Trainer):
                 frac = (rows.stop - rows.start) / N  # the mean over rollouts, split across micro-batches
                 (loss * frac).backward()
                 loss_total += loss.item() * frac
+                n = float(mask[rows].sum())  # the per-token statistics' weight: their token count
                 for k in ("clip_frac", "kl", "ratio_mean"):
-                    agg[k] += st[k] * frac / cfg.epochs
+                    agg[k] += st[k] * n
+                tokens += n
             if self.master is not None:  # bf16 gradients onto the fp32 masters
                 for m, p in zip(self.master, self.policy.parameters()):
                     m.grad = None if p.grad is None else p.grad.float()
@@ -194,11 +196,13 @@ class ScaleTrainer(exit_lib.Trainer):
             taken += 1
             agg["loss"] += loss_total
             agg["grad_norm"] += float(gn)
-        # the log line's statistics, the mean of the ranks' (loss and grad_norm are global already, over the
-        # steps taken, as Trainer.update's; clip_frac, kl and ratio_mean weigh each rank's tokens by its share,
-        # as micro-batches do)
+        # the log line's statistics: loss and grad_norm are global already (the mean over the steps taken, as
+        # Trainer.update's); clip_frac, kl and ratio_mean are means over every token of every micro-batch, epoch and
+        # rank, as Trainer.update's over its batch, so how the batch is split never changes them
         agg |= {k: agg[k] / taken if taken else None for k in ("loss", "grad_norm")}
-        return {k: v if v is None else mean_over_ranks(v) for k, v in agg.items()}
+        tokens = max(mean_over_ranks(tokens), 1e-30)  # a ratio of means over ranks = the ratio of the sums
+        return {k: v if v is None else mean_over_ranks(v) / (tokens if k in ("clip_frac", "kl", "ratio_mean") else 1)
+                for k, v in agg.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -2741,6 +2741,25 @@ def test_micro_batches_give_the_same_update(tmp_path):
     assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(states[0], initial))  # the update did something
 
 
+def test_the_logged_update_statistics_do_not_depend_on_micro_batches(tmp_path):
+    """clip_frac, kl and ratio_mean are means over the batch's tokens (Trainer.update) whatever --micro_batch is:
+    with rows of unequal lengths, weighting each micro-batch by its rows instead of its tokens logs other numbers."""
+    logs = []
+    for mb in (0, 4):
+        tr = runs.prepare(tiny_cfg(tmp_path / f"mb{mb}", base_dir=str(tmp_path / "base"), micro_batch=mb,
+                                   method="grpo", epochs=2, beta=0.1), quiet=True)
+        tr.opt = torch.optim.SGD(tr.policy.parameters(), lr=0.5)  # a large step: the second epoch's ratios clip
+        prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
+        ro = model_lib.generate(tr.policy, prompts, 4, 10, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id,
+                                generator=torch.Generator().manual_seed(1))
+        ro.lengths = torch.arange(len(ro.lengths)) % 10 + 1  # 1..10 tokens: micro-batches of unequal token counts
+        ro.mask = (torch.arange(ro.tokens.shape[1])[None] < ro.lengths[:, None]).float()
+        logs.append(tr.update(prompts, ro, torch.linspace(-1, 1, len(ro.lengths)), torch.ones(len(ro.lengths))))
+    assert logs[0]["kl"] > 0 and logs[0]["clip_frac"] > 0
+    for k in ("clip_frac", "kl", "ratio_mean", "loss", "grad_norm"):
+        assert logs[1][k] == pytest.approx(logs[0][k], rel=1e-5, abs=1e-8), k
+
+
 @pytest.mark.parametrize("micro_batch", [0, 8])  # Trainer.update, and scale.ScaleTrainer's
 def test_nonfinite_update_is_skipped(tmp_path, micro_batch):
     tr = runs.prepare(tiny_cfg(tmp_path, method="grpo", micro_batch=micro_batch), quiet=True)
