@@ -289,33 +289,39 @@ def ship(task: str, out: str, seeds: int = SEEDS, quiet: bool = False) -> dict:
     final = os.path.join(out, task)
     tmp = f"{final}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_hf(policy, tok, tmp, dtype=torch.float32, temperature=cfg.eval_temperature)
-    # what a run will load: the directory, read back; its weights must be the trained ones, bit for bit
-    loaded = hf.load_hf(tmp, device)[0]
-    for (name, a), b in zip(policy.state_dict().items(), loaded.state_dict().values()):
-        if not torch.equal(a, b):
-            raise RuntimeError(f"{tmp}: {name} did not survive the round trip through safetensors")
-    evaluations = []
-    for split in ("test", "val"):
-        for seed in range(seeds):
-            settings = eval_lib.eval_settings(dataclasses.asdict(dataclasses.replace(cfg, seed=seed, eval_split=split)))
-            if not quiet:
-                print(f"evaluating the base: {split} split, seed {seed}", flush=True)
-            evaluations.append(eval_lib.evaluate_policy(loaded, tok, checked["eval_family"], **settings))
-    record = dict(
-        task=task, key=warm_start_key(cfg, checked["family"]),
-        settings={k: getattr(cfg, k) for k in SETTINGS}, commit=git("rev-parse", "HEAD"),
-        dirty=bool(git("status", "--porcelain", "--", *SHAPING)),
-        command=f"OMP_NUM_THREADS={torch.get_num_threads()} python base.py --task={task} --seeds={seeds}"
-                + ("" if os.path.abspath(out) == SHIPPED else f" --out={out}"),
-        made=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), torch=torch.__version__,
-        threads=torch.get_num_threads(), device=str(device), warm_start_seconds=round(seconds),
-        reused_cache=cache if reused else None,
-        sha256=sha256(os.path.join(tmp, "model.safetensors")),
-        check=eval_lib.evaluate_policy(loaded, tok, checked["eval_family"], **CHECK), evaluations=evaluations)
-    hf.write_json(record, os.path.join(tmp, "base.json"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:  # written beside bases/TASK and swapped in whole: a failure or Ctrl-C leaves bases/TASK as it was
+        hf.save_hf(policy, tok, tmp, dtype=torch.float32, temperature=cfg.eval_temperature)
+        # what a run will load: the directory, read back; its weights must be the trained ones, bit for bit
+        loaded = hf.load_hf(tmp, device)[0]
+        for (name, a), b in zip(policy.state_dict().items(), loaded.state_dict().values()):
+            if not torch.equal(a, b):
+                raise RuntimeError(f"{tmp}: {name} did not survive the round trip through safetensors")
+        evaluations = []
+        for split in ("test", "val"):
+            for seed in range(seeds):
+                settings = eval_lib.eval_settings(dataclasses.asdict(dataclasses.replace(cfg, seed=seed, eval_split=split)))
+                if not quiet:
+                    print(f"evaluating the base: {split} split, seed {seed}", flush=True)
+                evaluations.append(eval_lib.evaluate_policy(loaded, tok, checked["eval_family"], **settings))
+        record = dict(
+            task=task, key=warm_start_key(cfg, checked["family"]),
+            settings={k: getattr(cfg, k) for k in SETTINGS}, commit=git("rev-parse", "HEAD"),
+            dirty=bool(git("status", "--porcelain", "--", *SHAPING)),
+            command=f"OMP_NUM_THREADS={torch.get_num_threads()} python base.py --task={task} --seeds={seeds}"
+                    + ("" if os.path.abspath(out) == SHIPPED else f" --out={out}"),
+            made=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), torch=torch.__version__,
+            threads=torch.get_num_threads(), device=str(device), warm_start_seconds=round(seconds),
+            reused_cache=cache if reused else None,
+            sha256=sha256(os.path.join(tmp, "model.safetensors")),
+            check=eval_lib.evaluate_policy(loaded, tok, checked["eval_family"], **CHECK), evaluations=evaluations)
+        hf.write_json(record, os.path.join(tmp, "base.json"))
+        old = f"{final}.old{os.getpid()}"  # the old one steps aside for the instant of the swap (not deleted first)
+        if os.path.isdir(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         print(f"shipped base: {final} (key {record['key']}); base row on the test split, seed 0:")
         print(eval_lib.summary_table(dict(base=evaluations[0])))
@@ -336,6 +342,9 @@ def main(argv=None):
     except (ValueError, OSError) as e:  # OSError: a write refused after the check (a full disk)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {os.path.join(args.out, args.task)} is as it was", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

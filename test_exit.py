@@ -3204,6 +3204,13 @@ def test_ship_writes_a_base_a_run_uses_and_records_how(tmp_path, monkeypatch):
     assert rec["command"].endswith(f"python base.py --task=exactsumfb --seeds=2 --out={tmp_path / 'bases'}")
     monkeypatch.setattr(base_lib, "SHIPPED", str(tmp_path / "bases"))  # what a default run finds there
     assert base_lib.shipped_base(cfg, rec["key"], quiet=True) == str(tmp_path / "bases" / "exactsumfb")
+    # stopped mid-way (Ctrl-C in the evaluation): bases/exactsumfb as it was, no half-written directory beside it
+    before = {p.name: p.read_bytes() for p in (tmp_path / "bases" / "exactsumfb").iterdir()}
+    monkeypatch.setattr(eval_lib, "evaluate_policy", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        base_lib.main(["--seeds=1", f"--out={tmp_path / 'bases'}"])
+    assert e.value.code == 130 and os.listdir(tmp_path / "bases") == ["exactsumfb"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "bases" / "exactsumfb").iterdir()} == before
 
 
 def test_hf_export_of_a_toy_run_keeps_its_dtype_and_names_loose_files(tmp_path, monkeypatch):
