@@ -259,8 +259,7 @@ def _interrupt(signum, frame):
 
 
 def start(cfg: Config, given: set = frozenset(), quiet: bool = False) -> exit_lib.Trainer:
-    """The Trainer of a run whose folder this process holds, config.json written (resume: the log cut back, and
-    the evaluations of the checkpoint's policy set aside if it trains on)."""
+    """The Trainer of a run whose folder this process holds, config.json written (resume: log cut back, set_aside)."""
     if scale.is_main():  # what a writer killed with -9 left: half a checkpoint
         remove_stale_tmp(cfg.out_dir)
     trainer = prepare(cfg, given, quiet or not scale.is_main())  # data parallel: rank 0 prints and writes the folder
