@@ -15,6 +15,7 @@ and runs.py (run folders); nothing in the core imports it.
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import tasks as tasks_lib
 
 _NUM = (lambda v: isinstance(v, (int, float)), "a number")
 _MS = (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_NUM[0], v)), "[mean, std]")
+_SE = (_MS[0], "[mean, standard error]")
 # what format_table and plot_table read of a saved comparison: each row's fields, and the budget's
 ROW_FIELDS = dict(method=(lambda v: isinstance(v, str), "text"), label=(lambda v: isinstance(v, str), "text"),
                   runs=(lambda v: isinstance(v, int), "a count"), k0=_MS, kK=_MS, delta=_MS,
@@ -43,7 +45,7 @@ ROW_FIELDS = dict(method=(lambda v: isinstance(v, str), "text"), label=(lambda v
                                   (lambda v: isinstance(v, list) and all(map(_NUM[0], v)), "a list of numbers")),
                   problems=(lambda v: v is None or isinstance(v, list) and v != [] and all(  # tables from before: none
                       isinstance(x, int) and x > 0 for x in v), "a list of counts"))
-BUDGET_FIELDS = dict(n=ROW_FIELDS["runs"], fresh_frac=_NUM, equal_iterations=_MS, equal_base_tasks=_MS)
+BUDGET_FIELDS = dict(n=ROW_FIELDS["runs"], fresh_frac=_NUM, equal_iterations=_SE, equal_base_tasks=_SE)
 
 
 def check_table(table, path: str) -> dict:
@@ -353,7 +355,7 @@ def load_run(path: str, recompute: bool = False, task: str | None = None, K: int
     ckpt = ck_file if os.path.isfile(ck_file) else None
     # a chain older than the checkpoint is of an earlier state of the run (--resume extended it): drawn again
     fresh = os.path.isfile(chain_file) and (ckpt is None or os.path.getmtime(chain_file) >= os.path.getmtime(ckpt))
-    return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key,
+    return dict(path=path, method=method, seed=cfg.get("seed", 0), task=cfg.get("task"), base_key=base_key, settings=cfg,
                 eval_k=cfg.get("eval_k"),  # the K of its --eval_every points (heldout_kK)
                 bonus=bonus_form({"method": method, **cfg}),
                 policy=ev["policy"], base=ev.get("base"), log=log, diversity=ev.get("diversity"),
@@ -429,11 +431,45 @@ def _mean_curve(logs: list[list[dict]], key: str) -> list:
     return [None if np.isnan(x) else float(x) for x in m]
 
 
+# what a run's config says of where and how it ran and was evaluated, not of what it trained: runs that differ only in
+# these (and the seed) are one experiment's
+NOT_THE_EXPERIMENT = {"seed", "out_dir", "resume", "device", "log_every", "show_every", "ckpt_every", "base_dir",
+                      "micro_batch", "grad_checkpoint",
+                      *(f.name for f in dataclasses.fields(runs_lib.Config) if f.name.startswith("eval_"))}
+
+
+def split_by_settings(runs: list[dict]) -> list[dict]:
+    """Runs of one row (run_label) that trained with other settings (any but the seed and NOT_THE_EXPERIMENT's) get a
+    row each, named by the settings that differ ("exit, beta=0.001"); those at the defaults keep the plain row. Pooled,
+    they would average two experiments, and their repeated (base, seed) pairs would drop every paired comparison."""
+    defaults = {f.name: f.default for f in dataclasses.fields(runs_lib.Config)}
+    value = lambda r, k: (r.get("settings") or {}).get(k, defaults[k])
+    out = []
+    for m in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == m]
+        keys = [k for k in defaults if k not in NOT_THE_EXPERIMENT and len({json.dumps(value(r, k)) for r in rs}) > 1]
+        for r in rs:
+            own = "".join(f", {k}={value(r, k)}" for k in keys if value(r, k) != defaults[k])
+            out.append(dict(r, method=m + own) if own and m != "base" else r)
+    return out
+
+
+def row_label(method: str) -> str:
+    """A row's name in tables and plots: LABELS', with the settings split_by_settings named after it."""
+    m, _, settings = method.partition(", ")
+    return LABELS.get(m, m.replace("exit-cap", "ExIt, Eq. 6 cap ")) + (f", {settings}" if settings else "")
+
+
 def comparison_table(runs: list[dict], K: int | None = None) -> dict:
     """Group runs by method, Base from the runs' base evaluations (one per distinct base), and
     give each row mean ± std over its runs of score(0), score(K), Δ_K, plus the mean ± std curves
     of score and net corrections vs k and the mean training curves, so plots need nothing else.
     K defaults to the smallest K among the runs (longer evaluations are truncated, exactly)."""
+    families = sorted({r["task"] for r in runs if r.get("task")})
+    if len(families) > 1:
+        raise ValueError(f"these runs are of different task families ({', '.join(families)}), each with its own "
+                         "held-out problems: compare the runs of one family at a time")
+    runs = split_by_settings(runs)
     groups, logs, divs, seen, pairs, heldout, bonus, sig = {}, {}, {}, set(), {}, {}, {}, {}
     for r in runs:
         if r["method"] != "base":
@@ -467,7 +503,7 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
         whole = [truncate(x, K) for x in groups[m]]
         res = [x["first_turn"] for x in whole] if multi_turn else whole
         score = np.array([x["score"] for x in res])  # (runs, K + 1)
-        row = dict(method=m, label=LABELS.get(m, m.replace("exit-cap", "ExIt, Eq. 6 cap ")), runs=len(res), n=[x["n"] for x in res],
+        row = dict(method=m, label=row_label(m), runs=len(res), n=[x["n"] for x in res],
                    problems=[x["n"] // x.get("settings", {}).get("n_samples", 1) for x in whole],  # chains / chains per problem
                    k0=mean_std(score[:, 0]), kK=mean_std(score[:, K]), delta=mean_std(score[:, K] - score[:, 0]),
                    score_mean=score.mean(0).tolist(), score_std=[mean_std(c)[1] for c in score.T],
@@ -481,8 +517,9 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
         if m in pairs:
             row.update(pairs=pairs[m], heldout_runs=heldout[m], signals_runs=sig[m])
             got = [x for x in sig[m] if x]
-            if got:
+            if got:  # of the runs with a log.jsonl (a per-run copy of a result may have none)
                 row["signals"] = {k: mean_std([x[k] for x in got if k in x]) for k in SIGNAL_KEYS if any(k in x for x in got)}
+                row["signals_of"] = len(got)
         if m in bonus:  # which form of Eq. 6 the row's runs used
             row["bonus"] = ", ".join(sorted(bonus[m]))
         if m in logs:
@@ -494,6 +531,7 @@ def comparison_table(runs: list[dict], K: int | None = None) -> dict:
     tasks = sorted({r["task"] for r in runs if r.get("task")})
     curve_k = sorted({r.get("eval_k") for r in runs if heldout_points(r.get("log"))} - {None})  # not --k: the runs'
     table = dict(K=K, task=",".join(tasks) or "?", metric="first-turn accuracy" if multi_turn else "score",
+                 split=splits.pop(),
                  rows=rows, runs=[os.path.abspath(r["path"]) for r in runs], curve_K="/".join(map(str, curve_k)))
     table.update(paired=paired_differences(table), budget=budget_matched(table))
     return table
@@ -553,12 +591,14 @@ PAIRED = (("exit", "grpo"), ("exit", "improve"), ("diverge", "improve"), ("exit"
 
 
 def paired_differences(table: dict) -> list[dict]:
-    """For each PAIRED comparison (and each other form of Eq. 6 against full ExIt), the mean over its pairs of the difference a - b at k = 0 and k = K, with
+    """For each PAIRED comparison (each other form of Eq. 6 against full ExIt, each row of other settings against its
+    row at the defaults), the mean over its pairs of the difference a - b at k = 0 and k = K, with
     its standard error (std of the differences, n - 1, over sqrt(n)). A pair is two runs with one base and
     one RL seed, so the base's quality and the seed's luck cancel; comparisons with < 2 pairs are left out."""
     rows, out = {r["method"]: r for r in table["rows"]}, []
     forms = [(m, "exit") for m in rows if m.startswith("exit-") and m not in CONTROLS | BLIND]  # Eq. 6's other forms
-    for a, b in (*PAIRED, *forms):
+    variants = [(m, m.partition(", ")[0]) for m in rows if ", " in m]  # split_by_settings' rows, against their own
+    for a, b in (*PAIRED, *forms, *variants):
         if a not in rows or b not in rows:
             continue
         keys_a, keys_b = ([tuple(p) for p in rows[m].get("pairs", [])] for m in (a, b))
@@ -614,7 +654,10 @@ def format_table(table: dict) -> str:
     pct = lambda ms, sign="": f"{100 * ms[0]:{sign}5.1f} ± {100 * ms[1]:4.1f}"
     w = max([12] + [len(r["label"]) for r in table["rows"]])
     cols = lambda name: f"  {name + ' k = 0':>12}  {f'k = {K}':>12}  {f'Δ{K}':>12}"
-    lines = [f"held-out {table['task']}, K = {K}: {metric} in % (mean ± std over runs)"
+    split = table.get("split")  # comparisons saved before it was recorded have none
+    split = f" ({dict(val='validation').get(split, split)} split)" if split in ("test", "val") \
+        else f" ({split})" if split else ""
+    lines = [f"held-out {table['task']}{split}, K = {K}: {metric} in % (mean ± std over runs)"
              + ("; the episode's return beside it" if any("return" in r for r in table["rows"]) else ""),
              f"{'method':<{w}} {'runs':>4}" + cols("") + (cols("return") if any("return" in r for r in table["rows"]) else "")]
     for r in table["rows"]:
@@ -637,8 +680,11 @@ def format_table(table: dict) -> str:
                                  f"L2 {r['diversity']['l2'][0]:.3f} ± {r['diversity']['l2'][1]:.3f}" for r in div))
     sig = [r for r in table["rows"] if r.get("signals")]
     if sig:
+        of = lambda r: f" ({r['signals_of']} of its {r['runs']} runs have a log)" \
+            if r.get("signals_of", r["runs"]) < r["runs"] else ""
         lines.append(f"training signals over the last {LAST} iterations (mean over runs): "
-                     + "; ".join(f"{r['label']} " + ", ".join(f"{k} {v[0]:.3f}" for k, v in r["signals"].items()) for r in sig))
+                     + "; ".join(f"{r['label']}{of(r)} " + ", ".join(f"{k} {v[0]:.3f}" for k, v in r["signals"].items())
+                                 for r in sig))
     bonus = [f"{r['label']}: Eq. 6 {r['bonus']}" for r in table["rows"] if r.get("bonus")]
     if bonus:
         lines.append("diversity bonus: " + "; ".join(bonus))
@@ -650,18 +696,21 @@ def format_table(table: dict) -> str:
                          + ", ".join(f"{m} {'not reached' if f is None else f'{f:.2f}'}" for m, f in eff))
     labels = {r["method"]: r["label"] for r in table["rows"]}
     if table.get("paired"):
+        name = lambda d: f"{labels[d['a']]} - {labels[d['b']]}"
+        w = max([34] + [len(name(d)) for d in table["paired"]])
         lines.append(f"paired differences (runs with one base and one RL seed; mean ± standard error over the pairs, in "
                      f"points; * beyond 2 s.e.; zero_var_frac over the last {LAST} iterations, in points too):\n"
-                     f"{'':<34} {'pairs':>5}  {'k = 0':>13}  {f'k = {K}':>13}  {'zero_var_frac':>13}")
+                     f"{'':<{w}} {'pairs':>5}  {'k = 0':>13}  {f'k = {K}':>13}  {'zero_var_frac':>13}")
         star = lambda ms: "*" if abs(ms[0]) > 2 * ms[1] else " "
         for d in table["paired"]:
-            lines.append(f"{labels[d['a']] + ' - ' + labels[d['b']]:<34} {d['n']:>5}  "
+            lines.append(f"{name(d):<{w}} {d['n']:>5}  "
                          + "  ".join(f"{100 * d[k][0]:+6.1f} ± {100 * d[k][1]:3.1f}{star(d[k])}" for k in ("k0", "kK", "zero_var")
                                      if k in d))
     b = table.get("budget")
     if b:
         lines.append(f"claim 2 on the held-out curves, ExIt's last k = 0 minus GRPO's ({b['n']} pairs; ExIt drew a fresh base "
-                     f"task in {100 * b['fresh_frac']:.0f}% of its batch slots): at equal iterations "
+                     f"task in {100 * b['fresh_frac']:.0f}% of its batch slots; mean ± standard error over the pairs): "
+                     f"at equal iterations "
                      f"{100 * b['equal_iterations'][0]:+.1f} ± {100 * b['equal_iterations'][1]:.1f}, at an equal number of "
                      f"base tasks {100 * b['equal_base_tasks'][0]:+.1f} ± {100 * b['equal_base_tasks'][1]:.1f} points")
     return "\n".join(lines)
@@ -829,7 +878,7 @@ def compare(paths: list[str], out: str | None = None, K: int | None = None, over
     grown = sorted((r for r in runs if r["log"] and any(l.get("buf_depth_hist") for l in r["log"])),
                    key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
     if grown and plot_lineage(grown[0]["log"], os.path.join(out, "lineage.png"),
-                              f"lineage of the buffer: {LABELS.get(grown[0]['method'], grown[0]['method'])}, "
+                              f"lineage of the buffer: {row_label(grown[0]['method'])}, "
                               f"seed {grown[0]['seed']}"):
         print(f"lineage: {os.path.join(out, 'lineage.png')} ({grown[0]['path']})")
     # and what one improvement chain looks like, from the same kind of run: drawn now if it has none yet

@@ -1873,6 +1873,35 @@ def test_runs_on_other_bases_count_a_base_each(four_runs):
     assert report.comparison_table(runs())["rows"][0]["runs"] == 2
 
 
+def test_runs_of_other_settings_get_a_row_each_and_pair_with_their_own(four_runs):
+    """Two more ExIt runs at β = 0.001 (seeds 0, 1 on the same bases): pooled by method alone, ExIt would be 4 runs
+    of two experiments and every pair key repeated, so every paired comparison would vanish. Instead they are a row
+    of their own, named by the setting, paired with ExIt and ExIt with GRPO as before. Runs of two task families,
+    each with its own held-out problems, are refused; the header names the split; signals say how many runs had logs."""
+    for s, (s0, sK) in ((0, (0.45, 0.55)), (1, (0.50, 0.80))):
+        write_run(four_runs / f"beta-s{s}", "exit", s, fake_eval(s0, sK), json.load(open(four_runs / f"exit-s{s}" /
+                                                                                         "eval.json"))["base"])
+        cfg = json.load(open(four_runs / f"beta-s{s}" / "config.json"))
+        json.dump(cfg | {"beta": 0.001, "log_every": 5}, open(four_runs / f"beta-s{s}" / "config.json", "w"))
+    os.remove(four_runs / "beta-s1" / "log.jsonl")  # as a per-run copy of a result: no log
+    table = report.comparison_table([report.load_run(str(p)) for p in sorted(four_runs.iterdir())])
+    rows = {r["method"]: r for r in table["rows"]}
+    assert rows["exit"]["runs"] == 2 and rows["exit, beta=0.001"]["runs"] == 2  # log_every: not the experiment
+    assert rows["exit, beta=0.001"]["label"] == "ExIt (full), beta=0.001"
+    assert rows["exit, beta=0.001"]["kK"][0] == pytest.approx(0.675)
+    got = {(d["a"], d["b"]): d for d in table["paired"]}
+    assert set(got) == {("exit", "grpo"), ("exit, beta=0.001", "exit")}
+    assert got[("exit, beta=0.001", "exit")]["kK"] == pytest.approx([0.075, 0.025])  # per seed +0.05, +0.10
+    text = report.format_table(table)
+    assert "ExIt (full), beta=0.001 (1 of its 2 runs have a log)" in text
+    assert text.startswith("held-out math (the old test fifth), K = 2")  # evaluations without a split: before val
+    assert report.format_table(table | {"split": "val"}).startswith("held-out math (validation split), K = 2")
+    cfg = json.load(open(four_runs / "grpo-s1" / "config.json"))
+    json.dump(cfg | {"task": "subset"}, open(four_runs / "grpo-s1" / "config.json", "w"))
+    with pytest.raises(ValueError, match="different task families \\(math, subset\\)"):
+        report.comparison_table([report.load_run(str(p)) for p in sorted(four_runs.iterdir())])
+
+
 def test_table_is_reprinted_from_results_json(four_runs, capsys):
     report.main([str(p) for p in four_runs.iterdir()] + ["--out", str(four_runs / "cmp")])
     first = capsys.readouterr().out
