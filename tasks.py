@@ -159,7 +159,7 @@ class TaskFamily:
         max_depth=2,       # the current answer of an improve/diverge demo has been revised 0..max_depth times
         mix_base=0.50, mix_improve=0.35,  # share of base and improve prompts in the demos; diverge: the rest
     )
-    STALE_DRAWS = 200  # `sample`: this many repeats in a row of one difficulty = it has run out of problems
+    STALE_DRAWS = 200  # `sample`: this many repeats of one difficulty, and more than its new problems = it ran out
 
     def __init__(self, error_model: dict | None = None):
         self.error_model = {**self.ERROR_MODEL, **(error_model or {})}
@@ -208,7 +208,7 @@ class TaskFamily:
             raise ValueError(f"{self.name}: no train_difficulties to draw from; pass difficulty=")
         rng = random.Random(f"{self.name}/{split}/{seed}/{difficulty}")  # str seeds are stable across runs
         out, seen, misses, kept = [], set(), 0, None
-        stale, got = {}, {}  # per difficulty: repeats in a row, problems accepted (bookkeeping only: no draws)
+        stale, got = {}, {}  # per difficulty: repeats drawn, problems accepted (bookkeeping only: no draws)
         for _ in range(200 * n + 1000):
             if len(out) == n or misses > 20000 + 10 * n:  # done, or nothing new for this long: the space is exhausted
                 break
@@ -227,10 +227,10 @@ class TaskFamily:
                 continue
             seen.add(p.request)
             misses = 0
-            stale[d], got[d] = 0, got.get(d, 0) + 1
+            got[d] = got.get(d, 0) + 1
             out.append(Problem(f"{self.name}/{split}/{_digest(p.request) % 10**10:010d}",
                                p.family, p.request, p.difficulty, p.target, p.data))
-        if len(out) < n or max(stale.values(), default=0) >= self.STALE_DRAWS:
+        if len(out) < n or any(k >= self.STALE_DRAWS and k > got.get(d, 0) for d, k in stale.items()):
             self._ran_out(split, n, difficulty, len(out), stale, got)
         return out
 
@@ -238,7 +238,7 @@ class TaskFamily:
         """`sample` drew repeats: warn of each difficulty that ran out (the others fill its share, so the mix is
         skewed); fewer than n distinct problems in all is an error."""
         for d, k in stale.items():
-            if (k >= self.STALE_DRAWS and difficulty is None and len(self.train_difficulties) > 1
+            if (k >= self.STALE_DRAWS and k > got.get(d, 0) and difficulty is None and len(self.train_difficulties) > 1
                     and (split, d) not in self._warned):  # with one difficulty, running out is the error below
                 self._warned.add((split, d))
                 warnings.warn(f"{self.name}: difficulty {d} ran out of distinct {split} problems after {got.get(d, 0)} "
@@ -1023,18 +1023,22 @@ def extract_answer(text: str) -> str:
     if "####" in text:
         lines = text.rsplit("####", 1)[1].strip().splitlines()
         return lines[0].strip() if lines else ""
-    number = r"[0-9][0-9,]*(?:\.[0-9]+)?"
+    number = r"(?:[0-9][0-9,]*(?:\.[0-9]+)?|\.[0-9]+)"  # .5 too
     numbers = re.findall(rf"-?{number}(?:\s*[-+*/^]\s*{number})*", text)
     return numbers[-1].rstrip(",") if numbers else ""
 
 
 def _normalise(s: str) -> str:
+    s = re.sub(r"(?<=[0-9])\s*\\(?:text|mbox|mathrm)\{\s[^{}]*\}\s*$", "", s)  # a unit after a number: 5 \text{ cm}
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     for a, b in [("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\$", ""), ("$", ""),
-                 ("\\!", ""), ("\\,", ""), ("\\ ", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", "")]:
+                 ("\\!", ""), ("\\,", ""), ("\\ ", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", ""),
+                 ("{,}", ","), ("\u2212", "-")]:  # 1{,}000; a Unicode minus sign
         s = s.replace(a, b)
+    s = re.sub(r"^\s*[A-Za-z]\s*=\s*", "", s).strip()  # x = 5 -> 5
+    if re.fullmatch(r"-?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?", s):  # 1,234 -> 1234; never (3,100) or 2, 500
+        s = s.replace(",", "")
     s = re.sub(r"\s+", "", s)
-    s = re.sub(r"(?<=[0-9]),(?=[0-9]{3}(?![0-9]))", "", s)  # 1,234 -> 1234
     s = s.rstrip(".")
     return re.sub(r"^(-?[0-9]+)\.0+$", r"\1", s)
 
@@ -1060,7 +1064,13 @@ def _latex_to_python(s: str) -> str:
             a, i = _brace_group(s, i)
             if cmd == "\\frac":
                 b, i = _brace_group(s, i)
-                s = s[:s.index(cmd)] + fmt.format(_latex_to_python(a), _latex_to_python(b)) + s[i:]
+                j = start = s.index(cmd)
+                while j and s[j - 1].isdigit():
+                    j -= 1
+                frac = fmt.format(_latex_to_python(a), _latex_to_python(b))
+                if j < start and (j == 0 or s[j - 1] != ".") and a.isdigit() and b.isdigit():  # 2\frac{1}{4}: 2 + 1/4
+                    frac, start = f"({s[j:start]}+{frac})", j
+                s = s[:start] + frac + s[i:]
             else:
                 s = s[:s.index(cmd)] + fmt.format(_latex_to_python(a)) + s[i:]
     for a, b in [("\\cdot", "*"), ("\\times", "*"), ("\\pi", "pi"), ("^", "**"), ("{", "("), ("}", ")")]:
@@ -1104,10 +1114,15 @@ def answers_equal(a: str, b: str) -> bool:
     ea, eb = _to_sympy(na), _to_sympy(nb)
     if ea is None or eb is None:
         return False
-    try:
+    try:  # not sympy.simplify: on one answer, (a+b+c+d)^{50}, it took a minute
         import sympy
-        d = sympy.simplify(ea - eb)
-        return bool(d == 0 or (d.is_number and abs(complex(d)) < 1e-9))
+        names = sorted((ea - eb).free_symbols, key=str)  # letters: compared at three points, as numbers otherwise
+        points = [{x: sympy.Rational(3 + k + 2 * i, 7) for i, x in enumerate(names)} for k in range(3 if names else 1)]
+        for p in points:
+            x, y = complex(ea.evalf(subs=p)), complex(eb.evalf(subs=p))
+            if not abs(x - y) <= 1e-9 * max(1.0, abs(x), abs(y)):
+                return False
+        return True
     except Exception:
         return False
 
@@ -1119,7 +1134,7 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
         raise ValueError(f"fmt must be 'auto', 'gsm8k' or 'math', got {fmt!r}")
     if os.path.isdir(path):
         raise ValueError(f"{path} is a directory, not a JSON-lines file")
-    stem, out = os.path.splitext(os.path.basename(path))[0], []
+    stem, out, seen = os.path.splitext(os.path.basename(path))[0], [], {}
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             where = f"{path}, line {line_no}"
@@ -1138,7 +1153,7 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
             kind = fmt if fmt != "auto" else "gsm8k" if "question" in d else "math" if "problem" in d else None
             answer = d.get("answer")  # a MATH answer may be a JSON number; never null, NaN, a list or an object
             if kind == "gsm8k" and isinstance(d.get("question"), str) and isinstance(answer, str) and "####" in answer:
-                request, target = d["question"], answer.rsplit("####", 1)[1].strip()
+                request, target = d["question"], (answer.rsplit("####", 1)[1].strip().splitlines() or [""])[0]
             elif kind == "math" and isinstance(d.get("problem"), str) and (
                     isinstance(answer, (str, int)) and not isinstance(answer, bool)
                     or isinstance(answer, float) and math.isfinite(answer)
@@ -1150,6 +1165,12 @@ def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:
                                  f"'problem' + 'solution' with \\boxed{{}} or 'answer' (MATH), as text")
             if not target.strip() or not request.strip():
                 raise ValueError(f"{where}: " + ("no final answer found" if request.strip() else "an empty question"))
+            first = seen.setdefault(request.strip(), (line_no, target.strip()))
+            if first[0] != line_no:  # a question twice: once, or an error if its answers differ
+                if not answers_equal(target, first[1]):
+                    raise ValueError(f"{where}: the question of line {first[0]} again, with another answer "
+                                     f"({target.strip()!r}, not {first[1]!r})")
+                continue
             level = re.search(r"[0-9]+", str(d.get("level", "")))
             out.append(Problem(f"{stem}/{line_no}", "realmath", request, int(level.group()) if level else 0,
                                target.strip(), {"line": line_no}))

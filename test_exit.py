@@ -566,6 +566,7 @@ def test_extract_answer():
     for wrong in ("the ratio is 3/4", "about 2^4", "the difference is 10 - 4"):  # an expression ending in 4 is not 4
         assert tasks.RealMath(problems=[p]).score(p, wrong) == 0.0
     assert e("no numbers") == "" and e("") == "" and e("\\boxed{1") == "1"
+    assert e("The answer is .5") == ".5" and e("so 0.5, then 12") == "12"  # a leading point is part of the number
 
 
 def test_answers_equal():
@@ -577,6 +578,13 @@ def test_answers_equal():
     assert not eq("1/3", "0.33") and not eq("12", "21") and not eq("", "") and not eq(None, "1")
     for huge_or_unsafe in ("9^{9^{9}}", "9**99**99", "__import__('os')"):  # refused before sympy's eval, not timed out
         assert tasks._to_sympy(huge_or_unsafe) is None and not eq(huge_or_unsafe, "1")
+    # a reviewer's cases: lists are not thousands, a mixed number is a sum, units, "x =", LaTeX's {,}, a Unicode minus
+    assert not eq("(3,100)", "3100") and not eq("2, 500", "2500")
+    assert eq("2\\frac{1}{4}", "\\frac{9}{4}") and not eq("2\\frac{1}{4}", "\\frac{1}{2}") and eq("-2\\frac{1}{4}", "-2.25")
+    assert eq("3\\frac{\\sqrt{3}}{2}", "\\frac{3\\sqrt{3}}{2}") and eq("1.5\\frac{1}{2}", "0.75")  # not mixed numbers
+    assert eq("5 \\text{ cm}", "5") and eq("x = 5", "5") and eq("1{,}000", "1000") and eq("\u22125", "-5")
+    t = time.time()  # sympy.simplify took about a minute on this one answer; three numeric points take milliseconds
+    assert not eq("(a+b+c+d)^{50}", "42") and not eq("(a+b+c+d)^{50}", "(a+b+c+d)^{49}") and time.time() - t < 10
 
 
 def test_load_jsonl_and_realmath(tmp_path):
@@ -592,6 +600,12 @@ def test_load_jsonl_and_realmath(tmp_path):
     assert [(p.target, p.difficulty) for p in m] == [("\\frac{1}{2}", 3), ("2", 0)]
     mth.write_text(json.dumps({"problem": "Two?", "answer": 2}) + "\n")  # a number is an answer too
     assert tasks.load_jsonl(str(mth))[0].target == "2"
+    # GSM8K: the answer's first line after ####; a question given twice is one problem, or an error if answers differ
+    mth.write_text("\n".join(json.dumps({"question": "Q?", "answer": f"#### {a}\n\nextra"}) for a in ("72", "72.0")) + "\n")
+    assert [p.target for p in tasks.load_jsonl(str(mth))] == ["72"]
+    mth.write_text("\n".join(json.dumps({"question": "Q?", "answer": f"#### {a}"}) for a in ("4", "5")) + "\n")
+    with pytest.raises(ValueError, match=r"math.jsonl, line 2: the question of line 1 again, with another answer"):
+        tasks.load_jsonl(str(mth))
     bad = tmp_path / "bad.jsonl"
     for body, line in [('{"question": "q", "answer": "#### 1"}\n{"question": \n', 2),
                        ('{"question": "q", "answer": "#### 1"}\n\n{"problem": "p", "solution": "no box"}\n', 3),
@@ -734,6 +748,10 @@ def test_sample_warns_once_when_a_difficulty_runs_out():
         assert f.sample("train", 300, 0) == ps                   # once per family and difficulty
     with pytest.raises(ValueError, match="could not draw 50 distinct train problems"):
         f.sample("train", 50, 0, difficulty=1)
+    m = tasks.get_family("math")  # difficulty 1 has ~290 train problems, found now and then: never 200 repeats in a row
+    m.train_difficulties = (1, 3)
+    with pytest.warns(UserWarning, match=r"math: difficulty 1 ran out of distinct train problems after 2[0-9][0-9] "):
+        m.sample("train", 2000, 0)
     # a family that overrides sample passes check() without a mix, and may still call the base sample
     own = type("Own", (_Half,), dict(has_demonstrations=False, train_difficulties=(),
                                      sample=lambda self, *a, **k: super(own, self).sample(*a, **k)))
