@@ -438,19 +438,25 @@ NOT_THE_EXPERIMENT = {"seed", "out_dir", "resume", "device", "log_every", "show_
                       *(f.name for f in dataclasses.fields(runs_lib.Config) if f.name.startswith("eval_"))}
 
 
+LABEL_SETTINGS = {"method", "kappa", "admission", "div_minmax", "div_clip", "div_mean"}  # what run_label names
+
+
 def split_by_settings(runs: list[dict]) -> list[dict]:
-    """Runs of one row (run_label) that trained with other settings (any but the seed and NOT_THE_EXPERIMENT's) get a
-    row each, named by the settings that differ ("exit, beta=0.001"); those at the defaults keep the plain row. Pooled,
-    they would average two experiments, and their repeated (base, seed) pairs would drop every paired comparison."""
+    """Runs that trained with settings another run of the table does not share (any but the seed and
+    NOT_THE_EXPERIMENT's; across rows, also but those run_label names) are named by them where they are not the
+    defaults ("exit, beta=0.001"), so a row is one experiment. Pooled, two experiments would be averaged, and their
+    repeated (base, seed) pairs would drop every paired comparison; across rows, a difference would go unsaid."""
     defaults = {f.name: f.default for f in dataclasses.fields(runs_lib.Config)}
     value = lambda r, k: (r.get("settings") or {}).get(k, defaults[k])
+    differ = lambda rs, k: len({json.dumps(value(r, k)) for r in rs}) > 1
+    trained = [r for r in runs if r["method"] != "base"]
+    keys = [k for k in defaults if k not in NOT_THE_EXPERIMENT]
+    across = {k for k in keys if k not in LABEL_SETTINGS and differ(trained, k)}
     out = []
-    for m in dict.fromkeys(r["method"] for r in runs):
-        rs = [r for r in runs if r["method"] == m]
-        keys = [k for k in defaults if k not in NOT_THE_EXPERIMENT and len({json.dumps(value(r, k)) for r in rs}) > 1]
-        for r in rs:
-            own = "".join(f", {k}={value(r, k)}" for k in keys if value(r, k) != defaults[k])
-            out.append(dict(r, method=m + own) if own and m != "base" else r)
+    for r in runs:
+        mine = [k for k in keys if k in across or differ([x for x in trained if x["method"] == r["method"]], k)]
+        own = "".join(f", {k}={value(r, k)}" for k in mine if value(r, k) != defaults[k])
+        out.append(dict(r, method=r["method"] + own) if own and r["method"] != "base" else r)
     return out
 
 
@@ -596,7 +602,8 @@ def paired_differences(table: dict) -> list[dict]:
     its standard error (std of the differences, n - 1, over sqrt(n)). A pair is two runs with one base and
     one RL seed, so the base's quality and the seed's luck cancel; comparisons with < 2 pairs are left out."""
     rows, out = {r["method"]: r for r in table["rows"]}, []
-    forms = [(m, "exit") for m in rows if m.startswith("exit-") and m not in CONTROLS | BLIND]  # Eq. 6's other forms
+    forms = [(m, "exit") for m in rows  # Eq. 6's other forms (a control's row, or one of other settings, is none)
+             if m.startswith("exit-") and ", " not in m and m not in CONTROLS | BLIND]
     variants = [(m, m.partition(", ")[0]) for m in rows if ", " in m]  # split_by_settings' rows, against their own
     for a, b in (*PAIRED, *forms, *variants):
         if a not in rows or b not in rows:

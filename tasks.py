@@ -30,6 +30,7 @@ The toy policy starts from supervised `demonstrations` that follow a documented 
 it behaves like the paper's instruct models: it can attempt a task and follow an improve/diverge
 request, but it is a weak self-improver (its accuracy barely moves over K improve steps).
 """
+import cmath
 import hashlib
 import inspect
 import itertools
@@ -1029,7 +1030,7 @@ def extract_answer(text: str) -> str:
 
 
 def _normalise(s: str) -> str:
-    s = re.sub(r"(?<=[0-9])\s*\\(?:text|mbox|mathrm)\{\s[^{}]*\}\s*$", "", s)  # a unit after a number: 5 \text{ cm}
+    s = re.sub(r"(?<=[0-9])\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z]{1,8}\.?\s*\}\s*$", "", s)  # a unit: 5 \text{ cm}
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     for a, b in [("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\$", ""), ("$", ""),
                  ("\\!", ""), ("\\,", ""), ("\\ ", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", ""),
@@ -1068,7 +1069,7 @@ def _latex_to_python(s: str) -> str:
                 while j and s[j - 1].isdigit():
                     j -= 1
                 frac = fmt.format(_latex_to_python(a), _latex_to_python(b))
-                if j < start and (j == 0 or s[j - 1] != ".") and a.isdigit() and b.isdigit():  # 2\frac{1}{4}: 2 + 1/4
+                if j < start and (j == 0 or s[j - 1] in "+-*/(=,") and a.isdigit() and b.isdigit():  # 2\frac{1}{4}: 2 + 1/4
                     frac, start = f"({s[j:start]}+{frac})", j
                 s = s[:start] + frac + s[i:]
             else:
@@ -1115,16 +1116,34 @@ def answers_equal(a: str, b: str) -> bool:
     if ea is None or eb is None:
         return False
     try:  # not sympy.simplify: on one answer, (a+b+c+d)^{50}, it took a minute
-        import sympy
-        names = sorted((ea - eb).free_symbols, key=str)  # letters: compared at three points, as numbers otherwise
-        points = [{x: sympy.Rational(3 + k + 2 * i, 7) for i, x in enumerate(names)} for k in range(3 if names else 1)]
-        for p in points:
-            x, y = complex(ea.evalf(subs=p)), complex(eb.evalf(subs=p))
-            if not abs(x - y) <= 1e-9 * max(1.0, abs(x), abs(y)):
-                return False
-        return True
+        names = sorted((ea - eb).free_symbols, key=str)
+        if not names:  # numbers: exact integers and fractions stay exact (10^9 is not 10^9 + 1)
+            return abs(complex((ea - eb).evalf(30))) < 1e-9
+        return _same_at_points(ea, eb, names)
     except Exception:
         return False
+
+
+_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97)
+
+
+def _same_at_points(ea, eb, names) -> bool:
+    """Two expressions in letters as functions: equal at 4 points where each letter takes its own value (a + c and
+    2b differ), relative to their size; a point where either is undefined (a pole) is skipped."""
+    import sympy
+    seen = 0
+    for k in range(4):
+        point = {x: sympy.Rational(_PRIMES[(5 * i + 7 * k) % len(_PRIMES)], 13) for i, x in enumerate(names)}
+        try:
+            x, y = complex(ea.evalf(subs=point)), complex(eb.evalf(subs=point))
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+        if not (cmath.isfinite(x) and cmath.isfinite(y)):
+            continue
+        if abs(x - y) > 1e-9 * max(1.0, abs(x), abs(y)):
+            return False
+        seen += 1
+    return seen > 0
 
 
 def load_jsonl(path: str, fmt: str = "auto") -> list[Problem]:

@@ -585,6 +585,12 @@ def test_answers_equal():
     assert eq("5 \\text{ cm}", "5") and eq("x = 5", "5") and eq("1{,}000", "1000") and eq("\u22125", "-5")
     t = time.time()  # sympy.simplify took about a minute on this one answer; three numeric points take milliseconds
     assert not eq("(a+b+c+d)^{50}", "42") and not eq("(a+b+c+d)^{50}", "(a+b+c+d)^{49}") and time.time() - t < 10
+    # and what a numeric comparison must not get wrong: large integers exactly, letters each at their own values,
+    # a pole skipped, a digit in an exponent is no mixed number, a unit is one short word
+    assert not eq("1000000000", "1000000001") and not eq("2^{30}", "1073741825") and eq("2^{30}", "1073741824")
+    assert not eq("a+c", "2b") and not eq("y-x", "z-y") and not eq("y", "x+\\frac{2}{7}")
+    assert eq("\\frac{1}{7x-3}", "1/(7x-3)") and eq("x^2\\frac{1}{2}", "\\frac{x^2}{2}")
+    assert eq("5\\text{cm}", "5") and not eq("5 \\text{ or more}", "5")
 
 
 def test_load_jsonl_and_realmath(tmp_path):
@@ -1914,6 +1920,10 @@ def test_runs_of_other_settings_get_a_row_each_and_pair_with_their_own(four_runs
     assert "ExIt (full), beta=0.001 (1 of its 2 runs have a log)" in text
     assert text.startswith("held-out math (the old test fifth), K = 2")  # evaluations without a split: before val
     assert report.format_table(table | {"split": "val"}).startswith("held-out math (validation split), K = 2")
+    # across rows too: ExIt only at β = 0.001 against GRPO at 0 is named so, and not paired as plain ExIt - GRPO
+    alone = [report.load_run(str(p)) for p in sorted(four_runs.iterdir()) if not p.name.startswith("exit-")]
+    table = report.comparison_table(alone)
+    assert [r["label"] for r in table["rows"]] == ["Base", "GRPO", "ExIt (full), beta=0.001"] and table["paired"] == []
     cfg = json.load(open(four_runs / "grpo-s1" / "config.json"))
     json.dump(cfg | {"task": "subset"}, open(four_runs / "grpo-s1" / "config.json", "w"))
     with pytest.raises(ValueError, match="different task families \\(math, subset\\)"):
@@ -2863,9 +2873,11 @@ def test_checkpoint_errors(tmp_path):
         runs.prepare(cfg, quiet=True)
     # --init of a file that unpickles but holds no policy, or another model's: one line, not a traceback
     odd = tmp_path / "odd.pt"
-    for state in ({"policy": 5}, {"policy": {"model_config": {"n_layer": 1}, "model": {}, "tokenizer": None}}):
+    for state, why in (({"policy": 5}, "odd.pt is not an exit checkpoint"),
+                       ({"policy": {"model_config": {"n_layer": 1}, "model": {}, "tokenizer": None}},
+                        "odd.pt: its policy does not build")):
         torch.save(state, odd)
-        with pytest.raises(ValueError, match="not an exit checkpoint|odd.pt: its policy does not build"):
+        with pytest.raises(ValueError, match=why):
             hf.load_policy(str(odd), "cpu")
 
 
@@ -4437,10 +4449,14 @@ def test_generate_shards_sample_the_whole_batch():
 def test_two_ranks_equal_one_process(tmp_path, task):
     """One curriculum, one update: 2 gloo ranks, each with half of the iteration's instances, give the
     single process's rollouts, rewards and buffer exactly, and its parameters to fp32 tolerance
-    (the gradient is summed in another order), over 2 iterations (the second replays from the buffer).
+    (the gradient is summed in another order), over 2 iterations (the second replays from the buffer), and its
+    logged statistics (2 epochs and β > 0: kl, clip_frac and ratio_mean are not 0 and 1; this tiny policy's
+    completions are of one length, so the tokens' weighting is tested with micro-batches, not here).
     tools is multi-turn: the ranks finish their episodes turn by turn together."""
-    kw = dataclasses.asdict(tiny_cfg(tmp_path, task=task, tasks_per_iter=4, replay_prob=0.9, micro_batch=8))
-    one = _run_iterations(runs.check_config(exit_lib.Config(**kw)), 2)   # also trains the warm start, which the ranks reuse
+    kw = dataclasses.asdict(tiny_cfg(tmp_path, task=task, tasks_per_iter=4, replay_prob=0.9, micro_batch=8,
+                                     epochs=2, beta=0.05, lr=1e-2))
+    # one process: exit.Trainer's update over the whole batch (no micro-batches); it also trains the warm start
+    one = _run_iterations(runs.check_config(exit_lib.Config(**(kw | {"micro_batch": 0}))), 2)
     kw["out_dir"] = str(tmp_path / "dp")
     _spawn(_dp_worker, 2, (_free_port(), kw, 2, str(tmp_path / "dp.pt")))
     two = torch.load(tmp_path / "dp.pt", weights_only=False)
