@@ -452,10 +452,12 @@ def split_by_settings(runs: list[dict]) -> list[dict]:
     trained = [r for r in runs if r["method"] != "base"]
     keys = [k for k in defaults if k not in NOT_THE_EXPERIMENT]
     across = {k for k in keys if k not in LABEL_SETTINGS and differ(trained, k)}
+    within = {m: {k for k in keys if differ([r for r in trained if r["method"] == m], k)}
+              for m in {r["method"] for r in trained}}
     out = []
     for r in runs:
-        mine = [k for k in keys if k in across or differ([x for x in trained if x["method"] == r["method"]], k)]
-        own = "".join(f", {k}={value(r, k)}" for k in mine if value(r, k) != defaults[k])
+        own = "".join(f", {k}={value(r, k)}" for k in keys
+                      if (k in across or k in within.get(r["method"], ())) and value(r, k) != defaults[k])
         out.append(dict(r, method=r["method"] + own) if own and r["method"] != "base" else r)
     return out
 

@@ -279,8 +279,8 @@ def set_aside(out_dir: str, done: int, quiet: bool = False):
     """A resume that trains past iteration `done` moves what eval.py and hf.py wrote of that iteration's policy
     (evaluations, chains, comparisons, plots, the hf/ export) into out_dir/iterDONE/: kept, never mistaken (by
     eval.py, which reuses an evaluation it finds) for the policy the folder's ckpt.pt will hold."""
-    names = sorted(n for n in os.listdir(out_dir) if n in ("hf", "results.json") or n.endswith((".png", "chain.txt"))
-                   or (n.startswith("eval.") and n.endswith(".json")))
+    names = sorted({n for n in run_artifacts(out_dir) if n not in ("ckpt.pt", "config.json", "log.jsonl")}
+                   | {n for n in os.listdir(out_dir) if n.endswith((".png", "chain.txt"))})
     if names:
         dest = os.path.join(out_dir, f"iter{done}")
         os.makedirs(dest, exist_ok=True)
