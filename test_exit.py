@@ -12,6 +12,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import ast
 import base64
+import collections
 import dataclasses
 import hashlib
 import importlib.util
@@ -227,6 +228,7 @@ def test_exactsumfb_feedback_comes_from_the_true_picks():
     assert f.feedback(p, "31-3=28-11=17") == "sum 14, 17 short"
     assert f.feedback(p, "31-3=28-7=21-11=10-17=-7") == "sum 38, 7 over"
     assert f.feedback(p, "31-14=17-17=1") == "unreadable" == f.feedback(p, "31-14=18-13=0")  # a faked check
+    assert f.picks(p, "31") == [] and f.feedback(p, "31") == "unreadable"  # the bare target: nothing picked, no sum
     assert "<|feedback|>sum 14, 17 short<|improve|>" in f.prompt(p, "31-3=28-11=17", "improve")
 
 
@@ -448,6 +450,30 @@ def test_validation_is_carved_from_the_old_test_fifth_so_training_draws_are_unch
     f = tasks.get_family("exactsumfb")
     val, test = eval_lib.heldout_problems(f, 30, split="val"), eval_lib.heldout_problems(f, 30)
     assert all(tasks.split_of(p.request) == "val" for p in val) and all(tasks.split_of(p.request) == "test" for p in test)
+
+
+def test_eval_harder_adds_the_familys_harder_difficulties_in_equal_shares():
+    f = tasks.get_family("exactsum")  # trains at difficulties 4, 5, 6; holds out 7 and 8 as harder
+    count = lambda problems: dict(collections.Counter(p.difficulty for p in problems))
+    assert count(eval_lib.heldout_problems(f, 20)) == {4: 7, 5: 7, 6: 6}
+    harder = eval_lib.heldout_problems(f, 20, harder=True)
+    assert count(harder) == {4: 4, 5: 4, 6: 4, 7: 4, 8: 4} and all(tasks.split_of(p.request) == "test" for p in harder)
+    settings = eval_lib.eval_settings(dataclasses.asdict(exit_lib.Config(eval_harder=True)))  # --eval_harder reaches it
+    assert settings["harder"] is True
+
+
+def test_the_shipped_base_rows_are_of_todays_heldout_problems():
+    """bases/exactsumfb/base.json's Base rows are reused by their settings alone, without drawing their problems again:
+    the held-out problems those settings name must stay the ones they were evaluated on (if this fails, a change moved
+    them: re-evaluate the shipped rows, `python base.py`, then update the digests here)."""
+    f, rows = tasks.get_family("exactsumfb"), json.load(open("bases/exactsumfb/base.json"))["evaluations"]
+    digests = dict(test="795b163d50bbe6bcca55d3052a11adfb", val="4abe49e5ed465584e5a1d99b3ed0c0e5")  # at 2b8e7bb
+    assert {(r["settings"]["n_problems"], r["settings"]["split"], r["settings"]["harder"]) for r in rows} == \
+        {(200, "test", False), (200, "val", False)}
+    for split, digest in digests.items():
+        problems = eval_lib.heldout_problems(f, 200, split=split)
+        assert dict(collections.Counter(p.difficulty for p in problems)) == {4: 67, 5: 67, 6: 66}
+        assert hashlib.md5("\n".join(p.request for p in problems).encode()).hexdigest() == digest, split
 
 
 @pytest.mark.parametrize("name", SYNTHETIC)
@@ -936,6 +962,12 @@ def test_sample_next_frequencies_follow_the_tempered_softmax():
     assert torch.all((counts - n * p).abs() <= 4 * torch.sqrt(n * p * (1 - p))), (counts, n * p)
 
 
+def test_sample_next_never_picks_a_zero_probability_token():
+    z = torch.tensor([[-200.0, 0.0, -math.inf, 0.0]])  # exp(-200) underflows to 0 in fp32
+    assert model.sample_next(z, torch.zeros(1, 1)).item() == 1  # u = 0, which torch.rand can return
+    assert model.sample_next(z, torch.full((1, 1), 1 - 2 ** -24)).item() == 3
+
+
 def test_seeded_sampling_is_reproducible():
     m = tiny()
     prompts = rand_prompts([4, 8])
@@ -1408,14 +1440,15 @@ def test_a_buffer_saved_with_the_old_clock_loads():
 
 def test_sampling_frequencies_match_probs():
     buf = make(kappa=10.0, seed=0)
-    for i, sc in enumerate([0.0, 0.05, 0.1, 0.2, 0.25]):
+    scores = [0.25, 0.0, 0.2, 0.05, 0.1]  # not in score order: each entry is drawn by its own score
+    for i, sc in enumerate(scores):
         put(buf, f"x{i}", sc)
-    p, n = buf.probs(), 40_000
+    p, n = np.exp(10.0 * np.array(scores)) / np.exp(10.0 * np.array(scores)).sum(), 40_000  # P(i) by hand, uid order
     uids = [e.uid for e in buf.sample(n)]
     counts = np.bincount(uids, minlength=5)
     sigma = np.sqrt(n * p * (1 - p))
     assert np.all(np.abs(counts - n * p) <= 4 * sigma), (counts, n * p)
-    assert abs(counts[4] - n / 5) > 10 * np.sqrt(n * 0.2 * 0.8)       # and it is not uniform
+    assert abs(counts[0] - n / 5) > 10 * np.sqrt(n * 0.2 * 0.8)       # and it is not uniform
 
 
 # --- insertion, capacity, de-duplication ----------------------------------------------------
@@ -1522,6 +1555,21 @@ def test_a_fresh_base_task_already_buffered_gets_its_fresh_score(tmp_path):
     assert tr.buffer.entries[e.uid].score == pytest.approx(0.1875)  # var(1, 1, 1, 0) = 3/16
 
 
+def test_a_fresh_base_task_is_measured_and_parents_its_children(tmp_path):
+    tr = runs.prepare(tiny_cfg(tmp_path, method="improve"), quiet=True)
+    p = tr.train_pool[0]
+    fresh = lambda: exit_lib.Instance(problem=p, answer=None, mode="base", depth=0, uid=None, replay=False)
+    tr.update_buffer([fresh()], [["a"], ["b"], ["c"], ["d"]], torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    (root,) = [e for e in tr.buffer.entries.values() if not e.turns]
+    assert root.score == pytest.approx(3 / 16) and root.measured  # var(1, 0, 0, 0) = 3/16, its own
+    kids = [e for e in tr.buffer.entries.values() if e.turns]
+    assert len(kids) == 4 and all(e.parent == root.uid and e.depth == 1 and not e.measured
+                                  and e.score == pytest.approx(3 / 16) for e in kids)
+    tr.buffer.update_score(root.uid, 0.0)  # measured, as a replay would
+    tr.update_buffer([fresh()], [["a"]] * 4, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    assert root.score == pytest.approx(0.25)  # drawn fresh again: the newest measurement
+
+
 def test_a_measured_score_survives_reinsertion_single_turn(tmp_path):
     """A replayed instance measured at S = 0 (always solved) stays at 0 when a later group produces the
     same answer again and its child inherits that group's S = 0.25."""
@@ -1625,12 +1673,15 @@ def test_stats():
     put(buf, "c", 0.3, depth=1, base="q")
     st = buf.stats()
     assert st["size"] == 3 and st["distinct"] == 2 and st["depth_hist"] == {0: 2, 1: 1}
+    assert st["depth"] == pytest.approx(1 / 3) and st["measured"] == 0.0  # the mean depth; no score measured yet
     assert st["score_mean"] == pytest.approx(0.2) and st["score_max"] == pytest.approx(0.3)
     assert st["entropy"] == pytest.approx(math.log(3))                 # κ = 0: uniform
     buf.kappa = 10.0
     p = sampling_probs([0.1, 0.2, 0.3], 10.0)
     assert buf.stats()["entropy"] == pytest.approx(-(p * np.log(p)).sum())
     assert all(isinstance(v, (int, float, dict)) for v in st.values())
+    buf.update_score(next(iter(buf.entries)), 0.2)
+    assert buf.stats()["measured"] == pytest.approx(1 / 3)
 
 
 def test_state_dict_round_trip_is_exact():
@@ -3529,6 +3580,27 @@ def test_tools_evaluation_protocol_with_a_scripted_policy(monkeypatch):
     assert per_turn[0].tolist() == [0, 0] and per_turn[1:].tolist() == [[1, 1], [1, 1]]
     # step 1, turn 2 of the first episode: the state the improved turn 1 left (a1 b2 c5), not step 0's (a4 b0 c5)
     assert any(s.endswith("<|request|>a1 b2 c5|-c9<|answer|>dep a 1;done<|feedback|>a=2<|improve|>") for s in seen)
+
+
+def test_tools_first_turn_accuracy_is_turn_one_not_the_last(monkeypatch):
+    """k = 0 with a scripted policy right on each episode's first turn only: first-turn accuracy 1, return 0."""
+    tok, f = tokenizer_lib.byte_tokenizer(tasks.MARKERS), tasks.get_family("tools")
+    firsts = {"a>b2", "+a2"}
+
+    def scripted(policy, prompts, num_samples, max_new_tokens, **kw):
+        texts = []
+        for p in prompts:
+            state, req = tok.decode(p, special=True).split("<|request|>")[1].split("<|answer|>")[0].split("|")
+            right = ";".join(tasks.reference([int(x[1:]) for x in state.split()], req)[1][0])
+            texts += [right if req in firsts else "err"] * num_samples
+        return rollouts_of(tok, texts)
+
+    monkeypatch.setattr(eval_lib.model_lib, "generate", scripted)
+    policy = model_lib.Transformer(model_lib.ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1,
+                                                         n_embd=32, intermediate_size=64, max_seq_len=256))
+    eps = [episode([3, 0, 5], "a>b2", "-c9", "a=4"), episode([1, 1, 1], "+a2", "b=3")]
+    ret, first, _ = eval_lib.chain_scores(policy, tok, f, eps, K=1, style="compact")
+    assert first.tolist() == [[1, 1], [1, 1]] and ret.tolist() == [[0, 0], [0, 0]]
 
 
 def test_tools_reference_calls_count_the_reference_tool_calls():
