@@ -126,26 +126,12 @@ class Config:
     div_mean: bool = _f(False, "diversity bonus: d_i over the group's mean distance (averages 1: reweights, never rescales)")
     eval_harder: bool = _f(False, "also evaluate on the family's harder held-out difficulties")
 
-    # derived: which parts of ExIt `method` turns on (paper §5.2), and the base's seed
-    @property
-    def uses_buffer(self) -> bool:
-        return self.method != "grpo"
-
-    @property
-    def self_iterates(self) -> bool:
-        return self.method in ("improve", "diverge", "exit")
-
-    @property
-    def diverge_prob(self) -> float:
-        return self.p_div if self.method in ("diverge", "exit") else 0.0
-
-    @property
-    def diversity_bonus(self) -> bool:
-        return self.method == "exit"
-
-    @property
-    def warm_seed(self) -> int:  # the base's seed: --base_seed, or with -1 the RL seed
-        return self.seed if self.base_seed < 0 else self.base_seed
+    # derived: the parts of ExIt that `method` turns on, each rung of the ladder adding one (paper §5.2)
+    uses_buffer = property(lambda c: c.method != "grpo")                                    # the curriculum (§4.1)
+    self_iterates = property(lambda c: c.method in ("improve", "diverge", "exit"))          # "improve this" (§3)
+    diverge_prob = property(lambda c: c.p_div if c.method in ("diverge", "exit") else 0.0)  # the diverge prompt (§4.2)
+    diversity_bonus = property(lambda c: c.method == "exit")                                # Eq. 6
+    warm_seed = property(lambda c: c.seed if c.base_seed < 0 else c.base_seed)              # the base's: -1 = --seed's
 
 
 # -----------------------------------------------------------------------------
