@@ -2422,6 +2422,41 @@ def test_lineage_plot_draws_buffer_depths(tmp_path, monkeypatch):
     assert report.plot_lineage([dict(buf_depth_hist={})], str(tmp_path / "none.png")) is None  # GRPO: no buffer
 
 
+def test_comparison_pairs_runs_by_base_and_seed_not_seed_alone(four_runs):
+    """GRPO's runs warm-started another base (--warm_pack): same seeds as ExIt's, but nothing cancels, so no pair."""
+    for s in (0, 1):
+        f = four_runs / f"grpo-s{s}" / "config.json"
+        json.dump(json.load(open(f)) | {"warm_pack": True}, open(f, "w"))
+    table = report.comparison_table([report.load_run(str(p)) for p in sorted(four_runs.iterdir())])
+    rows = {r["method"]: r for r in table["rows"]}
+    key = {s: report.load_run(str(four_runs / f"exit-s{s}"))["base_key"] for s in (0, 1)}
+    assert sorted(map(tuple, rows["exit"]["pairs"])) == [(key[0], 0), (key[1], 1)]
+    assert table["paired"] == []
+
+def test_a_repeated_key_on_the_second_side_pairs_with_nothing():
+    # grpo holds two runs of (b, 0): neither pairs; ExIt - GRPO rests on seeds 1 and 2 alone
+    rows = [dict(method="exit", label="exit", pairs=[["b", 0], ["b", 1], ["b", 2]],
+                 score_runs=[[0.4, 0.6], [0.5, 0.55], [0.3, 0.7]]),
+            dict(method="grpo", label="grpo", pairs=[["b", 0], ["b", 1], ["b", 2], ["b", 0]],
+                 score_runs=[[0.45, 0.4], [0.5, 0.45], [0.4, 0.35], [0.0, 0.0]])]
+    got = report.paired_differences(dict(K=1, rows=rows))
+    assert [(d["a"], d["b"], d["n"]) for d in got] == [("exit", "grpo", 2)]
+    d = [0.55 - 0.45, 0.7 - 0.35]
+    assert got[0]["kK"] == pytest.approx([np.mean(d), abs(d[0] - d[1]) / 2 ** 0.5 / 2 ** 0.5])
+
+def test_budget_matched_never_extrapolates_grpos_curve():
+    # GRPO's curve ends at iteration 4; ExIt's seed 1 last point is at iteration 6: outside, left out (one pair: None)
+    grpo = lambda a, b: [dict(iter=1), dict(iter=2, heldout_k0=a), dict(iter=3), dict(iter=4, heldout_k0=b)]
+    exit_ = lambda v, T: [dict(iter=t, replay_frac=0.5, **({"heldout_k0": v} if t == T else {})) for t in range(1, T + 1)]
+    rows = [dict(method="grpo", pairs=[["b", 0], ["b", 1]],
+                 heldout_runs=[report.heldout_points(grpo(0.30, 0.50)), report.heldout_points(grpo(0.40, 0.44))]),
+            dict(method="exit", pairs=[["b", 0], ["b", 1]],
+                 heldout_runs=[report.heldout_points(exit_(0.35, 4)), report.heldout_points(exit_(0.42, 6))])]
+    assert report.budget_matched(dict(rows=rows)) is None
+    rows[1]["heldout_runs"][1] = report.heldout_points(exit_(0.42, 4))  # inside: both pairs count
+    assert report.budget_matched(dict(rows=rows))["n"] == 2
+
+
 # ===============================================================================================
 # exit.py: the GRPO math against hand-written formulas, and the training loop
 # ===============================================================================================
@@ -3135,6 +3170,49 @@ def test_heldout_curve_during_training_leaves_training_unchanged(tmp_path, monke
     assert any(s > 0 for pair in scores for s in pair)
 
 
+def test_bf16_reference_refreshes_every_ref_every_iterations_as_trainer_does(tmp_path):
+    """Trainer.refresh_reference's schedule, (iter + 1) % M == 0, under bf16's fp32 EMA too: M = 2 refreshes after
+    iterations 1, 3, ... (iter 0-based), never after the first (ref_every=1 in the EMA test cannot tell)."""
+    tr = runs.prepare(tiny_cfg(tmp_path, dtype="bf16", beta=0.01, ref_every=2, ref_alpha=0.5), quiet=True)
+    with torch.no_grad():
+        for m, p in zip(tr.master, tr.policy.parameters()):
+            p.copy_(m.mul_(1.5))
+    before = [m.clone() for m in tr.ref_master]
+    tr.iter = 0
+    tr.refresh_reference()
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.ref_master))
+    tr.iter = 1
+    tr.refresh_reference()
+    assert all(torch.equal(m, b.lerp(p, 0.5)) for m, b, p in zip(tr.ref_master, before, tr.master))
+
+def test_a_skipped_epoch_is_not_counted_in_the_logged_loss(tmp_path, monkeypatch):
+    """loss and grad_norm are means over the steps taken: epoch 1 non-finite (skipped), epoch 2 taken -> its loss."""
+    tr = runs.prepare(tiny_cfg(tmp_path, method="grpo", epochs=2, micro_batch=12, tasks_per_iter=3), quiet=True)
+    assert isinstance(tr, scale.ScaleTrainer)
+    seen, real = [], tr.policy_loss
+    def loss(*a):
+        value, st = real(*a)
+        seen.append(float(value.detach()))
+        return (value * float("nan") if len(seen) == 1 else value), st
+    monkeypatch.setattr(tr, "policy_loss", loss)
+    prompts = [tr.prompt_ids(i) for i in tr.draw_instances()]
+    ro = model_lib.generate(tr.policy, prompts, 4, 8, stop_ids=tr.tok.stop_ids, pad_id=tr.tok.pad_id,
+                            generator=torch.Generator().manual_seed(1))
+    stats = tr.update(prompts, ro, torch.linspace(-0.5, 1, len(ro.lengths)), torch.ones(len(ro.lengths)))
+    assert tr.skipped == 1 and len(seen) == 2
+    assert stats["loss"] == pytest.approx(seen[1]) and seen[1] != 0
+
+def test_micro_batches_of_a_size_that_splits_a_group_give_the_same_update(tmp_path):
+    """--micro_batch=6 with groups of 4: rounded down to whole groups (4), the same update as the whole batch."""
+    states = []
+    for mb in (0, 6):
+        tr = runs.prepare(tiny_cfg(tmp_path / f"mb{mb}", base_dir=str(tmp_path / "base"), micro_batch=mb,
+                                   method="grpo"), quiet=True)
+        torch.manual_seed(0)
+        states.append(one_sgd_update(tr, group=4, new_tokens=10)[1])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*states))
+
+
 # ===============================================================================================
 # A real instruct checkpoint: --init=HF_DIR --task=realmath --data=FILE, chat prompts, export
 # ===============================================================================================
@@ -3397,6 +3475,40 @@ def test_hf_export_keeps_the_source_dtype_and_writes_generation_config(tmp_path,
     gen = GenerationConfig.from_pretrained(str(out))
     assert set(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]) == tr.tok.stop_ids
     assert gen.do_sample and gen.temperature == 1.0
+
+
+def test_config_from_hf_defaults_are_transformers_llama_defaults():
+    """A Llama config.json that leaves out the optional keys: each default is what LlamaConfig takes."""
+    from transformers import LlamaConfig
+    minimal = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4)
+    ours, theirs = hf.config_from_hf(minimal), LlamaConfig(**{k: v for k, v in minimal.items() if k != "model_type"})
+    assert ours.n_kv_head == theirs.num_key_value_heads == 4  # multi-head attention, not one shared head
+    assert ours.max_seq_len == theirs.max_position_embeddings == 2048
+    assert ours.norm_eps == theirs.rms_norm_eps
+    assert ours.tie_embeddings is theirs.tie_word_embeddings is False
+    assert ours.rope_theta == 10000.0 and ours.rope_scaling is None
+
+def test_config_from_hf_refuses_an_odd_head_width():
+    odd = dict(model_type="llama", vocab_size=64, hidden_size=12, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2)  # 12 / 4 = 3: rotary embeddings need an even width
+    with pytest.raises(ValueError, match="values this model cannot be built from: hidden_size 12, num_attention_heads 4"):
+        hf.config_from_hf(odd)
+
+def test_read_json_refuses_json_that_is_not_an_object(tmp_path):
+    f = tmp_path / "config.json"
+    f.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json: expected a JSON object \{\.\.\.\}, got a list"):
+        hf.read_json(str(f))
+
+def test_generation_config_eos_ids_are_stop_ids(tmp_path):
+    """An instruct model lists its end-of-turn ids in generation_config.json: generation stops there too."""
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
+    hf.save_tokenizer(tok, str(tmp_path))
+    extra = tok.specials["<|feedback|>"]
+    assert extra not in hf.load_tokenizer(str(tmp_path)).stop_ids
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_id, extra]}))
+    assert extra in hf.load_tokenizer(str(tmp_path)).stop_ids
 
 
 # ===============================================================================================
@@ -4470,6 +4582,154 @@ def test_ctrl_c_saves_a_whole_iteration_and_resumes(tmp_path, sig):
     iters = [json.loads(l)["iter"] for l in log.read_text().splitlines()]
     assert iters == list(range(1, ck["iter"] + 3))
 
+
+
+def test_a_tiny_given_buffer_keeps_the_recommended_min_size_at_least_one():
+    # tools' recipe: B_min / N = 320 / 640; N = 1 gives 1 * 320 // 640 = 0, clamped to 1 (a buffer never replays at 0)
+    cfg, _ = runs.parse_args(["--task=tools", "--buffer_size=1"])
+    assert (cfg.buffer_size, cfg.min_size) == (1, 1)
+
+def test_ref_alpha_without_a_reference_is_a_warning(capsys):
+    runs.check_given(*runs.parse_args(["--ref_alpha=0.5"]))
+    assert "warning: --ref_alpha change(s) nothing" in capsys.readouterr().err
+    runs.check_given(*runs.parse_args(["--ref_alpha=0.5", "--beta=0.01"]))
+    assert capsys.readouterr().err == ""
+
+def test_config_rejects_an_odd_head_width_and_ref_alpha_outside_0_1():
+    # n_embd 12 / n_head 4 = 3: a multiple, but rotary embeddings split a head's width in halves
+    with pytest.raises(ValueError, match=r"n_embd \(12\) must be a multiple of n_head \(4\) with an even quotient"):
+        runs.parse_args(["--n_embd=12"])
+    runs.parse_args(["--n_embd=16"])  # 16 / 4 = 4: fine
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(ValueError, match="ref_alpha must be in \\[0, 1\\]"):
+            runs.parse_args([f"--ref_alpha={bad}"])
+
+def test_every_evaluation_setting_is_fixed_once_a_run_is_evaluated(tmp_path):
+    """Each of EVAL_KEYS changed on --resume of an evaluated run is refused (eval_k and eval_split are tested above)."""
+    cfg = tiny_cfg(tmp_path, iters=1, eval_problems=2, eval_k=1, eval_samples=1)
+    runs.train(cfg, quiet=True)
+    (tmp_path / "run" / "eval.json").write_text("{}")
+    for arg, old in (("--eval_samples=3", "eval_samples=1"), ("--eval_problems=3", "eval_problems=2"),
+                     ("--eval_temperature=0.5", "eval_temperature=1.0"), ("--eval_harder", "eval_harder=False")):
+        with pytest.raises(ValueError, match=f"evaluated \\(eval.json\\) with {old}; --resume with {arg}"):
+            runs.prepare(*runs.parse_args([f"--out_dir={cfg.out_dir}", "--resume", arg]), quiet=True)
+
+def test_a_damaged_last_log_line_is_an_error_unless_it_was_cut_off_mid_write(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iter": 1}\n{"iter": 2, "rew')  # a write killed mid-line: dropped
+    assert runs.read_log_lines(str(log)) == [{"iter": 1}]
+    log.write_text('{"iter": 1}\n{"iter": 2, "rew\n')  # a whole line that is not an entry: damaged
+    with pytest.raises(ValueError, match="log.jsonl, line 2: not a log entry"):
+        runs.read_log_lines(str(log))
+    log.write_text('{"iter": 1}\n{"it": 2}\n')
+    with pytest.raises(ValueError, match="line 2: not a log entry \\(no 'iter'\\)"):
+        runs.read_log_lines(str(log))
+
+def test_check_context_admits_exactly_what_fits(tmp_path):
+    """The longest prompt is an improve or diverge step whose answer may be max_new_tokens tokens, with another
+    answer's feedback (FEEDBACK_SLACK = 8 tokens longer than p.target's); plus a completion of max_new_tokens."""
+    family = tasks_lib.make_family("exactsumfb")
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
+    p = family.sample("train", 1, seed=0)[0]
+    T, target = 12, len(tok.encode(p.target))
+    step = max(len(tasks_lib.encode_prompt(tok, family, p, p.target, m)) for m in ("improve", "diverge"))
+    longest = max(len(tasks_lib.encode_prompt(tok, family, p)), step - target + T + 8)
+    fits = longest + T
+    runs.check_context(tok, "compact", fits, T, {p.request: p}, family, "the task")
+    with pytest.raises(ValueError, match=f"is {longest} tokens, .* context of {fits - 1} tokens"):
+        runs.check_context(tok, "compact", fits - 1, T, {p.request: p}, family, "the task")
+
+def test_a_cached_base_of_another_key_is_refused(tmp_path):
+    """Another setting's base copied under this key's name (a renamed file) would become this run's base: refused."""
+    cfg = tiny_cfg(tmp_path)
+    fam = tasks_lib.make_family(cfg.task)
+    key = base_lib.warm_start_key(cfg, fam)
+    base_lib.warm_start(cfg, fam, torch.device("cpu"), quiet=True)
+    path = tmp_path / "base" / f"{cfg.task}-{key}.pt"
+    torch.save(dict(torch.load(path, weights_only=False), key="0123456789ab"), path)
+    with pytest.raises(ValueError, match=r"is not the base of these settings \(a base checkpoint, key 0123456789ab\)"):
+        base_lib.warm_start(cfg, fam, torch.device("cpu"), quiet=True)
+
+def _counting_evaluate(monkeypatch):
+    calls = []
+    def evaluate(policy, tok, family, **s):
+        calls.append(family.train_difficulties)
+        return dict(K=1, n=2, score=[0.5, 0.5], solved=[0.5, 0.5], delta=0.0)
+    monkeypatch.setattr(eval_lib, "evaluate_policy", evaluate)
+    return calls
+
+def test_base_evaluation_cache_is_keyed_by_the_problems(tmp_path, monkeypatch):
+    """One base file evaluated for runs of other --difficulties: other held-out problems, another evaluation."""
+    calls = _counting_evaluate(monkeypatch)
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
+    path = tmp_path / "base.pt"
+    path.write_bytes(b"weights")
+    settings = dict(n_problems=4, K=1, n_samples=1, temperature=1.0, max_new_tokens=8, seed=0, harder=False)
+    ev = lambda fam: base_lib.evaluate_base(str(path), tok, fam, "cpu", lambda *a: (None,), **settings)
+    ev(tasks_lib.make_family("math"))
+    ev(tasks_lib.make_family("math"))
+    assert len(calls) == 1
+    ev(tasks_lib.make_family("math", difficulties="5,7"))
+    assert calls == [(2, 3, 4), (5, 7)]
+
+def test_base_evaluation_cache_sees_new_weights_of_the_same_size(tmp_path, monkeypatch):
+    calls = _counting_evaluate(monkeypatch)
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
+    path = tmp_path / "base.pt"
+    settings = dict(n_problems=2, K=1, n_samples=1, temperature=1.0, max_new_tokens=8, seed=0, harder=False)
+    ev = lambda: base_lib.evaluate_base(str(path), tok, tasks_lib.make_family("math"), "cpu", lambda *a: (None,), **settings)
+    path.write_bytes(b"weights v1")
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    ev()
+    path.write_bytes(b"weights v2")  # retrained: the same size, a later time
+    os.utime(path, ns=(2_000_000_000, 2_000_000_000))
+    ev()
+    assert len(calls) == 2
+
+def test_warm_start_learning_rate_warms_up_from_its_first_step_then_decays(tmp_path, monkeypatch):
+    """Stage 1's schedule: step s (0-based) of S at lr * min(1, (s + 1) / 50) * (1 + cos(pi s / S)) / 2: the first
+    step already moves (lr / 50), the last is near 0."""
+    lrs = []
+    class Recording(torch.optim.AdamW):
+        def step(self, *a, **k):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(*a, **k)
+    monkeypatch.setattr(base_lib.torch.optim, "AdamW", Recording)
+    cfg = tiny_cfg(tmp_path, warm_steps=4, warm_lr=1e-3)
+    fam = tasks_lib.make_family(cfg.task)
+    tok = tokenizer_lib.byte_tokenizer(tasks_lib.MARKERS)
+    mcfg = dataclasses.replace(model_lib.toy_config(tok.vocab_size), n_layer=1, n_embd=32, n_head=2, n_kv_head=1,
+                               intermediate_size=96)
+    base_lib.train_base(cfg, fam, mcfg, tok, "cpu", quiet=True)
+    cos = [1.0, 0.5 * (1 + 2 ** -0.5), 0.5, 0.5 * (1 - 2 ** -0.5)]  # (1 + cos(pi s / 4)) / 2, s = 0..3
+    assert lrs == pytest.approx([1e-3 * (s + 1) / 50 * cos[s] for s in range(4)], rel=1e-12)
+
+def test_the_run_folder_stays_locked_while_the_run_trains_and_evaluates(tmp_path):
+    """runs.run holds out_dir/.lock for the whole block exit.main trains and evaluates in, not only while starting."""
+    import fcntl
+    run = tmp_path / "run"
+    with runs.run(tiny_args(run, tmp_path / "base")) as trainer:
+        assert trainer.iter == 0
+        fd = os.open(run / ".lock", os.O_RDWR)  # another open file: as another process's flock would see it
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    fd = os.open(run / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at the end
+    os.close(fd)
+
+def test_another_users_live_writer_is_alive(monkeypatch):
+    """kill(pid, 0) on another user's process raises PermissionError: it exists, so its half-written file stays."""
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "kill", kill)
+    assert runs.writer_alive(os.getpid() + 1)
+    def gone(pid, sig):
+        raise ProcessLookupError
+    monkeypatch.setattr(os, "kill", gone)
+    assert not runs.writer_alive(os.getpid() + 1)
 
 
 # ===============================================================================================
