@@ -126,7 +126,7 @@ class Config:
     div_mean: bool = _f(False, "diversity bonus: d_i over the group's mean distance (averages 1: reweights, never rescales)")
     eval_harder: bool = _f(False, "also evaluate on the family's harder held-out difficulties")
 
-    # derived: the parts of ExIt that `method` turns on, each rung of the ladder adding one (paper §5.2)
+    # derived: the parts of ExIt that `method` turns on (each rung of §5.2's ladder adds one), and the base's seed
     uses_buffer = property(lambda c: c.method != "grpo")                                    # the curriculum (§4.1)
     self_iterates = property(lambda c: c.method in ("improve", "diverge", "exit"))          # "improve this" (§3)
     diverge_prob = property(lambda c: c.p_div if c.method in ("diverge", "exit") else 0.0)  # the diverge prompt (§4.2)
