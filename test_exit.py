@@ -466,7 +466,8 @@ def test_the_shipped_base_rows_are_of_todays_heldout_problems():
     """bases/exactsumfb/base.json's Base rows are reused by their settings alone, without drawing their problems again:
     the held-out problems those settings name must stay the ones they were evaluated on (if this fails, a change moved
     them: re-evaluate the shipped rows, `python base.py`, then update the digests here)."""
-    f, rows = tasks.get_family("exactsumfb"), json.load(open("bases/exactsumfb/base.json"))["evaluations"]
+    f = tasks.get_family("exactsumfb")
+    rows = json.load(open(os.path.join(HERE, "bases", "exactsumfb", "base.json")))["evaluations"]
     digests = dict(test="795b163d50bbe6bcca55d3052a11adfb", val="4abe49e5ed465584e5a1d99b3ed0c0e5")  # at 2b8e7bb
     assert {(r["settings"]["n_problems"], r["settings"]["split"], r["settings"]["harder"]) for r in rows} == \
         {(200, "test", False), (200, "val", False)}
