@@ -2897,13 +2897,13 @@ def one_sgd_update(tr, group, new_tokens, drop=()):
 @pytest.mark.parametrize("drop", [(), (0, 5, 6, 11)])  # and with --filter_malformed's dropped rollouts (Trainer.kept)
 def test_micro_batches_give_the_same_update(tmp_path, drop):
     states = []
-    for mb in (0, 4):
+    for mb in (0, 4, 6):  # 6 with groups of 4: rounded down to whole groups (4)
         tr = runs.prepare(tiny_cfg(tmp_path / f"mb{mb}", micro_batch=mb, method="grpo"), quiet=True)
         torch.manual_seed(0)
         initial, after = one_sgd_update(tr, group=4, new_tokens=10, drop=drop)
         states.append(after)
-    for a, b, c in zip(*states, initial):
-        assert torch.allclose(a, b, atol=1e-6)
+    for a, b, b6, c in zip(*states, initial):
+        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, b6, atol=1e-6)
     assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(states[0], initial))  # the update did something
     if drop:  # ... and not the update of the whole batch
         tr = runs.prepare(tiny_cfg(tmp_path / "all", method="grpo"), quiet=True)
@@ -3202,17 +3202,6 @@ def test_a_skipped_epoch_is_not_counted_in_the_logged_loss(tmp_path, monkeypatch
     stats = tr.update(prompts, ro, torch.linspace(-0.5, 1, len(ro.lengths)), torch.ones(len(ro.lengths)))
     assert tr.skipped == 1 and len(seen) == 2
     assert stats["loss"] == pytest.approx(seen[1]) and seen[1] != 0
-
-def test_micro_batches_of_a_size_that_splits_a_group_give_the_same_update(tmp_path):
-    """--micro_batch=6 with groups of 4: rounded down to whole groups (4), the same update as the whole batch."""
-    states = []
-    for mb in (0, 6):
-        tr = runs.prepare(tiny_cfg(tmp_path / f"mb{mb}", base_dir=str(tmp_path / "base"), micro_batch=mb,
-                                   method="grpo"), quiet=True)
-        torch.manual_seed(0)
-        states.append(one_sgd_update(tr, group=4, new_tokens=10)[1])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*states))
-
 
 # ===============================================================================================
 # A real instruct checkpoint: --init=HF_DIR --task=realmath --data=FILE, chat prompts, export
@@ -5002,11 +4991,7 @@ def test_evaluation_split_in_parts(tmp_path, task, monkeypatch):
     """evaluate_policy(part=(i, n), gather=...): part i runs the chains of the i-th contiguous part of the
     held-out problems with seed + i; the gathered parts are the chains of all problems, in order."""
     tr = runs.prepare(tiny_cfg(tmp_path, task=task), quiet=True)
-    # a barely trained tiny policy scores 0 everywhere, and all-zero arrays are equal whatever the seed or the
-    # order: a score of the answer's text tells the draws and the chains apart
-    text_score = lambda p, a: float(zlib.crc32(str(a).encode()) % 2)
-    monkeypatch.setattr(tr.family, "score", text_score)
-    monkeypatch.setattr(tr.family, "episode_reward", text_score)
+    text_scores(monkeypatch, task)  # all-zero arrays are equal whatever the seed or the order: a text's score is not
     kw = dict(n_problems=5, K=1, n_samples=2, max_new_tokens=8, seed=3)
     problems = eval_lib.heldout_problems(tr.family, 5)
     parts = {}
