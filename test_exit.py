@@ -1459,7 +1459,8 @@ def test_sampling_frequencies_match_probs():
 
 def test_eviction_at_capacity_with_ties():
     buf = make(capacity=3)
-    e0, e1, e2 = put(buf, "a", 0.1), put(buf, "b", 0.2), put(buf, "c", 0.1)
+    for content, score in (("a", 0.1), ("b", 0.2), ("c", 0.1)):
+        assert put(buf, content, score) is not None
     assert put(buf, "d", 0.05) is None                                 # below the minimum: rejected
     assert [e.uid for e in buf.entries.values()] == [0, 1, 2]
     e3 = put(buf, "e", 0.1)                                            # equal to the min: enters,
@@ -2359,6 +2360,7 @@ def test_imports_run_one_way():
         assert (every - top) & (set(order) | optional) == seams.get(name, set()), (name, every - top)
 
 
+
 def reading_path(argv) -> dict:
     """Lines of the project's own code that `exit.main(argv)` runs, per module: the whole source of every function
     of a project module (not tests or bench.py) that is called, and the body of every project dataclass that is
@@ -2538,9 +2540,9 @@ def hand_advantages(rewards, scale=True):
 
 def test_group_advantages_match_hand_formula():
     r = [[1.0, 0.0, 0.0, 1.0], [0.2, 0.9, 0.4, 0.4], [1.0, 1.0, 1.0, 1.0]]
-    for scale in (True, False):
-        got = exit_lib.group_advantages(torch.tensor(r), scale_by_std=scale)
-        assert torch.allclose(got, torch.tensor(hand_advantages(r, scale)), atol=1e-6)
+    for by_std in (True, False):
+        got = exit_lib.group_advantages(torch.tensor(r), scale_by_std=by_std)
+        assert torch.allclose(got, torch.tensor(hand_advantages(r, by_std)), atol=1e-6)
     # a 0/1 group solved half the time: A = +-1 exactly
     assert exit_lib.group_advantages(torch.tensor([[1.0, 0.0, 1.0, 0.0]])).tolist() == [[1.0, -1.0, 1.0, -1.0]]
 
@@ -3643,7 +3645,6 @@ def tools_trainer(tmp_path, **kw):
 def test_tools_turn_prefix_histories_and_replay(tmp_path):
     tr = tools_trainer(tmp_path, min_size=1, replay_prob=1.0, p_div=0.0, method="improve", tasks_per_iter=2, group_size=2)
     ep = episode([3, 0, 5], "a>b2", "-c9", "a=4")
-    task = dataclasses.asdict(ep)
     # a fresh episode played to its end by two rows: every turn prefix of each row enters the buffer
     inst = exit_lib.Instance(problem=ep, turn=0, prev=[], answer=None, mode="base", depth=0, uid=None, replay=False)
     answers = [["wd a 2;dep b 2;done", "err", "set a 4;done"], ["wd a 2;dep b 2;done", "wd c 9;done", "set a 4;done"]]
@@ -3950,23 +3951,34 @@ def test_a_refused_resume_rewrites_nothing(tmp_path, capsys):
                                           ("--prompts=100000", "--prompts must be <= 5000"),
                                           ("--seed=-1 --peer=none", "--seed must be in [0, 9223372036854775807]"),
                                           ("--seed=99999999999999999999 --peer=none", "--seed must be in [0, 92233720"),
-                                          ("--seed=4294967296", "--seed must be in [0, 4294967295]"),  # TRL's set_seed
-                                          # runs.preflight's check, before the base loads
-                                          ("--new-tokens=1000 --peer=none", "exceeds the model's context of 256 tokens")])
-def test_bench_checks_its_arguments(arg, message):
-    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *arg.split()], capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-500:]
-    assert p.stdout == ""  # before any work
+                                          ("--seed=4294967296", "--seed must be in [0, 4294967295]")])  # TRL's set_seed
+def test_bench_checks_its_arguments(arg, message, monkeypatch, capsys):
+    import bench  # in this process: a python per case took 3 s of imports
+    monkeypatch.setattr(sys, "argv", ["bench.py", *arg.split()])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and message in err and out == "", err[-500:]  # before any work
 
 
-def test_bench_without_trl_says_so_before_any_work():
+def test_bench_as_a_script_checks_its_arguments_before_the_base_loads():
+    """runs.preflight's check, from bench.py's command line: one line, no traceback, nothing on stdout."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--new-tokens=1000", "--peer=none"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "exceeds the model's context of 256 tokens" in p.stderr, p.stderr[-500:]
+    assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+def test_bench_without_trl_says_so_before_any_work(monkeypatch, capsys):
     if all(importlib.util.find_spec(m) for m in ("trl", "datasets", "accelerate")):
         pytest.skip("the optional requirements-bench.txt is installed")
-    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--only=iteration"], capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode == 2 and "pip install --no-deps -r requirements-bench.txt" in p.stderr, p.stderr[-500:]
-    assert "--peer none" in p.stderr and "Traceback" not in p.stderr and p.stdout == ""  # no warm start, no timing
+    import bench
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--only=iteration"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "pip install --no-deps -r requirements-bench.txt" in err, err[-500:]
+    assert "--peer none" in err and out == ""  # no warm start, no timing
 
 
 def test_a_run_saved_with_plr_settings_off_resumes(tmp_path):
@@ -4585,11 +4597,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
 def test_bench_runs_end_to_end(tmp_path):
     # bench.py with a tiny budget, as a subprocess: all three comparisons, TRL's GRPOTrainer as the
     # iteration's peer when the optional requirements (requirements-bench.txt) are installed
-    try:
-        import trl  # noqa: F401
-        peer = "trl"
-    except ImportError:
-        peer = "none"
+    peer = "trl" if all(importlib.util.find_spec(m) for m in ("trl", "datasets", "accelerate")) else "none"
     p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--base-dir", str(tmp_path / "base"),
                         "--warm-steps", "2", "--prompts", "2", "--samples", "2", "--new-tokens", "4",
                         "--warm-batch", "8", "--repeats", "1", "--peer", peer], capture_output=True, text=True, timeout=600,
