@@ -2414,10 +2414,12 @@ def test_the_reading_path_stays_within_its_budget(tmp_path):
     the five core files are on it."""
     per = reading_path(["--n_layer=1", "--warm_steps=3", "--iters=3", "--eval_problems=4",
                         f"--out_dir={tmp_path / 'run'}", f"--base_dir={tmp_path / 'base'}",
-                        "--warm_examples=256", "--n_embd=32", "--n_head=2", "--n_kv_head=1"])  # smaller, the same path
-    five = sum(per.get(f, 0) for f in ("exit", "model", "tasks", "buffer", "eval"))
+                        "--warm_examples=256", "--n_embd=32", "--n_head=2", "--n_kv_head=1", "--eval_k=2"])  # smaller sizes
+    five, total = sum(per.get(f, 0) for f in ("exit", "model", "tasks", "buffer", "eval")), sum(per.values())
     assert all(per.get(f) for f in ("exit", "model", "tasks", "buffer", "eval", "runs", "base")), per
-    assert five <= READING_BUDGET["five"] and sum(per.values()) <= READING_BUDGET["all"], (five, sum(per.values()), per)
+    assert five <= READING_BUDGET["five"] and total <= READING_BUDGET["all"], (
+        f"the reading path grew: {five} lines in the five files, {total} in all (budget {READING_BUDGET}; per file "
+        f"{dict(sorted(per.items()))}): cut it back, or raise READING_BUDGET and say why in RESULTS.md")
 
 
 # ----------------------------------------------------------------------------- what a run shows
