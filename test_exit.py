@@ -2375,8 +2375,9 @@ def reading_path(argv) -> dict:
         if co not in kind:
             kind[co] = ("ours" if os.path.abspath(co.co_filename) in mine and not co.co_name.startswith("<") else
                         "init" if co.co_name == "__init__" and co.co_filename == "<string>" else None)
-        if kind[co] == "init" and dataclasses.is_dataclass(frame.f_locals.get("self")):
-            made.add(type(frame.f_locals["self"]))
+        self = frame.f_locals.get("self") if kind[co] == "init" else None
+        if dataclasses.is_dataclass(self):
+            made.add(type(self))
 
     sys.setprofile(prof)
     threading.setprofile(prof)
@@ -3954,12 +3955,17 @@ def test_a_refused_resume_rewrites_nothing(tmp_path, capsys):
                                           ("--seed=99999999999999999999 --peer=none", "--seed must be in [0, 92233720"),
                                           ("--seed=4294967296", "--seed must be in [0, 4294967295]")])  # TRL's set_seed
 def test_bench_checks_its_arguments(arg, message, monkeypatch, capsys):
-    import bench  # in this process: a python per case took 3 s of imports
-    monkeypatch.setattr(sys, "argv", ["bench.py", *arg.split()])
+    code, out, err = bench_main(monkeypatch, capsys, arg.split())
+    assert code == 2 and message in err and out == "", err[-500:]  # before any work
+
+
+def bench_main(monkeypatch, capsys, args) -> tuple:
+    """bench.py's main in this process (a python per case took 3 s of imports), ended by SystemExit: code, stdout, stderr."""
+    import bench
+    monkeypatch.setattr(sys, "argv", ["bench.py", *args])
     with pytest.raises(SystemExit) as e:
         bench.main()
-    out, err = capsys.readouterr()
-    assert e.value.code == 2 and message in err and out == "", err[-500:]  # before any work
+    return e.value.code, *capsys.readouterr()
 
 
 def test_bench_as_a_script_checks_its_arguments_before_the_base_loads():
@@ -3973,12 +3979,8 @@ def test_bench_as_a_script_checks_its_arguments_before_the_base_loads():
 def test_bench_without_trl_says_so_before_any_work(monkeypatch, capsys):
     if all(importlib.util.find_spec(m) for m in ("trl", "datasets", "accelerate")):
         pytest.skip("the optional requirements-bench.txt is installed")
-    import bench
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--only=iteration"])
-    with pytest.raises(SystemExit) as e:
-        bench.main()
-    out, err = capsys.readouterr()
-    assert e.value.code == 2 and "pip install --no-deps -r requirements-bench.txt" in err, err[-500:]
+    code, out, err = bench_main(monkeypatch, capsys, ["--only=iteration"])
+    assert code == 2 and "pip install --no-deps -r requirements-bench.txt" in err, err[-500:]
     assert "--peer none" in err and out == ""  # no warm start, no timing
 
 
